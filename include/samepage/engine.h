@@ -1,0 +1,78 @@
+// samepage::Engine — the C++ API: kernel samepage merging inside one process.
+//
+// An Engine owns the merging state for the calling process: the ranges marked
+// mergeable, the stable and unstable indexes, the frame store, and (when run
+// is 1) a background scanner thread, the userspace counterpart of ksmd.
+// Knobs and counters are read and written by their /sys/kernel/mm/ksm names,
+// in the sysfs text format, with the kernel's error codes.
+//
+// Thread safety: every method may be called from any thread at any time.
+// Application threads may write to mergeable memory while the engine merges
+// it; no write is ever lost.
+
+#ifndef SAMEPAGE_ENGINE_H_
+#define SAMEPAGE_ENGINE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "samepage/status.h"
+
+namespace samepage {
+
+struct EngineOptions {
+  // How pages are write-protected before their final compare.
+  enum class Protection { kAuto, kUserfaultfd, kMprotect };
+  Protection protection = Protection::kAuto;
+  // Mappings the engine may create; 0 means derive from
+  // /proc/sys/vm/max_map_count minus what the process already uses and a
+  // safety margin. Tests set a small value to exhaust it on purpose.
+  std::size_t vma_budget = 0;
+};
+
+class Engine {
+ public:
+  // Creates the process's engine. Fails with a clear status if the kernel
+  // offers none of the mechanisms samepage needs (memfd, mprotect).
+  static Status Create(const EngineOptions& options,
+                       std::unique_ptr<Engine>* engine);
+  virtual ~Engine() = default;
+
+  // --- mm/ksm.c per-process ABI ---
+  // madvise(addr, len, MADV_MERGEABLE | MADV_UNMERGEABLE) with the kernel's
+  // checks: EINVAL unaligned addr or bad advice, ENOMEM a hole in the range.
+  // Shared, file-backed, hugetlb and special mappings are silently ignored.
+  virtual Status Madvise(void* addr, std::size_t len, int advice) = 0;
+  // prctl(PR_SET_MEMORY_MERGE, on) / PR_GET_MEMORY_MERGE.
+  virtual Status SetMergeAny(bool on) = 0;
+  virtual bool MergeAny() const = 0;
+
+  // --- /sys/kernel/mm/ksm ---
+  // Reads a knob or counter by its sysfs file name; text ends in '\n'.
+  virtual Status ReadKnob(std::string_view name, std::string* text) = 0;
+  // Writes a knob as `echo VALUE > name` would. EINVAL bad value, EBUSY
+  // changing max_page_sharing while pages are shared, EACCES counters.
+  virtual Status WriteKnob(std::string_view name, std::string_view text) = 0;
+  // The sysfs file names, in the kernel's order.
+  virtual std::vector<std::string> KnobNames() const = 0;
+
+  // --- /proc/self/ksm_stat and /proc/self/ksm_merging_pages ---
+  virtual std::string KsmStatText() = 0;
+  virtual std::string KsmMergingPagesText() = 0;
+
+  // --- synchronous scanning in the caller (the 2008 KSM_SCAN) ---
+  // Scans up to `pages` pages now, merging what it can; returns pages
+  // scanned. Works whatever `run` is.
+  virtual std::size_t ScanNow(std::size_t pages) = 0;
+  // Scans until `count` more full scans have completed (or nothing is
+  // mergeable). Convenience for tests and tools.
+  virtual void RunFullScans(int count) = 0;
+};
+
+}  // namespace samepage
+
+#endif  // SAMEPAGE_ENGINE_H_

@@ -1,0 +1,120 @@
+// The narrow interface between the merging algorithm (core) and memory.
+//
+// The core decides *what* to merge; a Memory implementation does every byte
+// access and every mapping change. The Linux backend (src/backend) works on
+// the real address space; FakeMemory (tests/core) simulates one so the
+// algorithm can be tested exhaustively without touching the OS.
+//
+// Contract for every implementation:
+//  - Addresses are page-aligned and refer to pages the core was told about.
+//  - Every merge operation write-protects the pages it replaces, compares them
+//    in full (never by hash alone) while protected, and only then remaps. A
+//    page that differs, or that cannot be protected, is left exactly as it was
+//    (contents intact and writable) and reported as not merged.
+//  - Nothing here throws or crashes on memory the application has unmapped:
+//    such pages are reported as PageState::kGone or as not merged.
+//
+// Thread safety: implementations are called by one thread at a time (the
+// engine serialises calls under its mutex). Write faults from application
+// threads may arrive concurrently with any call; implementations handle them.
+
+#ifndef SAMEPAGE_CORE_MEMORY_H_
+#define SAMEPAGE_CORE_MEMORY_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+namespace samepage {
+
+using Addr = std::uintptr_t;
+inline constexpr std::size_t kPageSize = 4096;
+inline constexpr std::size_t kPageShift = 12;
+
+// Index of one page-sized frame in the frame store. Frames f and f + 1 are
+// adjacent in the store, so runs of consecutive frames can be mapped with one
+// call.
+using FrameId = std::uint32_t;
+inline constexpr FrameId kNoFrame = UINT32_MAX;
+
+// What a page is right now, as far as the scanner needs to know.
+enum class PageState : std::uint8_t {
+  kGone,    // not mapped any more, or no longer memory we may merge: forget it
+  kAbsent,  // mapped but no page present (never touched, or dropped to zero)
+  kAnon,    // a present private anonymous page (includes the shared zero page)
+  kFrame,   // a present page that is one of our frames (not yet copied away)
+};
+
+// Why a page was not merged; one entry per page of a merge request.
+enum class MergeResult : std::uint8_t {
+  kMerged = 0,
+  kDiffers,   // full compare under write-protection found a difference
+  kGone,      // page unmapped or unprotectable (ENOMEM/EFAULT)
+  kNoBudget,  // merging would exceed the VMA budget; page left as it was
+  kFailed,    // any other failure (frame store full, mapping call failed)
+};
+
+struct MemoryStats {
+  std::uint64_t frames_in_use = 0;     // frames allocated and not released
+  std::uint64_t frames_pinned = 0;     // released but kept: may be mapped by a
+                                       // forked child, so never punched
+  std::uint64_t vma_budget = 0;        // mappings we may create in total
+  std::uint64_t vmas_used = 0;         // mappings our merges are estimated to hold
+  std::uint64_t budget_skips = 0;      // pages left unmerged for lack of budget
+  std::uint64_t protect_faults = 0;    // writes that waited on a merge window
+};
+
+class Memory {
+ public:
+  virtual ~Memory() = default;
+
+  // Called at the start of every full scan: refresh any cached view of the
+  // address space (for instance /proc/self/maps).
+  virtual void BeginFullScan() {}
+
+  // Fills states[i] for the page at addr + i * kPageSize, i < states.size().
+  virtual void Probe(Addr addr, std::span<PageState> states) = 0;
+
+  // The 64-bit content hash (samepage::HashPage) of one page. False if the
+  // page cannot be read (it was unmapped).
+  [[nodiscard]] virtual bool Hash(Addr addr, std::uint64_t* hash) = 0;
+
+  // For each i: write-protect pages[i], compare it in full with frames[i],
+  // and if equal map frames[i] over it (copy-on-write). `pages` is sorted
+  // ascending; consecutive pages with consecutive frames are remapped with one
+  // call. results[i] receives the outcome.
+  virtual void MergeIntoFrames(std::span<const Addr> pages,
+                               std::span<const FrameId> frames,
+                               std::span<MergeResult> results) = 0;
+
+  // For each i: write-protect p[i] and q[i], compare them in full, and if
+  // equal copy the content into a newly allocated frame, map that frame over
+  // both, and store its id in frames[i] (kNoFrame otherwise). Frames for
+  // consecutive pairs are allocated consecutively. `p` is sorted ascending;
+  // no address appears twice in p and q together.
+  virtual void MergePairs(std::span<const Addr> p, std::span<const Addr> q,
+                          std::span<FrameId> frames,
+                          std::span<MergeResult> results) = 0;
+
+  // For each i: write-protect pages[i], verify it is all zeros, and give it
+  // back to the system so that it reads as the shared zero page (no frame).
+  virtual void DropZeroPages(std::span<const Addr> pages,
+                             std::span<MergeResult> results) = 0;
+
+  // Makes [addr, addr + npages pages) ordinary private anonymous memory again
+  // with unchanged contents: undoes merges (frame mappings) in that range.
+  // Pages not merged are left alone. False if some page could not be restored
+  // (it stays readable with its contents).
+  [[nodiscard]] virtual bool Unmerge(Addr addr, std::size_t npages) = 0;
+
+  // The core knows of no page that still maps `frame` (every sharer copied
+  // it away or was unmerged). The store frees its memory, unless another
+  // process (a forked child) may still map it, in which case it is pinned.
+  virtual void ReleaseFrame(FrameId frame) = 0;
+
+  virtual MemoryStats Stats() const = 0;
+};
+
+}  // namespace samepage
+
+#endif  // SAMEPAGE_CORE_MEMORY_H_
