@@ -1,1 +1,715 @@
-// placeholder
+#include "core/ksm.h"
+
+#include <time.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+
+#include "core/hash.h"
+
+namespace samepage {
+namespace {
+
+// Pages probed per Memory::Probe call: one pagemap read covers them all.
+constexpr std::size_t kProbeChunk = 512;
+
+[[noreturn]] void InvariantFailure(const char* what) {
+  std::fprintf(stderr, "samepage: core invariant violated: %s\n", what);
+  std::abort();
+}
+
+// Smart scan: how many full scans to skip a page that has not merged for
+// `age` visits (mm/ksm.c skip_age()).
+std::uint8_t SkipAge(std::uint8_t age) {
+  if (age <= 3) return 1;
+  if (age <= 5) return 2;
+  if (age <= 8) return 4;
+  return 8;
+}
+
+class SystemClock : public Clock {
+ public:
+  std::uint64_t NowNanos() override { return Read(CLOCK_MONOTONIC); }
+  std::uint64_t CpuNanos() override { return Read(CLOCK_THREAD_CPUTIME_ID); }
+
+ private:
+  static std::uint64_t Read(clockid_t id) {
+    timespec ts{};
+    clock_gettime(id, &ts);
+    return std::uint64_t(ts.tv_sec) * 1000000000u + std::uint64_t(ts.tv_nsec);
+  }
+};
+
+}  // namespace
+
+Clock* RealClock() {
+  static SystemClock clock;
+  return &clock;
+}
+
+Ksm::Ksm(Memory* memory, Clock* clock) : memory_(memory), clock_(clock) {}
+
+// ---------------------------------------------------------------------------
+// Ranges
+
+Ksm::Item* Ksm::FindItem(Addr addr) {
+  auto it = ranges_.upper_bound(addr);
+  if (it == ranges_.begin()) return nullptr;
+  --it;
+  if (addr >= it->second.end()) return nullptr;
+  return &it->second.items[(addr - it->first) >> kPageShift];
+}
+
+const Ksm::Item* Ksm::FindItem(Addr addr) const {
+  return const_cast<Ksm*>(this)->FindItem(addr);
+}
+
+bool Ksm::IsAdvised(Addr addr) const { return FindItem(addr) != nullptr; }
+
+void Ksm::Advise(Addr start, std::size_t npages) {
+  const Addr end = start + npages * kPageSize;
+  Addr cur = start;
+  auto it = ranges_.upper_bound(start);
+  if (it != ranges_.begin() && std::prev(it)->second.end() > start) --it;
+  auto add = [&](Addr from, Addr to) {
+    Range r;
+    r.start = from;
+    r.items.resize((to - from) >> kPageShift);
+    advised_pages_ += r.items.size();
+    ranges_.emplace(from, std::move(r));
+  };
+  for (; it != ranges_.end() && it->first < end; ++it) {
+    if (it->first > cur) add(cur, it->first);
+    cur = std::max(cur, it->second.end());
+  }
+  if (cur < end) add(cur, end);
+}
+
+void Ksm::Forget(Addr start, std::size_t npages) {
+  const Addr end = start + npages * kPageSize;
+  SplitRangeAt(ranges_, start);
+  SplitRangeAt(ranges_, end);
+  auto it = ranges_.lower_bound(start);
+  while (it != ranges_.end() && it->first < end) {
+    Range& r = it->second;
+    for (std::size_t i = 0; i < r.items.size(); ++i) {
+      ResetItem(r.start + i * kPageSize, r.items[i]);
+    }
+    advised_pages_ -= r.items.size();
+    it = ranges_.erase(it);
+  }
+}
+
+bool Ksm::Unadvise(Addr start, std::size_t npages) {
+  const Addr end = start + npages * kPageSize;
+  bool ok = true;
+  // Give the memory back first: a frame is released only when nothing maps it.
+  auto it = ranges_.upper_bound(start);
+  if (it != ranges_.begin()) --it;
+  for (; it != ranges_.end() && it->first < end; ++it) {
+    const Addr from = std::max(start, it->first);
+    const Addr to = std::min(end, it->second.end());
+    if (from < to && !memory_->Unmerge(from, (to - from) >> kPageShift)) {
+      ok = false;
+    }
+  }
+  Forget(start, npages);
+  return ok;
+}
+
+bool Ksm::UnmergeAll() {
+  bool ok = true;
+  for (auto& [start, r] : ranges_) {
+    if (!memory_->Unmerge(start, r.items.size())) ok = false;
+  }
+  for (auto& [start, r] : ranges_) {
+    for (std::size_t i = 0; i < r.items.size(); ++i) {
+      ResetItem(start + i * kPageSize, r.items[i]);
+    }
+  }
+  unstable_.clear();
+  in_scan_ = false;
+  return ok;
+}
+
+// ---------------------------------------------------------------------------
+// Item bookkeeping
+
+bool Ksm::InUnstable(Addr addr, const Item& item) const {
+  if (item.state != ItemState::kUnstable || item.seq != seq_) return false;
+  auto it = unstable_.find(item.hash);
+  return it != unstable_.end() && it->second == addr;
+}
+
+void Ksm::RemoveFromUnstable(Addr addr, Item& item) {
+  if (InUnstable(addr, item)) unstable_.erase(item.hash);
+  if (item.state == ItemState::kUnstable) item.state = ItemState::kVolatile;
+}
+
+void Ksm::ResetItem(Addr addr, Item& item) {
+  switch (item.state) {
+    case ItemState::kNew:
+      return;
+    case ItemState::kUnstable:
+      RemoveFromUnstable(addr, item);
+      break;
+    case ItemState::kStable:
+      RemoveSharer(item.node);
+      break;
+    case ItemState::kZero:
+      --zero_pages_;
+      break;
+    case ItemState::kPending:
+      InvariantFailure("ResetItem on a page with a merge in flight");
+    case ItemState::kVolatile:
+      break;
+  }
+  --rmap_items_;
+  item = Item{};
+}
+
+// ---------------------------------------------------------------------------
+// Stable index
+
+std::size_t Ksm::ChainLength(NodeId head) const {
+  std::size_t n = 0;
+  for (NodeId id = head; id != kNoNode; id = nodes_[id].next_dup) ++n;
+  return n;
+}
+
+Ksm::NodeId Ksm::FindStableWithRoom(std::uint64_t hash) const {
+  auto it = stable_.find(hash);
+  if (it == stable_.end()) return kNoNode;
+  // Like the kernel's stable_node_dup(): the fullest dup that still has room,
+  // so that chains stay compact.
+  NodeId best = kNoNode;
+  std::uint32_t best_load = 0;
+  for (NodeId id = it->second; id != kNoNode; id = nodes_[id].next_dup) {
+    const Node& n = nodes_[id];
+    const std::uint32_t load = n.sharers + n.pending;
+    if (load >= knobs_.max_page_sharing) continue;
+    if (n.sharers == 0 && n.pending == 0) continue;
+    if (best == kNoNode || load > best_load) {
+      best = id;
+      best_load = load;
+    }
+  }
+  return best;
+}
+
+Ksm::NodeId Ksm::NewNode(std::uint64_t hash) {
+  NodeId id;
+  if (!free_nodes_.empty()) {
+    id = free_nodes_.back();
+    free_nodes_.pop_back();
+  } else {
+    id = NodeId(nodes_.size());
+    nodes_.emplace_back();
+  }
+  Node& n = nodes_[id];
+  n = Node{};
+  n.hash = hash;
+  n.live = true;
+  LinkNode(id);
+  return id;
+}
+
+void Ksm::LinkNode(NodeId id) {
+  Node& n = nodes_[id];
+  auto [it, inserted] = stable_.try_emplace(n.hash, id);
+  if (inserted) return;
+  const std::size_t len = ChainLength(it->second);
+  if (len == 1) {
+    ++chains_;
+    dups_ += 2;
+  } else {
+    ++dups_;
+  }
+  n.next_dup = it->second;
+  it->second = id;
+}
+
+void Ksm::UnlinkNode(NodeId id) {
+  Node& n = nodes_[id];
+  auto it = stable_.find(n.hash);
+  if (it == stable_.end()) InvariantFailure("stable node missing from index");
+  const std::size_t len = ChainLength(it->second);
+  if (len == 2) {
+    --chains_;
+    dups_ -= 2;
+  } else if (len > 2) {
+    --dups_;
+  }
+  if (it->second == id) {
+    if (n.next_dup == kNoNode) {
+      stable_.erase(it);
+    } else {
+      it->second = n.next_dup;
+    }
+  } else {
+    NodeId prev = it->second;
+    while (nodes_[prev].next_dup != id) prev = nodes_[prev].next_dup;
+    nodes_[prev].next_dup = n.next_dup;
+  }
+  n.next_dup = kNoNode;
+}
+
+void Ksm::AddSharer(NodeId id) {
+  Node& n = nodes_[id];
+  if (n.sharers == 0) {
+    ++pages_shared_;
+  } else {
+    ++pages_sharing_;
+  }
+  ++n.sharers;
+}
+
+void Ksm::RemoveSharer(NodeId id) {
+  Node& n = nodes_[id];
+  --n.sharers;
+  if (n.sharers == 0) {
+    --pages_shared_;
+  } else {
+    --pages_sharing_;
+  }
+  MaybeFreeNode(id);
+}
+
+void Ksm::MaybeFreeNode(NodeId id) {
+  Node& n = nodes_[id];
+  if (!n.live || n.sharers != 0 || n.pending != 0) return;
+  if (n.frame != kNoFrame) memory_->ReleaseFrame(n.frame);
+  UnlinkNode(id);
+  n.live = false;
+  n.frame = kNoFrame;
+  free_nodes_.push_back(id);
+}
+
+// ---------------------------------------------------------------------------
+// Scanning
+
+void Ksm::BeginFullScan() {
+  ++seq_;
+  unstable_.clear();
+  memory_->BeginFullScan();
+  cursor_ = ranges_.empty() ? 0 : ranges_.begin()->first;
+  in_scan_ = true;
+  scan_start_nanos_ = clock_->NowNanos();
+}
+
+std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end) {
+  if (ranges_.empty() || pages == 0) return 0;
+  if (!in_scan_) BeginFullScan();
+  std::size_t scanned = 0;
+  std::size_t scanned_this_pass = 0;
+  while (scanned < pages) {
+    auto it = ranges_.upper_bound(cursor_);
+    if (it != ranges_.begin() && std::prev(it)->second.end() > cursor_) --it;
+    if (it == ranges_.end()) {
+      // End of a full scan: merges planned so far refer to this scan's
+      // unstable index, so they run before it is dropped.
+      ExecutePlans();
+      ++full_scans_;
+      RunAdvisor();
+      // The next scan begins (dropping the unstable index) on the next visit,
+      // so pages_unshared still shows this scan's candidates in between.
+      in_scan_ = false;
+      if (stop_at_scan_end || scanned_this_pass == 0) break;
+      BeginFullScan();
+      scanned_this_pass = 0;
+      continue;
+    }
+    Range& r = it->second;
+    if (cursor_ < r.start) cursor_ = r.start;
+    std::size_t idx = (cursor_ - r.start) >> kPageShift;
+    const std::size_t n = std::min(r.items.size() - idx, kProbeChunk);
+    states_.resize(n);
+    memory_->Probe(cursor_, std::span<PageState>(states_.data(), n));
+    std::size_t i = 0;
+    for (; i < n && scanned < pages; ++i) {
+      const std::uint64_t before = pages_scanned_;
+      VisitPage(cursor_ + i * kPageSize, r.items[idx + i], states_[i]);
+      const std::size_t visited = std::size_t(pages_scanned_ - before);
+      scanned += visited;
+      scanned_this_pass += visited;
+    }
+    cursor_ += i * kPageSize;
+  }
+  ExecutePlans();
+  return scanned;
+}
+
+void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
+  if (state == PageState::kGone) {
+    ResetItem(addr, item);
+    return;
+  }
+  if (state == PageState::kAbsent) {
+    // A merged page whose mapping was dropped still maps its frame; a zero
+    // page stays zero. Anything else no longer has a page to track.
+    if (item.state != ItemState::kStable && item.state != ItemState::kZero) {
+      ResetItem(addr, item);
+    }
+    return;
+  }
+  if (item.state == ItemState::kPending) {
+    InvariantFailure("page visited twice in one batch");
+  }
+  if (item.state == ItemState::kStable && state == PageState::kFrame) {
+    ++pages_scanned_;  // still merged: nothing to do
+    return;
+  }
+
+  if (item.state == ItemState::kZero) {
+    // Written since it was dropped: an ordinary page again (if it is still
+    // all zeros, the unstable path below drops it once more).
+    --zero_pages_;
+    item.state = ItemState::kVolatile;
+  }
+
+  // Smart scan (mm/ksm.c should_skip_rmap_item): pages that keep failing to
+  // merge are visited less often. Merged pages are never skipped.
+  if (knobs_.smart_scan && item.state != ItemState::kStable) {
+    const std::uint8_t age = item.age;
+    if (age != UINT8_MAX) ++item.age;
+    if (age >= 3) {
+      if (item.remaining_skips == 0) {
+        item.remaining_skips = SkipAge(age);
+      } else {
+        --item.remaining_skips;
+        ++pages_skipped_;
+        RemoveFromUnstable(addr, item);
+        return;
+      }
+    }
+  }
+
+  ++pages_scanned_;
+  if (item.state == ItemState::kStable) {
+    // The page was copied away (written to): it leaves its stable node.
+    RemoveSharer(item.node);
+    item.node = kNoNode;
+    item.state = ItemState::kVolatile;
+  }
+  std::uint64_t hash = 0;
+  if (!memory_->Hash(addr, &hash)) {
+    ResetItem(addr, item);
+    return;
+  }
+  const bool had_hash = item.state != ItemState::kNew;
+  if (!had_hash) ++rmap_items_;
+  RemoveFromUnstable(addr, item);
+
+  // 1. The stable index, even on a first visit.
+  const NodeId node = FindStableWithRoom(hash);
+  if (node != kNoNode) {
+    ++nodes_[node].pending;
+    item.hash = hash;
+    item.state = ItemState::kPending;
+    stable_plans_.push_back({addr, &item, node});
+    return;
+  }
+  // 2. A page whose content changed since the last visit is only remembered.
+  if (!had_hash || item.hash != hash) {
+    item.hash = hash;
+    item.state = ItemState::kVolatile;
+    return;
+  }
+  // 3. Zero pages go back to the system's zero page.
+  if (knobs_.use_zero_pages && hash == ZeroPageHash()) {
+    item.state = ItemState::kPending;
+    zero_plans_.push_back({addr, &item});
+    return;
+  }
+  // 4. The unstable index: a match makes a new stable node of both pages.
+  auto it = unstable_.find(hash);
+  if (it != unstable_.end()) {
+    const Addr other_addr = it->second;
+    Item* other = FindItem(other_addr);
+    if (other != nullptr && other_addr != addr && InUnstable(other_addr, *other)) {
+      unstable_.erase(it);
+      other->state = ItemState::kPending;
+      item.state = ItemState::kPending;
+      const NodeId fresh = NewNode(hash);
+      nodes_[fresh].pending = 2;
+      pair_plans_.push_back({addr, &item, other_addr, other, fresh});
+      return;
+    }
+    unstable_.erase(it);  // stale entry
+  }
+  unstable_.emplace(hash, addr);
+  item.state = ItemState::kUnstable;
+  item.seq = seq_;
+}
+
+void Ksm::ExecutePlans() {
+  // Pairs first: they give new stable nodes their frames, which stable plans
+  // made later in the batch may be waiting for.
+  if (!pair_plans_.empty()) {
+    const std::size_t n = pair_plans_.size();
+    addr_a_.resize(n);
+    addr_b_.resize(n);
+    frames_.assign(n, kNoFrame);
+    results_.assign(n, MergeResult::kFailed);
+    for (std::size_t i = 0; i < n; ++i) {
+      addr_a_[i] = pair_plans_[i].p;
+      addr_b_[i] = pair_plans_[i].q;
+    }
+    memory_->MergePairs(addr_a_, addr_b_, frames_, results_);
+    for (std::size_t i = 0; i < n; ++i) {
+      PairPlan& plan = pair_plans_[i];
+      Node& node = nodes_[plan.node];
+      node.pending -= 2;
+      for (Item* item : {plan.p_item, plan.q_item}) {
+        if (results_[i] == MergeResult::kMerged) {
+          item->state = ItemState::kStable;
+          item->node = plan.node;
+          item->age = 0;
+          node.frame = frames_[i];
+          AddSharer(plan.node);
+        } else {
+          item->state = ItemState::kVolatile;
+        }
+      }
+      if (results_[i] != MergeResult::kMerged) ++merge_failures_;
+    }
+  }
+  if (!stable_plans_.empty()) {
+    const std::size_t n = stable_plans_.size();
+    addr_a_.clear();
+    frames_.clear();
+    for (const StablePlan& plan : stable_plans_) {
+      const FrameId frame = nodes_[plan.node].frame;
+      if (frame == kNoFrame) continue;  // its pair failed
+      addr_a_.push_back(plan.page);
+      frames_.push_back(frame);
+    }
+    results_.assign(addr_a_.size(), MergeResult::kFailed);
+    memory_->MergeIntoFrames(addr_a_, frames_, results_);
+    std::size_t r = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      StablePlan& plan = stable_plans_[i];
+      Node& node = nodes_[plan.node];
+      --node.pending;
+      const bool attempted = node.frame != kNoFrame;
+      const bool merged = attempted && results_[r] == MergeResult::kMerged;
+      if (attempted) ++r;
+      if (merged) {
+        plan.item->state = ItemState::kStable;
+        plan.item->node = plan.node;
+        plan.item->age = 0;
+        AddSharer(plan.node);
+      } else {
+        plan.item->state = ItemState::kVolatile;
+        ++merge_failures_;
+      }
+    }
+  }
+  if (!zero_plans_.empty()) {
+    const std::size_t n = zero_plans_.size();
+    addr_a_.resize(n);
+    for (std::size_t i = 0; i < n; ++i) addr_a_[i] = zero_plans_[i].page;
+    results_.assign(n, MergeResult::kFailed);
+    memory_->DropZeroPages(addr_a_, results_);
+    for (std::size_t i = 0; i < n; ++i) {
+      Item* item = zero_plans_[i].item;
+      if (results_[i] == MergeResult::kMerged) {
+        item->state = ItemState::kZero;
+        item->age = 0;
+        ++zero_pages_;
+      } else {
+        item->state = ItemState::kVolatile;
+        ++merge_failures_;
+      }
+    }
+  }
+  // Nodes whose merges all failed are dropped now that nothing is pending.
+  for (const PairPlan& plan : pair_plans_) MaybeFreeNode(plan.node);
+  for (const StablePlan& plan : stable_plans_) MaybeFreeNode(plan.node);
+  pair_plans_.clear();
+  stable_plans_.clear();
+  zero_plans_.clear();
+}
+
+// ---------------------------------------------------------------------------
+// Scan-time advisor (mm/ksm.c scan_time_advisor), run after each full scan.
+
+void Ksm::ResetAdvisor() {
+  advisor_prev_scan_secs_ = 0;
+  advisor_change_ = 0;
+  advisor_cpu_nanos_ = 0;
+  scan_start_nanos_ = clock_->NowNanos();
+}
+
+void Ksm::RunAdvisor() {
+  if (knobs_.advisor_mode != AdvisorMode::kScanTime) return;
+  const std::uint64_t now = clock_->NowNanos();
+  const std::uint64_t cpu = clock_->CpuNanos();
+  std::uint64_t scan_time = (now - scan_start_nanos_) / 1000000000u;
+  if (scan_time == 0) scan_time = 1;
+  const std::uint64_t cpu_ms = (cpu - advisor_cpu_nanos_) / 1000000u;
+  std::uint64_t cpu_percent = cpu_ms * 100 / (scan_time * 1000);
+  if (cpu_percent == 0) cpu_percent = 1;
+  const std::uint64_t last =
+      advisor_prev_scan_secs_ ? advisor_prev_scan_secs_ : scan_time;
+  std::uint64_t factor = knobs_.advisor_target_scan_time * 100 / scan_time;
+  if (factor == 0) factor = 1;
+  std::uint64_t change = scan_time * 100 / last;
+  if (change == 0) change = 1;
+  constexpr std::uint64_t kEwmaWeight = 30;
+  change = (advisor_change_ * kEwmaWeight + change * (100 - kEwmaWeight)) / 100;
+  std::uint64_t pages = std::uint64_t(knobs_.pages_to_scan) * 100 / factor;
+  pages = pages * change / 100;
+  std::uint64_t per_page_cost = knobs_.pages_to_scan / cpu_percent;
+  if (per_page_cost == 0) per_page_cost = 1;
+  constexpr std::uint64_t kAdvisorMinCpu = 10;
+  pages = std::min(pages, per_page_cost * knobs_.advisor_max_cpu);
+  pages = std::max(pages, per_page_cost * kAdvisorMinCpu);
+  pages = std::min(pages, knobs_.advisor_max_pages_to_scan);
+  advisor_change_ = change;
+  advisor_prev_scan_secs_ = scan_time;
+  advisor_cpu_nanos_ = cpu;
+  knobs_.pages_to_scan = std::uint32_t(std::min<std::uint64_t>(pages, UINT32_MAX));
+}
+
+// ---------------------------------------------------------------------------
+// Counters
+
+Counters Ksm::GetCounters() const {
+  Counters c;
+  c.pages_shared = pages_shared_;
+  c.pages_sharing = pages_sharing_;
+  c.pages_unshared = unstable_.size();
+  const std::uint64_t accounted = pages_shared_ + pages_sharing_ + unstable_.size();
+  c.pages_volatile = rmap_items_ > accounted ? rmap_items_ - accounted : 0;
+  c.pages_scanned = pages_scanned_;
+  c.pages_skipped = pages_skipped_;
+  c.full_scans = full_scans_;
+  c.stable_node_chains = chains_;
+  c.stable_node_dups = dups_;
+  c.ksm_zero_pages = zero_pages_;
+  c.rmap_items = rmap_items_;
+  c.general_profit = std::int64_t(pages_sharing_ + zero_pages_) * kPageSize -
+                     std::int64_t(rmap_items_) * std::int64_t(kItemBytes);
+  return c;
+}
+
+SpaceStat Ksm::GetSpaceStat() const {
+  SpaceStat s;
+  s.rmap_items = rmap_items_;
+  s.zero_pages = zero_pages_;
+  s.merging_pages = pages_shared_ + pages_sharing_;
+  s.process_profit = std::int64_t(s.merging_pages + zero_pages_) * kPageSize -
+                     std::int64_t(rmap_items_) * std::int64_t(kItemBytes);
+  s.mergeable = !ranges_.empty();
+  return s;
+}
+
+void Ksm::CheckInvariants() const {
+  if (!pair_plans_.empty() || !stable_plans_.empty() || !zero_plans_.empty()) {
+    InvariantFailure("plans left over after a batch");
+  }
+  std::uint64_t items = 0, zero = 0, unstable = 0, advised = 0;
+  std::vector<std::uint32_t> sharers(nodes_.size(), 0);
+  Addr prev_end = 0;
+  for (const auto& [start, r] : ranges_) {
+    if (start != r.start || start < prev_end) InvariantFailure("ranges overlap");
+    prev_end = r.end();
+    advised += r.items.size();
+    for (std::size_t i = 0; i < r.items.size(); ++i) {
+      const Item& item = r.items[i];
+      const Addr addr = start + i * kPageSize;
+      switch (item.state) {
+        case ItemState::kNew:
+          continue;
+        case ItemState::kPending:
+          InvariantFailure("pending item outside a batch");
+        case ItemState::kStable:
+          if (item.node >= nodes_.size() || !nodes_[item.node].live) {
+            InvariantFailure("stable item points at a dead node");
+          }
+          if (nodes_[item.node].hash != item.hash) {
+            InvariantFailure("stable item hash differs from its node");
+          }
+          ++sharers[item.node];
+          break;
+        case ItemState::kZero:
+          ++zero;
+          break;
+        case ItemState::kUnstable:
+          if (InUnstable(addr, item)) ++unstable;
+          break;
+        case ItemState::kVolatile:
+          break;
+      }
+      ++items;
+    }
+  }
+  if (advised != advised_pages_) InvariantFailure("advised page count");
+  if (items != rmap_items_) InvariantFailure("rmap_items count");
+  if (zero != zero_pages_) InvariantFailure("ksm_zero_pages count");
+  if (unstable != unstable_.size()) InvariantFailure("unstable index size");
+  for (const auto& [hash, addr] : unstable_) {
+    const Item* item = FindItem(addr);
+    if (item == nullptr || item->state != ItemState::kUnstable ||
+        item->hash != hash) {
+      InvariantFailure("unstable index entry without its item");
+    }
+  }
+  std::uint64_t shared = 0, sharing = 0, live = 0, chains = 0, dups = 0;
+  for (NodeId id = 0; id < nodes_.size(); ++id) {
+    const Node& n = nodes_[id];
+    if (!n.live) continue;
+    ++live;
+    if (n.sharers != sharers[id]) InvariantFailure("node sharer count");
+    if (n.sharers == 0 || n.pending != 0) InvariantFailure("idle live node");
+    if (n.frame == kNoFrame) InvariantFailure("live node without a frame");
+    if (n.sharers > knobs_.max_page_sharing) {
+      InvariantFailure("node over max_page_sharing");
+    }
+    ++shared;
+    sharing += n.sharers - 1;
+  }
+  std::uint64_t linked = 0;
+  for (const auto& [hash, head] : stable_) {
+    const std::size_t len = ChainLength(head);
+    linked += len;
+    if (len >= 2) {
+      ++chains;
+      dups += len;
+    }
+    for (NodeId id = head; id != kNoNode; id = nodes_[id].next_dup) {
+      if (!nodes_[id].live || nodes_[id].hash != hash) {
+        InvariantFailure("stable index chain holds a foreign node");
+      }
+    }
+  }
+  if (linked != live) InvariantFailure("live nodes missing from the index");
+  if (shared != pages_shared_ || sharing != pages_sharing_) {
+    InvariantFailure("pages_shared/pages_sharing counters");
+  }
+  if (chains != chains_ || dups != dups_) {
+    InvariantFailure("stable_node_chains/stable_node_dups counters");
+  }
+}
+
+// ---------------------------------------------------------------------------
+
+// Splits the range containing `addr` so that a range starts exactly there.
+void Ksm::SplitRangeAt(std::map<Addr, Range>& ranges, Addr addr) {
+  auto it = ranges.upper_bound(addr);
+  if (it == ranges.begin()) return;
+  --it;
+  Range& r = it->second;
+  if (addr <= r.start || addr >= r.end()) return;
+  const std::size_t keep = (addr - r.start) >> kPageShift;
+  Range tail;
+  tail.start = addr;
+  tail.items.assign(r.items.begin() + keep, r.items.end());
+  r.items.resize(keep);
+  r.items.shrink_to_fit();
+  ranges.emplace(addr, std::move(tail));
+}
+
+}  // namespace samepage

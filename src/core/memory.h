@@ -40,8 +40,9 @@ inline constexpr FrameId kNoFrame = UINT32_MAX;
 // What a page is right now, as far as the scanner needs to know.
 enum class PageState : std::uint8_t {
   kGone,    // not mapped any more, or no longer memory we may merge: forget it
-  kAbsent,  // mapped but no page present (never touched, or dropped to zero)
-  kAnon,    // a present private anonymous page (includes the shared zero page)
+  kAbsent,  // mapped, but no page of its own: never touched, dropped, or
+            // mapping the shared zero page (which costs no memory)
+  kAnon,    // a present private anonymous page of its own
   kFrame,   // a present page that is one of our frames (not yet copied away)
 };
 

@@ -1,0 +1,84 @@
+// FakeMemory: an in-memory simulation of an address space for core tests.
+//
+// Pages are anonymous (own bytes), mapped to a frame (shared bytes, copied on
+// the first write), absent, or unmapped. It checks the Memory contract from
+// the other side: it aborts the test if the core releases a frame that some
+// page still maps, and it can inject a concurrent write between the scanner's
+// hash and its merge (the write-protected compare must then refuse).
+
+#ifndef SAMEPAGE_TESTS_CORE_FAKE_MEMORY_H_
+#define SAMEPAGE_TESTS_CORE_FAKE_MEMORY_H_
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <vector>
+
+#include "core/memory.h"
+
+namespace samepage {
+
+using PageBytes = std::array<std::uint8_t, kPageSize>;
+
+class FakeMemory : public Memory {
+ public:
+  // --- what an application does ---
+  void Map(Addr addr, std::size_t npages);
+  void Unmap(Addr addr, std::size_t npages);
+  // Writes a page filled with `fill` (copy-on-write if it maps a frame).
+  void Write(Addr addr, std::uint8_t fill);
+  void WriteBytes(Addr addr, const PageBytes& bytes);
+  PageBytes Read(Addr addr) const;  // zeros for absent pages
+  bool IsMapped(Addr addr) const;
+  bool MapsFrame(Addr addr) const;
+  bool IsPresent(Addr addr) const;
+  FrameId FrameOf(Addr addr) const {
+    auto it = pages_.find(addr);
+    return it != pages_.end() && it->second.kind == Page::kFrame ? it->second.frame : kNoFrame;
+  }
+
+  // Called (once per page) right before a merge compares a page; lets a test
+  // write to it "concurrently".
+  std::function<void(Addr)> before_compare;
+  // Merges allowed before kNoBudget is returned (simulates the VMA budget).
+  std::size_t merge_budget = SIZE_MAX;
+
+  std::size_t frames_live() const { return frame_refs_.size(); }
+  std::size_t frames_released() const { return released_; }
+  std::size_t pages_mapping_frames() const;
+
+  // --- Memory ---
+  void Probe(Addr addr, std::span<PageState> states) override;
+  bool Hash(Addr addr, std::uint64_t* hash) override;
+  void MergeIntoFrames(std::span<const Addr> pages,
+                       std::span<const FrameId> frames,
+                       std::span<MergeResult> results) override;
+  void MergePairs(std::span<const Addr> p, std::span<const Addr> q,
+                  std::span<FrameId> frames,
+                  std::span<MergeResult> results) override;
+  void DropZeroPages(std::span<const Addr> pages,
+                     std::span<MergeResult> results) override;
+  bool Unmerge(Addr addr, std::size_t npages) override;
+  void ReleaseFrame(FrameId frame) override;
+  MemoryStats Stats() const override;
+
+ private:
+  struct Page {
+    enum Kind { kAbsent, kAnon, kFrame } kind = kAbsent;
+    PageBytes bytes{};      // kAnon
+    FrameId frame = kNoFrame;  // kFrame
+  };
+  const PageBytes& Content(const Page& p) const;
+  void Unref(FrameId f);
+
+  std::map<Addr, Page> pages_;
+  std::vector<PageBytes> frames_;
+  std::map<FrameId, std::size_t> frame_refs_;  // live frames: pages mapping
+  std::vector<bool> released_frames_;
+  std::size_t released_ = 0;
+};
+
+}  // namespace samepage
+
+#endif  // SAMEPAGE_TESTS_CORE_FAKE_MEMORY_H_

@@ -1,0 +1,403 @@
+// Core algorithm tests on FakeMemory: the scenarios, the kernel's
+// counter formulas, and long random operation sequences checked against a
+// simple model of what the application must observe.
+
+#include "core/ksm.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <random>
+#include <set>
+
+#include "core/fake_memory.h"
+#include "core/hash.h"
+
+namespace samepage {
+namespace {
+
+constexpr Addr kBase = 0x10000000;
+
+Addr Page(std::size_t i) { return kBase + i * kPageSize; }
+
+class FakeClock : public Clock {
+ public:
+  std::uint64_t now = 0, cpu = 0;
+  std::uint64_t NowNanos() override { return now; }
+  std::uint64_t CpuNanos() override { return cpu; }
+};
+
+class KsmTest : public ::testing::Test {
+ protected:
+  KsmTest() : ksm_(&mem_, &clock_) {}
+
+  // Maps n pages, fills page i with fill(i), marks them mergeable.
+  template <typename F>
+  void Setup(std::size_t n, F fill) {
+    mem_.Map(kBase, n);
+    for (std::size_t i = 0; i < n; ++i) mem_.Write(Page(i), fill(i));
+    ksm_.Advise(kBase, n);
+  }
+
+  void FullScans(int n) {
+    const std::uint64_t target = ksm_.GetCounters().full_scans + n;
+    for (int guard = 0; ksm_.GetCounters().full_scans < target; ++guard) {
+      ASSERT_LT(guard, 100000) << "scanner made no progress";
+      ksm_.ScanBatch(100, /*stop_at_scan_end=*/true);
+      ksm_.CheckInvariants();
+    }
+  }
+
+  FakeMemory mem_;
+  FakeClock clock_;
+  Ksm ksm_;
+};
+
+TEST_F(KsmTest, TenIdenticalPagesMergeIntoOne) {
+  Setup(10, [](std::size_t) { return 0x2a; });
+  FullScans(1);
+  // First visits only record checksums.
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 0u);
+  FullScans(1);
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 1u);
+  EXPECT_EQ(c.pages_sharing, 9u);
+  EXPECT_EQ(c.pages_unshared, 0u);
+  EXPECT_EQ(c.pages_volatile, 0u);
+  EXPECT_EQ(c.rmap_items, 10u);
+  EXPECT_EQ(mem_.frames_live(), 1u);
+  for (std::size_t i = 0; i < 10; ++i) {
+    EXPECT_TRUE(mem_.MapsFrame(Page(i)));
+    EXPECT_EQ(mem_.Read(Page(i))[100], 0x2a);
+  }
+  EXPECT_EQ(c.general_profit,
+            std::int64_t(9 * kPageSize) - 10 * std::int64_t(Ksm::kItemBytes));
+}
+
+TEST_F(KsmTest, WrittenPagesLeaveAndTheFrameIsReleased) {
+  Setup(2, [](std::size_t) { return 7; });
+  FullScans(2);
+  ASSERT_EQ(ksm_.GetCounters().pages_shared, 1u);
+  ASSERT_EQ(ksm_.GetCounters().pages_sharing, 1u);
+  mem_.Write(Page(0), 1);
+  mem_.Write(Page(1), 2);
+  FullScans(1);
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 0u);
+  EXPECT_EQ(c.pages_sharing, 0u);
+  EXPECT_EQ(mem_.frames_live(), 0u);
+  EXPECT_EQ(mem_.frames_released(), 1u);
+  EXPECT_EQ(mem_.Read(Page(0))[0], 1);
+  EXPECT_EQ(mem_.Read(Page(1))[0], 2);
+}
+
+TEST_F(KsmTest, ZeroPagesMergeLikeAnyOtherWithoutUseZeroPages) {
+  Setup(10, [](std::size_t) { return 0; });
+  FullScans(2);
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 1u);
+  EXPECT_EQ(c.pages_sharing, 9u);
+  EXPECT_EQ(c.ksm_zero_pages, 0u);
+}
+
+TEST_F(KsmTest, ZeroPagesDropToTheZeroPageWithUseZeroPages) {
+  ksm_.knobs().use_zero_pages = true;
+  Setup(10, [](std::size_t) { return 0; });
+  FullScans(2);
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 0u);
+  EXPECT_EQ(c.pages_sharing, 0u);
+  EXPECT_EQ(c.ksm_zero_pages, 10u);
+  EXPECT_EQ(mem_.frames_live(), 0u);
+  for (std::size_t i = 0; i < 10; ++i) EXPECT_FALSE(mem_.IsPresent(Page(i)));
+  EXPECT_EQ(c.general_profit, std::int64_t(10 * kPageSize) -
+                                  10 * std::int64_t(Ksm::kItemBytes));
+  // A write brings the page back as an ordinary one.
+  mem_.Write(Page(3), 5);
+  FullScans(1);
+  EXPECT_EQ(ksm_.GetCounters().ksm_zero_pages, 9u);
+}
+
+TEST_F(KsmTest, MaxPageSharingBuildsChainsOfDups) {
+  Setup(600, [](std::size_t) { return 0x55; });
+  FullScans(2);
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 3u);
+  EXPECT_EQ(c.pages_sharing, 597u);
+  EXPECT_EQ(c.stable_node_chains, 1u);
+  EXPECT_EQ(c.stable_node_dups, 3u);
+  EXPECT_EQ(mem_.frames_live(), 3u);
+}
+
+TEST_F(KsmTest, LowerMaxPageSharingLeavesALoneRemainder) {
+  ksm_.knobs().max_page_sharing = 4;
+  Setup(9, [](std::size_t) { return 3; });
+  FullScans(2);
+  Counters c = ksm_.GetCounters();
+  // 4 + 4 merged; the ninth has nobody left to pair with.
+  EXPECT_EQ(c.pages_shared, 2u);
+  EXPECT_EQ(c.pages_sharing, 6u);
+  EXPECT_EQ(c.pages_unshared, 1u);
+}
+
+TEST_F(KsmTest, ChangingPagesAreNotMerged) {
+  Setup(4, [](std::size_t) { return 9; });
+  FullScans(1);
+  // Content changes between visits: checksum differs, so nothing merges.
+  for (std::size_t i = 0; i < 4; ++i) mem_.Write(Page(i), 10);
+  FullScans(1);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 0u);
+  EXPECT_EQ(ksm_.GetCounters().pages_volatile, 4u);
+  FullScans(1);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 3u);
+}
+
+TEST_F(KsmTest, AWriteDuringTheMergeIsNeverLost) {
+  Setup(2, [](std::size_t) { return 4; });
+  FullScans(1);
+  // The write lands after the hash but before the protected compare.
+  mem_.before_compare = [&](Addr a) {
+    if (a == Page(1)) mem_.Write(Page(1), 99);
+  };
+  FullScans(1);
+  mem_.before_compare = nullptr;
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 0u);
+  EXPECT_EQ(mem_.Read(Page(1))[0], 99);
+  EXPECT_EQ(mem_.Read(Page(0))[0], 4);
+  EXPECT_FALSE(mem_.MapsFrame(Page(0)));
+  EXPECT_GT(ksm_.merge_failures(), 0u);
+}
+
+TEST_F(KsmTest, UntouchedPagesAreNotScanned) {
+  mem_.Map(kBase, 100);  // never written: absent
+  ksm_.Advise(kBase, 100);
+  EXPECT_EQ(ksm_.ScanBatch(50), 0u);
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_scanned, 0u);
+  EXPECT_EQ(c.rmap_items, 0u);
+}
+
+TEST_F(KsmTest, UnadviseGivesBackPlainPagesWithTheirContents) {
+  Setup(8, [](std::size_t i) { return i < 4 ? 1 : 2; });
+  FullScans(2);
+  ASSERT_EQ(ksm_.GetCounters().pages_sharing, 6u);
+  ASSERT_TRUE(ksm_.Unadvise(Page(0), 4));
+  ksm_.CheckInvariants();
+  for (std::size_t i = 0; i < 4; ++i) {
+    EXPECT_FALSE(mem_.MapsFrame(Page(i)));
+    EXPECT_EQ(mem_.Read(Page(i))[0], 1);
+  }
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 1u);
+  EXPECT_EQ(c.pages_sharing, 3u);
+  EXPECT_EQ(ksm_.AdvisedPages(), 4u);
+  EXPECT_FALSE(ksm_.IsAdvised(Page(0)));
+  EXPECT_TRUE(ksm_.IsAdvised(Page(4)));
+}
+
+TEST_F(KsmTest, UnmergeAllRestoresEverything) {
+  Setup(20, [](std::size_t i) { return i % 3; });
+  ksm_.knobs().use_zero_pages = true;
+  FullScans(3);
+  ASSERT_GT(ksm_.GetCounters().pages_sharing, 0u);
+  ASSERT_TRUE(ksm_.UnmergeAll());
+  ksm_.CheckInvariants();
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared + c.pages_sharing + c.ksm_zero_pages, 0u);
+  EXPECT_EQ(c.rmap_items, 0u);
+  EXPECT_EQ(mem_.frames_live(), 0u);
+  for (std::size_t i = 0; i < 20; ++i) {
+    EXPECT_EQ(mem_.Read(Page(i))[17], i % 3);
+  }
+}
+
+TEST_F(KsmTest, UnmappedRangesAreForgottenWithoutReleasingMappedFrames) {
+  Setup(6, [](std::size_t) { return 8; });
+  FullScans(2);
+  ASSERT_EQ(ksm_.GetCounters().pages_sharing, 5u);
+  mem_.Unmap(Page(0), 3);  // the application unmaps half
+  FullScans(1);
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 1u);
+  EXPECT_EQ(c.pages_sharing, 2u);
+  EXPECT_EQ(c.rmap_items, 3u);
+  mem_.Unmap(Page(3), 3);
+  FullScans(1);
+  EXPECT_EQ(ksm_.GetCounters().pages_shared, 0u);
+  EXPECT_EQ(mem_.frames_live(), 0u);
+}
+
+TEST_F(KsmTest, BudgetExhaustionLeavesPagesIntact) {
+  mem_.merge_budget = 5;
+  Setup(20, [](std::size_t) { return 6; });
+  FullScans(3);
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared + c.pages_sharing, 5u);
+  for (std::size_t i = 0; i < 20; ++i) EXPECT_EQ(mem_.Read(Page(i))[9], 6);
+}
+
+TEST_F(KsmTest, SmartScanSkipsPagesThatNeverMerge) {
+  Setup(50, [](std::size_t i) { return std::uint8_t(i); });  // all unique
+  FullScans(12);
+  Counters c = ksm_.GetCounters();
+  EXPECT_GT(c.pages_skipped, 0u);
+  EXPECT_LT(c.pages_scanned, 12u * 50u);
+  ksm_.knobs().smart_scan = false;
+  const auto before = ksm_.GetCounters();
+  FullScans(2);
+  EXPECT_EQ(ksm_.GetCounters().pages_skipped, before.pages_skipped);
+  EXPECT_EQ(ksm_.GetCounters().pages_scanned, before.pages_scanned + 100);
+}
+
+TEST_F(KsmTest, AdviseTwiceIsHarmlessAndOverlapsExtend) {
+  Setup(4, [](std::size_t) { return 1; });
+  ksm_.Advise(kBase, 4);
+  mem_.Map(Page(4), 4);
+  for (int i = 4; i < 8; ++i) mem_.Write(Page(i), 1);
+  ksm_.Advise(Page(2), 6);
+  EXPECT_EQ(ksm_.AdvisedPages(), 8u);
+  FullScans(2);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 7u);
+}
+
+TEST_F(KsmTest, AdvisorMovesPagesToScanTowardsTheTarget) {
+  ksm_.knobs().advisor_mode = AdvisorMode::kScanTime;
+  ksm_.knobs().pages_to_scan = 500;
+  ksm_.knobs().advisor_target_scan_time = 10;
+  ksm_.ResetAdvisor();
+  Setup(100, [](std::size_t i) { return std::uint8_t(i); });
+  // Each full scan "takes" 100 s at 50% CPU: far slower than the 10 s target.
+  for (int i = 0; i < 3; ++i) {
+    ksm_.ScanBatch(1);  // the scan begins
+    clock_.now += 100ull * 1000000000;
+    clock_.cpu += 50ull * 1000000000;
+    FullScans(1);  // and ends 100 s later
+  }
+  EXPECT_GT(ksm_.knobs().pages_to_scan, 500u);
+  EXPECT_LE(ksm_.knobs().pages_to_scan, ksm_.knobs().advisor_max_pages_to_scan);
+}
+
+// Random operations against a model: after each step the application's view
+// (page contents) must equal the model, and the core's invariants hold; after
+// quiescence every duplicate must be merged.
+class KsmRandomTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(KsmRandomTest, MatchesModel) {
+  std::mt19937 rng(GetParam());
+  FakeMemory mem;
+  FakeClock clock;
+  Ksm ksm(&mem, &clock);
+  const bool zero_pages = GetParam() % 2 == 1;
+  ksm.knobs().use_zero_pages = zero_pages;
+  constexpr std::size_t kPages = 96;
+  std::map<Addr, std::uint8_t> model;  // mapped pages -> fill byte (absent=0)
+  std::set<Addr> advised;
+  mem.Map(kBase, kPages);
+  for (std::size_t i = 0; i < kPages; ++i) model[Page(i)] = 0;
+  auto check_contents = [&] {
+    for (auto& [a, fill] : model) {
+      ASSERT_TRUE(mem.IsMapped(a));
+      const PageBytes b = mem.Read(a);
+      ASSERT_EQ(b[0], fill) << "page " << (a - kBase) / kPageSize;
+      ASSERT_EQ(b[kPageSize - 1], fill);
+    }
+  };
+  for (int step = 0; step < 3000; ++step) {
+    const int op = rng() % 100;
+    const std::size_t i = rng() % kPages;
+    const std::size_t n = 1 + rng() % 8;
+    if (op < 40) {
+      if (model.count(Page(i))) {
+        const std::uint8_t v = rng() % 4;  // few values: many duplicates
+        mem.Write(Page(i), v);
+        model[Page(i)] = v;
+      }
+    } else if (op < 75) {
+      ksm.ScanBatch(1 + rng() % 64);
+    } else if (op < 83) {
+      const std::size_t m = std::min(n, kPages - i);
+      bool all_mapped = true;
+      for (std::size_t k = 0; k < m; ++k) all_mapped &= model.count(Page(i + k)) > 0;
+      if (all_mapped) {
+        ksm.Advise(Page(i), m);
+        for (std::size_t k = 0; k < m; ++k) advised.insert(Page(i + k));
+      }
+    } else if (op < 88) {
+      const std::size_t m = std::min(n, kPages - i);
+      ASSERT_TRUE(ksm.Unadvise(Page(i), m));
+      for (std::size_t k = 0; k < m; ++k) {
+        advised.erase(Page(i + k));
+        if (model.count(Page(i + k))) {
+          ASSERT_FALSE(mem.MapsFrame(Page(i + k)));
+        }
+      }
+    } else if (op < 92) {
+      const std::size_t m = std::min(n, kPages - i);
+      mem.Unmap(Page(i), m);  // the application unmaps behind samepage's back
+      for (std::size_t k = 0; k < m; ++k) model.erase(Page(i + k));
+    } else if (op < 95) {
+      const std::size_t m = std::min(n, kPages - i);
+      // Remap what was unmapped, fresh and untouched.
+      for (std::size_t k = 0; k < m; ++k) {
+        if (!model.count(Page(i + k))) {
+          mem.Map(Page(i + k), 1);
+          model[Page(i + k)] = 0;
+          ksm.Forget(Page(i + k), 1);  // a new mapping is not mergeable
+          advised.erase(Page(i + k));
+        }
+      }
+    } else if (op < 97) {
+      ASSERT_TRUE(ksm.UnmergeAll());
+      ASSERT_EQ(mem.pages_mapping_frames(), 0u);
+    } else {
+      ksm.knobs().smart_scan = !ksm.knobs().smart_scan;
+    }
+    ksm.CheckInvariants();
+    check_contents();
+    if (HasFatalFailure()) return;
+  }
+  // Quiescence: with no more writes, enough full scans merge every duplicate.
+  for (int s = 0; s < 40; ++s) {
+    const auto target = ksm.GetCounters().full_scans + 1;
+    for (int g = 0; ksm.GetCounters().full_scans < target && g < 10000; ++g) {
+      ksm.ScanBatch(50, /*stop_at_scan_end=*/true);
+    }
+  }
+  ksm.CheckInvariants();
+  check_contents();
+  // Every value has at most one stable node (max_page_sharing is not
+  // reached here); no page is left unmerged beside a node of its content or
+  // beside another unmerged page of the same content.
+  std::map<std::uint8_t, std::set<FrameId>> frames_by_value;
+  std::map<std::uint8_t, std::size_t> unmerged_by_value;
+  std::size_t merged = 0;
+  for (Addr a : advised) {
+    if (!model.count(a) || !mem.IsPresent(a)) continue;
+    const std::uint8_t v = model[a];
+    SCOPED_TRACE(::testing::Message() << "page " << (a - kBase) / kPageSize
+                                      << " value " << int(v));
+    if (zero_pages) EXPECT_NE(v, 0) << "a zero page was not dropped";
+    if (mem.MapsFrame(a)) {
+      frames_by_value[v].insert(mem.FrameOf(a));
+      ++merged;
+    } else {
+      ++unmerged_by_value[v];
+    }
+  }
+  std::size_t nodes = 0;
+  for (auto& [v, frames] : frames_by_value) {
+    EXPECT_EQ(frames.size(), 1u) << "value " << int(v);
+    EXPECT_EQ(unmerged_by_value[v], 0u) << "value " << int(v);
+    nodes += frames.size();
+  }
+  for (auto& [v, k] : unmerged_by_value) EXPECT_LE(k, 1u) << "value " << int(v);
+  const Counters c = ksm.GetCounters();
+  EXPECT_EQ(c.pages_shared, nodes);
+  EXPECT_EQ(c.pages_sharing, merged - nodes);
+  EXPECT_EQ(mem.frames_live(), c.pages_shared);
+}
+
+INSTANTIATE_TEST_SUITE_P(Seeds, KsmRandomTest, ::testing::Range(1, 25));
+
+}  // namespace
+}  // namespace samepage
