@@ -34,6 +34,19 @@ struct EngineOptions {
   std::size_t vma_budget = 0;
 };
 
+// samepage's own figures, beyond the kernel's counters.
+struct EngineStats {
+  std::string protection;           // "userfaultfd" or "mprotect"
+  std::uint64_t frames_in_use = 0;  // frames holding merged content
+  std::uint64_t frames_pinned = 0;  // kept because a forked child may map them
+  std::uint64_t vma_budget = 0;     // mappings merging may create
+  std::uint64_t vmas_used = 0;      // mappings merging holds now (estimate)
+  std::uint64_t budget_skips = 0;   // merges skipped for lack of VMA budget
+  std::uint64_t merge_failures = 0; // merges refused (content changed, gone)
+  std::uint64_t protect_faults = 0; // writes that waited for a merge
+  std::uint64_t advised_pages = 0;  // pages marked mergeable
+};
+
 class Engine {
  public:
   // Creates the process's engine. Fails with a clear status if the kernel
@@ -71,6 +84,8 @@ class Engine {
   // Scans until `count` more full scans have completed (or nothing is
   // mergeable). Convenience for tests and tools.
   virtual void RunFullScans(int count) = 0;
+
+  virtual EngineStats Stats() = 0;
 };
 
 }  // namespace samepage

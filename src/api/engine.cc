@@ -1,1 +1,343 @@
-// placeholder
+// EngineImpl: the process's samepage engine — the core algorithm (Ksm) over
+// the Linux backend (LinuxMemory), one mutex, and a scanner thread that
+// plays ksmd: while run is 1 it scans pages_to_scan pages, then sleeps
+// sleep_millisecs.
+//
+// Locking: mu_ guards the core, the backend, the knobs and the thread state.
+// The scanner holds it for one batch at a time, so control calls wait at most
+// one batch. Write faults of application threads never take mu_ (the backend's
+// fault handler is lock-free), so a merge in progress cannot deadlock with
+// the application.
+//
+// fork(): prepare takes mu_ (no merge is in flight while the address space is
+// copied); in the child the scanner thread does not exist, the core state is
+// rebuilt from the advised ranges (kernel KSM scans a child afresh too) and
+// the scanner restarts if run is 1. The backend pins every frame a child may
+// map.
+
+#include <pthread.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "api/sysfs_text.h"
+#include "backend/linux_memory.h"
+#include "core/ksm.h"
+#include "samepage/engine.h"
+
+namespace samepage {
+namespace {
+
+// Batch size for RunFullScans: large, so a full scan needs few lock rounds.
+constexpr std::size_t kSyncScanBatch = 1 << 16;
+
+LinuxMemoryOptions ToBackendOptions(const EngineOptions& o) {
+  LinuxMemoryOptions b;
+  switch (o.protection) {
+    case EngineOptions::Protection::kAuto:
+      b.protection = LinuxMemoryOptions::Protection::kAuto;
+      break;
+    case EngineOptions::Protection::kUserfaultfd:
+      b.protection = LinuxMemoryOptions::Protection::kUserfaultfd;
+      break;
+    case EngineOptions::Protection::kMprotect:
+      b.protection = LinuxMemoryOptions::Protection::kMprotect;
+      break;
+  }
+  b.vma_budget = o.vma_budget;
+  return b;
+}
+
+class EngineImpl;
+std::mutex g_engines_mu;
+std::vector<EngineImpl*>* g_engines = nullptr;  // for the fork handlers
+
+class EngineImpl final : public Engine {
+ public:
+  explicit EngineImpl(std::unique_ptr<LinuxMemory> memory)
+      : memory_(std::move(memory)),
+        ksm_(std::make_unique<Ksm>(memory_.get(), RealClock())) {
+    RegisterForFork(this);
+  }
+
+  ~EngineImpl() override {
+    UnregisterForFork(this);
+    StopScanner();
+  }
+
+  Status Madvise(void* addr, std::size_t len, int advice) override {
+    if (advice != MADV_MERGEABLE && advice != MADV_UNMERGEABLE) {
+      return Status::Error(EINVAL, "madvise: advice must be MADV_MERGEABLE "
+                                   "or MADV_UNMERGEABLE");
+    }
+    const Addr start = reinterpret_cast<Addr>(addr);
+    if (start % kPageSize != 0) {
+      return Status::Error(EINVAL, "madvise: address not page-aligned");
+    }
+    const std::size_t rounded = (len + kPageSize - 1) & ~(kPageSize - 1);
+    if (len != 0 && rounded == 0) {
+      return Status::Error(EINVAL, "madvise: length overflows");
+    }
+    if (start + rounded < start) {
+      return Status::Error(EINVAL, "madvise: range wraps around");
+    }
+    if (rounded == 0) return Status::Ok();
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::pair<Addr, std::size_t>> parts;
+    // The kernel applies advice to the mapped parts of a range with holes and
+    // still returns ENOMEM; so do we.
+    Status st = memory_->MergeableParts(start, rounded, &parts);
+    if (!st.ok() && st.code() != ENOMEM) return st;
+    if (advice == MADV_MERGEABLE) {
+      for (auto [a, bytes] : parts) ksm_->Advise(a, bytes / kPageSize);
+    } else if (!ksm_->Unadvise(start, rounded / kPageSize)) {
+      return Status::Error(ENOMEM, "madvise(MADV_UNMERGEABLE): could not "
+                                   "restore every merged page");
+    }
+    cv_.notify_all();
+    return st;
+  }
+
+  Status SetMergeAny(bool on) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (on == merge_any_) return Status::Ok();
+    if (on) {
+      merge_any_ = true;
+      AdviseAllAnonymousLocked();
+      cv_.notify_all();
+      return Status::Ok();
+    }
+    // Like ksm_disable_merge_any(): everything is unmerged and unmarked.
+    merge_any_ = false;
+    bool ok = true;
+    for (auto [a, n] : AdvisedRangesLocked()) ok &= ksm_->Unadvise(a, n);
+    if (!ok) {
+      return Status::Error(ENOMEM, "prctl(PR_SET_MEMORY_MERGE, 0): could not "
+                                   "restore every merged page");
+    }
+    return Status::Ok();
+  }
+
+  bool MergeAny() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return merge_any_;
+  }
+
+  Status ReadKnob(std::string_view name, std::string* text) override {
+    if (!IsKsmFile(name)) {
+      return Status::Error(ENOENT, "no such file in /sys/kernel/mm/ksm: " +
+                                       std::string(name));
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    *text = FormatKnob(ksm_->knobs(), ksm_->GetCounters(), name);
+    return Status::Ok();
+  }
+
+  Status WriteKnob(std::string_view name, std::string_view text) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Knobs& knobs = ksm_->knobs();
+    const Knobs before = knobs;
+    KnobContext ctx;
+    ctx.pages_shared = ksm_->GetCounters().pages_shared;
+    Status st = samepage::WriteKnob(&knobs, name, text, ctx);
+    if (!st.ok()) return st;
+    if (knobs.advisor_mode != before.advisor_mode) ksm_->ResetAdvisor();
+    if (knobs.run != before.run || name == "run") {
+      if (knobs.run == 2 && !ksm_->UnmergeAll()) {
+        return Status::Error(ENOMEM, "run=2: could not restore every merged "
+                                     "page");
+      }
+      if (knobs.run == 1) StartScannerLocked();
+    }
+    cv_.notify_all();
+    return Status::Ok();
+  }
+
+  std::vector<std::string> KnobNames() const override {
+    std::vector<std::string> names;
+    for (std::string_view n : KsmFileNames()) names.emplace_back(n);
+    return names;
+  }
+
+  std::string KsmStatText() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return FormatKsmStat(SpaceStatLocked());
+  }
+
+  std::string KsmMergingPagesText() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return FormatMergingPages(SpaceStatLocked());
+  }
+
+  std::size_t ScanNow(std::size_t pages) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return ScanLocked(pages, /*stop_at_scan_end=*/false);
+  }
+
+  void RunFullScans(int count) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    const std::uint64_t target = ksm_->GetCounters().full_scans + count;
+    while (ksm_->GetCounters().full_scans < target) {
+      if (ksm_->AdvisedPages() == 0) return;
+      ScanLocked(kSyncScanBatch, /*stop_at_scan_end=*/true);
+      // Let the background scanner and other callers in between batches.
+      lock.unlock();
+      lock.lock();
+    }
+  }
+
+  EngineStats Stats() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    const MemoryStats m = memory_->Stats();
+    EngineStats s;
+    s.protection = memory_->ProtectionName();
+    s.frames_in_use = m.frames_in_use;
+    s.frames_pinned = m.frames_pinned;
+    s.vma_budget = m.vma_budget;
+    s.vmas_used = m.vmas_used;
+    s.budget_skips = m.budget_skips;
+    s.protect_faults = m.protect_faults;
+    s.merge_failures = ksm_->merge_failures();
+    s.advised_pages = ksm_->AdvisedPages();
+    return s;
+  }
+
+  // --- fork ---
+  void BeforeFork() { mu_.lock(); }
+  void AfterForkParent() { mu_.unlock(); }
+  void AfterForkChild() {
+    // The scanner thread does not exist here; its handle must not be joined.
+    if (scanner_) (void)scanner_.release();
+    stop_ = false;
+    auto ranges = AdvisedRangesLocked();
+    const Knobs knobs = ksm_->knobs();
+    // The old core's frames stay mapped here and in the parent; dropping the
+    // core does not release them, and the backend has pinned them anyway.
+    ksm_ = std::make_unique<Ksm>(memory_.get(), RealClock());
+    ksm_->knobs() = knobs;
+    for (auto [a, n] : ranges) ksm_->Advise(a, n);
+    if (knobs.run == 1) StartScannerLocked();
+    mu_.unlock();
+  }
+
+ private:
+  SpaceStat SpaceStatLocked() const {
+    SpaceStat s = ksm_->GetSpaceStat();
+    s.merge_any = merge_any_;
+    s.mergeable = merge_any_ || ksm_->AdvisedPages() != 0;
+    return s;
+  }
+
+  std::vector<std::pair<Addr, std::size_t>> AdvisedRangesLocked() const {
+    return ksm_->AdvisedRanges();
+  }
+
+  void AdviseAllAnonymousLocked() {
+    for (auto [a, bytes] : memory_->AnonymousRanges()) {
+      ksm_->Advise(a, bytes / kPageSize);
+    }
+  }
+
+  std::size_t ScanLocked(std::size_t pages, bool stop_at_scan_end) {
+    const std::uint64_t scans = ksm_->GetCounters().full_scans;
+    const std::size_t n = ksm_->ScanBatch(pages, stop_at_scan_end);
+    // merge-any covers mappings made later too: look for them once per scan.
+    if (merge_any_ && ksm_->GetCounters().full_scans != scans) {
+      AdviseAllAnonymousLocked();
+    }
+    return n;
+  }
+
+  void StartScannerLocked() {
+    if (scanner_) return;
+    stop_ = false;
+    scanner_ = std::make_unique<std::thread>([this] { ScannerLoop(); });
+  }
+
+  void StopScanner() {
+    std::unique_ptr<std::thread> t;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      cv_.notify_all();
+      t = std::move(scanner_);
+    }
+    if (t) t->join();
+  }
+
+  // ksmd: scan pages_to_scan pages, sleep sleep_millisecs, while run is 1.
+  void ScannerLoop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stop_) {
+      const Knobs& k = ksm_->knobs();
+      if (k.run != 1 || ksm_->AdvisedPages() == 0) {
+        cv_.wait(lock);
+        continue;
+      }
+      ScanLocked(k.pages_to_scan, /*stop_at_scan_end=*/false);
+      const std::uint32_t sleep_ms = ksm_->knobs().sleep_millisecs;
+      if (sleep_ms == 0) {
+        // Give waiting control calls a turn even at full speed.
+        lock.unlock();
+        std::this_thread::yield();
+        lock.lock();
+      } else {
+        cv_.wait_for(lock, std::chrono::milliseconds(sleep_ms));
+      }
+    }
+  }
+
+  static void RegisterForFork(EngineImpl* e) {
+    static std::once_flag once;
+    std::call_once(once, [] {
+      pthread_atfork(
+          [] {
+            g_engines_mu.lock();
+            for (EngineImpl* e : *g_engines) e->BeforeFork();
+          },
+          [] {
+            for (EngineImpl* e : *g_engines) e->AfterForkParent();
+            g_engines_mu.unlock();
+          },
+          [] {
+            for (EngineImpl* e : *g_engines) e->AfterForkChild();
+            g_engines_mu.unlock();
+          });
+    });
+    std::lock_guard<std::mutex> lock(g_engines_mu);
+    if (g_engines == nullptr) g_engines = new std::vector<EngineImpl*>();
+    g_engines->push_back(e);
+  }
+
+  static void UnregisterForFork(EngineImpl* e) {
+    std::lock_guard<std::mutex> lock(g_engines_mu);
+    g_engines->erase(std::remove(g_engines->begin(), g_engines->end(), e),
+                     g_engines->end());
+  }
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::unique_ptr<LinuxMemory> memory_;  // guarded by mu_
+  std::unique_ptr<Ksm> ksm_;             // guarded by mu_
+  bool merge_any_ = false;               // guarded by mu_
+  bool stop_ = false;                    // guarded by mu_
+  std::unique_ptr<std::thread> scanner_;  // guarded by mu_
+};
+
+}  // namespace
+
+Status Engine::Create(const EngineOptions& options,
+                      std::unique_ptr<Engine>* engine) {
+  std::unique_ptr<LinuxMemory> memory;
+  Status st = LinuxMemory::Create(ToBackendOptions(options), &memory);
+  if (!st.ok()) return st;
+  *engine = std::make_unique<EngineImpl>(std::move(memory));
+  return Status::Ok();
+}
+
+}  // namespace samepage

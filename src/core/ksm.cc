@@ -67,6 +67,18 @@ const Ksm::Item* Ksm::FindItem(Addr addr) const {
 
 bool Ksm::IsAdvised(Addr addr) const { return FindItem(addr) != nullptr; }
 
+std::vector<std::pair<Addr, std::size_t>> Ksm::AdvisedRanges() const {
+  std::vector<std::pair<Addr, std::size_t>> out;
+  for (const auto& [start, r] : ranges_) {
+    if (!out.empty() && out.back().first + out.back().second * kPageSize == start) {
+      out.back().second += r.items.size();
+    } else {
+      out.emplace_back(start, r.items.size());
+    }
+  }
+  return out;
+}
+
 void Ksm::Advise(Addr start, std::size_t npages) {
   const Addr end = start + npages * kPageSize;
   Addr cur = start;

@@ -69,6 +69,8 @@ class Ksm {
   void Forget(Addr start, std::size_t npages);
   bool IsAdvised(Addr addr) const;
   std::size_t AdvisedPages() const { return advised_pages_; }
+  // The advised ranges as (start, npages), adjacent ones joined.
+  std::vector<std::pair<Addr, std::size_t>> AdvisedRanges() const;
 
   // Visits up to `pages` present pages from the cursor, merging what it
   // finds; returns the number of pages scanned (pages_scanned grows by it).

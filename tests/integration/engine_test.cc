@@ -1,0 +1,425 @@
+// The engine on real memory: what an application observes — page contents,
+// copy-on-write isolation, memory saved by the kernel's own accounting, the
+// kernel's counters and error codes.
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "integration/test_util.h"
+
+namespace samepage::testing {
+namespace {
+
+TEST(Engine, TenIdenticalPagesShareOneFrame) {
+  auto e = NewEngine();
+  Mapping m(10);
+  m.FillAll(0x2a);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 1);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 9);
+  for (std::size_t i = 0; i < 10; ++i) {
+    EXPECT_TRUE(MapsSharedFrame(m.page(i))) << i;
+    EXPECT_TRUE(m.Holds(i, 0x2a)) << i;
+  }
+}
+
+TEST(Engine, WritesCopyAndLeaveTheStableNode) {
+  auto e = NewEngine();
+  Mapping m(2);
+  m.FillAll(7);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), 1);
+  m.page(0)[10] = 1;  // each merged page written once
+  m.page(1)[20] = 2;
+  EXPECT_EQ(m.page(0)[10], 1);
+  EXPECT_EQ(m.page(1)[10], 7);  // the other page did not see the write
+  EXPECT_EQ(m.page(1)[20], 2);
+  EXPECT_EQ(m.page(0)[20], 7);
+  e->RunFullScans(1);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 0);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+  EXPECT_EQ(e->Stats().frames_in_use, 0u);
+}
+
+TEST(Engine, ZeroPagesWithoutUseZeroPagesShareAFrame) {
+  auto e = NewEngine();
+  Mapping m(10);
+  m.FillAll(0);  // touched, so present
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 1);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 9);
+  EXPECT_EQ(Counter(*e, "ksm_zero_pages"), 0);
+}
+
+TEST(Engine, ZeroPagesWithUseZeroPagesNeedNoFrame) {
+  auto e = NewEngine();
+  Set(*e, "use_zero_pages", "1");
+  Mapping m(10);
+  m.FillAll(0);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 0);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+  EXPECT_EQ(Counter(*e, "ksm_zero_pages"), 10);
+  for (std::size_t i = 0; i < 10; ++i) EXPECT_TRUE(m.Holds(i, 0));
+  m.page(3)[0] = 9;  // still ordinary, writable memory
+  EXPECT_EQ(m.page(3)[0], 9);
+  EXPECT_TRUE(m.Holds(4, 0));
+}
+
+TEST(Engine, MaxPageSharingSplitsIntoChains) {
+  auto e = NewEngine();
+  Mapping m(600);
+  m.FillAll(0x55);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 3);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 597);
+  EXPECT_EQ(Counter(*e, "stable_node_chains"), 1);
+  EXPECT_EQ(Counter(*e, "stable_node_dups"), 3);
+  for (std::size_t i = 0; i < 600; ++i) ASSERT_TRUE(m.Holds(i, 0x55)) << i;
+}
+
+TEST(Engine, MemorySavedShowsInKernelAccounting) {
+  auto e = NewEngine();
+  constexpr std::size_t kPages = 8192;  // 32 MiB of one content
+  Mapping m(kPages);
+  m.FillAll(0x33);
+  const long before = RollupKib("Pss");
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  Set(*e, "max_page_sharing", "4096");
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), std::int64_t(kPages) - 2);
+  const long after = RollupKib("Pss");
+  // 32 MiB became 2 frames: at least 30 MiB less in use.
+  EXPECT_GT(before - after, 30 * 1024) << "Pss " << before << " -> " << after;
+  for (std::size_t i = 0; i < kPages; ++i) ASSERT_TRUE(m.Holds(i, 0x33));
+}
+
+TEST(Engine, UnmergeableGivesBackOrdinaryMemory) {
+  auto e = NewEngine();
+  Mapping m(20);
+  m.FillAll(0x11);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), 19);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_UNMERGEABLE).ok());
+  EXPECT_EQ(Counter(*e, "pages_shared"), 0);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+  for (std::size_t i = 0; i < 20; ++i) {
+    EXPECT_FALSE(MapsSharedFrame(m.page(i))) << i;
+    EXPECT_TRUE(m.Holds(i, 0x11)) << i;
+  }
+  // Anonymous memory again: MADV_DONTNEED reads back zeros.
+  ASSERT_EQ(madvise(m.data(), 10 * kPage, MADV_DONTNEED), 0);
+  for (std::size_t i = 0; i < 10; ++i) EXPECT_TRUE(m.Holds(i, 0)) << i;
+  for (std::size_t i = 10; i < 20; ++i) EXPECT_TRUE(m.Holds(i, 0x11)) << i;
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);  // no longer mergeable
+}
+
+TEST(Engine, UnmergeableAfterDontneedOfHalfTheRange) {
+  auto e = NewEngine();
+  Mapping m(20);
+  m.FillAll(0x12);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), 19);
+  // Library mode, documented in docs/limitations.md: MADV_DONTNEED on a merged
+  // page made outside samepage drops the private copy, and the page reads the
+  // frame's content again instead of zeros (`samepage run` interposes
+  // madvise to give the kernel's answer).
+  ASSERT_EQ(madvise(m.data(), 10 * kPage, MADV_DONTNEED), 0);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_UNMERGEABLE).ok());
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+  for (std::size_t i = 10; i < 20; ++i) EXPECT_TRUE(m.Holds(i, 0x12)) << i;
+  for (std::size_t i = 0; i < 20; ++i) {
+    EXPECT_FALSE(MapsSharedFrame(m.page(i))) << i;
+    m.page(i)[0] = 1;  // writable
+  }
+  EXPECT_EQ(e->Stats().frames_in_use, 0u);
+}
+
+TEST(Engine, RunTwoUnmergesEverything) {
+  auto e = NewEngine();
+  Set(*e, "use_zero_pages", "1");
+  Mapping m(64);
+  for (std::size_t i = 0; i < 64; ++i) m.Fill(i, i % 3 == 0 ? 0 : i % 3);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_GT(Counter(*e, "pages_sharing"), 0);
+  ASSERT_GT(Counter(*e, "ksm_zero_pages"), 0);
+  Set(*e, "run", "2");
+  EXPECT_EQ(Counter(*e, "pages_shared"), 0);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+  EXPECT_EQ(Counter(*e, "ksm_zero_pages"), 0);
+  for (std::size_t i = 0; i < 64; ++i) {
+    EXPECT_TRUE(m.Holds(i, i % 3 == 0 ? 0 : i % 3)) << i;
+    EXPECT_FALSE(MapsSharedFrame(m.page(i))) << i;
+  }
+  Set(*e, "run", "0");
+}
+
+TEST(Engine, BackgroundScannerMergesWhileRunIsOne) {
+  auto e = NewEngine();
+  Mapping m(1000);
+  for (std::size_t i = 0; i < 1000; ++i) m.Fill(i, i % 500);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  Set(*e, "pages_to_scan", "5000");
+  Set(*e, "sleep_millisecs", "0");
+  Set(*e, "run", "1");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (Counter(*e, "pages_sharing") < 500 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  Set(*e, "run", "0");
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 500);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 500);
+  for (std::size_t i = 0; i < 1000; ++i) ASSERT_TRUE(m.Holds(i, i % 500)) << i;
+}
+
+TEST(Engine, MergeAnyCoversMappingsWithoutMadvise) {
+  auto e = NewEngine();
+  Mapping m(32);
+  m.FillAll(0x77);
+  ASSERT_TRUE(e->SetMergeAny(true).ok());
+  EXPECT_TRUE(e->MergeAny());
+  Mapping later(32);  // made after merge-any was turned on
+  later.FillAll(0x78);
+  e->RunFullScans(3);
+  for (std::size_t i = 0; i < 32; ++i) {
+    EXPECT_TRUE(MapsSharedFrame(m.page(i))) << i;
+    EXPECT_TRUE(MapsSharedFrame(later.page(i))) << i;
+    EXPECT_TRUE(m.Holds(i, 0x77));
+    EXPECT_TRUE(later.Holds(i, 0x78));
+  }
+  EXPECT_GE(Counter(*e, "pages_sharing"), 62);
+  EXPECT_NE(e->KsmStatText().find("ksm_merge_any: yes"), std::string::npos);
+  ASSERT_TRUE(e->SetMergeAny(false).ok());
+  EXPECT_FALSE(e->MergeAny());
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+  for (std::size_t i = 0; i < 32; ++i) {
+    EXPECT_FALSE(MapsSharedFrame(m.page(i))) << i;
+    EXPECT_TRUE(m.Holds(i, 0x77));
+  }
+  EXPECT_NE(e->KsmStatText().find("ksm_merge_any: no"), std::string::npos);
+}
+
+// After fork the child maps the parent's frames: the parent must never free
+// them, whatever it merges, writes or unmerges later.
+TEST(Engine, ForkChildAndParentSeeOnlyTheirOwnWrites) {
+  auto e = NewEngine();
+  constexpr std::size_t kPages = 64;
+  Mapping m(kPages);
+  m.FillAll('A');
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), std::int64_t(kPages) - 1);
+
+  int to_child[2], to_parent[2];
+  ASSERT_EQ(pipe(to_child), 0);
+  ASSERT_EQ(pipe(to_parent), 0);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // Child: own write visible only here; then wait until the parent has
+    // written everything and rescanned, and check nothing changed here.
+    int code = 0;
+    m.page(0)[0] = 'C';
+    for (std::size_t i = 1; i < kPages; ++i) code |= m.Holds(i, 'A') ? 0 : 1;
+    char c = 'r';
+    if (write(to_parent[1], &c, 1) != 1) code |= 2;
+    if (read(to_child[0], &c, 1) != 1) code |= 4;
+    for (std::size_t i = 1; i < kPages; ++i) code |= m.Holds(i, 'A') ? 0 : 8;
+    code |= m.page(0)[0] == 'C' ? 0 : 16;
+    _exit(code);
+  }
+  char c;
+  ASSERT_EQ(read(to_parent[0], &c, 1), 1);
+  // Parent: copy every page away, so the old frame has no sharer here, and
+  // rescan: the frame is released, but must not be freed (the child maps it).
+  for (std::size_t i = 0; i < kPages; ++i) m.Fill(i, 'P');
+  e->RunFullScans(3);
+  EXPECT_EQ(m.page(0)[0], 'P');
+  ASSERT_EQ(write(to_child[1], "x", 1), 1);
+  int status = 0;
+  pid_t r = 0;
+  for (int i = 0; i < 2000 && (r = waitpid(pid, &status, WNOHANG)) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (r == 0) kill(pid, SIGKILL), waitpid(pid, &status, 0);
+  ASSERT_EQ(r, pid) << "child did not finish";
+  ASSERT_TRUE(WIFEXITED(status)) << "child died: signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "child saw foreign data, bits="
+                                    << WEXITSTATUS(status);
+  for (std::size_t i = 0; i < kPages; ++i) EXPECT_TRUE(m.Holds(i, 'P')) << i;
+  EXPECT_GT(e->Stats().frames_pinned, 0u);
+  // The parent's new identical pages merge again, and nothing is corrupted.
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), std::int64_t(kPages) - 1);
+  for (std::size_t i = 0; i < kPages; ++i) EXPECT_TRUE(m.Holds(i, 'P')) << i;
+  for (int fd : {to_child[0], to_child[1], to_parent[0], to_parent[1]}) close(fd);
+}
+
+// Application threads keep writing while the scanner merges at full speed:
+// every increment must survive.
+TEST(Engine, ConcurrentWritersLoseNoWrite) {
+  auto e = NewEngine();
+  constexpr std::size_t kPages = 512;
+  constexpr int kWriters = 2;
+  Mapping m(kPages);
+  m.FillAll(0);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  Set(*e, "pages_to_scan", "10000");
+  Set(*e, "sleep_millisecs", "0");
+  Set(*e, "run", "1");
+  std::atomic<bool> stop{false};
+  std::vector<std::vector<std::uint64_t>> expected(
+      kWriters, std::vector<std::uint64_t>(kPages / kWriters, 0));
+  std::vector<std::thread> writers;
+  for (int w = 0; w < kWriters; ++w) {
+    writers.emplace_back([&, w] {
+      // Writer w owns pages w, w + kWriters, ...; a pass increments a counter
+      // at offset 8*w of each, so after each pass its pages are identical
+      // again and get merged, and the next pass breaks them by COW.
+      std::mt19937 rng(w);
+      while (!stop.load(std::memory_order_relaxed)) {
+        for (std::size_t k = 0; k < kPages / kWriters; ++k) {
+          auto* counter = reinterpret_cast<volatile std::uint64_t*>(
+              m.page(k * kWriters + w) + 8 * w);
+          *counter = *counter + 1;
+          ++expected[w][k];
+        }
+        if (rng() % 4 == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  stop = true;
+  for (auto& t : writers) t.join();
+  Set(*e, "run", "0");
+  const EngineStats stats = e->Stats();
+  for (int w = 0; w < kWriters; ++w) {
+    for (std::size_t k = 0; k < kPages / kWriters; ++k) {
+      const auto* counter = reinterpret_cast<const std::uint64_t*>(
+          m.page(k * kWriters + w) + 8 * w);
+      ASSERT_EQ(*counter, expected[w][k]) << "writer " << w << " page " << k;
+    }
+  }
+  EXPECT_GT(Counter(*e, "full_scans"), 2);
+  std::printf("[ info ] %lu full scans, %lu writes waited on a merge window\n",
+              (unsigned long)Counter(*e, "full_scans"),
+              (unsigned long)stats.protect_faults);
+}
+
+TEST(Engine, VmaBudgetExhaustedDegradesGracefully) {
+  EngineOptions options;
+  options.vma_budget = 16;
+  auto e = NewEngine(options);
+  // Scattered pairs: each merge needs mappings of its own.
+  constexpr std::size_t kPages = 400;
+  Mapping m(kPages);
+  for (std::size_t i = 0; i < kPages; ++i) m.Fill(i, (i * 7919) % (kPages / 2));
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(3);
+  const EngineStats s = e->Stats();
+  EXPECT_GT(s.budget_skips, 0u);
+  EXPECT_LE(s.vmas_used, s.vma_budget);
+  const auto saved = Counter(*e, "pages_sharing");
+  EXPECT_GT(saved, 0);
+  EXPECT_LT(saved, std::int64_t(kPages / 2));
+  for (std::size_t i = 0; i < kPages; ++i) {
+    ASSERT_TRUE(m.Holds(i, (i * 7919) % (kPages / 2))) << i;
+    m.page(i)[5] = 1;  // every page still writable
+  }
+}
+
+TEST(Engine, MadviseRejectsBadInputLikeTheKernel) {
+  auto e = NewEngine();
+  Mapping m(4);
+  m.FillAll(1);
+  EXPECT_EQ(e->Madvise(m.page(0) + 1, kPage, MADV_MERGEABLE).code(), EINVAL);
+  EXPECT_EQ(e->Madvise(m.data(), kPage, MADV_DONTNEED).code(), EINVAL);
+  EXPECT_EQ(e->Madvise(m.data(), SIZE_MAX, MADV_MERGEABLE).code(), EINVAL);
+  EXPECT_TRUE(e->Madvise(m.data(), 0, MADV_MERGEABLE).ok());
+  EXPECT_EQ(e->Stats().advised_pages, 0u);
+  // A hole: ENOMEM.
+  void* hole = mmap(nullptr, 3 * kPage, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(hole, MAP_FAILED);
+  ASSERT_EQ(munmap(static_cast<char*>(hole) + kPage, kPage), 0);
+  EXPECT_EQ(e->Madvise(hole, 3 * kPage, MADV_MERGEABLE).code(), ENOMEM);
+  munmap(hole, 3 * kPage);
+  // Shared and file-backed mappings are silently ignored.
+  Mapping shared(4, MAP_SHARED | MAP_ANONYMOUS);
+  shared.FillAll(3);
+  EXPECT_TRUE(e->Madvise(shared.data(), shared.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+  EXPECT_EQ(e->Stats().advised_pages, 0u);
+}
+
+TEST(Engine, KnobErrorsMatchTheKernel) {
+  auto e = NewEngine();
+  EXPECT_EQ(e->WriteKnob("run", "3").code(), EINVAL);
+  EXPECT_EQ(e->WriteKnob("max_page_sharing", "1").code(), EINVAL);
+  EXPECT_EQ(e->WriteKnob("pages_shared", "1").code(), EACCES);
+  EXPECT_EQ(e->WriteKnob("no_such_knob", "1").code(), ENOENT);
+  std::string text;
+  EXPECT_EQ(e->ReadKnob("no_such_knob", &text).code(), ENOENT);
+  Mapping m(4);
+  m.FillAll(5);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_shared"), 1);
+  EXPECT_EQ(e->WriteKnob("max_page_sharing", "300").code(), EBUSY);
+  EXPECT_TRUE(e->WriteKnob("max_page_sharing", "256").ok());  // same value
+  EXPECT_EQ(Counter(*e, "max_page_sharing"), 256);
+}
+
+TEST(Engine, KsmStatReportsThisProcess) {
+  auto e = NewEngine();
+  Mapping m(8);
+  m.FillAll(9);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  const std::string stat = e->KsmStatText();
+  EXPECT_NE(stat.find("ksm_rmap_items 8\n"), std::string::npos) << stat;
+  EXPECT_NE(stat.find("ksm_merging_pages 8\n"), std::string::npos) << stat;
+  EXPECT_NE(stat.find("ksm_mergeable: yes\n"), std::string::npos) << stat;
+  EXPECT_EQ(e->KsmMergingPagesText(), "8\n");
+}
+
+// The application unmaps advised memory behind samepage's back: the scanner
+// notices and never crashes the process.
+TEST(Engine, UnmappedMemoryIsNoticedNotRead) {
+  auto e = NewEngine();
+  void* p = mmap(nullptr, 64 * kPage, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  std::memset(p, 4, 64 * kPage);
+  ASSERT_TRUE(e->Madvise(p, 64 * kPage, MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), 63);
+  ASSERT_EQ(munmap(p, 64 * kPage), 0);
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 0);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+  EXPECT_EQ(e->Stats().frames_in_use, 0u);
+}
+
+}  // namespace
+}  // namespace samepage::testing

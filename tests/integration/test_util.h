@@ -1,0 +1,105 @@
+// Helpers for tests on real memory through the public API.
+
+#ifndef SAMEPAGE_TESTS_INTEGRATION_TEST_UTIL_H_
+#define SAMEPAGE_TESTS_INTEGRATION_TEST_UTIL_H_
+
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include "samepage/engine.h"
+
+namespace samepage::testing {
+
+inline constexpr std::size_t kPage = 4096;
+
+// An anonymous private mapping, unmapped on destruction.
+class Mapping {
+ public:
+  explicit Mapping(std::size_t pages, int flags = MAP_PRIVATE | MAP_ANONYMOUS)
+      : pages_(pages) {
+    void* p = mmap(nullptr, pages * kPage, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (p == MAP_FAILED) {
+      ADD_FAILURE() << "mmap: " << std::strerror(errno);
+      p = nullptr;
+    }
+    base_ = static_cast<unsigned char*>(p);
+  }
+  ~Mapping() {
+    if (base_ != nullptr) munmap(base_, pages_ * kPage);
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+
+  unsigned char* page(std::size_t i) const { return base_ + i * kPage; }
+  void* data() const { return base_; }
+  std::size_t bytes() const { return pages_ * kPage; }
+  std::size_t pages() const { return pages_; }
+  void Fill(std::size_t i, unsigned char v) { std::memset(page(i), v, kPage); }
+  void FillAll(unsigned char v) { std::memset(base_, v, bytes()); }
+  // True if page i is kPage copies of v.
+  bool Holds(std::size_t i, unsigned char v) const {
+    for (std::size_t k = 0; k < kPage; ++k) {
+      if (page(i)[k] != v) return false;
+    }
+    return true;
+  }
+
+ private:
+  std::size_t pages_;
+  unsigned char* base_ = nullptr;
+};
+
+inline std::unique_ptr<Engine> NewEngine(EngineOptions options = {}) {
+  std::unique_ptr<Engine> e;
+  Status st = Engine::Create(options, &e);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  return e;
+}
+
+inline std::int64_t Counter(Engine& e, const char* name) {
+  std::string text;
+  Status st = e.ReadKnob(name, &text);
+  EXPECT_TRUE(st.ok()) << name << ": " << st.ToString();
+  return st.ok() ? std::stoll(text) : -1;
+}
+
+inline void Set(Engine& e, const char* name, const char* value) {
+  Status st = e.WriteKnob(name, value);
+  ASSERT_TRUE(st.ok()) << name << "=" << value << ": " << st.ToString();
+}
+
+// A field of /proc/self/smaps_rollup, in KiB (Pss counts a page mapped k
+// times as 1/k per mapping, so merged pages count once).
+inline long RollupKib(const std::string& field) {
+  std::ifstream in("/proc/self/smaps_rollup");
+  std::string key, rest;
+  long value = -1;
+  while (in >> key) {
+    if (key == field + ":") {
+      in >> value;
+      return value;
+    }
+    std::getline(in, rest);
+  }
+  return -1;
+}
+
+// True if the page at addr is present and a file/shared page
+// (/proc/self/pagemap bit 61): for samepage, a page mapping a frame.
+inline bool MapsSharedFrame(const void* addr) {
+  std::ifstream in("/proc/self/pagemap", std::ios::binary);
+  in.seekg(std::streamoff(reinterpret_cast<std::uintptr_t>(addr) / kPage * 8));
+  std::uint64_t entry = 0;
+  in.read(reinterpret_cast<char*>(&entry), 8);
+  return (entry >> 63 & 1) && (entry >> 61 & 1);
+}
+
+}  // namespace samepage::testing
+
+#endif  // SAMEPAGE_TESTS_INTEGRATION_TEST_UTIL_H_
