@@ -1,1 +1,111 @@
-// placeholder
+#include "backend/frame_store.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "backend/write_protect.h"
+
+#ifndef MFD_NOEXEC_SEAL
+#define MFD_NOEXEC_SEAL 0x0008U
+#endif
+
+namespace samepage::backend {
+
+FrameStore::~FrameStore() {
+  // Merged pages keep the file alive through their own mappings.
+  if (view_ != nullptr) munmap(view_, kReserveBytes);
+  if (fd_ >= 0) close(fd_);
+}
+
+Status FrameStore::Init() {
+  // MFD_NOEXEC_SEAL (6.3+) keeps the kernel from warning about executable
+  // memfds; older kernels answer EINVAL.
+  fd_ = memfd_create("samepage", MFD_CLOEXEC | MFD_NOEXEC_SEAL);
+  if (fd_ < 0 && errno == EINVAL) fd_ = memfd_create("samepage", MFD_CLOEXEC);
+  if (fd_ < 0) {
+    int err = errno;
+    return Status::Error(err, "memfd_create(samepage)");
+  }
+  struct stat st;
+  if (fstat(fd_, &st) != 0) {
+    int err = errno;
+    return Status::Error(err, "fstat(memfd)");
+  }
+  dev_ = st.st_dev;
+  inode_ = st.st_ino;
+  void* p = mmap(nullptr, kReserveBytes, PROT_NONE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) {
+    int err = errno;
+    return Status::Error(err, "mmap(frame view reservation, 1 TiB)");
+  }
+  view_ = static_cast<std::byte*>(p);
+  seen_fork_seq_ = ForkSequence();
+  child_gen_ = ChildGeneration();
+  return Status::Ok();
+}
+
+bool FrameStore::InForkedChild() const {
+  return ChildGeneration() != child_gen_;
+}
+
+bool FrameStore::Grow(std::uint64_t frames) {
+  std::uint64_t target = (frames + kGrowFrames - 1) / kGrowFrames * kGrowFrames;
+  if (target > kMaxFrames) target = kMaxFrames;
+  if (target < frames) return false;
+  if (ftruncate(fd_, static_cast<off_t>(target * kPageSize)) != 0) return false;
+  // Same file, contiguous offset and address: the kernel extends the one VMA.
+  void* at = view_ + mapped_ * kPageSize;
+  void* p = mmap(at, (target - mapped_) * kPageSize, PROT_READ | PROT_WRITE,
+                 MAP_SHARED | MAP_FIXED, fd_,
+                 static_cast<off_t>(mapped_ * kPageSize));
+  if (p == MAP_FAILED) return false;
+  mapped_ = target;
+  return true;
+}
+
+FrameId FrameStore::Allocate(std::size_t n) {
+  if (n == 0 || InForkedChild()) return kNoFrame;
+  if (next_ + n > kMaxFrames || next_ + n >= kNoFrame) return kNoFrame;
+  if (next_ + n > mapped_ && !Grow(next_ + n)) return kNoFrame;
+  FrameId first = static_cast<FrameId>(next_);
+  next_ += n;
+  in_use_ += n;
+  return first;
+}
+
+void FrameStore::Release(FrameId frame) {
+  if (frame >= next_) return;
+  if (in_use_ > 0) --in_use_;
+  if (InForkedChild()) {  // the parent owns these frames
+    ++pinned_;
+    return;
+  }
+  // The core released the frame after seeing no page of ours map it, so a
+  // fork that starts from here on cannot give a child a mapping of it; a
+  // fork that started earlier is visible in the sequence.
+  std::uint64_t seq = ForkSequence();
+  if (seq & 1) {  // fork in progress
+    ++pinned_;
+    return;
+  }
+  if (seq != seen_fork_seq_) {
+    pin_limit_ = next_;
+    seen_fork_seq_ = seq;
+  }
+  if (frame < pin_limit_) {
+    ++pinned_;
+    return;
+  }
+  // PUNCH_HOLE|KEEP_SIZE: frees the page now; offsets keep their meaning.
+  if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                FrameOffset(frame), kPageSize) == 0) {
+    ++punched_;
+  }
+}
+
+}  // namespace samepage::backend

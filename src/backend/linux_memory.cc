@@ -1,1 +1,959 @@
-// placeholder
+#include "backend/linux_memory.h"
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cinttypes>
+#include <cstdio>
+#include <new>
+
+#include "backend/write_protect.h"
+
+namespace samepage::backend {
+namespace {
+
+constexpr int kReadWrite = PROT_READ | PROT_WRITE;
+// pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+constexpr std::uint64_t kPmPresent = std::uint64_t{1} << 63;
+constexpr std::uint64_t kPmFile = std::uint64_t{1} << 61;
+
+std::atomic<std::uint64_t> g_next_instance{1};
+thread_local std::uint64_t tls_registered_instance
+    __attribute__((tls_model("initial-exec")));
+
+std::string Hex(Addr a) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "0x%" PRIxPTR, a);
+  return buf;
+}
+
+// errno becomes a Status here and only here.
+Status SysError(int err, const std::string& call, Addr addr) {
+  return Status::Error(err, addr ? call + " at " + Hex(addr) : call);
+}
+
+std::size_t RoundUp(std::size_t v) {
+  return (v + kPageSize - 1) & ~(kPageSize - 1);
+}
+
+void* Ptr(Addr a) { return reinterpret_cast<void*>(a); }
+
+}  // namespace
+
+// --- allocation: the object is its own excluded mapping ---
+
+void* LinuxMemory::operator new(std::size_t size) {
+  void* p = mmap(nullptr, RoundUp(size), kReadWrite,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  return p;
+}
+
+void LinuxMemory::operator delete(void* p, std::size_t size) {
+  munmap(p, RoundUp(size));
+}
+
+// --- setup ---
+
+Status LinuxMemory::Create(const LinuxMemoryOptions& options,
+                           std::unique_ptr<LinuxMemory>* memory) {
+  memory->reset();
+  std::unique_ptr<LinuxMemory> m(new LinuxMemory());
+  Status s = m->Init(options);
+  if (!s.ok()) return s;
+  *memory = std::move(m);
+  return Status::Ok();
+}
+
+LinuxMemory::~LinuxMemory() {
+  if (pagemap_fd_ >= 0) close(pagemap_fd_);
+  if (scratch_ != 0) munmap(Ptr(scratch_), kScratchBytes);
+}
+
+Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
+  options_ = options;
+  Status s = InitProcessState();
+  if (!s.ok()) return s;
+  id_ = g_next_instance.fetch_add(1);
+  s = store_.Init();
+  if (!s.ok()) return s;
+
+  pagemap_fd_ = open(options_.pagemap_path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (pagemap_fd_ < 0) {
+    int err = errno;
+    return SysError(err, "open(" + options_.pagemap_path + ")", 0);
+  }
+
+  switch (options_.protection) {
+    case Protection::kMprotect:
+      protector_ = NewMprotectProtector();
+      protection_ = Protection::kMprotect;
+      break;
+    case Protection::kUserfaultfd:
+      s = NewUffdProtector(&protector_);
+      if (!s.ok()) return s;
+      protection_ = Protection::kUserfaultfd;
+      break;
+    case Protection::kAuto:
+      if (NewUffdProtector(&protector_).ok()) {
+        protection_ = Protection::kUserfaultfd;
+      } else {
+        protector_ = NewMprotectProtector();
+        protection_ = Protection::kMprotect;
+      }
+      break;
+  }
+
+  {
+    std::string text;
+    s = ReadProcFile(options_.max_map_count_path, &text);
+    if (s.ok()) {
+      max_map_count_ = std::strtol(text.c_str(), nullptr, 10);
+      if (max_map_count_ <= 0) {
+        s = Status::Error(EINVAL, options_.max_map_count_path + ": bad value");
+      }
+    }
+    // Only a derived budget needs it; otherwise assume the kernel default.
+    if (!s.ok() && options_.vma_budget == 0) return s;
+    if (!s.ok()) max_map_count_ = 65530;
+  }
+
+  void* scratch = mmap(nullptr, kScratchBytes, kReadWrite,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (scratch == MAP_FAILED) {
+    int err = errno;
+    return SysError(err, "mmap(unmerge scratch)", 0);
+  }
+  scratch_ = reinterpret_cast<Addr>(scratch);
+
+  // Memory we write while windows are open, and the frame view.
+  Exclude(scratch_, kScratchBytes);
+  Exclude(reinterpret_cast<Addr>(this), sizeof(*this));
+  auto [state, state_size] = ProcessStateRange();
+  Exclude(state, state_size);
+  Exclude(store_.view_start(), store_.view_size());
+  RegisterThread();
+
+  return RefreshMaps();
+}
+
+void LinuxMemory::RegisterThread() {
+  if (tls_registered_instance == id_) return;
+  tls_registered_instance = id_;
+  pthread_attr_t attr;
+  if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+    void* stack = nullptr;
+    std::size_t size = 0;
+    if (pthread_attr_getstack(&attr, &stack, &size) == 0) {
+      Exclude(reinterpret_cast<Addr>(stack), size);
+    }
+    pthread_attr_destroy(&attr);
+  }
+  auto [tls, tls_size] = CurrentThreadTlsRange();
+  Exclude(tls, tls_size);
+}
+
+bool LinuxMemory::RegisterWithProtector(Addr start, std::size_t len) {
+  if (protection_ != Protection::kUserfaultfd) return false;
+  // Only the ioctl here: callers may be inside a window, where our heap
+  // (the interval vectors) must not be written. They record it after.
+  return protector_->RegisterRange(start, len);
+}
+
+// --- interval sets ---
+
+void LinuxMemory::AddInterval(std::vector<Interval>* set, Addr start,
+                              Addr end) {
+  if (start >= end) return;
+  auto it =
+      std::lower_bound(set->begin(), set->end(), start,
+                       [](const Interval& i, Addr a) { return i.end < a; });
+  // it: first interval that ends at or after start (may touch it).
+  Addr s = start, e = end;
+  auto first = it;
+  while (it != set->end() && it->start <= e) {
+    s = std::min(s, it->start);
+    e = std::max(e, it->end);
+    ++it;
+  }
+  it = set->erase(first, it);
+  set->insert(it, Interval{s, e});
+}
+
+void LinuxMemory::RemoveInterval(std::vector<Interval>* set, Addr start,
+                                 Addr end) {
+  if (start >= end) return;
+  auto it =
+      std::lower_bound(set->begin(), set->end(), start,
+                       [](const Interval& i, Addr a) { return i.end <= a; });
+  while (it != set->end() && it->start < end) {
+    Interval cur = *it;
+    if (cur.start < start && cur.end > end) {  // split in two
+      it->end = start;
+      set->insert(it + 1, Interval{end, cur.end});
+      return;
+    }
+    if (cur.start < start) {
+      it->end = start;
+      ++it;
+    } else if (cur.end > end) {
+      it->start = end;
+      return;
+    } else {
+      it = set->erase(it);
+    }
+  }
+}
+
+bool LinuxMemory::Contains(const std::vector<Interval>& set, Addr page) {
+  auto it =
+      std::upper_bound(set.begin(), set.end(), page,
+                       [](Addr a, const Interval& i) { return a < i.start; });
+  if (it == set.begin()) return false;
+  --it;
+  return page < it->end;
+}
+
+void LinuxMemory::Exclude(Addr addr, std::size_t len) {
+  Addr start = addr & ~(kPageSize - 1);
+  Addr end = RoundUp(addr + len);
+  AddInterval(&excluded_, start, end);
+}
+
+bool LinuxMemory::IsExcluded(Addr page) const {
+  return Contains(excluded_, page) || Contains(auto_excluded_, page);
+}
+
+bool LinuxMemory::IsTouchable(Addr page) const {
+  return Contains(touchable_, page);
+}
+
+bool LinuxMemory::IsOurMemfd(const MapEntry& e) const {
+  return e.inode == store_.inode() && e.dev_major == major(store_.dev()) &&
+         e.dev_minor == minor(store_.dev());
+}
+
+bool LinuxMemory::Eligible(const MapEntry& e) const {
+  if (e.shared || !e.read || !e.write || e.exec) return false;
+  if (IsSpecialMapping(e) ||
+      HasUnmergeableVmFlags(e, Contains(uffd_registered_, e.start))) {
+    return false;
+  }
+  return IsPrivateAnonymous(e) || IsOurMemfd(e);
+}
+
+bool LinuxMemory::IsThreadStackLike(const std::vector<MapEntry>& maps,
+                                    std::size_t i) {
+  if (i == 0) return false;
+  const MapEntry& e = maps[i];
+  const MapEntry& guard = maps[i - 1];
+  return guard.end == e.start && !guard.read && !guard.write && !guard.exec &&
+         IsPrivateAnonymous(guard) && IsPrivateAnonymous(e) && e.write;
+}
+
+// --- the maps view and the VMA budget ---
+
+Status LinuxMemory::RefreshMaps() {
+  std::vector<MapEntry> maps;
+  Status s = ReadMaps(options_.maps_path, &maps);
+  if (!s.ok()) return s;
+  return ApplyMaps(maps);
+}
+
+Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
+  touchable_.clear();
+  auto_excluded_.clear();
+  frame_mapped_.clear();
+  for (std::size_t i = 0; i < maps.size(); ++i) {
+    const MapEntry& e = maps[i];
+    if (!e.shared && IsOurMemfd(e)) AddInterval(&frame_mapped_, e.start, e.end);
+    if (e.path == "[stack]") {
+      AddInterval(&auto_excluded_, e.start, e.end);
+      continue;
+    }
+    // A write fault on a thread's own stack cannot deliver SIGSEGV.
+    if (protection_ == Protection::kMprotect && IsThreadStackLike(maps, i)) {
+      AddInterval(&auto_excluded_, e.start, e.end);
+      continue;
+    }
+    if (!Eligible(e)) continue;
+    AddInterval(&touchable_, e.start, e.end);
+    if (RegisterWithProtector(e.start, e.size()))
+      AddInterval(&uffd_registered_, e.start, e.end);
+  }
+
+  // Merges add to it between refreshes; growing it is not for the hot path.
+  frame_mapped_.reserve(2 * frame_mapped_.size() + 1024);
+
+  long count = static_cast<long>(maps.size());
+  if (baseline_maps_ == 0) baseline_maps_ = count;
+  // Our estimate only ever shrinks to what the kernel really shows: runs
+  // that it joined cost less than we charged.
+  std::uint64_t growth =
+      count > baseline_maps_
+          ? static_cast<std::uint64_t>(count - baseline_maps_)
+          : 0;
+  vmas_used_ = std::min(vmas_used_, growth);
+  if (options_.vma_budget != 0) {
+    budget_ = options_.vma_budget;
+  } else {
+    long margin = std::min<long>(2048, max_map_count_ / 4);
+    long room = max_map_count_ - count - margin;
+    budget_ = vmas_used_ + static_cast<std::uint64_t>(std::max<long>(room, 0));
+  }
+  return Status::Ok();
+}
+
+void LinuxMemory::BeginFullScan() {
+  RegisterThread();
+  (void)RefreshMaps();  // on failure keep the previous view
+}
+
+bool LinuxMemory::RangeMapped(Addr start, std::size_t len) const {
+  // msync(MS_ASYNC) only walks the VMAs: ENOMEM iff part is unmapped.
+  return msync(Ptr(start), len, MS_ASYNC) == 0 || errno != ENOMEM;
+}
+
+MergeResult LinuxMemory::ClassifyProtectError(int err, Addr start,
+                                              std::size_t len) const {
+  if (err == ENOMEM) {
+    // ENOMEM is both "unmapped" and "would exceed vm.max_map_count"; a range
+    // mapped again by now was unmapped for a moment.
+    if (!RangeMapped(start, len)) return MergeResult::kGone;
+    long count = CountMappings("/proc/self/maps");
+    return count < 0 || count + 3 >= max_map_count_ ? MergeResult::kNoBudget
+                                                    : MergeResult::kGone;
+  }
+  if (err == EFAULT || err == EINVAL || err == EACCES || err == EPERM)
+    return MergeResult::kGone;
+  return MergeResult::kFailed;
+}
+
+// --- reading ---
+
+void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
+  RegisterThread();
+  std::size_t total = states.size();
+  for (std::size_t done = 0; done < total;) {
+    std::size_t n = std::min(kProbeChunk, total - done);
+    Addr base = addr + done * kPageSize;
+    // One pread for the chunk: 8 bytes per page.
+    ssize_t got =
+        pread(pagemap_fd_, pagemap_buf_, n * sizeof(std::uint64_t),
+              static_cast<off_t>(base / kPageSize * sizeof(std::uint64_t)));
+    std::size_t valid =
+        got > 0 ? static_cast<std::size_t>(got) / sizeof(std::uint64_t) : 0;
+    // The maps view may be stale: the application may have unmapped pages.
+    bool all_mapped = RangeMapped(base, n * kPageSize);
+    for (std::size_t k = 0; k < n; ++k) {
+      Addr page = base + k * kPageSize;
+      PageState st;
+      if (IsExcluded(page)) {
+        st = PageState::kAbsent;
+      } else if (!IsTouchable(page) ||
+                 (!all_mapped && !RangeMapped(page, kPageSize))) {
+        st = PageState::kGone;
+      } else {
+        std::uint64_t e = k < valid ? pagemap_buf_[k] : 0;
+        if (!(e & kPmPresent)) {
+          // An absent page of a merged mapping reads as its frame.
+          st = Contains(frame_mapped_, page) ? PageState::kFrame
+                                             : PageState::kAbsent;
+        } else {
+          // Present and file-backed inside memory we may touch: one of our
+          // frames (touchable file mappings are only our memfd's).
+          st = (e & kPmFile) ? PageState::kFrame : PageState::kAnon;
+        }
+      }
+      states[done + k] = st;
+    }
+    done += n;
+  }
+}
+
+bool LinuxMemory::Hash(Addr addr, std::uint64_t* hash) {
+  if (!IsTouchable(addr)) return false;
+  return GuardedHash(Ptr(addr), hash);
+}
+
+// --- merging ---
+
+void LinuxMemory::UnprotectRest(Addr start, std::size_t n,
+                                const MergeResult* results, bool skip_merged,
+                                ProtectMethod how) {
+  std::size_t k = 0;
+  while (k < n) {
+    auto skip = [&](std::size_t i) {
+      return results[i] == MergeResult::kGone ||
+             (skip_merged && results[i] == MergeResult::kMerged);
+    };
+    if (skip(k)) {
+      ++k;
+      continue;
+    }
+    std::size_t e = k + 1;
+    while (e < n && !skip(e)) ++e;
+    protector_->Unprotect(start + k * kPageSize, (e - k) * kPageSize, how);
+    k = e;
+  }
+}
+
+void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
+                                  std::span<const FrameId> frames,
+                                  std::span<MergeResult> results) {
+  RegisterThread();
+  std::size_t n = std::min({pages.size(), frames.size(), results.size()});
+  auto ok = [&](std::size_t i) {
+    return MayReplace(pages[i]) && store_.IsAllocated(frames[i]);
+  };
+  std::size_t i = 0;
+  while (i < n) {
+    if (!ok(i)) {
+      results[i] =
+          MayReplace(pages[i]) ? MergeResult::kFailed : MergeResult::kGone;
+      ++i;
+      continue;
+    }
+    std::size_t j = i + 1;
+    while (j < n && j - i < kMaxWindowPages &&
+           pages[j] == pages[j - 1] + kPageSize && ok(j)) {
+      ++j;
+    }
+    MergeBatchIntoFrames(pages[i], j - i, &frames[i], &results[i]);
+    i = j;
+  }
+}
+
+void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
+                                       const FrameId* frames,
+                                       MergeResult* out) {
+  // Everything written inside the window is on our stack or in *this.
+  MergeResult local[kMaxWindowPages];
+  Interval mapped[kMaxWindowPages];
+  bool registered[kMaxWindowPages];
+  std::size_t nmapped = 0;
+  const std::size_t len = n * kPageSize;
+  constexpr std::uint64_t kWindowCost = 2;  // mprotect splits the VMA
+  std::uint64_t added = 0;
+  if (!BudgetAllows(kWindowCost)) {
+    std::fill(local, local + n, MergeResult::kNoBudget);
+  } else {
+    WindowLock lock;
+    int slot = OpenWindow(base, base + len);
+    if (slot < 0) {
+      std::fill(local, local + n, MergeResult::kFailed);
+    } else {
+      ProtectMethod how;
+      int err = protector_->Protect(base, len, &how);
+      if (err != 0) {
+        std::fill(local, local + n, ClassifyProtectError(err, base, len));
+      } else {
+        for (std::size_t k = 0; k < n; ++k) {
+          bool equal = false;
+          if (!GuardedEqual(Ptr(base + k * kPageSize),
+                            store_.FrameAddress(frames[k]), kPageSize,
+                            &equal)) {
+            local[k] = MergeResult::kGone;
+          } else {
+            local[k] = equal ? MergeResult::kMerged : MergeResult::kDiffers;
+          }
+        }
+        // One mmap per run of equal pages with consecutive frames.
+        for (std::size_t k = 0; k < n;) {
+          if (local[k] != MergeResult::kMerged) {
+            ++k;
+            continue;
+          }
+          std::size_t e = k + 1;
+          while (e < n && local[e] == MergeResult::kMerged &&
+                 frames[e] == frames[e - 1] + 1) {
+            ++e;
+          }
+          std::uint64_t cost = (k == 0 && e == n) ? 0 : 2;
+          MergeResult r = MergeResult::kMerged;
+          if (!BudgetAllows(kWindowCost + added + cost)) {
+            r = MergeResult::kNoBudget;
+          } else {
+            Addr at = base + k * kPageSize;
+            void* m = mmap(Ptr(at), (e - k) * kPageSize, kReadWrite,
+                           MAP_PRIVATE | MAP_FIXED, store_.fd(),
+                           store_.FrameOffset(frames[k]));
+            if (m == MAP_FAILED) {
+              r = errno == ENOMEM ? MergeResult::kNoBudget
+                                  : MergeResult::kFailed;
+            } else {
+              protector_->Replaced(at, (e - k) * kPageSize, how);
+              registered[nmapped] =
+                  RegisterWithProtector(at, (e - k) * kPageSize);
+              mapped[nmapped++] = Interval{at, at + (e - k) * kPageSize};
+              added += 2;
+            }
+          }
+          std::fill(local + k, local + e, r);
+          k = e;
+        }
+        UnprotectRest(base, n, local, /*skip_merged=*/true, how);
+      }
+      CloseWindow(slot);
+    }
+  }
+  vmas_used_ += added;
+  for (std::size_t i = 0; i < nmapped; ++i) {
+    AddInterval(&frame_mapped_, mapped[i].start, mapped[i].end);
+    if (registered[i])
+      AddInterval(&uffd_registered_, mapped[i].start, mapped[i].end);
+  }
+  for (std::size_t k = 0; k < n; ++k) {
+    if (local[k] == MergeResult::kNoBudget) ++budget_skips_;
+    out[k] = local[k];
+  }
+}
+
+void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
+                             std::span<FrameId> frames,
+                             std::span<MergeResult> results) {
+  RegisterThread();
+  std::size_t n = std::min({p.size(), q.size(), frames.size(), results.size()});
+  auto ok = [&](std::size_t i) { return MayReplace(p[i]) && MayReplace(q[i]); };
+  std::size_t i = 0;
+  while (i < n) {
+    if (!ok(i)) {
+      results[i] = MergeResult::kGone;
+      frames[i] = kNoFrame;
+      ++i;
+      continue;
+    }
+    std::size_t j = i + 1;
+    while (j < n && j - i < kMaxWindowPages && p[j] == p[j - 1] + kPageSize &&
+           q[j] == q[j - 1] + kPageSize && ok(j)) {
+      ++j;
+    }
+    MergePairBatch(p[i], q[i], j - i, &frames[i], &results[i]);
+    i = j;
+  }
+}
+
+void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
+                                 FrameId* frames_out, MergeResult* out) {
+  MergeResult local[kMaxWindowPages];
+  FrameId frames[kMaxWindowPages];
+  Interval mapped[2 * kMaxWindowPages];
+  bool registered[2 * kMaxWindowPages];
+  std::size_t nmapped = 0;
+  bool pgone[kMaxWindowPages] = {};
+  bool qgone[kMaxWindowPages] = {};
+  std::fill(frames, frames + n, kNoFrame);
+  const std::size_t len = n * kPageSize;
+  constexpr std::uint64_t kWindowCost = 4;  // two windows
+  std::uint64_t added = 0;
+  if (!BudgetAllows(kWindowCost)) {
+    std::fill(local, local + n, MergeResult::kNoBudget);
+  } else {
+    WindowLock lock;
+    int pslot = OpenWindow(pbase, pbase + len);
+    int qslot = pslot < 0 ? -1 : OpenWindow(qbase, qbase + len);
+    ProtectMethod phow = ProtectMethod::kNone, qhow = ProtectMethod::kNone;
+    int err = 0;
+    if (qslot < 0) {
+      std::fill(local, local + n, MergeResult::kFailed);
+    } else if ((err = protector_->Protect(pbase, len, &phow)) != 0) {
+      std::fill(local, local + n, ClassifyProtectError(err, pbase, len));
+    } else if ((err = protector_->Protect(qbase, len, &qhow)) != 0) {
+      protector_->Unprotect(pbase, len, phow);
+      std::fill(local, local + n, ClassifyProtectError(err, qbase, len));
+    } else {
+      for (std::size_t k = 0; k < n; ++k) {
+        bool equal = false;
+        if (!GuardedEqual(Ptr(pbase + k * kPageSize),
+                          Ptr(qbase + k * kPageSize), kPageSize, &equal)) {
+          // Only the side that faulted is gone: the other one must still
+          // be made writable again.
+          pgone[k] = !Readable(pbase + k * kPageSize);
+          qgone[k] = !Readable(qbase + k * kPageSize);
+          local[k] = MergeResult::kGone;
+        } else {
+          local[k] = equal ? MergeResult::kMerged : MergeResult::kDiffers;
+        }
+      }
+      for (std::size_t k = 0; k < n;) {
+        if (local[k] != MergeResult::kMerged) {
+          ++k;
+          continue;
+        }
+        std::size_t e = k + 1;
+        while (e < n && local[e] == MergeResult::kMerged) ++e;
+        const std::size_t run = (e - k) * kPageSize;
+        const Addr pa = pbase + k * kPageSize, qa = qbase + k * kPageSize;
+        const std::uint64_t cost = (k == 0 && e == n) ? 0 : 4;
+        MergeResult r = MergeResult::kMerged;
+        FrameId f = kNoFrame;
+        if (!BudgetAllows(kWindowCost + added + cost)) {
+          r = MergeResult::kNoBudget;
+        } else if ((f = store_.Allocate(e - k)) == kNoFrame) {
+          r = MergeResult::kFailed;
+        } else if (!GuardedCopy(store_.FrameAddress(f), Ptr(pa), run)) {
+          r = MergeResult::kGone;
+          for (std::size_t i = k; i < e; ++i)
+            pgone[i] = !Readable(pbase + i * kPageSize);
+        } else if (!FrameMatches(f, qa, e - k, &r)) {
+          // p was read twice (compare, copy): if the application replaced
+          // its mapping in between, the copy is not what q holds. q is
+          // protected, so checking the frame against q keeps q intact.
+          for (std::size_t i = k; r == MergeResult::kGone && i < e; ++i)
+            qgone[i] = !Readable(qbase + i * kPageSize);
+        } else if (mmap(Ptr(pa), run, kReadWrite, MAP_PRIVATE | MAP_FIXED,
+                        store_.fd(), store_.FrameOffset(f)) == MAP_FAILED) {
+          r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
+        } else if (mmap(Ptr(qa), run, kReadWrite, MAP_PRIVATE | MAP_FIXED,
+                        store_.fd(), store_.FrameOffset(f)) == MAP_FAILED) {
+          r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
+          // p already maps the frame (and may have been written since, into
+          // its private copy): protect it again and give it back anonymous
+          // memory with its current bytes.
+          protector_->Replaced(pa, run, phow);
+          bool restored = mprotect(Ptr(pa), run, PROT_READ) == 0 &&
+                          ReplaceWithAnonymousCopy(pa, run, kReadWrite);
+          if (!restored) {
+            mprotect(Ptr(pa), run, kReadWrite);
+            f = kNoFrame;  // still mapped by p: leak it rather than punch
+          }
+          added += 2;
+        } else {
+          protector_->Replaced(pa, run, phow);
+          protector_->Replaced(qa, run, qhow);
+          registered[nmapped] = RegisterWithProtector(pa, run);
+          mapped[nmapped++] = Interval{pa, pa + run};
+          registered[nmapped] = RegisterWithProtector(qa, run);
+          mapped[nmapped++] = Interval{qa, qa + run};
+          added += 4;
+        }
+        if (r != MergeResult::kMerged && f != kNoFrame) {
+          for (std::size_t i = 0; i < e - k; ++i)
+            store_.Release(f + static_cast<FrameId>(i));
+        }
+        for (std::size_t i = k; i < e; ++i) {
+          local[i] = r;
+          if (r == MergeResult::kMerged)
+            frames[i] = f + static_cast<FrameId>(i - k);
+        }
+        k = e;
+      }
+      MergeResult side[kMaxWindowPages];
+      auto side_of = [&](const bool* gone) {
+        for (std::size_t k = 0; k < n; ++k) {
+          side[k] = local[k] == MergeResult::kMerged ? MergeResult::kMerged
+                    : gone[k]                        ? MergeResult::kGone
+                                                     : MergeResult::kDiffers;
+        }
+        return side;
+      };
+      UnprotectRest(pbase, n, side_of(pgone), /*skip_merged=*/true, phow);
+      UnprotectRest(qbase, n, side_of(qgone), /*skip_merged=*/true, qhow);
+    }
+    if (qslot >= 0) CloseWindow(qslot);
+    if (pslot >= 0) CloseWindow(pslot);
+  }
+  vmas_used_ += added;
+  for (std::size_t i = 0; i < nmapped; ++i) {
+    AddInterval(&frame_mapped_, mapped[i].start, mapped[i].end);
+    if (registered[i])
+      AddInterval(&uffd_registered_, mapped[i].start, mapped[i].end);
+  }
+  for (std::size_t k = 0; k < n; ++k) {
+    if (local[k] == MergeResult::kNoBudget) ++budget_skips_;
+    out[k] = local[k];
+    frames_out[k] = frames[k];
+  }
+}
+
+bool LinuxMemory::Readable(Addr page) {
+  bool zero;
+  return GuardedIsZero(Ptr(page), sizeof(std::uint64_t), &zero);
+}
+
+bool LinuxMemory::FrameMatches(FrameId first, Addr page, std::size_t n,
+                               MergeResult* why) {
+  for (std::size_t i = 0; i < n; ++i) {
+    bool equal = false;
+    if (!GuardedEqual(store_.FrameAddress(first + static_cast<FrameId>(i)),
+                      Ptr(page + i * kPageSize), kPageSize, &equal)) {
+      *why = MergeResult::kGone;
+      return false;
+    }
+    if (!equal) {
+      *why = MergeResult::kDiffers;
+      return false;
+    }
+  }
+  return true;
+}
+
+void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
+                                std::span<MergeResult> results) {
+  RegisterThread();
+  std::size_t n = std::min(pages.size(), results.size());
+  std::size_t i = 0;
+  while (i < n) {
+    if (!MayReplace(pages[i])) {
+      results[i] = MergeResult::kGone;
+      ++i;
+      continue;
+    }
+    std::size_t j = i + 1;
+    while (j < n && j - i < kMaxWindowPages &&
+           pages[j] == pages[j - 1] + kPageSize && MayReplace(pages[j])) {
+      ++j;
+    }
+    DropZeroBatch(pages[i], j - i, &results[i]);
+    i = j;
+  }
+}
+
+void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
+  MergeResult local[kMaxWindowPages];
+  const std::size_t len = n * kPageSize;
+  if (!BudgetAllows(2)) {
+    std::fill(local, local + n, MergeResult::kNoBudget);
+  } else {
+    WindowLock lock;
+    int slot = OpenWindow(base, base + len);
+    if (slot < 0) {
+      std::fill(local, local + n, MergeResult::kFailed);
+    } else {
+      ProtectMethod how;
+      int err = protector_->Protect(base, len, &how);
+      if (err != 0) {
+        std::fill(local, local + n, ClassifyProtectError(err, base, len));
+      } else {
+        for (std::size_t k = 0; k < n; ++k) {
+          bool zero = false;
+          if (!GuardedIsZero(Ptr(base + k * kPageSize), kPageSize, &zero)) {
+            local[k] = MergeResult::kGone;
+          } else {
+            local[k] = zero ? MergeResult::kMerged : MergeResult::kDiffers;
+          }
+        }
+        for (std::size_t k = 0; k < n;) {
+          if (local[k] != MergeResult::kMerged) {
+            ++k;
+            continue;
+          }
+          std::size_t e = k + 1;
+          while (e < n && local[e] == MergeResult::kMerged) ++e;
+          // MADV_DONTNEED on a private *file* mapping (a merged page's
+          // private copy) would bring back the frame's bytes, not zeros.
+          // MADV_FREE refuses file mappings with EINVAL and is harmless on
+          // zero anonymous pages: use it to check first.
+          Addr at = base + k * kPageSize;
+          std::size_t run = (e - k) * kPageSize;
+          if (madvise(Ptr(at), run, MADV_FREE) == 0) {
+            // MADV_DONTNEED: the page is freed now and reads as the zero page.
+            if (madvise(Ptr(at), run, MADV_DONTNEED) != 0)
+              std::fill(local + k, local + e, MergeResult::kFailed);
+          } else {
+            for (std::size_t i = k; i < e; ++i) {
+              Addr pg = base + i * kPageSize;
+              bool anon = madvise(Ptr(pg), kPageSize, MADV_FREE) == 0;
+              if (!anon || madvise(Ptr(pg), kPageSize, MADV_DONTNEED) != 0)
+                local[i] = MergeResult::kFailed;
+            }
+          }
+          k = e;
+        }
+        UnprotectRest(base, n, local, /*skip_merged=*/false, how);
+      }
+      CloseWindow(slot);
+    }
+  }
+  for (std::size_t k = 0; k < n; ++k) {
+    if (local[k] == MergeResult::kNoBudget) ++budget_skips_;
+    out[k] = local[k];
+  }
+}
+
+// --- unmerging ---
+
+bool LinuxMemory::ReplaceWithAnonymousCopy(Addr start, std::size_t len,
+                                           int prot) {
+  if (len > kScratchBytes) return false;
+  void* scratch = Ptr(scratch_);
+  bool ok = GuardedCopy(scratch, Ptr(start), len);
+  if (ok && prot != kReadWrite) ok = mprotect(scratch, len, prot) == 0;
+  // mremap replaces the range atomically: readers never see a hole. Never
+  // mmap(NULL) a scratch area instead: it could land in a hole the
+  // application just made and is about to MAP_FIXED again, and we would
+  // then move the application's new memory away. MREMAP_DONTUNMAP (5.7+)
+  // keeps our scratch mapped, empty, for next time.
+  if (ok) {
+    ok = mremap(scratch, len, len,
+                MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP,
+                Ptr(start)) != MAP_FAILED;
+  }
+  if (!ok) madvise(scratch, len, MADV_DONTNEED);  // drop the copy
+  if (prot != kReadWrite) mprotect(scratch, len, kReadWrite);
+  return ok;
+}
+
+bool LinuxMemory::RestoreAnonymous(Addr start, std::size_t len, int prot) {
+  bool ok = false;
+  {
+    WindowLock lock;
+    int slot = OpenWindow(start, start + len);
+    if (slot < 0) return false;
+    ProtectMethod how = ProtectMethod::kNone;
+    int err = (prot & PROT_WRITE) ? protector_->Protect(start, len, &how) : 0;
+    if (err == 0) {
+      ok = ReplaceWithAnonymousCopy(start, len, prot);
+      if (ok) {
+        protector_->Replaced(start, len, how);
+      } else {
+        protector_->Unprotect(start, len, how);
+      }
+    }
+    CloseWindow(slot);
+  }
+  if (ok) {
+    RemoveInterval(&frame_mapped_, start, start + len);
+    // The new anonymous VMA (whole, no split) joins the registered set.
+    if (prot == kReadWrite && RegisterWithProtector(start, len))
+      AddInterval(&uffd_registered_, start, start + len);
+  }
+  return ok;
+}
+
+bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {
+  RegisterThread();
+  if (npages == 0) return true;
+  const Addr end = addr + npages * kPageSize;
+  std::vector<MapEntry> maps;
+  if (!ReadMaps(options_.maps_path, &maps).ok()) return false;
+  bool ok = true;
+  for (const MapEntry& e : maps) {
+    if (e.end <= addr) continue;
+    if (e.start >= end) break;
+    if (e.shared || !IsOurMemfd(e)) continue;
+    int prot = (e.read ? PROT_READ : 0) | (e.write ? PROT_WRITE : 0) |
+               (e.exec ? PROT_EXEC : 0);
+    Addr s = std::max(e.start, addr), t = std::min(e.end, end);
+    for (Addr c = s; c < t; c += kUnmergeChunkPages * kPageSize) {
+      std::size_t len =
+          std::min<std::size_t>(kUnmergeChunkPages * kPageSize, t - c);
+      if (!RestoreAnonymous(c, len, prot)) ok = false;
+    }
+  }
+  return ok;
+}
+
+void LinuxMemory::ReleaseFrame(FrameId frame) { store_.Release(frame); }
+
+MemoryStats LinuxMemory::Stats() const {
+  MemoryStats s;
+  s.frames_in_use = store_.frames_in_use();
+  s.frames_pinned = store_.frames_pinned();
+  s.vma_budget = budget_;
+  s.vmas_used = vmas_used_;
+  s.budget_skips = budget_skips_;
+  s.protect_faults = ProtectFaults();
+  return s;
+}
+
+std::string LinuxMemory::DebugString() const {
+  std::string out;
+  auto dump = [&](const char* name, const std::vector<Interval>& set) {
+    for (const Interval& i : set)
+      out += std::string(name) + " " + Hex(i.start) + "-" + Hex(i.end) + "\n";
+  };
+  dump("touchable", touchable_);
+  dump("excluded", excluded_);
+  dump("auto_excluded", auto_excluded_);
+  dump("frame_mapped", frame_mapped_);
+  return out;
+}
+
+// --- ranges for the engine ---
+
+Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
+                                   std::vector<Range>* parts) {
+  parts->clear();
+  // The kernel's madvise(): unaligned start or overflowing length: EINVAL.
+  if (addr & (kPageSize - 1)) {
+    return Status::Error(EINVAL, "madvise: unaligned address " + Hex(addr));
+  }
+  std::size_t rounded = RoundUp(len);
+  if (len != 0 && rounded == 0) {
+    return Status::Error(EINVAL, "madvise: length overflows at " + Hex(addr));
+  }
+  Addr end = addr + rounded;
+  if (end < addr) {
+    return Status::Error(EINVAL, "madvise: range wraps at " + Hex(addr));
+  }
+  if (end == addr) return Status::Ok();
+  RegisterThread();
+  std::vector<MapEntry> maps;
+  Status s = ReadMaps(options_.maps_path, &maps);
+  if (!s.ok()) return s;
+  (void)ApplyMaps(maps);
+  Addr cursor = addr;
+  bool hole = false;
+  for (const MapEntry& e : maps) {
+    if (e.end <= addr) continue;
+    if (e.start >= end) break;
+    if (e.start > cursor) hole = true;
+    Addr s0 = std::max(e.start, addr), t = std::min(e.end, end);
+    if (Eligible(e)) {
+      if (!parts->empty() && parts->back().first + parts->back().second == s0) {
+        parts->back().second += t - s0;
+      } else {
+        parts->emplace_back(s0, t - s0);
+      }
+    }
+    cursor = t;
+  }
+  if (cursor < end) hole = true;
+  if (hole) {
+    return Status::Error(ENOMEM, "madvise: range " + Hex(addr) + "-" +
+                                     Hex(end) + " is not fully mapped");
+  }
+  return Status::Ok();
+}
+
+std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {
+  RegisterThread();
+  std::vector<Range> out;
+  std::vector<MapEntry> maps;
+  if (!ReadMaps(options_.maps_path, &maps).ok()) return out;
+  (void)ApplyMaps(maps);
+  auto add = [&](Addr s, Addr t) {
+    if (s >= t) return;
+    if (!out.empty() && out.back().first + out.back().second == s) {
+      out.back().second += t - s;
+    } else {
+      out.emplace_back(s, t - s);
+    }
+  };
+  for (const MapEntry& e : maps) {
+    // touchable_ already leaves out the stacks; subtract the exclusions.
+    if (!Eligible(e) || !IsTouchable(e.start)) continue;
+    Addr s = e.start;
+    while (s < e.end) {
+      // Skip excluded pages, then take the longest non-excluded stretch.
+      if (IsExcluded(s)) {
+        s += kPageSize;
+        continue;
+      }
+      Addr t = s + kPageSize;
+      while (t < e.end && !IsExcluded(t) && IsTouchable(t)) t += kPageSize;
+      add(s, t);
+      s = t;
+    }
+  }
+  return out;
+}
+
+}  // namespace samepage::backend

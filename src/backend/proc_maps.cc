@@ -1,1 +1,192 @@
-// placeholder
+#include "backend/proc_maps.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+
+namespace samepage::backend {
+namespace {
+
+bool IsHex(char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') ||
+         (c >= 'A' && c <= 'F');
+}
+
+// Parses a hex number at s[*pos], advancing *pos. False if none.
+bool ParseHex(std::string_view s, std::size_t* pos, std::uint64_t* value) {
+  std::size_t p = *pos;
+  const char* begin = s.data() + p;
+  const char* end = s.data() + s.size();
+  auto [ptr, ec] = std::from_chars(begin, end, *value, 16);
+  if (ec != std::errc() || ptr == begin) return false;
+  *pos = p + static_cast<std::size_t>(ptr - begin);
+  return true;
+}
+
+bool ParseDec(std::string_view s, std::size_t* pos, std::uint64_t* value) {
+  const char* begin = s.data() + *pos;
+  auto [ptr, ec] = std::from_chars(begin, s.data() + s.size(), *value, 10);
+  if (ec != std::errc() || ptr == begin) return false;
+  *pos += static_cast<std::size_t>(ptr - begin);
+  return true;
+}
+
+bool Expect(std::string_view s, std::size_t* pos, char c) {
+  if (*pos >= s.size() || s[*pos] != c) return false;
+  ++*pos;
+  return true;
+}
+
+void SkipSpaces(std::string_view s, std::size_t* pos) {
+  while (*pos < s.size() && s[*pos] == ' ') ++*pos;
+}
+
+// A mapping header starts "hex-hex ".
+bool LooksLikeHeader(std::string_view line) {
+  std::size_t i = 0;
+  while (i < line.size() && IsHex(line[i])) ++i;
+  return i > 0 && i < line.size() && line[i] == '-';
+}
+
+bool ParseHeader(std::string_view line, MapEntry* e) {
+  std::size_t pos = 0;
+  std::uint64_t v = 0;
+  if (!ParseHex(line, &pos, &v)) return false;
+  e->start = v;
+  if (!Expect(line, &pos, '-') || !ParseHex(line, &pos, &v)) return false;
+  e->end = v;
+  if (e->end < e->start) return false;
+  if (!Expect(line, &pos, ' ') || pos + 4 > line.size()) return false;
+  std::string_view perms = line.substr(pos, 4);
+  e->read = perms[0] == 'r';
+  e->write = perms[1] == 'w';
+  e->exec = perms[2] == 'x';
+  if (perms[3] != 's' && perms[3] != 'p') return false;
+  e->shared = perms[3] == 's';
+  pos += 4;
+  if (!Expect(line, &pos, ' ') || !ParseHex(line, &pos, &e->offset))
+    return false;
+  if (!Expect(line, &pos, ' ') || !ParseHex(line, &pos, &v)) return false;
+  e->dev_major = static_cast<std::uint32_t>(v);
+  if (!Expect(line, &pos, ':') || !ParseHex(line, &pos, &v)) return false;
+  e->dev_minor = static_cast<std::uint32_t>(v);
+  if (!Expect(line, &pos, ' ') || !ParseDec(line, &pos, &e->inode))
+    return false;
+  SkipSpaces(line, &pos);
+  e->path.assign(line.substr(pos));
+  return true;
+}
+
+}  // namespace
+
+bool MapEntry::HasVmFlag(std::string_view flag) const {
+  std::size_t pos = 0;
+  while (pos < vm_flags.size()) {
+    std::size_t end = vm_flags.find(' ', pos);
+    if (end == std::string::npos) end = vm_flags.size();
+    if (std::string_view(vm_flags).substr(pos, end - pos) == flag) return true;
+    pos = end + 1;
+  }
+  return false;
+}
+
+Status ParseMaps(std::string_view text, std::vector<MapEntry>* entries) {
+  entries->clear();
+  std::size_t pos = 0;
+  int line_no = 0;
+  while (pos < text.size()) {
+    std::size_t nl = text.find('\n', pos);
+    if (nl == std::string_view::npos) nl = text.size();
+    std::string_view line = text.substr(pos, nl - pos);
+    pos = nl + 1;
+    ++line_no;
+    if (line.empty()) continue;
+    if (LooksLikeHeader(line)) {
+      MapEntry e;
+      if (!ParseHeader(line, &e)) {
+        return Status::Error(EINVAL, "maps: malformed line " +
+                                         std::to_string(line_no) + ": " +
+                                         std::string(line));
+      }
+      entries->push_back(std::move(e));
+    } else if (line.starts_with("VmFlags:") && !entries->empty()) {
+      std::string_view flags = line.substr(8);
+      while (!flags.empty() && flags.front() == ' ') flags.remove_prefix(1);
+      while (!flags.empty() && flags.back() == ' ') flags.remove_suffix(1);
+      entries->back().vm_flags.assign(flags);
+      entries->back().has_vm_flags = true;
+    }
+  }
+  return Status::Ok();
+}
+
+Status ReadProcFile(const std::string& path, std::string* text) {
+  text->clear();
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    int err = errno;
+    return Status::Error(err, "open(" + path + ")");
+  }
+  char buf[65536];
+  for (;;) {
+    ssize_t n = read(fd, buf, sizeof(buf));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      int err = errno;
+      close(fd);
+      return Status::Error(err, "read(" + path + ")");
+    }
+    if (n == 0) break;
+    text->append(buf, static_cast<std::size_t>(n));
+  }
+  close(fd);
+  return Status::Ok();
+}
+
+Status ReadMaps(const std::string& path, std::vector<MapEntry>* entries) {
+  std::string text;
+  Status s = ReadProcFile(path, &text);
+  if (!s.ok()) return s;
+  return ParseMaps(text, entries);
+}
+
+long CountMappings(const std::string& path) {
+  std::string text;
+  if (!ReadProcFile(path, &text).ok()) return -1;
+  long n = 0;
+  std::size_t pos = 0;
+  while (pos < text.size()) {
+    std::size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    if (LooksLikeHeader(std::string_view(text).substr(pos, nl - pos))) ++n;
+    pos = nl + 1;
+  }
+  return n;
+}
+
+bool IsSpecialMapping(const MapEntry& e) {
+  if (e.path.empty() || e.path.front() != '[') return false;
+  // Named anonymous memory (prctl PR_SET_VMA_ANON_NAME) is ordinary memory.
+  if (e.path.starts_with("[anon:") || e.path.starts_with("[anon_shmem:"))
+    return false;
+  return e.path != "[heap]" && e.path != "[stack]";
+}
+
+bool IsPrivateAnonymous(const MapEntry& e) {
+  if (e.shared || e.inode != 0) return false;
+  if (e.path.empty() || e.path == "[heap]" || e.path == "[stack]") return true;
+  return e.path.starts_with("[anon:");
+}
+
+bool HasUnmergeableVmFlags(const MapEntry& e, bool uffd_wp_is_ours) {
+  static constexpr std::string_view kFlags[] = {
+      "lo", "dc", "wf", "dd", "ht", "io", "pf", "sl", "um", "ui", "dr"};
+  for (std::string_view f : kFlags) {
+    if (e.HasVmFlag(f)) return true;
+  }
+  return !uffd_wp_is_ours && e.HasVmFlag("uw");
+}
+
+}  // namespace samepage::backend

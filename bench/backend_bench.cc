@@ -1,0 +1,235 @@
+// Per-page costs of the Linux backend on real memory.
+//
+// Each benchmark times only the operation named (manual time); set-up and
+// undo run untimed. Items = pages. Arg 0: 0 = mprotect, 1 = userfaultfd.
+
+#include <benchmark/benchmark.h>
+#include <sys/mman.h>
+
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "backend/linux_memory.h"
+
+namespace samepage::backend {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using Protection = LinuxMemoryOptions::Protection;
+
+constexpr std::size_t kPages = 4096;
+
+std::unique_ptr<LinuxMemory> NewMemory(benchmark::State& state) {
+  LinuxMemoryOptions o;
+  o.protection =
+      state.range(0) == 0 ? Protection::kMprotect : Protection::kUserfaultfd;
+  std::unique_ptr<LinuxMemory> m;
+  Status s = LinuxMemory::Create(o, &m);
+  if (!s.ok()) state.SkipWithError(s.ToString().c_str());
+  return m;
+}
+
+unsigned char* Map(std::size_t pages, unsigned char fill) {
+  void* p = mmap(nullptr, pages * kPageSize, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  auto* c = static_cast<unsigned char*>(p);
+  for (std::size_t i = 0; i < pages; ++i) {
+    std::memset(c + i * kPageSize, fill, kPageSize);
+    c[i * kPageSize] = static_cast<unsigned char>(i);  // pages differ
+  }
+  return c;
+}
+
+std::vector<Addr> Addrs(unsigned char* base, std::size_t n, std::size_t step) {
+  std::vector<Addr> v;
+  for (std::size_t i = 0; i < n; ++i)
+    v.push_back(reinterpret_cast<Addr>(base + i * step * kPageSize));
+  return v;
+}
+
+void Seconds(benchmark::State& state, Clock::time_point t0) {
+  state.SetIterationTime(
+      std::chrono::duration<double>(Clock::now() - t0).count());
+}
+
+// Pairs in runs of consecutive pages (step 1) or scattered (step 2).
+void BM_LinuxMemory_MergePairs(benchmark::State& state) {
+  auto m = NewMemory(state);
+  if (!m) return;
+  const std::size_t step = static_cast<std::size_t>(state.range(1));
+  const std::size_t n = kPages / step;
+  std::vector<FrameId> frames(n);
+  std::vector<MergeResult> res(n);
+  for (auto _ : state) {
+    // Fresh regions each time: unmerged pages keep their extra VMAs.
+    unsigned char* a = Map(kPages, 1);
+    unsigned char* b = Map(kPages, 1);
+    m->BeginFullScan();
+    auto p = Addrs(a, n, step), q = Addrs(b, n, step);
+    auto t0 = Clock::now();
+    m->MergePairs(p, q, frames, res);
+    Seconds(state, t0);
+    if (res[0] != MergeResult::kMerged) state.SkipWithError("not merged");
+    munmap(a, kPages * kPageSize);
+    munmap(b, kPages * kPageSize);
+    for (FrameId f : frames) m->ReleaseFrame(f);
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * n));
+}
+BENCHMARK(BM_LinuxMemory_MergePairs)
+    ->ArgsProduct({{0, 1}, {1, 2}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+void BM_LinuxMemory_MergeIntoFrames(benchmark::State& state) {
+  auto m = NewMemory(state);
+  if (!m) return;
+  unsigned char* a = Map(kPages, 2);
+  unsigned char* b = Map(kPages, 2);
+  unsigned char* c = Map(kPages, 2);
+  m->BeginFullScan();
+  auto p = Addrs(a, kPages, 1), q = Addrs(b, kPages, 1),
+       r = Addrs(c, kPages, 1);
+  std::vector<FrameId> frames(kPages);
+  std::vector<MergeResult> res(kPages);
+  m->MergePairs(p, q, frames, res);
+  for (auto _ : state) {
+    auto t0 = Clock::now();
+    m->MergeIntoFrames(r, frames, res);
+    Seconds(state, t0);
+    if (res[0] != MergeResult::kMerged) state.SkipWithError("not merged");
+    (void)m->Unmerge(r[0], kPages);
+  }
+  state.SetItemsProcessed(
+      static_cast<std::int64_t>(state.iterations() * kPages));
+  for (unsigned char* x : {a, b, c}) munmap(x, kPages * kPageSize);
+}
+BENCHMARK(BM_LinuxMemory_MergeIntoFrames)
+    ->Arg(0)
+    ->Arg(1)
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+void BM_LinuxMemory_Unmerge(benchmark::State& state) {
+  auto m = NewMemory(state);
+  if (!m) return;
+  unsigned char* a = Map(kPages, 3);
+  unsigned char* b = Map(kPages, 3);
+  m->BeginFullScan();
+  auto p = Addrs(a, kPages, 1), q = Addrs(b, kPages, 1);
+  std::vector<FrameId> frames(kPages);
+  std::vector<MergeResult> res(kPages);
+  for (auto _ : state) {
+    m->MergePairs(p, q, frames, res);
+    auto t0 = Clock::now();
+    (void)m->Unmerge(p[0], kPages);
+    Seconds(state, t0);
+    (void)m->Unmerge(q[0], kPages);
+    for (FrameId f : frames) m->ReleaseFrame(f);
+  }
+  state.SetItemsProcessed(
+      static_cast<std::int64_t>(state.iterations() * kPages));
+  munmap(a, kPages * kPageSize);
+  munmap(b, kPages * kPageSize);
+}
+BENCHMARK(BM_LinuxMemory_Unmerge)
+    ->Arg(0)
+    ->Arg(1)
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+void BM_LinuxMemory_DropZeroPages(benchmark::State& state) {
+  auto m = NewMemory(state);
+  if (!m) return;
+  unsigned char* a = Map(kPages, 0);
+  m->BeginFullScan();
+  auto p = Addrs(a, kPages, 1);
+  std::vector<MergeResult> res(kPages);
+  for (auto _ : state) {
+    state.PauseTiming();
+    for (std::size_t i = 0; i < kPages; ++i) a[i * kPageSize] = 0;  // present
+    state.ResumeTiming();
+    auto t0 = Clock::now();
+    m->DropZeroPages(p, res);
+    Seconds(state, t0);
+    if (res[0] != MergeResult::kMerged) state.SkipWithError("not dropped");
+  }
+  state.SetItemsProcessed(
+      static_cast<std::int64_t>(state.iterations() * kPages));
+  munmap(a, kPages * kPageSize);
+}
+BENCHMARK(BM_LinuxMemory_DropZeroPages)
+    ->Arg(0)
+    ->Arg(1)
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+void BM_LinuxMemory_Probe(benchmark::State& state) {
+  auto m = NewMemory(state);
+  if (!m) return;
+  unsigned char* a = Map(kPages, 4);
+  m->BeginFullScan();
+  std::vector<PageState> st(kPages);
+  for (auto _ : state) {
+    m->Probe(reinterpret_cast<Addr>(a), st);
+    benchmark::DoNotOptimize(st.data());
+  }
+  state.SetItemsProcessed(
+      static_cast<std::int64_t>(state.iterations() * kPages));
+  munmap(a, kPages * kPageSize);
+}
+BENCHMARK(BM_LinuxMemory_Probe)->Arg(0);
+
+void BM_LinuxMemory_Hash(benchmark::State& state) {
+  auto m = NewMemory(state);
+  if (!m) return;
+  unsigned char* a = Map(kPages, 5);
+  m->BeginFullScan();
+  std::uint64_t h = 0;
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < kPages; ++i) {
+      if (!m->Hash(reinterpret_cast<Addr>(a + i * kPageSize), &h))
+        state.SkipWithError("hash failed");
+    }
+    benchmark::DoNotOptimize(h);
+  }
+  state.SetItemsProcessed(
+      static_cast<std::int64_t>(state.iterations() * kPages));
+  munmap(a, kPages * kPageSize);
+}
+BENCHMARK(BM_LinuxMemory_Hash)->Arg(0);
+
+// A write to a merged page: the kernel's copy-on-write.
+void BM_LinuxMemory_CowAfterMerge(benchmark::State& state) {
+  auto m = NewMemory(state);
+  if (!m) return;
+  unsigned char* a = Map(kPages, 6);
+  unsigned char* b = Map(kPages, 6);
+  m->BeginFullScan();
+  auto p = Addrs(a, kPages, 1), q = Addrs(b, kPages, 1);
+  std::vector<FrameId> frames(kPages);
+  std::vector<MergeResult> res(kPages);
+  for (auto _ : state) {
+    m->MergePairs(p, q, frames, res);
+    auto t0 = Clock::now();
+    for (std::size_t i = 0; i < kPages; ++i) a[i * kPageSize + 1] = 9;
+    Seconds(state, t0);
+    for (std::size_t i = 0; i < kPages; ++i) a[i * kPageSize + 1] = 6;
+    (void)m->Unmerge(p[0], kPages);
+    (void)m->Unmerge(q[0], kPages);
+    for (FrameId f : frames) m->ReleaseFrame(f);
+  }
+  state.SetItemsProcessed(
+      static_cast<std::int64_t>(state.iterations() * kPages));
+  munmap(a, kPages * kPageSize);
+  munmap(b, kPages * kPageSize);
+}
+BENCHMARK(BM_LinuxMemory_CowAfterMerge)
+    ->Arg(0)
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+}  // namespace
+}  // namespace samepage::backend

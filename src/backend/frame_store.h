@@ -1,0 +1,98 @@
+// The frame store: merged pages' contents, in one memfd.
+//
+// Owns one memfd and a MAP_SHARED read-write "frame view" of it, mapped over
+// the front of a large PROT_NONE reservation as the file grows (address and
+// offset stay contiguous, so the kernel keeps the view one VMA). FrameId f is
+// the page at offset f * kPageSize. Merged pages map their frame with
+// mmap(MAP_PRIVATE | MAP_FIXED, memfd, offset): the kernel copies on write.
+//
+// Allocation bumps a counter and never reuses an offset: a stale mapping of a
+// released frame reads zeros, never another page's data. Release punches a
+// hole (memory returned at once) unless a forked child may still map the
+// frame: frames allocated before the most recent fork() are pinned, never
+// punched. In a forked child every frame is pinned and nothing can be
+// allocated (the memfd is shared with the parent, which keeps allocating).
+//
+// Thread safety: not thread-safe; the owner (LinuxMemory) serialises calls.
+// Fork detection uses the process-wide counters of write_protect.h.
+
+#ifndef SAMEPAGE_BACKEND_FRAME_STORE_H_
+#define SAMEPAGE_BACKEND_FRAME_STORE_H_
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "core/memory.h"
+#include "samepage/status.h"
+
+namespace samepage::backend {
+
+class FrameStore {
+ public:
+  // Virtual address space reserved for the view (no memory, NORESERVE).
+  static constexpr std::size_t kReserveBytes = std::size_t{1} << 40;
+  static constexpr std::uint64_t kMaxFrames = kReserveBytes / kPageSize;
+  // The file and the view grow by this many frames at a time.
+  static constexpr std::uint64_t kGrowFrames = 16384;  // 64 MiB
+
+  FrameStore() = default;
+  ~FrameStore();
+  FrameStore(const FrameStore&) = delete;
+  FrameStore& operator=(const FrameStore&) = delete;
+
+  // Creates the memfd and reserves the view. REQUIRES: InitProcessState().
+  [[nodiscard]] Status Init();
+
+  // Allocates n consecutive frames; returns the first, or kNoFrame if the
+  // store is exhausted, cannot grow, or this is a forked child.
+  FrameId Allocate(std::size_t n);
+
+  // Frees the frame's memory (hole punch) unless it is pinned (see above).
+  void Release(FrameId frame);
+
+  bool IsAllocated(FrameId frame) const { return frame < next_; }
+  std::byte* FrameAddress(FrameId frame) const {
+    return view_ + std::size_t{frame} * kPageSize;
+  }
+  off_t FrameOffset(FrameId frame) const {
+    return static_cast<off_t>(std::size_t{frame} * kPageSize);
+  }
+
+  int fd() const { return fd_; }
+  dev_t dev() const { return dev_; }
+  ino_t inode() const { return inode_; }
+  // The whole reservation, for exclusion from merging.
+  Addr view_start() const { return reinterpret_cast<Addr>(view_); }
+  std::size_t view_size() const { return kReserveBytes; }
+
+  std::uint64_t frames_allocated() const { return next_; }
+  std::uint64_t frames_in_use() const { return in_use_; }
+  std::uint64_t frames_pinned() const { return pinned_; }
+  std::uint64_t frames_punched() const { return punched_; }
+
+ private:
+  bool Grow(std::uint64_t frames);
+  bool InForkedChild() const;
+
+  int fd_ = -1;
+  dev_t dev_ = 0;
+  ino_t inode_ = 0;
+  std::byte* view_ = nullptr;
+  std::uint64_t next_ = 0;    // next frame to allocate (bump)
+  std::uint64_t mapped_ = 0;  // frames covered by the file and the view
+  std::uint64_t in_use_ = 0;
+  std::uint64_t pinned_ = 0;
+  std::uint64_t punched_ = 0;
+  // Frames below pin_limit_ may be mapped by a child. Updated at the first
+  // Release after each fork, to next_ then (a superset of what existed at
+  // the fork: conservative).
+  std::uint64_t pin_limit_ = 0;
+  std::uint64_t seen_fork_seq_ = 0;
+  std::uint64_t child_gen_ = 0;  // ChildGeneration() at Init
+};
+
+}  // namespace samepage::backend
+
+#endif  // SAMEPAGE_BACKEND_FRAME_STORE_H_

@@ -1,0 +1,230 @@
+// LinuxMemory: the samepage::Memory contract on this process's real memory.
+//
+// Merging a page maps a frame of the FrameStore's memfd over it with
+// mmap(MAP_PRIVATE | MAP_FIXED): every sharer maps the one page-cache page and
+// the kernel copies on write. Each merge opens a write-protect window over
+// the pages (Protector + write_protect.h), compares them in full while
+// protected, remaps the equal ones (one mmap per run of consecutive pages
+// with consecutive frames), makes the rest writable again and closes the
+// window. Writers that hit a window wait and then retry: no write is lost.
+//
+// Also owns: the cached view of /proc/self/(s)maps (which pages we may touch
+// at all), /proc/self/pagemap probing, the VMA budget, and the exclusions
+// (our own memory, the main stack, the stacks and TLS of threads that call
+// in, anything passed to Exclude): excluded pages report kAbsent and are
+// never protected, because write-protecting a thread's own stack kills it.
+//
+// Thread safety: like every Memory, called by one thread at a time (the
+// engine's lock); application threads may fault concurrently. The object is
+// allocated in its own anonymous mapping (operator new) that is excluded
+// from merging, so its members may be written while windows are open.
+//
+// Known limits:
+//  - The replacement (mmap MAP_FIXED, mremap) is not atomic with respect to
+//    the application's own munmap + mmap of the same address during a window
+//    (microseconds): its new mapping would be overwritten. Only an
+//    interceptor that serialises the application's munmap/mmap/mremap with
+//    our windows can close this.
+//  - VMAs with mlock, MADV_DONTFORK/WIPEONFORK/DONTDUMP, sealing or the
+//    application's own userfaultfd are never merged: a replacement mapping
+//    would lose the property.
+//  - Unmerge gives contents back but not VMAs: the restored anonymous VMA
+//    has its own anon_vma and the kernel does not join it with its
+//    neighbours (scattered merges cost 2 VMAs per page, also after Unmerge).
+//  - userfaultfd mode registers every mergeable VMA with our descriptor:
+//    such VMAs no longer join unregistered neighbours (brk growth, new
+//    mmaps) until they are registered at the next full scan too.
+//  - mprotect mode: a sigaltstack in ordinary heap memory could be
+//    write-protected; thread stacks are recognised only by glibc's layout.
+
+#ifndef SAMEPAGE_BACKEND_LINUX_MEMORY_H_
+#define SAMEPAGE_BACKEND_LINUX_MEMORY_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "backend/frame_store.h"
+#include "backend/proc_maps.h"
+#include "backend/protector.h"
+#include "core/memory.h"
+#include "samepage/status.h"
+
+namespace samepage::backend {
+
+struct LinuxMemoryOptions {
+  enum class Protection { kAuto, kUserfaultfd, kMprotect };
+  // kAuto: userfaultfd if its probe round trip succeeds, else mprotect.
+  Protection protection = Protection::kAuto;
+  // VMAs our merges may add; 0 derives it from /proc/sys/vm/max_map_count
+  // minus the mappings the process holds and a safety margin.
+  std::size_t vma_budget = 0;
+  // Injectable procfs paths (tests exercise the error paths).
+  std::string maps_path = "/proc/self/smaps";
+  std::string pagemap_path = "/proc/self/pagemap";
+  std::string max_map_count_path = "/proc/sys/vm/max_map_count";
+};
+
+class LinuxMemory final : public Memory {
+ public:
+  using Protection = LinuxMemoryOptions::Protection;
+  using Range = std::pair<Addr, std::size_t>;  // start, length in bytes
+  struct Interval {
+    Addr start;
+    Addr end;
+  };
+
+  // Pages per write-protect window: bounds how long a writer may wait.
+  static constexpr std::size_t kMaxWindowPages = 128;
+  // Pages per Unmerge replacement (one mremap, one new VMA each).
+  static constexpr std::size_t kUnmergeChunkPages = 1024;
+
+  // Fails if the process state (fault handler), the frame store, pagemap or
+  // the maps file cannot be set up, or kUserfaultfd was asked for and the
+  // probe failed.
+  static Status Create(const LinuxMemoryOptions& options,
+                       std::unique_ptr<LinuxMemory>* memory);
+  ~LinuxMemory() override;
+
+  LinuxMemory(const LinuxMemory&) = delete;
+  LinuxMemory& operator=(const LinuxMemory&) = delete;
+
+  // The object lives in its own excluded anonymous mapping.
+  static void* operator new(std::size_t size);
+  static void operator delete(void* p, std::size_t size);
+
+  // --- Memory ---
+  void BeginFullScan() override;
+  void Probe(Addr addr, std::span<PageState> states) override;
+  [[nodiscard]] bool Hash(Addr addr, std::uint64_t* hash) override;
+  void MergeIntoFrames(std::span<const Addr> pages,
+                       std::span<const FrameId> frames,
+                       std::span<MergeResult> results) override;
+  void MergePairs(std::span<const Addr> p, std::span<const Addr> q,
+                  std::span<FrameId> frames,
+                  std::span<MergeResult> results) override;
+  void DropZeroPages(std::span<const Addr> pages,
+                     std::span<MergeResult> results) override;
+  [[nodiscard]] bool Unmerge(Addr addr, std::size_t npages) override;
+  void ReleaseFrame(FrameId frame) override;
+  MemoryStats Stats() const override;
+
+  // --- Linux specific ---
+  // kMprotect or kUserfaultfd: what Create chose.
+  Protection protection() const { return protection_; }
+  // True if a syscall writing into a page during a window waits (userfaultfd
+  // with kernel faults) rather than failing with EFAULT.
+  bool SyscallWritesWait() const { return protector_->KernelFaultsWait(); }
+
+  // Never protect or merge [addr, addr + len) (rounded out to pages).
+  void Exclude(Addr addr, std::size_t len);
+
+  // madvise(MADV_MERGEABLE)'s checks, from a fresh read of the maps:
+  // EINVAL if addr is not page-aligned or len overflows; len is rounded up
+  // to pages; ENOMEM if part of the range is unmapped (parts still holds the
+  // mapped mergeable pieces, as the kernel still advises those). parts = the
+  // private anonymous writable pieces (and our own merged mappings); shared,
+  // file-backed, hugetlb, special and flag-bearing (see proc_maps.h) VMAs
+  // are skipped silently.
+  [[nodiscard]] Status MergeableParts(Addr addr, std::size_t len,
+                                      std::vector<Range>* parts);
+
+  // Every private anonymous writable mapping (merge-any mode), minus the
+  // excluded ranges and the main stack; in mprotect mode also minus thread
+  // stacks (an anonymous rw mapping right above a PROT_NONE guard, as glibc
+  // lays them out), whose owners would die on a write fault.
+  std::vector<Range> AnonymousRanges();
+
+  FrameStore& frame_store() { return store_; }
+  // The cached view and exclusions, one interval per line (debugging).
+  std::string DebugString() const;
+  // Refreshes the maps view now (also done by BeginFullScan).
+  [[nodiscard]] Status RefreshMaps();
+
+ private:
+  LinuxMemory() = default;
+  Status Init(const LinuxMemoryOptions& options);
+
+  void RegisterThread();
+  bool RegisterWithProtector(Addr start, std::size_t len);
+  static void AddInterval(std::vector<Interval>* set, Addr start, Addr end);
+  static void RemoveInterval(std::vector<Interval>* set, Addr start, Addr end);
+  static bool Contains(const std::vector<Interval>& set, Addr page);
+  bool IsExcluded(Addr page) const;
+  bool IsTouchable(Addr page) const;
+  // Not excluded and touchable: a page we may protect and replace.
+  bool MayReplace(Addr page) const {
+    return IsTouchable(page) && !IsExcluded(page);
+  }
+  bool IsOurMemfd(const MapEntry& e) const;
+  bool Eligible(const MapEntry& e) const;
+  static bool IsThreadStackLike(const std::vector<MapEntry>& maps,
+                                std::size_t i);
+  Status ApplyMaps(const std::vector<MapEntry>& maps);
+  bool RangeMapped(Addr start, std::size_t len) const;
+  MergeResult ClassifyProtectError(int err, Addr start, std::size_t len) const;
+  bool BudgetAllows(std::uint64_t extra) const {
+    return vmas_used_ + extra <= budget_;
+  }
+
+  // Batches: contiguous pages, at most kMaxWindowPages, all MayReplace.
+  void MergeBatchIntoFrames(Addr base, std::size_t n, const FrameId* frames,
+                            MergeResult* results);
+  void MergePairBatch(Addr pbase, Addr qbase, std::size_t n, FrameId* frames,
+                      MergeResult* results);
+  void DropZeroBatch(Addr base, std::size_t n, MergeResult* results);
+  static bool Readable(Addr page);  // a guarded read of its first bytes
+  // Frames first.. hold exactly the n pages at `page` (guarded reads).
+  bool FrameMatches(FrameId first, Addr page, std::size_t n, MergeResult* why);
+  // Makes [start, start + len) writable again except pages marked kGone or
+  // kMerged in results (one entry per page).
+  void UnprotectRest(Addr start, std::size_t n, const MergeResult* results,
+                     bool skip_merged, ProtectMethod how);
+  // REQUIRES: an open window over the range, pages protected (or mapped
+  // read-only). Replaces the range by anonymous memory with the same bytes.
+  bool ReplaceWithAnonymousCopy(Addr start, std::size_t len, int prot);
+  bool RestoreAnonymous(Addr start, std::size_t len, int prot);
+
+  LinuxMemoryOptions options_;
+  Protection protection_ = Protection::kMprotect;
+  std::unique_ptr<Protector> protector_;
+  FrameStore store_;
+  int pagemap_fd_ = -1;
+  // Where Unmerge builds replacement pages: a mapping we own for good, so
+  // that no scratch address is ever a hole the application could map into
+  // (mremap MREMAP_DONTUNMAP moves the pages out and leaves it mapped).
+  Addr scratch_ = 0;
+  static constexpr std::size_t kScratchBytes = kUnmergeChunkPages * kPageSize;
+  std::uint64_t id_ = 0;  // distinguishes instances for RegisterThread
+
+  // The maps view, rebuilt by RefreshMaps. touchable_: coalesced ranges of
+  // private writable memory that is anonymous or our memfd; our own merges
+  // and unmerges only move pages between those two kinds, so they never
+  // invalidate it. auto_excluded_: main stack, thread stacks (mprotect).
+  std::vector<Interval> touchable_;  // sorted, coalesced
+  std::vector<Interval> auto_excluded_;
+  std::vector<Interval> excluded_;  // ours, thread stacks/TLS, Exclude()
+  // Where our memfd is mapped (merged pages, absent or not, and their
+  // private copies): from the maps plus our own merges and unmerges since.
+  // Lets Probe call an absent merged page kFrame (it reads as the frame).
+  std::vector<Interval> frame_mapped_;
+  // Ranges registered with our userfaultfd: their "uw" VmFlag is ours.
+  std::vector<Interval> uffd_registered_;
+
+  long baseline_maps_ = 0;  // mappings at Create
+  long max_map_count_ = 0;
+  std::uint64_t budget_ = 0;
+  std::uint64_t vmas_used_ = 0;
+  std::uint64_t budget_skips_ = 0;
+
+  static constexpr std::size_t kProbeChunk = 512;
+  std::uint64_t pagemap_buf_[kProbeChunk];
+};
+
+}  // namespace samepage::backend
+
+#endif  // SAMEPAGE_BACKEND_LINUX_MEMORY_H_

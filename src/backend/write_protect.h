@@ -1,0 +1,87 @@
+// Write-protection windows, the process-wide fault handler, guarded reads.
+//
+// Owns the process-wide state every LinuxMemory shares: the SIGSEGV/SIGBUS
+// handler (installed once, chaining to whatever was installed before), the
+// registry of open write-protect windows, the fork lock, and the fork
+// counters the frame store uses to pin frames a child may map. That state
+// lives in its own anonymous mapping (ProcessStateRange), which callers must
+// exclude from merging: it is written while windows are open.
+//
+// A window is an address range [start, end) whose pages the merging thread
+// has write-protected (mprotect PROT_READ, or userfaultfd write-protect) while
+// it compares and remaps them. A thread that write-faults inside an open
+// window waits in the handler until the window closes, then returns so that
+// the write retries against the new mapping: no write is lost. The merging
+// thread itself must never write inside its own windows (the handler
+// detects this and crashes rather than deadlocks).
+//
+// Guarded reads (GuardedHash, GuardedCompare, ...) run with a thread-local
+// sigjmp_buf armed: a fault on the read (the application unmapped the page
+// concurrently) makes them return false instead of crashing.
+//
+// Thread safety: every function may be called from any thread. The handler
+// is async-signal-safe: no allocation, no locks, only atomics and futex.
+
+#ifndef SAMEPAGE_BACKEND_WRITE_PROTECT_H_
+#define SAMEPAGE_BACKEND_WRITE_PROTECT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+#include "core/memory.h"
+#include "samepage/status.h"
+
+namespace samepage::backend {
+
+// Installs the fault handler and the fork handlers, once per process.
+// Later calls return the first call's outcome.
+[[nodiscard]] Status InitProcessState();
+
+// The mapping holding the process-wide state: exclude it from merging.
+std::pair<Addr, std::size_t> ProcessStateRange();
+
+// Held around every window: fork() waits for it (pthread_atfork prepare), so
+// no child is ever born with pages write-protected by a window it cannot
+// close. RAII, not reentrant.
+class WindowLock {
+ public:
+  WindowLock();
+  ~WindowLock();
+  WindowLock(const WindowLock&) = delete;
+  WindowLock& operator=(const WindowLock&) = delete;
+};
+
+// Registers an open window over [start, end). Returns its slot, or -1 if
+// every slot is busy. REQUIRES: InitProcessState() succeeded.
+int OpenWindow(Addr start, Addr end);
+// Closes the window and wakes the threads waiting on it.
+void CloseWindow(int slot);
+
+// Writes that waited on a window, since process start.
+std::uint64_t ProtectFaults();
+// Incremented in the fork prepare and parent handlers: odd while a fork is
+// in progress.
+std::uint64_t ForkSequence();
+// Incremented in every forked child: differs from the value seen at start in
+// a process that was forked after that.
+std::uint64_t ChildGeneration();
+
+// Guarded reads of application memory. False if the read faulted.
+[[nodiscard]] bool GuardedHash(const void* page, std::uint64_t* hash);
+[[nodiscard]] bool GuardedEqual(const void* a, const void* b, std::size_t n,
+                                bool* equal);
+[[nodiscard]] bool GuardedIsZero(const void* p, std::size_t n, bool* zero);
+// dst must be memory we own (never inside a window).
+[[nodiscard]] bool GuardedCopy(void* dst, const void* src, std::size_t n);
+
+// The calling thread's static TLS and thread control block (the handler and
+// guarded reads write there; for the main thread it is not on the stack).
+std::pair<Addr, std::size_t> CurrentThreadTlsRange();
+
+// Number of threads in the fault handler waiting on window `slot` (tests).
+std::uint32_t WindowWaiters(int slot);
+
+}  // namespace samepage::backend
+
+#endif  // SAMEPAGE_BACKEND_WRITE_PROTECT_H_

@@ -1,0 +1,582 @@
+// LinuxMemory on real memory: merge, copy-on-write, zero pages, unmerge,
+// VMA budget, probing, and the engine's range queries.
+
+#include "backend/linux_memory.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "backend/proc_maps.h"
+#include "core/hash.h"
+
+namespace samepage::backend {
+namespace {
+
+using Protection = LinuxMemoryOptions::Protection;
+
+// An anonymous private mapping owned by the test, with a hole on each side
+// so that it never joins a neighbour (our own excluded memory, or a PROT_NONE
+// mapping below that would make it look like a thread stack).
+class Region {
+ public:
+  explicit Region(std::size_t pages) : pages_(pages) {
+    void* p = mmap(nullptr, (pages + 2) * kPageSize, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    EXPECT_NE(p, MAP_FAILED);
+    base_ = static_cast<unsigned char*>(p) + kPageSize;
+    munmap(p, kPageSize);
+    munmap(base_ + pages * kPageSize, kPageSize);
+  }
+  ~Region() {
+    if (base_) munmap(base_, pages_ * kPageSize);
+  }
+  unsigned char* page(std::size_t i) const { return base_ + i * kPageSize; }
+  Addr addr(std::size_t i) const { return reinterpret_cast<Addr>(page(i)); }
+  std::size_t pages() const { return pages_; }
+  void Forget() { base_ = nullptr; }
+
+ private:
+  unsigned char* base_ = nullptr;
+  std::size_t pages_;
+};
+
+void Fill(unsigned char* page, unsigned seed) {
+  for (std::size_t i = 0; i < kPageSize; ++i)
+    page[i] = static_cast<unsigned char>(seed * 131 + i * 7 + (i >> 8));
+}
+
+bool Same(const void* a, const void* b) {
+  return std::memcmp(a, b, kPageSize) == 0;
+}
+
+long Maps() { return CountMappings("/proc/self/maps"); }
+
+std::uint64_t Pagemap(const void* p) {
+  int fd = open("/proc/self/pagemap", O_RDONLY);
+  std::uint64_t e = 0;
+  EXPECT_EQ(pread(fd, &e, 8, reinterpret_cast<Addr>(p) / kPageSize * 8), 8);
+  close(fd);
+  return e;
+}
+bool Present(const void* p) { return Pagemap(p) >> 63 & 1; }
+
+std::unique_ptr<LinuxMemory> NewMemoryWith(std::size_t budget,
+                                           Protection prot) {
+  LinuxMemoryOptions o;
+  o.protection = prot;
+  o.vma_budget = budget;
+  std::unique_ptr<LinuxMemory> m;
+  Status s = LinuxMemory::Create(o, &m);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return m;
+}
+
+// The protection the current parameterised test runs with.
+Protection g_protection = Protection::kMprotect;
+
+std::unique_ptr<LinuxMemory> NewMemory(std::size_t budget = 0) {
+  return NewMemoryWith(budget, g_protection);
+}
+
+class LinuxMemoryTest : public ::testing::TestWithParam<Protection> {
+ protected:
+  void SetUp() override {
+    g_protection = GetParam();
+    if (g_protection == Protection::kUserfaultfd) {
+      LinuxMemoryOptions o;
+      o.protection = g_protection;
+      std::unique_ptr<LinuxMemory> m;
+      Status s = LinuxMemory::Create(o, &m);
+      if (!s.ok()) GTEST_SKIP() << s.ToString();
+    }
+  }
+};
+
+std::vector<Addr> Addrs(const Region& r, std::size_t from, std::size_t n) {
+  std::vector<Addr> v;
+  for (std::size_t i = 0; i < n; ++i) v.push_back(r.addr(from + i));
+  return v;
+}
+
+PageState ProbeOne(LinuxMemory& m, Addr a) {
+  PageState s;
+  m.Probe(a, std::span<PageState>(&s, 1));
+  return s;
+}
+
+TEST_P(LinuxMemoryTest, CreateReportsProtection) {
+  auto m = NewMemoryWith(0, Protection::kMprotect);
+  ASSERT_NE(m, nullptr);
+  EXPECT_EQ(m->protection(), Protection::kMprotect);
+  EXPECT_FALSE(m->SyscallWritesWait());
+  auto a = NewMemoryWith(0, Protection::kAuto);
+  ASSERT_NE(a, nullptr);
+  EXPECT_TRUE(a->protection() == Protection::kMprotect ||
+              a->protection() == Protection::kUserfaultfd);
+}
+
+TEST_P(LinuxMemoryTest, CreateFailsCleanlyOnBadProcPaths) {
+  std::unique_ptr<LinuxMemory> m;
+  LinuxMemoryOptions o;
+  o.protection = Protection::kMprotect;
+  o.pagemap_path = "/nonexistent/pagemap";
+  Status s = LinuxMemory::Create(o, &m);
+  EXPECT_EQ(s.code(), ENOENT) << s.ToString();
+  EXPECT_EQ(m, nullptr);
+  o = LinuxMemoryOptions();
+  o.protection = Protection::kMprotect;
+  o.maps_path = "/nonexistent/maps";
+  EXPECT_EQ(LinuxMemory::Create(o, &m).code(), ENOENT);
+  o = LinuxMemoryOptions();
+  o.protection = Protection::kMprotect;
+  o.max_map_count_path = "/nonexistent/max_map_count";
+  EXPECT_EQ(LinuxMemory::Create(o, &m).code(), ENOENT);
+  o.vma_budget = 10;  // the file is only needed to derive a budget
+  EXPECT_TRUE(LinuxMemory::Create(o, &m).ok());
+}
+
+TEST_P(LinuxMemoryTest, MergePairsSharesOneFrameAndCopiesOnWrite) {
+  auto m = NewMemory();
+  Region a(4), b(4);
+  for (int i = 0; i < 4; ++i) {
+    Fill(a.page(i), i);
+    Fill(b.page(i), i);
+  }
+  Fill(b.page(3), 99);  // differs
+  m->BeginFullScan();
+  auto p = Addrs(a, 0, 4), q = Addrs(b, 0, 4);
+  std::vector<FrameId> frames(4);
+  std::vector<MergeResult> res(4);
+  m->MergePairs(p, q, frames, res);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(res[i], MergeResult::kMerged) << i;
+    EXPECT_EQ(frames[i], frames[0] + i) << "consecutive frames";
+    EXPECT_EQ(ProbeOne(*m, a.addr(i)), PageState::kFrame);
+    EXPECT_EQ(ProbeOne(*m, b.addr(i)), PageState::kFrame);
+  }
+  EXPECT_EQ(res[3], MergeResult::kDiffers);
+  EXPECT_EQ(frames[3], kNoFrame);
+  EXPECT_EQ(m->Stats().frames_in_use, 3u);
+
+  unsigned char expect[kPageSize];
+  Fill(expect, 1);
+  EXPECT_TRUE(Same(a.page(1), expect));
+  EXPECT_TRUE(Same(b.page(1), expect));
+  EXPECT_TRUE(Same(m->frame_store().FrameAddress(frames[1]), expect));
+
+  // A write changes only the writer's page.
+  a.page(1)[100] ^= 0xff;
+  EXPECT_FALSE(Same(a.page(1), expect));
+  EXPECT_TRUE(Same(b.page(1), expect));
+  EXPECT_TRUE(Same(m->frame_store().FrameAddress(frames[1]), expect));
+  EXPECT_EQ(ProbeOne(*m, a.addr(1)), PageState::kAnon);
+  EXPECT_EQ(ProbeOne(*m, b.addr(1)), PageState::kFrame);
+
+  // The page that differed is untouched and writable.
+  b.page(3)[0] = 1;
+  EXPECT_EQ(b.page(3)[0], 1);
+}
+
+TEST_P(LinuxMemoryTest, MergeIntoFramesLeavesDifferentPagesWritable) {
+  auto m = NewMemory();
+  Region a(2), b(2), c(3);
+  Fill(a.page(0), 1);
+  Fill(a.page(1), 2);
+  std::memcpy(b.page(0), a.page(0), 2 * kPageSize);
+  m->BeginFullScan();
+  std::vector<FrameId> frames(2);
+  std::vector<MergeResult> res(2);
+  m->MergePairs(Addrs(a, 0, 2), Addrs(b, 0, 2), frames, res);
+  ASSERT_EQ(res[0], MergeResult::kMerged);
+  ASSERT_EQ(res[1], MergeResult::kMerged);
+
+  Fill(c.page(0), 1);
+  Fill(c.page(1), 2);
+  Fill(c.page(2), 3);
+  std::vector<FrameId> into = {frames[0], frames[1], frames[0]};
+  std::vector<MergeResult> r2(3);
+  m->MergeIntoFrames(Addrs(c, 0, 3), into, r2);
+  EXPECT_EQ(r2[0], MergeResult::kMerged);
+  EXPECT_EQ(r2[1], MergeResult::kMerged);
+  EXPECT_EQ(r2[2], MergeResult::kDiffers);
+  EXPECT_EQ(ProbeOne(*m, c.addr(0)), PageState::kFrame);
+  EXPECT_EQ(ProbeOne(*m, c.addr(2)), PageState::kAnon);
+  unsigned char expect[kPageSize];
+  Fill(expect, 3);
+  EXPECT_TRUE(Same(c.page(2), expect));
+  c.page(2)[5] = 42;  // still writable
+  EXPECT_EQ(c.page(2)[5], 42);
+
+  // COW: a write to c[0] leaves a[0], b[0] and the frame alone.
+  Fill(expect, 1);
+  c.page(0)[0] ^= 1;
+  EXPECT_TRUE(Same(a.page(0), expect));
+  EXPECT_TRUE(Same(b.page(0), expect));
+  EXPECT_TRUE(Same(m->frame_store().FrameAddress(frames[0]), expect));
+  EXPECT_FALSE(Same(c.page(0), expect));
+}
+
+TEST_P(LinuxMemoryTest, RunsOfConsecutiveFramesUseOneMapping) {
+  constexpr std::size_t kN = 1000;
+  auto m = NewMemory();
+  Region a(kN), b(kN), c(kN);
+  for (std::size_t i = 0; i < kN; ++i) {
+    Fill(a.page(i), static_cast<unsigned>(i));
+    Fill(b.page(i), static_cast<unsigned>(i));
+    Fill(c.page(i), static_cast<unsigned>(i));
+  }
+  m->BeginFullScan();
+  long before = Maps();
+  std::vector<FrameId> frames(kN);
+  std::vector<MergeResult> res(kN);
+  m->MergePairs(Addrs(a, 0, kN), Addrs(b, 0, kN), frames, res);
+  for (std::size_t i = 0; i < kN; ++i) {
+    ASSERT_EQ(res[i], MergeResult::kMerged) << i;
+    ASSERT_EQ(frames[i], frames[0] + i);
+  }
+  long after_pairs = Maps();
+  m->MergeIntoFrames(Addrs(c, 0, kN), frames, res);
+  for (std::size_t i = 0; i < kN; ++i) ASSERT_EQ(res[i], MergeResult::kMerged);
+  long after = Maps();
+  // Each region becomes one memfd mapping (windows of 128 pages are joined
+  // by the kernel): a few VMAs, not thousands.
+  EXPECT_LE(after_pairs - before, 4);
+  EXPECT_LE(after - before, 6);
+  std::printf("VMAs: before %ld, after pairs %ld, after frames %ld\n", before,
+              after_pairs, after);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kN; i += 97) {
+    Fill(expect, static_cast<unsigned>(i));
+    EXPECT_TRUE(Same(c.page(i), expect));
+  }
+}
+
+TEST_P(LinuxMemoryTest, DropZeroPagesFreesVerifiedZeroPagesOnly) {
+  auto m = NewMemory();
+  Region r(4);
+  std::memset(r.page(0), 0, 4 * kPageSize);  // present, all zero
+  r.page(2)[17] = 1;                         // not zero
+  m->BeginFullScan();
+  ASSERT_TRUE(Present(r.page(0)));
+  std::vector<MergeResult> res(4);
+  m->DropZeroPages(Addrs(r, 0, 4), res);
+  EXPECT_EQ(res[0], MergeResult::kMerged);
+  EXPECT_EQ(res[1], MergeResult::kMerged);
+  EXPECT_EQ(res[2], MergeResult::kDiffers);
+  EXPECT_EQ(res[3], MergeResult::kMerged);
+  EXPECT_FALSE(Present(r.page(0)));
+  EXPECT_FALSE(Present(r.page(1)));
+  EXPECT_TRUE(Present(r.page(2)));
+  EXPECT_EQ(ProbeOne(*m, r.addr(0)), PageState::kAbsent);
+  EXPECT_EQ(r.page(2)[17], 1);
+  for (std::size_t i = 0; i < kPageSize; ++i) ASSERT_EQ(r.page(0)[i], 0);
+  r.page(0)[1] = 5;  // writable again
+  EXPECT_EQ(r.page(0)[1], 5);
+  r.page(2)[0] = 5;
+  EXPECT_EQ(r.page(2)[0], 5);
+}
+
+TEST_P(LinuxMemoryTest, DropZeroPagesRefusesAMergedPagesPrivateCopy) {
+  // A zero page that is a private copy inside a memfd mapping must not be
+  // MADV_DONTNEED'ed: that would bring back the frame's bytes.
+  auto m = NewMemory();
+  Region a(1), b(1);
+  Fill(a.page(0), 7);
+  Fill(b.page(0), 7);
+  m->BeginFullScan();
+  FrameId f;
+  MergeResult r;
+  m->MergePairs(std::span<const Addr>(std::vector<Addr>{a.addr(0)}),
+                std::span<const Addr>(std::vector<Addr>{b.addr(0)}),
+                std::span<FrameId>(&f, 1), std::span<MergeResult>(&r, 1));
+  ASSERT_EQ(r, MergeResult::kMerged);
+  std::memset(a.page(0), 0, kPageSize);  // COW copy, all zero
+  Addr pa = a.addr(0);
+  m->DropZeroPages(std::span<const Addr>(&pa, 1),
+                   std::span<MergeResult>(&r, 1));
+  EXPECT_NE(r, MergeResult::kMerged);
+  for (std::size_t i = 0; i < kPageSize; ++i) ASSERT_EQ(a.page(0)[i], 0);
+}
+
+TEST_P(LinuxMemoryTest, UnmergeRestoresAnonymousSemantics) {
+  auto m = NewMemory();
+  Region a(8), b(8);
+  for (int i = 0; i < 8; ++i) {
+    Fill(a.page(i), i);
+    Fill(b.page(i), i);
+  }
+  m->BeginFullScan();
+  std::vector<FrameId> frames(8);
+  std::vector<MergeResult> res(8);
+  m->MergePairs(Addrs(a, 0, 8), Addrs(b, 0, 8), frames, res);
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_EQ(res[i], MergeResult::kMerged) << i;
+  }
+  a.page(2)[0] ^= 1;  // one page copied away already
+
+  // While merged, MADV_DONTNEED brings back the frame, not zeros (the
+  // documented difference from anonymous memory).
+  madvise(b.page(5), kPageSize, MADV_DONTNEED);
+  unsigned char expect[kPageSize];
+  Fill(expect, 5);
+  EXPECT_TRUE(Same(b.page(5), expect));
+
+  ASSERT_TRUE(m->Unmerge(a.addr(0), 8));
+  ASSERT_TRUE(m->Unmerge(b.addr(0), 8));
+  for (int i = 0; i < 8; ++i) {
+    Fill(expect, i);
+    if (i == 2) expect[0] ^= 1;
+    EXPECT_TRUE(Same(a.page(i), expect)) << i;
+    Fill(expect, i);
+    EXPECT_TRUE(Same(b.page(i), expect)) << i;
+    EXPECT_EQ(ProbeOne(*m, a.addr(i)), PageState::kAnon);
+  }
+  // No memfd mapping left in the range.
+  std::vector<MapEntry> maps;
+  ASSERT_TRUE(ReadMaps("/proc/self/maps", &maps).ok());
+  for (const auto& e : maps) {
+    if (e.end > a.addr(0) && e.start < a.addr(0) + 8 * kPageSize) {
+      EXPECT_EQ(e.inode, 0u) << e.path;
+    }
+  }
+  // Anonymous again: MADV_DONTNEED reads zeros.
+  ASSERT_EQ(madvise(a.page(0), 8 * kPageSize, MADV_DONTNEED), 0);
+  for (int i = 0; i < 8; ++i)
+    for (std::size_t k = 0; k < kPageSize; k += 64) ASSERT_EQ(a.page(i)[k], 0);
+  for (FrameId f : frames) m->ReleaseFrame(f);
+  EXPECT_EQ(m->Stats().frames_in_use, 0u);
+}
+
+TEST_P(LinuxMemoryTest, SmallVmaBudgetLeavesPagesAsTheyWere) {
+  auto m = NewMemory(/*budget=*/6);
+  constexpr int kN = 8;
+  Region a(2 * kN), b(2 * kN);
+  for (int i = 0; i < 2 * kN; ++i) {
+    Fill(a.page(i), i);
+    Fill(b.page(i), i);
+  }
+  m->BeginFullScan();
+  // Scattered pairs (every other page): each costs VMAs.
+  std::vector<Addr> p, q;
+  for (int i = 0; i < kN; ++i) {
+    p.push_back(a.addr(2 * i));
+    q.push_back(b.addr(2 * i));
+  }
+  std::vector<FrameId> frames(kN);
+  std::vector<MergeResult> res(kN);
+  m->MergePairs(p, q, frames, res);
+  int merged = 0, skipped = 0;
+  for (int i = 0; i < kN; ++i) {
+    if (res[i] == MergeResult::kMerged) ++merged;
+    if (res[i] == MergeResult::kNoBudget) {
+      ++skipped;
+      EXPECT_EQ(frames[i], kNoFrame);
+      EXPECT_EQ(ProbeOne(*m, p[i]), PageState::kAnon);
+      // Untouched and writable.
+      unsigned char expect[kPageSize];
+      Fill(expect, 2 * i);
+      EXPECT_TRUE(Same(a.page(2 * i), expect));
+      a.page(2 * i)[0] ^= 1;
+      b.page(2 * i)[0] ^= 1;
+    }
+  }
+  EXPECT_GE(merged, 1);
+  EXPECT_GE(skipped, 1);
+  MemoryStats st = m->Stats();
+  EXPECT_EQ(st.vma_budget, 6u);
+  EXPECT_LE(st.vmas_used, 6u);
+  EXPECT_EQ(st.budget_skips, static_cast<std::uint64_t>(skipped));
+}
+
+TEST_P(LinuxMemoryTest, DerivedBudgetIsBelowMaxMapCount) {
+  auto m = NewMemory();
+  MemoryStats st = m->Stats();
+  EXPECT_GT(st.vma_budget, 1000u);
+  EXPECT_LT(st.vma_budget, 65530u);
+}
+
+TEST_P(LinuxMemoryTest, ProbeAndHashReportUnmappedPagesAsGone) {
+  auto m = NewMemory();
+  Region r(4);
+  Fill(r.page(0), 1);
+  Fill(r.page(1), 1);
+  m->BeginFullScan();  // the cache now believes r is mapped
+  std::vector<PageState> st(4);
+  m->Probe(r.addr(0), st);
+  EXPECT_EQ(st[0], PageState::kAnon);
+  EXPECT_EQ(st[2], PageState::kAbsent);  // never touched
+  std::uint64_t h = 0;
+  ASSERT_TRUE(m->Hash(r.addr(0), &h));
+  EXPECT_EQ(h, HashPage(r.page(0)));
+
+  ASSERT_EQ(munmap(r.page(1), kPageSize), 0);
+  m->Probe(r.addr(0), st);
+  EXPECT_EQ(st[0], PageState::kAnon);
+  EXPECT_EQ(st[1], PageState::kGone);
+  EXPECT_FALSE(m->Hash(r.addr(1), &h));
+  // A page made inaccessible (not in the cache's view any more after a
+  // refresh) is gone too; Hash does not crash on it either way.
+  ASSERT_EQ(mprotect(r.page(0), kPageSize, PROT_NONE), 0);
+  EXPECT_FALSE(m->Hash(r.addr(0), &h));
+  m->BeginFullScan();
+  EXPECT_EQ(ProbeOne(*m, r.addr(0)), PageState::kGone);
+  // Merging gone pages reports kGone and creates no mapping.
+  Addr gone = r.addr(1);
+  MergeResult res;
+  m->DropZeroPages(std::span<const Addr>(&gone, 1),
+                   std::span<MergeResult>(&res, 1));
+  EXPECT_EQ(res, MergeResult::kGone);
+  EXPECT_EQ(msync(r.page(1), kPageSize, MS_ASYNC), -1);
+}
+
+TEST_P(LinuxMemoryTest, MergeWithStaleViewOfUnmappedPageReportsGone) {
+  auto m = NewMemory();
+  Region a(1), b(1);
+  Fill(a.page(0), 3);
+  Fill(b.page(0), 3);
+  m->BeginFullScan();  // b is in the view
+  void* bp = b.page(0);
+  ASSERT_EQ(munmap(bp, kPageSize), 0);
+  b.Forget();
+  Addr p = a.addr(0), q = reinterpret_cast<Addr>(bp);
+  FrameId f;
+  MergeResult r;
+  m->MergePairs(std::span<const Addr>(&p, 1), std::span<const Addr>(&q, 1),
+                std::span<FrameId>(&f, 1), std::span<MergeResult>(&r, 1));
+  EXPECT_EQ(r, MergeResult::kGone);
+  EXPECT_EQ(f, kNoFrame);
+  // Nothing was mapped where the application unmapped, and a is intact.
+  EXPECT_EQ(msync(bp, kPageSize, MS_ASYNC), -1);
+  unsigned char expect[kPageSize];
+  Fill(expect, 3);
+  EXPECT_TRUE(Same(a.page(0), expect));
+  a.page(0)[0] ^= 1;
+}
+
+TEST_P(LinuxMemoryTest, ExcludedPagesAreAbsentAndNeverProtected) {
+  auto m = NewMemory();
+  Region a(2), b(2);
+  Fill(a.page(0), 1);
+  Fill(b.page(0), 1);
+  m->BeginFullScan();
+  m->Exclude(a.addr(0), kPageSize);
+  EXPECT_EQ(ProbeOne(*m, a.addr(0)), PageState::kAbsent);
+  FrameId f;
+  MergeResult r;
+  Addr p = a.addr(0), q = b.addr(0);
+  m->MergePairs(std::span<const Addr>(&p, 1), std::span<const Addr>(&q, 1),
+                std::span<FrameId>(&f, 1), std::span<MergeResult>(&r, 1));
+  EXPECT_EQ(r, MergeResult::kGone);
+  // The calling thread's stack is excluded.
+  unsigned char local[2 * kPageSize];
+  Addr stack_page =
+      (reinterpret_cast<Addr>(local) + kPageSize) & ~(kPageSize - 1);
+  EXPECT_EQ(ProbeOne(*m, stack_page), PageState::kAbsent);
+}
+
+TEST_P(LinuxMemoryTest, MergeablePartsFollowsMadviseRules) {
+  auto m = NewMemory();
+  std::vector<LinuxMemory::Range> parts;
+  Region r(8);
+  EXPECT_EQ(m->MergeableParts(r.addr(0) + 1, kPageSize, &parts).code(), EINVAL);
+  EXPECT_EQ(m->MergeableParts(r.addr(0), SIZE_MAX - 10, &parts).code(), EINVAL);
+  ASSERT_TRUE(m->MergeableParts(r.addr(0), 0, &parts).ok());
+  EXPECT_TRUE(parts.empty());
+  // Length rounds up to pages.
+  ASSERT_TRUE(m->MergeableParts(r.addr(0), 2 * kPageSize + 1, &parts).ok());
+  ASSERT_EQ(parts.size(), 1u);
+  EXPECT_EQ(parts[0].first, r.addr(0));
+  EXPECT_EQ(parts[0].second, 3 * kPageSize);
+  // A hole gives ENOMEM but still the mapped parts.
+  ASSERT_EQ(munmap(r.page(3), kPageSize), 0);
+  Status s = m->MergeableParts(r.addr(0), 8 * kPageSize, &parts);
+  EXPECT_EQ(s.code(), ENOMEM);
+  ASSERT_EQ(parts.size(), 2u);
+  EXPECT_EQ(parts[0].second, 3 * kPageSize);
+  EXPECT_EQ(parts[1].first, r.addr(4));
+  // Read-only and shared pieces are skipped silently.
+  ASSERT_EQ(mprotect(r.page(5), kPageSize, PROT_READ), 0);
+  void* shared = mmap(r.page(6), kPageSize, PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+  ASSERT_NE(shared, MAP_FAILED);
+  s = m->MergeableParts(r.addr(4), 4 * kPageSize, &parts);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  ASSERT_EQ(parts.size(), 2u);
+  EXPECT_EQ(parts[0].first, r.addr(4));
+  EXPECT_EQ(parts[0].second, kPageSize);
+  EXPECT_EQ(parts[1].first, r.addr(7));
+  // [vdso] is skipped.
+  std::vector<MapEntry> maps;
+  ASSERT_TRUE(ReadMaps("/proc/self/maps", &maps).ok());
+  for (const auto& e : maps) {
+    if (e.path == "[vdso]") {
+      EXPECT_TRUE(m->MergeableParts(e.start, e.size(), &parts).ok());
+      EXPECT_TRUE(parts.empty());
+    }
+  }
+}
+
+TEST_P(LinuxMemoryTest, AnonymousRangesCoverHeapButNotStacksOrOurs) {
+  auto m = NewMemory();
+  Region r(16);
+  auto ranges = m->AnonymousRanges();
+  auto covered = [&](Addr a) {
+    for (auto [s, len] : ranges)
+      if (a >= s && a < s + len) return true;
+    return false;
+  };
+  EXPECT_TRUE(covered(r.addr(0)));
+  // (The edges may touch excluded neighbours: our own object, TLS slack.)
+  EXPECT_TRUE(covered(r.addr(8)));
+  unsigned char local[64];
+  EXPECT_FALSE(covered(reinterpret_cast<Addr>(local)));
+  EXPECT_FALSE(covered(reinterpret_cast<Addr>(m.get())));
+  EXPECT_FALSE(covered(m->frame_store().view_start()));
+}
+
+TEST_P(LinuxMemoryTest, ThreadStacksAreLeftOutInMprotectMode) {
+  auto m = NewMemory();
+  std::atomic<Addr> stack_top{0};
+  std::atomic<bool> done{false};
+  std::thread t([&] {
+    unsigned char local[64];
+    local[0] = 1;
+    stack_top = reinterpret_cast<Addr>(local);
+    while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  while (stack_top == 0) std::this_thread::yield();
+  auto ranges = m->AnonymousRanges();
+  bool covered = false;
+  for (auto [s, len] : ranges) covered |= stack_top >= s && stack_top < s + len;
+  m->BeginFullScan();
+  PageState st = ProbeOne(*m, stack_top & ~(kPageSize - 1));
+  done = true;
+  t.join();
+  if (m->protection() == Protection::kMprotect) {
+    EXPECT_FALSE(covered);
+    EXPECT_EQ(st, PageState::kAbsent);
+  } else {
+    EXPECT_TRUE(covered);  // a blocked writer is fine under userfaultfd
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Protections, LinuxMemoryTest,
+                         ::testing::Values(Protection::kMprotect,
+                                           Protection::kUserfaultfd),
+                         [](const auto& info) {
+                           return info.param == Protection::kMprotect
+                                      ? "Mprotect"
+                                      : "Userfaultfd";
+                         });
+
+}  // namespace
+}  // namespace samepage::backend

@@ -1,0 +1,107 @@
+// The maps/smaps parser on fixed text, and on this process's own maps.
+
+#include "backend/proc_maps.h"
+
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+namespace samepage::backend {
+namespace {
+
+constexpr char kSmaps[] =
+    "55d59742e000-55d597430000 r--p 00000000 fe:00 247134    /usr/bin/cat\n"
+    "Size:                  8 kB\n"
+    "AnonHugePages:         0 kB\n"
+    "VmFlags: rd mr mw me \n"
+    "55d5d5563000-55d5d5584000 rw-p 00000000 00:00 0          [heap]\n"
+    "VmFlags: rd wr mr mw me ac \n"
+    "7f585c2a8000-7f585c2ca000 rw-p 00000000 00:00 0 \n"
+    "VmFlags: rd wr mr mw me lo ac \n"
+    "7f0000001000-7f0000002000 rw-p 00003000 00:01 1129   /memfd:samepage "
+    "(deleted)\n"
+    "7f0000002000-7f0000003000 rw-s 00000000 00:01 77     /dev/zero (deleted)\n"
+    "7f585c51a000-7f585c51e000 r--p 00000000 00:00 0      [vvar]\n"
+    "7f585c600000-7f585c601000 rw-p 00000000 00:00 0      [anon:my arena]\n";
+
+TEST(ProcMapsTest, ParsesHeadersAndVmFlags) {
+  std::vector<MapEntry> e;
+  ASSERT_TRUE(ParseMaps(kSmaps, &e).ok());
+  ASSERT_EQ(e.size(), 7u);
+  EXPECT_EQ(e[0].start, 0x55d59742e000u);
+  EXPECT_EQ(e[0].end, 0x55d597430000u);
+  EXPECT_TRUE(e[0].read);
+  EXPECT_FALSE(e[0].write);
+  EXPECT_EQ(e[0].inode, 247134u);
+  EXPECT_EQ(e[0].dev_major, 0xfeu);
+  EXPECT_EQ(e[0].path, "/usr/bin/cat");
+  EXPECT_TRUE(e[0].has_vm_flags);
+  EXPECT_TRUE(e[1].HasVmFlag("wr"));
+  EXPECT_FALSE(e[1].HasVmFlag("w"));
+  EXPECT_TRUE(IsPrivateAnonymous(e[1]));
+  EXPECT_FALSE(IsSpecialMapping(e[1]));
+  EXPECT_FALSE(HasUnmergeableVmFlags(e[1]));
+  EXPECT_TRUE(HasUnmergeableVmFlags(e[2]));  // mlocked
+  EXPECT_EQ(e[3].path, "/memfd:samepage (deleted)");
+  EXPECT_EQ(e[3].offset, 0x3000u);
+  EXPECT_EQ(e[3].dev_minor, 1u);
+  EXPECT_FALSE(IsPrivateAnonymous(e[3]));
+  EXPECT_TRUE(e[4].shared);
+  EXPECT_TRUE(IsSpecialMapping(e[5]));
+  EXPECT_TRUE(IsPrivateAnonymous(e[6]));
+  EXPECT_FALSE(IsSpecialMapping(e[6]));
+  EXPECT_EQ(e[6].path, "[anon:my arena]");
+}
+
+TEST(ProcMapsTest, UffdWriteProtectFlagIsOnlyFineWhenOurs) {
+  std::vector<MapEntry> e;
+  ASSERT_TRUE(ParseMaps("1000-2000 rw-p 0 00:00 0\nVmFlags: rd wr uw\n"
+                        "2000-3000 rw-p 0 00:00 0\nVmFlags: rd wr um\n",
+                        &e)
+                  .ok());
+  ASSERT_EQ(e.size(), 2u);
+  EXPECT_TRUE(HasUnmergeableVmFlags(e[0]));
+  EXPECT_FALSE(HasUnmergeableVmFlags(e[0], /*uffd_wp_is_ours=*/true));
+  EXPECT_TRUE(HasUnmergeableVmFlags(e[1], /*uffd_wp_is_ours=*/true));
+}
+
+TEST(ProcMapsTest, RejectsMalformedHeaders) {
+  std::vector<MapEntry> e;
+  EXPECT_EQ(ParseMaps("1000-2000 rw-x 0 00:00 0\n", &e).code(), EINVAL);
+  EXPECT_EQ(ParseMaps("2000-1000 rw-p 0 00:00 0\n", &e).code(), EINVAL);
+  EXPECT_EQ(ParseMaps("1000-2000 rw-p zz 00:00 0\n", &e).code(), EINVAL);
+  EXPECT_TRUE(ParseMaps("", &e).ok());
+  EXPECT_TRUE(e.empty());
+}
+
+TEST(ProcMapsTest, ReadErrorsCarryErrno) {
+  std::vector<MapEntry> e;
+  Status s = ReadMaps("/nonexistent/maps", &e);
+  EXPECT_EQ(s.code(), ENOENT);
+  EXPECT_NE(s.message().find("/nonexistent/maps"), std::string::npos);
+  EXPECT_EQ(CountMappings("/nonexistent/maps"), -1);
+}
+
+TEST(ProcMapsTest, SeesOwnMappings) {
+  void* p = mmap(nullptr, 3 * 4096, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  long n1 = CountMappings("/proc/self/maps");
+  ASSERT_EQ(mprotect(static_cast<char*>(p) + 4096, 4096, PROT_READ), 0);
+  EXPECT_EQ(CountMappings("/proc/self/maps"), n1 + 2);
+  std::vector<MapEntry> e;
+  ASSERT_TRUE(ReadMaps("/proc/self/smaps", &e).ok());
+  bool found = false;
+  for (const auto& m : e) {
+    if (m.start == reinterpret_cast<Addr>(p) + 4096) {
+      found = true;
+      EXPECT_FALSE(m.write);
+      EXPECT_TRUE(m.has_vm_flags);
+      EXPECT_TRUE(m.HasVmFlag("rd"));
+    }
+  }
+  EXPECT_TRUE(found);
+  munmap(p, 3 * 4096);
+}
+
+}  // namespace
+}  // namespace samepage::backend
