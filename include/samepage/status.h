@@ -7,6 +7,7 @@
 #ifndef SAMEPAGE_STATUS_H_
 #define SAMEPAGE_STATUS_H_
 
+#include <cstring>
 #include <string>
 #include <utility>
 
@@ -23,7 +24,10 @@ class [[nodiscard]] Status {
   bool ok() const { return code_ == 0; }
   int code() const { return code_; }
   const std::string& message() const { return message_; }
-  std::string ToString() const;
+  std::string ToString() const {
+    if (ok()) return "OK";
+    return message_ + " (" + std::strerror(code_) + ")";
+  }
 
  private:
   Status(int code, std::string message)

@@ -19,6 +19,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <condition_variable>
 #include <memory>
@@ -32,6 +33,9 @@
 
 namespace samepage {
 namespace {
+
+using backend::LinuxMemory;
+using backend::LinuxMemoryOptions;
 
 // Batch size for RunFullScans: large, so a full scan needs few lock rounds.
 constexpr std::size_t kSyncScanBatch = 1 << 16;
@@ -87,7 +91,7 @@ class EngineImpl final : public Engine {
       return Status::Error(EINVAL, "madvise: range wraps around");
     }
     if (rounded == 0) return Status::Ok();
-    std::lock_guard<std::mutex> lock(mu_);
+    ControlLock lock(this);
     std::vector<std::pair<Addr, std::size_t>> parts;
     // The kernel applies advice to the mapped parts of a range with holes and
     // still returns ENOMEM; so do we.
@@ -104,7 +108,7 @@ class EngineImpl final : public Engine {
   }
 
   Status SetMergeAny(bool on) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    ControlLock lock(this);
     if (on == merge_any_) return Status::Ok();
     if (on) {
       merge_any_ = true;
@@ -124,7 +128,7 @@ class EngineImpl final : public Engine {
   }
 
   bool MergeAny() const override {
-    std::lock_guard<std::mutex> lock(mu_);
+    ControlLock lock(this);
     return merge_any_;
   }
 
@@ -133,13 +137,13 @@ class EngineImpl final : public Engine {
       return Status::Error(ENOENT, "no such file in /sys/kernel/mm/ksm: " +
                                        std::string(name));
     }
-    std::lock_guard<std::mutex> lock(mu_);
+    ControlLock lock(this);
     *text = FormatKnob(ksm_->knobs(), ksm_->GetCounters(), name);
     return Status::Ok();
   }
 
   Status WriteKnob(std::string_view name, std::string_view text) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    ControlLock lock(this);
     Knobs& knobs = ksm_->knobs();
     const Knobs before = knobs;
     KnobContext ctx;
@@ -147,8 +151,10 @@ class EngineImpl final : public Engine {
     Status st = samepage::WriteKnob(&knobs, name, text, ctx);
     if (!st.ok()) return st;
     if (knobs.advisor_mode != before.advisor_mode) ksm_->ResetAdvisor();
-    if (knobs.run != before.run || name == "run") {
+    // Like run_store(): only a change of value acts.
+    if (knobs.run != before.run) {
       if (knobs.run == 2 && !ksm_->UnmergeAll()) {
+        knobs.run = 0;
         return Status::Error(ENOMEM, "run=2: could not restore every merged "
                                      "page");
       }
@@ -165,37 +171,37 @@ class EngineImpl final : public Engine {
   }
 
   std::string KsmStatText() override {
-    std::lock_guard<std::mutex> lock(mu_);
+    ControlLock lock(this);
     return FormatKsmStat(SpaceStatLocked());
   }
 
   std::string KsmMergingPagesText() override {
-    std::lock_guard<std::mutex> lock(mu_);
+    ControlLock lock(this);
     return FormatMergingPages(SpaceStatLocked());
   }
 
   std::size_t ScanNow(std::size_t pages) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    ControlLock lock(this);
     return ScanLocked(pages, /*stop_at_scan_end=*/false);
   }
 
   void RunFullScans(int count) override {
-    std::unique_lock<std::mutex> lock(mu_);
+    ControlLock lock(this);
     const std::uint64_t target = ksm_->GetCounters().full_scans + count;
     while (ksm_->GetCounters().full_scans < target) {
       if (ksm_->AdvisedPages() == 0) return;
       ScanLocked(kSyncScanBatch, /*stop_at_scan_end=*/true);
-      // Let the background scanner and other callers in between batches.
-      lock.unlock();
-      lock.lock();
+      lock.Yield();  // let waiting callers in between batches
     }
   }
 
   EngineStats Stats() override {
-    std::lock_guard<std::mutex> lock(mu_);
+    ControlLock lock(this);
     const MemoryStats m = memory_->Stats();
     EngineStats s;
-    s.protection = memory_->ProtectionName();
+    s.protection = memory_->protection() == LinuxMemory::Protection::kUserfaultfd
+                       ? "userfaultfd"
+                       : "mprotect";
     s.frames_in_use = m.frames_in_use;
     s.frames_pinned = m.frames_pinned;
     s.vma_budget = m.vma_budget;
@@ -262,7 +268,7 @@ class EngineImpl final : public Engine {
   void StopScanner() {
     std::unique_ptr<std::thread> t;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      ControlLock lock(this);
       stop_ = true;
       cv_.notify_all();
       t = std::move(scanner_);
@@ -282,9 +288,10 @@ class EngineImpl final : public Engine {
       ScanLocked(k.pages_to_scan, /*stop_at_scan_end=*/false);
       const std::uint32_t sleep_ms = ksm_->knobs().sleep_millisecs;
       if (sleep_ms == 0) {
-        // Give waiting control calls a turn even at full speed.
+        // std::mutex is not fair: without a handoff, a scanner at full speed
+        // takes it back before a waiting control call ever gets it.
         lock.unlock();
-        std::this_thread::yield();
+        HandOff();
         lock.lock();
       } else {
         cv_.wait_for(lock, std::chrono::milliseconds(sleep_ms));
@@ -320,6 +327,37 @@ class EngineImpl final : public Engine {
                      g_engines->end());
   }
 
+  // Holds mu_ for a control call; counts as a waiter until it has it, so the
+  // scanner hands the lock over between batches.
+  class ControlLock {
+   public:
+    explicit ControlLock(const EngineImpl* e) : e_(e) {
+      e_->waiters_.fetch_add(1, std::memory_order_acq_rel);
+      e_->mu_.lock();
+      e_->waiters_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+    ~ControlLock() { e_->mu_.unlock(); }
+    void Yield() {
+      e_->mu_.unlock();
+      e_->HandOff();
+      e_->mu_.lock();
+    }
+    ControlLock(const ControlLock&) = delete;
+    ControlLock& operator=(const ControlLock&) = delete;
+
+   private:
+    const EngineImpl* e_;
+  };
+
+  // Called without mu_: waits (briefly) until callers queued for mu_ got it.
+  void HandOff() const {
+    for (int spin = 0; waiters_.load(std::memory_order_acquire) > 0; ++spin) {
+      if (spin > 100000) break;  // bounded: never wait on a stuck caller
+      std::this_thread::yield();
+    }
+  }
+
+  mutable std::atomic<int> waiters_{0};
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::unique_ptr<LinuxMemory> memory_;  // guarded by mu_

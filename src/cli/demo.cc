@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <memory>
@@ -104,6 +105,7 @@ int RunDemo(const DemoOptions& options) {
              w.scattered_pages, Workload::kPool);
   fmt::print("  {:>8} zero pages\n", w.zero_pages);
   fmt::print("  {:>8} unique pages\n\n", w.unique_pages);
+  std::fflush(stdout);  // before the progress line on stderr
 
   const std::size_t bytes = w.pages * kPage;
   void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,

@@ -142,6 +142,7 @@ bool Ksm::UnmergeAll() {
   }
   unstable_.clear();
   in_scan_ = false;
+  full_scans_ = 0;  // the kernel's full_scans is the scan sequence, reset here
   return ok;
 }
 

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -175,7 +176,7 @@ TEST(Engine, RunTwoUnmergesEverything) {
 TEST(Engine, BackgroundScannerMergesWhileRunIsOne) {
   auto e = NewEngine();
   Mapping m(1000);
-  for (std::size_t i = 0; i < 1000; ++i) m.Fill(i, i % 500);
+  for (std::size_t i = 0; i < 1000; ++i) m.FillKey(i, i % 500);
   ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
   Set(*e, "pages_to_scan", "5000");
   Set(*e, "sleep_millisecs", "0");
@@ -188,7 +189,7 @@ TEST(Engine, BackgroundScannerMergesWhileRunIsOne) {
   Set(*e, "run", "0");
   EXPECT_EQ(Counter(*e, "pages_sharing"), 500);
   EXPECT_EQ(Counter(*e, "pages_shared"), 500);
-  for (std::size_t i = 0; i < 1000; ++i) ASSERT_TRUE(m.Holds(i, i % 500)) << i;
+  for (std::size_t i = 0; i < 1000; ++i) ASSERT_TRUE(m.HoldsKey(i, i % 500)) << i;
 }
 
 TEST(Engine, MergeAnyCoversMappingsWithoutMadvise) {
@@ -275,9 +276,14 @@ TEST(Engine, ForkChildAndParentSeeOnlyTheirOwnWrites) {
 }
 
 // Application threads keep writing while the scanner merges at full speed:
-// every increment must survive.
-TEST(Engine, ConcurrentWritersLoseNoWrite) {
-  auto e = NewEngine();
+// every increment must survive, in both write-protection modes.
+class ConcurrentWriters
+    : public ::testing::TestWithParam<EngineOptions::Protection> {};
+
+TEST_P(ConcurrentWriters, LoseNoWrite) {
+  EngineOptions options;
+  options.protection = GetParam();
+  auto e = NewEngine(options);
   constexpr std::size_t kPages = 512;
   constexpr int kWriters = 2;
   Mapping m(kPages);
@@ -303,11 +309,22 @@ TEST(Engine, ConcurrentWritersLoseNoWrite) {
           *counter = *counter + 1;
           ++expected[w][k];
         }
-        if (rng() % 4 == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
+        // Pause now and then for a few full scans, so that the pages stay
+        // unchanged long enough to merge; the next pass then meets merges in
+        // progress and merged pages alike.
+        if (rng() % 2 == 0) {
+          std::this_thread::sleep_for(std::chrono::microseconds(3000 + rng() % 7000));
+        }
       }
     });
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  // Watch merging happen while the writers run.
+  std::int64_t max_sharing = 0;
+  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(1500);
+  while (std::chrono::steady_clock::now() < end) {
+    max_sharing = std::max(max_sharing, Counter(*e, "pages_sharing"));
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
   stop = true;
   for (auto& t : writers) t.join();
   Set(*e, "run", "0");
@@ -320,10 +337,23 @@ TEST(Engine, ConcurrentWritersLoseNoWrite) {
     }
   }
   EXPECT_GT(Counter(*e, "full_scans"), 2);
-  std::printf("[ info ] %lu full scans, %lu writes waited on a merge window\n",
-              (unsigned long)Counter(*e, "full_scans"),
+  EXPECT_GT(max_sharing, 0) << "the writers never met a merge";
+  std::printf("[ info ] protection=%s: %ld full scans, up to %ld pages "
+              "sharing, %lu merges refused, %lu writes waited in the fault "
+              "handler\n",
+              stats.protection.c_str(), (long)Counter(*e, "full_scans"),
+              (long)max_sharing, (unsigned long)stats.merge_failures,
               (unsigned long)stats.protect_faults);
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    Engine, ConcurrentWriters,
+    ::testing::Values(EngineOptions::Protection::kMprotect,
+                      EngineOptions::Protection::kAuto),
+    [](const auto& info) {
+      return info.param == EngineOptions::Protection::kMprotect ? "Mprotect"
+                                                                : "Auto";
+    });
 
 TEST(Engine, VmaBudgetExhaustedDegradesGracefully) {
   EngineOptions options;
@@ -332,7 +362,12 @@ TEST(Engine, VmaBudgetExhaustedDegradesGracefully) {
   // Scattered pairs: each merge needs mappings of its own.
   constexpr std::size_t kPages = 400;
   Mapping m(kPages);
-  for (std::size_t i = 0; i < kPages; ++i) m.Fill(i, (i * 7919) % (kPages / 2));
+  // Page i < 200 holds key i; its twin sits at a random place in the upper
+  // half, so no two merges form a run.
+  std::vector<std::uint64_t> key(kPages);
+  for (std::size_t i = 0; i < kPages / 2; ++i) key[i] = key[kPages / 2 + i] = i;
+  std::shuffle(key.begin() + kPages / 2, key.end(), std::mt19937(7));
+  for (std::size_t i = 0; i < kPages; ++i) m.FillKey(i, key[i]);
   ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
   e->RunFullScans(3);
   const EngineStats s = e->Stats();
@@ -342,7 +377,7 @@ TEST(Engine, VmaBudgetExhaustedDegradesGracefully) {
   EXPECT_GT(saved, 0);
   EXPECT_LT(saved, std::int64_t(kPages / 2));
   for (std::size_t i = 0; i < kPages; ++i) {
-    ASSERT_TRUE(m.Holds(i, (i * 7919) % (kPages / 2))) << i;
+    ASSERT_TRUE(m.HoldsKey(i, key[i])) << i;
     m.page(i)[5] = 1;  // every page still writable
   }
 }
@@ -355,14 +390,7 @@ TEST(Engine, MadviseRejectsBadInputLikeTheKernel) {
   EXPECT_EQ(e->Madvise(m.data(), kPage, MADV_DONTNEED).code(), EINVAL);
   EXPECT_EQ(e->Madvise(m.data(), SIZE_MAX, MADV_MERGEABLE).code(), EINVAL);
   EXPECT_TRUE(e->Madvise(m.data(), 0, MADV_MERGEABLE).ok());
-  EXPECT_EQ(e->Stats().advised_pages, 0u);
-  // A hole: ENOMEM.
-  void* hole = mmap(nullptr, 3 * kPage, PROT_READ | PROT_WRITE,
-                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ASSERT_NE(hole, MAP_FAILED);
-  ASSERT_EQ(munmap(static_cast<char*>(hole) + kPage, kPage), 0);
-  EXPECT_EQ(e->Madvise(hole, 3 * kPage, MADV_MERGEABLE).code(), ENOMEM);
-  munmap(hole, 3 * kPage);
+  EXPECT_EQ(e->Stats().advised_pages, 0u);  // nothing changed
   // Shared and file-backed mappings are silently ignored.
   Mapping shared(4, MAP_SHARED | MAP_ANONYMOUS);
   shared.FillAll(3);
@@ -370,6 +398,16 @@ TEST(Engine, MadviseRejectsBadInputLikeTheKernel) {
   e->RunFullScans(2);
   EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
   EXPECT_EQ(e->Stats().advised_pages, 0u);
+  // A hole: ENOMEM, and (as the kernel does) the mapped parts are marked.
+  void* hole = mmap(nullptr, 3 * kPage, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(hole, MAP_FAILED);
+  ASSERT_EQ(munmap(static_cast<char*>(hole) + kPage, kPage), 0);
+  EXPECT_EQ(e->Madvise(hole, 3 * kPage, MADV_MERGEABLE).code(), ENOMEM);
+  EXPECT_EQ(e->Stats().advised_pages, 2u);
+  EXPECT_EQ(e->Madvise(hole, 3 * kPage, MADV_UNMERGEABLE).code(), ENOMEM);
+  EXPECT_EQ(e->Stats().advised_pages, 0u);
+  munmap(hole, 3 * kPage);
 }
 
 TEST(Engine, KnobErrorsMatchTheKernel) {

@@ -3,7 +3,9 @@
 #ifndef SAMEPAGE_TESTS_INTEGRATION_TEST_UTIL_H_
 #define SAMEPAGE_TESTS_INTEGRATION_TEST_UTIL_H_
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 #include <sys/mman.h>
 
 #include <cstdint>
@@ -42,6 +44,21 @@ class Mapping {
   std::size_t pages() const { return pages_; }
   void Fill(std::size_t i, unsigned char v) { std::memset(page(i), v, kPage); }
   void FillAll(unsigned char v) { std::memset(base_, v, bytes()); }
+  // Page i: `key` in its first 8 bytes, 0x5a after: distinct keys give
+  // distinct pages, beyond the 256 of a fill byte.
+  void FillKey(std::size_t i, std::uint64_t key) {
+    std::memset(page(i), 0x5a, kPage);
+    std::memcpy(page(i), &key, sizeof(key));
+  }
+  bool HoldsKey(std::size_t i, std::uint64_t key) const {
+    std::uint64_t k;
+    std::memcpy(&k, page(i), sizeof(k));
+    if (k != key) return false;
+    for (std::size_t b = sizeof(k); b < kPage; ++b) {
+      if (page(i)[b] != 0x5a) return false;
+    }
+    return true;
+  }
   // True if page i is kPage copies of v.
   bool Holds(std::size_t i, unsigned char v) const {
     for (std::size_t k = 0; k < kPage; ++k) {
@@ -90,14 +107,18 @@ inline long RollupKib(const std::string& field) {
   return -1;
 }
 
-// True if the page at addr is present and a file/shared page
-// (/proc/self/pagemap bit 61): for samepage, a page mapping a frame.
+// True if the page at addr maps a file/shared page (/proc/self/pagemap bit
+// 61): for samepage, a frame. The page is read first, since a freshly merged
+// page has no page-table entry until it is touched.
 inline bool MapsSharedFrame(const void* addr) {
-  std::ifstream in("/proc/self/pagemap", std::ios::binary);
-  in.seekg(std::streamoff(reinterpret_cast<std::uintptr_t>(addr) / kPage * 8));
+  (void)*static_cast<const volatile unsigned char*>(addr);
+  const int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
   std::uint64_t entry = 0;
-  in.read(reinterpret_cast<char*>(&entry), 8);
-  return (entry >> 63 & 1) && (entry >> 61 & 1);
+  const off_t off = off_t(reinterpret_cast<std::uintptr_t>(addr) / kPage * 8);
+  const bool ok = pread(fd, &entry, sizeof(entry), off) == sizeof(entry);
+  close(fd);
+  return ok && (entry >> 63 & 1) && (entry >> 61 & 1);
 }
 
 }  // namespace samepage::testing
