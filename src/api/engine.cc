@@ -10,10 +10,10 @@
 // the application.
 //
 // fork(): prepare takes mu_ (no merge is in flight while the address space is
-// copied); in the child the scanner thread does not exist, the core state is
-// rebuilt from the advised ranges (kernel KSM scans a child afresh too) and
-// the scanner restarts if run is 1. The backend pins every frame a child may
-// map.
+// copied). The backend pins every frame a child may map. In the child the
+// scanner thread does not exist: it restarts if run is 1, and the first
+// caller to take mu_ gives the child a backend of its own and a core rebuilt
+// from the advised ranges (kernel KSM scans a child afresh too).
 
 #include <pthread.h>
 #include <sys/mman.h>
@@ -63,8 +63,10 @@ std::vector<EngineImpl*>* g_engines = nullptr;  // for the fork handlers
 
 class EngineImpl final : public Engine {
  public:
-  explicit EngineImpl(std::unique_ptr<LinuxMemory> memory)
-      : memory_(std::move(memory)),
+  EngineImpl(const LinuxMemoryOptions& options,
+             std::unique_ptr<LinuxMemory> memory)
+      : options_(options),
+        memory_(std::move(memory)),
         ksm_(std::make_unique<Ksm>(memory_.get(), RealClock())) {
     RegisterForFork(this);
   }
@@ -220,18 +222,36 @@ class EngineImpl final : public Engine {
     // The scanner thread does not exist here; its handle must not be joined.
     if (scanner_) (void)scanner_.release();
     stop_ = false;
-    auto ranges = AdvisedRangesLocked();
-    const Knobs knobs = ksm_->knobs();
-    // The old core's frames stay mapped here and in the parent; dropping the
-    // core does not release them, and the backend has pinned them anyway.
-    ksm_ = std::make_unique<Ksm>(memory_.get(), RealClock());
-    ksm_->knobs() = knobs;
-    for (auto [a, n] : ranges) ksm_->Advise(a, n);
-    if (knobs.run == 1) StartScannerLocked();
+    rebuild_after_fork_ = true;  // done by the next caller that takes mu_
+    if (ksm_->knobs().run == 1) StartScannerLocked();
     mu_.unlock();
   }
 
  private:
+  // In a forked child the backend's frame store is shared with the parent and
+  // frozen (its frames pinned), so the child gets a backend of its own and a
+  // core rebuilt from the advised ranges: kernel KSM scans a child afresh too.
+  // If a fresh backend cannot be made, the frozen one stays: its merges fail
+  // and leave memory as it is.
+  void RebuildAfterForkLocked() {
+    if (!rebuild_after_fork_) return;
+    rebuild_after_fork_ = false;
+    LinuxMemoryOptions options = options_;
+    options.adopted_memfds = memory_->MemfdLineage();
+    std::unique_ptr<LinuxMemory> fresh;
+    if (!LinuxMemory::Create(options, &fresh).ok()) return;
+    options_ = options;
+    const auto ranges = ksm_->AdvisedRanges();
+    const Knobs knobs = ksm_->knobs();
+    // The parent's frames stay mapped here: the old backend is never torn
+    // down in the child, and the old core never releases them.
+    (void)memory_.release();
+    memory_ = std::move(fresh);
+    ksm_ = std::make_unique<Ksm>(memory_.get(), RealClock());
+    ksm_->knobs() = knobs;
+    for (auto [a, n] : ranges) ksm_->Advise(a, n);
+  }
+
   SpaceStat SpaceStatLocked() const {
     SpaceStat s = ksm_->GetSpaceStat();
     s.merge_any = merge_any_;
@@ -280,6 +300,7 @@ class EngineImpl final : public Engine {
   void ScannerLoop() {
     std::unique_lock<std::mutex> lock(mu_);
     while (!stop_) {
+      RebuildAfterForkLocked();
       const Knobs& k = ksm_->knobs();
       if (k.run != 1 || ksm_->AdvisedPages() == 0) {
         cv_.wait(lock);
@@ -335,6 +356,7 @@ class EngineImpl final : public Engine {
       e_->waiters_.fetch_add(1, std::memory_order_acq_rel);
       e_->mu_.lock();
       e_->waiters_.fetch_sub(1, std::memory_order_acq_rel);
+      const_cast<EngineImpl*>(e_)->RebuildAfterForkLocked();
     }
     ~ControlLock() { e_->mu_.unlock(); }
     void Yield() {
@@ -360,6 +382,8 @@ class EngineImpl final : public Engine {
   mutable std::atomic<int> waiters_{0};
   mutable std::mutex mu_;
   std::condition_variable cv_;
+  LinuxMemoryOptions options_;  // guarded by mu_
+  bool rebuild_after_fork_ = false;      // guarded by mu_
   std::unique_ptr<LinuxMemory> memory_;  // guarded by mu_
   std::unique_ptr<Ksm> ksm_;             // guarded by mu_
   bool merge_any_ = false;               // guarded by mu_
@@ -371,10 +395,11 @@ class EngineImpl final : public Engine {
 
 Status Engine::Create(const EngineOptions& options,
                       std::unique_ptr<Engine>* engine) {
+  const LinuxMemoryOptions backend_options = ToBackendOptions(options);
   std::unique_ptr<LinuxMemory> memory;
-  Status st = LinuxMemory::Create(ToBackendOptions(options), &memory);
+  Status st = LinuxMemory::Create(backend_options, &memory);
   if (!st.ok()) return st;
-  *engine = std::make_unique<EngineImpl>(std::move(memory));
+  *engine = std::make_unique<EngineImpl>(backend_options, std::move(memory));
   return Status::Ok();
 }
 

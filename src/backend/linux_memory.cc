@@ -235,8 +235,21 @@ bool LinuxMemory::IsTouchable(Addr page) const {
 }
 
 bool LinuxMemory::IsOurMemfd(const MapEntry& e) const {
-  return e.inode == store_.inode() && e.dev_major == major(store_.dev()) &&
-         e.dev_minor == minor(store_.dev());
+  auto is = [&e](dev_t dev, ino_t ino) {
+    return e.inode == ino && e.dev_major == major(dev) &&
+           e.dev_minor == minor(dev);
+  };
+  if (is(store_.dev(), store_.inode())) return true;
+  for (auto [dev, ino] : options_.adopted_memfds) {
+    if (is(dev, ino)) return true;
+  }
+  return false;
+}
+
+std::vector<std::pair<dev_t, ino_t>> LinuxMemory::MemfdLineage() const {
+  auto lineage = options_.adopted_memfds;
+  lineage.emplace_back(store_.dev(), store_.inode());
+  return lineage;
 }
 
 bool LinuxMemory::Eligible(const MapEntry& e) const {

@@ -67,6 +67,11 @@ struct LinuxMemoryOptions {
   std::string maps_path = "/proc/self/smaps";
   std::string pagemap_path = "/proc/self/pagemap";
   std::string max_map_count_path = "/proc/sys/vm/max_map_count";
+  // Frame stores of ancestors (a forked child's parent), as (dev, inode):
+  // their private mappings count as merged pages of ours for probing,
+  // merging over and unmerging, but their frames are never allocated or
+  // freed here.
+  std::vector<std::pair<dev_t, ino_t>> adopted_memfds;
 };
 
 class LinuxMemory final : public Memory {
@@ -140,6 +145,8 @@ class LinuxMemory final : public Memory {
   std::vector<Range> AnonymousRanges();
 
   FrameStore& frame_store() { return store_; }
+  // This store's memfd and the adopted ones: what a child adopts.
+  std::vector<std::pair<dev_t, ino_t>> MemfdLineage() const;
   // The cached view and exclusions, one interval per line (debugging).
   std::string DebugString() const;
   // Refreshes the maps view now (also done by BeginFullScan).

@@ -275,6 +275,44 @@ TEST(Engine, ForkChildAndParentSeeOnlyTheirOwnWrites) {
   for (int fd : {to_child[0], to_child[1], to_parent[0], to_parent[1]}) close(fd);
 }
 
+// A forked child keeps its mergeable ranges and merges on its own, with its
+// own frames, while the parent's frames stay intact for both.
+TEST(Engine, ForkedChildMergesItsOwnPages) {
+  auto e = NewEngine();
+  constexpr std::size_t kPages = 32;
+  Mapping m(kPages);
+  m.FillAll('A');
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), std::int64_t(kPages) - 1);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int code = 0;
+    for (std::size_t i = 0; i < kPages; ++i) m.Fill(i, 'K');  // all copied
+    e->RunFullScans(3);
+    if (Counter(*e, "pages_sharing") != std::int64_t(kPages) - 1) code |= 1;
+    for (std::size_t i = 0; i < kPages; ++i) {
+      if (!m.Holds(i, 'K')) code |= 2;
+      if (!MapsSharedFrame(m.page(i))) code |= 4;
+    }
+    m.page(5)[0] = 'x';  // copy-on-write in the child's own frames
+    if (m.page(6)[0] != 'K') code |= 8;
+    _exit(code);
+  }
+  int status = 0;
+  pid_t r = 0;
+  for (int i = 0; i < 4000 && (r = waitpid(pid, &status, WNOHANG)) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (r == 0) kill(pid, SIGKILL), waitpid(pid, &status, 0);
+  ASSERT_EQ(r, pid) << "child did not finish";
+  ASSERT_TRUE(WIFEXITED(status)) << "child died: signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "bits " << WEXITSTATUS(status);
+  for (std::size_t i = 0; i < kPages; ++i) EXPECT_TRUE(m.Holds(i, 'A')) << i;
+  EXPECT_EQ(Counter(*e, "pages_sharing"), std::int64_t(kPages) - 1);
+}
+
 // Application threads keep writing while the scanner merges at full speed:
 // every increment must survive, in both write-protection modes.
 class ConcurrentWriters
