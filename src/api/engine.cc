@@ -215,6 +215,27 @@ class EngineImpl final : public Engine {
     return s;
   }
 
+  // Engine::UnmergeForDiscard for this engine: unadvise and re-advise the
+  // advised parts of [start, end), which restores their merged pages.
+  Status UnmergeForDiscard(Addr start, Addr end) {
+    ControlLock lock(this);
+    // Nothing merged here, nor inherited from a parent: nothing to restore.
+    if (memory_->Stats().frames_in_use == 0 && options_.adopted_memfds.empty())
+      return Status::Ok();
+    bool ok = true;
+    for (auto [a, n] : AdvisedRangesLocked()) {
+      const Addr from = std::max(start, a);
+      const Addr to = std::min(end, a + n * kPageSize);
+      if (from >= to) continue;
+      const std::size_t pages = (to - from) / kPageSize;
+      ok &= ksm_->Unadvise(from, pages);
+      ksm_->Advise(from, pages);
+    }
+    return ok ? Status::Ok()
+              : Status::Error(ENOMEM, "madvise discard: could not restore "
+                                      "every merged page");
+  }
+
   // --- fork ---
   void BeforeFork() { mu_.lock(); }
   void AfterForkParent() { mu_.unlock(); }
@@ -272,6 +293,9 @@ class EngineImpl final : public Engine {
   std::size_t ScanLocked(std::size_t pages, bool stop_at_scan_end) {
     const std::uint64_t scans = ksm_->GetCounters().full_scans;
     const std::size_t n = ksm_->ScanBatch(pages, stop_at_scan_end);
+#ifndef NDEBUG
+    ksm_->CheckInvariants();  // debug builds: every batch, on real memory
+#endif
     // merge-any covers mappings made later too: look for them once per scan.
     if (merge_any_ && ksm_->GetCounters().full_scans != scans) {
       AdviseAllAnonymousLocked();
@@ -392,6 +416,21 @@ class EngineImpl final : public Engine {
 };
 
 }  // namespace
+
+Status Engine::UnmergeForDiscard(void* addr, std::size_t len) {
+  const Addr start = reinterpret_cast<Addr>(addr) & ~(kPageSize - 1);
+  const Addr end = reinterpret_cast<Addr>(addr) + len;
+  if (len == 0 || end < start) return Status::Ok();  // the kernel decides
+  const Addr end_page = (end + kPageSize - 1) & ~(kPageSize - 1);
+  std::lock_guard<std::mutex> lock(g_engines_mu);
+  if (g_engines == nullptr) return Status::Ok();
+  Status result = Status::Ok();
+  for (EngineImpl* e : *g_engines) {
+    Status s = e->UnmergeForDiscard(start, end_page == 0 ? end : end_page);
+    if (!s.ok()) result = s;
+  }
+  return result;
+}
 
 Status Engine::Create(const EngineOptions& options,
                       std::unique_ptr<Engine>* engine) {

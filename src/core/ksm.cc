@@ -323,6 +323,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end) {
       // End of a full scan: merges planned so far refer to this scan's
       // unstable index, so they run before it is dropped.
       ExecutePlans();
+      ForgetGone();
       ++full_scans_;
       RunAdvisor();
       // The next scan begins (dropping the unstable index) on the next visit,
@@ -350,12 +351,29 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end) {
     cursor_ += i * kPageSize;
   }
   ExecutePlans();
+  ForgetGone();
   return scanned;
+}
+
+void Ksm::ForgetGone() {
+  // Runs of consecutive pages are forgotten with one call each.
+  std::size_t i = 0;
+  while (i < gone_.size()) {
+    std::size_t j = i + 1;
+    while (j < gone_.size() && gone_[j] == gone_[j - 1] + kPageSize) ++j;
+    Forget(gone_[i], j - i);
+    i = j;
+  }
+  gone_.clear();
 }
 
 void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   if (state == PageState::kGone) {
+    // Unmapped (or no longer mergeable memory): it leaves the advised ranges,
+    // so whatever is mapped there later is not merged, as the kernel would
+    // not merge a new mapping.
     ResetItem(addr, item);
+    gone_.push_back(addr);
     return;
   }
   if (state == PageState::kAbsent) {

@@ -163,6 +163,7 @@ class Ksm {
   const Item* FindItem(Addr addr) const;
 
   void VisitPage(Addr addr, Item& item, PageState state);
+  void ForgetGone();  // drops the pages found gone in this batch
   void BeginFullScan();
   void ExecutePlans();
 
@@ -203,6 +204,7 @@ class Ksm {
   std::vector<PairPlan> pair_plans_;
   std::vector<StablePlan> stable_plans_;
   std::vector<ZeroPlan> zero_plans_;
+  std::vector<Addr> gone_;  // pages found unmapped in this batch, ascending
   // Scratch for Memory calls, reused across batches.
   std::vector<Addr> addr_a_, addr_b_;
   std::vector<FrameId> frames_;

@@ -227,6 +227,21 @@ TEST_F(KsmTest, UnmappedRangesAreForgottenWithoutReleasingMappedFrames) {
   EXPECT_EQ(mem_.frames_live(), 0u);
 }
 
+TEST_F(KsmTest, AMappingMadeWhereAdvisedMemoryWasIsNotMerged) {
+  Setup(4, [](std::size_t) { return 8; });
+  FullScans(2);
+  ASSERT_EQ(ksm_.GetCounters().pages_sharing, 3u);
+  mem_.Unmap(kBase, 4);
+  FullScans(1);  // the scanner finds the hole
+  EXPECT_EQ(ksm_.AdvisedPages(), 0u);
+  mem_.Map(kBase, 4);  // something new lands at the same address
+  for (std::size_t i = 0; i < 4; ++i) mem_.Write(Page(i), 8);
+  ksm_.ScanBatch(100);
+  ksm_.ScanBatch(100);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 0u);
+  EXPECT_FALSE(mem_.MapsFrame(Page(0)));
+}
+
 TEST_F(KsmTest, BudgetExhaustionLeavesPagesIntact) {
   mem_.merge_budget = 5;
   Setup(20, [](std::size_t) { return 6; });
@@ -334,7 +349,10 @@ TEST_P(KsmRandomTest, MatchesModel) {
     } else if (op < 92) {
       const std::size_t m = std::min(n, kPages - i);
       mem.Unmap(Page(i), m);  // the application unmaps behind samepage's back
-      for (std::size_t k = 0; k < m; ++k) model.erase(Page(i + k));
+      for (std::size_t k = 0; k < m; ++k) {
+        model.erase(Page(i + k));
+        advised.erase(Page(i + k));  // forgotten when the scanner sees it
+      }
     } else if (op < 95) {
       const std::size_t m = std::min(n, kPages - i);
       // Remap what was unmapped, fresh and untouched.
