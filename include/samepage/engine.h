@@ -86,6 +86,15 @@ class Engine {
   virtual void RunFullScans(int count) = 0;
 
   virtual EngineStats Stats() = 0;
+
+  // For the LD_PRELOAD layer: the application is about to drop
+  // [addr, addr + len) with MADV_DONTNEED, MADV_FREE or MADV_REMOVE. Every
+  // engine of the process unmerges its merged pages there (they stay marked
+  // mergeable), so that once dropped they read back as zeros, as anonymous
+  // memory does. Cheap when nothing is merged. The caller then passes the
+  // madvise on to the kernel.
+  // REQUIRES: not called from a thread that holds an engine's lock.
+  static Status UnmergeForDiscard(void* addr, std::size_t len);
 };
 
 }  // namespace samepage
