@@ -322,6 +322,8 @@ class EngineImpl final : public Engine {
 
   // ksmd: scan pages_to_scan pages, sleep sleep_millisecs, while run is 1.
   void ScannerLoop() {
+    // Named like ksmd's role, so tools can find its CPU time in /proc.
+    pthread_setname_np(pthread_self(), "samepage-ksmd");
     std::unique_lock<std::mutex> lock(mu_);
     while (!stop_) {
       RebuildAfterForkLocked();
