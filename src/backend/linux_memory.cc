@@ -443,6 +443,43 @@ void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
   }
 }
 
+// Opens a window over n pages at base, write-protects them and runs
+// body(how); on any failure to get there, fills local[0..n) with the reason
+// and does not run body. The window is closed (waiters woken) on return.
+template <typename Body>
+void LinuxMemory::InProtectedWindow(Addr base, std::size_t n,
+                                    std::uint64_t cost, MergeResult* local,
+                                    Body&& body) {
+  const std::size_t len = n * kPageSize;
+  if (!BudgetAllows(cost)) {
+    std::fill(local, local + n, MergeResult::kNoBudget);
+    return;
+  }
+  WindowLock lock;
+  const int slot = OpenWindow(base, base + len);
+  if (slot < 0) {
+    std::fill(local, local + n, MergeResult::kFailed);
+    return;
+  }
+  ProtectMethod how;
+  const int err = protector_->Protect(base, len, &how);
+  if (err != 0) {
+    std::fill(local, local + n, ClassifyProtectError(err, base, len));
+  } else {
+    body(how);
+  }
+  CloseWindow(slot);
+}
+
+// Results leave backend-owned memory only after the window closed.
+void LinuxMemory::CopyOutResults(const MergeResult* local, std::size_t n,
+                                 MergeResult* out) {
+  for (std::size_t k = 0; k < n; ++k) {
+    if (local[k] == MergeResult::kNoBudget) ++budget_skips_;
+    out[k] = local[k];
+  }
+}
+
 void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
                                        const FrameId* frames,
                                        MergeResult* out) {
@@ -451,81 +488,59 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
   Interval mapped[kMaxWindowPages];
   bool registered[kMaxWindowPages];
   std::size_t nmapped = 0;
-  const std::size_t len = n * kPageSize;
   constexpr std::uint64_t kWindowCost = 2;  // mprotect splits the VMA
   std::uint64_t added = 0;
-  if (!BudgetAllows(kWindowCost)) {
-    std::fill(local, local + n, MergeResult::kNoBudget);
-  } else {
-    WindowLock lock;
-    int slot = OpenWindow(base, base + len);
-    if (slot < 0) {
-      std::fill(local, local + n, MergeResult::kFailed);
-    } else {
-      ProtectMethod how;
-      int err = protector_->Protect(base, len, &how);
-      if (err != 0) {
-        std::fill(local, local + n, ClassifyProtectError(err, base, len));
+  InProtectedWindow(base, n, kWindowCost, local, [&](ProtectMethod how) {
+    for (std::size_t k = 0; k < n; ++k) {
+      bool equal = false;
+      if (!GuardedEqual(Ptr(base + k * kPageSize),
+                        store_.FrameAddress(frames[k]), kPageSize, &equal)) {
+        local[k] = MergeResult::kGone;
       } else {
-        for (std::size_t k = 0; k < n; ++k) {
-          bool equal = false;
-          if (!GuardedEqual(Ptr(base + k * kPageSize),
-                            store_.FrameAddress(frames[k]), kPageSize,
-                            &equal)) {
-            local[k] = MergeResult::kGone;
-          } else {
-            local[k] = equal ? MergeResult::kMerged : MergeResult::kDiffers;
-          }
-        }
-        // One mmap per run of equal pages with consecutive frames.
-        for (std::size_t k = 0; k < n;) {
-          if (local[k] != MergeResult::kMerged) {
-            ++k;
-            continue;
-          }
-          std::size_t e = k + 1;
-          while (e < n && local[e] == MergeResult::kMerged &&
-                 frames[e] == frames[e - 1] + 1) {
-            ++e;
-          }
-          std::uint64_t cost = (k == 0 && e == n) ? 0 : 2;
-          MergeResult r = MergeResult::kMerged;
-          if (!BudgetAllows(kWindowCost + added + cost)) {
-            r = MergeResult::kNoBudget;
-          } else {
-            Addr at = base + k * kPageSize;
-            void* m = mmap(Ptr(at), (e - k) * kPageSize, kReadWrite,
-                           MAP_PRIVATE | MAP_FIXED, store_.fd(),
-                           store_.FrameOffset(frames[k]));
-            if (m == MAP_FAILED) {
-              r = errno == ENOMEM ? MergeResult::kNoBudget
-                                  : MergeResult::kFailed;
-            } else {
-              protector_->Replaced(at, (e - k) * kPageSize, how);
-              registered[nmapped] =
-                  RegisterWithProtector(at, (e - k) * kPageSize);
-              mapped[nmapped++] = Interval{at, at + (e - k) * kPageSize};
-              added += 2;
-            }
-          }
-          std::fill(local + k, local + e, r);
-          k = e;
-        }
-        UnprotectRest(base, n, local, /*skip_merged=*/true, how);
+        local[k] = equal ? MergeResult::kMerged : MergeResult::kDiffers;
       }
-      CloseWindow(slot);
     }
-  }
+    // One mmap per run of equal pages with consecutive frames.
+    for (std::size_t k = 0; k < n;) {
+      if (local[k] != MergeResult::kMerged) {
+        ++k;
+        continue;
+      }
+      std::size_t e = k + 1;
+      while (e < n && local[e] == MergeResult::kMerged &&
+             frames[e] == frames[e - 1] + 1) {
+        ++e;
+      }
+      std::uint64_t cost = (k == 0 && e == n) ? 0 : 2;
+      MergeResult r = MergeResult::kMerged;
+      if (!BudgetAllows(kWindowCost + added + cost)) {
+        r = MergeResult::kNoBudget;
+      } else {
+        Addr at = base + k * kPageSize;
+        void* m = mmap(Ptr(at), (e - k) * kPageSize, kReadWrite,
+                       MAP_PRIVATE | MAP_FIXED, store_.fd(),
+                       store_.FrameOffset(frames[k]));
+        if (m == MAP_FAILED) {
+          r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
+        } else {
+          protector_->Replaced(at, (e - k) * kPageSize, how);
+          registered[nmapped] = RegisterWithProtector(at, (e - k) * kPageSize);
+          mapped[nmapped++] = Interval{at, at + (e - k) * kPageSize};
+          added += 2;
+        }
+      }
+      std::fill(local + k, local + e, r);
+      k = e;
+    }
+    UnprotectRest(base, n, local, /*skip_merged=*/true, how);
+  });
   vmas_used_ += added;
   for (std::size_t i = 0; i < nmapped; ++i) {
     AddInterval(&frame_mapped_, mapped[i].start, mapped[i].end);
     if (registered[i])
       AddInterval(&uffd_registered_, mapped[i].start, mapped[i].end);
   }
-  for (std::size_t k = 0; k < n; ++k) {
-    if (local[k] == MergeResult::kNoBudget) ++budget_skips_;
-    out[k] = local[k];
-  }
+  CopyOutResults(local, n, out);
 }
 
 void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
@@ -730,64 +745,45 @@ void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
 
 void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
   MergeResult local[kMaxWindowPages];
-  const std::size_t len = n * kPageSize;
-  if (!BudgetAllows(2)) {
-    std::fill(local, local + n, MergeResult::kNoBudget);
-  } else {
-    WindowLock lock;
-    int slot = OpenWindow(base, base + len);
-    if (slot < 0) {
-      std::fill(local, local + n, MergeResult::kFailed);
-    } else {
-      ProtectMethod how;
-      int err = protector_->Protect(base, len, &how);
-      if (err != 0) {
-        std::fill(local, local + n, ClassifyProtectError(err, base, len));
+  InProtectedWindow(base, n, /*cost=*/2, local, [&](ProtectMethod how) {
+    for (std::size_t k = 0; k < n; ++k) {
+      bool zero = false;
+      if (!GuardedIsZero(Ptr(base + k * kPageSize), kPageSize, &zero)) {
+        local[k] = MergeResult::kGone;
       } else {
-        for (std::size_t k = 0; k < n; ++k) {
-          bool zero = false;
-          if (!GuardedIsZero(Ptr(base + k * kPageSize), kPageSize, &zero)) {
-            local[k] = MergeResult::kGone;
-          } else {
-            local[k] = zero ? MergeResult::kMerged : MergeResult::kDiffers;
-          }
-        }
-        for (std::size_t k = 0; k < n;) {
-          if (local[k] != MergeResult::kMerged) {
-            ++k;
-            continue;
-          }
-          std::size_t e = k + 1;
-          while (e < n && local[e] == MergeResult::kMerged) ++e;
-          // MADV_DONTNEED on a private *file* mapping (a merged page's
-          // private copy) would bring back the frame's bytes, not zeros.
-          // MADV_FREE refuses file mappings with EINVAL and is harmless on
-          // zero anonymous pages: use it to check first.
-          Addr at = base + k * kPageSize;
-          std::size_t run = (e - k) * kPageSize;
-          if (madvise(Ptr(at), run, MADV_FREE) == 0) {
-            // MADV_DONTNEED: the page is freed now and reads as the zero page.
-            if (madvise(Ptr(at), run, MADV_DONTNEED) != 0)
-              std::fill(local + k, local + e, MergeResult::kFailed);
-          } else {
-            for (std::size_t i = k; i < e; ++i) {
-              Addr pg = base + i * kPageSize;
-              bool anon = madvise(Ptr(pg), kPageSize, MADV_FREE) == 0;
-              if (!anon || madvise(Ptr(pg), kPageSize, MADV_DONTNEED) != 0)
-                local[i] = MergeResult::kFailed;
-            }
-          }
-          k = e;
-        }
-        UnprotectRest(base, n, local, /*skip_merged=*/false, how);
+        local[k] = zero ? MergeResult::kMerged : MergeResult::kDiffers;
       }
-      CloseWindow(slot);
     }
-  }
-  for (std::size_t k = 0; k < n; ++k) {
-    if (local[k] == MergeResult::kNoBudget) ++budget_skips_;
-    out[k] = local[k];
-  }
+    for (std::size_t k = 0; k < n;) {
+      if (local[k] != MergeResult::kMerged) {
+        ++k;
+        continue;
+      }
+      std::size_t e = k + 1;
+      while (e < n && local[e] == MergeResult::kMerged) ++e;
+      // MADV_DONTNEED on a private *file* mapping (a merged page's
+      // private copy) would bring back the frame's bytes, not zeros.
+      // MADV_FREE refuses file mappings with EINVAL and is harmless on
+      // zero anonymous pages: use it to check first.
+      Addr at = base + k * kPageSize;
+      std::size_t run = (e - k) * kPageSize;
+      if (madvise(Ptr(at), run, MADV_FREE) == 0) {
+        // MADV_DONTNEED: the page is freed now and reads as the zero page.
+        if (madvise(Ptr(at), run, MADV_DONTNEED) != 0)
+          std::fill(local + k, local + e, MergeResult::kFailed);
+      } else {
+        for (std::size_t i = k; i < e; ++i) {
+          Addr pg = base + i * kPageSize;
+          bool anon = madvise(Ptr(pg), kPageSize, MADV_FREE) == 0;
+          if (!anon || madvise(Ptr(pg), kPageSize, MADV_DONTNEED) != 0)
+            local[i] = MergeResult::kFailed;
+        }
+      }
+      k = e;
+    }
+    UnprotectRest(base, n, local, /*skip_merged=*/false, how);
+  });
+  CopyOutResults(local, n, out);
 }
 
 // --- unmerging ---

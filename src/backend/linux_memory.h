@@ -174,6 +174,11 @@ class LinuxMemory final : public Memory {
   Status ApplyMaps(const std::vector<MapEntry>& maps);
   bool RangeMapped(Addr start, std::size_t len) const;
   MergeResult ClassifyProtectError(int err, Addr start, std::size_t len) const;
+  template <typename Body>
+  void InProtectedWindow(Addr base, std::size_t n, std::uint64_t cost,
+                         MergeResult* local, Body&& body);
+  void CopyOutResults(const MergeResult* local, std::size_t n,
+                      MergeResult* out);
   bool BudgetAllows(std::uint64_t extra) const {
     return vmas_used_ + extra <= budget_;
   }
