@@ -56,7 +56,7 @@ sigjmp_buf g_jump;
 volatile sig_atomic_t g_app_handler_calls = 0;
 
 void AppHandler(int, siginfo_t*, void*) {
-  ++g_app_handler_calls;
+  g_app_handler_calls = g_app_handler_calls + 1;
   siglongjmp(g_jump, 1);
 }
 
