@@ -1,0 +1,148 @@
+#include "cli/run.h"
+
+#include <fmt/core.h>
+#include <limits.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <string_view>
+
+#include "api/sysfs_text.h"
+#include "core/knobs.h"
+
+namespace samepage {
+namespace {
+
+#ifndef SAMEPAGE_PRELOAD_NAME
+#define SAMEPAGE_PRELOAD_NAME "libsamepage_preload.so"
+#endif
+#ifndef SAMEPAGE_BIN_TO_LIBDIR
+#define SAMEPAGE_BIN_TO_LIBDIR "../lib"
+#endif
+#ifndef SAMEPAGE_FULL_LIBDIR
+#define SAMEPAGE_FULL_LIBDIR "/usr/local/lib"
+#endif
+
+// The directory of the running executable, from /proc/self/exe.
+std::string ExeDir() {
+  char buf[PATH_MAX];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return "";
+  std::string path(buf, static_cast<std::size_t>(n));
+  const std::size_t slash = path.rfind('/');
+  return slash == std::string::npos ? "" : path.substr(0, slash);
+}
+
+// The preload library: next to the executable (build tree), at the installed
+// libdir relative to bin/, then at the absolute installed libdir.
+std::string FindPreload() {
+  const std::string dir = ExeDir();
+  std::vector<std::string> candidates;
+  if (!dir.empty()) {
+    candidates.push_back(dir + "/" SAMEPAGE_PRELOAD_NAME);
+    candidates.push_back(dir + "/" SAMEPAGE_BIN_TO_LIBDIR
+                         "/" SAMEPAGE_PRELOAD_NAME);
+  }
+  candidates.push_back(SAMEPAGE_FULL_LIBDIR "/" SAMEPAGE_PRELOAD_NAME);
+  for (const std::string& c : candidates) {
+    char real[PATH_MAX];
+    if (access(c.c_str(), R_OK) == 0 && realpath(c.c_str(), real) != nullptr) {
+      return real;
+    }
+  }
+  return "";
+}
+
+// Checks every KNOB=VALUE as the kernel would take it, in order, on a
+// default set of knobs (as a fresh engine has). On success *joined is the
+// SAMEPAGE_SET value; on failure the problem is printed and false returned.
+bool ValidateSettings(const std::vector<std::string>& sets, bool* sets_run,
+                      std::string* joined) {
+  Knobs knobs;
+  *sets_run = false;
+  for (const std::string& s : sets) {
+    const std::size_t eq = s.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      fmt::print(stderr, "samepage run: --set {}: expected KNOB=VALUE\n", s);
+      return false;
+    }
+    const std::string name = s.substr(0, eq);
+    const std::string value = s.substr(eq + 1);
+    if (!IsKsmFile(name)) {
+      fmt::print(stderr,
+                 "samepage run: --set {}: no such file in /sys/kernel/mm/ksm\n",
+                 s);
+      return false;
+    }
+    if (!IsWritableKnob(name)) {
+      fmt::print(stderr, "samepage run: --set {}: {} is a read-only counter\n",
+                 s, name);
+      return false;
+    }
+    if (value.find(',') != std::string::npos) {
+      fmt::print(stderr, "samepage run: --set {}: ',' is not allowed\n", s);
+      return false;
+    }
+    const Status st = WriteKnob(&knobs, name, value, KnobContext{});
+    if (!st.ok()) {
+      fmt::print(stderr, "samepage run: --set {}: {} ({})\n", s,
+                 std::strerror(st.code()), st.message());
+      return false;
+    }
+    if (name == "run") *sets_run = true;
+    if (!joined->empty()) *joined += ',';
+    *joined += s;
+  }
+  return true;
+}
+
+}  // namespace
+
+int RunProgram(const RunOptions& options) {
+  if (options.command.empty()) {
+    fmt::print(stderr, "samepage run: no program given "
+                       "(samepage run [--merge-any] [--set K=V] -- PROGRAM)\n");
+    return 2;
+  }
+  bool sets_run = false;
+  std::string settings;
+  if (!ValidateSettings(options.sets, &sets_run, &settings)) return 2;
+  // Programs that only mark memory mergeable are merged: run=1 unless the
+  // user says otherwise. It goes last so that it starts a tuned scanner.
+  if (!sets_run) settings += settings.empty() ? "run=1" : ",run=1";
+
+  const std::string preload = FindPreload();
+  if (preload.empty()) {
+    fmt::print(stderr, "samepage run: cannot find {} next to {} or in {}\n",
+               SAMEPAGE_PRELOAD_NAME, ExeDir(), SAMEPAGE_FULL_LIBDIR);
+    return 1;
+  }
+  std::string ld = preload;
+  if (const char* old = getenv("LD_PRELOAD"); old != nullptr && *old != '\0') {
+    ld += ':';
+    ld += old;
+  }
+  setenv("LD_PRELOAD", ld.c_str(), 1);
+  setenv("SAMEPAGE_SET", settings.c_str(), 1);
+  if (options.merge_any) {
+    setenv("SAMEPAGE_MERGE_ANY", "1", 1);
+  } else {
+    unsetenv("SAMEPAGE_MERGE_ANY");
+  }
+
+  std::vector<char*> argv;
+  for (const std::string& a : options.command) {
+    argv.push_back(const_cast<char*>(a.c_str()));
+  }
+  argv.push_back(nullptr);
+  execvp(argv[0], argv.data());
+  const int err = errno;
+  fmt::print(stderr, "samepage run: {}: {}\n", options.command[0],
+             std::strerror(err));
+  return err == ENOENT ? 127 : 126;
+}
+
+}  // namespace samepage

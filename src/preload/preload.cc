@@ -1,0 +1,527 @@
+// libsamepage_preload.so: the kernel KSM ABI, handed to samepage.
+//
+// Loaded with LD_PRELOAD (by `samepage run`), it puts the engine inside the
+// program and interposes the entry points of kernel KSM:
+//   madvise, process_madvise (on self)    MADV_MERGEABLE / MADV_UNMERGEABLE
+//                                         -> samepage_madvise; MADV_DONTNEED,
+//                                         MADV_FREE, MADV_REMOVE unmerge
+//                                         first (anonymous-memory zeros)
+//   prctl                                 PR_SET/GET_MEMORY_MERGE
+//   open, open64, openat, openat64, __open_2, __open64_2, __openat_2,
+//   __openat64_2, fopen, fopen64          KSM paths (ksm_files.h)
+//   read, __read_chk, pread, pread64, __pread_chk, __pread64_chk, write,
+//   pwrite, pwrite64, close, fflush, fclose   on our descriptors
+//   ioctl                                 on /dev/ksm descriptors
+//   dup, dup2, dup3, fcntl, fcntl64       copies of our descriptors
+// Everything else, and every call samepage itself makes (real.h: Bypass),
+// goes straight to libc.
+//
+// Settings from `samepage run` arrive in the environment:
+//   SAMEPAGE_SET="knob=value,..."  written to the knobs, in order, before the
+//                                  first call into samepage (lazily: a
+//                                  process that never uses KSM never starts
+//                                  an engine);
+//   SAMEPAGE_MERGE_ANY=1           prctl(PR_SET_MEMORY_MERGE, 1) in the
+//                                  constructor, before main.
+// Both stay in the environment, with LD_PRELOAD, so that programs this one
+// executes run under samepage too; PR_SET_MEMORY_MERGE through the
+// interposer sets or clears SAMEPAGE_MERGE_ANY, as the kernel keeps
+// merge-any over exec.
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "preload/ksm_files.h"
+#include "preload/real.h"
+#include "samepage/engine.h"
+#include "samepage/samepage.h"
+
+#define SAMEPAGE_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace samepage::preload {
+namespace {
+
+#ifndef MADV_DONTNEED_LOCKED
+#define MADV_DONTNEED_LOCKED 24
+#endif
+
+std::atomic<bool> g_advised{false};
+pthread_once_t g_started = PTHREAD_ONCE_INIT;
+
+void Warn(const char* what, const char* detail, int err) {
+  char line[512];
+  const int n = snprintf(line, sizeof(line), "samepage: %s%s: %s\n", what,
+                         detail, strerror(err));
+  if (n > 0) RealWrite(2, line, static_cast<size_t>(n));
+}
+
+void ApplySettings() {
+  const char* env = getenv("SAMEPAGE_SET");
+  if (env == nullptr) return;
+  char buf[4096];
+  snprintf(buf, sizeof(buf), "%s", env);
+  char* save = nullptr;
+  for (char* item = strtok_r(buf, ",", &save); item != nullptr;
+       item = strtok_r(nullptr, ",", &save)) {
+    char* eq = strchr(item, '=');
+    if (eq == nullptr) continue;
+    *eq = '\0';
+    const char* value = eq + 1;
+    if (samepage_sysfs_write(item, value, strlen(value)) < 0) {
+      Warn("SAMEPAGE_SET ", item, errno);
+    }
+  }
+}
+
+bool IsDiscard(int advice) {
+  return advice == MADV_DONTNEED || advice == MADV_FREE ||
+         advice == MADV_REMOVE || advice == MADV_DONTNEED_LOCKED;
+}
+
+// Gives merged pages in the range back as anonymous memory before the
+// kernel drops them; a failure leaves them merged (they would read back
+// their content rather than zeros), which we report once.
+void UnmergeBeforeDiscard(void* addr, size_t len) {
+  if (!g_advised.load(std::memory_order_acquire)) return;
+  Inside inside;
+  const Status s = Engine::UnmergeForDiscard(addr, len);
+  static std::atomic<bool> warned{false};
+  if (!s.ok() && !warned.exchange(true)) {
+    Warn("madvise discard: ", s.message().c_str(), s.code());
+  }
+}
+
+int Madvise(void* addr, size_t len, int advice, const void* caller) {
+  if (Bypass(caller)) return RealMadvise(addr, len, advice);
+  if (advice == MADV_MERGEABLE || advice == MADV_UNMERGEABLE) {
+    Inside inside;
+    EnsureStarted();
+    const int r = samepage_madvise(addr, len, advice);
+    if (advice == MADV_MERGEABLE && (r == 0 || errno == ENOMEM)) {
+      NoteAdvised();
+    }
+    return r;
+  }
+  if (IsDiscard(advice)) UnmergeBeforeDiscard(addr, len);
+  return RealMadvise(addr, len, advice);
+}
+
+// True if pidfd refers to this process (its fdinfo says "Pid:\t<us>").
+bool IsSelfPidfd(int pidfd) {
+  char path[64];
+  snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
+  const int fd = RealOpenat(AT_FDCWD, path, O_RDONLY | O_CLOEXEC, 0);
+  if (fd < 0) return false;
+  char buf[1024];
+  const ssize_t n = RealRead(fd, buf, sizeof(buf) - 1);
+  RealClose(fd);
+  if (n <= 0) return false;
+  buf[n] = '\0';
+  const char* p = strstr(buf, "\nPid:");
+  if (p == nullptr) return false;
+  return atoi(p + 5) == getpid();
+}
+
+ssize_t RealProcessMadvise(int pidfd, const struct iovec* iov, size_t n,
+                           int advice, unsigned int flags) {
+  if (g_real.process_madvise != nullptr) {
+    return g_real.process_madvise(pidfd, iov, n, advice, flags);
+  }
+  return syscall(SYS_process_madvise, pidfd, iov, n, advice, flags);
+}
+
+int OpenAt(int dirfd, const char* path, int flags, mode_t mode,
+           const void* caller) {
+  if (!Bypass(caller)) {
+    int name = -1;
+    const Target t = Classify(dirfd, path, &name);
+    if (t != Target::kNone) return OpenKsm(t, name, flags);
+  }
+  return RealOpenat(dirfd, path, flags, mode);
+}
+
+mode_t ModeArg(int flags, va_list ap) {
+  return (flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE
+             ? static_cast<mode_t>(va_arg(ap, int))
+             : 0;
+}
+
+FILE* Fopen(const char* path, const char* mode, bool large,
+            const void* caller) {
+  if (!Bypass(caller) && mode != nullptr) {
+    int name = -1;
+    const Target t = Classify(AT_FDCWD, path, &name);
+    if (t != Target::kNone) return FopenKsm(t, name, mode);
+  }
+  if (g_real.fopen == nullptr) ResolveReal();
+  auto f = large ? g_real.fopen64 : g_real.fopen;
+  if (f == nullptr) {
+    errno = ENOSYS;
+    return nullptr;
+  }
+  return f(path, mode);
+}
+
+ssize_t Read(int fd, void* buf, size_t n, const void* caller) {
+  if (IsOurs(fd) && !Bypass(caller)) return ReadKsm(fd, buf, n);
+  return RealRead(fd, buf, n);
+}
+
+ssize_t Pread(int fd, void* buf, size_t n, off_t off, const void* caller) {
+  if (IsOurs(fd) && !Bypass(caller)) return PreadKsm(fd, buf, n, off);
+  return RealPread(fd, buf, n, off);
+}
+
+}  // namespace
+
+void NoteAdvised() { g_advised.store(true, std::memory_order_release); }
+
+void EnsureStarted() {
+  pthread_once(&g_started, [] {
+    Inside inside;
+    ApplySettings();
+  });
+}
+
+}  // namespace samepage::preload
+
+using namespace samepage::preload;
+
+namespace {
+
+__attribute__((constructor)) void SamepagePreloadInit() {
+  ResolveReal();
+  FindSamepageText();
+  const char* any = getenv("SAMEPAGE_MERGE_ANY");
+  if (any != nullptr && strcmp(any, "1") == 0) {
+    Inside inside;
+    EnsureStarted();
+    if (samepage_prctl(SAMEPAGE_PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0) {
+      Warn("SAMEPAGE_MERGE_ANY", "", errno);
+    } else {
+      NoteAdvised();
+    }
+  }
+}
+
+}  // namespace
+
+// --- madvise family ---
+
+SAMEPAGE_EXPORT int madvise(void* addr, size_t len, int advice) noexcept {
+  return Madvise(addr, len, advice, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT ssize_t process_madvise(int pidfd, const struct iovec* iov,
+                                        size_t n, int advice,
+                                        unsigned int flags) noexcept {
+  const bool ksm = advice == MADV_MERGEABLE || advice == MADV_UNMERGEABLE;
+  if (Bypass(__builtin_return_address(0)) ||
+      !(ksm || IsDiscard(advice)) || !IsSelfPidfd(pidfd)) {
+    return RealProcessMadvise(pidfd, iov, n, advice, flags);
+  }
+  if (!ksm) {
+    for (size_t i = 0; i < n && iov != nullptr; ++i) {
+      UnmergeBeforeDiscard(iov[i].iov_base, iov[i].iov_len);
+    }
+    return RealProcessMadvise(pidfd, iov, n, advice, flags);
+  }
+  // mm/madvise.c: flags must be 0, at most UIO_MAXIOV vectors; the ranges
+  // are advised in order and the bytes advised before an error returned.
+  if (flags != 0 || n > IOV_MAX) {
+    errno = EINVAL;
+    return -1;
+  }
+  ssize_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (Madvise(iov[i].iov_base, iov[i].iov_len, advice, nullptr) != 0) {
+      return total > 0 ? total : -1;
+    }
+    total += static_cast<ssize_t>(iov[i].iov_len);
+  }
+  return total;
+}
+
+// --- prctl ---
+
+SAMEPAGE_EXPORT int prctl(int option, ...) noexcept {
+  va_list ap;
+  va_start(ap, option);
+  // As glibc's own prctl: always four more arguments, whatever was passed.
+  const unsigned long a2 = va_arg(ap, unsigned long);
+  const unsigned long a3 = va_arg(ap, unsigned long);
+  const unsigned long a4 = va_arg(ap, unsigned long);
+  const unsigned long a5 = va_arg(ap, unsigned long);
+  va_end(ap);
+  if ((option == SAMEPAGE_PR_SET_MEMORY_MERGE ||
+       option == SAMEPAGE_PR_GET_MEMORY_MERGE) &&
+      !Bypass(__builtin_return_address(0))) {
+    int r;
+    {
+      Inside inside;
+      EnsureStarted();
+      r = samepage_prctl(option, a2, a3, a4, a5);
+    }
+    if (r == 0 && option == SAMEPAGE_PR_SET_MEMORY_MERGE) {
+      // Kept over exec, as the kernel keeps MMF_VM_MERGE_ANY.
+      const int saved = errno;
+      if (a2 != 0) {
+        NoteAdvised();
+        setenv("SAMEPAGE_MERGE_ANY", "1", 1);
+      } else {
+        unsetenv("SAMEPAGE_MERGE_ANY");
+      }
+      errno = saved;
+    }
+    return r;
+  }
+  if (g_real.prctl != nullptr) return g_real.prctl(option, a2, a3, a4, a5);
+  return static_cast<int>(syscall(SYS_prctl, option, a2, a3, a4, a5));
+}
+
+// --- open family ---
+
+SAMEPAGE_EXPORT int open(const char* path, int flags, ...) {
+  va_list ap;
+  va_start(ap, flags);
+  const mode_t mode = ModeArg(flags, ap);
+  va_end(ap);
+  return OpenAt(AT_FDCWD, path, flags, mode, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT int open64(const char* path, int flags, ...) {
+  va_list ap;
+  va_start(ap, flags);
+  const mode_t mode = ModeArg(flags, ap);
+  va_end(ap);
+  return OpenAt(AT_FDCWD, path, flags, mode, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT int openat(int dirfd, const char* path, int flags, ...) {
+  va_list ap;
+  va_start(ap, flags);
+  const mode_t mode = ModeArg(flags, ap);
+  va_end(ap);
+  return OpenAt(dirfd, path, flags, mode, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT int openat64(int dirfd, const char* path, int flags, ...) {
+  va_list ap;
+  va_start(ap, flags);
+  const mode_t mode = ModeArg(flags, ap);
+  va_end(ap);
+  return OpenAt(dirfd, path, flags, mode, __builtin_return_address(0));
+}
+
+// _FORTIFY_SOURCE versions, called when flags hold no O_CREAT.
+SAMEPAGE_EXPORT int __open_2(const char* path, int flags) {
+  return OpenAt(AT_FDCWD, path, flags, 0, __builtin_return_address(0));
+}
+SAMEPAGE_EXPORT int __open64_2(const char* path, int flags) {
+  return OpenAt(AT_FDCWD, path, flags, 0, __builtin_return_address(0));
+}
+SAMEPAGE_EXPORT int __openat_2(int dirfd, const char* path, int flags) {
+  return OpenAt(dirfd, path, flags, 0, __builtin_return_address(0));
+}
+SAMEPAGE_EXPORT int __openat64_2(int dirfd, const char* path, int flags) {
+  return OpenAt(dirfd, path, flags, 0, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT FILE* fopen(const char* path, const char* mode) {
+  return Fopen(path, mode, false, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT FILE* fopen64(const char* path, const char* mode) {
+  return Fopen(path, mode, true, __builtin_return_address(0));
+}
+
+// --- read, write, close on our descriptors ---
+
+SAMEPAGE_EXPORT ssize_t read(int fd, void* buf, size_t n) {
+  return Read(fd, buf, n, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT ssize_t __read_chk(int fd, void* buf, size_t n,
+                                   size_t buflen) {
+  if (n > buflen) {
+    if (g_real.read_chk != nullptr) return g_real.read_chk(fd, buf, n, buflen);
+    abort();
+  }
+  return Read(fd, buf, n, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT ssize_t pread(int fd, void* buf, size_t n, off_t off) {
+  return Pread(fd, buf, n, off, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT ssize_t pread64(int fd, void* buf, size_t n, off_t off) {
+  return Pread(fd, buf, n, off, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT ssize_t __pread_chk(int fd, void* buf, size_t n, off_t off,
+                                    size_t buflen) {
+  if (n > buflen) {
+    if (g_real.pread_chk != nullptr) {
+      return g_real.pread_chk(fd, buf, n, off, buflen);
+    }
+    abort();
+  }
+  return Pread(fd, buf, n, off, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT ssize_t __pread64_chk(int fd, void* buf, size_t n, off_t off,
+                                      size_t buflen) {
+  if (n > buflen) {
+    if (g_real.pread_chk != nullptr) {
+      return g_real.pread_chk(fd, buf, n, off, buflen);
+    }
+    abort();
+  }
+  return Pread(fd, buf, n, off, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT ssize_t write(int fd, const void* buf, size_t n) {
+  if (IsOurs(fd) && !Bypass(__builtin_return_address(0))) {
+    return WriteKsm(fd, buf, n);
+  }
+  return RealWrite(fd, buf, n);
+}
+
+SAMEPAGE_EXPORT ssize_t pwrite(int fd, const void* buf, size_t n, off_t off) {
+  if (IsOurs(fd) && !Bypass(__builtin_return_address(0))) {
+    return WriteKsm(fd, buf, n);  // sysfs ignores the offset
+  }
+  return RealPwrite(fd, buf, n, off);
+}
+
+SAMEPAGE_EXPORT ssize_t pwrite64(int fd, const void* buf, size_t n,
+                                 off_t off) {
+  if (IsOurs(fd) && !Bypass(__builtin_return_address(0))) {
+    return WriteKsm(fd, buf, n);
+  }
+  return RealPwrite(fd, buf, n, off);
+}
+
+SAMEPAGE_EXPORT int close(int fd) {
+  if (IsOurs(fd) && !Bypass(__builtin_return_address(0))) return CloseKsm(fd);
+  return RealClose(fd);
+}
+
+SAMEPAGE_EXPORT int fflush(FILE* fp) {
+  if (g_real.fflush == nullptr) ResolveReal();
+  const int r = g_real.fflush(fp);
+  if (fp == nullptr || !IsOurs(fileno(fp)) ||
+      Bypass(__builtin_return_address(0))) {
+    return r;
+  }
+  if (const int err = FlushStdioKsm(fp, /*closing=*/false); err != 0) {
+    errno = err;
+    return EOF;
+  }
+  return r;
+}
+
+SAMEPAGE_EXPORT int fclose(FILE* fp) {
+  if (g_real.fclose == nullptr) ResolveReal();
+  if (fp == nullptr || !IsOurs(fileno(fp)) ||
+      Bypass(__builtin_return_address(0))) {
+    return g_real.fclose(fp);
+  }
+  int err = 0;
+  if (g_real.fflush(fp) != 0) err = errno;
+  if (const int e = FlushStdioKsm(fp, /*closing=*/true); e != 0 && err == 0) {
+    err = e;
+  }
+  const int r = g_real.fclose(fp);
+  if (err != 0) {
+    errno = err;
+    return EOF;
+  }
+  return r;
+}
+
+// --- descriptor copies (shell redirections) ---
+
+SAMEPAGE_EXPORT int dup(int fd) noexcept {
+  const int r = g_real.dup != nullptr ? g_real.dup(fd)
+                                      : static_cast<int>(syscall(SYS_dup, fd));
+  if (r >= 0) NoteDup(fd, r);
+  return r;
+}
+
+SAMEPAGE_EXPORT int dup2(int fd, int fd2) noexcept {
+  const int r = g_real.dup2 != nullptr
+                    ? g_real.dup2(fd, fd2)
+                    : static_cast<int>(syscall(SYS_dup2, fd, fd2));
+  if (r >= 0) NoteDup(fd, r);
+  return r;
+}
+
+SAMEPAGE_EXPORT int dup3(int fd, int fd2, int flags) noexcept {
+  const int r = g_real.dup3 != nullptr
+                    ? g_real.dup3(fd, fd2, flags)
+                    : static_cast<int>(syscall(SYS_dup3, fd, fd2, flags));
+  if (r >= 0) NoteDup(fd, r);
+  return r;
+}
+
+namespace {
+
+int Fcntl(int (*real)(int, int, ...), int fd, int cmd, va_list ap) {
+  // Every fcntl command takes at most one argument, an int or a pointer.
+  void* arg = va_arg(ap, void*);
+  const int r = real != nullptr
+                    ? real(fd, cmd, arg)
+                    : static_cast<int>(syscall(SYS_fcntl, fd, cmd, arg));
+  if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) NoteDup(fd, r);
+  return r;
+}
+
+}  // namespace
+
+SAMEPAGE_EXPORT int fcntl(int fd, int cmd, ...) {
+  va_list ap;
+  va_start(ap, cmd);
+  const int r = Fcntl(g_real.fcntl, fd, cmd, ap);
+  va_end(ap);
+  return r;
+}
+
+SAMEPAGE_EXPORT int fcntl64(int fd, int cmd, ...) {
+  va_list ap;
+  va_start(ap, cmd);
+  const int r = Fcntl(g_real.fcntl64, fd, cmd, ap);
+  va_end(ap);
+  return r;
+}
+
+// --- the 2008 /dev/ksm ---
+
+SAMEPAGE_EXPORT int ioctl(int fd, unsigned long request, ...) noexcept {
+  va_list ap;
+  va_start(ap, request);
+  void* arg = va_arg(ap, void*);
+  va_end(ap);
+  if (IsDevKsm(fd) && !Bypass(__builtin_return_address(0))) {
+    const int r = IoctlDevKsm(fd, request, arg);
+    if (r != -2) {
+      if (r >= 0 && request == KSM_REGISTER_MEMORY_REGION) NoteAdvised();
+      return r;
+    }
+  }
+  if (g_real.ioctl != nullptr) return g_real.ioctl(fd, request, arg);
+  return static_cast<int>(syscall(SYS_ioctl, fd, request, arg));
+}

@@ -1,0 +1,143 @@
+#include "preload/real.h"
+
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <link.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "samepage/samepage.h"
+
+namespace samepage::preload {
+
+RealFunctions g_real;
+__thread int t_inside __attribute__((tls_model("initial-exec"))) = 0;
+
+namespace {
+
+// [lo, hi) of libsamepage.so's mappings; 0, 0 until FindSamepageText.
+std::atomic<std::uintptr_t> g_text_lo{0};
+std::atomic<std::uintptr_t> g_text_hi{0};
+
+template <typename F>
+void Resolve(F* slot, const char* name) {
+  void* p = dlsym(RTLD_NEXT, name);
+  // Stored once; a concurrent early caller sees null and uses the syscall.
+  if (p != nullptr) __atomic_store_n(slot, reinterpret_cast<F>(p),
+                                     __ATOMIC_RELEASE);
+}
+
+template <typename F>
+F Load(F const* slot) {
+  return __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+}
+
+}  // namespace
+
+void ResolveReal() {
+  ++t_inside;  // dlsym may open or read (another preload's malloc)
+  Resolve(&g_real.open, "open");
+  Resolve(&g_real.openat, "openat");
+  Resolve(&g_real.read, "read");
+  Resolve(&g_real.write, "write");
+  Resolve(&g_real.pread, "pread");
+  Resolve(&g_real.pwrite, "pwrite");
+  Resolve(&g_real.close, "close");
+  Resolve(&g_real.ioctl, "ioctl");
+  Resolve(&g_real.dup, "dup");
+  Resolve(&g_real.dup2, "dup2");
+  Resolve(&g_real.dup3, "dup3");
+  Resolve(&g_real.fcntl, "fcntl");
+  Resolve(&g_real.fcntl64, "fcntl64");
+  Resolve(&g_real.madvise, "madvise");
+  Resolve(&g_real.process_madvise, "process_madvise");
+  Resolve(&g_real.prctl, "prctl");
+  Resolve(&g_real.fopen, "fopen");
+  Resolve(&g_real.fopen64, "fopen64");
+  Resolve(&g_real.fclose, "fclose");
+  Resolve(&g_real.fflush, "fflush");
+  Resolve(&g_real.read_chk, "__read_chk");
+  Resolve(&g_real.pread_chk, "__pread64_chk");
+  --t_inside;
+}
+
+int RealOpenat(int dirfd, const char* path, int flags, mode_t mode) {
+  if (auto f = Load(&g_real.openat)) return f(dirfd, path, flags, mode);
+  return static_cast<int>(syscall(SYS_openat, dirfd, path, flags, mode));
+}
+
+ssize_t RealRead(int fd, void* buf, size_t n) {
+  if (auto f = Load(&g_real.read)) return f(fd, buf, n);
+  return syscall(SYS_read, fd, buf, n);
+}
+
+ssize_t RealWrite(int fd, const void* buf, size_t n) {
+  if (auto f = Load(&g_real.write)) return f(fd, buf, n);
+  return syscall(SYS_write, fd, buf, n);
+}
+
+ssize_t RealPread(int fd, void* buf, size_t n, off_t off) {
+  if (auto f = Load(&g_real.pread)) return f(fd, buf, n, off);
+  return syscall(SYS_pread64, fd, buf, n, off);
+}
+
+ssize_t RealPwrite(int fd, const void* buf, size_t n, off_t off) {
+  if (auto f = Load(&g_real.pwrite)) return f(fd, buf, n, off);
+  return syscall(SYS_pwrite64, fd, buf, n, off);
+}
+
+int RealClose(int fd) {
+  if (auto f = Load(&g_real.close)) return f(fd);
+  return static_cast<int>(syscall(SYS_close, fd));
+}
+
+int RealMadvise(void* addr, size_t len, int advice) {
+  if (auto f = Load(&g_real.madvise)) return f(addr, len, advice);
+  return static_cast<int>(syscall(SYS_madvise, addr, len, advice));
+}
+
+void FindSamepageText() {
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&samepage_madvise), &info) == 0) return;
+  struct Query {
+    std::uintptr_t base;
+    std::uintptr_t lo, hi;
+  } q{reinterpret_cast<std::uintptr_t>(info.dli_fbase), UINTPTR_MAX, 0};
+  dl_iterate_phdr(
+      [](struct dl_phdr_info* i, size_t, void* data) -> int {
+        auto* q = static_cast<Query*>(data);
+        bool mine = false;
+        for (int k = 0; k < i->dlpi_phnum; ++k) {
+          const ElfW(Phdr)& ph = i->dlpi_phdr[k];
+          if (ph.p_type != PT_LOAD) continue;
+          const std::uintptr_t a = i->dlpi_addr + ph.p_vaddr;
+          if (a <= q->base && q->base < a + ph.p_memsz) mine = true;
+        }
+        if (!mine && i->dlpi_addr != q->base) return 0;
+        for (int k = 0; k < i->dlpi_phnum; ++k) {
+          const ElfW(Phdr)& ph = i->dlpi_phdr[k];
+          if (ph.p_type != PT_LOAD || !(ph.p_flags & PF_X)) continue;
+          const std::uintptr_t a = i->dlpi_addr + ph.p_vaddr;
+          if (a < q->lo) q->lo = a;
+          if (a + ph.p_memsz > q->hi) q->hi = a + ph.p_memsz;
+        }
+        return 1;
+      },
+      &q);
+  if (q.lo < q.hi) {
+    g_text_lo.store(q.lo, std::memory_order_relaxed);
+    g_text_hi.store(q.hi, std::memory_order_release);
+  }
+}
+
+bool Bypass(const void* caller) {
+  if (t_inside > 0) return true;
+  const auto pc = reinterpret_cast<std::uintptr_t>(caller);
+  return pc >= g_text_lo.load(std::memory_order_relaxed) &&
+         pc < g_text_hi.load(std::memory_order_acquire);
+}
+
+}  // namespace samepage::preload

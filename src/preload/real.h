@@ -1,0 +1,95 @@
+// The C library's own versions of the calls the preload interposes, and the
+// guard that keeps samepage's own calls away from the interposers.
+//
+// Real functions are resolved with dlsym(RTLD_NEXT) by the library's
+// constructor. Calls that arrive before that (another library's constructor)
+// or while dlsym itself is running fall back to the raw system call, so no
+// interposer ever calls dlsym on the way through: the pass-through path is
+// reentrant and async-signal-safe wherever the libc call is.
+//
+// Bypass: a call must go straight to libc when it comes from samepage
+// itself, because the engine reads /proc/self/smaps and pagemap, drops zero
+// pages with madvise and closes its own descriptors through the same
+// symbols, possibly while holding its lock. Two tests, either suffices:
+//  - the calling thread is inside samepage (Inside, set around every call
+//    the interposers make into libsamepage);
+//  - the caller's return address lies in libsamepage.so (the engine's own
+//    threads: the scanner, and the one restarted in a forked child).
+//
+// Thread safety: everything here may be used from any thread.
+
+#ifndef SAMEPAGE_PRELOAD_REAL_H_
+#define SAMEPAGE_PRELOAD_REAL_H_
+
+#include <stdio.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+namespace samepage::preload {
+
+struct RealFunctions {
+  int (*open)(const char*, int, ...) = nullptr;
+  int (*openat)(int, const char*, int, ...) = nullptr;
+  ssize_t (*read)(int, void*, size_t) = nullptr;
+  ssize_t (*write)(int, const void*, size_t) = nullptr;
+  ssize_t (*pread)(int, void*, size_t, off_t) = nullptr;
+  ssize_t (*pwrite)(int, const void*, size_t, off_t) = nullptr;
+  int (*close)(int) = nullptr;
+  int (*ioctl)(int, unsigned long, ...) = nullptr;
+  int (*dup)(int) = nullptr;
+  int (*dup2)(int, int) = nullptr;
+  int (*dup3)(int, int, int) = nullptr;
+  int (*fcntl)(int, int, ...) = nullptr;
+  int (*fcntl64)(int, int, ...) = nullptr;
+  int (*madvise)(void*, size_t, int) = nullptr;
+  ssize_t (*process_madvise)(int, const struct iovec*, size_t, int,
+                             unsigned int) = nullptr;
+  int (*prctl)(int, ...) = nullptr;
+  FILE* (*fopen)(const char*, const char*) = nullptr;
+  FILE* (*fopen64)(const char*, const char*) = nullptr;
+  int (*fclose)(FILE*) = nullptr;
+  int (*fflush)(FILE*) = nullptr;
+  ssize_t (*read_chk)(int, void*, size_t, size_t) = nullptr;
+  ssize_t (*pread_chk)(int, void*, size_t, off_t, size_t) = nullptr;
+};
+
+// Filled by ResolveReal(); null members mean "use the raw system call".
+extern RealFunctions g_real;
+void ResolveReal();
+
+// Pass-through helpers: the libc function, or the system call before it is
+// known. errno as libc sets it.
+int RealOpenat(int dirfd, const char* path, int flags, mode_t mode);
+ssize_t RealRead(int fd, void* buf, size_t n);
+ssize_t RealWrite(int fd, const void* buf, size_t n);
+ssize_t RealPread(int fd, void* buf, size_t n, off_t off);
+ssize_t RealPwrite(int fd, const void* buf, size_t n, off_t off);
+int RealClose(int fd);
+int RealMadvise(void* addr, size_t len, int advice);
+
+// Nonzero while this thread is inside a call into samepage.
+extern __thread int t_inside __attribute__((tls_model("initial-exec")));
+
+class Inside {
+ public:
+  Inside() { ++t_inside; }
+  ~Inside() { --t_inside; }
+  Inside(const Inside&) = delete;
+  Inside& operator=(const Inside&) = delete;
+};
+
+// Records where libsamepage.so is mapped (done by the constructor).
+void FindSamepageText();
+// True if a call with this return address must bypass the interposers.
+bool Bypass(const void* caller);
+
+// Defined in preload.cc. Applies the settings `samepage run` passed in the
+// environment, once, before the first call into samepage.
+void EnsureStarted();
+// Something may be merged from now on: MADV_DONTNEED and friends must ask
+// the engine to unmerge first.
+void NoteAdvised();
+
+}  // namespace samepage::preload
+
+#endif  // SAMEPAGE_PRELOAD_REAL_H_

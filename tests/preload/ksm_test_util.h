@@ -1,0 +1,184 @@
+/* Helpers for the kernel-ABI tests: plain C, Linux headers only, no samepage.
+ * Each test program runs natively against kernel KSM and under
+ * `samepage run`, with the same assertions.
+ *
+ * Kernel KSM is global: a native run saves every knob it changes, and at
+ * exit restores them, unmerges everything (run=2) and stops (run=0). */
+
+#ifndef SAMEPAGE_TESTS_PRELOAD_KSM_TEST_UTIL_H_
+#define SAMEPAGE_TESTS_PRELOAD_KSM_TEST_UTIL_H_
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define KSM_DIR "/sys/kernel/mm/ksm/"
+#define SKIP_CODE 77
+#define PAGE 4096
+#define UNUSED __attribute__((unused))
+
+#ifndef MADV_MERGEABLE
+#define MADV_MERGEABLE 12
+#define MADV_UNMERGEABLE 13
+#endif
+#ifndef PR_SET_MEMORY_MERGE
+#define PR_SET_MEMORY_MERGE 67
+#define PR_GET_MEMORY_MERGE 68
+#endif
+
+#define CHECK(cond)                                                       \
+  do {                                                                    \
+    if (!(cond)) {                                                        \
+      fprintf(stderr, "%s:%d: CHECK failed: %s (errno %d %s)\n", __FILE__, \
+              __LINE__, #cond, errno, strerror(errno));                   \
+      exit(1);                                                            \
+    }                                                                     \
+  } while (0)
+
+/* Expects a call to fail with -1/err. */
+#define CHECK_ERR(call, err)                                              \
+  do {                                                                    \
+    errno = 0;                                                            \
+    long r_ = (long)(call);                                               \
+    int e_ = errno;                                                       \
+    if (r_ != -1 || e_ != (err)) {                                        \
+      fprintf(stderr, "%s:%d: %s returned %ld errno %d (%s), want -1 %s\n", \
+              __FILE__, __LINE__, #call, r_, e_, strerror(e_), #err);     \
+      exit(1);                                                            \
+    }                                                                     \
+  } while (0)
+
+UNUSED static double now_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+UNUSED static void sleep_ms(int ms) {
+  struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
+
+/* read(2) of a whole small file: bytes read, or -1 with errno. */
+UNUSED static ssize_t read_text(const char* path, char* buf, size_t size) {
+  int fd = open(path, O_RDONLY);
+  if (fd < 0) return -1;
+  ssize_t n = read(fd, buf, size - 1);
+  int e = errno;
+  close(fd);
+  if (n < 0) {
+    errno = e;
+    return -1;
+  }
+  buf[n] = '\0';
+  return n;
+}
+
+/* echo-like write: 0, or -1 with the errno of open or write. */
+UNUSED static int write_text(const char* path, const char* text) {
+  int fd = open(path, O_WRONLY);
+  if (fd < 0) return -1;
+  ssize_t n = write(fd, text, strlen(text));
+  int e = errno;
+  close(fd);
+  if (n < 0) {
+    errno = e;
+    return -1;
+  }
+  return n == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+UNUSED static unsigned long read_ulong(const char* path) {
+  char buf[64];
+  CHECK(read_text(path, buf, sizeof(buf)) > 0);
+  return strtoul(buf, NULL, 10);
+}
+
+UNUSED static void write_knob(const char* name, const char* value) {
+  char path[128];
+  snprintf(path, sizeof(path), KSM_DIR "%s", name);
+  if (write_text(path, value) != 0) {
+    fprintf(stderr, "write %s=%s: %s\n", name, value, strerror(errno));
+    exit(1);
+  }
+}
+
+/* The knobs a test changes, saved for the exit handler. */
+static struct {
+  const char* name;
+  char value[32];
+  int saved;
+} g_saved[] = {{"pages_to_scan"}, {"sleep_millisecs"}, {"use_zero_pages"}};
+
+UNUSED static void restore_ksm(void) {
+  for (size_t i = 0; i < sizeof(g_saved) / sizeof(g_saved[0]); ++i) {
+    if (g_saved[i].saved) write_knob(g_saved[i].name, g_saved[i].value);
+  }
+  write_knob("run", "2");  /* unmerge everything */
+  write_knob("run", "0");
+}
+
+/* Skips (exit 77) unless the KSM files are writable here; saves the knobs
+ * and arranges for their restoration at exit. */
+UNUSED static void ksm_setup_or_skip(const char* test) {
+  int fd = open(KSM_DIR "run", O_WRONLY);
+  if (fd < 0) {
+    printf("SKIP %s: %srun not writable (%s): no KSM control here\n", test,
+           KSM_DIR, strerror(errno));
+    exit(SKIP_CODE);
+  }
+  close(fd);
+  for (size_t i = 0; i < sizeof(g_saved) / sizeof(g_saved[0]); ++i) {
+    char path[128];
+    snprintf(path, sizeof(path), KSM_DIR "%s", g_saved[i].name);
+    CHECK(read_text(path, g_saved[i].value, sizeof(g_saved[i].value)) > 0);
+    g_saved[i].saved = 1;
+  }
+  atexit(restore_ksm);
+  write_knob("use_zero_pages", "0");
+}
+
+/* This process's merged pages, from /proc/self/ksm_merging_pages. */
+UNUSED static unsigned long merging_pages(void) {
+  return read_ulong("/proc/self/ksm_merging_pages");
+}
+
+/* Waits (at most `seconds`) until this process has at least `want` merged
+ * pages; returns the last count. */
+UNUSED static unsigned long wait_merging(unsigned long want, double seconds) {
+  double end = now_seconds() + seconds;
+  unsigned long n = 0;
+  while ((n = merging_pages()) < want && now_seconds() < end) sleep_ms(20);
+  return n;
+}
+
+/* Fills page i of `base` with the content of class `cls` (a 1-in-4096
+ * marker at a class-dependent offset, so classes differ in one byte). */
+UNUSED static void fill_class(unsigned char* base, size_t i, int cls) {
+  unsigned char* p = base + i * PAGE;
+  memset(p, 0x5a, PAGE);
+  p[(cls * 97) % PAGE] = (unsigned char)(cls + 1);
+}
+
+UNUSED static int holds_class(const unsigned char* base, size_t i, int cls) {
+  const unsigned char* p = base + i * PAGE;
+  for (size_t b = 0; b < PAGE; ++b) {
+    unsigned char want = b == (size_t)((cls * 97) % PAGE) ? cls + 1 : 0x5a;
+    if (p[b] != want) return 0;
+  }
+  return 1;
+}
+
+UNUSED static int is_zero_page(const unsigned char* p) {
+  for (size_t b = 0; b < PAGE; ++b) {
+    if (p[b] != 0) return 0;
+  }
+  return 1;
+}
+
+#endif /* SAMEPAGE_TESTS_PRELOAD_KSM_TEST_UTIL_H_ */
