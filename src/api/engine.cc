@@ -24,6 +24,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #include "api/sysfs_text.h"
@@ -237,14 +238,22 @@ class EngineImpl final : public Engine {
   }
 
   // --- fork ---
-  void BeforeFork() { mu_.lock(); }
+  void BeforeFork() {
+    // A waiter like any control call, or a scanner at full speed would keep
+    // the lock from fork() indefinitely.
+    waiters_.fetch_add(1, std::memory_order_acq_rel);
+    mu_.lock();
+    waiters_.fetch_sub(1, std::memory_order_acq_rel);
+  }
   void AfterForkParent() { mu_.unlock(); }
   void AfterForkChild() {
     // The scanner thread does not exist here; its handle must not be joined.
     if (scanner_) (void)scanner_.release();
     stop_ = false;
-    rebuild_after_fork_ = true;  // done by the next caller that takes mu_
-    if (ksm_->knobs().run == 1) StartScannerLocked();
+    // Both happen at the child's first call into samepage (or at exec, where
+    // the preload starts afresh): creating a thread inside a fork handler
+    // can fail (EAGAIN seen under bash), and most children exec at once.
+    rebuild_after_fork_ = true;
     mu_.unlock();
   }
 
@@ -257,6 +266,7 @@ class EngineImpl final : public Engine {
   void RebuildAfterForkLocked() {
     if (!rebuild_after_fork_) return;
     rebuild_after_fork_ = false;
+    if (ksm_->knobs().run == 1) StartScannerLocked();
     LinuxMemoryOptions options = options_;
     options.adopted_memfds = memory_->MemfdLineage();
     std::unique_ptr<LinuxMemory> fresh;
@@ -306,7 +316,13 @@ class EngineImpl final : public Engine {
   void StartScannerLocked() {
     if (scanner_) return;
     stop_ = false;
-    scanner_ = std::make_unique<std::thread>([this] { ScannerLoop(); });
+    try {
+      scanner_ = std::make_unique<std::thread>([this] { ScannerLoop(); });
+    } catch (const std::system_error&) {
+      // No thread, no background merging; the application carries on and
+      // synchronous scans still work.
+      scanner_.reset();
+    }
   }
 
   void StopScanner() {
