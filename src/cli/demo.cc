@@ -183,7 +183,12 @@ int RunDemo(const DemoOptions& options) {
                            "pages_scanned", "general_profit"}) {
     fmt::print("  {:<22} {:>14} {:>14}\n", name, 0, ReadKnob(*engine, name));
   }
-  fmt::print("\n  time to merge {} duplicate pages: {:.2f} s\n", saved, elapsed);
+  const EngineStats stats = engine->Stats();
+  fmt::print("\n  samepage: write-protection by {}, {} frames in use, {} of {} "
+             "mappings (VMA budget) used, {} merges skipped for budget\n",
+             stats.protection, stats.frames_in_use, stats.vmas_used,
+             stats.vma_budget, stats.budget_skips);
+  fmt::print("  time to merge {} duplicate pages: {:.2f} s\n", saved, elapsed);
   fmt::print("  memory saved: {:.1f} MiB (kernel accounting, Pss)\n",
              (pss_before - pss_after) / 1024.0);
   fmt::print("  data intact: {} ({} of {} pages differ)\n",
