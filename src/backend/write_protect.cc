@@ -373,7 +373,13 @@ bool GuardedIsZero(const void* p, std::size_t n, bool* zero) {
 }
 
 bool GuardedCopy(void* dst, const void* src, std::size_t n) {
-  return RunGuarded([&] { std::memcpy(dst, src, n); });
+  return RunGuarded([&] {
+#if defined(__SANITIZE_ADDRESS__)
+    RawCopy(dst, src, n);  // src may be poisoned heap: see Readable()
+#else
+    std::memcpy(dst, src, n);
+#endif
+  });
 }
 
 }  // namespace samepage::backend
