@@ -95,6 +95,24 @@ class Engine {
   // madvise on to the kernel.
   // REQUIRES: not called from a thread that holds an engine's lock.
   static Status UnmergeForDiscard(void* addr, std::size_t len);
+
+  // For the LD_PRELOAD layer: `change(arg)` (the real munmap, mremap,
+  // mmap MAP_FIXED or mprotect) unmaps, moves or reprotects
+  // [addr, addr + len). It runs with every engine's lock and the process's
+  // window lock held, so no merge is in flight anywhere and none starts
+  // until the engines know of the change. With `keep_contents` false
+  // (unmap, replace), the engines stop tracking the range once change()
+  // has succeeded, without touching it: a new mapping there is not merged
+  // unless advised again. With `keep_contents` true (move, reprotect), the
+  // range is first unmerged and unadvised (ordinary anonymous memory again,
+  // with the permissions it had), and advised again if change() fails.
+  // Returns what change() returned. *advised (if not null) is set, before
+  // change() runs, to whether any engine tracked part of the range. Cheap
+  // when no engine exists.
+  // REQUIRES: not called from a thread that holds an engine's lock.
+  static bool ChangeMapping(void* addr, std::size_t len, bool keep_contents,
+                            bool (*change)(void* arg), void* arg,
+                            bool* advised = nullptr);
 };
 
 }  // namespace samepage

@@ -29,6 +29,7 @@
 
 #include "api/sysfs_text.h"
 #include "backend/linux_memory.h"
+#include "backend/write_protect.h"
 #include "core/ksm.h"
 #include "samepage/engine.h"
 
@@ -235,6 +236,31 @@ class EngineImpl final : public Engine {
     return ok ? Status::Ok()
               : Status::Error(ENOMEM, "madvise discard: could not restore "
                                       "every merged page");
+  }
+
+  // One step of Engine::ChangeMapping: with this engine's lock held, runs
+  // `inner` (the next engine's step, or the change itself), which sets *ok.
+  template <typename F>
+  void ChangeMappingStep(Addr start, Addr end, bool keep_contents,
+                         const F& inner, bool* ok, bool* advised_any) {
+    ControlLock lock(this);
+    std::vector<std::pair<Addr, std::size_t>> advised;
+    for (auto [a, n] : AdvisedRangesLocked()) {
+      const Addr from = std::max(start, a);
+      const Addr to = std::min(end, a + n * kPageSize);
+      if (from < to) advised.emplace_back(from, (to - from) / kPageSize);
+    }
+    if (!advised.empty()) *advised_any = true;
+    if (keep_contents) {
+      // A failed restore leaves the page readable; nothing better to do.
+      for (auto [a, n] : advised) (void)ksm_->Unadvise(a, n);
+    }
+    inner();
+    if (*ok && !keep_contents) {
+      for (auto [a, n] : advised) ksm_->Forget(a, n);
+    } else if (!*ok && keep_contents) {
+      for (auto [a, n] : advised) ksm_->Advise(a, n);
+    }
   }
 
   // --- fork ---
@@ -448,6 +474,39 @@ Status Engine::UnmergeForDiscard(void* addr, std::size_t len) {
     if (!s.ok()) result = s;
   }
   return result;
+}
+
+bool Engine::ChangeMapping(void* addr, std::size_t len, bool keep_contents,
+                           bool (*change)(void* arg), void* arg,
+                           bool* advised) {
+  const Addr start = reinterpret_cast<Addr>(addr) & ~(kPageSize - 1);
+  Addr end = reinterpret_cast<Addr>(addr) + len;
+  end = end < start ? ~Addr{0} & ~(kPageSize - 1)
+                    : (end + kPageSize - 1) & ~(kPageSize - 1);
+  std::lock_guard<std::mutex> lock(g_engines_mu);
+  bool ok = false;
+  bool advised_any = false;
+  const std::vector<EngineImpl*> engines =
+      g_engines != nullptr ? *g_engines : std::vector<EngineImpl*>();
+  // Engines are locked in registration order, as the fork handler does, and
+  // the window lock last, as the scanner takes it: no lock-order inversion.
+  auto step = [&](auto& self, std::size_t i) -> void {
+    if (i == engines.size()) {
+      if (advised != nullptr) *advised = advised_any;
+      if (engines.empty()) {
+        ok = change(arg);  // no engine, no window: nothing to exclude
+      } else {
+        backend::WindowLock window;
+        ok = change(arg);
+      }
+      return;
+    }
+    engines[i]->ChangeMappingStep(start, end, keep_contents,
+                                  [&] { self(self, i + 1); }, &ok,
+                                  &advised_any);
+  };
+  step(step, 0);
+  return ok;
 }
 
 Status Engine::Create(const EngineOptions& options,

@@ -29,6 +29,7 @@
 // merge-any over exec.
 
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -58,7 +59,10 @@ namespace {
 #define MADV_DONTNEED_LOCKED 24
 #endif
 
+// The bounding box [lo, hi) of every range ever advised (never shrinks).
 std::atomic<bool> g_advised{false};
+std::atomic<std::uintptr_t> g_advised_lo{UINTPTR_MAX};
+std::atomic<std::uintptr_t> g_advised_hi{0};
 pthread_once_t g_started = PTHREAD_ONCE_INIT;
 
 void Warn(const char* what, const char* detail, int err) {
@@ -95,7 +99,7 @@ bool IsDiscard(int advice) {
 // kernel drops them; a failure leaves them merged (they would read back
 // their content rather than zeros), which we report once.
 void UnmergeBeforeDiscard(void* addr, size_t len) {
-  if (!g_advised.load(std::memory_order_acquire)) return;
+  if (!MaybeAdvised(addr, len)) return;
   Inside inside;
   const Status s = Engine::UnmergeForDiscard(addr, len);
   static std::atomic<bool> warned{false};
@@ -109,11 +113,10 @@ int Madvise(void* addr, size_t len, int advice, const void* caller) {
   if (advice == MADV_MERGEABLE || advice == MADV_UNMERGEABLE) {
     Inside inside;
     EnsureStarted();
-    const int r = samepage_madvise(addr, len, advice);
-    if (advice == MADV_MERGEABLE && (r == 0 || errno == ENOMEM)) {
-      NoteAdvised();
-    }
-    return r;
+    // Before the engine knows: an munmap racing this madvise must not take
+    // the fast path once the range can be merged.
+    if (advice == MADV_MERGEABLE) NoteAdvisedRange(addr, len);
+    return samepage_madvise(addr, len, advice);
   }
   if (IsDiscard(advice)) UnmergeBeforeDiscard(addr, len);
   return RealMadvise(addr, len, advice);
@@ -185,9 +188,103 @@ ssize_t Pread(int fd, void* buf, size_t n, off_t off, const void* caller) {
   return RealPread(fd, buf, n, off);
 }
 
+// SAMEPAGE_STAT_FILE=path: every half second, and at exit, this process's
+// /proc/self/ksm_stat text followed by the sysfs counters (pages_sharing,
+// pages_shared, full_scans) and the highest ksm_merging_pages seen, written
+// to `path` (a temporary file renamed over it). For tools and tests that
+// need samepage's figures from outside a program that never reads them
+// (kernel KSM's /proc/<pid>/ksm_stat is the kernel's). Taken out of the
+// environment, so only this process writes the file.
+char g_stat_path[4096];
+unsigned long g_stat_peak = 0;  // written by the stat thread and at exit
+
+unsigned long FieldOf(const char* text, const char* field) {
+  const char* p = strstr(text, field);
+  return p != nullptr ? strtoul(p + strlen(field), nullptr, 10) : 0;
+}
+
+void WriteStatFile() {
+  Inside inside;
+  char text[2048];
+  ssize_t n = samepage_ksm_stat(text, sizeof(text) - 1);
+  if (n < 0) return;
+  text[n] = '\0';
+  const unsigned long merging = FieldOf(text, "ksm_merging_pages ");
+  if (merging > g_stat_peak) g_stat_peak = merging;
+  size_t len = static_cast<size_t>(n);
+  for (const char* knob : {"pages_sharing", "pages_shared", "full_scans"}) {
+    char value[64];
+    const ssize_t v = samepage_sysfs_read(knob, value, sizeof(value) - 1);
+    if (v <= 0) continue;
+    value[v] = '\0';
+    len += snprintf(text + len, sizeof(text) - len, "%s %s", knob, value);
+  }
+  len += snprintf(text + len, sizeof(text) - len, "peak_merging_pages %lu\n",
+                  g_stat_peak);
+  char tmp[sizeof(g_stat_path) + 16];
+  snprintf(tmp, sizeof(tmp), "%s.tmp", g_stat_path);
+  const int fd = RealOpenat(AT_FDCWD, tmp, O_WRONLY | O_CREAT | O_TRUNC |
+                                               O_CLOEXEC, 0644);
+  if (fd < 0) return;
+  const bool ok = RealWrite(fd, text, len) == static_cast<ssize_t>(len);
+  RealClose(fd);
+  if (ok) rename(tmp, g_stat_path);
+}
+
+void StartStatWriter() {
+  const char* path = getenv("SAMEPAGE_STAT_FILE");
+  if (path == nullptr || path[0] == '\0') return;
+  snprintf(g_stat_path, sizeof(g_stat_path), "%s", path);
+  unsetenv("SAMEPAGE_STAT_FILE");
+  pthread_t t;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  const pid_t owner = getpid();
+  if (pthread_create(
+          &t, &attr,
+          [](void*) -> void* {
+            ++t_inside;  // everything this thread does bypasses
+            pthread_setname_np(pthread_self(), "samepage-stat");
+            for (;;) {
+              WriteStatFile();
+              usleep(500 * 1000);
+            }
+            return nullptr;
+          },
+          nullptr) != 0) {
+    Warn("SAMEPAGE_STAT_FILE: ", "cannot start its thread", errno);
+  }
+  pthread_attr_destroy(&attr);
+  static pid_t s_owner = owner;
+  atexit([] {
+    if (getpid() == s_owner) WriteStatFile();  // not in a forked child
+  });
+}
+
 }  // namespace
 
-void NoteAdvised() { g_advised.store(true, std::memory_order_release); }
+void NoteAdvised() { NoteAdvisedRange(nullptr, SIZE_MAX); }
+
+void NoteAdvisedRange(const void* addr, size_t len) {
+  const auto lo = reinterpret_cast<std::uintptr_t>(addr);
+  const std::uintptr_t hi = len > UINTPTR_MAX - lo ? UINTPTR_MAX : lo + len;
+  std::uintptr_t cur = g_advised_lo.load(std::memory_order_relaxed);
+  while (lo < cur && !g_advised_lo.compare_exchange_weak(cur, lo)) {
+  }
+  cur = g_advised_hi.load(std::memory_order_relaxed);
+  while (hi > cur && !g_advised_hi.compare_exchange_weak(cur, hi)) {
+  }
+  g_advised.store(true, std::memory_order_seq_cst);
+}
+
+bool MaybeAdvised(const void* addr, size_t len) {
+  if (!g_advised.load(std::memory_order_acquire)) return false;
+  const auto lo = reinterpret_cast<std::uintptr_t>(addr);
+  const std::uintptr_t hi = len > UINTPTR_MAX - lo ? UINTPTR_MAX : lo + len;
+  return lo < g_advised_hi.load(std::memory_order_acquire) &&
+         hi > g_advised_lo.load(std::memory_order_acquire);
+}
 
 void EnsureStarted() {
   pthread_once(&g_started, [] {
@@ -205,6 +302,7 @@ namespace {
 __attribute__((constructor)) void SamepagePreloadInit() {
   ResolveReal();
   FindSamepageText();
+  StartStatWriter();
   const char* any = getenv("SAMEPAGE_MERGE_ANY");
   if (any != nullptr && strcmp(any, "1") == 0) {
     Inside inside;

@@ -61,6 +61,10 @@ void ResolveReal() {
   Resolve(&g_real.fflush, "fflush");
   Resolve(&g_real.read_chk, "__read_chk");
   Resolve(&g_real.pread_chk, "__pread64_chk");
+  Resolve(&g_real.mmap, "mmap");
+  Resolve(&g_real.munmap, "munmap");
+  Resolve(&g_real.mremap, "mremap");
+  Resolve(&g_real.mprotect, "mprotect");
   --t_inside;
 }
 
@@ -97,6 +101,32 @@ int RealClose(int fd) {
 int RealMadvise(void* addr, size_t len, int advice) {
   if (auto f = Load(&g_real.madvise)) return f(addr, len, advice);
   return static_cast<int>(syscall(SYS_madvise, addr, len, advice));
+}
+
+void* RealMmap(void* addr, size_t len, int prot, int flags, int fd,
+               off_t off) {
+  if (auto f = Load(&g_real.mmap)) return f(addr, len, prot, flags, fd, off);
+  return reinterpret_cast<void*>(
+      syscall(SYS_mmap, addr, len, prot, flags, fd, off));
+}
+
+int RealMunmap(void* addr, size_t len) {
+  if (auto f = Load(&g_real.munmap)) return f(addr, len);
+  return static_cast<int>(syscall(SYS_munmap, addr, len));
+}
+
+void* RealMremap(void* old, size_t old_len, size_t new_len, int flags,
+                 void* new_addr) {
+  if (auto f = Load(&g_real.mremap)) {
+    return f(old, old_len, new_len, flags, new_addr);
+  }
+  return reinterpret_cast<void*>(
+      syscall(SYS_mremap, old, old_len, new_len, flags, new_addr));
+}
+
+int RealMprotect(void* addr, size_t len, int prot) {
+  if (auto f = Load(&g_real.mprotect)) return f(addr, len, prot);
+  return static_cast<int>(syscall(SYS_mprotect, addr, len, prot));
 }
 
 void FindSamepageText() {

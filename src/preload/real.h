@@ -51,6 +51,10 @@ struct RealFunctions {
   int (*fflush)(FILE*) = nullptr;
   ssize_t (*read_chk)(int, void*, size_t, size_t) = nullptr;
   ssize_t (*pread_chk)(int, void*, size_t, off_t, size_t) = nullptr;
+  void* (*mmap)(void*, size_t, int, int, int, off_t) = nullptr;
+  int (*munmap)(void*, size_t) = nullptr;
+  void* (*mremap)(void*, size_t, size_t, int, ...) = nullptr;
+  int (*mprotect)(void*, size_t, int) = nullptr;
 };
 
 // Filled by ResolveReal(); null members mean "use the raw system call".
@@ -66,6 +70,11 @@ ssize_t RealPread(int fd, void* buf, size_t n, off_t off);
 ssize_t RealPwrite(int fd, const void* buf, size_t n, off_t off);
 int RealClose(int fd);
 int RealMadvise(void* addr, size_t len, int advice);
+void* RealMmap(void* addr, size_t len, int prot, int flags, int fd, off_t off);
+int RealMunmap(void* addr, size_t len);
+void* RealMremap(void* old, size_t old_len, size_t new_len, int flags,
+                 void* new_addr);
+int RealMprotect(void* addr, size_t len, int prot);
 
 // Nonzero while this thread is inside a call into samepage.
 extern __thread int t_inside __attribute__((tls_model("initial-exec")));
@@ -86,9 +95,15 @@ bool Bypass(const void* caller);
 // Defined in preload.cc. Applies the settings `samepage run` passed in the
 // environment, once, before the first call into samepage.
 void EnsureStarted();
-// Something may be merged from now on: MADV_DONTNEED and friends must ask
-// the engine to unmerge first.
+// Something may be merged from now on: MADV_DONTNEED and friends, munmap,
+// mremap, mmap MAP_FIXED and mprotect must ask the engine first. The range
+// form widens a lock-free bounding box of what was ever advised; the other
+// covers the whole address space (merge-any, /dev/ksm regions).
 void NoteAdvised();
+void NoteAdvisedRange(const void* addr, size_t len);
+// False if [addr, addr + len) certainly holds nothing samepage was asked to
+// merge: the fast path of every interposer that changes mappings.
+bool MaybeAdvised(const void* addr, size_t len);
 
 }  // namespace samepage::preload
 

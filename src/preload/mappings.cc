@@ -1,0 +1,267 @@
+// The calls that unmap, move, replace or reprotect memory, interposed so
+// that they never race a merge and the engine never keeps merging an
+// address range the kernel would no longer consider mergeable:
+//   munmap, mmap/mmap64 with MAP_FIXED  the engine forgets the advised part
+//                                       of the range once the call succeeds
+//                                       (VM_MERGEABLE is per VMA: a new
+//                                       mapping there is not merged unless
+//                                       advised again);
+//   mremap                              the source is unmerged and unadvised
+//                                       first; the moved mapping is advised
+//                                       again at its new address, as the
+//                                       kernel moves VM_MERGEABLE with it;
+//   mprotect to anything but R+W        the range is unmerged and unadvised
+//                                       first, so samepage never makes it
+//                                       writable again (it merges only
+//                                       writable private anonymous memory).
+// Each real call runs inside Engine::ChangeMapping: with the engines' locks
+// and the window lock held, so no merge window is open over the range while
+// the kernel changes it (the scanner never waits on application threads
+// while it holds those locks, so this cannot deadlock).
+//
+// Fast path: a range outside the bounding box of everything ever advised
+// (MaybeAdvised, two atomic loads) goes straight to libc, so a program that
+// never advises memory pays nothing.
+//
+// Thread safety: as the libc calls; any thread, any time.
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "preload/real.h"
+#include "samepage/engine.h"
+#include "samepage/samepage.h"
+
+#define SAMEPAGE_EXPORT extern "C" __attribute__((visibility("default")))
+
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+#ifndef MREMAP_DONTUNMAP
+#define MREMAP_DONTUNMAP 4
+#endif
+
+namespace samepage::preload {
+namespace {
+
+constexpr uintptr_t kPage = 4096;
+
+struct MunmapCall {
+  void* addr;
+  size_t len;
+  int result;
+  int err;
+};
+
+struct MmapCall {
+  void* addr;
+  size_t len;
+  int prot, flags, fd;
+  off_t off;
+  void* result;
+  int err;
+};
+
+struct MremapCall {
+  void* old;
+  size_t old_len, new_len;
+  int flags;
+  void* new_addr;
+  void* result;
+  int err;
+  bool advised;  // set by Engine::ChangeMapping before the call
+};
+
+struct MprotectCall {
+  void* addr;
+  size_t len;
+  int prot;
+  int result;
+  int err;
+};
+
+// A merged range spans one mapping per run of merged pages; even once
+// unmerged, the kernel does not join the restored pages with their
+// neighbours (limitations.md, "VMA budget"). mremap refuses a range that
+// spans several mappings (EFAULT), where the program had one anonymous
+// mapping. So, for an advised range only, do what mremap would: new
+// anonymous memory, the contents copied, the old range unmapped.
+void* EmulateMremap(const MremapCall& c) {
+  const size_t keep = c.old_len < c.new_len ? c.old_len : c.new_len;
+  const auto old = reinterpret_cast<uintptr_t>(c.old);
+  if (c.new_len <= c.old_len && !(c.flags & MREMAP_FIXED)) {
+    // Shrinking in place: drop the tail.
+    if (c.new_len < c.old_len &&
+        RealMunmap(reinterpret_cast<void*>(old + c.new_len),
+                   c.old_len - c.new_len) != 0) {
+      return MAP_FAILED;
+    }
+    return c.old;
+  }
+  if (!(c.flags & MREMAP_MAYMOVE)) {
+    // Growing in place: only into a free range right after the mapping.
+    void* tail = RealMmap(reinterpret_cast<void*>(old + c.old_len),
+                          c.new_len - c.old_len, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                          -1, 0);
+    if (tail == MAP_FAILED) {
+      errno = ENOMEM;  // what mremap says when it cannot grow in place
+      return MAP_FAILED;
+    }
+    return c.old;
+  }
+  int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+  if (c.flags & MREMAP_FIXED) flags |= MAP_FIXED;
+  void* to = RealMmap((c.flags & MREMAP_FIXED) ? c.new_addr : nullptr,
+                      c.new_len, PROT_READ | PROT_WRITE, flags, -1, 0);
+  if (to == MAP_FAILED) return MAP_FAILED;
+  memcpy(to, c.old, keep);
+  if (c.flags & MREMAP_DONTUNMAP) {
+    // The source stays mapped and reads as fresh anonymous memory.
+    (void)RealMadvise(c.old, c.old_len, MADV_DONTNEED);
+  } else {
+    (void)RealMunmap(c.old, c.old_len);
+  }
+  return to;
+}
+
+bool DoMremap(void* p) {
+  auto* c = static_cast<MremapCall*>(p);
+  c->result = RealMremap(c->old, c->old_len, c->new_len, c->flags, c->new_addr);
+  // EFAULT also means a hole in the range: emulate only over advised memory
+  // that is wholly mapped (msync MS_ASYNC: ENOMEM on a hole, else a no-op).
+  c->err = errno;
+  if (c->result == MAP_FAILED && c->err == EFAULT && c->advised &&
+      c->old_len != 0 && msync(c->old, c->old_len, MS_ASYNC) == 0) {
+    c->result = EmulateMremap(*c);
+    c->err = c->result == MAP_FAILED ? errno : 0;
+  }
+  return c->result != MAP_FAILED;
+}
+
+// Reprotect or unmap [addr, addr + len) of an advised range through the
+// engine; see Engine::ChangeMapping.
+bool Change(void* addr, size_t len, bool keep_contents, bool (*fn)(void*),
+            void* call, bool* advised = nullptr) {
+  Inside inside;
+  return samepage::Engine::ChangeMapping(addr, len, keep_contents, fn, call,
+                                         advised);
+}
+
+}  // namespace
+}  // namespace samepage::preload
+
+using namespace samepage::preload;
+
+SAMEPAGE_EXPORT int munmap(void* addr, size_t len) noexcept {
+  if (Bypass(__builtin_return_address(0)) || !MaybeAdvised(addr, len)) {
+    return RealMunmap(addr, len);
+  }
+  MunmapCall c{addr, len, -1, 0};
+  Change(addr, len, /*keep_contents=*/false,
+         [](void* p) {
+           auto* c = static_cast<MunmapCall*>(p);
+           c->result = RealMunmap(c->addr, c->len);
+           c->err = errno;
+           return c->result == 0;
+         },
+         &c);
+  errno = c.err;
+  return c.result;
+}
+
+namespace {
+
+void* Mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off,
+           const void* caller) {
+  // Only MAP_FIXED replaces what was there; MAP_FIXED_NOREPLACE never does.
+  const bool replaces = (flags & MAP_FIXED) && !(flags & MAP_FIXED_NOREPLACE);
+  if (!replaces || Bypass(caller) || !MaybeAdvised(addr, len)) {
+    return RealMmap(addr, len, prot, flags, fd, off);
+  }
+  MmapCall c{addr, len, prot, flags, fd, off, MAP_FAILED, 0};
+  Change(addr, len, /*keep_contents=*/false,
+         [](void* p) {
+           auto* c = static_cast<MmapCall*>(p);
+           c->result = RealMmap(c->addr, c->len, c->prot, c->flags, c->fd,
+                                c->off);
+           c->err = errno;
+           return c->result != MAP_FAILED;
+         },
+         &c);
+  errno = c.err;
+  return c.result;
+}
+
+}  // namespace
+
+SAMEPAGE_EXPORT void* mmap(void* addr, size_t len, int prot, int flags,
+                           int fd, off_t off) noexcept {
+  return Mmap(addr, len, prot, flags, fd, off, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT void* mmap64(void* addr, size_t len, int prot, int flags,
+                             int fd, off_t off) noexcept {
+  return Mmap(addr, len, prot, flags, fd, off, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT void* mremap(void* old, size_t old_len, size_t new_len,
+                             int flags, ...) noexcept {
+  void* new_addr = nullptr;
+  if (flags & MREMAP_FIXED) {
+    va_list ap;
+    va_start(ap, flags);
+    new_addr = va_arg(ap, void*);
+    va_end(ap);
+  }
+  const bool fixed = (flags & MREMAP_FIXED) != 0;
+  const bool source = MaybeAdvised(old, old_len);
+  const bool target = fixed && MaybeAdvised(new_addr, new_len);
+  if (Bypass(__builtin_return_address(0)) || (!source && !target)) {
+    return RealMremap(old, old_len, new_len, flags, new_addr);
+  }
+  if (target) {
+    // The target is about to be unmapped by the kernel: unmerge and unadvise
+    // it first (a no-op change), so the engine tracks nothing there.
+    Change(new_addr, new_len, /*keep_contents=*/true,
+           [](void*) { return true; }, nullptr);
+  }
+  if (!source) return RealMremap(old, old_len, new_len, flags, new_addr);
+  MremapCall c{old, old_len, new_len, flags, new_addr, MAP_FAILED, 0, false};
+  const bool ok = Change(old, old_len, /*keep_contents=*/true, DoMremap, &c,
+                         &c.advised);
+  if (ok && c.advised) {
+    // VM_MERGEABLE moves with the mapping (and stays on a DONTUNMAP source).
+    Inside inside;
+    if (samepage_madvise(c.result, new_len, MADV_MERGEABLE) == 0) {
+      NoteAdvisedRange(c.result, new_len);
+    }
+    if (flags & MREMAP_DONTUNMAP) {
+      (void)samepage_madvise(old, old_len, MADV_MERGEABLE);
+    }
+  }
+  errno = c.err;
+  return c.result;
+}
+
+SAMEPAGE_EXPORT int mprotect(void* addr, size_t len, int prot) noexcept {
+  // Read+write keeps a range mergeable; anything else unmerges it first.
+  if (prot == (PROT_READ | PROT_WRITE) ||
+      Bypass(__builtin_return_address(0)) || !MaybeAdvised(addr, len)) {
+    return RealMprotect(addr, len, prot);
+  }
+  MprotectCall c{addr, len, prot, -1, 0};
+  Change(addr, len, /*keep_contents=*/true,
+         [](void* p) {
+           auto* c = static_cast<MprotectCall*>(p);
+           c->result = RealMprotect(c->addr, c->len, c->prot);
+           c->err = errno;
+           return c->result == 0;
+         },
+         &c);
+  errno = c.err;
+  return c.result;
+}
