@@ -216,7 +216,13 @@ class KernelMerger : public Merger {
 
 class SamepageMerger : public Merger {
  public:
-  SamepageMerger() { (void)samepage::Engine::Create({}, &engine_); }
+  SamepageMerger() {
+    const samepage::Status s = samepage::Engine::Create({}, &engine_);
+    if (!s.ok()) {
+      fmt::print(stderr, "samepage: Engine::Create: {}\n", s.ToString());
+      std::exit(2);
+    }
+  }
   std::string Name() const override { return "samepage"; }
   bool Advise(void* p, std::size_t len) override {
     return engine_->Madvise(p, len, MADV_MERGEABLE).ok();

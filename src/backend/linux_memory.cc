@@ -297,6 +297,9 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
     }
     if (!Eligible(e)) continue;
     AddInterval(&touchable_, e.start, e.end);
+    // Eligible() accepted a "uw" VMA only as ours: it is registered with our
+    // descriptor already (re-registering costs a syscall per VMA per scan).
+    if (e.has_vm_flags && e.HasVmFlag("uw")) continue;
     if (RegisterWithProtector(e.start, e.size()))
       AddInterval(&uffd_registered_, e.start, e.end);
   }
@@ -417,6 +420,113 @@ void LinuxMemory::UnprotectRest(Addr start, std::size_t n,
   }
 }
 
+void LinuxMemory::NoteMapped(Addr start, Addr end, ProtectMethod how) {
+  unflushed_.push_back(NewMapping{start, end, how == ProtectMethod::kUffd});
+  unflushed_pages_ += (end - start) / kPageSize;
+}
+
+bool LinuxMemory::SpanReplaceable(Addr start, Addr end) const {
+  auto it = std::upper_bound(
+      touchable_.begin(), touchable_.end(), start,
+      [](Addr a, const Interval& i) { return a < i.start; });
+  if (it == touchable_.begin() || std::prev(it)->end < end) return false;
+  for (const std::vector<Interval>* set : {&excluded_, &auto_excluded_}) {
+    auto x = std::lower_bound(
+        set->begin(), set->end(), start,
+        [](const Interval& i, Addr a) { return i.end <= a; });
+    if (x != set->end() && x->start < end) return false;
+  }
+  return true;
+}
+
+void LinuxMemory::FlushMapped() {
+  if (unflushed_.empty()) return;
+  // Writers that faulted on a replaced page's old, write-protected PTE sleep
+  // in the kernel until woken. One UFFDIO_WAKE over the span wakes them all;
+  // it may also wake writers waiting on unrelated pages of the span, which
+  // then fault again and wait again: harmless.
+  Addr wake_lo = UINTPTR_MAX, wake_hi = 0;
+  Addr lo = UINTPTR_MAX, hi = 0;
+  for (const NewMapping& m : unflushed_) {
+    lo = std::min(lo, m.start);
+    hi = std::max(hi, m.end);
+    if (m.wake) {
+      wake_lo = std::min(wake_lo, m.start);
+      wake_hi = std::max(wake_hi, m.end);
+    }
+  }
+  if (wake_lo < wake_hi)
+    protector_->Replaced(wake_lo, wake_hi - wake_lo, ProtectMethod::kUffd);
+  for (const NewMapping& m : unflushed_)
+    new_frame_mapped_.push_back(Interval{m.start, m.end});
+  if (protection_ == Protection::kUserfaultfd) {
+    // mmap over a registered range makes a new, unregistered VMA. Register
+    // the whole span at once when all of it is memory we may replace (its
+    // other VMAs are ours already: the kernel skips them) and it is dense
+    // (the kernel walks every VMA of the span, twice); else each mapping
+    // alone.
+    const bool dense = (hi - lo) / kPageSize <= 2 * unflushed_pages_;
+    if (unflushed_.size() > 1 && dense && SpanReplaceable(lo, hi) &&
+        RegisterWithProtector(lo, hi - lo)) {
+      new_registered_.push_back(Interval{lo, hi});
+    } else {
+      for (const NewMapping& m : unflushed_) {
+        if (RegisterWithProtector(m.start, m.end - m.start))
+          new_registered_.push_back(Interval{m.start, m.end});
+      }
+    }
+  }
+  unflushed_.clear();
+  unflushed_pages_ = 0;
+}
+
+void LinuxMemory::CommitMapped() {
+  AddIntervals(&frame_mapped_, &new_frame_mapped_);
+  AddIntervals(&uffd_registered_, &new_registered_);
+  // Per-call scratch: a large batch must not leave its capacity behind
+  // (metadata per tracked page).
+  for (std::vector<Interval>* v : {&new_frame_mapped_, &new_registered_}) {
+    if (v->capacity() > 256) std::vector<Interval>().swap(*v);
+  }
+}
+
+// Adds many intervals with one linear merge (AddInterval per interval would
+// shift the vector each time: quadratic for scattered merges).
+void LinuxMemory::AddIntervals(std::vector<Interval>* set,
+                               std::vector<Interval>* adds) {
+  if (adds->size() <= 2) {
+    for (const Interval& i : *adds) AddInterval(set, i.start, i.end);
+    adds->clear();
+    return;
+  }
+  auto by_start = [](const Interval& a, const Interval& b) {
+    return a.start < b.start;
+  };
+  std::sort(adds->begin(), adds->end(), by_start);
+  std::vector<Interval> merged;
+  merged.reserve(set->size() + adds->size());  // trimmed below
+  auto push = [&](const Interval& i) {
+    if (i.start >= i.end) return;
+    if (!merged.empty() && i.start <= merged.back().end) {
+      merged.back().end = std::max(merged.back().end, i.end);
+    } else {
+      merged.push_back(i);
+    }
+  };
+  auto a = set->begin();
+  auto b = adds->begin();
+  while (a != set->end() || b != adds->end()) {
+    if (b == adds->end() || (a != set->end() && a->start <= b->start)) {
+      push(*a++);
+    } else {
+      push(*b++);
+    }
+  }
+  if (merged.capacity() > 2 * merged.size() + 1024) merged.shrink_to_fit();
+  set->swap(merged);
+  adds->clear();
+}
+
 void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
                                   std::span<const FrameId> frames,
                                   std::span<MergeResult> results) {
@@ -439,8 +549,11 @@ void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
       ++j;
     }
     MergeBatchIntoFrames(pages[i], j - i, &frames[i], &results[i]);
+    if (unflushed_pages_ >= kMaxWindowPages) FlushMapped();
     i = j;
   }
+  FlushMapped();
+  CommitMapped();
 }
 
 // Opens a window over n pages at base, write-protects them and runs
@@ -486,11 +599,12 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
   // Everything written inside the window is on our stack or in *this.
   MergeResult local[kMaxWindowPages];
   Interval mapped[kMaxWindowPages];
-  bool registered[kMaxWindowPages];
   std::size_t nmapped = 0;
+  ProtectMethod window_how = ProtectMethod::kNone;
   constexpr std::uint64_t kWindowCost = 2;  // mprotect splits the VMA
   std::uint64_t added = 0;
   InProtectedWindow(base, n, kWindowCost, local, [&](ProtectMethod how) {
+    window_how = how;
     for (std::size_t k = 0; k < n; ++k) {
       bool equal = false;
       if (!GuardedEqual(Ptr(base + k * kPageSize),
@@ -523,8 +637,8 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
         if (m == MAP_FAILED) {
           r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
         } else {
-          protector_->Replaced(at, (e - k) * kPageSize, how);
-          registered[nmapped] = RegisterWithProtector(at, (e - k) * kPageSize);
+          // Waking writers and registering the new VMA wait for the
+          // flush: one call each per window instead of per mapping.
           mapped[nmapped++] = Interval{at, at + (e - k) * kPageSize};
           added += 2;
         }
@@ -535,11 +649,8 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
     UnprotectRest(base, n, local, /*skip_merged=*/true, how);
   });
   vmas_used_ += added;
-  for (std::size_t i = 0; i < nmapped; ++i) {
-    AddInterval(&frame_mapped_, mapped[i].start, mapped[i].end);
-    if (registered[i])
-      AddInterval(&uffd_registered_, mapped[i].start, mapped[i].end);
-  }
+  for (std::size_t i = 0; i < nmapped; ++i)
+    NoteMapped(mapped[i].start, mapped[i].end, window_how);
   CopyOutResults(local, n, out);
 }
 
@@ -563,8 +674,11 @@ void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
       ++j;
     }
     MergePairBatch(p[i], q[i], j - i, &frames[i], &results[i]);
+    if (unflushed_pages_ >= kMaxWindowPages) FlushMapped();
     i = j;
   }
+  FlushMapped();
+  CommitMapped();
 }
 
 void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
@@ -572,7 +686,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
   MergeResult local[kMaxWindowPages];
   FrameId frames[kMaxWindowPages];
   Interval mapped[2 * kMaxWindowPages];
-  bool registered[2 * kMaxWindowPages];
+  ProtectMethod mapped_how[2 * kMaxWindowPages];
   std::size_t nmapped = 0;
   bool pgone[kMaxWindowPages] = {};
   bool qgone[kMaxWindowPages] = {};
@@ -653,11 +767,10 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
           }
           added += 2;
         } else {
-          protector_->Replaced(pa, run, phow);
-          protector_->Replaced(qa, run, qhow);
-          registered[nmapped] = RegisterWithProtector(pa, run);
+          // Woken and registered at the flush (see NoteMapped).
+          mapped_how[nmapped] = phow;
           mapped[nmapped++] = Interval{pa, pa + run};
-          registered[nmapped] = RegisterWithProtector(qa, run);
+          mapped_how[nmapped] = qhow;
           mapped[nmapped++] = Interval{qa, qa + run};
           added += 4;
         }
@@ -688,11 +801,8 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
     if (pslot >= 0) CloseWindow(pslot);
   }
   vmas_used_ += added;
-  for (std::size_t i = 0; i < nmapped; ++i) {
-    AddInterval(&frame_mapped_, mapped[i].start, mapped[i].end);
-    if (registered[i])
-      AddInterval(&uffd_registered_, mapped[i].start, mapped[i].end);
-  }
+  for (std::size_t i = 0; i < nmapped; ++i)
+    NoteMapped(mapped[i].start, mapped[i].end, mapped_how[i]);
   for (std::size_t k = 0; k < n; ++k) {
     if (local[k] == MergeResult::kNoBudget) ++budget_skips_;
     out[k] = local[k];

@@ -179,6 +179,24 @@ class LinuxMemory final : public Memory {
                          MergeResult* local, Body&& body);
   void CopyOutResults(const MergeResult* local, std::size_t n,
                       MergeResult* out);
+  // Frame mappings made by merges: recorded after their window closed,
+  // woken (UFFDIO_WAKE) and registered with userfaultfd per flush rather
+  // than per mapping, and added to the interval sets once per call.
+  struct NewMapping {
+    Addr start;
+    Addr end;
+    bool wake;  // protected with userfaultfd: writers may wait on old PTEs
+  };
+  void NoteMapped(Addr start, Addr end, ProtectMethod how);
+  // Wakes and registers what NoteMapped recorded since the last flush.
+  // REQUIRES: no window open.
+  void FlushMapped();
+  // Records the flushed mappings in frame_mapped_ and uffd_registered_.
+  void CommitMapped();
+  // Every page of [start, end) is touchable and none is excluded.
+  bool SpanReplaceable(Addr start, Addr end) const;
+  static void AddIntervals(std::vector<Interval>* set,
+                           std::vector<Interval>* adds);
   bool BudgetAllows(std::uint64_t extra) const {
     return vmas_used_ + extra <= budget_;
   }
@@ -226,6 +244,11 @@ class LinuxMemory final : public Memory {
   std::vector<Interval> frame_mapped_;
   // Ranges registered with our userfaultfd: their "uw" VmFlag is ours.
   std::vector<Interval> uffd_registered_;
+  // NoteMapped/FlushMapped/CommitMapped state (see there).
+  std::vector<NewMapping> unflushed_;
+  std::size_t unflushed_pages_ = 0;
+  std::vector<Interval> new_frame_mapped_;
+  std::vector<Interval> new_registered_;
 
   long baseline_maps_ = 0;  // mappings at Create
   long max_map_count_ = 0;

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 
@@ -129,19 +130,31 @@ Status ReadProcFile(const std::string& path, std::string* text) {
     int err = errno;
     return Status::Error(err, "open(" + path + ")");
   }
-  char buf[65536];
+  // Read straight into the string, sized from the last read of this thread:
+  // smaps with tens of thousands of mappings runs to tens of MB, and
+  // appending through a small buffer copied it over and over as it grew.
+  thread_local std::size_t size_hint = 65536;
+  std::size_t used = 0;
+  text->resize(size_hint);
   for (;;) {
-    ssize_t n = read(fd, buf, sizeof(buf));
+    if (text->size() - used < 65536) text->resize(text->size() * 2);
+    // At most 1 MiB per call: sysctl files allocate a kernel buffer of the
+    // requested size and fail with ENOMEM for large ones.
+    ssize_t n = read(fd, text->data() + used,
+                     std::min<std::size_t>(text->size() - used, 1 << 20));
     if (n < 0) {
       if (errno == EINTR) continue;
       int err = errno;
       close(fd);
+      text->clear();
       return Status::Error(err, "read(" + path + ")");
     }
     if (n == 0) break;
-    text->append(buf, static_cast<std::size_t>(n));
+    used += static_cast<std::size_t>(n);
   }
   close(fd);
+  text->resize(used);
+  size_hint = std::max<std::size_t>(65536, used + used / 8 + 65536);
   return Status::Ok();
 }
 
