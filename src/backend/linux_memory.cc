@@ -211,6 +211,21 @@ void LinuxMemory::RemoveInterval(std::vector<Interval>* set, Addr start,
   }
 }
 
+bool LinuxMemory::ReapplyVmaFlags(Addr start, std::size_t len) {
+  const Addr end = start + len;
+  bool ok = true;
+  auto apply = [&](const std::vector<Interval>& set, int advice) {
+    for (const Interval& i : set) {
+      const Addr from = std::max(start, i.start);
+      const Addr to = std::min(end, i.end);
+      if (from < to && madvise(Ptr(from), to - from, advice) != 0) ok = false;
+    }
+  };
+  apply(dontfork_, MADV_DONTFORK);
+  apply(dontdump_, MADV_DONTDUMP);
+  return ok;
+}
+
 bool LinuxMemory::Contains(const std::vector<Interval>& set, Addr page) {
   auto it =
       std::upper_bound(set.begin(), set.end(), page,
@@ -283,6 +298,8 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
   touchable_.clear();
   auto_excluded_.clear();
   frame_mapped_.clear();
+  dontfork_.clear();
+  dontdump_.clear();
   for (std::size_t i = 0; i < maps.size(); ++i) {
     const MapEntry& e = maps[i];
     if (!e.shared && IsOurMemfd(e)) AddInterval(&frame_mapped_, e.start, e.end);
@@ -297,6 +314,8 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
     }
     if (!Eligible(e)) continue;
     AddInterval(&touchable_, e.start, e.end);
+    if (e.HasVmFlag("dc")) AddInterval(&dontfork_, e.start, e.end);
+    if (e.HasVmFlag("dd")) AddInterval(&dontdump_, e.start, e.end);
     // Eligible() accepted a "uw" VMA only as ours: it is registered with our
     // descriptor already (re-registering costs a syscall per VMA per scan).
     if (e.has_vm_flags && e.HasVmFlag("uw")) continue;
@@ -637,6 +656,7 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
         if (m == MAP_FAILED) {
           r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
         } else {
+          (void)ReapplyVmaFlags(at, (e - k) * kPageSize);
           // Waking writers and registering the new VMA wait for the
           // flush: one call each per window instead of per mapping.
           mapped[nmapped++] = Interval{at, at + (e - k) * kPageSize};
@@ -763,10 +783,13 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
                           ReplaceWithAnonymousCopy(pa, run, kReadWrite);
           if (!restored) {
             mprotect(Ptr(pa), run, kReadWrite);
+            (void)ReapplyVmaFlags(pa, run);
             f = kNoFrame;  // still mapped by p: leak it rather than punch
           }
           added += 2;
         } else {
+          (void)ReapplyVmaFlags(pa, run);
+          (void)ReapplyVmaFlags(qa, run);
           // Woken and registered at the flush (see NoteMapped).
           mapped_how[nmapped] = phow;
           mapped[nmapped++] = Interval{pa, pa + run};
@@ -913,6 +936,7 @@ bool LinuxMemory::ReplaceWithAnonymousCopy(Addr start, std::size_t len,
     ok = mremap(scratch, len, len,
                 MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP,
                 Ptr(start)) != MAP_FAILED;
+    if (ok) (void)ReapplyVmaFlags(start, len);
   }
   if (!ok) madvise(scratch, len, MADV_DONTNEED);  // drop the copy
   if (prot != kReadWrite) mprotect(scratch, len, kReadWrite);

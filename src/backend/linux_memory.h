@@ -164,6 +164,11 @@ class LinuxMemory final : public Memory {
   bool IsExcluded(Addr page) const;
   bool IsTouchable(Addr page) const;
   // Not excluded and touchable: a page we may protect and replace.
+  // Re-applies MADV_DONTFORK / MADV_DONTDUMP to a mapping we just put in
+  // place over [start, start + len), where the one it replaced had them.
+  // Called inside the window: fork() waits for the window lock, so no child
+  // ever sees the mapping without the flag. False if an madvise failed.
+  bool ReapplyVmaFlags(Addr start, std::size_t len);
   bool MayReplace(Addr page) const {
     return IsTouchable(page) && !IsExcluded(page);
   }
@@ -242,6 +247,10 @@ class LinuxMemory final : public Memory {
   // private copies): from the maps plus our own merges and unmerges since.
   // Lets Probe call an absent merged page kFrame (it reads as the frame).
   std::vector<Interval> frame_mapped_;
+  // Where the application asked for MADV_DONTFORK / MADV_DONTDUMP (smaps "dc",
+  // "dd"): every mapping we put there gets the same advice again.
+  std::vector<Interval> dontfork_;
+  std::vector<Interval> dontdump_;
   // Ranges registered with our userfaultfd: their "uw" VmFlag is ours.
   std::vector<Interval> uffd_registered_;
   // NoteMapped/FlushMapped/CommitMapped state (see there).

@@ -10,7 +10,10 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <random>
 #include <thread>
 #include <vector>
@@ -312,6 +315,75 @@ TEST(Engine, ForkedChildMergesItsOwnPages) {
   EXPECT_EQ(WEXITSTATUS(status), 0) << "bits " << WEXITSTATUS(status);
   for (std::size_t i = 0; i < kPages; ++i) EXPECT_TRUE(m.Holds(i, 'A')) << i;
   EXPECT_EQ(Counter(*e, "pages_sharing"), std::int64_t(kPages) - 1);
+}
+
+// VmFlags of every mapping that overlaps [start, end), from smaps.
+std::vector<std::string> VmFlagsOver(const void* start, std::size_t len) {
+  const auto lo = reinterpret_cast<std::uintptr_t>(start);
+  const auto hi = lo + len;
+  std::ifstream in("/proc/self/smaps");
+  std::vector<std::string> out;
+  std::string line;
+  bool inside = false;
+  while (std::getline(in, line)) {
+    unsigned long a, b;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &a, &b) == 2 &&
+        line.find(':') > line.find(' ')) {
+      inside = a < hi && b > lo;
+    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+      out.push_back(line);
+    }
+  }
+  return out;
+}
+
+// True in a forked child if none of the pages is mapped there.
+bool ChildSeesNoMapping(const Mapping& m) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    int mapped = 0;
+    for (std::size_t i = 0; i < m.pages(); ++i) {
+      // msync fails with ENOMEM on an address that is not mapped.
+      if (msync(m.page(i), kPage, MS_ASYNC) == 0 || errno != ENOMEM) ++mapped;
+    }
+    _exit(mapped == 0 ? 0 : 1);
+  }
+  int status = 0;
+  pid_t r = 0;
+  for (int i = 0; i < 2000 && (r = waitpid(pid, &status, WNOHANG)) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (r == 0) kill(pid, SIGKILL), waitpid(pid, &status, 0);
+  return r == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+// QEMU marks guest RAM MADV_DONTFORK: such memory merges, and every mapping
+// samepage puts in its place (merged runs, and restored memory after
+// unmerging) keeps the advice, so a child never inherits it.
+TEST(Engine, DontforkAndDontdumpMemoryMergesAndKeepsItsAdvice) {
+  auto e = NewEngine();
+  Mapping m(16);
+  m.FillAll('d');
+  ASSERT_EQ(madvise(m.data(), m.bytes(), MADV_DONTFORK), 0);
+  ASSERT_EQ(madvise(m.data(), m.bytes(), MADV_DONTDUMP), 0);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 15);
+  EXPECT_TRUE(MapsSharedFrame(m.page(3)));
+  auto check_advice = [&](const char* when) {
+    const auto flags = VmFlagsOver(m.data(), m.bytes());
+    ASSERT_FALSE(flags.empty()) << when;
+    for (const std::string& f : flags) {
+      EXPECT_NE(f.find(" dc"), std::string::npos) << when << ": " << f;
+      EXPECT_NE(f.find(" dd"), std::string::npos) << when << ": " << f;
+    }
+    EXPECT_TRUE(ChildSeesNoMapping(m)) << when << ": a child inherited it";
+  };
+  check_advice("merged");
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_UNMERGEABLE).ok());
+  EXPECT_FALSE(MapsSharedFrame(m.page(3)));
+  check_advice("unmerged");
+  for (std::size_t i = 0; i < 16; ++i) EXPECT_TRUE(m.Holds(i, 'd')) << i;
 }
 
 // Application threads keep writing while the scanner merges at full speed:
