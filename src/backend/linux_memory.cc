@@ -347,7 +347,11 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
 
 void LinuxMemory::BeginFullScan() {
   RegisterThread();
-  (void)RefreshMaps();  // on failure keep the previous view
+  // A view applied since the last scan began (merge-any's AnonymousRanges
+  // reads smaps right at the end of a scan) is this scan's view: reading
+  // smaps again would double the cost of the biggest per-scan step.
+  if (!view_fresh_) (void)RefreshMaps();  // on failure keep the previous view
+  view_fresh_ = false;
 }
 
 bool LinuxMemory::RangeMapped(Addr start, std::size_t len) const {
@@ -1071,7 +1075,7 @@ std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {
   std::vector<Range> out;
   std::vector<MapEntry> maps;
   if (!ReadMaps(options_.maps_path, &maps).ok()) return out;
-  (void)ApplyMaps(maps);
+  view_fresh_ = ApplyMaps(maps).ok();
   auto add = [&](Addr s, Addr t) {
     if (s >= t) return;
     if (!out.empty() && out.back().first + out.back().second == s) {

@@ -249,6 +249,9 @@ class LinuxMemory final : public Memory {
   std::vector<Interval> frame_mapped_;
   // Where the application asked for MADV_DONTFORK / MADV_DONTDUMP (smaps "dc",
   // "dd"): every mapping we put there gets the same advice again.
+  // The maps view was applied after the last BeginFullScan: the next one
+  // need not read smaps again.
+  bool view_fresh_ = false;
   std::vector<Interval> dontfork_;
   std::vector<Interval> dontdump_;
   // Ranges registered with our userfaultfd: their "uw" VmFlag is ours.
