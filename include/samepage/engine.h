@@ -87,30 +87,29 @@ class Engine {
 
   virtual EngineStats Stats() = 0;
 
-  // For the LD_PRELOAD layer: the application is about to drop
-  // [addr, addr + len) with MADV_DONTNEED, MADV_FREE or MADV_REMOVE. Every
-  // engine of the process unmerges its merged pages there (they stay marked
-  // mergeable), so that once dropped they read back as zeros, as anonymous
-  // memory does. Cheap when nothing is merged. The caller then passes the
-  // madvise on to the kernel.
-  // REQUIRES: not called from a thread that holds an engine's lock.
-  static Status UnmergeForDiscard(void* addr, std::size_t len);
+
+  // What a call passed to ChangeMapping does to [addr, addr + len).
+  enum class MappingChange {
+    kUnmap,    // munmap, mmap MAP_FIXED over it: the old memory is gone
+    kMove,     // mremap away, mprotect: the contents stay
+    kDiscard,  // MADV_DONTNEED, MADV_FREE, MADV_REMOVE: dropped in place
+  };
 
   // For the LD_PRELOAD layer: `change(arg)` (the real munmap, mremap,
-  // mmap MAP_FIXED or mprotect) unmaps, moves or reprotects
+  // mmap MAP_FIXED, mprotect or discarding madvise) changes
   // [addr, addr + len). It runs with every engine's lock and the process's
   // window lock held, so no merge is in flight anywhere and none starts
-  // until the engines know of the change. With `keep_contents` false
-  // (unmap, replace), the engines stop tracking the range once change()
-  // has succeeded, without touching it: a new mapping there is not merged
-  // unless advised again. With `keep_contents` true (move, reprotect), the
-  // range is first unmerged and unadvised (ordinary anonymous memory again,
-  // with the permissions it had), and advised again if change() fails.
-  // Returns what change() returned. *advised (if not null) is set, before
-  // change() runs, to whether any engine tracked part of the range. Cheap
-  // when no engine exists.
+  // until the engines know of the change. kUnmap: the engines stop tracking
+  // the range once change() has succeeded, without touching it (a new
+  // mapping there is not merged unless advised again). kMove: the range is
+  // first unmerged and unadvised (ordinary anonymous memory again, with the
+  // permissions it had), and advised again if change() fails. kDiscard: the
+  // range is unmerged first, so dropped pages read back zeros as anonymous
+  // memory does, and stays mergeable. Returns what change() returned.
+  // *advised (if not null) is set, before change() runs, to whether any
+  // engine tracked part of the range. Cheap when no engine exists.
   // REQUIRES: not called from a thread that holds an engine's lock.
-  static bool ChangeMapping(void* addr, std::size_t len, bool keep_contents,
+  static bool ChangeMapping(void* addr, std::size_t len, MappingChange kind,
                             bool (*change)(void* arg), void* arg,
                             bool* advised = nullptr);
 };

@@ -217,31 +217,10 @@ class EngineImpl final : public Engine {
     return s;
   }
 
-  // Engine::UnmergeForDiscard for this engine: unadvise and re-advise the
-  // advised parts of [start, end), which restores their merged pages.
-  Status UnmergeForDiscard(Addr start, Addr end) {
-    ControlLock lock(this);
-    // Nothing merged here, nor inherited from a parent: nothing to restore.
-    if (memory_->Stats().frames_in_use == 0 && options_.adopted_memfds.empty())
-      return Status::Ok();
-    bool ok = true;
-    for (auto [a, n] : AdvisedRangesLocked()) {
-      const Addr from = std::max(start, a);
-      const Addr to = std::min(end, a + n * kPageSize);
-      if (from >= to) continue;
-      const std::size_t pages = (to - from) / kPageSize;
-      ok &= ksm_->Unadvise(from, pages);
-      ksm_->Advise(from, pages);
-    }
-    return ok ? Status::Ok()
-              : Status::Error(ENOMEM, "madvise discard: could not restore "
-                                      "every merged page");
-  }
-
   // One step of Engine::ChangeMapping: with this engine's lock held, runs
   // `inner` (the next engine's step, or the change itself), which sets *ok.
   template <typename F>
-  void ChangeMappingStep(Addr start, Addr end, bool keep_contents,
+  void ChangeMappingStep(Addr start, Addr end, MappingChange kind,
                          const F& inner, bool* ok, bool* advised_any) {
     ControlLock lock(this);
     std::vector<std::pair<Addr, std::size_t>> advised;
@@ -251,14 +230,19 @@ class EngineImpl final : public Engine {
       if (from < to) advised.emplace_back(from, (to - from) / kPageSize);
     }
     if (!advised.empty()) *advised_any = true;
-    if (keep_contents) {
+    // Nothing merged here, nor inherited from a parent: a discard has
+    // nothing to restore.
+    const bool discard_restores =
+        kind == MappingChange::kDiscard &&
+        (memory_->Stats().frames_in_use != 0 || !options_.adopted_memfds.empty());
+    if (kind == MappingChange::kMove || discard_restores) {
       // A failed restore leaves the page readable; nothing better to do.
       for (auto [a, n] : advised) (void)ksm_->Unadvise(a, n);
     }
     inner();
-    if (*ok && !keep_contents) {
+    if (kind == MappingChange::kUnmap && *ok) {
       for (auto [a, n] : advised) ksm_->Forget(a, n);
-    } else if (!*ok && keep_contents) {
+    } else if ((kind == MappingChange::kMove && !*ok) || discard_restores) {
       for (auto [a, n] : advised) ksm_->Advise(a, n);
     }
   }
@@ -461,22 +445,7 @@ class EngineImpl final : public Engine {
 
 }  // namespace
 
-Status Engine::UnmergeForDiscard(void* addr, std::size_t len) {
-  const Addr start = reinterpret_cast<Addr>(addr) & ~(kPageSize - 1);
-  const Addr end = reinterpret_cast<Addr>(addr) + len;
-  if (len == 0 || end < start) return Status::Ok();  // the kernel decides
-  const Addr end_page = (end + kPageSize - 1) & ~(kPageSize - 1);
-  std::lock_guard<std::mutex> lock(g_engines_mu);
-  if (g_engines == nullptr) return Status::Ok();
-  Status result = Status::Ok();
-  for (EngineImpl* e : *g_engines) {
-    Status s = e->UnmergeForDiscard(start, end_page == 0 ? end : end_page);
-    if (!s.ok()) result = s;
-  }
-  return result;
-}
-
-bool Engine::ChangeMapping(void* addr, std::size_t len, bool keep_contents,
+bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
                            bool (*change)(void* arg), void* arg,
                            bool* advised) {
   const Addr start = reinterpret_cast<Addr>(addr) & ~(kPageSize - 1);
@@ -501,7 +470,7 @@ bool Engine::ChangeMapping(void* addr, std::size_t len, bool keep_contents,
       }
       return;
     }
-    engines[i]->ChangeMappingStep(start, end, keep_contents,
+    engines[i]->ChangeMappingStep(start, end, kind,
                                   [&] { self(self, i + 1); }, &ok,
                                   &advised_any);
   };

@@ -147,8 +147,9 @@ bool DoMremap(void* p) {
 bool Change(void* addr, size_t len, bool keep_contents, bool (*fn)(void*),
             void* call, bool* advised = nullptr) {
   Inside inside;
-  return samepage::Engine::ChangeMapping(addr, len, keep_contents, fn, call,
-                                         advised);
+  using Kind = samepage::Engine::MappingChange;
+  return samepage::Engine::ChangeMapping(
+      addr, len, keep_contents ? Kind::kMove : Kind::kUnmap, fn, call, advised);
 }
 
 }  // namespace

@@ -95,17 +95,41 @@ bool IsDiscard(int advice) {
          advice == MADV_REMOVE || advice == MADV_DONTNEED_LOCKED;
 }
 
-// Gives merged pages in the range back as anonymous memory before the
-// kernel drops them; a failure leaves them merged (they would read back
-// their content rather than zeros), which we report once.
-void UnmergeBeforeDiscard(void* addr, size_t len) {
-  if (!MaybeAdvised(addr, len)) return;
-  Inside inside;
-  const Status s = Engine::UnmergeForDiscard(addr, len);
-  static std::atomic<bool> warned{false};
-  if (!s.ok() && !warned.exchange(true)) {
-    Warn("madvise discard: ", s.message().c_str(), s.code());
+// A discarding madvise or process_madvise, run by Discard inside
+// Engine::ChangeMapping.
+struct DiscardCall {
+  ssize_t (*call)(DiscardCall*);
+  void* addr;
+  size_t len;
+  int advice;
+  int pidfd;
+  const struct iovec* iov;
+  size_t n;
+  unsigned int flags;
+  ssize_t result;
+  int err;
+};
+
+bool RunDiscard(void* arg) {
+  auto* c = static_cast<DiscardCall*>(arg);
+  c->result = c->call(c);
+  c->err = c->result < 0 ? errno : 0;
+  return c->result >= 0;
+}
+
+// Drops [addr, addr + len) with the call in `c`. Where samepage may have
+// merged pages, the call runs under the engines' locks after they were
+// given back as anonymous memory, so the scanner cannot merge them again
+// before they are dropped: they read back zeros, as anonymous memory does.
+ssize_t Discard(void* addr, size_t len, DiscardCall* c) {
+  if (!MaybeAdvised(addr, len)) return c->call(c);
+  {
+    Inside inside;
+    (void)Engine::ChangeMapping(addr, len, Engine::MappingChange::kDiscard,
+                                RunDiscard, c);
   }
+  errno = c->err;
+  return c->result;
 }
 
 int Madvise(void* addr, size_t len, int advice, const void* caller) {
@@ -118,7 +142,16 @@ int Madvise(void* addr, size_t len, int advice, const void* caller) {
     if (advice == MADV_MERGEABLE) NoteAdvisedRange(addr, len);
     return samepage_madvise(addr, len, advice);
   }
-  if (IsDiscard(advice)) UnmergeBeforeDiscard(addr, len);
+  if (IsDiscard(advice)) {
+    DiscardCall c{};
+    c.call = [](DiscardCall* d) -> ssize_t {
+      return RealMadvise(d->addr, d->len, d->advice);
+    };
+    c.addr = addr;
+    c.len = len;
+    c.advice = advice;
+    return static_cast<int>(Discard(addr, len, &c));
+  }
   return RealMadvise(addr, len, advice);
 }
 
@@ -332,10 +365,26 @@ SAMEPAGE_EXPORT ssize_t process_madvise(int pidfd, const struct iovec* iov,
     return RealProcessMadvise(pidfd, iov, n, advice, flags);
   }
   if (!ksm) {
+    // One call over the span of all vectors (merged pages between them are
+    // unmerged too, and merge again later).
+    uintptr_t lo = UINTPTR_MAX, hi = 0;
     for (size_t i = 0; i < n && iov != nullptr; ++i) {
-      UnmergeBeforeDiscard(iov[i].iov_base, iov[i].iov_len);
+      const auto b = reinterpret_cast<uintptr_t>(iov[i].iov_base);
+      if (iov[i].iov_len == 0 || b + iov[i].iov_len < b) continue;
+      lo = b < lo ? b : lo;
+      hi = b + iov[i].iov_len > hi ? b + iov[i].iov_len : hi;
     }
-    return RealProcessMadvise(pidfd, iov, n, advice, flags);
+    DiscardCall c{};
+    c.call = [](DiscardCall* d) {
+      return RealProcessMadvise(d->pidfd, d->iov, d->n, d->advice, d->flags);
+    };
+    c.pidfd = pidfd;
+    c.iov = iov;
+    c.n = n;
+    c.advice = advice;
+    c.flags = flags;
+    if (lo >= hi) return c.call(&c);
+    return Discard(reinterpret_cast<void*>(lo), hi - lo, &c);
   }
   // mm/madvise.c: flags must be 0, at most UIO_MAXIOV vectors; the ranges
   // are advised in order and the bytes advised before an error returned.
