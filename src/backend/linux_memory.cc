@@ -326,7 +326,11 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
   // Merges add to it between refreshes; growing it is not for the hot path.
   frame_mapped_.reserve(2 * frame_mapped_.size() + 1024);
 
-  long count = static_cast<long>(maps.size());
+  UpdateBudget(static_cast<long>(maps.size()));
+  return Status::Ok();
+}
+
+void LinuxMemory::UpdateBudget(long count) {
   if (baseline_maps_ == 0) baseline_maps_ = count;
   // Our estimate only ever shrinks to what the kernel really shows: runs
   // that it joined cost less than we charged.
@@ -335,6 +339,7 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
           ? static_cast<std::uint64_t>(count - baseline_maps_)
           : 0;
   vmas_used_ = std::min(vmas_used_, growth);
+  recounted_at_ = vmas_used_;
   if (options_.vma_budget != 0) {
     budget_ = options_.vma_budget;
   } else {
@@ -342,7 +347,19 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
     long room = max_map_count_ - count - margin;
     budget_ = vmas_used_ + static_cast<std::uint64_t>(std::max<long>(room, 0));
   }
-  return Status::Ok();
+}
+
+void LinuxMemory::RecountIfShort(std::uint64_t extra) {
+  if (vmas_used_ + extra <= budget_) return;
+  // We charge the worst case (a page in the middle of a VMA splits it in
+  // three); scattered merges often cost less, as neighbours were split
+  // already. Count what the kernel really holds, at most once per
+  // kRecountStep charged mappings or an eighth of what we held at the last
+  // count (a count reads /proc/self/maps: ~0.7 us per VMA).
+  if (vmas_used_ < recounted_at_ + std::max(kRecountStep, recounted_at_ / 8))
+    return;
+  long count = CountMappings("/proc/self/maps");
+  if (count >= 0) UpdateBudget(count);
 }
 
 void LinuxMemory::BeginFullScan() {
@@ -415,6 +432,7 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
     done += n;
   }
 }
+
 
 bool LinuxMemory::Hash(Addr addr, std::uint64_t* hash) {
   if (!IsTouchable(addr)) return false;
@@ -587,6 +605,7 @@ void LinuxMemory::InProtectedWindow(Addr base, std::size_t n,
                                     std::uint64_t cost, MergeResult* local,
                                     Body&& body) {
   const std::size_t len = n * kPageSize;
+  RecountIfShort(cost + 2 * n);  // worst case: a run per page
   if (!BudgetAllows(cost)) {
     std::fill(local, local + n, MergeResult::kNoBudget);
     return;
@@ -714,10 +733,12 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
   std::size_t nmapped = 0;
   bool pgone[kMaxWindowPages] = {};
   bool qgone[kMaxWindowPages] = {};
+  bool frames_leaked[kMaxWindowPages] = {};
   std::fill(frames, frames + n, kNoFrame);
   const std::size_t len = n * kPageSize;
   constexpr std::uint64_t kWindowCost = 4;  // two windows
   std::uint64_t added = 0;
+  RecountIfShort(kWindowCost + 4 * n);  // worst case: a run per pair
   if (!BudgetAllows(kWindowCost)) {
     std::fill(local, local + n, MergeResult::kNoBudget);
   } else {
@@ -734,10 +755,21 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
       protector_->Unprotect(pbase, len, phow);
       std::fill(local, local + n, ClassifyProtectError(err, qbase, len));
     } else {
+      // p's pages go into fresh frames first (the kernel copies them: no
+      // page fault on the frame view), then each frame is compared with q.
+      // Both sides are protected, so frame == p holds, and q only ever maps
+      // a frame it was found equal to, read after the copy.
+      const FrameId f = store_.Allocate(n);
+      bool copied[kMaxWindowPages] = {};
+      if (f != kNoFrame) CopyIntoFrames(pbase, n, f, copied);
       for (std::size_t k = 0; k < n; ++k) {
         bool equal = false;
-        if (!GuardedEqual(Ptr(pbase + k * kPageSize),
-                          Ptr(qbase + k * kPageSize), kPageSize, &equal)) {
+        if (f == kNoFrame) {
+          local[k] = MergeResult::kFailed;
+        } else if (!copied[k] ||
+                   !GuardedEqual(store_.FrameAddress(f + static_cast<FrameId>(k)),
+                                 Ptr(qbase + k * kPageSize), kPageSize,
+                                 &equal)) {
           // Only the side that faulted is gone: the other one must still
           // be made writable again.
           pgone[k] = !Readable(pbase + k * kPageSize);
@@ -756,28 +788,17 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
         while (e < n && local[e] == MergeResult::kMerged) ++e;
         const std::size_t run = (e - k) * kPageSize;
         const Addr pa = pbase + k * kPageSize, qa = qbase + k * kPageSize;
+        const FrameId fk = f + static_cast<FrameId>(k);
         const std::uint64_t cost = (k == 0 && e == n) ? 0 : 4;
         MergeResult r = MergeResult::kMerged;
-        FrameId f = kNoFrame;
+        bool leak = false;
         if (!BudgetAllows(kWindowCost + added + cost)) {
           r = MergeResult::kNoBudget;
-        } else if ((f = store_.Allocate(e - k)) == kNoFrame) {
-          r = MergeResult::kFailed;
-        } else if (!GuardedCopy(store_.FrameAddress(f), Ptr(pa), run)) {
-          r = MergeResult::kGone;
-          for (std::size_t i = k; i < e; ++i)
-            pgone[i] = !Readable(pbase + i * kPageSize);
-        } else if (!FrameMatches(f, qa, e - k, &r)) {
-          // p was read twice (compare, copy): if the application replaced
-          // its mapping in between, the copy is not what q holds. q is
-          // protected, so checking the frame against q keeps q intact.
-          for (std::size_t i = k; r == MergeResult::kGone && i < e; ++i)
-            qgone[i] = !Readable(qbase + i * kPageSize);
         } else if (mmap(Ptr(pa), run, kReadWrite, MAP_PRIVATE | MAP_FIXED,
-                        store_.fd(), store_.FrameOffset(f)) == MAP_FAILED) {
+                        store_.fd(), store_.FrameOffset(fk)) == MAP_FAILED) {
           r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
         } else if (mmap(Ptr(qa), run, kReadWrite, MAP_PRIVATE | MAP_FIXED,
-                        store_.fd(), store_.FrameOffset(f)) == MAP_FAILED) {
+                        store_.fd(), store_.FrameOffset(fk)) == MAP_FAILED) {
           r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
           // p already maps the frame (and may have been written since, into
           // its private copy): protect it again and give it back anonymous
@@ -788,7 +809,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
           if (!restored) {
             mprotect(Ptr(pa), run, kReadWrite);
             (void)ReapplyVmaFlags(pa, run);
-            f = kNoFrame;  // still mapped by p: leak it rather than punch
+            leak = true;  // still mapped by p: leak it rather than punch
           }
           added += 2;
         } else {
@@ -801,16 +822,17 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
           mapped[nmapped++] = Interval{qa, qa + run};
           added += 4;
         }
-        if (r != MergeResult::kMerged && f != kNoFrame) {
-          for (std::size_t i = 0; i < e - k; ++i)
-            store_.Release(f + static_cast<FrameId>(i));
-        }
         for (std::size_t i = k; i < e; ++i) {
           local[i] = r;
-          if (r == MergeResult::kMerged)
-            frames[i] = f + static_cast<FrameId>(i - k);
+          if (r == MergeResult::kMerged) frames[i] = f + static_cast<FrameId>(i);
+          if (leak) frames_leaked[i] = true;
         }
         k = e;
+      }
+      // Frames that no page maps: their memory goes back at once.
+      for (std::size_t k = 0; f != kNoFrame && k < n; ++k) {
+        if (local[k] != MergeResult::kMerged && !frames_leaked[k])
+          store_.Release(f + static_cast<FrameId>(k));
       }
       MergeResult side[kMaxWindowPages];
       auto side_of = [&](const bool* gone) {
@@ -842,21 +864,19 @@ bool LinuxMemory::Readable(Addr page) {
   return GuardedIsZero(Ptr(page), sizeof(std::uint64_t), &zero);
 }
 
-bool LinuxMemory::FrameMatches(FrameId first, Addr page, std::size_t n,
-                               MergeResult* why) {
-  for (std::size_t i = 0; i < n; ++i) {
-    bool equal = false;
-    if (!GuardedEqual(store_.FrameAddress(first + static_cast<FrameId>(i)),
-                      Ptr(page + i * kPageSize), kPageSize, &equal)) {
-      *why = MergeResult::kGone;
-      return false;
-    }
-    if (!equal) {
-      *why = MergeResult::kDiffers;
-      return false;
-    }
+void LinuxMemory::CopyIntoFrames(Addr src, std::size_t n, FrameId first,
+                                 bool* copied) {
+  const std::size_t len = n * kPageSize;
+  ssize_t done = pwrite(store_.fd(), Ptr(src), len, store_.FrameOffset(first));
+  std::size_t whole = done > 0 ? static_cast<std::size_t>(done) / kPageSize : 0;
+  std::fill(copied, copied + whole, true);
+  // A short or failed write (EFAULT: the application unmapped a page under
+  // us): the rest page by page, so that one hole costs only its own page.
+  for (std::size_t k = whole; k < n; ++k) {
+    copied[k] = pwrite(store_.fd(), Ptr(src + k * kPageSize), kPageSize,
+                       store_.FrameOffset(first + static_cast<FrameId>(k))) ==
+                static_cast<ssize_t>(kPageSize);
   }
-  return true;
 }
 
 void LinuxMemory::DropZeroPages(std::span<const Addr> pages,

@@ -205,6 +205,11 @@ class LinuxMemory final : public Memory {
   bool BudgetAllows(std::uint64_t extra) const {
     return vmas_used_ + extra <= budget_;
   }
+  // When `extra` more mappings would not fit the estimate, counts the real
+  // mappings (rate-limited). Allocates: never inside a window.
+  void RecountIfShort(std::uint64_t extra);
+  // Sets vmas_used_ and budget_ from the process's real mapping count.
+  void UpdateBudget(long count);
 
   // Batches: contiguous pages, at most kMaxWindowPages, all MayReplace.
   void MergeBatchIntoFrames(Addr base, std::size_t n, const FrameId* frames,
@@ -213,8 +218,10 @@ class LinuxMemory final : public Memory {
                       MergeResult* results);
   void DropZeroBatch(Addr base, std::size_t n, MergeResult* results);
   static bool Readable(Addr page);  // a guarded read of its first bytes
-  // Frames first.. hold exactly the n pages at `page` (guarded reads).
-  bool FrameMatches(FrameId first, Addr page, std::size_t n, MergeResult* why);
+  // Copies the n pages at src into frames first.. with pwrite (the kernel
+  // copies into the page cache: no fault on the frame view, no zeroing).
+  // copied[k]: page k arrived whole (false where src was unmapped).
+  void CopyIntoFrames(Addr src, std::size_t n, FrameId first, bool* copied);
   // Makes [start, start + len) writable again except pages marked kGone or
   // kMerged in results (one entry per page).
   void UnprotectRest(Addr start, std::size_t n, const MergeResult* results,
@@ -267,6 +274,9 @@ class LinuxMemory final : public Memory {
   std::uint64_t budget_ = 0;
   std::uint64_t vmas_used_ = 0;
   std::uint64_t budget_skips_ = 0;
+  // vmas_used_ at the last real count (BudgetAllows recounts past it).
+  std::uint64_t recounted_at_ = 0;
+  static constexpr std::uint64_t kRecountStep = 1024;
 
   static constexpr std::size_t kProbeChunk = 512;
   std::uint64_t pagemap_buf_[kProbeChunk];
