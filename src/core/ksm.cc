@@ -13,6 +13,8 @@ namespace {
 
 // Pages probed per Memory::Probe call: one pagemap read covers them all.
 constexpr std::size_t kProbeChunk = 512;
+// Planned merges run once this many are pending (and at every batch end).
+constexpr std::size_t kPlanFlush = 256;
 
 [[noreturn]] void InvariantFailure(const char* what) {
   std::fprintf(stderr, "samepage: core invariant violated: %s\n", what);
@@ -349,6 +351,12 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end) {
       scanned_this_pass += visited;
     }
     cursor_ += i * kPageSize;
+    // Merge while the planned pages are still in the CPU's caches: the
+    // merge reads each of them again under write-protection.
+    if (pair_plans_.size() + stable_plans_.size() + zero_plans_.size() >=
+        kPlanFlush) {
+      ExecutePlans();
+    }
   }
   ExecutePlans();
   ForgetGone();
@@ -422,6 +430,17 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     RemoveSharer(item.node);
     item.node = kNoNode;
     item.state = ItemState::kVolatile;
+  }
+  // A page that was all zeros at its last visit goes straight to the zero
+  // page: the drop checks, under write-protection, that it still is all
+  // zeros, which is the "unchanged since the last visit" rule and the final
+  // compare in one read (a hash first would read it twice). Not while a
+  // stable node holds zero content (merged with use_zero_pages=0).
+  if (knobs_.use_zero_pages && item.state == ItemState::kVolatile &&
+      item.hash == ZeroPageHash() && FindStableWithRoom(item.hash) == kNoNode) {
+    item.state = ItemState::kPending;
+    zero_plans_.push_back({addr, &item});
+    return;
   }
   std::uint64_t hash = 0;
   if (!memory_->Hash(addr, &hash)) {
@@ -550,7 +569,15 @@ void Ksm::ExecutePlans() {
         item->age = 0;
         ++zero_pages_;
       } else {
+        // Not all zeros any more: remembered with its new content's hash,
+        // as any page that changed since its last visit.
         item->state = ItemState::kVolatile;
+        std::uint64_t hash = 0;
+        if (memory_->Hash(addr_a_[i], &hash)) {
+          item->hash = hash;
+        } else {
+          ResetItem(addr_a_[i], *item);
+        }
         ++merge_failures_;
       }
     }

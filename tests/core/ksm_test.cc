@@ -118,6 +118,25 @@ TEST_F(KsmTest, ZeroPagesDropToTheZeroPageWithUseZeroPages) {
   EXPECT_EQ(ksm_.GetCounters().ksm_zero_pages, 9u);
 }
 
+TEST_F(KsmTest, PagesThatStopBeingZeroStillMergeWithUseZeroPages) {
+  // A page that was all zeros at its last visit goes to the zero page
+  // without a second hash; if it was written meanwhile, its new content must
+  // be remembered, so that it merges like any other page later.
+  ksm_.knobs().use_zero_pages = true;
+  Setup(4, [](std::size_t) { return 0; });
+  FullScans(1);  // all four remembered as zero pages' content
+  for (std::size_t i = 0; i < 4; ++i) mem_.Write(Page(i), 0x42);
+  FullScans(1);  // not dropped: they are not zeros any more
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.ksm_zero_pages, 0u);
+  for (std::size_t i = 0; i < 4; ++i) EXPECT_TRUE(mem_.IsPresent(Page(i)));
+  FullScans(1);  // unchanged since the last visit: merged
+  c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 1u);
+  EXPECT_EQ(c.pages_sharing, 3u);
+  EXPECT_EQ(c.ksm_zero_pages, 0u);
+}
+
 TEST_F(KsmTest, MaxPageSharingBuildsChainsOfDups) {
   Setup(600, [](std::size_t) { return 0x55; });
   FullScans(2);
