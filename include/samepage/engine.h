@@ -112,6 +112,13 @@ class Engine {
   static bool ChangeMapping(void* addr, std::size_t len, MappingChange kind,
                             bool (*change)(void* arg), void* arg,
                             bool* advised = nullptr);
+
+  // For the LD_PRELOAD layer: the application changed mapping flags
+  // (madvise, mlock ...) perhaps without changing the layout of its
+  // mappings. Engines otherwise notice such a change within 2 seconds (they
+  // read /proc/self/smaps at most that often while the layout stays the
+  // same). Cheap; async-signal-safe.
+  static void VmaFlagsChanged();
 };
 
 }  // namespace samepage

@@ -445,6 +445,8 @@ class EngineImpl final : public Engine {
 
 }  // namespace
 
+void Engine::VmaFlagsChanged() { backend::NoteVmaFlagsChanged(); }
+
 bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
                            bool (*change)(void* arg), void* arg,
                            bool* advised) {

@@ -11,7 +11,9 @@
 #include <cerrno>
 #include <cinttypes>
 #include <cstdio>
+#include <chrono>
 #include <new>
+#include <string_view>
 
 #include "backend/write_protect.h"
 
@@ -24,6 +26,7 @@ constexpr std::uint64_t kPmPresent = std::uint64_t{1} << 63;
 constexpr std::uint64_t kPmFile = std::uint64_t{1} << 61;
 
 std::atomic<std::uint64_t> g_next_instance{1};
+std::atomic<std::uint64_t> g_vma_flags_epoch{0};
 thread_local std::uint64_t tls_registered_instance
     __attribute__((tls_model("initial-exec")));
 
@@ -268,7 +271,7 @@ std::vector<std::pair<dev_t, ino_t>> LinuxMemory::MemfdLineage() const {
 }
 
 bool LinuxMemory::Eligible(const MapEntry& e) const {
-  if (e.shared || !e.read || !e.write || e.exec) return false;
+  if (e.shared || !e.read || !e.write || e.exec || e.flags_unknown) return false;
   if (IsSpecialMapping(e) ||
       HasUnmergeableVmFlags(e, Contains(uffd_registered_, e.start))) {
     return false;
@@ -289,9 +292,124 @@ bool LinuxMemory::IsThreadStackLike(const std::vector<MapEntry>& maps,
 
 Status LinuxMemory::RefreshMaps() {
   std::vector<MapEntry> maps;
-  Status s = ReadMaps(options_.maps_path, &maps);
+  Status s = ReadView(&maps, /*full=*/false);
   if (!s.ok()) return s;
   return ApplyMaps(maps);
+}
+
+bool LinuxMemory::MergeableKind(const MapEntry& e) const {
+  return !e.shared && e.read && e.write && !e.exec &&
+         (IsPrivateAnonymous(e) || IsOurMemfd(e));
+}
+
+namespace {
+std::int64_t SteadyNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// VmFlags text without one flag.
+std::string WithoutFlag(const std::string& flags, std::string_view flag) {
+  std::string out;
+  for (std::size_t i = 0; i < flags.size();) {
+    std::size_t j = flags.find(' ', i);
+    if (j == std::string::npos) j = flags.size();
+    std::string_view f(flags.data() + i, j - i);
+    if (!f.empty() && f != flag) {
+      if (!out.empty()) out += ' ';
+      out += f;
+    }
+    i = j + 1;
+  }
+  return out;
+}
+}  // namespace
+
+void NoteVmaFlagsChanged() { g_vma_flags_epoch.fetch_add(1); }
+
+bool LinuxMemory::AnonSplitsKnown(const std::vector<MapEntry>& maps) const {
+  for (std::size_t i = 1; i < maps.size(); ++i) {
+    const MapEntry& a = maps[i - 1];
+    const MapEntry& b = maps[i];
+    // New memory next to known memory is flags_unknown anyway.
+    if (a.end != b.start || !a.has_vm_flags || !b.has_vm_flags ||
+        IsOurMemfd(a) || IsOurMemfd(b)) {
+      continue;
+    }
+    if (!std::binary_search(anon_splits_.begin(), anon_splits_.end(), b.start))
+      return false;
+  }
+  return true;
+}
+
+void LinuxMemory::NoteAnonSplits(const std::vector<MapEntry>& maps) {
+  anon_splits_.clear();
+  for (std::size_t i = 1; i < maps.size(); ++i) {
+    const MapEntry& a = maps[i - 1];
+    const MapEntry& b = maps[i];
+    if (a.end == b.start && MergeableKind(a) && MergeableKind(b) &&
+        !IsOurMemfd(a) && !IsOurMemfd(b)) {
+      anon_splits_.push_back(b.start);
+    }
+  }
+}
+
+Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
+  const std::int64_t now = SteadyNanos();
+  const std::uint64_t epoch = g_vma_flags_epoch.load();
+  std::string text;
+  if (!full && smaps_read_at_ != 0 && !options_.plain_maps_path.empty() &&
+      now - smaps_read_at_ < kSmapsInterval && epoch == smaps_epoch_ &&
+      ReadProcFile(options_.plain_maps_path, &text).ok() &&
+      ParseMaps(text, maps).ok()) {
+    // The buffer the kernel wrote the text into is memory of ours that may
+    // be new since the last smaps read (heap growth, a fresh mapping).
+    const Addr buf_lo = reinterpret_cast<Addr>(text.data());
+    const Addr buf_hi = buf_lo + text.capacity();
+    bool known = true;
+    for (MapEntry& e : *maps) {
+      if (!MergeableKind(e)) continue;
+      auto run = std::upper_bound(
+          flag_runs_.begin(), flag_runs_.end(), e.start,
+          [](Addr a, const FlagRun& r) { return a < r.start; });
+      if (run == flag_runs_.begin() || std::prev(run)->end < e.end) {
+        // Not mergeable memory at the last smaps read. Where it holds our
+        // own read buffer, leave it alone until the next smaps read;
+        // anything else is new memory that may be merged now: read smaps.
+        if (e.end <= buf_lo || e.start >= buf_hi) {
+          known = false;
+          break;
+        }
+        e.flags_unknown = true;
+        continue;
+      }
+      e.vm_flags = std::prev(run)->flags;
+      if (Contains(uffd_registered_, e.start)) e.vm_flags += " uw";
+      e.has_vm_flags = true;
+    }
+    if (known && AnonSplitsKnown(*maps)) return Status::Ok();
+  }
+  maps->clear();
+  Status s = ReadMaps(options_.maps_path, maps);
+  if (!s.ok()) return s;
+  flag_runs_.clear();
+  for (const MapEntry& e : *maps) {
+    if (!MergeableKind(e)) continue;
+    std::string flags = Contains(uffd_registered_, e.start)
+                            ? WithoutFlag(e.vm_flags, "uw")
+                            : e.vm_flags;
+    if (!flag_runs_.empty() && flag_runs_.back().end == e.start &&
+        flag_runs_.back().flags == flags) {
+      flag_runs_.back().end = e.end;
+    } else {
+      flag_runs_.push_back(FlagRun{e.start, e.end, std::move(flags)});
+    }
+  }
+  NoteAnonSplits(*maps);
+  smaps_read_at_ = now;
+  smaps_epoch_ = epoch;
+  return Status::Ok();
 }
 
 Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
@@ -999,7 +1117,11 @@ bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {
   if (npages == 0) return true;
   const Addr end = addr + npages * kPageSize;
   std::vector<MapEntry> maps;
-  if (!ReadMaps(options_.maps_path, &maps).ok()) return false;
+  // Only which mappings are our memfd's: no VmFlags needed.
+  const std::string& path = options_.plain_maps_path.empty()
+                                ? options_.maps_path
+                                : options_.plain_maps_path;
+  if (!ReadMaps(path, &maps).ok()) return false;
   bool ok = true;
   for (const MapEntry& e : maps) {
     if (e.end <= addr) continue;
@@ -1063,7 +1185,7 @@ Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
   if (end == addr) return Status::Ok();
   RegisterThread();
   std::vector<MapEntry> maps;
-  Status s = ReadMaps(options_.maps_path, &maps);
+  Status s = ReadView(&maps, /*full=*/true);
   if (!s.ok()) return s;
   (void)ApplyMaps(maps);
   Addr cursor = addr;
@@ -1094,7 +1216,9 @@ std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {
   RegisterThread();
   std::vector<Range> out;
   std::vector<MapEntry> maps;
-  if (!ReadMaps(options_.maps_path, &maps).ok()) return out;
+  // Full: new mappings are mergeable in this mode, and their flags are
+  // only in smaps (ReadView would leave them unmerged for a while).
+  if (!ReadView(&maps, /*full=*/true).ok()) return out;
   view_fresh_ = ApplyMaps(maps).ok();
   auto add = [&](Addr s, Addr t) {
     if (s >= t) return;

@@ -65,6 +65,10 @@ struct LinuxMemoryOptions {
   std::size_t vma_budget = 0;
   // Injectable procfs paths (tests exercise the error paths).
   std::string maps_path = "/proc/self/smaps";
+  // The same without per-VMA statistics and VmFlags: read instead of smaps
+  // at a full scan when the layout, seen through it, is what the last smaps
+  // read showed up to our own merges (see ReadView). "" always reads smaps.
+  std::string plain_maps_path = "/proc/self/maps";
   std::string pagemap_path = "/proc/self/pagemap";
   std::string max_map_count_path = "/proc/sys/vm/max_map_count";
   // Frame stores of ancestors (a forked child's parent), as (dev, inode):
@@ -73,6 +77,11 @@ struct LinuxMemoryOptions {
   // freed here.
   std::vector<std::pair<dev_t, ino_t>> adopted_memfds;
 };
+
+// Tells every LinuxMemory that VmFlags may have changed without a change of
+// layout (the LD_PRELOAD layer calls it after madvise, mlock ...): the next
+// view is read from smaps.
+void NoteVmaFlagsChanged();
 
 class LinuxMemory final : public Memory {
  public:
@@ -177,6 +186,30 @@ class LinuxMemory final : public Memory {
   static bool IsThreadStackLike(const std::vector<MapEntry>& maps,
                                 std::size_t i);
   Status ApplyMaps(const std::vector<MapEntry>& maps);
+  // The process's mappings, with VmFlags for every mapping we may merge.
+  // Reads smaps when `full`, on the first call, or when kSmapsInterval has
+  // passed since the last smaps read. Otherwise reads the plain maps (~6x
+  // cheaper with tens of thousands of merged mappings) and gives each
+  // mergeable mapping the VmFlags the last smaps read showed at its
+  // address: our merges and unmerges only switch pieces of that memory
+  // between anonymous and our memfd, keeping the flags. New mergeable
+  // memory (outside it) makes it read smaps, except the mapping holding the
+  // buffer of this very read (marked flags_unknown: not merged until the
+  // next smaps read). A flag changed on a whole mapping without a change of
+  // layout (madvise DONTFORK, mlock of a whole mapping), or memory unmapped
+  // and mapped again in place, is seen within kSmapsInterval, or at once
+  // after NoteVmaFlagsChanged(); a split of anonymous memory that we did not
+  // make (AnonSplitsKnown) makes it read smaps too.
+  Status ReadView(std::vector<MapEntry>* maps, bool full);
+  // Private read-write non-executable memory that is anonymous or ours:
+  // what merges and unmerges turn into one another.
+  bool MergeableKind(const MapEntry& e) const;
+  // Our merges split anonymous memory only where our memfd begins or ends.
+  // A split between two anonymous mappings that the last smaps read did not
+  // show was made by the application (mlock, madvise or mprotect of part of
+  // a mapping): its flags may differ, so smaps must be read.
+  bool AnonSplitsKnown(const std::vector<MapEntry>& maps) const;
+  void NoteAnonSplits(const std::vector<MapEntry>& maps);
   bool RangeMapped(Addr start, std::size_t len) const;
   MergeResult ClassifyProtectError(int err, Addr start, std::size_t len) const;
   template <typename Body>
@@ -259,6 +292,19 @@ class LinuxMemory final : public Memory {
   // The maps view was applied after the last BeginFullScan: the next one
   // need not read smaps again.
   bool view_fresh_ = false;
+  // From the last smaps read (ReadView): the VmFlags of its mergeable
+  // memory as runs of equal flags (our own "uw" left out:
+  // uffd_registered_ says where that is).
+  struct FlagRun {
+    Addr start;
+    Addr end;
+    std::string flags;
+  };
+  std::vector<FlagRun> flag_runs_;
+  std::vector<Addr> anon_splits_;  // sorted: starts of split anon mappings
+  std::uint64_t smaps_epoch_ = 0;  // NoteVmaFlagsChanged count at that read
+  std::int64_t smaps_read_at_ = 0;  // steady clock, nanoseconds
+  static constexpr std::int64_t kSmapsInterval = 2'000'000'000;
   std::vector<Interval> dontfork_;
   std::vector<Interval> dontdump_;
   // Ranges registered with our userfaultfd: their "uw" VmFlag is ours.

@@ -35,6 +35,9 @@ struct MapEntry {
   std::string path;      // "" for anonymous, "[heap]", "/memfd:x (deleted)"...
   std::string vm_flags;  // smaps only: "rd wr mr mw me ac", else ""
   bool has_vm_flags = false;
+  // Read from maps where smaps was needed to know its VmFlags: must be
+  // treated as if it had every flag that forbids merging.
+  bool flags_unknown = false;
 
   std::size_t size() const { return end - start; }
   bool HasVmFlag(std::string_view flag) const;

@@ -152,7 +152,11 @@ int Madvise(void* addr, size_t len, int advice, const void* caller) {
     c.advice = advice;
     return static_cast<int>(Discard(addr, len, &c));
   }
-  return RealMadvise(addr, len, advice);
+  const int r = RealMadvise(addr, len, advice);
+  // DONTFORK, DONTDUMP, WIPEONFORK ... change VmFlags, perhaps of a whole
+  // mapping: the engines must read them before replacing a page there.
+  samepage::Engine::VmaFlagsChanged();
+  return r;
 }
 
 // True if pidfd refers to this process (its fdinfo says "Pid:\t<us>").
@@ -362,7 +366,9 @@ SAMEPAGE_EXPORT ssize_t process_madvise(int pidfd, const struct iovec* iov,
   const bool ksm = advice == MADV_MERGEABLE || advice == MADV_UNMERGEABLE;
   if (Bypass(__builtin_return_address(0)) ||
       !(ksm || IsDiscard(advice)) || !IsSelfPidfd(pidfd)) {
-    return RealProcessMadvise(pidfd, iov, n, advice, flags);
+    const ssize_t r = RealProcessMadvise(pidfd, iov, n, advice, flags);
+    samepage::Engine::VmaFlagsChanged();  // as in madvise()
+    return r;
   }
   if (!ksm) {
     // One call over the span of all vectors (merged pages between them are

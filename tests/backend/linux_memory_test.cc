@@ -144,13 +144,69 @@ TEST_P(LinuxMemoryTest, CreateFailsCleanlyOnBadProcPaths) {
   EXPECT_TRUE(LinuxMemory::Create(o, &m).ok());
 }
 
+// The VmFlags smaps shows for the mapping that holds `addr` ("" if none).
+std::string VmFlagsAt(Addr addr) {
+  std::vector<MapEntry> maps;
+  EXPECT_TRUE(ReadMaps("/proc/self/smaps", &maps).ok());
+  for (const MapEntry& e : maps) {
+    if (e.start <= addr && addr < e.end) return e.vm_flags;
+  }
+  return "";
+}
+
+bool MergePair(LinuxMemory& m, Addr p, Addr q) {
+  FrameId f;
+  MergeResult r;
+  m.MergePairs(std::span<const Addr>(&p, 1), std::span<const Addr>(&q, 1),
+               std::span<FrameId>(&f, 1), std::span<MergeResult>(&r, 1));
+  return r == MergeResult::kMerged;
+}
+
+// Full scans read the cheap /proc/self/maps when the layout allows; flags
+// the application set since the last smaps read must still be seen before
+// a page is replaced.
+// Page i of a and of b both get content i.
+void FillAlike(const Region& a, const Region& b) {
+  for (std::size_t i = 0; i < a.pages() && i < b.pages(); ++i) {
+    Fill(a.page(i), static_cast<unsigned>(i));
+    Fill(b.page(i), static_cast<unsigned>(i));
+  }
+}
+
+TEST_P(LinuxMemoryTest, FlagsSetSinceTheLastSmapsReadAreKeptByMerges) {
+  auto m = NewMemory();
+  Region a(8), b(8);
+  FillAlike(a, b);
+  // As madvise(MADV_MERGEABLE) would: a fresh smaps read.
+  std::vector<LinuxMemory::Range> parts;
+  ASSERT_TRUE(m->MergeableParts(a.addr(0), 8 * kPageSize, &parts).ok());
+  ASSERT_TRUE(m->MergeableParts(b.addr(0), 8 * kPageSize, &parts).ok());
+  m->BeginFullScan();  // the same layout: read from the plain maps
+  // Part of a mapping: the split shows in the plain maps.
+  ASSERT_EQ(madvise(a.page(2), 2 * kPageSize, MADV_DONTFORK), 0);
+  m->BeginFullScan();
+  ASSERT_TRUE(MergePair(*m, a.addr(2), b.addr(2)));
+  EXPECT_NE(VmFlagsAt(a.addr(2)).find("dc"), std::string::npos)
+      << VmFlagsAt(a.addr(2));
+  EXPECT_EQ(VmFlagsAt(b.addr(2)).find("dc"), std::string::npos);
+  // A whole mapping: no change of layout; the preload says so.
+  ASSERT_EQ(madvise(b.page(0), 8 * kPageSize, MADV_DONTDUMP), 0);
+  NoteVmaFlagsChanged();
+  m->BeginFullScan();
+  ASSERT_TRUE(MergePair(*m, a.addr(5), b.addr(5)));
+  EXPECT_NE(VmFlagsAt(b.addr(5)).find("dd"), std::string::npos)
+      << VmFlagsAt(b.addr(5));
+  // Contents intact.
+  unsigned char expect[kPageSize];
+  Fill(expect, 5);
+  EXPECT_TRUE(Same(b.page(5), expect));
+  ASSERT_EQ(madvise(a.page(2), 2 * kPageSize, MADV_DOFORK), 0);
+}
+
 TEST_P(LinuxMemoryTest, MergePairsSharesOneFrameAndCopiesOnWrite) {
   auto m = NewMemory();
   Region a(4), b(4);
-  for (int i = 0; i < 4; ++i) {
-    Fill(a.page(i), i);
-    Fill(b.page(i), i);
-  }
+  FillAlike(a, b);
   Fill(b.page(3), 99);  // differs
   m->BeginFullScan();
   auto p = Addrs(a, 0, 4), q = Addrs(b, 0, 4);
@@ -413,7 +469,11 @@ TEST_P(LinuxMemoryTest, ProbeAndHashReportUnmappedPagesAsGone) {
   Region r(4);
   Fill(r.page(0), 1);
   Fill(r.page(1), 1);
-  m->BeginFullScan();  // the cache now believes r is mapped
+  // Advised (a fresh smaps read), as the engine does before scanning: the
+  // cache now believes r is mapped.
+  std::vector<LinuxMemory::Range> parts;
+  ASSERT_TRUE(m->MergeableParts(r.addr(0), 4 * kPageSize, &parts).ok());
+  m->BeginFullScan();
   std::vector<PageState> st(4);
   m->Probe(r.addr(0), st);
   EXPECT_EQ(st[0], PageState::kAnon);
