@@ -11,9 +11,11 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 
+#include "api/default_engine.h"
 #include "api/devksm.h"
 #include "api/sysfs_text.h"
 #include "samepage/engine.h"
@@ -32,11 +34,30 @@ struct Default {
 // existing descriptors can answer without creating it.
 std::atomic<Default*> g_default{nullptr};
 
+// SetDefaultEngineOptions; `taken` once the engine is being created.
+struct PendingOptions {
+  std::mutex mutex;
+  EngineOptions options;
+  bool taken = false;
+};
+
+PendingOptions& Pending() {
+  static PendingOptions* const pending = new PendingOptions;  // never freed
+  return *pending;
+}
+
+EngineOptions TakeOptions() {
+  PendingOptions& p = Pending();
+  std::lock_guard<std::mutex> lock(p.mutex);
+  p.taken = true;
+  return p.options;
+}
+
 Default* GetDefault() {
   static Default* const instance = [] {
     auto* d = new Default;
     std::unique_ptr<Engine> engine;
-    const Status s = Engine::Create(EngineOptions{}, &engine);
+    const Status s = Engine::Create(TakeOptions(), &engine);
     if (s.ok() && engine != nullptr) {
       d->engine = engine.release();
       d->devksm = new DevKsm(d->engine);
@@ -70,6 +91,30 @@ ssize_t CopyOut(const std::string& text, char* buf, std::size_t size) {
 }
 
 }  // namespace
+
+bool SetDefaultEngineOptions(const EngineOptions& options) {
+  PendingOptions& p = Pending();
+  std::lock_guard<std::mutex> lock(p.mutex);
+  if (p.taken) return false;
+  p.options = options;
+  return true;
+}
+
+bool ParseProtection(std::string_view text,
+                     EngineOptions::Protection* protection) {
+  using P = EngineOptions::Protection;
+  if (text == "auto") {
+    *protection = P::kAuto;
+  } else if (text == "userfaultfd") {
+    *protection = P::kUserfaultfd;
+  } else if (text == "mprotect") {
+    *protection = P::kMprotect;
+  } else {
+    return false;
+  }
+  return true;
+}
+
 }  // namespace samepage
 
 using samepage::Engine;

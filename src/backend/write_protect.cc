@@ -2,6 +2,7 @@
 
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -37,6 +38,26 @@ struct WindowSlot {
 static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
 static_assert(std::atomic<Addr>::is_always_lock_free);
 
+// A struct sigaction kept as words, so that the handler can copy it while
+// another thread replaces it (a seqlock: `seq` is odd during a write).
+constexpr std::size_t kActionWords =
+    sizeof(struct sigaction) / sizeof(std::uint64_t);
+static_assert(sizeof(struct sigaction) % sizeof(std::uint64_t) == 0);
+
+struct ActionCopy {
+  std::atomic<std::uint32_t> seq{0};
+  std::atomic<std::uint64_t> words[kActionWords];
+};
+
+// The program's action for one signal, which the handler chains to. Two
+// copies: writers fill the one `version` does not name, then advance
+// `version`, so a reader never waits for a write in progress.
+struct ChainedAction {
+  std::atomic<std::uint32_t> installed{0};  // our handler is in place
+  std::atomic<std::uint32_t> version{0};    // copies[version & 1] is current
+  ActionCopy copies[2];
+};
+
 // Everything the handler and the fork handlers write. It lives in its own
 // mapping, excluded from merging, because merge-any mode would otherwise
 // write-protect our own .bss while we write to it.
@@ -47,12 +68,20 @@ struct ProcessState {
   std::atomic<std::uint64_t> windows_closed{0};
   std::atomic<std::uint64_t> fork_seq{0};
   std::atomic<std::uint64_t> child_gen{0};
-  struct sigaction prev_segv;
-  struct sigaction prev_bus;
+  // Writers of `chained` (and the install) hold it: the owner's tid, 0 free.
+  std::atomic<pid_t> chain_lock{0};
+  ChainedAction chained[2];  // SIGSEGV, SIGBUS
+  // What libc adds to an action on its way to the kernel (x86-64 glibc:
+  // SA_RESTORER and its own restorer), read back from our own action.
+  int libc_flags = 0;
+  void (*libc_restorer)() = nullptr;
 };
 
-ProcessState* g_state = nullptr;  // written once, before the handler exists
-std::size_t g_state_size = 0;
+constexpr std::size_t kStateSize =
+    (sizeof(ProcessState) + kPageSize - 1) & ~(kPageSize - 1);
+
+// Created once (EnsureState), never freed; published with a CAS.
+ProcessState* g_state = nullptr;
 
 // Per-thread state touched by the handler. initial-exec: the handler must
 // not call __tls_get_addr (it may allocate).
@@ -134,25 +163,174 @@ bool RetryUnexplained(Addr addr) {
   return true;
 }
 
-void Chain(int sig, siginfo_t* info, void* context) {
-  const struct sigaction& prev =
-      sig == SIGSEGV ? g_state->prev_segv : g_state->prev_bus;
-  if (prev.sa_flags & SA_SIGINFO) {
-    prev.sa_sigaction(sig, info, context);
-    return;
+// glibc's own name for sigaction(), which the preload does not interpose:
+// samepage reaches the kernel's action through it, never through the
+// preload's sigaction() (which routes SIGSEGV/SIGBUS back here).
+extern "C" int __sigaction(int sig, const struct sigaction* act,
+                           struct sigaction* old);
+
+int KernelSigaction(int sig, const struct sigaction* act,
+                    struct sigaction* old) {
+  return __sigaction(sig, act, old);
+}
+
+// The bits of sa_flags that rt_sigaction keeps (the kernel's UAPI_SA_FLAGS on
+// x86-64; it clears the rest since 5.11, so a program can probe for them).
+constexpr int kSaExposeTagbits = 0x00000800;
+constexpr int kSaRestorer = 0x04000000;
+constexpr int kKernelFlags = static_cast<int>(
+    SA_NOCLDSTOP | SA_NOCLDWAIT | SA_SIGINFO | SA_ONSTACK | SA_RESTART |
+    SA_NODEFER | SA_RESETHAND | kSaExposeTagbits | kSaRestorer);
+// The kernel's sigset is 64 bits; glibc passes only those to rt_sigaction.
+constexpr std::size_t kKernelSigsetBytes = 8;
+
+ProcessState* EnsureState() {
+  ProcessState* state = __atomic_load_n(&g_state, __ATOMIC_ACQUIRE);
+  if (state != nullptr) return state;
+  void* p = mmap(nullptr, kStateSize, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  ProcessState* fresh = new (p) ProcessState();
+  if (__atomic_compare_exchange_n(&g_state, &state, fresh, false,
+                                  __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    return fresh;
   }
-  if (prev.sa_handler == SIG_DFL || prev.sa_handler == SIG_IGN) {
-    // Returning re-executes the faulting instruction, which now gets the
-    // default action (a core dump), with the right address in the dump.
+  munmap(p, kStateSize);  // another thread was first
+  return state;
+}
+
+ChainedAction& Chained(ProcessState* state, int sig) {
+  return state->chained[sig == SIGSEGV ? 0 : 1];
+}
+
+// Serialises the writers of the chained actions and the install. Every
+// signal is blocked while it is held, so a handler never interrupts the
+// holder on its own thread; a holder that no longer exists (this process
+// was forked while another thread held it) is replaced. Keeps errno.
+class ChainLock {
+ public:
+  explicit ChainLock(ProcessState* state) : state_(state) {
+    const int saved_errno = errno;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved_mask_);
+    const pid_t self = Gettid();
+    for (;;) {
+      pid_t owner = 0;
+      if (state_->chain_lock.compare_exchange_strong(owner, self)) break;
+      if (syscall(SYS_tgkill, getpid(), owner, 0) != 0 && errno == ESRCH) {
+        if (state_->chain_lock.compare_exchange_strong(owner, self)) break;
+        continue;
+      }
+      sched_yield();  // the holder only copies a few words: let it run
+    }
+    errno = saved_errno;
+  }
+  ~ChainLock() {
+    const int saved_errno = errno;
+    state_->chain_lock.store(0);
+    pthread_sigmask(SIG_SETMASK, &saved_mask_, nullptr);
+    errno = saved_errno;
+  }
+  ChainLock(const ChainLock&) = delete;
+  ChainLock& operator=(const ChainLock&) = delete;
+
+ private:
+  ProcessState* state_;
+  sigset_t saved_mask_;
+};
+
+// Copies the current chained action out; returns its version. Lock-free:
+// retries only if two writes completed meanwhile.
+std::uint32_t ReadAction(const ChainedAction& c, struct sigaction* out) {
+  for (;;) {
+    const std::uint32_t version = c.version.load(std::memory_order_acquire);
+    const ActionCopy& copy = c.copies[version & 1];
+    const std::uint32_t seq = copy.seq.load(std::memory_order_acquire);
+    if (seq & 1) continue;  // rewritten since `version` was read
+    std::uint64_t words[kActionWords];
+    for (std::size_t i = 0; i < kActionWords; ++i) {
+      words[i] = copy.words[i].load(std::memory_order_relaxed);
+    }
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (copy.seq.load(std::memory_order_relaxed) != seq) continue;
+    std::memcpy(out, words, sizeof(*out));
+    return version;
+  }
+}
+
+// REQUIRES: ChainLock held.
+void WriteAction(ChainedAction* c, const struct sigaction& act) {
+  const std::uint32_t version = c->version.load(std::memory_order_relaxed) + 1;
+  ActionCopy& copy = c->copies[version & 1];
+  std::uint64_t words[kActionWords];
+  std::memcpy(words, &act, sizeof(act));
+  copy.seq.fetch_add(1, std::memory_order_relaxed);  // odd: writing
+  std::atomic_thread_fence(std::memory_order_release);
+  for (std::size_t i = 0; i < kActionWords; ++i) {
+    copy.words[i].store(words[i], std::memory_order_relaxed);
+  }
+  copy.seq.fetch_add(1, std::memory_order_release);  // even: done
+  c->version.store(version, std::memory_order_release);
+}
+
+// `act` as the kernel stores it when libc hands it over: the flags it keeps
+// plus libc's, libc's restorer, 64 signals of mask without SIGKILL/SIGSTOP.
+struct sigaction KernelForm(const ProcessState& state,
+                            const struct sigaction& act) {
+  struct sigaction k;
+  std::memset(&k, 0, sizeof(k));
+  k.sa_sigaction = act.sa_sigaction;  // the handler, whichever kind
+  std::memcpy(&k.sa_mask, &act.sa_mask, kKernelSigsetBytes);
+  sigdelset(&k.sa_mask, SIGKILL);
+  sigdelset(&k.sa_mask, SIGSTOP);
+  k.sa_flags = (act.sa_flags & kKernelFlags) | state.libc_flags;
+  k.sa_restorer = state.libc_restorer;
+  return k;
+}
+
+// Hands a fault that is not ours to the program's action, as the kernel
+// would have delivered it.
+void Chain(int sig, siginfo_t* info, void* context) {
+  const int saved_errno = errno;
+  ChainedAction& chained = Chained(g_state, sig);
+  struct sigaction act;
+  const std::uint32_t version = ReadAction(chained, &act);
+  const bool sent = info->si_code <= 0;  // by kill(), tgkill(), sigqueue()
+  if (act.sa_handler == SIG_IGN && sent) return;  // the kernel discards it
+  if (act.sa_handler == SIG_DFL || act.sa_handler == SIG_IGN) {
+    // A fault cannot be ignored. Returning re-executes the faulting
+    // instruction, which now gets the default action (a core dump), with
+    // the right address in the dump.
     struct sigaction dfl;
     std::memset(&dfl, 0, sizeof(dfl));
     dfl.sa_handler = SIG_DFL;
     sigemptyset(&dfl.sa_mask);
-    sigaction(sig, &dfl, nullptr);
-    if (info->si_code <= 0) raise(sig);  // sent by kill(): no re-fault
+    KernelSigaction(sig, &dfl, nullptr);
+    if (sent) raise(sig);  // no re-fault
     return;
   }
-  prev.sa_handler(sig);
+  if (act.sa_flags & SA_RESETHAND) {
+    // As the kernel: back to SIG_DFL before the handler runs, unless the
+    // program installed another action meanwhile.
+    ChainLock lock(g_state);
+    if (chained.version.load() == version) {
+      struct sigaction reset = act;
+      reset.sa_handler = SIG_DFL;
+      WriteAction(&chained, reset);
+    }
+  }
+  // Blocked for the handler's run; the kernel restores the mask when our
+  // handler returns (or the program's siglongjmp does, as without us).
+  sigset_t block = act.sa_mask;
+  if (!(act.sa_flags & SA_NODEFER)) sigaddset(&block, sig);
+  pthread_sigmask(SIG_BLOCK, &block, nullptr);
+  errno = saved_errno;
+  if (act.sa_flags & SA_SIGINFO) {
+    act.sa_sigaction(sig, info, context);
+  } else {
+    act.sa_handler(sig);
+  }
 }
 
 void FaultHandler(int sig, siginfo_t* info, void* context) {
@@ -191,17 +369,12 @@ void ForkChild() {
 Status g_init_status;
 
 void InitOnce() {
-  std::size_t size = (sizeof(ProcessState) + kPageSize - 1) & ~(kPageSize - 1);
-  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) {
+  ProcessState* state = EnsureState();
+  if (state == nullptr) {
     int err = errno;
     g_init_status = Status::Error(err, "mmap(process state)");
     return;
   }
-  ProcessState* state = new (p) ProcessState();
-  g_state = state;
-  g_state_size = size;
 
   struct sigaction sa;
   std::memset(&sa, 0, sizeof(sa));
@@ -212,11 +385,32 @@ void InitOnce() {
   // application's handler).
   sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK | SA_RESTART;
   sigemptyset(&sa.sa_mask);
-  if (sigaction(SIGSEGV, &sa, &state->prev_segv) != 0 ||
-      sigaction(SIGBUS, &sa, &state->prev_bus) != 0) {
-    int err = errno;
-    g_init_status = Status::Error(err, "sigaction(SIGSEGV/SIGBUS)");
-    return;
+  {
+    ChainLock lock(state);
+    for (int sig : {SIGSEGV, SIGBUS}) {
+      ChainedAction& chained = Chained(state, sig);
+      // The program's action is chained before ours is installed, so the
+      // handler has it from its first fault on.
+      struct sigaction prev;
+      if (KernelSigaction(sig, nullptr, &prev) != 0) {
+        int err = errno;
+        g_init_status = Status::Error(err, "sigaction(SIGSEGV/SIGBUS)");
+        return;
+      }
+      WriteAction(&chained, prev);
+      if (KernelSigaction(sig, &sa, &prev) != 0) {
+        int err = errno;
+        g_init_status = Status::Error(err, "sigaction(SIGSEGV/SIGBUS)");
+        return;
+      }
+      WriteAction(&chained, prev);  // the same, unless a raw syscall raced
+      chained.installed.store(1);
+    }
+    struct sigaction ours;
+    if (KernelSigaction(SIGSEGV, nullptr, &ours) == 0) {
+      state->libc_flags = ours.sa_flags & ~sa.sa_flags;
+      state->libc_restorer = ours.sa_restorer;
+    }
   }
   int err = pthread_atfork(ForkPrepare, ForkParent, ForkChild);
   if (err != 0) {
@@ -247,7 +441,19 @@ Status InitProcessState() {
 }
 
 std::pair<Addr, std::size_t> ProcessStateRange() {
-  return {reinterpret_cast<Addr>(g_state), g_state_size};
+  return {reinterpret_cast<Addr>(g_state), kStateSize};
+}
+
+int ChainedSigaction(int sig, const struct sigaction* act,
+                     struct sigaction* old) {
+  ProcessState* state = EnsureState();
+  if (state == nullptr) return KernelSigaction(sig, act, old);
+  ChainedAction& chained = Chained(state, sig);
+  ChainLock lock(state);
+  if (!chained.installed.load()) return KernelSigaction(sig, act, old);
+  if (old != nullptr) ReadAction(chained, old);
+  if (act != nullptr) WriteAction(&chained, KernelForm(*state, *act));
+  return 0;
 }
 
 WindowLock::WindowLock() { pthread_mutex_lock(&g_state->window_mutex); }

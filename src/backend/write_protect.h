@@ -19,11 +19,19 @@
 // sigjmp_buf armed: a fault on the read (the application unmapped the page
 // concurrently) makes them return false instead of crashing.
 //
+// Faults that are neither go to the program's own action (the chained
+// action): what was installed before samepage, or what the program installed
+// since through ChainedSigaction (the preload routes sigaction() and signal()
+// there). It is called as the kernel would have called it: its sa_mask and
+// the signal itself (unless SA_NODEFER) blocked, SA_RESETHAND honoured.
+//
 // Thread safety: every function may be called from any thread. The handler
 // is async-signal-safe: no allocation, no locks, only atomics and futex.
 
 #ifndef SAMEPAGE_BACKEND_WRITE_PROTECT_H_
 #define SAMEPAGE_BACKEND_WRITE_PROTECT_H_
+
+#include <signal.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -40,6 +48,18 @@ namespace samepage::backend {
 
 // The mapping holding the process-wide state: exclude it from merging.
 std::pair<Addr, std::size_t> ProcessStateRange();
+
+// sigaction(sig, act, old) for SIGSEGV or SIGBUS, as the program sees it.
+// Once InitProcessState has installed the handler, the handler stays: `act`
+// replaces the chained action (stored as rt_sigaction would store it) and
+// `old` receives the chained one. Before that, this is the real sigaction(),
+// run under the lock the install takes, so an action set while the handler
+// is being installed becomes the chained one instead of replacing it.
+// Returns what sigaction() returns. Async-signal-safe, as sigaction() is.
+// REQUIRES: sig is SIGSEGV or SIGBUS; act and old (each may be null) are
+// the caller's own memory: they are touched with every signal blocked.
+int ChainedSigaction(int sig, const struct sigaction* act,
+                     struct sigaction* old);
 
 // Held around every window: fork() waits for it (pthread_atfork prepare), so
 // no child is ever born with pages write-protected by a window it cannot

@@ -31,8 +31,8 @@ int main(int argc, char** argv) {
   CLI::App* run_cmd = app.add_subcommand(
       "run", "run PROGRAM with samepage serving its kernel KSM calls");
   run_cmd->footer(
-      "usage: samepage run [--merge-any] [--set KNOB=VALUE ...] -- PROGRAM "
-      "[ARGS...]");
+      "usage: samepage run [--merge-any] [--set KNOB=VALUE ...] "
+      "[--protection=MODE] -- PROGRAM [ARGS...]");
   run_cmd->add_flag("--merge-any", run.merge_any,
                     "prctl(PR_SET_MEMORY_MERGE, 1) before the program starts");
   run_cmd->add_option("--set", run.sets,
@@ -40,6 +40,10 @@ int main(int argc, char** argv) {
                       "(repeatable; run=1 unless given)")
       ->expected(1)
       ->take_all();
+  run_cmd->add_option("--protection", run.protection,
+                      "how pages are write-protected while they are merged: "
+                      "auto (userfaultfd if the kernel allows it), "
+                      "userfaultfd or mprotect");
   // Everything from PROGRAM on belongs to the program, options included.
   run_cmd->prefix_command();
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 
+#include "api/default_engine.h"
 #include "api/sysfs_text.h"
 #include "core/knobs.h"
 
@@ -103,13 +104,24 @@ bool ValidateSettings(const std::vector<std::string>& sets, bool* sets_run,
 
 int RunProgram(const RunOptions& options) {
   if (options.command.empty()) {
-    fmt::print(stderr, "samepage run: no program given "
-                       "(samepage run [--merge-any] [--set K=V] -- PROGRAM)\n");
+    fmt::print(stderr,
+               "samepage run: no program given "
+               "(samepage run [--merge-any] [--set K=V] "
+               "[--protection=MODE] -- PROGRAM)\n");
     return 2;
   }
   bool sets_run = false;
   std::string settings;
   if (!ValidateSettings(options.sets, &sets_run, &settings)) return 2;
+  EngineOptions::Protection protection;
+  if (!options.protection.empty() &&
+      !ParseProtection(options.protection, &protection)) {
+    fmt::print(stderr,
+               "samepage run: --protection {}: expected auto, userfaultfd "
+               "or mprotect\n",
+               options.protection);
+    return 2;
+  }
   // Programs that only mark memory mergeable are merged: run=1 unless the
   // user says otherwise. It goes last so that it starts a tuned scanner.
   if (!sets_run) settings += settings.empty() ? "run=1" : ",run=1";
@@ -127,6 +139,12 @@ int RunProgram(const RunOptions& options) {
   }
   setenv("LD_PRELOAD", ld.c_str(), 1);
   setenv("SAMEPAGE_SET", settings.c_str(), 1);
+  // Read by the preload before it creates its engine.
+  if (!options.protection.empty()) {
+    setenv("SAMEPAGE_PROTECTION", options.protection.c_str(), 1);
+  } else {
+    unsetenv("SAMEPAGE_PROTECTION");
+  }
   if (options.merge_any) {
     setenv("SAMEPAGE_MERGE_ANY", "1", 1);
   } else {

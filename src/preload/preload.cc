@@ -22,8 +22,11 @@
 //                                  process that never uses KSM never starts
 //                                  an engine);
 //   SAMEPAGE_MERGE_ANY=1           prctl(PR_SET_MEMORY_MERGE, 1) in the
-//                                  constructor, before main.
-// Both stay in the environment, with LD_PRELOAD, so that programs this one
+//                                  constructor, before main;
+//   SAMEPAGE_PROTECTION=mode       auto, userfaultfd or mprotect: how the
+//                                  engine write-protects pages it merges
+//                                  (taken by the constructor).
+// They stay in the environment, with LD_PRELOAD, so that programs this one
 // executes run under samepage too; PR_SET_MEMORY_MERGE through the
 // interposer sets or clears SAMEPAGE_MERGE_ANY, as the kernel keeps
 // merge-any over exec.
@@ -45,6 +48,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "api/default_engine.h"
 #include "preload/ksm_files.h"
 #include "preload/real.h"
 #include "samepage/engine.h"
@@ -87,6 +91,20 @@ void ApplySettings() {
     if (samepage_sysfs_write(item, value, strlen(value)) < 0) {
       Warn("SAMEPAGE_SET ", item, errno);
     }
+  }
+}
+
+// Before anything can create the engine.
+void ApplyProtection() {
+  const char* env = getenv("SAMEPAGE_PROTECTION");
+  if (env == nullptr || env[0] == '\0') return;
+  EngineOptions options;
+  if (!ParseProtection(env, &options.protection)) {
+    Warn("SAMEPAGE_PROTECTION=", env, EINVAL);
+    return;
+  }
+  if (!SetDefaultEngineOptions(options)) {
+    Warn("SAMEPAGE_PROTECTION", " (engine already created)", EBUSY);
   }
 }
 
@@ -339,6 +357,7 @@ namespace {
 __attribute__((constructor)) void SamepagePreloadInit() {
   ResolveReal();
   FindSamepageText();
+  ApplyProtection();
   StartStatWriter();
   const char* any = getenv("SAMEPAGE_MERGE_ANY");
   if (any != nullptr && strcmp(any, "1") == 0) {

@@ -65,6 +65,15 @@ void ResolveReal() {
   Resolve(&g_real.munmap, "munmap");
   Resolve(&g_real.mremap, "mremap");
   Resolve(&g_real.mprotect, "mprotect");
+  Resolve(&g_real.sigaction, "sigaction");
+  Resolve(&g_real.signal, "signal");
+  Resolve(&g_real.bsd_signal, "bsd_signal");
+  Resolve(&g_real.ssignal, "ssignal");
+  Resolve(&g_real.sysv_signal, "sysv_signal");
+  Resolve(&g_real.sysv_signal_internal, "__sysv_signal");
+  Resolve(&g_real.sigset, "sigset");
+  Resolve(&g_real.sigignore, "sigignore");
+  Resolve(&g_real.siginterrupt, "siginterrupt");
   --t_inside;
 }
 

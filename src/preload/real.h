@@ -21,6 +21,7 @@
 #ifndef SAMEPAGE_PRELOAD_REAL_H_
 #define SAMEPAGE_PRELOAD_REAL_H_
 
+#include <signal.h>
 #include <stdio.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -55,6 +56,15 @@ struct RealFunctions {
   int (*munmap)(void*, size_t) = nullptr;
   void* (*mremap)(void*, size_t, size_t, int, ...) = nullptr;
   int (*mprotect)(void*, size_t, int) = nullptr;
+  int (*sigaction)(int, const struct sigaction*, struct sigaction*) = nullptr;
+  sighandler_t (*signal)(int, sighandler_t) = nullptr;
+  sighandler_t (*bsd_signal)(int, sighandler_t) = nullptr;
+  sighandler_t (*ssignal)(int, sighandler_t) = nullptr;
+  sighandler_t (*sysv_signal)(int, sighandler_t) = nullptr;
+  sighandler_t (*sysv_signal_internal)(int, sighandler_t) = nullptr;
+  sighandler_t (*sigset)(int, sighandler_t) = nullptr;
+  int (*sigignore)(int) = nullptr;
+  int (*siginterrupt)(int, int) = nullptr;
 };
 
 // Filled by ResolveReal(); null members mean "use the raw system call".

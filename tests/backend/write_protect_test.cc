@@ -1,9 +1,13 @@
 // The fault handler: windows make writers wait, guarded reads survive
-// unmapped memory, and faults that are not ours reach the previous handler.
+// unmapped memory, and faults that are not ours reach the program's own
+// action (installed before us, or since through ChainedSigaction) as the
+// kernel would have delivered them.
 
 #include "backend/write_protect.h"
 
 #include <gtest/gtest.h>
+#include <pthread.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -148,6 +152,236 @@ TEST(WriteProtectDeathTest, DefaultActionStillKills) {
         _exit(0);
       },
       ::testing::KilledBySignal(SIGSEGV), "");
+}
+
+// --- the program's actions installed after ours (ChainedSigaction) ---
+
+struct sigaction SiginfoAction(void (*f)(int, siginfo_t*, void*), int flags) {
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof(sa));
+  sa.sa_sigaction = f;
+  sa.sa_flags = SA_SIGINFO | flags;
+  sigemptyset(&sa.sa_mask);
+  return sa;
+}
+
+// Writes to a fresh page made `prot`; exits 0 if that did not end the
+// process.
+[[noreturn]] void WriteToProtectedPage(int prot) {
+  unsigned char* p = MapPages(1);
+  mprotect(p, kPageSize, prot);
+  *reinterpret_cast<volatile unsigned char*>(p) = 1;
+  _exit(0);
+}
+
+// Not installed yet: ChainedSigaction is the real sigaction(), and the
+// install chains what it set.
+void SetBeforeInstallThenFault() {
+  struct sigaction sa = SiginfoAction(ExitHandler, 0);
+  struct sigaction k;
+  if (ChainedSigaction(SIGSEGV, &sa, nullptr) != 0) _exit(1);
+  sigaction(SIGSEGV, nullptr, &k);
+  if (k.sa_sigaction != ExitHandler) _exit(2);
+  if (!InitProcessState().ok()) _exit(3);
+  if (ChainedSigaction(SIGSEGV, nullptr, &k) != 0) _exit(4);
+  if (k.sa_sigaction != ExitHandler) _exit(5);
+  WriteToProtectedPage(PROT_READ);  // to ExitHandler
+}
+
+TEST(WriteProtectDeathTest, ActionSetBeforeInstallIsChained) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(SetBeforeInstallThenFault(), ::testing::ExitedWithCode(42), "");
+}
+
+// Installed: our handler stays, writers in windows still wait in it, and
+// the program's own faults reach the program's handler.
+void SetAfterInstallThenFault() {
+  if (!InitProcessState().ok()) _exit(1);
+  struct sigaction sa = SiginfoAction(ExitHandler, 0);
+  struct sigaction old;
+  struct sigaction k;
+  if (ChainedSigaction(SIGSEGV, &sa, &old) != 0) _exit(2);
+  if (old.sa_handler != SIG_DFL) _exit(3);
+  sigaction(SIGSEGV, nullptr, &k);
+  if (k.sa_sigaction == ExitHandler) _exit(4);
+  unsigned char* p = MapPages(1);
+  int slot;
+  {
+    WindowLock lock;
+    slot = OpenWindow(reinterpret_cast<Addr>(p),
+                      reinterpret_cast<Addr>(p) + kPageSize);
+    mprotect(p, kPageSize, PROT_READ);
+  }
+  std::thread writer([p] { p[0] = 7; });
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (WindowWaiters(slot) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) _exit(6);
+    std::this_thread::yield();
+  }
+  {
+    WindowLock lock;
+    mprotect(p, kPageSize, PROT_READ | PROT_WRITE);
+    CloseWindow(slot);
+  }
+  writer.join();
+  if (p[0] != 7) _exit(5);
+  WriteToProtectedPage(PROT_NONE);  // to ExitHandler
+}
+
+TEST(WriteProtectDeathTest, ActionSetAfterInstallKeepsOursInPlace) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(SetAfterInstallThenFault(), ::testing::ExitedWithCode(42), "");
+}
+
+sigjmp_buf g_chain_jump;
+volatile sig_atomic_t g_chain_calls = 0;
+volatile sig_atomic_t g_chain_mask_ok = 0;
+
+void MaskCheckingHandler(int sig, siginfo_t*, void*) {
+  sigset_t now;
+  pthread_sigmask(SIG_SETMASK, nullptr, &now);
+  g_chain_mask_ok = sig == SIGSEGV && sigismember(&now, SIGSEGV) &&
+                    sigismember(&now, SIGUSR1) && !sigismember(&now, SIGUSR2);
+  g_chain_calls = g_chain_calls + 1;
+  siglongjmp(g_chain_jump, 1);
+}
+
+// Faults on a PROT_NONE page `n` times; true if each reached the handler.
+bool FaultTimes(int n) {
+  unsigned char* p = MapPages(1);
+  mprotect(p, kPageSize, PROT_NONE);
+  int caught = 0;
+  for (int i = 0; i < n; ++i) {
+    if (sigsetjmp(g_chain_jump, 1) == 0) {
+      *reinterpret_cast<volatile unsigned char*>(p) = 1;
+    } else {
+      ++caught;
+    }
+  }
+  munmap(p, kPageSize);
+  return caught == n;
+}
+
+TEST(WriteProtectTest, ChainedHandlerRunsWithItsMaskBlocked) {
+  ASSERT_TRUE(InitProcessState().ok());
+  struct sigaction sa = SiginfoAction(MaskCheckingHandler, 0), saved, k;
+  sigaddset(&sa.sa_mask, SIGUSR1);
+  ASSERT_EQ(ChainedSigaction(SIGSEGV, &sa, &saved), 0);
+  ASSERT_EQ(ChainedSigaction(SIGSEGV, nullptr, &k), 0);
+  EXPECT_EQ(k.sa_sigaction, MaskCheckingHandler);
+  EXPECT_TRUE(sigismember(&k.sa_mask, SIGUSR1));
+  g_chain_calls = 0;
+  EXPECT_TRUE(FaultTimes(1));
+  EXPECT_EQ(g_chain_calls, 1);
+  EXPECT_TRUE(g_chain_mask_ok);
+  sigset_t now;
+  pthread_sigmask(SIG_SETMASK, nullptr, &now);
+  EXPECT_FALSE(sigismember(&now, SIGSEGV));  // siglongjmp restored it
+  ASSERT_EQ(ChainedSigaction(SIGSEGV, &saved, nullptr), 0);
+}
+
+TEST(WriteProtectTest, ResetHandResetsTheChainedActionOnce) {
+  ASSERT_TRUE(InitProcessState().ok());
+  struct sigaction sa = SiginfoAction(MaskCheckingHandler, SA_RESETHAND);
+  struct sigaction saved, k;
+  ASSERT_EQ(ChainedSigaction(SIGSEGV, &sa, &saved), 0);
+  g_chain_calls = 0;
+  EXPECT_TRUE(FaultTimes(1));
+  EXPECT_EQ(g_chain_calls, 1);
+  ASSERT_EQ(ChainedSigaction(SIGSEGV, nullptr, &k), 0);
+  EXPECT_EQ(k.sa_handler, SIG_DFL);  // the kernel keeps flags and mask
+  EXPECT_EQ(k.sa_flags & (SA_SIGINFO | SA_RESETHAND),
+            SA_SIGINFO | SA_RESETHAND);
+  ASSERT_EQ(ChainedSigaction(SIGSEGV, &saved, nullptr), 0);
+}
+
+TEST(WriteProtectTest, ChainedActionIsStoredAsTheKernelStoresIt) {
+  ASSERT_TRUE(InitProcessState().ok());
+  // What the kernel itself makes of an action, on a signal nobody uses.
+  struct sigaction sa = SiginfoAction(MaskCheckingHandler, 0);
+  sa.sa_flags |= 0x400 | SA_ONSTACK;  // SA_UNSUPPORTED: the kernel drops it
+  sigaddset(&sa.sa_mask, SIGKILL);
+  sigaddset(&sa.sa_mask, SIGUSR2);
+  struct sigaction saved_usr1, kernel, saved, chained;
+  ASSERT_EQ(sigaction(SIGUSR1, &sa, &saved_usr1), 0);
+  ASSERT_EQ(sigaction(SIGUSR1, nullptr, &kernel), 0);
+  ASSERT_EQ(sigaction(SIGUSR1, &saved_usr1, nullptr), 0);
+  ASSERT_EQ(ChainedSigaction(SIGSEGV, &sa, &saved), 0);
+  ASSERT_EQ(ChainedSigaction(SIGSEGV, nullptr, &chained), 0);
+  ASSERT_EQ(ChainedSigaction(SIGSEGV, &saved, nullptr), 0);
+  EXPECT_EQ(chained.sa_sigaction, kernel.sa_sigaction);
+  EXPECT_EQ(chained.sa_flags, kernel.sa_flags);
+  EXPECT_EQ(reinterpret_cast<void*>(chained.sa_restorer),
+            reinterpret_cast<void*>(kernel.sa_restorer));
+  for (int sig = 1; sig <= 64; ++sig) {
+    EXPECT_EQ(sigismember(&chained.sa_mask, sig),
+              sigismember(&kernel.sa_mask, sig))
+        << sig;
+  }
+}
+
+TEST(WriteProtectTest, IgnoredSignalSentByKillIsDiscarded) {
+  ASSERT_TRUE(InitProcessState().ok());
+  struct sigaction ign, saved;
+  std::memset(&ign, 0, sizeof(ign));
+  ign.sa_handler = SIG_IGN;
+  sigemptyset(&ign.sa_mask);
+  ASSERT_EQ(ChainedSigaction(SIGBUS, &ign, &saved), 0);
+  EXPECT_EQ(raise(SIGBUS), 0);  // tgkill: si_code < 0, nothing happens
+  ASSERT_EQ(ChainedSigaction(SIGBUS, &saved, nullptr), 0);
+}
+
+void IgnoreThenFault() {
+  if (!InitProcessState().ok()) _exit(1);
+  struct sigaction ign;
+  std::memset(&ign, 0, sizeof(ign));
+  ign.sa_handler = SIG_IGN;
+  sigemptyset(&ign.sa_mask);
+  ChainedSigaction(SIGSEGV, &ign, nullptr);
+  WriteToProtectedPage(PROT_NONE);
+}
+
+// As with the kernel: a fault cannot be ignored.
+TEST(WriteProtectDeathTest, IgnoredFaultStillKills) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(IgnoreThenFault(), ::testing::KilledBySignal(SIGSEGV), "");
+}
+
+void OtherHandler(int sig, siginfo_t* info, void* context) {
+  MaskCheckingHandler(sig, info, context);
+}
+
+// The handler reads the chained action while another thread replaces it:
+// it must always find one of the two, whole.
+TEST(WriteProtectTest, ChainedActionReadWhileReplaced) {
+  ASSERT_TRUE(InitProcessState().ok());
+  struct sigaction a = SiginfoAction(MaskCheckingHandler, 0);
+  struct sigaction b = SiginfoAction(OtherHandler, SA_ONSTACK);
+  sigaddset(&a.sa_mask, SIGUSR1);
+  sigaddset(&b.sa_mask, SIGUSR1);
+  struct sigaction saved;
+  ASSERT_EQ(ChainedSigaction(SIGSEGV, &a, &saved), 0);
+  std::atomic<bool> stop{false};
+  std::atomic<long> swaps{0};
+  std::thread swapper([&] {
+    while (!stop.load()) {
+      ChainedSigaction(SIGSEGV, swaps.load() % 2 ? &a : &b, nullptr);
+      swaps.fetch_add(1);
+    }
+  });
+  g_chain_calls = 0;
+  int rounds = 0;
+  auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(300);
+  while (std::chrono::steady_clock::now() < end) {
+    ASSERT_TRUE(FaultTimes(100));
+    ASSERT_TRUE(g_chain_mask_ok);
+    rounds += 100;
+  }
+  stop = true;
+  swapper.join();
+  EXPECT_EQ(g_chain_calls, rounds);
+  EXPECT_GT(swaps.load(), 0);
+  ASSERT_EQ(ChainedSigaction(SIGSEGV, &saved, nullptr), 0);
 }
 
 }  // namespace
