@@ -42,6 +42,10 @@ struct EngineStats {
   std::uint64_t vma_budget = 0;     // mappings merging may create
   std::uint64_t vmas_used = 0;      // mappings merging holds now (estimate)
   std::uint64_t budget_skips = 0;   // merges skipped for lack of VMA budget
+  std::uint64_t lock_skips = 0;     // locked pages not merged: no room under
+                                    // RLIMIT_MEMLOCK to lock them again
+  std::uint64_t locks_lost = 0;     // pages left unlocked after a merge or an
+                                    // unmerge (a race for RLIMIT_MEMLOCK)
   std::uint64_t merge_failures = 0; // merges refused (content changed, gone)
   std::uint64_t protect_faults = 0; // writes that waited for a merge
   std::uint64_t advised_pages = 0;  // pages marked mergeable

@@ -211,6 +211,8 @@ class EngineImpl final : public Engine {
     s.vma_budget = m.vma_budget;
     s.vmas_used = m.vmas_used;
     s.budget_skips = m.budget_skips;
+    s.lock_skips = m.lock_skips;
+    s.locks_lost = m.locks_lost;
     s.protect_faults = m.protect_faults;
     s.merge_failures = ksm_->merge_failures();
     s.advised_pages = ksm_->AdvisedPages();

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
@@ -211,19 +212,127 @@ void LinuxMemory::RemoveInterval(std::vector<Interval>* set, Addr start,
   }
 }
 
-bool LinuxMemory::ReapplyVmaFlags(Addr start, std::size_t len) {
-  const Addr end = start + len;
+// Calls f(from, to) for each part of [start, end) in the set; false if one
+// call returned false.
+template <typename F>
+static bool ForEachOverlap(const std::vector<LinuxMemory::Interval>& set,
+                           Addr start, Addr end, F&& f) {
   bool ok = true;
-  auto apply = [&](const std::vector<Interval>& set, int advice) {
-    for (const Interval& i : set) {
-      const Addr from = std::max(start, i.start);
-      const Addr to = std::min(end, i.end);
-      if (from < to && madvise(Ptr(from), to - from, advice) != 0) ok = false;
-    }
-  };
-  apply(dontfork_, MADV_DONTFORK);
-  apply(dontdump_, MADV_DONTDUMP);
+  for (const LinuxMemory::Interval& i : set) {
+    const Addr from = std::max(start, i.start);
+    const Addr to = std::min(end, i.end);
+    if (from < to && !f(from, to)) ok = false;
+  }
   return ok;
+}
+
+bool LinuxMemory::ReapplyVmaFlags(Addr start, std::size_t len, bool lock) {
+  const Addr end = start + len;
+  auto advise = [](int advice) {
+    return [advice](Addr from, Addr to) {
+      return madvise(Ptr(from), to - from, advice) == 0;
+    };
+  };
+  bool ok = ForEachOverlap(dontfork_, start, end, advise(MADV_DONTFORK));
+  ok &= ForEachOverlap(dontdump_, start, end, advise(MADV_DONTDUMP));
+  if (lock) {
+    ok &= ForEachOverlap(locked_, start, end, [this](Addr from, Addr to) {
+      if (mlock(Ptr(from), to - from) == 0) return true;
+      locks_lost_ += (to - from) / kPageSize;
+      return false;
+    });
+  }
+  return ok;
+}
+
+bool LinuxMemory::Overlaps(const std::vector<Interval>& set, Addr start,
+                           Addr end) {
+  auto it = std::lower_bound(
+      set.begin(), set.end(), start,
+      [](const Interval& i, Addr a) { return i.end <= a; });
+  return it != set.end() && it->start < end;
+}
+
+bool LinuxMemory::LockViewStale(Addr start, std::size_t len) {
+  // msync(MS_INVALIDATE) does nothing to private memory, but fails with
+  // EBUSY at the first locked VMA of the range: a cheap question.
+  const bool locked_now =
+      msync(Ptr(start), len, MS_INVALIDATE) != 0 && errno == EBUSY;
+  if (locked_now == Overlaps(locked_, start, start + len)) return false;
+  view_fresh_ = false;  // read the maps again at the next full scan
+  return true;
+}
+
+bool LinuxMemory::LockRoomForReplacement() {
+  // Locking a replacement brings locked_vm back to where it was, which the
+  // kernel allows iff locked_vm <= RLIMIT_MEMLOCK (or CAP_IPC_LOCK). Asked
+  // of the kernel itself first, one page stricter, on one page of our
+  // scratch area (locked on fault, so nothing is populated, then unlocked).
+  if (mlock2(Ptr(scratch_), kPageSize, MLOCK_ONFAULT) == 0) {
+    munlock(Ptr(scratch_), kPageSize);
+    return true;
+  }
+  // At the limit exactly, or beyond it (the limit was lowered since).
+  rlimit limit;
+  std::string status;
+  if (getrlimit(RLIMIT_MEMLOCK, &limit) != 0 ||
+      !ReadProcFile(options_.status_path, &status).ok()) {
+    return false;
+  }
+  const std::size_t at = status.find("\nVmLck:");
+  if (at == std::string::npos) return false;
+  const std::uint64_t locked_kib =
+      std::strtoull(status.c_str() + at + 7, nullptr, 10);
+  return limit.rlim_cur == RLIM_INFINITY || locked_kib * 1024 <= limit.rlim_cur;
+}
+
+bool LinuxMemory::LockRoomFor(Addr start, std::size_t len) {
+  if (!Overlaps(locked_, start, start + len) || LockRoomForReplacement()) {
+    return true;
+  }
+  lock_skips_ += len / kPageSize;
+  return false;
+}
+
+bool LinuxMemory::LockFrameMapping(Addr at, std::size_t len) {
+  // MLOCK_ONFAULT: nothing is populated now, nor when the VMA is made
+  // writable (VM_LOCKONFAULT skips the write-fault populate of mprotect).
+  const bool locked =
+      ForEachOverlap(locked_, at, at + len, [](Addr from, Addr to) {
+        return mlock2(Ptr(from), to - from, MLOCK_ONFAULT) == 0;
+      });
+  if (!locked || mprotect(Ptr(at), len, kReadWrite) != 0) return false;
+  // Read faults map the frames, shared, and lock them: locked memory is
+  // resident, as the application asked.
+  (void)madvise(Ptr(at), len, MADV_POPULATE_READ);
+  return true;
+}
+
+MergeResult LinuxMemory::MapFrames(Addr at, std::size_t len, FrameId first,
+                                   ProtectMethod how) {
+  // A locked private mapping made writable (or mapped writable while
+  // mlockall(MCL_FUTURE) is in force) is populated with write faults: every
+  // frame would be copied at once. Locked memory is mapped read-only first.
+  const bool locked = Overlaps(locked_, at, at + len);
+  if (mmap(Ptr(at), len, locked ? PROT_READ : kReadWrite,
+           MAP_PRIVATE | MAP_FIXED, store_.fd(),
+           store_.FrameOffset(first)) == MAP_FAILED) {
+    return errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
+  }
+  if (locked && !LockFrameMapping(at, len)) {
+    // Another thread took the room under RLIMIT_MEMLOCK since
+    // LockRoomForReplacement. Nothing was written to the read-only frames:
+    // give the pages back as anonymous memory, locked again if it can be.
+    protector_->Replaced(at, len, how);
+    if (ReplaceWithAnonymousCopy(at, len, kReadWrite)) {
+      return MergeResult::kFailed;
+    }
+    // Still the frames: merged, writable, not locked.
+    mprotect(Ptr(at), len, kReadWrite);
+    locks_lost_ += len / kPageSize;
+  }
+  (void)ReapplyVmaFlags(at, len, /*lock=*/false);
+  return MergeResult::kMerged;
 }
 
 bool LinuxMemory::Contains(const std::vector<Interval>& set, Addr page) {
@@ -300,6 +409,7 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
   frame_mapped_.clear();
   dontfork_.clear();
   dontdump_.clear();
+  locked_.clear();
   for (std::size_t i = 0; i < maps.size(); ++i) {
     const MapEntry& e = maps[i];
     if (!e.shared && IsOurMemfd(e)) AddInterval(&frame_mapped_, e.start, e.end);
@@ -316,6 +426,7 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
     AddInterval(&touchable_, e.start, e.end);
     if (e.HasVmFlag("dc")) AddInterval(&dontfork_, e.start, e.end);
     if (e.HasVmFlag("dd")) AddInterval(&dontdump_, e.start, e.end);
+    if (e.HasVmFlag("lo")) AddInterval(&locked_, e.start, e.end);
     // Eligible() accepted a "uw" VMA only as ours: it is registered with our
     // descriptor already (re-registering costs a syscall per VMA per scan).
     if (e.has_vm_flags && e.HasVmFlag("uw")) continue;
@@ -453,13 +564,8 @@ bool LinuxMemory::SpanReplaceable(Addr start, Addr end) const {
       touchable_.begin(), touchable_.end(), start,
       [](Addr a, const Interval& i) { return a < i.start; });
   if (it == touchable_.begin() || std::prev(it)->end < end) return false;
-  for (const std::vector<Interval>* set : {&excluded_, &auto_excluded_}) {
-    auto x = std::lower_bound(
-        set->begin(), set->end(), start,
-        [](const Interval& i, Addr a) { return i.end <= a; });
-    if (x != set->end() && x->start < end) return false;
-  }
-  return true;
+  return !Overlaps(excluded_, start, end) &&
+         !Overlaps(auto_excluded_, start, end);
 }
 
 void LinuxMemory::FlushMapped() {
@@ -626,12 +732,20 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
   ProtectMethod window_how = ProtectMethod::kNone;
   constexpr std::uint64_t kWindowCost = 2;  // mprotect splits the VMA
   std::uint64_t added = 0;
+  if (!LockRoomFor(base, n * kPageSize)) {
+    std::fill(out, out + n, MergeResult::kFailed);
+    return;
+  }
   InProtectedWindow(base, n, kWindowCost, local, [&](ProtectMethod how) {
     window_how = how;
+    const bool may_replace = !LockViewStale(base, n * kPageSize);
     for (std::size_t k = 0; k < n; ++k) {
       bool equal = false;
-      if (!GuardedEqual(Ptr(base + k * kPageSize),
-                        store_.FrameAddress(frames[k]), kPageSize, &equal)) {
+      if (!may_replace) {
+        local[k] = MergeResult::kFailed;
+      } else if (!GuardedEqual(Ptr(base + k * kPageSize),
+                               store_.FrameAddress(frames[k]), kPageSize,
+                               &equal)) {
         local[k] = MergeResult::kGone;
       } else {
         local[k] = equal ? MergeResult::kMerged : MergeResult::kDiffers;
@@ -653,14 +767,9 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
       if (!BudgetAllows(kWindowCost + added + cost)) {
         r = MergeResult::kNoBudget;
       } else {
-        Addr at = base + k * kPageSize;
-        void* m = mmap(Ptr(at), (e - k) * kPageSize, kReadWrite,
-                       MAP_PRIVATE | MAP_FIXED, store_.fd(),
-                       store_.FrameOffset(frames[k]));
-        if (m == MAP_FAILED) {
-          r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
-        } else {
-          (void)ReapplyVmaFlags(at, (e - k) * kPageSize);
+        const Addr at = base + k * kPageSize;
+        r = MapFrames(at, (e - k) * kPageSize, frames[k], how);
+        if (r == MergeResult::kMerged) {
           // Waking writers and registering the new VMA wait for the
           // flush: one call each per window instead of per mapping.
           mapped[nmapped++] = Interval{at, at + (e - k) * kPageSize};
@@ -720,6 +829,8 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
   std::uint64_t added = 0;
   if (!BudgetAllows(kWindowCost)) {
     std::fill(local, local + n, MergeResult::kNoBudget);
+  } else if (!LockRoomFor(pbase, len) || !LockRoomFor(qbase, len)) {
+    std::fill(local, local + n, MergeResult::kFailed);
   } else {
     WindowLock lock;
     int pslot = OpenWindow(pbase, pbase + len);
@@ -734,9 +845,13 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
       protector_->Unprotect(pbase, len, phow);
       std::fill(local, local + n, ClassifyProtectError(err, qbase, len));
     } else {
+      const bool may_replace =
+          !LockViewStale(pbase, len) && !LockViewStale(qbase, len);
       for (std::size_t k = 0; k < n; ++k) {
         bool equal = false;
-        if (!GuardedEqual(Ptr(pbase + k * kPageSize),
+        if (!may_replace) {
+          local[k] = MergeResult::kFailed;
+        } else if (!GuardedEqual(Ptr(pbase + k * kPageSize),
                           Ptr(qbase + k * kPageSize), kPageSize, &equal)) {
           // Only the side that faulted is gone: the other one must still
           // be made writable again.
@@ -773,12 +888,9 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
           // protected, so checking the frame against q keeps q intact.
           for (std::size_t i = k; r == MergeResult::kGone && i < e; ++i)
             qgone[i] = !Readable(qbase + i * kPageSize);
-        } else if (mmap(Ptr(pa), run, kReadWrite, MAP_PRIVATE | MAP_FIXED,
-                        store_.fd(), store_.FrameOffset(f)) == MAP_FAILED) {
-          r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
-        } else if (mmap(Ptr(qa), run, kReadWrite, MAP_PRIVATE | MAP_FIXED,
-                        store_.fd(), store_.FrameOffset(f)) == MAP_FAILED) {
-          r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
+        } else if ((r = MapFrames(pa, run, f, phow)) != MergeResult::kMerged) {
+          // Nothing of p maps the frame.
+        } else if ((r = MapFrames(qa, run, f, qhow)) != MergeResult::kMerged) {
           // p already maps the frame (and may have been written since, into
           // its private copy): protect it again and give it back anonymous
           // memory with its current bytes.
@@ -787,13 +899,10 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
                           ReplaceWithAnonymousCopy(pa, run, kReadWrite);
           if (!restored) {
             mprotect(Ptr(pa), run, kReadWrite);
-            (void)ReapplyVmaFlags(pa, run);
             f = kNoFrame;  // still mapped by p: leak it rather than punch
           }
           added += 2;
         } else {
-          (void)ReapplyVmaFlags(pa, run);
-          (void)ReapplyVmaFlags(qa, run);
           // Woken and registered at the flush (see NoteMapped).
           mapped_how[nmapped] = phow;
           mapped[nmapped++] = Interval{pa, pa + run};
@@ -940,7 +1049,7 @@ bool LinuxMemory::ReplaceWithAnonymousCopy(Addr start, std::size_t len,
     ok = mremap(scratch, len, len,
                 MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP,
                 Ptr(start)) != MAP_FAILED;
-    if (ok) (void)ReapplyVmaFlags(start, len);
+    if (ok) (void)ReapplyVmaFlags(start, len, /*lock=*/true);
   }
   if (!ok) madvise(scratch, len, MADV_DONTNEED);  // drop the copy
   if (prot != kReadWrite) mprotect(scratch, len, kReadWrite);
@@ -980,6 +1089,8 @@ bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {
   const Addr end = addr + npages * kPageSize;
   std::vector<MapEntry> maps;
   if (!ReadMaps(options_.maps_path, &maps).ok()) return false;
+  // The restored memory gets the VMA flags (lock) the maps show now.
+  (void)ApplyMaps(maps);
   bool ok = true;
   for (const MapEntry& e : maps) {
     if (e.end <= addr) continue;
@@ -1006,6 +1117,8 @@ MemoryStats LinuxMemory::Stats() const {
   s.vma_budget = budget_;
   s.vmas_used = vmas_used_;
   s.budget_skips = budget_skips_;
+  s.lock_skips = lock_skips_;
+  s.locks_lost = locks_lost_;
   s.protect_faults = ProtectFaults();
   return s;
 }
