@@ -97,6 +97,7 @@ class Engine {
     kUnmap,    // munmap, mmap MAP_FIXED over it: the old memory is gone
     kMove,     // mremap away, mprotect: the contents stay
     kDiscard,  // MADV_DONTNEED, MADV_FREE, MADV_REMOVE: dropped in place
+    kFlags,    // mlock, munlock: the memory stays, its VMA flags change
   };
 
   // For the LD_PRELOAD layer: `change(arg)` (the real munmap, mremap,
@@ -109,7 +110,9 @@ class Engine {
   // first unmerged and unadvised (ordinary anonymous memory again, with the
   // permissions it had), and advised again if change() fails. kDiscard: the
   // range is unmerged first, so dropped pages read back zeros as anonymous
-  // memory does, and stays mergeable. Returns what change() returned.
+  // memory does, and stays mergeable. kFlags: nothing is unmerged; once
+  // change() has succeeded the engines read the maps again, so merges
+  // re-apply the new lock state. Returns what change() returned.
   // *advised (if not null) is set, before change() runs, to whether any
   // engine tracked part of the range. Cheap when no engine exists.
   // REQUIRES: not called from a thread that holds an engine's lock.

@@ -242,7 +242,9 @@ class EngineImpl final : public Engine {
       for (auto [a, n] : advised) (void)ksm_->Unadvise(a, n);
     }
     inner();
-    if (kind == MappingChange::kUnmap && *ok) {
+    if (kind == MappingChange::kFlags && *ok && !advised.empty()) {
+      (void)memory_->RefreshMaps();  // on failure the next window finds out
+    } else if (kind == MappingChange::kUnmap && *ok) {
       for (auto [a, n] : advised) ksm_->Forget(a, n);
     } else if ((kind == MappingChange::kMove && !*ok) || discard_restores) {
       for (auto [a, n] : advised) ksm_->Advise(a, n);
