@@ -43,6 +43,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -225,13 +226,16 @@ ssize_t Pread(int fd, void* buf, size_t n, off_t off, const void* caller) {
 // SAMEPAGE_STAT_FILE=path: every half second, and at exit, this process's
 // /proc/self/ksm_stat text followed by the sysfs counters (pages_sharing,
 // pages_shared, full_scans), the main knobs (run, pages_to_scan,
-// sleep_millisecs) and the highest ksm_merging_pages seen, written
+// sleep_millisecs) and the highest ksm_merging_pages and pages_sharing
+// seen, written
 // to `path` (a temporary file renamed over it). For tools and tests that
 // need samepage's figures from outside a program that never reads them
 // (kernel KSM's /proc/<pid>/ksm_stat is the kernel's). Taken out of the
 // environment, so only this process writes the file.
 char g_stat_path[4096];
-unsigned long g_stat_peak = 0;  // written by the stat thread and at exit
+// Written by the stat thread and at exit.
+unsigned long g_stat_peak = 0;
+unsigned long g_stat_peak_sharing = 0;
 
 unsigned long FieldOf(const char* text, const char* field) {
   const char* p = strstr(text, field);
@@ -253,10 +257,15 @@ void WriteStatFile() {
     const ssize_t v = samepage_sysfs_read(knob, value, sizeof(value) - 1);
     if (v <= 0) continue;
     value[v] = '\0';
+    if (strcmp(knob, "pages_sharing") == 0) {
+      g_stat_peak_sharing =
+          std::max(g_stat_peak_sharing, strtoul(value, nullptr, 10));
+    }
     len += snprintf(text + len, sizeof(text) - len, "%s %s", knob, value);
   }
-  len += snprintf(text + len, sizeof(text) - len, "peak_merging_pages %lu\n",
-                  g_stat_peak);
+  len += snprintf(text + len, sizeof(text) - len,
+                  "peak_merging_pages %lu\npeak_pages_sharing %lu\n",
+                  g_stat_peak, g_stat_peak_sharing);
   char tmp[sizeof(g_stat_path) + 16];
   snprintf(tmp, sizeof(tmp), "%s.tmp", g_stat_path);
   const int fd = RealOpenat(AT_FDCWD, tmp, O_WRONLY | O_CREAT | O_TRUNC |
