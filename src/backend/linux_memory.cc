@@ -245,6 +245,14 @@ bool LinuxMemory::ReapplyVmaFlags(Addr start, std::size_t len, bool lock) {
   return ok;
 }
 
+bool LinuxMemory::Covers(const std::vector<Interval>& set, Addr start,
+                         Addr end) {
+  auto it =
+      std::upper_bound(set.begin(), set.end(), start,
+                       [](Addr a, const Interval& i) { return a < i.start; });
+  return it != set.begin() && std::prev(it)->end >= end;
+}
+
 bool LinuxMemory::Overlaps(const std::vector<Interval>& set, Addr start,
                            Addr end) {
   auto it = std::lower_bound(
@@ -314,9 +322,17 @@ MergeResult LinuxMemory::MapFrames(Addr at, std::size_t len, FrameId first,
   // mlockall(MCL_FUTURE) is in force) is populated with write faults: every
   // frame would be copied at once. Locked memory is mapped read-only first.
   const bool locked = Overlaps(locked_, at, at + len);
-  if (mmap(Ptr(at), len, locked ? PROT_READ : kReadWrite,
-           MAP_PRIVATE | MAP_FIXED, store_.fd(),
-           store_.FrameOffset(first)) == MAP_FAILED) {
+  const int prot = locked ? PROT_READ : kReadWrite;
+  const int flags = MAP_PRIVATE | MAP_FIXED;
+  const int fd = store_.fd();
+  const off_t offset = store_.FrameOffset(first);
+  // Born locked (and populated with read faults) where it can be, so that
+  // the range never shows unlocked. MAP_LOCKED needs RLIMIT_MEMLOCK room
+  // for len more while the old mapping still counts: near the limit, the
+  // lock comes just after the mapping.
+  if ((!locked || !Covers(locked_, at, at + len) ||
+       mmap(Ptr(at), len, prot, flags | MAP_LOCKED, fd, offset) == MAP_FAILED) &&
+      mmap(Ptr(at), len, prot, flags, fd, offset) == MAP_FAILED) {
     return errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
   }
   if (locked && !LockFrameMapping(at, len)) {
@@ -560,11 +576,7 @@ void LinuxMemory::NoteMapped(Addr start, Addr end, ProtectMethod how) {
 }
 
 bool LinuxMemory::SpanReplaceable(Addr start, Addr end) const {
-  auto it = std::upper_bound(
-      touchable_.begin(), touchable_.end(), start,
-      [](Addr a, const Interval& i) { return a < i.start; });
-  if (it == touchable_.begin() || std::prev(it)->end < end) return false;
-  return !Overlaps(excluded_, start, end) &&
+  return Covers(touchable_, start, end) && !Overlaps(excluded_, start, end) &&
          !Overlaps(auto_excluded_, start, end);
 }
 
@@ -1045,6 +1057,11 @@ bool LinuxMemory::ReplaceWithAnonymousCopy(Addr start, std::size_t len,
   // application just made and is about to MAP_FIXED again, and we would
   // then move the application's new memory away. MREMAP_DONTUNMAP (5.7+)
   // keeps our scratch mapped, empty, for next time.
+  // mlockall(MCL_CURRENT) may have locked the scratch area, and an
+  // MREMAP_DONTUNMAP move of a locked source leaves locked_vm counting it
+  // for good (measured on Linux 6.18): unlock it first (locked memory is
+  // locked again by ReapplyVmaFlags).
+  if (ok) (void)munlock(scratch, len);
   if (ok) {
     ok = mremap(scratch, len, len,
                 MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP,

@@ -28,10 +28,11 @@
 //  - VMAs with MADV_WIPEONFORK, sealing or the application's own
 //    userfaultfd are never merged: a replacement mapping would lose the
 //    property. MADV_DONTFORK, MADV_DONTDUMP and mlock are applied again to
-//    the replacement inside the window. A locked replacement is locked with
-//    MLOCK_ONFAULT (smaps "lo lf", where the application had "lo"): a plain
-//    mlock of a private writable mapping populates it with write faults,
-//    which would copy every frame at once.
+//    the replacement inside the window. A locked replacement is mapped
+//    read-only with MAP_LOCKED and then locked with MLOCK_ONFAULT (smaps
+//    "lo lf", where the application had "lo"): a plain mlock of a private
+//    writable mapping populates it with write faults, which would copy
+//    every frame at once.
 //  - Locked memory is merged only while the kernel would let the process
 //    lock one more page (RLIMIT_MEMLOCK or CAP_IPC_LOCK): replacing a
 //    locked page unlocks it for a moment, so the lock must be sure to come
@@ -203,6 +204,8 @@ class LinuxMemory final : public Memory {
   // again at the next full scan.
   bool LockViewStale(Addr start, std::size_t len);
   static bool Overlaps(const std::vector<Interval>& set, Addr start, Addr end);
+  // [start, end) lies within one interval of the set.
+  static bool Covers(const std::vector<Interval>& set, Addr start, Addr end);
   bool MayReplace(Addr page) const {
     return IsTouchable(page) && !IsExcluded(page);
   }

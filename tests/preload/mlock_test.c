@@ -21,7 +21,7 @@ static long smaps_over(const void* p, size_t len, const char* field,
   const unsigned long lo = (unsigned long)p, hi = lo + len;
   FILE* f = fopen("/proc/self/smaps", "r");
   CHECK(f != NULL);
-  char line[512];
+  char line[512], vma[512] = "";
   int inside = 0, vmas = 0;
   long sum = 0;
   if (flags_ok) *flags_ok = 1;
@@ -30,12 +30,16 @@ static long smaps_over(const void* p, size_t len, const char* field,
     if (sscanf(line, "%lx-%lx ", &a, &b) == 2 && strchr(line, ':') > strchr(line, ' ')) {
       inside = a < hi && b > lo;
       vmas += inside;
+      snprintf(vma, sizeof(vma), "%s", line);
     } else if (inside && strncmp(line, field, strlen(field)) == 0) {
       sum += strtol(line + strlen(field), NULL, 10);
     } else if (inside && flags_ok && strncmp(line, "VmFlags:", 8) == 0) {
       char needle[8];
       snprintf(needle, sizeof(needle), " %s", flag);
-      if ((strstr(line, needle) != NULL) != want) *flags_ok = 0;
+      if ((strstr(line, needle) != NULL) != want) {
+        *flags_ok = 0;
+        fprintf(stderr, "want%s %s: %s%s", want ? "" : " no", flag, vma, line);
+      }
     }
   }
   fclose(f);
