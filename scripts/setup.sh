@@ -35,8 +35,9 @@ fi
 
 # The concrete package behind linux-image-cloud-amd64, e.g.
 # linux-image-6.1.0-56-cloud-amd64.
+# Empty (not a failure) where the package lists do not know it yet.
 cloud_kernel_package() {
-  apt-cache depends --important linux-image-cloud-amd64 2>/dev/null |
+  { apt-cache depends --important linux-image-cloud-amd64 2>/dev/null || true; } |
     awk '$1 == "Depends:" && $2 ~ /^linux-image-/ {print $2; exit}'
 }
 

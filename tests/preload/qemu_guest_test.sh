@@ -62,7 +62,7 @@ write_knob() { echo "$2" > "$ksm/$1"; }
 restore_ksm() {
   [ "$mode" = native ] && [ ${#saved[@]} -gt 0 ] || return 0
   write_knob run 2
-  local deadline=$((SECONDS + 60))
+  local deadline=$((SECONDS + 30))
   while [ "$(cat $ksm/pages_shared)" -ne 0 ] && [ $SECONDS -lt $deadline ]; do
     sleep 0.2
   done
@@ -145,13 +145,14 @@ else
   qemu_pid=$!  # samepage run execs QEMU in place
 fi
 
-# The guest takes ~$guest_seconds s after booting (TCG); bounded at 240 s.
+# The guest takes ~$guest_seconds s after booting (TCG); bounded at 200 s,
+# so that the cleanup (up to 30 s) still ends within ctest's 300 s.
 start=$SECONDS
-while kill -0 "$qemu_pid" 2>/dev/null && [ $((SECONDS - start)) -lt 240 ]; do
+while kill -0 "$qemu_pid" 2>/dev/null && [ $((SECONDS - start)) -lt 200 ]; do
   sleep 0.5
 done
 if kill -0 "$qemu_pid" 2>/dev/null; then
-  echo "QEMU still running after 240 s: killed"
+  echo "QEMU still running after 200 s: killed"
   stop "$qemu_pid"
   qemu_pid=""
   rc=124
