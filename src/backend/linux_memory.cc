@@ -330,8 +330,10 @@ MergeResult LinuxMemory::MapFrames(Addr at, std::size_t len, FrameId first,
   // the range never shows unlocked. MAP_LOCKED needs RLIMIT_MEMLOCK room
   // for len more while the old mapping still counts: near the limit, the
   // lock comes just after the mapping.
-  if ((!locked || !Covers(locked_, at, at + len) ||
-       mmap(Ptr(at), len, prot, flags | MAP_LOCKED, fd, offset) == MAP_FAILED) &&
+  const bool born_locked =
+      locked && Covers(locked_, at, at + len) &&
+      mmap(Ptr(at), len, prot, flags | MAP_LOCKED, fd, offset) != MAP_FAILED;
+  if (!born_locked &&
       mmap(Ptr(at), len, prot, flags, fd, offset) == MAP_FAILED) {
     return errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
   }

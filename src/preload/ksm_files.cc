@@ -412,9 +412,8 @@ int FlushOpenStdioKsm(bool flush_buffers) {
     FILE* fp = s->file;
     if (LiveSlot(fd) == nullptr || fileno(fp) != fd) continue;
     if (flush_buffers && g_real.fflush != nullptr) g_real.fflush(fp);
-    if (const int e = FlushStdioKsm(fp, /*closing=*/false); e != 0 && err == 0) {
-      err = e;
-    }
+    const int e = FlushStdioKsm(fp, /*closing=*/false);
+    if (e != 0 && err == 0) err = e;
   }
   return err;
 }

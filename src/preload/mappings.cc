@@ -286,7 +286,9 @@ int LockChange(void* addr, size_t len, LockCall* c, const void* caller) {
   return static_cast<int>(c->result);
 }
 
-long Arg(const void* p) { return static_cast<long>(reinterpret_cast<uintptr_t>(p)); }
+long Arg(const void* p) {
+  return static_cast<long>(reinterpret_cast<uintptr_t>(p));
+}
 
 }  // namespace
 

@@ -27,7 +27,8 @@ static long smaps_over(const void* p, size_t len, const char* field,
   if (flags_ok) *flags_ok = 1;
   while (fgets(line, sizeof(line), f)) {
     unsigned long a, b;
-    if (sscanf(line, "%lx-%lx ", &a, &b) == 2 && strchr(line, ':') > strchr(line, ' ')) {
+    if (sscanf(line, "%lx-%lx ", &a, &b) == 2 &&
+        strchr(line, ':') > strchr(line, ' ')) {
       inside = a < hi && b > lo;
       vmas += inside;
       snprintf(vma, sizeof(vma), "%s", line);
