@@ -42,6 +42,10 @@ struct EngineStats {
   std::uint64_t vma_budget = 0;     // mappings merging may create
   std::uint64_t vmas_used = 0;      // mappings merging holds now (estimate)
   std::uint64_t budget_skips = 0;   // merges skipped for lack of VMA budget
+  std::uint64_t lock_skips = 0;     // locked pages not merged: no room under
+                                    // RLIMIT_MEMLOCK to lock them again
+  std::uint64_t locks_lost = 0;     // pages left unlocked after a merge or an
+                                    // unmerge (a race for RLIMIT_MEMLOCK)
   std::uint64_t merge_failures = 0; // merges refused (content changed, gone)
   std::uint64_t protect_faults = 0; // writes that waited for a merge
   std::uint64_t advised_pages = 0;  // pages marked mergeable
@@ -93,6 +97,7 @@ class Engine {
     kUnmap,    // munmap, mmap MAP_FIXED over it: the old memory is gone
     kMove,     // mremap away, mprotect: the contents stay
     kDiscard,  // MADV_DONTNEED, MADV_FREE, MADV_REMOVE: dropped in place
+    kFlags,    // mlock, munlock: the memory stays, its VMA flags change
   };
 
   // For the LD_PRELOAD layer: `change(arg)` (the real munmap, mremap,
@@ -105,7 +110,9 @@ class Engine {
   // first unmerged and unadvised (ordinary anonymous memory again, with the
   // permissions it had), and advised again if change() fails. kDiscard: the
   // range is unmerged first, so dropped pages read back zeros as anonymous
-  // memory does, and stays mergeable. Returns what change() returned.
+  // memory does, and stays mergeable. kFlags: nothing is unmerged; once
+  // change() has succeeded the engines read the maps again, so merges
+  // re-apply the new lock state. Returns what change() returned.
   // *advised (if not null) is set, before change() runs, to whether any
   // engine tracked part of the range. Cheap when no engine exists.
   // REQUIRES: not called from a thread that holds an engine's lock.

@@ -211,6 +211,8 @@ class EngineImpl final : public Engine {
     s.vma_budget = m.vma_budget;
     s.vmas_used = m.vmas_used;
     s.budget_skips = m.budget_skips;
+    s.lock_skips = m.lock_skips;
+    s.locks_lost = m.locks_lost;
     s.protect_faults = m.protect_faults;
     s.merge_failures = ksm_->merge_failures();
     s.advised_pages = ksm_->AdvisedPages();
@@ -240,7 +242,11 @@ class EngineImpl final : public Engine {
       for (auto [a, n] : advised) (void)ksm_->Unadvise(a, n);
     }
     inner();
-    if (kind == MappingChange::kUnmap && *ok) {
+    if (kind == MappingChange::kFlags && *ok) backend::NoteVmaFlagsChanged();
+    if (kind == MappingChange::kFlags && *ok && !advised.empty()) {
+      // From smaps (NoteVmaFlagsChanged): the plain maps show no locks.
+      (void)memory_->RefreshMaps();  // on failure the next window finds out
+    } else if (kind == MappingChange::kUnmap && *ok) {
       for (auto [a, n] : advised) ksm_->Forget(a, n);
     } else if ((kind == MappingChange::kMove && !*ok) || discard_restores) {
       for (auto [a, n] : advised) ksm_->Advise(a, n);

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
@@ -214,19 +215,146 @@ void LinuxMemory::RemoveInterval(std::vector<Interval>* set, Addr start,
   }
 }
 
-bool LinuxMemory::ReapplyVmaFlags(Addr start, std::size_t len) {
-  const Addr end = start + len;
+// Calls f(from, to) for each part of [start, end) in the set; false if one
+// call returned false.
+template <typename F>
+static bool ForEachOverlap(const std::vector<LinuxMemory::Interval>& set,
+                           Addr start, Addr end, F&& f) {
   bool ok = true;
-  auto apply = [&](const std::vector<Interval>& set, int advice) {
-    for (const Interval& i : set) {
-      const Addr from = std::max(start, i.start);
-      const Addr to = std::min(end, i.end);
-      if (from < to && madvise(Ptr(from), to - from, advice) != 0) ok = false;
-    }
-  };
-  apply(dontfork_, MADV_DONTFORK);
-  apply(dontdump_, MADV_DONTDUMP);
+  for (const LinuxMemory::Interval& i : set) {
+    const Addr from = std::max(start, i.start);
+    const Addr to = std::min(end, i.end);
+    if (from < to && !f(from, to)) ok = false;
+  }
   return ok;
+}
+
+bool LinuxMemory::ReapplyVmaFlags(Addr start, std::size_t len, bool lock) {
+  const Addr end = start + len;
+  auto advise = [](int advice) {
+    return [advice](Addr from, Addr to) {
+      return madvise(Ptr(from), to - from, advice) == 0;
+    };
+  };
+  bool ok = ForEachOverlap(dontfork_, start, end, advise(MADV_DONTFORK));
+  ok &= ForEachOverlap(dontdump_, start, end, advise(MADV_DONTDUMP));
+  if (lock) {
+    ok &= ForEachOverlap(locked_, start, end, [this](Addr from, Addr to) {
+      if (mlock(Ptr(from), to - from) == 0) return true;
+      locks_lost_ += (to - from) / kPageSize;
+      return false;
+    });
+  }
+  return ok;
+}
+
+bool LinuxMemory::Covers(const std::vector<Interval>& set, Addr start,
+                         Addr end) {
+  auto it =
+      std::upper_bound(set.begin(), set.end(), start,
+                       [](Addr a, const Interval& i) { return a < i.start; });
+  return it != set.begin() && std::prev(it)->end >= end;
+}
+
+bool LinuxMemory::Overlaps(const std::vector<Interval>& set, Addr start,
+                           Addr end) {
+  auto it = std::lower_bound(
+      set.begin(), set.end(), start,
+      [](const Interval& i, Addr a) { return i.end <= a; });
+  return it != set.end() && it->start < end;
+}
+
+bool LinuxMemory::LockViewStale(Addr start, std::size_t len) {
+  // msync(MS_INVALIDATE) does nothing to private memory, but fails with
+  // EBUSY at the first locked VMA of the range: a cheap question.
+  const bool locked_now =
+      msync(Ptr(start), len, MS_INVALIDATE) != 0 && errno == EBUSY;
+  if (locked_now == Overlaps(locked_, start, start + len)) return false;
+  view_fresh_ = false;  // read the maps again at the next full scan,
+  smaps_read_at_ = 0;   // from smaps: the plain maps show no locks
+  return true;
+}
+
+bool LinuxMemory::LockRoomForReplacement() {
+  // Locking a replacement brings locked_vm back to where it was, which the
+  // kernel allows iff locked_vm <= RLIMIT_MEMLOCK (or CAP_IPC_LOCK). Asked
+  // of the kernel itself first, one page stricter, on one page of our
+  // scratch area (locked on fault, so nothing is populated, then unlocked).
+  if (mlock2(Ptr(scratch_), kPageSize, MLOCK_ONFAULT) == 0) {
+    munlock(Ptr(scratch_), kPageSize);
+    return true;
+  }
+  // At the limit exactly, or beyond it (the limit was lowered since).
+  rlimit limit;
+  std::string status;
+  if (getrlimit(RLIMIT_MEMLOCK, &limit) != 0 ||
+      !ReadProcFile(options_.status_path, &status).ok()) {
+    return false;
+  }
+  const std::size_t at = status.find("\nVmLck:");
+  if (at == std::string::npos) return false;
+  const std::uint64_t locked_kib =
+      std::strtoull(status.c_str() + at + 7, nullptr, 10);
+  return limit.rlim_cur == RLIM_INFINITY || locked_kib * 1024 <= limit.rlim_cur;
+}
+
+bool LinuxMemory::LockRoomFor(Addr start, std::size_t len) {
+  if (!Overlaps(locked_, start, start + len) || LockRoomForReplacement()) {
+    return true;
+  }
+  lock_skips_ += len / kPageSize;
+  return false;
+}
+
+bool LinuxMemory::LockFrameMapping(Addr at, std::size_t len) {
+  // MLOCK_ONFAULT: nothing is populated now, nor when the VMA is made
+  // writable (VM_LOCKONFAULT skips the write-fault populate of mprotect).
+  const bool locked =
+      ForEachOverlap(locked_, at, at + len, [](Addr from, Addr to) {
+        return mlock2(Ptr(from), to - from, MLOCK_ONFAULT) == 0;
+      });
+  if (!locked || mprotect(Ptr(at), len, kReadWrite) != 0) return false;
+  // Read faults map the frames, shared, and lock them: locked memory is
+  // resident, as the application asked.
+  (void)madvise(Ptr(at), len, MADV_POPULATE_READ);
+  return true;
+}
+
+MergeResult LinuxMemory::MapFrames(Addr at, std::size_t len, FrameId first,
+                                   ProtectMethod how) {
+  // A locked private mapping made writable (or mapped writable while
+  // mlockall(MCL_FUTURE) is in force) is populated with write faults: every
+  // frame would be copied at once. Locked memory is mapped read-only first.
+  const bool locked = Overlaps(locked_, at, at + len);
+  const int prot = locked ? PROT_READ : kReadWrite;
+  const int flags = MAP_PRIVATE | MAP_FIXED;
+  const int fd = store_.fd();
+  const off_t offset = store_.FrameOffset(first);
+  // Born locked (and populated with read faults) where it can be, so that
+  // the range never shows unlocked. MAP_LOCKED needs RLIMIT_MEMLOCK room
+  // for len more while the old mapping still counts: near the limit, the
+  // lock comes just after the mapping.
+  const bool born_locked =
+      locked && Covers(locked_, at, at + len) &&
+      mmap(Ptr(at), len, prot, flags | MAP_LOCKED, fd, offset) != MAP_FAILED;
+  if (!born_locked &&
+      mmap(Ptr(at), len, prot, flags, fd, offset) == MAP_FAILED) {
+    return errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
+  }
+  if (locked && !LockFrameMapping(at, len)) {
+    // Another thread took the room under RLIMIT_MEMLOCK since
+    // LockRoomForReplacement. Nothing was written to the read-only frames:
+    // give the pages back as anonymous memory, locked again if it can be.
+    protector_->Replaced(at, len, how);
+    if (ReplaceWithAnonymousCopy(at, len, kReadWrite)) {
+      return MergeResult::kFailed;
+    }
+    // Still the frames: merged, writable, not locked.
+    mprotect(Ptr(at), len, kReadWrite);
+    locks_lost_ += len / kPageSize;
+  }
+  (void)ReapplyVmaFlags(at, len, /*lock=*/false);
+  return MergeResult::kMerged;
 }
 
 bool LinuxMemory::Contains(const std::vector<Interval>& set, Addr page) {
@@ -418,6 +546,7 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
   frame_mapped_.clear();
   dontfork_.clear();
   dontdump_.clear();
+  locked_.clear();
   for (std::size_t i = 0; i < maps.size(); ++i) {
     const MapEntry& e = maps[i];
     if (!e.shared && IsOurMemfd(e)) AddInterval(&frame_mapped_, e.start, e.end);
@@ -434,6 +563,7 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
     AddInterval(&touchable_, e.start, e.end);
     if (e.HasVmFlag("dc")) AddInterval(&dontfork_, e.start, e.end);
     if (e.HasVmFlag("dd")) AddInterval(&dontdump_, e.start, e.end);
+    if (e.HasVmFlag("lo")) AddInterval(&locked_, e.start, e.end);
     // Eligible() accepted a "uw" VMA only as ours: it is registered with our
     // descriptor already (re-registering costs a syscall per VMA per scan).
     if (e.has_vm_flags && e.HasVmFlag("uw")) continue;
@@ -585,17 +715,8 @@ void LinuxMemory::NoteMapped(Addr start, Addr end, ProtectMethod how) {
 }
 
 bool LinuxMemory::SpanReplaceable(Addr start, Addr end) const {
-  auto it = std::upper_bound(
-      touchable_.begin(), touchable_.end(), start,
-      [](Addr a, const Interval& i) { return a < i.start; });
-  if (it == touchable_.begin() || std::prev(it)->end < end) return false;
-  for (const std::vector<Interval>* set : {&excluded_, &auto_excluded_}) {
-    auto x = std::lower_bound(
-        set->begin(), set->end(), start,
-        [](const Interval& i, Addr a) { return i.end <= a; });
-    if (x != set->end() && x->start < end) return false;
-  }
-  return true;
+  return Covers(touchable_, start, end) && !Overlaps(excluded_, start, end) &&
+         !Overlaps(auto_excluded_, start, end);
 }
 
 void LinuxMemory::FlushMapped() {
@@ -763,12 +884,20 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
   ProtectMethod window_how = ProtectMethod::kNone;
   constexpr std::uint64_t kWindowCost = 2;  // mprotect splits the VMA
   std::uint64_t added = 0;
+  if (!LockRoomFor(base, n * kPageSize)) {
+    std::fill(out, out + n, MergeResult::kFailed);
+    return;
+  }
   InProtectedWindow(base, n, kWindowCost, local, [&](ProtectMethod how) {
     window_how = how;
+    const bool may_replace = !LockViewStale(base, n * kPageSize);
     for (std::size_t k = 0; k < n; ++k) {
       bool equal = false;
-      if (!GuardedEqual(Ptr(base + k * kPageSize),
-                        store_.FrameAddress(frames[k]), kPageSize, &equal)) {
+      if (!may_replace) {
+        local[k] = MergeResult::kFailed;
+      } else if (!GuardedEqual(Ptr(base + k * kPageSize),
+                               store_.FrameAddress(frames[k]), kPageSize,
+                               &equal)) {
         local[k] = MergeResult::kGone;
       } else {
         local[k] = equal ? MergeResult::kMerged : MergeResult::kDiffers;
@@ -790,14 +919,9 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
       if (!BudgetAllows(kWindowCost + added + cost)) {
         r = MergeResult::kNoBudget;
       } else {
-        Addr at = base + k * kPageSize;
-        void* m = mmap(Ptr(at), (e - k) * kPageSize, kReadWrite,
-                       MAP_PRIVATE | MAP_FIXED, store_.fd(),
-                       store_.FrameOffset(frames[k]));
-        if (m == MAP_FAILED) {
-          r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
-        } else {
-          (void)ReapplyVmaFlags(at, (e - k) * kPageSize);
+        const Addr at = base + k * kPageSize;
+        r = MapFrames(at, (e - k) * kPageSize, frames[k], how);
+        if (r == MergeResult::kMerged) {
           // Waking writers and registering the new VMA wait for the
           // flush: one call each per window instead of per mapping.
           mapped[nmapped++] = Interval{at, at + (e - k) * kPageSize};
@@ -859,6 +983,8 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
   RecountIfShort(kWindowCost + 4 * n);  // worst case: a run per pair
   if (!BudgetAllows(kWindowCost)) {
     std::fill(local, local + n, MergeResult::kNoBudget);
+  } else if (!LockRoomFor(pbase, len) || !LockRoomFor(qbase, len)) {
+    std::fill(local, local + n, MergeResult::kFailed);
   } else {
     WindowLock lock;
     int pslot = OpenWindow(pbase, pbase + len);
@@ -877,7 +1003,9 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
       // page fault on the frame view), then each frame is compared with q.
       // Both sides are protected, so frame == p holds, and q only ever maps
       // a frame it was found equal to, read after the copy.
-      const FrameId f = store_.Allocate(n);
+      const bool may_replace =
+          !LockViewStale(pbase, len) && !LockViewStale(qbase, len);
+      const FrameId f = may_replace ? store_.Allocate(n) : kNoFrame;
       bool copied[kMaxWindowPages] = {};
       if (f != kNoFrame) CopyIntoFrames(pbase, n, f, copied);
       for (std::size_t k = 0; k < n; ++k) {
@@ -912,12 +1040,9 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
         bool leak = false;
         if (!BudgetAllows(kWindowCost + added + cost)) {
           r = MergeResult::kNoBudget;
-        } else if (mmap(Ptr(pa), run, kReadWrite, MAP_PRIVATE | MAP_FIXED,
-                        store_.fd(), store_.FrameOffset(fk)) == MAP_FAILED) {
-          r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
-        } else if (mmap(Ptr(qa), run, kReadWrite, MAP_PRIVATE | MAP_FIXED,
-                        store_.fd(), store_.FrameOffset(fk)) == MAP_FAILED) {
-          r = errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
+        } else if ((r = MapFrames(pa, run, fk, phow)) != MergeResult::kMerged) {
+          // Nothing of p maps the frame.
+        } else if ((r = MapFrames(qa, run, fk, qhow)) != MergeResult::kMerged) {
           // p already maps the frame (and may have been written since, into
           // its private copy): protect it again and give it back anonymous
           // memory with its current bytes.
@@ -926,13 +1051,10 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
                           ReplaceWithAnonymousCopy(pa, run, kReadWrite);
           if (!restored) {
             mprotect(Ptr(pa), run, kReadWrite);
-            (void)ReapplyVmaFlags(pa, run);
             leak = true;  // still mapped by p: leak it rather than punch
           }
           added += 2;
         } else {
-          (void)ReapplyVmaFlags(pa, run);
-          (void)ReapplyVmaFlags(qa, run);
           // Woken and registered at the flush (see NoteMapped).
           mapped_how[nmapped] = phow;
           mapped[nmapped++] = Interval{pa, pa + run};
@@ -1074,11 +1196,16 @@ bool LinuxMemory::ReplaceWithAnonymousCopy(Addr start, std::size_t len,
   // application just made and is about to MAP_FIXED again, and we would
   // then move the application's new memory away. MREMAP_DONTUNMAP (5.7+)
   // keeps our scratch mapped, empty, for next time.
+  // mlockall(MCL_CURRENT) may have locked the scratch area, and an
+  // MREMAP_DONTUNMAP move of a locked source leaves locked_vm counting it
+  // for good (measured on Linux 6.18): unlock it first (locked memory is
+  // locked again by ReapplyVmaFlags).
+  if (ok) (void)munlock(scratch, len);
   if (ok) {
     ok = mremap(scratch, len, len,
                 MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP,
                 Ptr(start)) != MAP_FAILED;
-    if (ok) (void)ReapplyVmaFlags(start, len);
+    if (ok) (void)ReapplyVmaFlags(start, len, /*lock=*/true);
   }
   if (!ok) madvise(scratch, len, MADV_DONTNEED);  // drop the copy
   if (prot != kReadWrite) mprotect(scratch, len, kReadWrite);
@@ -1117,11 +1244,9 @@ bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {
   if (npages == 0) return true;
   const Addr end = addr + npages * kPageSize;
   std::vector<MapEntry> maps;
-  // Only which mappings are our memfd's: no VmFlags needed.
-  const std::string& path = options_.plain_maps_path.empty()
-                                ? options_.maps_path
-                                : options_.plain_maps_path;
-  if (!ReadMaps(path, &maps).ok()) return false;
+  // Our memfd's mappings, and the flags (lock) the restored memory gets.
+  if (!ReadView(&maps, /*full=*/false).ok()) return false;
+  (void)ApplyMaps(maps);
   bool ok = true;
   for (const MapEntry& e : maps) {
     if (e.end <= addr) continue;
@@ -1148,6 +1273,8 @@ MemoryStats LinuxMemory::Stats() const {
   s.vma_budget = budget_;
   s.vmas_used = vmas_used_;
   s.budget_skips = budget_skips_;
+  s.lock_skips = lock_skips_;
+  s.locks_lost = locks_lost_;
   s.protect_faults = ProtectFaults();
   return s;
 }

@@ -25,9 +25,18 @@
 //    (microseconds): its new mapping would be overwritten. Only an
 //    interceptor that serialises the application's munmap/mmap/mremap with
 //    our windows can close this.
-//  - VMAs with mlock, MADV_DONTFORK/WIPEONFORK/DONTDUMP, sealing or the
-//    application's own userfaultfd are never merged: a replacement mapping
-//    would lose the property.
+//  - VMAs with MADV_WIPEONFORK, sealing or the application's own
+//    userfaultfd are never merged: a replacement mapping would lose the
+//    property. MADV_DONTFORK, MADV_DONTDUMP and mlock are applied again to
+//    the replacement inside the window. A locked replacement is mapped
+//    read-only with MAP_LOCKED and then locked with MLOCK_ONFAULT (smaps
+//    "lo lf", where the application had "lo"): a plain mlock of a private
+//    writable mapping populates it with write faults, which would copy
+//    every frame at once.
+//  - Locked memory is merged only while the kernel would let the process
+//    lock one more page (RLIMIT_MEMLOCK or CAP_IPC_LOCK): replacing a
+//    locked page unlocks it for a moment, so the lock must be sure to come
+//    back. Otherwise it is left as it is (lock_skips).
 //  - Unmerge gives contents back but not VMAs: the restored anonymous VMA
 //    has its own anon_vma and the kernel does not join it with its
 //    neighbours (scattered merges cost 2 VMAs per page, also after Unmerge).
@@ -71,6 +80,7 @@ struct LinuxMemoryOptions {
   std::string plain_maps_path = "/proc/self/maps";
   std::string pagemap_path = "/proc/self/pagemap";
   std::string max_map_count_path = "/proc/sys/vm/max_map_count";
+  std::string status_path = "/proc/self/status";  // VmLck
   // Frame stores of ancestors (a forked child's parent), as (dev, inode):
   // their private mappings count as merged pages of ours for probing,
   // merging over and unmerging, but their frames are never allocated or
@@ -174,10 +184,37 @@ class LinuxMemory final : public Memory {
   bool IsTouchable(Addr page) const;
   // Not excluded and touchable: a page we may protect and replace.
   // Re-applies MADV_DONTFORK / MADV_DONTDUMP to a mapping we just put in
-  // place over [start, start + len), where the one it replaced had them.
-  // Called inside the window: fork() waits for the window lock, so no child
-  // ever sees the mapping without the flag. False if an madvise failed.
-  bool ReapplyVmaFlags(Addr start, std::size_t len);
+  // place over [start, start + len), where the one it replaced had them,
+  // and with `lock` the application's mlock (for anonymous copies, whose
+  // pages are all present: mlock populates nothing). Called inside the
+  // window: fork() waits for the window lock, so no child ever sees the
+  // mapping without the flag. False if a call failed.
+  bool ReapplyVmaFlags(Addr start, std::size_t len, bool lock);
+  // Inside an open window over [at, at + len), pages protected: maps the
+  // frames from `first` on over it, with the VMA flags the application had
+  // there. kMerged, or why not, with the range left as it was (or, if a
+  // lock could not be applied again, given back as anonymous memory).
+  MergeResult MapFrames(Addr at, std::size_t len, FrameId first,
+                        ProtectMethod how);
+  // The replacement over [at, at + len) of locked memory, mapped read-only:
+  // locks it on fault where the application had locked it, makes it
+  // writable and faults its frames in (read faults share, and lock them).
+  bool LockFrameMapping(Addr at, std::size_t len);
+  // True if the kernel would let this process lock again what a
+  // replacement unlocks (locked_vm within RLIMIT_MEMLOCK, or CAP_IPC_LOCK).
+  bool LockRoomForReplacement();
+  // Before a window: false (counted in lock_skips_) if [start, start + len)
+  // holds locked memory that could not be locked again once replaced.
+  bool LockRoomFor(Addr start, std::size_t len);
+  // Inside a window, before anything is replaced: [start, start + len) is
+  // locked now (some part of it) but not in our view, or the other way
+  // round (the application locked or unlocked it since the maps were
+  // read). Then the window must not replace anything; the maps are read
+  // again at the next full scan.
+  bool LockViewStale(Addr start, std::size_t len);
+  static bool Overlaps(const std::vector<Interval>& set, Addr start, Addr end);
+  // [start, end) lies within one interval of the set.
+  static bool Covers(const std::vector<Interval>& set, Addr start, Addr end);
   bool MayReplace(Addr page) const {
     return IsTouchable(page) && !IsExcluded(page);
   }
@@ -307,6 +344,9 @@ class LinuxMemory final : public Memory {
   static constexpr std::int64_t kSmapsInterval = 2'000'000'000;
   std::vector<Interval> dontfork_;
   std::vector<Interval> dontdump_;
+  // Where the application locked memory (smaps "lo"): every mapping we put
+  // there is locked again.
+  std::vector<Interval> locked_;
   // Ranges registered with our userfaultfd: their "uw" VmFlag is ours.
   std::vector<Interval> uffd_registered_;
   // NoteMapped/FlushMapped/CommitMapped state (see there).
@@ -323,6 +363,8 @@ class LinuxMemory final : public Memory {
   // vmas_used_ at the last real count (BudgetAllows recounts past it).
   std::uint64_t recounted_at_ = 0;
   static constexpr std::uint64_t kRecountStep = 1024;
+  std::uint64_t lock_skips_ = 0;  // pages left as they were: no lock room
+  std::uint64_t locks_lost_ = 0;  // pages whose lock could not come back
 
   static constexpr std::size_t kProbeChunk = 512;
   std::uint64_t pagemap_buf_[kProbeChunk];

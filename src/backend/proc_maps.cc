@@ -195,7 +195,7 @@ bool IsPrivateAnonymous(const MapEntry& e) {
 
 bool HasUnmergeableVmFlags(const MapEntry& e, bool uffd_wp_is_ours) {
   static constexpr std::string_view kFlags[] = {
-      "lo", "wf", "ht", "io", "pf", "sl", "um", "ui", "dr"};
+      "wf", "ht", "io", "pf", "sl", "um", "ui", "dr"};
   for (std::string_view f : kFlags) {
     if (e.HasVmFlag(f)) return true;
   }

@@ -67,12 +67,12 @@ bool IsSpecialMapping(const MapEntry& e);
 bool IsPrivateAnonymous(const MapEntry& e);
 
 // VmFlags (smaps) that mean we must not replace the mapping, because the
-// replacement would lose the property: mlock (lo), MADV_WIPEONFORK (wf),
-// hugetlb (ht), I/O or PFN maps (io, pf), sealed (sl), droppable (dr),
-// registered with the application's userfaultfd (uw, um, ui).
-// MADV_DONTFORK (dc) and MADV_DONTDUMP (dd) are not here: LinuxMemory
-// re-applies them to every mapping it puts in place (QEMU marks guest RAM
-// DONTFORK).
+// replacement would lose the property: MADV_WIPEONFORK (wf), hugetlb (ht),
+// I/O or PFN maps (io, pf), sealed (sl), droppable (dr), registered with the
+// application's userfaultfd (uw, um, ui).
+// mlock (lo, lf), MADV_DONTFORK (dc) and MADV_DONTDUMP (dd) are not here:
+// LinuxMemory applies them again to every mapping it puts in place (QEMU
+// marks guest RAM DONTFORK; kernel KSM merges locked memory too).
 // `uffd_wp_is_ours`: the VMA's userfaultfd write-protect registration (uw)
 // is our own, not the application's.
 bool HasUnmergeableVmFlags(const MapEntry& e, bool uffd_wp_is_ours = false);

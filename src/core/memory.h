@@ -62,6 +62,10 @@ struct MemoryStats {
   std::uint64_t vma_budget = 0;        // mappings we may create in total
   std::uint64_t vmas_used = 0;         // mappings our merges are estimated to hold
   std::uint64_t budget_skips = 0;      // pages left unmerged for lack of budget
+  std::uint64_t lock_skips = 0;        // locked pages left unmerged: the lock
+                                       // could not have been applied again
+  std::uint64_t locks_lost = 0;        // pages whose lock could not be applied
+                                       // again (intact, writable, unlocked)
   std::uint64_t protect_faults = 0;    // writes that waited on a merge window
 };
 

@@ -31,6 +31,7 @@ struct Slot {
   std::uint8_t name = 0;              // kSysfs: index in KsmFileNames()
   std::uint8_t acc = 0;               // O_RDONLY, O_WRONLY or O_RDWR
   bool stdio_write = false;           // a FILE writes into the memfd
+  FILE* file = nullptr;               // the FILE over this descriptor
   dev_t dev = 0;                      // identity of our file
   ino_t ino = 0;
   off_t consumed = 0;  // stdio_write: bytes already handed to samepage
@@ -142,6 +143,7 @@ void Record(int fd, Target target, int name_index, int acc) {
   s->name = static_cast<std::uint8_t>(name_index < 0 ? 0 : name_index);
   s->acc = static_cast<std::uint8_t>(acc);
   s->stdio_write = false;
+  s->file = nullptr;
   s->consumed = 0;
   s->kind.store(static_cast<std::uint8_t>(target), std::memory_order_release);
 }
@@ -332,6 +334,7 @@ void NoteDup(int oldfd, int newfd) {
   to->name = from->name;
   to->acc = from->acc;
   to->stdio_write = false;
+  to->file = nullptr;
   to->dev = from->dev;
   to->ino = from->ino;
   to->consumed = 0;
@@ -377,13 +380,54 @@ FILE* FopenKsm(Target target, int name_index, const char* mode) {
     s->stdio_write = true;
     s->consumed = 0;
   }
-  FILE* fp = fdopen(fd, mode);
+  if (g_real.fdopen == nullptr) ResolveReal();
+  errno = ENOSYS;
+  FILE* fp = g_real.fdopen != nullptr ? g_real.fdopen(fd, mode) : nullptr;
   if (fp == nullptr) {
     const int err = errno;
     CloseKsm(fd);
     errno = err;
+    return nullptr;
   }
+  s->file = fp;
   return fp;
+}
+
+void NoteFdopen(int fd, FILE* fp, const char* mode) {
+  Slot* s = LiveSlot(fd);
+  if (s == nullptr || fp == nullptr || KindOf(s) == Target::kDevKsm) return;
+  s->file = fp;
+  // Only stdio writes land in a write-only descriptor's memfd (write() and
+  // pwrite() hand their bytes to samepage directly): collect them.
+  if (s->acc == O_WRONLY && mode[0] != 'r') s->stdio_write = true;
+}
+
+int FlushOpenStdioKsm(bool flush_buffers) {
+  int err = 0;
+  for (int fd = 0; fd < kMaxFds; ++fd) {
+    Slot* s = SlotOf(fd);
+    if (s == nullptr || s->file == nullptr || !s->stdio_write) continue;
+    // The FILE is used only while its descriptor is still the one it was
+    // opened on (fclose, through our interposer, forgets it).
+    FILE* fp = s->file;
+    if (LiveSlot(fd) == nullptr || fileno(fp) != fd) continue;
+    if (flush_buffers && g_real.fflush != nullptr) g_real.fflush(fp);
+    const int e = FlushStdioKsm(fp, /*closing=*/false);
+    if (e != 0 && err == 0) err = e;
+  }
+  return err;
+}
+
+void RefillIfRewound(FILE* fp) {
+  const int fd = fileno(fp);
+  Slot* s = LiveSlot(fd);
+  if (s == nullptr || KindOf(s) == Target::kDevKsm || s->acc == O_WRONLY ||
+      s->stdio_write) {
+    return;
+  }
+  // glibc seeks within its buffer without lseek when it can; then the
+  // kernel would not read again either.
+  if (lseek(fd, 0, SEEK_CUR) == 0) (void)Refill(fd, s);
 }
 
 int FlushStdioKsm(FILE* fp, bool closing) {
@@ -401,6 +445,10 @@ int FlushStdioKsm(FILE* fp, bool closing) {
         const ssize_t got = RealPread(fd, buf, want, s->consumed);
         if (got <= 0) break;
         s->consumed += got;
+        if (KindOf(s) != Target::kSysfs) {
+          err = EINVAL;  // root-opened /proc/<pid>/ksm_*: as write() says
+          break;
+        }
         Inside inside;
         EnsureStarted();
         if (samepage_sysfs_write(SysfsName(s->name), buf,
@@ -411,7 +459,10 @@ int FlushStdioKsm(FILE* fp, bool closing) {
       s->consumed = st.st_size;  // a failed write is not retried
     }
   }
-  if (closing) s->kind.store(0, std::memory_order_release);
+  if (closing) {
+    s->file = nullptr;
+    s->kind.store(0, std::memory_order_release);
+  }
   return err;
 }
 

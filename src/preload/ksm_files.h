@@ -13,7 +13,12 @@
 //  - stdio writes reach the memfd through libc's internal write, which no
 //    interposer sees, so fflush and fclose of a FILE opened for writing hand
 //    the bytes written since the last time to samepage_sysfs_write (one
-//    write per 4096 bytes, as stdio's buffer would).
+//    write per 4096 bytes, as stdio's buffer would). exit() flushes streams
+//    in glibc's _IO_cleanup, after every destructor, through internal calls
+//    only: the FILEs are remembered, and the preload's destructor (and
+//    fflush(NULL)) flushes those still open through the same path;
+//  - rewind/fseek that leave a reading stream at offset 0 refill the memfd,
+//    as the next read of sysfs from offset 0 regenerates the text.
 // An entry whose descriptor now names another file (closed behind our back,
 // dup2'd over) is dropped when next seen.
 //
@@ -60,9 +65,18 @@ void NoteDup(int oldfd, int newfd);
 
 // fopen of a KSM path: a FILE over our descriptor, or null with errno.
 FILE* FopenKsm(Target target, int name_index, const char* mode);
+// fdopen(fd, mode) made fp: remembered if fd is ours. A FILE writing to a
+// write-only descriptor collects its bytes in the memfd, as fopen's does.
+void NoteFdopen(int fd, FILE* fp, const char* mode);
 // fflush/fclose of a FILE: hands its pending writes to samepage first.
 // Return 0 or the errno of the failed write; `closing` forgets the entry.
 int FlushStdioKsm(FILE* fp, bool closing);
+// Every remembered FILE still open for writing: stdio's buffer pushed into
+// the memfd (with flush_buffers; fflush(NULL) already did) and the bytes
+// handed to samepage, as FlushStdioKsm. 0 or the errno of a failed write.
+int FlushOpenStdioKsm(bool flush_buffers);
+// After rewind/fseek: a reading stream back at offset 0 gets fresh text.
+void RefillIfRewound(FILE* fp);
 
 }  // namespace samepage::preload
 

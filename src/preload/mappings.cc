@@ -13,7 +13,11 @@
 //   mprotect to anything but R+W        the range is unmerged and unadvised
 //                                       first, so samepage never makes it
 //                                       writable again (it merges only
-//                                       writable private anonymous memory).
+//                                       writable private anonymous memory);
+//   mlock, mlock2, munlock, mlockall,   nothing is unmerged; the engines
+//   munlockall                          read the maps again afterwards, so
+//                                       every merge re-applies the lock
+//                                       state the program just set.
 // Each real call runs inside Engine::ChangeMapping: with the engines' locks
 // and the window lock held, so no merge window is open over the range while
 // the kernel changes it (the scanner never waits on application threads
@@ -30,6 +34,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "preload/real.h"
 #include "samepage/engine.h"
@@ -73,6 +79,14 @@ struct MremapCall {
   void* result;
   int err;
   bool advised;  // set by Engine::ChangeMapping before the call
+};
+
+// mlock and friends: the system call and its arguments.
+struct LockCall {
+  long nr;  // SYS_mlock, SYS_mlock2, SYS_munlock, SYS_mlockall, ...
+  long a, b, c;
+  long result;
+  int err;
 };
 
 struct MprotectCall {
@@ -246,6 +260,66 @@ SAMEPAGE_EXPORT void* mremap(void* old, size_t old_len, size_t new_len,
   }
   errno = c.err;
   return c.result;
+}
+
+namespace {
+
+// The lock calls are plain system calls in glibc too. A lock state change
+// over advised memory waits for merge windows there, then the engines see
+// it: a merge in flight would otherwise put an unlocked (or locked)
+// mapping over memory the program has just locked (or unlocked).
+int LockChange(void* addr, size_t len, LockCall* c, const void* caller) {
+  auto run = [](void* p) {
+    auto* c = static_cast<LockCall*>(p);
+    c->result = syscall(c->nr, c->a, c->b, c->c);
+    c->err = errno;
+    return c->result == 0;
+  };
+  if (Bypass(caller) || !MaybeAdvised(addr, len)) {
+    run(c);
+  } else {
+    Inside inside;
+    samepage::Engine::ChangeMapping(
+        addr, len, samepage::Engine::MappingChange::kFlags, run, c);
+  }
+  errno = c->err;
+  return static_cast<int>(c->result);
+}
+
+long Arg(const void* p) {
+  return static_cast<long>(reinterpret_cast<uintptr_t>(p));
+}
+
+}  // namespace
+
+SAMEPAGE_EXPORT int mlock(const void* addr, size_t len) noexcept {
+  LockCall c{SYS_mlock, Arg(addr), static_cast<long>(len), 0, -1, 0};
+  return LockChange(const_cast<void*>(addr), len, &c,
+                    __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT int mlock2(const void* addr, size_t len,
+                           unsigned int flags) noexcept {
+  LockCall c{SYS_mlock2, Arg(addr), static_cast<long>(len),
+             static_cast<long>(flags), -1, 0};
+  return LockChange(const_cast<void*>(addr), len, &c,
+                    __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT int munlock(const void* addr, size_t len) noexcept {
+  LockCall c{SYS_munlock, Arg(addr), static_cast<long>(len), 0, -1, 0};
+  return LockChange(const_cast<void*>(addr), len, &c,
+                    __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT int mlockall(int flags) noexcept {
+  LockCall c{SYS_mlockall, flags, 0, 0, -1, 0};
+  return LockChange(nullptr, SIZE_MAX, &c, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT int munlockall(void) noexcept {
+  LockCall c{SYS_munlockall, 0, 0, 0, -1, 0};
+  return LockChange(nullptr, SIZE_MAX, &c, __builtin_return_address(0));
 }
 
 SAMEPAGE_EXPORT int mprotect(void* addr, size_t len, int prot) noexcept {

@@ -10,7 +10,8 @@
 //   open, open64, openat, openat64, __open_2, __open64_2, __openat_2,
 //   __openat64_2, fopen, fopen64          KSM paths (ksm_files.h)
 //   read, __read_chk, pread, pread64, __pread_chk, __pread64_chk, write,
-//   pwrite, pwrite64, close, fflush, fclose   on our descriptors
+//   pwrite, pwrite64, close, fflush, fclose, fdopen, rewind, fseek,
+//   fseeko, fseeko64                          on our descriptors
 //   ioctl                                 on /dev/ksm descriptors
 //   dup, dup2, dup3, fcntl, fcntl64       copies of our descriptors
 // Everything else, and every call samepage itself makes (real.h: Bypass),
@@ -45,6 +46,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -245,13 +247,17 @@ ssize_t Pread(int fd, void* buf, size_t n, off_t off, const void* caller) {
 
 // SAMEPAGE_STAT_FILE=path: every half second, and at exit, this process's
 // /proc/self/ksm_stat text followed by the sysfs counters (pages_sharing,
-// pages_shared, full_scans) and the highest ksm_merging_pages seen, written
+// pages_shared, full_scans), the main knobs (run, pages_to_scan,
+// sleep_millisecs) and the highest ksm_merging_pages and pages_sharing
+// seen, written
 // to `path` (a temporary file renamed over it). For tools and tests that
 // need samepage's figures from outside a program that never reads them
 // (kernel KSM's /proc/<pid>/ksm_stat is the kernel's). Taken out of the
 // environment, so only this process writes the file.
 char g_stat_path[4096];
-unsigned long g_stat_peak = 0;  // written by the stat thread and at exit
+// Written by the stat thread and at exit.
+unsigned long g_stat_peak = 0;
+unsigned long g_stat_peak_sharing = 0;
 
 unsigned long FieldOf(const char* text, const char* field) {
   const char* p = strstr(text, field);
@@ -267,15 +273,21 @@ void WriteStatFile() {
   const unsigned long merging = FieldOf(text, "ksm_merging_pages ");
   if (merging > g_stat_peak) g_stat_peak = merging;
   size_t len = static_cast<size_t>(n);
-  for (const char* knob : {"pages_sharing", "pages_shared", "full_scans"}) {
+  for (const char* knob : {"pages_sharing", "pages_shared", "full_scans", "run",
+                           "pages_to_scan", "sleep_millisecs"}) {
     char value[64];
     const ssize_t v = samepage_sysfs_read(knob, value, sizeof(value) - 1);
     if (v <= 0) continue;
     value[v] = '\0';
+    if (strcmp(knob, "pages_sharing") == 0) {
+      g_stat_peak_sharing =
+          std::max(g_stat_peak_sharing, strtoul(value, nullptr, 10));
+    }
     len += snprintf(text + len, sizeof(text) - len, "%s %s", knob, value);
   }
-  len += snprintf(text + len, sizeof(text) - len, "peak_merging_pages %lu\n",
-                  g_stat_peak);
+  len += snprintf(text + len, sizeof(text) - len,
+                  "peak_merging_pages %lu\npeak_pages_sharing %lu\n",
+                  g_stat_peak, g_stat_peak_sharing);
   char tmp[sizeof(g_stat_path) + 16];
   snprintf(tmp, sizeof(tmp), "%s.tmp", g_stat_path);
   const int fd = RealOpenat(AT_FDCWD, tmp, O_WRONLY | O_CREAT | O_TRUNC |
@@ -353,6 +365,14 @@ void EnsureStarted() {
 using namespace samepage::preload;
 
 namespace {
+
+// exit() flushes stdio streams in _IO_cleanup, after every destructor and
+// through calls no interposer sees: a knob written through a FILE that is
+// never closed would be lost. Flush those still open now, through
+// samepage, as the kernel would receive them.
+__attribute__((destructor)) void SamepagePreloadFini() {
+  (void)FlushOpenStdioKsm(/*flush_buffers=*/true);
+}
 
 __attribute__((constructor)) void SamepagePreloadInit() {
   ResolveReal();
@@ -595,15 +615,73 @@ SAMEPAGE_EXPORT int close(int fd) {
 SAMEPAGE_EXPORT int fflush(FILE* fp) {
   if (g_real.fflush == nullptr) ResolveReal();
   const int r = g_real.fflush(fp);
-  if (fp == nullptr || !IsOurs(fileno(fp)) ||
-      Bypass(__builtin_return_address(0))) {
-    return r;
+  if (Bypass(__builtin_return_address(0))) return r;
+  int err = 0;
+  if (fp == nullptr) {
+    err = FlushOpenStdioKsm(/*flush_buffers=*/false);  // flushed just now
+  } else if (IsOurs(fileno(fp))) {
+    err = FlushStdioKsm(fp, /*closing=*/false);
   }
-  if (const int err = FlushStdioKsm(fp, /*closing=*/false); err != 0) {
+  if (err != 0) {
     errno = err;
     return EOF;
   }
   return r;
+}
+
+SAMEPAGE_EXPORT FILE* fdopen(int fd, const char* mode) noexcept {
+  if (g_real.fdopen == nullptr) ResolveReal();
+  if (g_real.fdopen == nullptr) {
+    errno = ENOSYS;
+    return nullptr;
+  }
+  FILE* fp = g_real.fdopen(fd, mode);
+  if (fp != nullptr && mode != nullptr && IsOurs(fd) &&
+      !Bypass(__builtin_return_address(0))) {
+    NoteFdopen(fd, fp, mode);
+  }
+  return fp;
+}
+
+// A stream read again from the start gets fresh text, as sysfs gives it.
+SAMEPAGE_EXPORT void rewind(FILE* fp) {
+  if (g_real.rewind == nullptr) ResolveReal();
+  if (g_real.rewind == nullptr) return;
+  g_real.rewind(fp);
+  if (IsOurs(fileno(fp)) && !Bypass(__builtin_return_address(0))) {
+    RefillIfRewound(fp);
+  }
+}
+
+namespace {
+
+template <typename Off>
+int Fseek(int (*real)(FILE*, Off, int), FILE* fp, Off off, int whence,
+          const void* caller) {
+  if (real == nullptr) {
+    errno = ENOSYS;
+    return -1;
+  }
+  const int r = real(fp, off, whence);
+  if (r == 0 && IsOurs(fileno(fp)) && !Bypass(caller)) RefillIfRewound(fp);
+  return r;
+}
+
+}  // namespace
+
+SAMEPAGE_EXPORT int fseek(FILE* fp, long off, int whence) {
+  if (g_real.fseek == nullptr) ResolveReal();
+  return Fseek(g_real.fseek, fp, off, whence, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT int fseeko(FILE* fp, off_t off, int whence) {
+  if (g_real.fseeko == nullptr) ResolveReal();
+  return Fseek(g_real.fseeko, fp, off, whence, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT int fseeko64(FILE* fp, off_t off, int whence) {
+  if (g_real.fseeko64 == nullptr) ResolveReal();
+  return Fseek(g_real.fseeko64, fp, off, whence, __builtin_return_address(0));
 }
 
 SAMEPAGE_EXPORT int fclose(FILE* fp) {

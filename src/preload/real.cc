@@ -59,6 +59,11 @@ void ResolveReal() {
   Resolve(&g_real.fopen64, "fopen64");
   Resolve(&g_real.fclose, "fclose");
   Resolve(&g_real.fflush, "fflush");
+  Resolve(&g_real.fdopen, "fdopen");
+  Resolve(&g_real.rewind, "rewind");
+  Resolve(&g_real.fseek, "fseek");
+  Resolve(&g_real.fseeko, "fseeko");
+  Resolve(&g_real.fseeko64, "fseeko64");
   Resolve(&g_real.read_chk, "__read_chk");
   Resolve(&g_real.pread_chk, "__pread64_chk");
   Resolve(&g_real.mmap, "mmap");

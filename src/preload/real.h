@@ -50,6 +50,11 @@ struct RealFunctions {
   FILE* (*fopen64)(const char*, const char*) = nullptr;
   int (*fclose)(FILE*) = nullptr;
   int (*fflush)(FILE*) = nullptr;
+  FILE* (*fdopen)(int, const char*) = nullptr;
+  void (*rewind)(FILE*) = nullptr;
+  int (*fseek)(FILE*, long, int) = nullptr;
+  int (*fseeko)(FILE*, off_t, int) = nullptr;
+  int (*fseeko64)(FILE*, off_t, int) = nullptr;
   ssize_t (*read_chk)(int, void*, size_t, size_t) = nullptr;
   ssize_t (*pread_chk)(int, void*, size_t, off_t, size_t) = nullptr;
   void* (*mmap)(void*, size_t, int, int, int, off_t) = nullptr;

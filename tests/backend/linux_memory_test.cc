@@ -54,6 +54,14 @@ void Fill(unsigned char* page, unsigned seed) {
     page[i] = static_cast<unsigned char>(seed * 131 + i * 7 + (i >> 8));
 }
 
+// Page i of a and of b: the same content, seed i.
+void FillAlike(const Region& a, const Region& b) {
+  for (std::size_t i = 0; i < a.pages(); ++i) {
+    Fill(a.page(i), static_cast<unsigned>(i));
+    Fill(b.page(i), static_cast<unsigned>(i));
+  }
+}
+
 bool Same(const void* a, const void* b) {
   return std::memcmp(a, b, kPageSize) == 0;
 }
@@ -165,14 +173,6 @@ bool MergePair(LinuxMemory& m, Addr p, Addr q) {
 // Full scans read the cheap /proc/self/maps when the layout allows; flags
 // the application set since the last smaps read must still be seen before
 // a page is replaced.
-// Page i of a and of b both get content i.
-void FillAlike(const Region& a, const Region& b) {
-  for (std::size_t i = 0; i < a.pages() && i < b.pages(); ++i) {
-    Fill(a.page(i), static_cast<unsigned>(i));
-    Fill(b.page(i), static_cast<unsigned>(i));
-  }
-}
-
 TEST_P(LinuxMemoryTest, FlagsSetSinceTheLastSmapsReadAreKeptByMerges) {
   auto m = NewMemory();
   Region a(8), b(8);
@@ -370,10 +370,7 @@ TEST_P(LinuxMemoryTest, DropZeroPagesRefusesAMergedPagesPrivateCopy) {
 TEST_P(LinuxMemoryTest, UnmergeRestoresAnonymousSemantics) {
   auto m = NewMemory();
   Region a(8), b(8);
-  for (int i = 0; i < 8; ++i) {
-    Fill(a.page(i), i);
-    Fill(b.page(i), i);
-  }
+  FillAlike(a, b);
   m->BeginFullScan();
   std::vector<FrameId> frames(8);
   std::vector<MergeResult> res(8);
@@ -414,6 +411,55 @@ TEST_P(LinuxMemoryTest, UnmergeRestoresAnonymousSemantics) {
     for (std::size_t k = 0; k < kPageSize; k += 64) ASSERT_EQ(a.page(i)[k], 0);
   for (FrameId f : frames) m->ReleaseFrame(f);
   EXPECT_EQ(m->Stats().frames_in_use, 0u);
+}
+
+bool VmaLocked(const void* p) {
+  std::vector<MapEntry> maps;
+  EXPECT_TRUE(ReadMaps("/proc/self/smaps", &maps).ok());
+  const auto a = reinterpret_cast<Addr>(p);
+  for (const auto& e : maps) {
+    if (e.start <= a && a < e.end) return e.HasVmFlag("lo");
+  }
+  return false;
+}
+
+// The lock state is read with the maps, once per full scan. If the
+// application locks or unlocks memory after that, a merge must not replace
+// it with the old idea of its lock (a lock lost, or one made up): the
+// window finds out (msync MS_INVALIDATE) and leaves the pages alone.
+TEST_P(LinuxMemoryTest, MergeWithStaleViewOfTheLockLeavesPagesAlone) {
+  auto m = NewMemory();
+  Region a(4), b(4);
+  FillAlike(a, b);
+  m->BeginFullScan();
+  ASSERT_EQ(mlock(a.page(0), 4 * kPageSize), 0) << std::strerror(errno);
+  std::vector<FrameId> frames(4);
+  std::vector<MergeResult> res(4);
+  m->MergePairs(Addrs(a, 0, 4), Addrs(b, 0, 4), frames, res);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(res[i], MergeResult::kFailed) << i;
+    EXPECT_EQ(ProbeOne(*m, a.addr(i)), PageState::kAnon) << i;
+    EXPECT_TRUE(VmaLocked(a.page(i))) << i;
+  }
+  // The next full scan knows: merged, and locked again.
+  m->BeginFullScan();
+  m->MergePairs(Addrs(a, 0, 4), Addrs(b, 0, 4), frames, res);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(res[i], MergeResult::kMerged) << i;
+    EXPECT_TRUE(VmaLocked(a.page(i))) << i;
+    EXPECT_FALSE(VmaLocked(b.page(i))) << i;
+  }
+  ASSERT_TRUE(m->Unmerge(a.addr(0), 4));
+  ASSERT_TRUE(m->Unmerge(b.addr(0), 4));
+  for (FrameId f : frames) m->ReleaseFrame(f);
+  // Unlocked behind the view's back: not locked again by a merge.
+  ASSERT_EQ(munlock(a.page(0), 4 * kPageSize), 0);
+  m->MergePairs(Addrs(a, 0, 4), Addrs(b, 0, 4), frames, res);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(res[i], MergeResult::kFailed) << i;
+    EXPECT_FALSE(VmaLocked(a.page(i))) << i;
+  }
+  EXPECT_EQ(m->Stats().locks_lost, 0u);
 }
 
 TEST_P(LinuxMemoryTest, SmallVmaBudgetLeavesPagesAsTheyWere) {

@@ -40,7 +40,9 @@ TEST(ProcMapsTest, ParsesHeadersAndVmFlags) {
   EXPECT_TRUE(IsPrivateAnonymous(e[1]));
   EXPECT_FALSE(IsSpecialMapping(e[1]));
   EXPECT_FALSE(HasUnmergeableVmFlags(e[1]));
-  EXPECT_TRUE(HasUnmergeableVmFlags(e[2]));  // mlocked
+  // mlocked: merged, with the lock applied again (LinuxMemory).
+  EXPECT_TRUE(e[2].HasVmFlag("lo"));
+  EXPECT_FALSE(HasUnmergeableVmFlags(e[2]));
   EXPECT_EQ(e[3].path, "/memfd:samepage (deleted)");
   EXPECT_EQ(e[3].offset, 0x3000u);
   EXPECT_EQ(e[3].dev_minor, 1u);

@@ -3,7 +3,10 @@
 // kernel's counters and error codes.
 
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -384,6 +387,162 @@ TEST(Engine, DontforkAndDontdumpMemoryMergesAndKeepsItsAdvice) {
   EXPECT_FALSE(MapsSharedFrame(m.page(3)));
   check_advice("unmerged");
   for (std::size_t i = 0; i < 16; ++i) EXPECT_TRUE(m.Holds(i, 'd')) << i;
+}
+
+// A field of /proc/self/status in KiB (VmLck: the process's locked_vm).
+long StatusKib(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) {
+      return std::stol(line.substr(field.size() + 1));
+    }
+  }
+  return -1;
+}
+
+// True if every mapping over [start, start + len) is (or none is) locked.
+bool AllLocked(const void* start, std::size_t len, bool locked) {
+  const auto flags = VmFlagsOver(start, len);
+  if (flags.empty()) return false;
+  for (const std::string& f : flags) {
+    if ((f.find(" lo") != std::string::npos) != locked) return false;
+  }
+  return true;
+}
+
+// Kernel KSM merges locked memory and the merged page stays locked. So does
+// samepage: every mapping it puts in place is locked again (VmFlags "lo",
+// locked_vm unchanged), and the lock survives writes, mlock of merged
+// memory and unmerging; munlock unlocks it and merging goes on.
+TEST(Engine, LockedMemoryMergesAndStaysLocked) {
+  auto e = NewEngine();
+  const long base = StatusKib("VmLck");
+  Mapping m(16);
+  m.FillAll('l');
+  ASSERT_EQ(mlock(m.data(), m.bytes()), 0) << std::strerror(errno);
+  ASSERT_EQ(StatusKib("VmLck"), base + 64);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 15);
+  for (std::size_t i = 0; i < 16; ++i) {
+    EXPECT_TRUE(MapsSharedFrame(m.page(i))) << i;
+  }
+  EXPECT_TRUE(AllLocked(m.data(), m.bytes(), true)) << "merged";
+  EXPECT_EQ(StatusKib("VmLck"), base + 64) << "merged";
+  EXPECT_EQ(e->Stats().lock_skips, 0u);
+  EXPECT_EQ(e->Stats().locks_lost, 0u);
+
+  // A write copies the page and nothing else.
+  m.page(3)[7] = 'x';
+  EXPECT_EQ(m.page(3)[7], 'x');
+  EXPECT_TRUE(m.Holds(4, 'l'));
+
+  // munlock unlocks it all; merging goes on.
+  ASSERT_EQ(munlock(m.data(), m.bytes()), 0);
+  EXPECT_TRUE(AllLocked(m.data(), m.bytes(), false)) << "munlocked";
+  EXPECT_EQ(StatusKib("VmLck"), base);
+  m.page(3)[7] = 'l';
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 15);
+
+  // mlock of merged memory populates it with write faults, which copy the
+  // pages (kernel KSM's too); the scanner merges them again, locked.
+  ASSERT_EQ(mlock(m.data(), m.bytes()), 0) << std::strerror(errno);
+  e->RunFullScans(3);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 15);
+  for (std::size_t i = 0; i < 16; ++i) {
+    EXPECT_TRUE(MapsSharedFrame(m.page(i))) << i;
+  }
+  EXPECT_TRUE(AllLocked(m.data(), m.bytes(), true)) << "locked again";
+  EXPECT_EQ(StatusKib("VmLck"), base + 64);
+
+  // Unmerging gives back locked anonymous memory.
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_UNMERGEABLE).ok());
+  EXPECT_FALSE(MapsSharedFrame(m.page(3)));
+  EXPECT_TRUE(AllLocked(m.data(), m.bytes(), true)) << "unmerged";
+  EXPECT_EQ(StatusKib("VmLck"), base + 64);
+  for (std::size_t i = 0; i < 16; ++i) EXPECT_TRUE(m.Holds(i, 'l')) << i;
+  EXPECT_EQ(e->Stats().locks_lost, 0u);
+  ASSERT_EQ(munlock(m.data(), m.bytes()), 0);
+}
+
+// While it lasts, this thread has no CAP_IPC_LOCK in its effective set and
+// RLIMIT_MEMLOCK is what the process has locked plus `extra_kib` (negative:
+// the limit was lowered below it, as setrlimit allows).
+class LockLimit {
+ public:
+  explicit LockLimit(long extra_kib) {
+    header_.version = _LINUX_CAPABILITY_VERSION_3;
+    ok_ = syscall(SYS_capget, &header_, saved_) == 0 &&
+          getrlimit(RLIMIT_MEMLOCK, &limit_) == 0;
+    if (!ok_) return;
+    __user_cap_data_struct caps[2];
+    std::memcpy(caps, saved_, sizeof(caps));
+    caps[CAP_TO_INDEX(CAP_IPC_LOCK)].effective &= ~CAP_TO_MASK(CAP_IPC_LOCK);
+    rlimit lowered = limit_;
+    lowered.rlim_cur =
+        static_cast<rlim_t>(StatusKib("VmLck") + extra_kib) * 1024;
+    ok_ = syscall(SYS_capset, &header_, caps) == 0 &&
+          setrlimit(RLIMIT_MEMLOCK, &lowered) == 0;
+  }
+  ~LockLimit() {
+    setrlimit(RLIMIT_MEMLOCK, &limit_);
+    syscall(SYS_capset, &header_, saved_);
+  }
+  bool ok() const { return ok_; }
+
+ private:
+  __user_cap_header_struct header_ = {};
+  __user_cap_data_struct saved_[2] = {};
+  rlimit limit_ = {};
+  bool ok_ = false;
+};
+
+// Replacing a locked page unlocks it for a moment. At RLIMIT_MEMLOCK
+// exactly, locking it again is allowed (the kernel merges at any limit);
+// beyond it (the limit lowered below what is locked), samepage could not
+// lock it again and leaves it alone: locked, unmerged, counted. Once there
+// is room again it merges.
+TEST(Engine, LockedMemoryIsLeftAloneWithoutRoomToLockItAgain) {
+  auto e = NewEngine();
+  Mapping m(16), n(16);
+  m.FillAll('r');
+  n.FillAll('n');
+  ASSERT_EQ(mlock(m.data(), m.bytes()), 0) << std::strerror(errno);
+  ASSERT_EQ(mlock(n.data(), n.bytes()), 0) << std::strerror(errno);
+  const long locked = StatusKib("VmLck");
+  {
+    LockLimit at_limit(0);
+    ASSERT_TRUE(at_limit.ok()) << std::strerror(errno);
+    ASSERT_NE(mlock(m.data(), m.bytes() + kPage), 0) << "room left to lock";
+    ASSERT_TRUE(e->Madvise(n.data(), n.bytes(), MADV_MERGEABLE).ok());
+    e->RunFullScans(2);
+    EXPECT_EQ(Counter(*e, "pages_sharing"), 15);
+    EXPECT_TRUE(AllLocked(n.data(), n.bytes(), true));
+    EXPECT_EQ(e->Stats().lock_skips, 0u);
+  }
+  {
+    LockLimit beyond(-4);
+    ASSERT_TRUE(beyond.ok()) << std::strerror(errno);
+    ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+    e->RunFullScans(2);
+    EXPECT_EQ(Counter(*e, "pages_sharing"), 15) << "only n merged";
+    EXPECT_GT(e->Stats().lock_skips, 0u);
+    EXPECT_FALSE(MapsSharedFrame(m.page(3)));
+    EXPECT_TRUE(AllLocked(m.data(), m.bytes(), true));
+    EXPECT_EQ(StatusKib("VmLck"), locked);
+    for (std::size_t i = 0; i < 16; ++i) EXPECT_TRUE(m.Holds(i, 'r')) << i;
+    m.page(2)[0] = 'w';  // still writable
+    m.page(2)[0] = 'r';
+  }
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 30);
+  EXPECT_TRUE(AllLocked(m.data(), m.bytes(), true));
+  EXPECT_EQ(StatusKib("VmLck"), locked);
+  EXPECT_EQ(e->Stats().locks_lost, 0u);
+  ASSERT_EQ(munlock(m.data(), m.bytes()), 0);
+  ASSERT_EQ(munlock(n.data(), n.bytes()), 0);
 }
 
 // Application threads keep writing while the scanner merges at full speed:
