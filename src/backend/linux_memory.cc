@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/sysmacros.h>
@@ -25,6 +26,29 @@ constexpr int kReadWrite = PROT_READ | PROT_WRITE;
 // pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
 constexpr std::uint64_t kPmPresent = std::uint64_t{1} << 63;
 constexpr std::uint64_t kPmFile = std::uint64_t{1} << 61;
+constexpr std::uint64_t kPmUffdWp = std::uint64_t{1} << 57;
+
+// PROCMAP_QUERY (Linux 6.11, include/uapi/linux/fs.h; newer than Debian
+// 12's headers): one VMA of /proc/self/maps by address, with an ioctl.
+struct ProcmapQuery {
+  std::uint64_t size;
+  std::uint64_t query_flags;
+  std::uint64_t query_addr;
+  std::uint64_t vma_start;
+  std::uint64_t vma_end;
+  std::uint64_t vma_flags;
+  std::uint64_t vma_page_size;
+  std::uint64_t vma_offset;
+  std::uint64_t inode;
+  std::uint32_t dev_major;
+  std::uint32_t dev_minor;
+  std::uint32_t vma_name_size;
+  std::uint32_t build_id_size;
+  std::uint64_t vma_name_addr;
+  std::uint64_t build_id_addr;
+};
+constexpr unsigned long kProcmapQuery = _IOWR('f', 17, ProcmapQuery);
+constexpr std::uint64_t kProcmapVmaWritable = 0x02;
 
 std::atomic<std::uint64_t> g_next_instance{1};
 std::atomic<std::uint64_t> g_vma_flags_epoch{0};
@@ -77,6 +101,7 @@ Status LinuxMemory::Create(const LinuxMemoryOptions& options,
 
 LinuxMemory::~LinuxMemory() {
   if (pagemap_fd_ >= 0) close(pagemap_fd_);
+  if (maps_query_fd_ >= 0) close(maps_query_fd_);
   if (scratch_ != 0) munmap(Ptr(scratch_), kScratchBytes);
 }
 
@@ -93,6 +118,8 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
     int err = errno;
     return SysError(err, "open(" + options_.pagemap_path + ")", 0);
   }
+  // For StillProtected in mprotect mode; without it that check is skipped.
+  maps_query_fd_ = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
 
   switch (options_.protection) {
     case Protection::kMprotect:
@@ -320,8 +347,46 @@ bool LinuxMemory::LockFrameMapping(Addr at, std::size_t len) {
   return true;
 }
 
+bool LinuxMemory::StillProtected(Addr at, std::size_t len,
+                                 ProtectMethod how) {
+  if (how == ProtectMethod::kUffd) {
+    // Every page still carries our write-protect bit (present pages and the
+    // markers of never-touched ones): a mapping made since has none.
+    for (std::size_t done = 0; done < len / kPageSize;) {
+      const std::size_t n = std::min(kProbeChunk, len / kPageSize - done);
+      const Addr base = at + done * kPageSize;
+      const ssize_t want = static_cast<ssize_t>(n * sizeof(std::uint64_t));
+      if (pread(pagemap_fd_, pagemap_buf_, static_cast<std::size_t>(want),
+                static_cast<off_t>(base / kPageSize *
+                                   sizeof(std::uint64_t))) != want) {
+        return true;  // cannot tell: as before this check existed
+      }
+      for (std::size_t k = 0; k < n; ++k) {
+        if (!(pagemap_buf_[k] & kPmUffdWp)) return false;
+      }
+      done += n;
+    }
+    return true;
+  }
+  if (how == ProtectMethod::kMprotect && maps_query_fd_ >= 0) {
+    // Still read-only: a mapping made since is writable.
+    for (Addr a = at; a < at + len;) {
+      ProcmapQuery q = {};
+      q.size = sizeof(q);
+      q.query_addr = a;
+      if (ioctl(maps_query_fd_, kProcmapQuery, &q) != 0) {
+        return errno != ENOENT;  // ENOTTY (before 6.11): cannot tell
+      }
+      if (q.vma_start > a || (q.vma_flags & kProcmapVmaWritable)) return false;
+      a = q.vma_end;
+    }
+  }
+  return true;
+}
+
 MergeResult LinuxMemory::MapFrames(Addr at, std::size_t len, FrameId first,
                                    ProtectMethod how) {
+  if (!StillProtected(at, len, how)) return MergeResult::kGone;
   // A locked private mapping made writable (or mapped writable while
   // mlockall(MCL_FUTURE) is in force) is populated with write faults: every
   // frame would be copied at once. Locked memory is mapped read-only first.
@@ -1164,7 +1229,9 @@ void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
       // zero anonymous pages: use it to check first.
       Addr at = base + k * kPageSize;
       std::size_t run = (e - k) * kPageSize;
-      if (madvise(Ptr(at), run, MADV_FREE) == 0) {
+      if (!StillProtected(at, run, how)) {
+        std::fill(local + k, local + e, MergeResult::kGone);
+      } else if (madvise(Ptr(at), run, MADV_FREE) == 0) {
         // MADV_DONTNEED: the page is freed now and reads as the zero page.
         if (madvise(Ptr(at), run, MADV_DONTNEED) != 0)
           std::fill(local + k, local + e, MergeResult::kFailed);
@@ -1221,7 +1288,8 @@ bool LinuxMemory::RestoreAnonymous(Addr start, std::size_t len, int prot) {
     ProtectMethod how = ProtectMethod::kNone;
     int err = (prot & PROT_WRITE) ? protector_->Protect(start, len, &how) : 0;
     if (err == 0) {
-      ok = ReplaceWithAnonymousCopy(start, len, prot);
+      ok = StillProtected(start, len, how) &&
+           ReplaceWithAnonymousCopy(start, len, prot);
       if (ok) {
         protector_->Replaced(start, len, how);
       } else {

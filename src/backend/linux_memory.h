@@ -288,6 +288,14 @@ class LinuxMemory final : public Memory {
                       MergeResult* results);
   void DropZeroBatch(Addr base, std::size_t n, MergeResult* results);
   static bool Readable(Addr page);  // a guarded read of its first bytes
+  // Just before a call that replaces or drops [at, at + len) inside a
+  // window: true if those pages are still the ones we protected. glibc
+  // frees and allocates memory with internal munmap/mmap that the preload
+  // cannot hold back during our windows; a block freed and allocated again
+  // at the same address since we protected it would otherwise be
+  // overwritten. Narrows that race to the time between this check and the
+  // call; does not close it (a preempted scanner: limitations.md item 5).
+  bool StillProtected(Addr at, std::size_t len, ProtectMethod how);
   // Copies the n pages at src into frames first.. with pwrite (the kernel
   // copies into the page cache: no fault on the frame view, no zeroing).
   // copied[k]: page k arrived whole (false where src was unmapped).
@@ -306,6 +314,7 @@ class LinuxMemory final : public Memory {
   std::unique_ptr<Protector> protector_;
   FrameStore store_;
   int pagemap_fd_ = -1;
+  int maps_query_fd_ = -1;  // /proc/self/maps, for PROCMAP_QUERY
   // Where Unmerge builds replacement pages: a mapping we own for good, so
   // that no scratch address is ever a hole the application could map into
   // (mremap MREMAP_DONTUNMAP moves the pages out and leaves it mapped).
