@@ -14,6 +14,8 @@
 //   fseeko, fseeko64                          on our descriptors
 //   ioctl                                 on /dev/ksm descriptors
 //   dup, dup2, dup3, fcntl, fcntl64       copies of our descriptors
+//   free, realloc                         glibc's mmapped blocks wait for
+//                                         merge windows (malloc_free.cc)
 // Everything else, and every call samepage itself makes (real.h: Bypass),
 // goes straight to libc.
 //
