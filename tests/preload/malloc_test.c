@@ -59,6 +59,13 @@ static void* worker(void* arg) {
         g_failed = 1;
       }
     }
+    for (size_t i = 0; i < 16 * (PAGE - 64) && !g_failed; ++i) {
+      if (small[i] != fill) {
+        fprintf(stderr, "thread %u round %lu: small byte %zu is %d, want %d\n",
+                id, round, i, small[i], fill);
+        g_failed = 1;
+      }
+    }
     free(small);
     free(big);
     ++round;
