@@ -242,7 +242,6 @@ class EngineImpl final : public Engine {
       for (auto [a, n] : advised) (void)ksm_->Unadvise(a, n);
     }
     inner();
-    if (kind == MappingChange::kFlags && *ok) backend::NoteVmaFlagsChanged();
     if (kind == MappingChange::kFlags && *ok && !advised.empty()) {
       // From smaps (NoteVmaFlagsChanged): the plain maps show no locks.
       (void)memory_->RefreshMaps();  // on failure the next window finds out
@@ -476,6 +475,9 @@ bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
         backend::WindowLock window;
         ok = change(arg);
       }
+      // Before the engines refresh their views (on the way out): flags
+      // are only in smaps.
+      if (ok && kind == MappingChange::kFlags) backend::NoteVmaFlagsChanged();
       return;
     }
     engines[i]->ChangeMappingStep(start, end, kind,

@@ -72,6 +72,23 @@ std::size_t RoundUp(std::size_t v) {
 
 void* Ptr(Addr a) { return reinterpret_cast<void*>(a); }
 
+// Calls body(k, e) for each run [k, e) of kMerged results, a run extended
+// while joins(e) holds. body may rewrite results[k..e).
+template <typename Joins, typename Body>
+void ForEachMergedRun(const MergeResult* results, std::size_t n, Joins joins,
+                      Body body) {
+  for (std::size_t k = 0; k < n;) {
+    if (results[k] != MergeResult::kMerged) {
+      ++k;
+      continue;
+    }
+    std::size_t e = k + 1;
+    while (e < n && results[e] == MergeResult::kMerged && joins(e)) ++e;
+    body(k, e);
+    k = e;
+  }
+}
+
 }  // namespace
 
 // --- allocation: the object is its own excluded mapping ---
@@ -354,11 +371,7 @@ bool LinuxMemory::StillProtected(Addr at, std::size_t len,
     // markers of never-touched ones): a mapping made since has none.
     for (std::size_t done = 0; done < len / kPageSize;) {
       const std::size_t n = std::min(kProbeChunk, len / kPageSize - done);
-      const Addr base = at + done * kPageSize;
-      const ssize_t want = static_cast<ssize_t>(n * sizeof(std::uint64_t));
-      if (pread(pagemap_fd_, pagemap_buf_, static_cast<std::size_t>(want),
-                static_cast<off_t>(base / kPageSize *
-                                   sizeof(std::uint64_t))) != want) {
+      if (ReadPagemap(at + done * kPageSize, n) != n) {
         return true;  // cannot tell: as before this check existed
       }
       for (std::size_t k = 0; k < n; ++k) {
@@ -521,15 +534,19 @@ std::string WithoutFlag(const std::string& flags, std::string_view flag) {
 
 void NoteVmaFlagsChanged() { g_vma_flags_epoch.fetch_add(1); }
 
+// Adjacent anonymous mappings of mergeable kind: a split of anonymous
+// memory (our merges only split it where our memfd begins or ends).
+bool LinuxMemory::IsAnonSplit(const MapEntry& a, const MapEntry& b) const {
+  return a.end == b.start && MergeableKind(a) && MergeableKind(b) &&
+         !IsOurMemfd(a) && !IsOurMemfd(b);
+}
+
 bool LinuxMemory::AnonSplitsKnown(const std::vector<MapEntry>& maps) const {
   for (std::size_t i = 1; i < maps.size(); ++i) {
     const MapEntry& a = maps[i - 1];
     const MapEntry& b = maps[i];
     // New memory next to known memory is flags_unknown anyway.
-    if (a.end != b.start || !a.has_vm_flags || !b.has_vm_flags ||
-        IsOurMemfd(a) || IsOurMemfd(b)) {
-      continue;
-    }
+    if (!IsAnonSplit(a, b) || !a.has_vm_flags || !b.has_vm_flags) continue;
     if (!std::binary_search(anon_splits_.begin(), anon_splits_.end(), b.start))
       return false;
   }
@@ -539,12 +556,7 @@ bool LinuxMemory::AnonSplitsKnown(const std::vector<MapEntry>& maps) const {
 void LinuxMemory::NoteAnonSplits(const std::vector<MapEntry>& maps) {
   anon_splits_.clear();
   for (std::size_t i = 1; i < maps.size(); ++i) {
-    const MapEntry& a = maps[i - 1];
-    const MapEntry& b = maps[i];
-    if (a.end == b.start && MergeableKind(a) && MergeableKind(b) &&
-        !IsOurMemfd(a) && !IsOurMemfd(b)) {
-      anon_splits_.push_back(b.start);
-    }
+    if (IsAnonSplit(maps[i - 1], maps[i])) anon_splits_.push_back(maps[i].start);
   }
 }
 
@@ -706,18 +718,21 @@ MergeResult LinuxMemory::ClassifyProtectError(int err, Addr start,
 
 // --- reading ---
 
+std::size_t LinuxMemory::ReadPagemap(Addr base, std::size_t n) {
+  // One pread for the chunk: 8 bytes per page.
+  const ssize_t got =
+      pread(pagemap_fd_, pagemap_buf_, n * sizeof(std::uint64_t),
+            static_cast<off_t>(base / kPageSize * sizeof(std::uint64_t)));
+  return got > 0 ? static_cast<std::size_t>(got) / sizeof(std::uint64_t) : 0;
+}
+
 void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
   RegisterThread();
   std::size_t total = states.size();
   for (std::size_t done = 0; done < total;) {
     std::size_t n = std::min(kProbeChunk, total - done);
     Addr base = addr + done * kPageSize;
-    // One pread for the chunk: 8 bytes per page.
-    ssize_t got =
-        pread(pagemap_fd_, pagemap_buf_, n * sizeof(std::uint64_t),
-              static_cast<off_t>(base / kPageSize * sizeof(std::uint64_t)));
-    std::size_t valid =
-        got > 0 ? static_cast<std::size_t>(got) / sizeof(std::uint64_t) : 0;
+    const std::size_t valid = ReadPagemap(base, n);
     // The maps view may be stale: the application may have unmapped pages.
     bool all_mapped = RangeMapped(base, n * kPageSize);
     for (std::size_t k = 0; k < n; ++k) {
@@ -969,16 +984,10 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
       }
     }
     // One mmap per run of equal pages with consecutive frames.
-    for (std::size_t k = 0; k < n;) {
-      if (local[k] != MergeResult::kMerged) {
-        ++k;
-        continue;
-      }
-      std::size_t e = k + 1;
-      while (e < n && local[e] == MergeResult::kMerged &&
-             frames[e] == frames[e - 1] + 1) {
-        ++e;
-      }
+    auto consecutive = [&](std::size_t e) {
+      return frames[e] == frames[e - 1] + 1;
+    };
+    ForEachMergedRun(local, n, consecutive, [&](std::size_t k, std::size_t e) {
       std::uint64_t cost = (k == 0 && e == n) ? 0 : 2;
       MergeResult r = MergeResult::kMerged;
       if (!BudgetAllows(kWindowCost + added + cost)) {
@@ -994,8 +1003,7 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
         }
       }
       std::fill(local + k, local + e, r);
-      k = e;
-    }
+    });
     UnprotectRest(base, n, local, /*skip_merged=*/true, how);
   });
   vmas_used_ += added;
@@ -1090,13 +1098,8 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
           local[k] = equal ? MergeResult::kMerged : MergeResult::kDiffers;
         }
       }
-      for (std::size_t k = 0; k < n;) {
-        if (local[k] != MergeResult::kMerged) {
-          ++k;
-          continue;
-        }
-        std::size_t e = k + 1;
-        while (e < n && local[e] == MergeResult::kMerged) ++e;
+      auto any = [](std::size_t) { return true; };
+      ForEachMergedRun(local, n, any, [&](std::size_t k, std::size_t e) {
         const std::size_t run = (e - k) * kPageSize;
         const Addr pa = pbase + k * kPageSize, qa = qbase + k * kPageSize;
         const FrameId fk = f + static_cast<FrameId>(k);
@@ -1132,8 +1135,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
           if (r == MergeResult::kMerged) frames[i] = f + static_cast<FrameId>(i);
           if (leak) frames_leaked[i] = true;
         }
-        k = e;
-      }
+      });
       // Frames that no page maps: their memory goes back at once.
       for (std::size_t k = 0; f != kNoFrame && k < n; ++k) {
         if (local[k] != MergeResult::kMerged && !frames_leaked[k])
@@ -1216,13 +1218,8 @@ void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
         local[k] = zero ? MergeResult::kMerged : MergeResult::kDiffers;
       }
     }
-    for (std::size_t k = 0; k < n;) {
-      if (local[k] != MergeResult::kMerged) {
-        ++k;
-        continue;
-      }
-      std::size_t e = k + 1;
-      while (e < n && local[e] == MergeResult::kMerged) ++e;
+    auto any = [](std::size_t) { return true; };
+    ForEachMergedRun(local, n, any, [&](std::size_t k, std::size_t e) {
       // MADV_DONTNEED on a private *file* mapping (a merged page's
       // private copy) would bring back the frame's bytes, not zeros.
       // MADV_FREE refuses file mappings with EINVAL and is harmless on
@@ -1243,8 +1240,7 @@ void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
             local[i] = MergeResult::kFailed;
         }
       }
-      k = e;
-    }
+    });
     UnprotectRest(base, n, local, /*skip_merged=*/false, how);
   });
   CopyOutResults(local, n, out);

@@ -246,6 +246,7 @@ class LinuxMemory final : public Memory {
   // show was made by the application (mlock, madvise or mprotect of part of
   // a mapping): its flags may differ, so smaps must be read.
   bool AnonSplitsKnown(const std::vector<MapEntry>& maps) const;
+  bool IsAnonSplit(const MapEntry& a, const MapEntry& b) const;
   void NoteAnonSplits(const std::vector<MapEntry>& maps);
   bool RangeMapped(Addr start, std::size_t len) const;
   MergeResult ClassifyProtectError(int err, Addr start, std::size_t len) const;
@@ -288,6 +289,9 @@ class LinuxMemory final : public Memory {
                       MergeResult* results);
   void DropZeroBatch(Addr base, std::size_t n, MergeResult* results);
   static bool Readable(Addr page);  // a guarded read of its first bytes
+  // Reads the pagemap entries of n <= kProbeChunk pages at base into
+  // pagemap_buf_; returns how many arrived.
+  std::size_t ReadPagemap(Addr base, std::size_t n);
   // Just before a call that replaces or drops [at, at + len) inside a
   // window: true if those pages are still the ones we protected. glibc
   // frees and allocates memory with internal munmap/mmap that the preload
