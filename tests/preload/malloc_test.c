@@ -19,6 +19,23 @@ enum { kThreads = 2, kSeconds = 3 };
 static volatile unsigned long g_rounds;
 static volatile int g_failed;
 
+/* Every byte of a block: `fill`, with `tag` at the start of its middle
+ * page. Reports the first wrong byte and sets g_failed. */
+static void check_block(const unsigned char* big, size_t pages, uint64_t tag,
+                        unsigned char fill, unsigned id, unsigned long round,
+                        const char* when) {
+  for (size_t i = 0; i < pages * PAGE && !g_failed; ++i) {
+    const size_t at = i - (pages / 2) * PAGE;
+    const unsigned char want =
+        at < sizeof(tag) ? ((const unsigned char*)&tag)[at] : fill;
+    if (big[i] != want) {
+      fprintf(stderr, "thread %u round %lu %s: byte %zu is %d, want %d\n", id,
+              round, when, i, big[i], want);
+      g_failed = 1;
+    }
+  }
+}
+
 static void* worker(void* arg) {
   const unsigned id = (unsigned)(uintptr_t)arg;
   const double end = now_seconds() + kSeconds;
@@ -49,22 +66,23 @@ static void* worker(void* arg) {
     const uint64_t tag = ((uint64_t)id << 48) | round;
     memcpy(big + (pages / 2) * PAGE, &tag, sizeof(tag));
     sleep_ms(round % 3 == 0 ? 20 : 1);  /* long enough to merge, sometimes */
-    for (size_t i = 0; i < pages * PAGE && !g_failed; ++i) {
-      const size_t at = i - (pages / 2) * PAGE;
-      const unsigned char want =
-          at < sizeof(tag) ? ((const unsigned char*)&tag)[at] : fill;
-      if (big[i] != want) {
-        fprintf(stderr, "thread %u round %lu: byte %zu is %d, want %d\n",
-                id, round, i, big[i], want);
-        g_failed = 1;
-      }
-    }
+    check_block(big, pages, tag, fill, id, round, "after merging");
     for (size_t i = 0; i < 16 * (PAGE - 64) && !g_failed; ++i) {
       if (small[i] != fill) {
         fprintf(stderr, "thread %u round %lu: small byte %zu is %d, want %d\n",
                 id, round, i, small[i], fill);
         g_failed = 1;
       }
+    }
+    /* Grown: glibc moves or extends the mapping (internal mremap); the
+     * contents come along. */
+    unsigned char* grown = realloc(big, (pages + 16) * PAGE);
+    if (grown == NULL) {
+      fprintf(stderr, "realloc failed\n");
+      g_failed = 1;
+    } else {
+      big = grown;
+      check_block(big, pages, tag, fill, id, round, "after realloc");
     }
     free(small);
     free(big);
