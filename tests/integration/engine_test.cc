@@ -670,6 +670,30 @@ TEST(Engine, VmaBudgetExhaustedDegradesGracefully) {
   }
 }
 
+// The budget charges the worst case, 4 mappings per scattered pair, but the
+// kernel often holds fewer (neighbours were split already, consecutive
+// frames join): before refusing, the engine counts the real mappings.
+TEST(Engine, VmaBudgetCountsRealMappingsBeforeRefusing) {
+  constexpr std::size_t kPairs = 1000;
+  EngineOptions options;
+  options.vma_budget = 3 * kPairs;  // under the 4 * kPairs charged
+  auto e = NewEngine(options);
+  Mapping m(2 * kPairs);
+  std::vector<std::uint64_t> key(2 * kPairs);
+  for (std::size_t i = 0; i < kPairs; ++i) key[i] = key[kPairs + i] = i;
+  std::shuffle(key.begin() + kPairs, key.end(), std::mt19937(11));
+  for (std::size_t i = 0; i < 2 * kPairs; ++i) m.FillKey(i, key[i]);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(3);
+  const EngineStats s = e->Stats();
+  EXPECT_EQ(s.budget_skips, 0u);
+  EXPECT_LE(s.vmas_used, s.vma_budget);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), std::int64_t(kPairs));
+  for (std::size_t i = 0; i < 2 * kPairs; ++i) {
+    ASSERT_TRUE(m.HoldsKey(i, key[i])) << i;
+  }
+}
+
 TEST(Engine, MadviseRejectsBadInputLikeTheKernel) {
   auto e = NewEngine();
   Mapping m(4);
