@@ -153,13 +153,13 @@ bool Ksm::UnmergeAll() {
 
 bool Ksm::InUnstable(Addr addr, const Item& item) const {
   if (item.state != ItemState::kUnstable || item.seq != seq_) return false;
-  auto it = unstable_.find(item.hash);
-  return it != unstable_.end() && it->second == addr;
+  return unstable_.contains(PageKey{addr, item.hash()});
 }
 
 void Ksm::RemoveFromUnstable(Addr addr, Item& item) {
-  if (InUnstable(addr, item)) unstable_.erase(item.hash);
-  if (item.state == ItemState::kUnstable) item.state = ItemState::kVolatile;
+  if (item.state != ItemState::kUnstable) return;
+  if (item.seq == seq_) unstable_.erase(PageKey{addr, item.hash()});
+  item.state = ItemState::kVolatile;
 }
 
 void Ksm::ResetItem(Addr addr, Item& item) {
@@ -170,7 +170,7 @@ void Ksm::ResetItem(Addr addr, Item& item) {
       RemoveFromUnstable(addr, item);
       break;
     case ItemState::kStable:
-      RemoveSharer(item.node);
+      RemoveSharer(item.node());
       break;
     case ItemState::kZero:
       --zero_pages_;
@@ -187,29 +187,34 @@ void Ksm::ResetItem(Addr addr, Item& item) {
 // ---------------------------------------------------------------------------
 // Stable index
 
-std::size_t Ksm::ChainLength(NodeId head) const {
-  std::size_t n = 0;
-  for (NodeId id = head; id != kNoNode; id = nodes_[id].next_dup) ++n;
-  return n;
+template <typename F>
+void Ksm::ForEachDup(NodeId first, F&& f) const {
+  if (!nodes_[first].in_chain) {
+    f(first);
+    return;
+  }
+  const std::vector<NodeId>& dups = dup_chains_.find(nodes_[first].hash())->second;
+  // Newest first, as the kernel adds dups at the head of the chain.
+  for (auto it = dups.rbegin(); it != dups.rend(); ++it) f(*it);
 }
 
 Ksm::NodeId Ksm::FindStableWithRoom(std::uint64_t hash) const {
-  auto it = stable_.find(hash);
+  auto it = stable_.find(HashKey{hash});
   if (it == stable_.end()) return kNoNode;
   // Like the kernel's stable_node_dup(): the fullest dup that still has room,
   // so that chains stay compact.
   NodeId best = kNoNode;
   std::uint32_t best_load = 0;
-  for (NodeId id = it->second; id != kNoNode; id = nodes_[id].next_dup) {
+  ForEachDup(*it, [&](NodeId id) {
     const Node& n = nodes_[id];
     const std::uint32_t load = n.sharers + n.pending;
-    if (load >= knobs_.max_page_sharing) continue;
-    if (n.sharers == 0 && n.pending == 0) continue;
+    if (load >= knobs_.max_page_sharing) return;
+    if (n.sharers == 0 && n.pending == 0) return;
     if (best == kNoNode || load > best_load) {
       best = id;
       best_load = load;
     }
-  }
+  });
   return best;
 }
 
@@ -224,50 +229,57 @@ Ksm::NodeId Ksm::NewNode(std::uint64_t hash) {
   }
   Node& n = nodes_[id];
   n = Node{};
-  n.hash = hash;
-  n.live = true;
+  n.set_hash(hash);
+  n.live = 1;
   LinkNode(id);
   return id;
 }
 
 void Ksm::LinkNode(NodeId id) {
   Node& n = nodes_[id];
-  auto [it, inserted] = stable_.try_emplace(n.hash, id);
-  if (inserted) return;
-  const std::size_t len = ChainLength(it->second);
-  if (len == 1) {
+  // Looked up by hash: an insert by id would not see another node's entry.
+  auto it = stable_.lazy_emplace(HashKey{n.hash()},
+                                 [&](const auto& construct) { construct(id); });
+  if (*it == id) return;
+  Node& first = nodes_[*it];
+  std::vector<NodeId>& dups = dup_chains_[n.hash()];
+  if (!first.in_chain) {
+    first.in_chain = 1;
+    dups.push_back(*it);
     ++chains_;
-    dups_ += 2;
-  } else {
     ++dups_;
   }
-  n.next_dup = it->second;
-  it->second = id;
+  n.in_chain = 1;
+  dups.push_back(id);
+  ++dups_;
 }
 
 void Ksm::UnlinkNode(NodeId id) {
   Node& n = nodes_[id];
-  auto it = stable_.find(n.hash);
-  if (it == stable_.end()) InvariantFailure("stable node missing from index");
-  const std::size_t len = ChainLength(it->second);
-  if (len == 2) {
+  if (!n.in_chain) {
+    if (stable_.erase(id) == 0) InvariantFailure("stable node missing from index");
+    return;
+  }
+  auto chain = dup_chains_.find(n.hash());
+  if (chain == dup_chains_.end()) InvariantFailure("chained node without a chain");
+  std::vector<NodeId>& dups = chain->second;
+  auto pos = std::find(dups.begin(), dups.end(), id);
+  if (pos == dups.end()) InvariantFailure("chained node missing from its chain");
+  dups.erase(pos);
+  n.in_chain = 0;
+  auto it = stable_.find(id);
+  if (it != stable_.end()) {  // the index entry moves to another dup
+    stable_.erase(it);
+    stable_.insert(dups.back());
+  }
+  if (dups.size() == 1) {
+    nodes_[dups.front()].in_chain = 0;
+    dup_chains_.erase(chain);
     --chains_;
     dups_ -= 2;
-  } else if (len > 2) {
+  } else {
     --dups_;
   }
-  if (it->second == id) {
-    if (n.next_dup == kNoNode) {
-      stable_.erase(it);
-    } else {
-      it->second = n.next_dup;
-    }
-  } else {
-    NodeId prev = it->second;
-    while (nodes_[prev].next_dup != id) prev = nodes_[prev].next_dup;
-    nodes_[prev].next_dup = n.next_dup;
-  }
-  n.next_dup = kNoNode;
 }
 
 void Ksm::AddSharer(NodeId id) {
@@ -296,7 +308,7 @@ void Ksm::MaybeFreeNode(NodeId id) {
   if (!n.live || n.sharers != 0 || n.pending != 0) return;
   if (n.frame != kNoFrame) memory_->ReleaseFrame(n.frame);
   UnlinkNode(id);
-  n.live = false;
+  n.live = 0;
   n.frame = kNoFrame;
   free_nodes_.push_back(id);
 }
@@ -307,6 +319,10 @@ void Ksm::MaybeFreeNode(NodeId id) {
 void Ksm::BeginFullScan() {
   ++seq_;
   unstable_.clear();
+  // Room for as many candidates as the last scan had: no rehash on the way
+  // (a rehash looks every entry's item up again).
+  unstable_.reserve(unstable_peak_);
+  unstable_peak_ = 0;
   memory_->BeginFullScan();
   cursor_ = ranges_.empty() ? 0 : ranges_.begin()->first;
   in_scan_ = true;
@@ -360,6 +376,11 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end) {
   }
   ExecutePlans();
   ForgetGone();
+  // Candidates that merged leave their slots empty; give the memory back
+  // once the index is mostly empty.
+  if (unstable_.capacity() > 1024 && unstable_.size() < unstable_.capacity() / 16) {
+    unstable_.rehash(0);
+  }
   return scanned;
 }
 
@@ -426,9 +447,10 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
 
   ++pages_scanned_;
   if (item.state == ItemState::kStable) {
-    // The page was copied away (written to): it leaves its stable node.
-    RemoveSharer(item.node);
-    item.node = kNoNode;
+    // The page was copied away (written to): it leaves its stable node, and
+    // its next visit takes it as changed.
+    RemoveSharer(item.node());
+    item.set_hash(0);
     item.state = ItemState::kVolatile;
   }
   // A page that was all zeros at its last visit goes straight to the zero
@@ -437,7 +459,7 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   // compare in one read (a hash first would read it twice). Not while a
   // stable node holds zero content (merged with use_zero_pages=0).
   if (knobs_.use_zero_pages && item.state == ItemState::kVolatile &&
-      item.hash == ZeroPageHash() && FindStableWithRoom(item.hash) == kNoNode) {
+      item.hash() == ZeroPageHash() && FindStableWithRoom(item.hash()) == kNoNode) {
     item.state = ItemState::kPending;
     zero_plans_.push_back({addr, &item});
     return;
@@ -455,14 +477,14 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   const NodeId node = FindStableWithRoom(hash);
   if (node != kNoNode) {
     ++nodes_[node].pending;
-    item.hash = hash;
+    item.set_hash(hash);
     item.state = ItemState::kPending;
     stable_plans_.push_back({addr, &item, node});
     return;
   }
   // 2. A page whose content changed since the last visit is only remembered.
-  if (!had_hash || item.hash != hash) {
-    item.hash = hash;
+  if (!had_hash || item.hash() != hash) {
+    item.set_hash(hash);
     item.state = ItemState::kVolatile;
     return;
   }
@@ -473,24 +495,27 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     return;
   }
   // 4. The unstable index: a match makes a new stable node of both pages.
-  auto it = unstable_.find(hash);
+  auto it = unstable_.find(HashKey{hash});
   if (it != unstable_.end()) {
-    const Addr other_addr = it->second;
+    const Addr other_addr = *it & ~kFragmentMask;
     Item* other = FindItem(other_addr);
-    if (other != nullptr && other_addr != addr && InUnstable(other_addr, *other)) {
-      unstable_.erase(it);
-      other->state = ItemState::kPending;
-      item.state = ItemState::kPending;
-      const NodeId fresh = NewNode(hash);
-      nodes_[fresh].pending = 2;
-      pair_plans_.push_back({addr, &item, other_addr, other, fresh});
-      return;
+    if (other == nullptr || other_addr == addr) {
+      InvariantFailure("unstable index entry without its item");
     }
-    unstable_.erase(it);  // stale entry
+    unstable_.erase(it);
+    other->state = ItemState::kPending;
+    item.state = ItemState::kPending;
+    const NodeId fresh = NewNode(hash);
+    nodes_[fresh].pending = 2;
+    pair_plans_.push_back({addr, &item, other_addr, other, fresh});
+    return;
   }
-  unstable_.emplace(hash, addr);
   item.state = ItemState::kUnstable;
   item.seq = seq_;
+  unstable_.lazy_emplace(PageKey{addr, hash}, [&](const auto& construct) {
+    construct(MakeEntry(addr, hash));
+  });
+  unstable_peak_ = std::max(unstable_peak_, unstable_.size());
 }
 
 void Ksm::ExecutePlans() {
@@ -514,7 +539,7 @@ void Ksm::ExecutePlans() {
       for (Item* item : {plan.p_item, plan.q_item}) {
         if (results_[i] == MergeResult::kMerged) {
           item->state = ItemState::kStable;
-          item->node = plan.node;
+          item->set_node(plan.node);
           item->age = 0;
           node.frame = frames_[i];
           AddSharer(plan.node);
@@ -547,7 +572,7 @@ void Ksm::ExecutePlans() {
       if (attempted) ++r;
       if (merged) {
         plan.item->state = ItemState::kStable;
-        plan.item->node = plan.node;
+        plan.item->set_node(plan.node);
         plan.item->age = 0;
         AddSharer(plan.node);
       } else {
@@ -574,7 +599,7 @@ void Ksm::ExecutePlans() {
         item->state = ItemState::kVolatile;
         std::uint64_t hash = 0;
         if (memory_->Hash(addr_a_[i], &hash)) {
-          item->hash = hash;
+          item->set_hash(hash);
         } else {
           ResetItem(addr_a_[i], *item);
         }
@@ -684,13 +709,10 @@ void Ksm::CheckInvariants() const {
         case ItemState::kPending:
           InvariantFailure("pending item outside a batch");
         case ItemState::kStable:
-          if (item.node >= nodes_.size() || !nodes_[item.node].live) {
+          if (item.node() >= nodes_.size() || !nodes_[item.node()].live) {
             InvariantFailure("stable item points at a dead node");
           }
-          if (nodes_[item.node].hash != item.hash) {
-            InvariantFailure("stable item hash differs from its node");
-          }
-          ++sharers[item.node];
+          ++sharers[item.node()];
           break;
         case ItemState::kZero:
           ++zero;
@@ -708,10 +730,10 @@ void Ksm::CheckInvariants() const {
   if (items != rmap_items_) InvariantFailure("rmap_items count");
   if (zero != zero_pages_) InvariantFailure("ksm_zero_pages count");
   if (unstable != unstable_.size()) InvariantFailure("unstable index size");
-  for (const auto& [hash, addr] : unstable_) {
-    const Item* item = FindItem(addr);
+  for (const UnstableEntry e : unstable_) {
+    const Item* item = FindItem(e & ~kFragmentMask);
     if (item == nullptr || item->state != ItemState::kUnstable ||
-        item->hash != hash) {
+        item->seq != seq_ || MakeEntry(e & ~kFragmentMask, item->hash()) != e) {
       InvariantFailure("unstable index entry without its item");
     }
   }
@@ -730,19 +752,24 @@ void Ksm::CheckInvariants() const {
     sharing += n.sharers - 1;
   }
   std::uint64_t linked = 0;
-  for (const auto& [hash, head] : stable_) {
-    const std::size_t len = ChainLength(head);
+  for (const NodeId first : stable_) {
+    const std::uint64_t hash = nodes_[first].hash();
+    std::size_t len = 0;
+    ForEachDup(first, [&](NodeId id) {
+      ++len;
+      if (!nodes_[id].live || nodes_[id].hash() != hash ||
+          nodes_[id].in_chain != nodes_[first].in_chain) {
+        InvariantFailure("stable index chain holds a foreign node");
+      }
+    });
     linked += len;
-    if (len >= 2) {
+    if (nodes_[first].in_chain) {
+      if (len < 2) InvariantFailure("a chain of fewer than two dups");
       ++chains;
       dups += len;
     }
-    for (NodeId id = head; id != kNoNode; id = nodes_[id].next_dup) {
-      if (!nodes_[id].live || nodes_[id].hash != hash) {
-        InvariantFailure("stable index chain holds a foreign node");
-      }
-    }
   }
+  if (dup_chains_.size() != chains) InvariantFailure("chains outside the index");
   if (linked != live) InvariantFailure("live nodes missing from the index");
   if (shared != pages_shared_ || sharing != pages_sharing_) {
     InvariantFailure("pages_shared/pages_sharing counters");

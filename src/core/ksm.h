@@ -30,10 +30,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "core/knobs.h"
 #include "core/memory.h"
 
@@ -88,7 +90,7 @@ class Ksm {
   SpaceStat GetSpaceStat() const;
 
   // Bytes of samepage metadata per tracked page (rmap item).
-  static constexpr std::size_t kItemBytes = 16;
+  static constexpr std::size_t kItemBytes = 12;
 
   // Forgets the advisor's history (writing advisor_mode does this).
   void ResetAdvisor();
@@ -110,13 +112,27 @@ class Ksm {
     kPending,   // part of a merge planned in this batch
   };
 
+  // 12 bytes: the hash is kept as two halves so that the item needs only
+  // 4-byte alignment. A merged page needs no hash of its own (its node has
+  // it), so kStable items keep their node in its place.
   struct Item {
-    std::uint64_t hash = 0;
-    NodeId node = kNoNode;
+    std::uint32_t lo = 0;  // hash bits 0-31, or the node while kStable
+    std::uint32_t hi = 0;  // hash bits 32-63
     ItemState state = ItemState::kNew;
     std::uint8_t age = 0;  // smart scan: visits without merging
     std::uint8_t remaining_skips = 0;
     std::uint8_t seq = 0;  // full-scan sequence of an unstable insertion
+
+    std::uint64_t hash() const { return std::uint64_t{hi} << 32 | lo; }
+    void set_hash(std::uint64_t h) {
+      lo = std::uint32_t(h);
+      hi = std::uint32_t(h >> 32);
+    }
+    NodeId node() const { return lo; }
+    void set_node(NodeId id) {
+      lo = id;
+      hi = 0;
+    }
   };
   static_assert(sizeof(Item) == kItemBytes);
 
@@ -126,16 +142,83 @@ class Ksm {
     Addr end() const { return start + items.size() * kPageSize; }
   };
 
-  // A merged page's frame and sharers, the kernel's stable_node. Nodes with
-  // the same hash form a chain (the kernel's stable_node_chain of dups) linked
-  // through next_dup; the stable index points at the first.
+  // A merged page's frame and sharers, the kernel's stable_node: 20 bytes.
+  // Nodes with the same hash form a chain (the kernel's stable_node_chain of
+  // dups), listed in dup_chains_; the stable index holds one of them.
+  // sharers and pending never pass max_page_sharing (at most INT_MAX, as in
+  // the kernel), so 31 bits each are enough.
   struct Node {
-    std::uint64_t hash = 0;
+    std::uint32_t hash_lo = 0;
+    std::uint32_t hash_hi = 0;
     FrameId frame = kNoFrame;
-    std::uint32_t sharers = 0;  // items in kStable pointing here
-    std::uint32_t pending = 0;  // items planned to join in this batch
-    NodeId next_dup = kNoNode;
-    bool live = false;
+    std::uint32_t sharers : 31 = 0;  // items in kStable pointing here
+    std::uint32_t live : 1 = 0;
+    std::uint32_t pending : 31 = 0;  // items planned to join in this batch
+    std::uint32_t in_chain : 1 = 0;  // listed in dup_chains_
+
+    std::uint64_t hash() const { return std::uint64_t{hash_hi} << 32 | hash_lo; }
+    void set_hash(std::uint64_t h) {
+      hash_lo = std::uint32_t(h);
+      hash_hi = std::uint32_t(h >> 32);
+    }
+  };
+  static_assert(sizeof(Node) == 20);
+
+  // Index lookups. Both indexes hold small ids (a node id; a page address)
+  // and take the 64-bit hash from the node or the item, so a slot is 4 or
+  // 8 bytes instead of a (hash, value) pair.
+  struct HashKey {
+    std::uint64_t hash;
+  };
+  struct PageKey {
+    Addr addr;
+    std::uint64_t hash;
+  };
+  struct StableHash {
+    using is_transparent = void;
+    const Ksm* ksm;
+    std::size_t operator()(NodeId id) const { return ksm->nodes_[id].hash(); }
+    std::size_t operator()(HashKey k) const { return k.hash; }
+  };
+  struct StableEq {
+    using is_transparent = void;
+    const Ksm* ksm;
+    bool operator()(NodeId a, NodeId b) const { return a == b; }
+    bool operator()(NodeId a, HashKey k) const {
+      return ksm->nodes_[a].hash() == k.hash;
+    }
+    bool operator()(HashKey k, NodeId a) const { return (*this)(a, k); }
+  };
+  // An unstable index entry: the page's address with the top 12 bits of its
+  // hash in the (always zero) offset bits, which settle almost every
+  // lookup without finding the item.
+  using UnstableEntry = std::uint64_t;
+  static constexpr UnstableEntry kFragmentMask = kPageSize - 1;
+  static UnstableEntry MakeEntry(Addr addr, std::uint64_t hash) {
+    return addr | (hash >> 52);
+  }
+  struct UnstableHash {
+    using is_transparent = void;
+    const Ksm* ksm;
+    std::size_t operator()(UnstableEntry e) const {
+      return ksm->FindItem(e & ~kFragmentMask)->hash();
+    }
+    std::size_t operator()(HashKey k) const { return k.hash; }
+    std::size_t operator()(PageKey k) const { return k.hash; }
+  };
+  struct UnstableEq {
+    using is_transparent = void;
+    const Ksm* ksm;
+    bool operator()(UnstableEntry a, UnstableEntry b) const { return a == b; }
+    bool operator()(UnstableEntry e, HashKey k) const {
+      return (e & kFragmentMask) == (k.hash >> 52) &&
+             ksm->FindItem(e & ~kFragmentMask)->hash() == k.hash;
+    }
+    bool operator()(UnstableEntry e, PageKey k) const {
+      return (e & ~kFragmentMask) == k.addr;
+    }
+    bool operator()(HashKey k, UnstableEntry e) const { return (*this)(e, k); }
+    bool operator()(PageKey k, UnstableEntry e) const { return (*this)(e, k); }
   };
 
   // Plans collected during a batch. Item pointers stay valid for the batch:
@@ -175,7 +258,9 @@ class Ksm {
   void AddSharer(NodeId id);
   void RemoveSharer(NodeId id);
   void MaybeFreeNode(NodeId id);
-  std::size_t ChainLength(NodeId head) const;
+  // Calls f(id) for every node with this hash (index entry `first`).
+  template <typename F>
+  void ForEachDup(NodeId first, F&& f) const;
 
   // Unstable index.
   bool InUnstable(Addr addr, const Item& item) const;
@@ -196,10 +281,19 @@ class Ksm {
   bool in_scan_ = false;   // a full scan has begun
   std::uint8_t seq_ = 0;   // full-scan sequence number
 
-  std::vector<Node> nodes_;
+  // A deque: grows without copying and without a doubled capacity.
+  std::deque<Node> nodes_;
   std::vector<NodeId> free_nodes_;
-  absl::flat_hash_map<std::uint64_t, NodeId> stable_;
-  absl::flat_hash_map<std::uint64_t, Addr> unstable_;
+  // Every live node's hash, one node per hash; the rest of a chain (hashes
+  // with two or more nodes) in dup_chains_, newest last.
+  absl::flat_hash_set<NodeId, StableHash, StableEq> stable_{0, StableHash{this},
+                                                            StableEq{this}};
+  absl::flat_hash_map<std::uint64_t, std::vector<NodeId>> dup_chains_;
+  // Pages of this full scan waiting for a partner. Every entry's item is
+  // kUnstable with this scan's seq and the hash it was inserted with.
+  absl::flat_hash_set<UnstableEntry, UnstableHash, UnstableEq> unstable_{
+      0, UnstableHash{this}, UnstableEq{this}};
+  std::size_t unstable_peak_ = 0;  // largest size in the last full scan
 
   std::vector<PairPlan> pair_plans_;
   std::vector<StablePlan> stable_plans_;
