@@ -561,14 +561,33 @@ bool GuardedIsZero(const void* p, std::size_t n, bool* zero) {
   bool z = false;
   if (!RunGuarded([&] {
         p = Readable(p, n, 0);
-        // Word-wise OR: branch-free inner loop, vectorised by the compiler.
-        const std::uint64_t* w = static_cast<const std::uint64_t*>(p);
-        std::size_t words = n / sizeof(std::uint64_t);
-        std::uint64_t acc = 0;
-        for (std::size_t i = 0; i < words; i += 64) {
-          std::size_t lim = i + 64 < words ? i + 64 : words;
-          for (std::size_t k = i; k < lim; ++k) acc |= w[k];
-          if (acc != 0) break;
+        // OR of 32-byte vectors, four independent chains per 128 bytes, a
+        // test every 512 bytes. The plain word loop was not vectorised at
+        // -O2 and cost more than hashing the page.
+        using V = std::uint64_t __attribute__((vector_size(32), aligned(8)));
+        const std::byte* b = static_cast<const std::byte*>(p);
+        const std::size_t vec_bytes = n & ~std::size_t{511};
+        V acc0{}, acc1{}, acc2{}, acc3{};
+        std::size_t i = 0;
+        for (; i < vec_bytes; i += 512) {
+          for (std::size_t k = i; k < i + 512; k += 128) {
+            V v0, v1, v2, v3;
+            std::memcpy(&v0, b + k, 32);
+            std::memcpy(&v1, b + k + 32, 32);
+            std::memcpy(&v2, b + k + 64, 32);
+            std::memcpy(&v3, b + k + 96, 32);
+            acc0 |= v0;
+            acc1 |= v1;
+            acc2 |= v2;
+            acc3 |= v3;
+          }
+          const V all = acc0 | acc1 | acc2 | acc3;
+          if ((all[0] | all[1] | all[2] | all[3]) != 0) break;
+        }
+        const V all = acc0 | acc1 | acc2 | acc3;
+        std::uint64_t acc = all[0] | all[1] | all[2] | all[3];
+        if (acc == 0) {
+          for (; i < n; ++i) acc |= std::to_integer<std::uint64_t>(b[i]);
         }
         z = acc == 0;
       })) {

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 #include "core/hash.h"
 
@@ -52,6 +53,31 @@ TEST(WriteProtectTest, GuardedReadsSurviveUnmappedAndProtectedMemory) {
   ASSERT_TRUE(GuardedIsZero(p, kPageSize, &zero));
   EXPECT_FALSE(zero);
   munmap(p, 3 * kPageSize);
+}
+
+// The zero check sees one non-zero byte wherever it is, for page-sized and
+// odd lengths, and unaligned starts.
+TEST(WriteProtectTest, IsZeroFindsANonZeroByteAnywhere) {
+  ASSERT_TRUE(InitProcessState().ok());
+  std::vector<unsigned char> buf(2 * kPageSize, 0);
+  for (std::size_t offset : {std::size_t{0}, std::size_t{1}, std::size_t{13}}) {
+    for (std::size_t n : {kPageSize, std::size_t{511}, std::size_t{1000}, std::size_t{513}}) {
+      unsigned char* p = buf.data() + offset;
+      bool zero = false;
+      ASSERT_TRUE(GuardedIsZero(p, n, &zero));
+      EXPECT_TRUE(zero) << offset << " " << n;
+      for (std::size_t i = 0; i < n; ++i) {
+        p[i] = 0x80;
+        ASSERT_TRUE(GuardedIsZero(p, n, &zero));
+        ASSERT_FALSE(zero) << "byte " << i << " of " << n << " at +" << offset;
+        p[i] = 0;
+      }
+      p[n] = 1;  // a byte just past the range does not count
+      ASSERT_TRUE(GuardedIsZero(p, n, &zero));
+      EXPECT_TRUE(zero);
+      p[n] = 0;
+    }
+  }
 }
 
 TEST(WriteProtectTest, SigbusOnTruncatedFileIsCaught) {
