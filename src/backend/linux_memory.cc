@@ -514,22 +514,6 @@ std::int64_t SteadyNanos() {
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
-
-// VmFlags text without one flag.
-std::string WithoutFlag(const std::string& flags, std::string_view flag) {
-  std::string out;
-  for (std::size_t i = 0; i < flags.size();) {
-    std::size_t j = flags.find(' ', i);
-    if (j == std::string::npos) j = flags.size();
-    std::string_view f(flags.data() + i, j - i);
-    if (!f.empty() && f != flag) {
-      if (!out.empty()) out += ' ';
-      out += f;
-    }
-    i = j + 1;
-  }
-  return out;
-}
 }  // namespace
 
 void NoteVmaFlagsChanged() { g_vma_flags_epoch.fetch_add(1); }
@@ -601,9 +585,8 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
   flag_runs_.clear();
   for (const MapEntry& e : *maps) {
     if (!MergeableKind(e)) continue;
-    std::string flags = Contains(uffd_registered_, e.start)
-                            ? WithoutFlag(e.vm_flags, "uw")
-                            : e.vm_flags;
+    std::string flags =
+        FlagsReadBySamepage(e.vm_flags, Contains(uffd_registered_, e.start));
     if (!flag_runs_.empty() && flag_runs_.back().end == e.start &&
         flag_runs_.back().flags == flags) {
       flag_runs_.back().end = e.end;
@@ -611,6 +594,7 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
       flag_runs_.push_back(FlagRun{e.start, e.end, std::move(flags)});
     }
   }
+  if (flag_runs_.capacity() > 2 * flag_runs_.size() + 64) flag_runs_.shrink_to_fit();
   NoteAnonSplits(*maps);
   smaps_read_at_ = now;
   smaps_epoch_ = epoch;

@@ -193,13 +193,41 @@ bool IsPrivateAnonymous(const MapEntry& e) {
   return e.path.starts_with("[anon:");
 }
 
+namespace {
+constexpr std::string_view kUnmergeableFlags[] = {
+    "wf", "ht", "io", "pf", "sl", "um", "ui", "dr"};
+// Flags LinuxMemory applies again to the mappings it puts in place.
+constexpr std::string_view kReappliedFlags[] = {"lo", "lf", "dc", "dd"};
+}  // namespace
+
 bool HasUnmergeableVmFlags(const MapEntry& e, bool uffd_wp_is_ours) {
-  static constexpr std::string_view kFlags[] = {
-      "wf", "ht", "io", "pf", "sl", "um", "ui", "dr"};
-  for (std::string_view f : kFlags) {
+  for (std::string_view f : kUnmergeableFlags) {
     if (e.HasVmFlag(f)) return true;
   }
   return !uffd_wp_is_ours && e.HasVmFlag("uw");
+}
+
+std::string FlagsReadBySamepage(std::string_view vm_flags, bool drop_uw) {
+  const auto read = [&](std::string_view f) {
+    if (f == "uw") return !drop_uw;
+    return std::find(std::begin(kUnmergeableFlags), std::end(kUnmergeableFlags), f) !=
+               std::end(kUnmergeableFlags) ||
+           std::find(std::begin(kReappliedFlags), std::end(kReappliedFlags), f) !=
+               std::end(kReappliedFlags);
+  };
+  std::string out;
+  std::size_t pos = 0;
+  while (pos < vm_flags.size()) {
+    std::size_t end = vm_flags.find(' ', pos);
+    if (end == std::string_view::npos) end = vm_flags.size();
+    const std::string_view f = vm_flags.substr(pos, end - pos);
+    if (!f.empty() && read(f)) {
+      if (!out.empty()) out += ' ';
+      out += f;
+    }
+    pos = end + 1;
+  }
+  return out;
 }
 
 }  // namespace samepage::backend

@@ -77,6 +77,12 @@ bool IsPrivateAnonymous(const MapEntry& e);
 // is our own, not the application's.
 bool HasUnmergeableVmFlags(const MapEntry& e, bool uffd_wp_is_ours = false);
 
+// The VmFlags text reduced to the flags samepage reads (those above, lo, lf,
+// dc, dd), in their order; without uw if `drop_uw`. Mappings that differ only
+// in flags samepage does not read (ac / nr of an anonymous page and of a
+// frame mapping) get the same text, so the saved flags form few runs.
+std::string FlagsReadBySamepage(std::string_view vm_flags, bool drop_uw);
+
 }  // namespace samepage::backend
 
 #endif  // SAMEPAGE_BACKEND_PROC_MAPS_H_

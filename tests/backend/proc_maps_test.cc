@@ -66,6 +66,21 @@ TEST(ProcMapsTest, UffdWriteProtectFlagIsOnlyFineWhenOurs) {
   EXPECT_TRUE(HasUnmergeableVmFlags(e[1], /*uffd_wp_is_ours=*/true));
 }
 
+// The saved flags keep what samepage reads and nothing else, so that an
+// anonymous page ("ac") and a frame mapping ("nr") beside it form one run.
+TEST(ProcMapsTest, FlagsReadBySamepageKeepOnlyWhatIsRead) {
+  EXPECT_EQ(FlagsReadBySamepage("rd wr mr mw me ac sd mg", false), "");
+  EXPECT_EQ(FlagsReadBySamepage("rd wr mr mw me nr", false), "");
+  EXPECT_EQ(FlagsReadBySamepage("rd wr mr mw me dc ac dd lo mg uw", false), "dc dd lo uw");
+  EXPECT_EQ(FlagsReadBySamepage("rd wr mr mw me dc ac dd lo mg uw", true), "dc dd lo");
+  EXPECT_EQ(FlagsReadBySamepage("rd wr wf ht io pf sl um ui dr lf", true),
+            "wf ht io pf sl um ui dr lf");
+  MapEntry e;
+  e.vm_flags = FlagsReadBySamepage("rd wr mr mw me ac wf", false);
+  e.has_vm_flags = true;
+  EXPECT_TRUE(HasUnmergeableVmFlags(e));  // what decides survives
+}
+
 TEST(ProcMapsTest, RejectsMalformedHeaders) {
   std::vector<MapEntry> e;
   EXPECT_EQ(ParseMaps("1000-2000 rw-x 0 00:00 0\n", &e).code(), EINVAL);
