@@ -422,7 +422,9 @@ TEST_P(KsmRandomTest, MatchesModel) {
     const std::uint8_t v = model[a];
     SCOPED_TRACE(::testing::Message() << "page " << (a - kBase) / kPageSize
                                       << " value " << int(v));
-    if (zero_pages) EXPECT_NE(v, 0) << "a zero page was not dropped";
+    if (zero_pages) {
+      EXPECT_NE(v, 0) << "a zero page was not dropped";
+    }
     if (mem.MapsFrame(a)) {
       frames_by_value[v].insert(mem.FrameOf(a));
       ++sharers[mem.FrameOf(a)];
@@ -433,7 +435,9 @@ TEST_P(KsmRandomTest, MatchesModel) {
   }
   std::size_t nodes = 0;
   for (auto& [v, frames] : frames_by_value) {
-    if (!chains) EXPECT_EQ(frames.size(), 1u) << "value " << int(v);
+    if (!chains) {
+      EXPECT_EQ(frames.size(), 1u) << "value " << int(v);
+    }
     for (FrameId f : frames) {
       EXPECT_LE(sharers[f], max_sharing) << "value " << int(v);
       if (unmerged_by_value[v] != 0) {
