@@ -397,6 +397,21 @@ bool LinuxMemory::StillProtected(Addr at, std::size_t len,
   return true;
 }
 
+bool LinuxMemory::AnonymousVmas(Addr at, std::size_t len) {
+  if (maps_query_fd_ < 0) return false;
+  for (Addr a = at; a < at + len;) {
+    ProcmapQuery q = {};
+    q.size = sizeof(q);
+    q.query_addr = a;
+    if (ioctl(maps_query_fd_, kProcmapQuery, &q) != 0) return false;
+    if (q.vma_start > a || q.inode != 0 || q.dev_major != 0 || q.dev_minor != 0) {
+      return false;
+    }
+    a = q.vma_end;
+  }
+  return true;
+}
+
 MergeResult LinuxMemory::MapFrames(Addr at, std::size_t len, FrameId first,
                                    ProtectMethod how) {
   if (!StillProtected(at, len, how)) return MergeResult::kGone;
@@ -1212,7 +1227,7 @@ void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
       std::size_t run = (e - k) * kPageSize;
       if (!StillProtected(at, run, how)) {
         std::fill(local + k, local + e, MergeResult::kGone);
-      } else if (madvise(Ptr(at), run, MADV_FREE) == 0) {
+      } else if (AnonymousVmas(at, run) || madvise(Ptr(at), run, MADV_FREE) == 0) {
         // MADV_DONTNEED: the page is freed now and reads as the zero page.
         if (madvise(Ptr(at), run, MADV_DONTNEED) != 0)
           std::fill(local + k, local + e, MergeResult::kFailed);

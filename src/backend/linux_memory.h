@@ -300,6 +300,10 @@ class LinuxMemory final : public Memory {
   // overwritten. Narrows that race to the time between this check and the
   // call; does not close it (a preempted scanner: limitations.md item 5).
   bool StillProtected(Addr at, std::size_t len, ProtectMethod how);
+  // Every VMA over [at, at + len) is anonymous (no file: not a merged page's
+  // private copy, where MADV_DONTNEED would bring the frame's bytes back).
+  // False where it cannot tell (no PROCMAP_QUERY before Linux 6.11).
+  bool AnonymousVmas(Addr at, std::size_t len);
   // Copies the n pages at src into frames first.. with pwrite (the kernel
   // copies into the page cache: no fault on the frame view, no zeroing).
   // copied[k]: page k arrived whole (false where src was unmapped).
