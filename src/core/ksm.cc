@@ -13,8 +13,11 @@ namespace {
 
 // Pages probed per Memory::Probe call: one pagemap read covers them all.
 constexpr std::size_t kProbeChunk = 512;
-// Planned merges run once this many are pending (and at every batch end).
+// Planned merges run once this many are pending (and at every batch end),
+// unless a run of identical pages is still growing (StripeRuns), up to
+// kMaxRunPlans.
 constexpr std::size_t kPlanFlush = 256;
+constexpr std::size_t kMaxRunPlans = 65536;
 
 [[noreturn]] void InvariantFailure(const char* what) {
   std::fprintf(stderr, "samepage: core invariant violated: %s\n", what);
@@ -368,11 +371,14 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end) {
     }
     cursor_ += i * kPageSize;
     // Merge while the planned pages are still in the CPU's caches: the
-    // merge reads each of them again under write-protection.
-    if (pair_plans_.size() + stable_plans_.size() + zero_plans_.size() >=
-        kPlanFlush) {
-      ExecutePlans();
-    }
+    // merge reads each of them again under write-protection. A run of
+    // identical pages that reaches the cursor is let grow first: the longer
+    // it is, the fewer mappings it takes (StripeRuns).
+    const std::size_t planned =
+        pair_plans_.size() + stable_plans_.size() + zero_plans_.size();
+    const bool run_open =
+        run_end_ == cursor_ && run_pages_ >= 2 && planned < kMaxRunPlans;
+    if (planned >= kPlanFlush && !run_open) ExecutePlans();
   }
   ExecutePlans();
   ForgetGone();
@@ -490,6 +496,7 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     item.set_hash(hash);
     item.state = ItemState::kPending;
     stable_plans_.push_back({addr, &item, node});
+    NoteRun(addr, hash);
     return;
   }
   // 2. A page whose content changed since the last visit is only remembered.
@@ -518,17 +525,127 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     const NodeId fresh = NewNode(hash);
     nodes_[fresh].pending = 2;
     pair_plans_.push_back({addr, &item, other_addr, other, fresh});
+    NoteRun(addr, hash);
     return;
   }
   item.state = ItemState::kUnstable;
   item.seq = seq_;
+  NoteRun(addr, hash);
   unstable_.lazy_emplace(PageKey{addr, hash}, [&](const auto& construct) {
     construct(MakeEntry(addr, hash));
   });
   unstable_peak_ = std::max(unstable_peak_, unstable_.size());
 }
 
+void Ksm::NoteRun(Addr addr, std::uint64_t hash) {
+  if (addr == run_end_ && hash == run_hash_) {
+    ++run_pages_;
+  } else {
+    run_hash_ = hash;
+    run_pages_ = 1;
+  }
+  run_end_ = addr + kPageSize;
+}
+
+// The kernel puts the sharers of one content in dups of max_page_sharing
+// pages each, which here would make every page of a run of identical pages
+// a mapping of its own (consecutive pages, same frame). The same number of
+// frames, F = ceil(G / max_page_sharing) for a run of G pages, laid out
+// consecutively with page i on frame i mod F, map the run with one call per
+// F pages; pages_shared and pages_sharing stay the kernel's.
+void Ksm::StripeRuns() {
+  const std::size_t max_sharing = knobs_.max_page_sharing;
+  const std::size_t planned = 2 * pair_plans_.size() + stable_plans_.size();
+  if (planned <= max_sharing) return;  // no run long enough for F >= 2
+  struct Planned {
+    Addr addr;
+    Item* item;
+    NodeId node;
+  };
+  std::vector<Planned> pages;
+  pages.reserve(planned);
+  for (const PairPlan& p : pair_plans_) {
+    pages.push_back({p.p, p.p_item, p.node});
+    pages.push_back({p.q, p.q_item, p.node});
+  }
+  for (const StablePlan& p : stable_plans_) pages.push_back({p.page, p.item, p.node});
+  std::sort(pages.begin(), pages.end(),
+            [](const Planned& a, const Planned& b) { return a.addr < b.addr; });
+  struct Run {
+    std::size_t begin, end;     // in pages
+    std::vector<NodeId> nodes;  // the new layout: page k on nodes[k % F]
+  };
+  std::vector<Run> runs;
+  absl::flat_hash_map<NodeId, std::size_t> in_run;  // node -> its pages in the run
+  std::size_t i = 0;
+  while (i < pages.size()) {
+    const std::uint64_t hash = pages[i].item->hash();
+    std::size_t j = i + 1;
+    while (j < pages.size() && pages[j].addr == pages[j - 1].addr + kPageSize &&
+           pages[j].item->hash() == hash) {
+      ++j;
+    }
+    const std::size_t g = j - i;
+    const std::size_t f = (g + max_sharing - 1) / max_sharing;
+    // Only nodes made in this batch (no frame, no sharers) whose plans all
+    // lie in this run can be given up for the new layout.
+    bool ok = f >= 2 && g >= 2 * f;
+    in_run.clear();
+    for (std::size_t k = i; ok && k < j; ++k) {
+      const Node& n = nodes_[pages[k].node];
+      ok = n.sharers == 0 && n.frame == kNoFrame;
+      ++in_run[pages[k].node];
+    }
+    for (const auto& [id, count] : in_run) {
+      if (!ok) break;
+      ok = nodes_[id].pending == count;
+    }
+    if (ok) {
+      for (const auto& [id, count] : in_run) {
+        nodes_[id].pending = 0;
+        MaybeFreeNode(id);
+      }
+      Run run{i, j, std::vector<NodeId>(f)};
+      for (std::size_t k = 0; k < f; ++k) {
+        run.nodes[k] = NewNode(hash);
+        // Pages k and k + f pair up (consecutive pairs: consecutive frames);
+        // the rest join their node.
+        nodes_[run.nodes[k]].pending = std::uint32_t(2 + (g - 2 * f - k + f - 1) / f);
+      }
+      runs.push_back(std::move(run));
+    }
+    i = j;
+  }
+  if (runs.empty()) return;
+  // The plans again, in address order (as Memory expects them): the plans
+  // outside the rewritten runs as they were, the runs' new ones.
+  auto rewritten = [&](Addr a) {
+    auto it = std::upper_bound(runs.begin(), runs.end(), a,
+                               [&](Addr x, const Run& r) { return x < pages[r.begin].addr; });
+    return it != runs.begin() && a < pages[std::prev(it)->end - 1].addr + kPageSize;
+  };
+  std::erase_if(pair_plans_, [&](const PairPlan& p) { return rewritten(p.p); });
+  std::erase_if(stable_plans_, [&](const StablePlan& p) { return rewritten(p.page); });
+  for (const Run& r : runs) {
+    const std::size_t f = r.nodes.size();
+    for (std::size_t k = 0; k < f; ++k) {
+      const Planned& p = pages[r.begin + k];
+      const Planned& q = pages[r.begin + f + k];
+      pair_plans_.push_back({p.addr, p.item, q.addr, q.item, r.nodes[k]});
+    }
+    for (std::size_t k = 2 * f; k < r.end - r.begin; ++k) {
+      const Planned& pg = pages[r.begin + k];
+      stable_plans_.push_back({pg.addr, pg.item, r.nodes[k % f]});
+    }
+  }
+  std::sort(pair_plans_.begin(), pair_plans_.end(),
+            [](const PairPlan& a, const PairPlan& b) { return a.p < b.p; });
+  std::sort(stable_plans_.begin(), stable_plans_.end(),
+            [](const StablePlan& a, const StablePlan& b) { return a.page < b.page; });
+}
+
 void Ksm::ExecutePlans() {
+  StripeRuns();
   // Pairs first: they give new stable nodes their frames, which stable plans
   // made later in the batch may be waiting for.
   if (!pair_plans_.empty()) {

@@ -246,6 +246,13 @@ class Ksm {
   const Item* FindItem(Addr addr) const;
 
   void VisitPage(Addr addr, Item& item, PageState state);
+  // A page of this batch was planned for merging, or put in the unstable
+  // index, with this hash: it extends the current run of identical
+  // consecutive pages or starts a new one.
+  void NoteRun(Addr addr, std::uint64_t hash);
+  // Lays runs of identical pages planned into fresh nodes over consecutive
+  // frames, page i of a run on frame i mod F (ExecutePlans, first).
+  void StripeRuns();
   void ForgetGone();  // drops the pages found gone in this batch
   void BeginFullScan();
   void ExecutePlans();
@@ -299,6 +306,10 @@ class Ksm {
   std::vector<StablePlan> stable_plans_;
   std::vector<ZeroPlan> zero_plans_;
   std::vector<Addr> gone_;  // pages found unmapped in this batch, ascending
+  // The run of identical consecutive pages the last planned page belongs to.
+  Addr run_end_ = 0;  // address after its last page
+  std::uint64_t run_hash_ = 0;
+  std::size_t run_pages_ = 0;
   // Scratch for Memory calls, reused across batches.
   std::vector<Addr> addr_a_, addr_b_;
   std::vector<FrameId> frames_;

@@ -148,6 +148,46 @@ TEST_F(KsmTest, MaxPageSharingBuildsChainsOfDups) {
   EXPECT_EQ(mem_.frames_live(), 3u);
 }
 
+// A run of identical pages takes as many frames as the kernel's dups would
+// (ceil(pages / max_page_sharing)), laid out so that consecutive pages map
+// consecutive frames: page i on frame i mod F, one mapping call per F pages.
+TEST_F(KsmTest, RunsOfIdenticalPagesMapConsecutiveFrames) {
+  ksm_.knobs().max_page_sharing = 64;
+  constexpr std::size_t kPages = 1000;  // two runs: 600 of 0x11, 400 of 0x22
+  Setup(kPages, [](std::size_t i) { return i < 600 ? 0x11 : 0x22; });
+  for (int scan = 0; scan < 2; ++scan) {  // whole runs in each batch
+    const std::uint64_t target = ksm_.GetCounters().full_scans + 1;
+    for (int guard = 0; ksm_.GetCounters().full_scans < target; ++guard) {
+      ASSERT_LT(guard, 10);
+      ksm_.ScanBatch(kPages, /*stop_at_scan_end=*/true);
+      ksm_.CheckInvariants();
+    }
+  }
+  const Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 10u + 7u);  // ceil(600/64), ceil(400/64)
+  EXPECT_EQ(c.pages_sharing, kPages - 17u);
+  EXPECT_EQ(c.stable_node_chains, 2u);
+  EXPECT_EQ(c.stable_node_dups, 17u);
+  EXPECT_EQ(mem_.frames_live(), 17u);
+  std::map<FrameId, std::size_t> sharers;
+  std::size_t breaks = 0;
+  for (std::size_t i = 0; i < kPages; ++i) {
+    ASSERT_TRUE(mem_.MapsFrame(Page(i))) << i;
+    EXPECT_EQ(mem_.Read(Page(i))[0], i < 600 ? 0x11 : 0x22) << i;
+    ++sharers[mem_.FrameOf(Page(i))];
+    if (i + 1 < kPages && mem_.FrameOf(Page(i + 1)) != mem_.FrameOf(Page(i)) + 1) ++breaks;
+  }
+  for (const auto& [frame, n] : sharers) EXPECT_LE(n, 64u) << frame;
+  // One break per F pages of each run, not one per page.
+  EXPECT_LE(breaks, 600u / 10 + 400u / 7 + 2);
+  // Writes still copy, and the layout survives rescans.
+  mem_.Write(Page(300), 0x33);
+  FullScans(2);
+  EXPECT_EQ(mem_.Read(Page(300))[0], 0x33);
+  EXPECT_EQ(mem_.Read(Page(301))[0], 0x11);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, kPages - 17u - 1u);
+}
+
 TEST_F(KsmTest, LowerMaxPageSharingLeavesALoneRemainder) {
   ksm_.knobs().max_page_sharing = 4;
   Setup(9, [](std::size_t) { return 3; });
@@ -346,10 +386,15 @@ TEST_P(KsmRandomTest, MatchesModel) {
     const std::size_t i = rng() % kPages;
     const std::size_t n = 1 + rng() % 8;
     if (op < 40) {
-      if (model.count(Page(i))) {
-        const std::uint8_t v = rng() % 4;  // few values: many duplicates
-        mem.Write(Page(i), v);
-        model[Page(i)] = v;
+      // Chain seeds write runs of up to 8 pages alike, so that runs longer
+      // than max_page_sharing form and get striped over several frames.
+      const std::uint8_t v = rng() % 4;  // few values: many duplicates
+      const std::size_t m = chains ? std::min(n, kPages - i) : 1;
+      for (std::size_t k = 0; k < m; ++k) {
+        if (model.count(Page(i + k))) {
+          mem.Write(Page(i + k), v);
+          model[Page(i + k)] = v;
+        }
       }
     } else if (op < 75) {
       ksm.ScanBatch(1 + rng() % 64);

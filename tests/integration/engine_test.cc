@@ -60,6 +60,27 @@ TEST(Engine, WritesCopyAndLeaveTheStableNode) {
   EXPECT_EQ(e->Stats().frames_in_use, 0u);
 }
 
+// 4,096 identical pages: the kernel's 16 dups of 256 sharers, laid out so
+// that the run maps with one call per 16 pages instead of one per page.
+TEST(Engine, RunsOfIdenticalPagesTakeFewMappings) {
+  auto e = NewEngine();
+  constexpr std::size_t kPages = 4096;
+  Mapping m(kPages);
+  m.FillAll(0x2a);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 16);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), std::int64_t(kPages - 16));
+  EXPECT_EQ(Counter(*e, "stable_node_dups"), 16);
+  EXPECT_LE(e->Stats().vmas_used, kPages / 8);  // one per page: 2 * kPages
+  for (std::size_t i = 0; i < kPages; ++i) ASSERT_TRUE(m.Holds(i, 0x2a)) << i;
+  m.page(100)[7] = 1;  // copy-on-write of one sharer
+  EXPECT_EQ(m.page(100)[7], 1);
+  EXPECT_EQ(m.page(101)[7], 0x2a);
+  EXPECT_EQ(m.page(116)[7], 0x2a);  // the other sharers of its frame
+  EXPECT_EQ(m.page(84)[7], 0x2a);
+}
+
 TEST(Engine, ZeroPagesWithoutUseZeroPagesShareAFrame) {
   auto e = NewEngine();
   Mapping m(10);
