@@ -545,6 +545,7 @@ void Ksm::NoteRun(Addr addr, std::uint64_t hash) {
     run_pages_ = 1;
   }
   run_end_ = addr + kPageSize;
+  longest_run_ = std::max(longest_run_, run_pages_);
 }
 
 // The kernel puts the sharers of one content in dups of max_page_sharing
@@ -555,15 +556,18 @@ void Ksm::NoteRun(Addr addr, std::uint64_t hash) {
 // F pages; pages_shared and pages_sharing stay the kernel's.
 void Ksm::StripeRuns() {
   const std::size_t max_sharing = knobs_.max_page_sharing;
-  const std::size_t planned = 2 * pair_plans_.size() + stable_plans_.size();
-  if (planned <= max_sharing) return;  // no run long enough for F >= 2
+  const std::size_t longest = longest_run_;
+  longest_run_ = 0;
+  // No run of this batch (pages planned or waiting in the unstable index)
+  // is long enough for two frames.
+  if (longest <= max_sharing) return;
   struct Planned {
     Addr addr;
     Item* item;
     NodeId node;
   };
   std::vector<Planned> pages;
-  pages.reserve(planned);
+  pages.reserve(2 * pair_plans_.size() + stable_plans_.size());
   for (const PairPlan& p : pair_plans_) {
     pages.push_back({p.p, p.p_item, p.node});
     pages.push_back({p.q, p.q_item, p.node});

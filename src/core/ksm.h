@@ -310,6 +310,7 @@ class Ksm {
   Addr run_end_ = 0;  // address after its last page
   std::uint64_t run_hash_ = 0;
   std::size_t run_pages_ = 0;
+  std::size_t longest_run_ = 0;  // since the last ExecutePlans
   // Scratch for Memory calls, reused across batches.
   std::vector<Addr> addr_a_, addr_b_;
   std::vector<FrameId> frames_;
