@@ -21,7 +21,8 @@
 //
 // Merges found during a batch are planned and executed together at the end
 // of the batch, so that runs of consecutive pages cost one write-protect and
-// one mapping call each.
+// one mapping call each; runs of identical pages are first laid out over
+// consecutive frames (StripeRuns) so that they map in runs too.
 //
 // Thread safety: not thread-safe; the engine serialises all calls.
 
