@@ -20,6 +20,7 @@
 #include <string>
 #include <random>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "integration/test_util.h"
@@ -569,18 +570,22 @@ TEST(Engine, LockedMemoryIsLeftAloneWithoutRoomToLockItAgain) {
 
 // Application threads keep writing while the scanner merges at full speed:
 // every increment must survive, in both write-protection modes.
+// (protection, writers). With one writer every pass leaves all pages alike:
+// one run of identical pages, laid over 32 frames (max_page_sharing 16)
+// while the writer breaks it again.
 class ConcurrentWriters
-    : public ::testing::TestWithParam<EngineOptions::Protection> {};
+    : public ::testing::TestWithParam<std::tuple<EngineOptions::Protection, int>> {};
 
 TEST_P(ConcurrentWriters, LoseNoWrite) {
   EngineOptions options;
-  options.protection = GetParam();
+  options.protection = std::get<0>(GetParam());
   auto e = NewEngine(options);
   constexpr std::size_t kPages = 512;
-  constexpr int kWriters = 2;
+  const int kWriters = std::get<1>(GetParam());
   Mapping m(kPages);
   m.FillAll(0);
   ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  if (kWriters == 1) Set(*e, "max_page_sharing", "16");
   Set(*e, "pages_to_scan", "10000");
   Set(*e, "sleep_millisecs", "0");
   Set(*e, "run", "1");
@@ -658,11 +663,14 @@ TEST_P(ConcurrentWriters, LoseNoWrite) {
 
 INSTANTIATE_TEST_SUITE_P(
     Engine, ConcurrentWriters,
-    ::testing::Values(EngineOptions::Protection::kMprotect,
-                      EngineOptions::Protection::kAuto),
+    ::testing::Combine(::testing::Values(EngineOptions::Protection::kMprotect,
+                                         EngineOptions::Protection::kAuto),
+                       ::testing::Values(2, 1)),
     [](const auto& info) {
-      return info.param == EngineOptions::Protection::kMprotect ? "Mprotect"
-                                                                : "Auto";
+      const bool mprotect =
+          std::get<0>(info.param) == EngineOptions::Protection::kMprotect;
+      return std::string(mprotect ? "Mprotect" : "Auto") +
+             (std::get<1>(info.param) == 1 ? "OneWriterRuns" : "TwoWriters");
     });
 
 TEST(Engine, VmaBudgetExhaustedDegradesGracefully) {
