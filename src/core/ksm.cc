@@ -196,29 +196,54 @@ void Ksm::ForEachDup(NodeId first, F&& f) const {
     f(first);
     return;
   }
-  const std::vector<NodeId>& dups = dup_chains_.find(nodes_[first].hash())->second;
+  const std::vector<NodeId>& dups = dup_chains_.find(nodes_[first].hash())->second.dups;
   // Newest first, as the kernel adds dups at the head of the chain.
   for (auto it = dups.rbegin(); it != dups.rend(); ++it) f(*it);
+}
+
+// Like the kernel's stable_node_dup(): the fullest dup that still has room,
+// so that chains stay compact.
+Ksm::NodeId Ksm::WalkForRoom(const Chain& chain) const {
+  NodeId best = kNoNode;
+  std::uint32_t best_load = 0;
+  for (auto it = chain.dups.rbegin(); it != chain.dups.rend(); ++it) {
+    const Node& n = nodes_[*it];
+    const std::uint32_t load = n.load();
+    if (load >= knobs_.max_page_sharing) continue;
+    if (n.sharers == 0 && n.pending == 0) continue;
+    if (best == kNoNode || load > best_load) {
+      best = *it;
+      best_load = load;
+    }
+  }
+  return best;
 }
 
 Ksm::NodeId Ksm::FindStableWithRoom(std::uint64_t hash) const {
   auto it = stable_.find(HashKey{hash});
   if (it == stable_.end()) return kNoNode;
-  // Like the kernel's stable_node_dup(): the fullest dup that still has room,
-  // so that chains stay compact.
-  NodeId best = kNoNode;
-  std::uint32_t best_load = 0;
-  ForEachDup(*it, [&](NodeId id) {
-    const Node& n = nodes_[id];
-    const std::uint32_t load = n.sharers + n.pending;
-    if (load >= knobs_.max_page_sharing) return;
-    if (n.sharers == 0 && n.pending == 0) return;
-    if (best == kNoNode || load > best_load) {
-      best = id;
-      best_load = load;
-    }
-  });
-  return best;
+  const Node& first = nodes_[*it];
+  if (!first.in_chain) {
+    const std::uint32_t load = first.load();
+    return load < knobs_.max_page_sharing && load != 0 ? *it : kNoNode;
+  }
+  // A chain of a run of identical pages has a hundred dups: walk it only when
+  // the last answer may have changed. It stays right while only its own
+  // load grows, until that load reaches max_page_sharing.
+  Chain& chain = dup_chains_.find(hash)->second;
+  if (chain.best_known && chain.best_for == knobs_.max_page_sharing &&
+      (chain.best == kNoNode || nodes_[chain.best].load() < knobs_.max_page_sharing)) {
+    return chain.best;
+  }
+  chain.best = WalkForRoom(chain);
+  chain.best_known = true;
+  chain.best_for = knobs_.max_page_sharing;
+  return chain.best;
+}
+
+void Ksm::ForgetBestDup(NodeId id) {
+  if (!nodes_[id].in_chain) return;
+  dup_chains_.find(nodes_[id].hash())->second.best_known = false;
 }
 
 Ksm::NodeId Ksm::NewNode(std::uint64_t hash) {
@@ -245,7 +270,9 @@ void Ksm::LinkNode(NodeId id) {
                                  [&](const auto& construct) { construct(id); });
   if (*it == id) return;
   Node& first = nodes_[*it];
-  std::vector<NodeId>& dups = dup_chains_[n.hash()];
+  Chain& chain = dup_chains_[n.hash()];
+  chain.best_known = false;
+  std::vector<NodeId>& dups = chain.dups;
   if (!first.in_chain) {
     first.in_chain = 1;
     dups.push_back(*it);
@@ -265,7 +292,8 @@ void Ksm::UnlinkNode(NodeId id) {
   }
   auto chain = dup_chains_.find(n.hash());
   if (chain == dup_chains_.end()) InvariantFailure("chained node without a chain");
-  std::vector<NodeId>& dups = chain->second;
+  chain->second.best_known = false;
+  std::vector<NodeId>& dups = chain->second.dups;
   auto pos = std::find(dups.begin(), dups.end(), id);
   if (pos == dups.end()) InvariantFailure("chained node missing from its chain");
   dups.erase(pos);
@@ -297,6 +325,7 @@ void Ksm::AddSharer(NodeId id) {
 
 void Ksm::RemoveSharer(NodeId id) {
   Node& n = nodes_[id];
+  ForgetBestDup(id);
   --n.sharers;
   if (n.sharers == 0) {
     --pages_shared_;
@@ -678,7 +707,10 @@ void Ksm::ExecutePlans() {
           item->state = ItemState::kVolatile;
         }
       }
-      if (results_[i] != MergeResult::kMerged) ++merge_failures_;
+      if (results_[i] != MergeResult::kMerged) {
+        ++merge_failures_;
+        ForgetBestDup(plan.node);  // its load went down
+      }
     }
   }
   if (!stable_plans_.empty()) {
@@ -709,6 +741,7 @@ void Ksm::ExecutePlans() {
       } else {
         plan.item->state = ItemState::kVolatile;
         ++merge_failures_;
+        ForgetBestDup(plan.node);  // its load went down
       }
     }
   }
@@ -901,6 +934,17 @@ void Ksm::CheckInvariants() const {
     }
   }
   if (dup_chains_.size() != chains) InvariantFailure("chains outside the index");
+  for (const auto& [hash, chain] : dup_chains_) {
+    if (!chain.best_known || chain.best_for != knobs_.max_page_sharing) continue;
+    if (chain.best != kNoNode && nodes_[chain.best].load() >= knobs_.max_page_sharing) {
+      continue;  // full: the next lookup walks again
+    }
+    const NodeId walked = WalkForRoom(chain);
+    if ((chain.best == kNoNode) != (walked == kNoNode) ||
+        (walked != kNoNode && nodes_[walked].load() != nodes_[chain.best].load())) {
+      InvariantFailure("cached dup with room is not the fullest");
+    }
+  }
   if (linked != live) InvariantFailure("live nodes missing from the index");
   if (shared != pages_shared_ || sharing != pages_sharing_) {
     InvariantFailure("pages_shared/pages_sharing counters");

@@ -162,8 +162,19 @@ class Ksm {
       hash_lo = std::uint32_t(h);
       hash_hi = std::uint32_t(h >> 32);
     }
+    std::uint32_t load() const { return std::uint32_t{sharers} + std::uint32_t{pending}; }
   };
   static_assert(sizeof(Node) == 20);
+
+  // The dups of a content with two or more nodes (dup_chains_).
+  struct Chain {
+    std::vector<NodeId> dups;
+    // FindStableWithRoom's answer while no load in the chain went down and
+    // no dup came or went (only the chosen dup's load goes up in between).
+    NodeId best = kNoNode;
+    bool best_known = false;
+    std::uint32_t best_for = 0;  // the max_page_sharing it was found under
+  };
 
   // Index lookups. Both indexes hold small ids (a node id; a page address)
   // and take the 64-bit hash from the node or the item, so a slot is 4 or
@@ -266,6 +277,9 @@ class Ksm {
   void AddSharer(NodeId id);
   void RemoveSharer(NodeId id);
   void MaybeFreeNode(NodeId id);
+  // A load in this node's chain went down: the cached best dup may be wrong.
+  void ForgetBestDup(NodeId id);
+  NodeId WalkForRoom(const Chain& chain) const;
   // Calls f(id) for every node with this hash (index entry `first`).
   template <typename F>
   void ForEachDup(NodeId first, F&& f) const;
@@ -296,7 +310,7 @@ class Ksm {
   // with two or more nodes) in dup_chains_, newest last.
   absl::flat_hash_set<NodeId, StableHash, StableEq> stable_{0, StableHash{this},
                                                             StableEq{this}};
-  absl::flat_hash_map<std::uint64_t, std::vector<NodeId>> dup_chains_;
+  mutable absl::flat_hash_map<std::uint64_t, Chain> dup_chains_;
   // Pages of this full scan waiting for a partner. Every entry's item is
   // kUnstable with this scan's seq and the hash it was inserted with.
   absl::flat_hash_set<UnstableEntry, UnstableHash, UnstableEq> unstable_{
