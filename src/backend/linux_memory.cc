@@ -50,6 +50,16 @@ struct ProcmapQuery {
 constexpr unsigned long kProcmapQuery = _IOWR('f', 17, ProcmapQuery);
 constexpr std::uint64_t kProcmapVmaWritable = 0x02;
 
+// The VMA containing `a` (or the next one after it), from the
+// /proc/self/maps descriptor `fd`. False with errno set (ENOENT: none;
+// ENOTTY: before Linux 6.11).
+bool QueryVma(int fd, Addr a, ProcmapQuery* q) {
+  *q = ProcmapQuery{};
+  q->size = sizeof(*q);
+  q->query_addr = a;
+  return ioctl(fd, kProcmapQuery, q) == 0;
+}
+
 std::atomic<std::uint64_t> g_next_instance{1};
 std::atomic<std::uint64_t> g_vma_flags_epoch{0};
 thread_local std::uint64_t tls_registered_instance
@@ -384,10 +394,8 @@ bool LinuxMemory::StillProtected(Addr at, std::size_t len,
   if (how == ProtectMethod::kMprotect && maps_query_fd_ >= 0) {
     // Still read-only: a mapping made since is writable.
     for (Addr a = at; a < at + len;) {
-      ProcmapQuery q = {};
-      q.size = sizeof(q);
-      q.query_addr = a;
-      if (ioctl(maps_query_fd_, kProcmapQuery, &q) != 0) {
+      ProcmapQuery q;
+      if (!QueryVma(maps_query_fd_, a, &q)) {
         return errno != ENOENT;  // ENOTTY (before 6.11): cannot tell
       }
       if (q.vma_start > a || (q.vma_flags & kProcmapVmaWritable)) return false;
@@ -400,10 +408,8 @@ bool LinuxMemory::StillProtected(Addr at, std::size_t len,
 bool LinuxMemory::AnonymousVmas(Addr at, std::size_t len) {
   if (maps_query_fd_ < 0) return false;
   for (Addr a = at; a < at + len;) {
-    ProcmapQuery q = {};
-    q.size = sizeof(q);
-    q.query_addr = a;
-    if (ioctl(maps_query_fd_, kProcmapQuery, &q) != 0) return false;
+    ProcmapQuery q;
+    if (!QueryVma(maps_query_fd_, a, &q)) return false;
     if (q.vma_start > a || q.inode != 0 || q.dev_major != 0 || q.dev_minor != 0) {
       return false;
     }
@@ -759,7 +765,6 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
     done += n;
   }
 }
-
 
 bool LinuxMemory::Hash(Addr addr, std::uint64_t* hash) {
   if (!IsTouchable(addr)) return false;
@@ -1221,8 +1226,9 @@ void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
     ForEachMergedRun(local, n, any, [&](std::size_t k, std::size_t e) {
       // MADV_DONTNEED on a private *file* mapping (a merged page's
       // private copy) would bring back the frame's bytes, not zeros.
-      // MADV_FREE refuses file mappings with EINVAL and is harmless on
-      // zero anonymous pages: use it to check first.
+      // PROCMAP_QUERY tells anonymous VMAs apart; where it cannot,
+      // MADV_FREE does: it refuses file mappings with EINVAL and is
+      // harmless on zero anonymous pages.
       Addr at = base + k * kPageSize;
       std::size_t run = (e - k) * kPageSize;
       if (!StillProtected(at, run, how)) {
