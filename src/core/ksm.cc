@@ -641,9 +641,9 @@ void Ksm::StripeRuns() {
       Run run{i, j, std::vector<NodeId>(f)};
       for (std::size_t k = 0; k < f; ++k) {
         run.nodes[k] = NewNode(hash);
-        // Pages k and k + f pair up (consecutive pairs: consecutive frames);
-        // the rest join their node.
-        nodes_[run.nodes[k]].pending = std::uint32_t(2 + (g - 2 * f - k + f - 1) / f);
+        // Its pages: k, k + f, k + 2f ... below g (the first two pair up:
+        // consecutive pairs get consecutive frames; the rest join it).
+        nodes_[run.nodes[k]].pending = std::uint32_t((g - 1 - k) / f + 1);
       }
       runs.push_back(std::move(run));
     }

@@ -113,27 +113,31 @@ class Ksm {
     kPending,   // part of a merge planned in this batch
   };
 
-  // 12 bytes: the hash is kept as two halves so that the item needs only
-  // 4-byte alignment. A merged page needs no hash of its own (its node has
-  // it), so kStable items keep their node in its place.
+  // A 64-bit hash kept as two halves, so that the structs holding it need
+  // only 4-byte alignment (Item: 12 bytes, Node: 20).
+  struct SplitHash {
+    std::uint32_t lo = 0;
+    std::uint32_t hi = 0;
+    std::uint64_t get() const { return std::uint64_t{hi} << 32 | lo; }
+    void set(std::uint64_t h) {
+      lo = std::uint32_t(h);
+      hi = std::uint32_t(h >> 32);
+    }
+  };
+
+  // A merged page needs no hash of its own (its node has it), so kStable
+  // items keep their node in its place.
   struct Item {
-    std::uint32_t lo = 0;  // hash bits 0-31, or the node while kStable
-    std::uint32_t hi = 0;  // hash bits 32-63
+    SplitHash h;  // the hash, or in h.lo the node while kStable
     ItemState state = ItemState::kNew;
     std::uint8_t age = 0;  // smart scan: visits without merging
     std::uint8_t remaining_skips = 0;
     std::uint8_t seq = 0;  // full-scan sequence of an unstable insertion
 
-    std::uint64_t hash() const { return std::uint64_t{hi} << 32 | lo; }
-    void set_hash(std::uint64_t h) {
-      lo = std::uint32_t(h);
-      hi = std::uint32_t(h >> 32);
-    }
-    NodeId node() const { return lo; }
-    void set_node(NodeId id) {
-      lo = id;
-      hi = 0;
-    }
+    std::uint64_t hash() const { return h.get(); }
+    void set_hash(std::uint64_t v) { h.set(v); }
+    NodeId node() const { return h.lo; }
+    void set_node(NodeId id) { h.set(id); }
   };
   static_assert(sizeof(Item) == kItemBytes);
 
@@ -149,19 +153,15 @@ class Ksm {
   // sharers and pending never pass max_page_sharing (at most INT_MAX, as in
   // the kernel), so 31 bits each are enough.
   struct Node {
-    std::uint32_t hash_lo = 0;
-    std::uint32_t hash_hi = 0;
+    SplitHash h;
     FrameId frame = kNoFrame;
     std::uint32_t sharers : 31 = 0;  // items in kStable pointing here
     std::uint32_t live : 1 = 0;
     std::uint32_t pending : 31 = 0;  // items planned to join in this batch
     std::uint32_t in_chain : 1 = 0;  // listed in dup_chains_
 
-    std::uint64_t hash() const { return std::uint64_t{hash_hi} << 32 | hash_lo; }
-    void set_hash(std::uint64_t h) {
-      hash_lo = std::uint32_t(h);
-      hash_hi = std::uint32_t(h >> 32);
-    }
+    std::uint64_t hash() const { return h.get(); }
+    void set_hash(std::uint64_t v) { h.set(v); }
     std::uint32_t load() const { return std::uint32_t{sharers} + std::uint32_t{pending}; }
   };
   static_assert(sizeof(Node) == 20);
