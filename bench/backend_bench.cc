@@ -66,6 +66,7 @@ void BM_LinuxMemory_MergePairs(benchmark::State& state) {
     // Fresh regions each time: unmerged pages keep their extra VMAs.
     unsigned char* a = Map(kPages, 1);
     unsigned char* b = Map(kPages, 1);
+    (void)m->RefreshMaps();  // new memory: as madvise would
     m->BeginFullScan();
     auto p = Addrs(a, n, step), q = Addrs(b, n, step);
     auto t0 = Clock::now();
@@ -89,6 +90,7 @@ void BM_LinuxMemory_MergeIntoFrames(benchmark::State& state) {
   unsigned char* a = Map(kPages, 2);
   unsigned char* b = Map(kPages, 2);
   unsigned char* c = Map(kPages, 2);
+  (void)m->RefreshMaps();  // new memory: as madvise would
   m->BeginFullScan();
   auto p = Addrs(a, kPages, 1), q = Addrs(b, kPages, 1),
        r = Addrs(c, kPages, 1);
@@ -117,6 +119,7 @@ void BM_LinuxMemory_Unmerge(benchmark::State& state) {
   if (!m) return;
   unsigned char* a = Map(kPages, 3);
   unsigned char* b = Map(kPages, 3);
+  (void)m->RefreshMaps();  // new memory: as madvise would
   m->BeginFullScan();
   auto p = Addrs(a, kPages, 1), q = Addrs(b, kPages, 1);
   std::vector<FrameId> frames(kPages);
@@ -144,6 +147,7 @@ void BM_LinuxMemory_DropZeroPages(benchmark::State& state) {
   auto m = NewMemory(state);
   if (!m) return;
   unsigned char* a = Map(kPages, 0);
+  (void)m->RefreshMaps();  // new memory: as madvise would
   m->BeginFullScan();
   auto p = Addrs(a, kPages, 1);
   std::vector<MergeResult> res(kPages);
@@ -170,6 +174,7 @@ void BM_LinuxMemory_Probe(benchmark::State& state) {
   auto m = NewMemory(state);
   if (!m) return;
   unsigned char* a = Map(kPages, 4);
+  (void)m->RefreshMaps();  // new memory: as madvise would
   m->BeginFullScan();
   std::vector<PageState> st(kPages);
   for (auto _ : state) {
@@ -186,6 +191,7 @@ void BM_LinuxMemory_Hash(benchmark::State& state) {
   auto m = NewMemory(state);
   if (!m) return;
   unsigned char* a = Map(kPages, 5);
+  (void)m->RefreshMaps();  // new memory: as madvise would
   m->BeginFullScan();
   std::uint64_t h = 0;
   for (auto _ : state) {
@@ -207,6 +213,7 @@ void BM_LinuxMemory_CowAfterMerge(benchmark::State& state) {
   if (!m) return;
   unsigned char* a = Map(kPages, 6);
   unsigned char* b = Map(kPages, 6);
+  (void)m->RefreshMaps();  // new memory: as madvise would
   m->BeginFullScan();
   auto p = Addrs(a, kPages, 1), q = Addrs(b, kPages, 1);
   std::vector<FrameId> frames(kPages);

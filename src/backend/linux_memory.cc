@@ -517,9 +517,9 @@ bool LinuxMemory::IsThreadStackLike(const std::vector<MapEntry>& maps,
 
 // --- the maps view and the VMA budget ---
 
-Status LinuxMemory::RefreshMaps() {
+Status LinuxMemory::RefreshMaps(bool full) {
   std::vector<MapEntry> maps;
-  Status s = ReadView(&maps, /*full=*/false);
+  Status s = ReadView(&maps, full);
   if (!s.ok()) return s;
   return ApplyMaps(maps);
 }
@@ -573,26 +573,30 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
       now - smaps_read_at_ < kSmapsInterval && epoch == smaps_epoch_ &&
       ReadProcFile(options_.plain_maps_path, &text).ok() &&
       ParseMaps(text, maps).ok()) {
-    // The buffer the kernel wrote the text into is memory of ours that may
-    // be new since the last smaps read (heap growth, a fresh mapping).
-    const Addr buf_lo = reinterpret_cast<Addr>(text.data());
-    const Addr buf_hi = buf_lo + text.capacity();
     bool known = true;
     for (MapEntry& e : *maps) {
       if (!MergeableKind(e)) continue;
       auto run = std::upper_bound(
           flag_runs_.begin(), flag_runs_.end(), e.start,
           [](Addr a, const FlagRun& r) { return a < r.start; });
-      if (run == flag_runs_.begin() || std::prev(run)->end < e.end) {
-        // Not mergeable memory at the last smaps read. Where it holds our
-        // own read buffer, leave it alone until the next smaps read;
-        // anything else is new memory that may be merged now: read smaps.
-        if (e.end <= buf_lo || e.start >= buf_hi) {
-          known = false;
-          break;
-        }
+      const bool after_prev =
+          run == flag_runs_.begin() || std::prev(run)->end <= e.start;
+      if (after_prev && (run == flag_runs_.end() || run->start >= e.end)) {
+        // Wholly new memory (none of it mergeable at the last smaps read),
+        // whose flags only smaps shows: left alone until the next smaps
+        // read rather than read now. Memory becomes mergeable only through
+        // MergeableParts and AnonymousRanges, which read smaps themselves;
+        // reading it for every new mapping (our own metadata and the
+        // scanner's malloc arena among them) walks the page tables of all
+        // memory, at every scan of a process that maps often.
         e.flags_unknown = true;
         continue;
+      }
+      if (after_prev || std::prev(run)->end < e.end) {
+        // Known memory grown or joined with new (brk, mremap in place):
+        // its flags may have changed with it.
+        known = false;
+        break;
       }
       e.vm_flags = std::prev(run)->flags;
       if (Contains(uffd_registered_, e.start)) e.vm_flags += " uw";
@@ -618,6 +622,7 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
   if (flag_runs_.capacity() > 2 * flag_runs_.size() + 64) flag_runs_.shrink_to_fit();
   NoteAnonSplits(*maps);
   smaps_read_at_ = now;
+  ++smaps_reads_;
   smaps_epoch_ = epoch;
   return Status::Ok();
 }
@@ -697,7 +702,8 @@ void LinuxMemory::BeginFullScan() {
   // A view applied since the last scan began (merge-any's AnonymousRanges
   // reads smaps right at the end of a scan) is this scan's view: reading
   // smaps again would double the cost of the biggest per-scan step.
-  if (!view_fresh_) (void)RefreshMaps();  // on failure keep the previous view
+  // On failure keep the previous view.
+  if (!view_fresh_) (void)RefreshMaps(/*full=*/false);
   view_fresh_ = false;
 }
 
@@ -1345,6 +1351,7 @@ MemoryStats LinuxMemory::Stats() const {
   s.lock_skips = lock_skips_;
   s.locks_lost = locks_lost_;
   s.protect_faults = ProtectFaults();
+  s.smaps_reads = smaps_reads_;
   return s;
 }
 

@@ -168,8 +168,11 @@ class LinuxMemory final : public Memory {
   std::vector<std::pair<dev_t, ino_t>> MemfdLineage() const;
   // The cached view and exclusions, one interval per line (debugging).
   std::string DebugString() const;
-  // Refreshes the maps view now (also done by BeginFullScan).
-  [[nodiscard]] Status RefreshMaps();
+  // Refreshes the maps view now from smaps, new memory included. Each
+  // BeginFullScan refreshes it too, from the plain maps where it can (see
+  // ReadView): memory mapped since the last smaps read stays out of that
+  // view.
+  [[nodiscard]] Status RefreshMaps(bool full = true);
 
  private:
   LinuxMemory() = default;
@@ -229,10 +232,12 @@ class LinuxMemory final : public Memory {
   // cheaper with tens of thousands of merged mappings) and gives each
   // mergeable mapping the VmFlags the last smaps read showed at its
   // address: our merges and unmerges only switch pieces of that memory
-  // between anonymous and our memfd, keeping the flags. New mergeable
-  // memory (outside it) makes it read smaps, except the mapping holding the
-  // buffer of this very read (marked flags_unknown: not merged until the
-  // next smaps read). A flag changed on a whole mapping without a change of
+  // between anonymous and our memfd, keeping the flags. A mapping wholly
+  // outside it is new memory: marked flags_unknown, not merged until the
+  // next smaps read (MergeableParts and AnonymousRanges, the only ways
+  // memory becomes mergeable, read smaps). Known memory that grew or was
+  // joined with new (brk, mremap in place) makes it read smaps. A flag
+  // changed on a whole mapping without a change of
   // layout (madvise DONTFORK, mlock of a whole mapping), or memory unmapped
   // and mapped again in place, is seen within kSmapsInterval, or at once
   // after NoteVmaFlagsChanged(); a split of anonymous memory that we did not
@@ -358,6 +363,7 @@ class LinuxMemory final : public Memory {
   std::vector<Addr> anon_splits_;  // sorted: starts of split anon mappings
   std::uint64_t smaps_epoch_ = 0;  // NoteVmaFlagsChanged count at that read
   std::int64_t smaps_read_at_ = 0;  // steady clock, nanoseconds
+  std::uint64_t smaps_reads_ = 0;
   static constexpr std::int64_t kSmapsInterval = 2'000'000'000;
   std::vector<Interval> dontfork_;
   std::vector<Interval> dontdump_;

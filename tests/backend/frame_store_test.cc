@@ -119,6 +119,7 @@ TEST(FrameStoreForkTest, FramesAChildMayMapArePinned) {
   auto* b = static_cast<unsigned char*>(pb);
   std::memset(a, 0x77, kN * kPageSize);
   std::memset(b, 0x77, kN * kPageSize);
+  ASSERT_TRUE(m->RefreshMaps().ok());  // new memory: as madvise would
   m->BeginFullScan();
   std::vector<Addr> p, q;
   for (int i = 0; i < kN; ++i) {

@@ -95,6 +95,7 @@ TEST_P(RaceTest, WriterNeverLosesAnIncrement) {
   });
   StopAndJoin guard{stop, writer};
 
+  ASSERT_TRUE(m_->RefreshMaps().ok());  // new memory: as madvise would
   m_->BeginFullScan();
   auto pa = Addrs(a, kN), pb = Addrs(b, kN), pc = Addrs(c, kN);
   std::vector<FrameId> frames(kN);
@@ -184,6 +185,7 @@ TEST_P(RaceTest, SyscallWritesIntoAWindowFailCleanly) {
   StopAndJoin guard{stop, reader};
   const unsigned char zeros[8] = {};
   std::uint64_t written = 0;
+  ASSERT_TRUE(m_->RefreshMaps().ok());  // new memory: as madvise would
   m_->BeginFullScan();
   auto pa = Addrs(a, kN), pb = Addrs(b, kN);
   std::vector<FrameId> frames(kN);
@@ -240,6 +242,7 @@ TEST_P(RaceTest, ConcurrentUnmapNeverCrashes) {
   unsigned char* twin = MapPages(kN);
   std::memset(r, 3, kN * kPageSize);
   std::memset(twin, 3, kN * kPageSize);
+  ASSERT_TRUE(m_->RefreshMaps().ok());  // new memory: as madvise would
   m_->BeginFullScan();
   std::atomic<bool> stop{false};
   std::atomic<std::uint64_t> cycles{0};

@@ -95,6 +95,20 @@ std::unique_ptr<LinuxMemory> NewMemory(std::size_t budget = 0) {
   return NewMemoryWith(budget, g_protection);
 }
 
+// A full scan over memory mapped since the LinuxMemory was made: as
+// madvise(MADV_MERGEABLE) does before the engine scans it, a fresh smaps
+// read first (new memory stays out of a scan's cheaper view until then).
+void Rescan(LinuxMemory& m) {
+  EXPECT_TRUE(m.RefreshMaps().ok());
+  m.BeginFullScan();
+}
+
+// As madvise(MADV_MERGEABLE) through the engine: a fresh smaps read.
+void Advise(LinuxMemory& m, const Region& r) {
+  std::vector<LinuxMemory::Range> parts;
+  EXPECT_TRUE(m.MergeableParts(r.addr(0), r.pages() * kPageSize, &parts).ok());
+}
+
 class LinuxMemoryTest : public ::testing::TestWithParam<Protection> {
  protected:
   void SetUp() override {
@@ -177,10 +191,8 @@ TEST_P(LinuxMemoryTest, FlagsSetSinceTheLastSmapsReadAreKeptByMerges) {
   auto m = NewMemory();
   Region a(8), b(8);
   FillAlike(a, b);
-  // As madvise(MADV_MERGEABLE) would: a fresh smaps read.
-  std::vector<LinuxMemory::Range> parts;
-  ASSERT_TRUE(m->MergeableParts(a.addr(0), 8 * kPageSize, &parts).ok());
-  ASSERT_TRUE(m->MergeableParts(b.addr(0), 8 * kPageSize, &parts).ok());
+  Advise(*m, a);
+  Advise(*m, b);
   m->BeginFullScan();  // the same layout: read from the plain maps
   // Part of a mapping: the split shows in the plain maps.
   ASSERT_EQ(madvise(a.page(2), 2 * kPageSize, MADV_DONTFORK), 0);
@@ -203,12 +215,49 @@ TEST_P(LinuxMemoryTest, FlagsSetSinceTheLastSmapsReadAreKeptByMerges) {
   ASSERT_EQ(madvise(a.page(2), 2 * kPageSize, MADV_DOFORK), 0);
 }
 
+// A full scan does not walk every page table (smaps) because memory was
+// mapped somewhere: that memory is not mergeable until advised, and advice
+// reads smaps itself. Known memory that grew in place is read again, so
+// its advised part keeps merging.
+TEST_P(LinuxMemoryTest, NewMemoryWaitsForAdviceButGrownMemoryIsReadAgain) {
+  auto m = NewMemory();
+  Region a(8), b(8);
+  FillAlike(a, b);
+  Advise(*m, a);
+  Advise(*m, b);
+  m->BeginFullScan();
+  const std::uint64_t reads = m->Stats().smaps_reads;
+
+  Region fresh(4);
+  FillAlike(fresh, fresh);
+  m->BeginFullScan();
+  EXPECT_EQ(m->Stats().smaps_reads, reads) << "new memory read smaps";
+  EXPECT_EQ(ProbeOne(*m, fresh.addr(0)), PageState::kGone);
+  ASSERT_TRUE(MergePair(*m, a.addr(1), b.addr(1)));  // the rest as before
+  Advise(*m, fresh);
+  EXPECT_EQ(ProbeOne(*m, fresh.addr(0)), PageState::kAnon);
+
+  // b's last mapping (pages 2-7; page 1 is merged) grows in place over
+  // the hole after it, as brk grows the heap: partly new, so its flags are
+  // read again, and it stays mergeable.
+  void* grown = mremap(b.page(2), 6 * kPageSize, 7 * kPageSize, 0);
+  ASSERT_EQ(grown, b.page(2)) << "no room to grow in place";
+  m->BeginFullScan();
+  EXPECT_EQ(m->Stats().smaps_reads, reads + 2)
+      << "grown memory did not read smaps";
+  ASSERT_TRUE(MergePair(*m, a.addr(3), b.addr(3)));
+  unsigned char expect[kPageSize];
+  Fill(expect, 3);
+  EXPECT_TRUE(Same(b.page(3), expect));
+  ASSERT_EQ(mremap(b.page(2), 7 * kPageSize, 6 * kPageSize, 0), b.page(2));
+}
+
 TEST_P(LinuxMemoryTest, MergePairsSharesOneFrameAndCopiesOnWrite) {
   auto m = NewMemory();
   Region a(4), b(4);
   FillAlike(a, b);
   Fill(b.page(3), 99);  // differs
-  m->BeginFullScan();
+  Rescan(*m);
   auto p = Addrs(a, 0, 4), q = Addrs(b, 0, 4);
   std::vector<FrameId> frames(4);
   std::vector<MergeResult> res(4);
@@ -248,7 +297,7 @@ TEST_P(LinuxMemoryTest, MergeIntoFramesLeavesDifferentPagesWritable) {
   Fill(a.page(0), 1);
   Fill(a.page(1), 2);
   std::memcpy(b.page(0), a.page(0), 2 * kPageSize);
-  m->BeginFullScan();
+  Rescan(*m);
   std::vector<FrameId> frames(2);
   std::vector<MergeResult> res(2);
   m->MergePairs(Addrs(a, 0, 2), Addrs(b, 0, 2), frames, res);
@@ -294,7 +343,7 @@ TEST_P(LinuxMemoryTest, RunsOfConsecutiveFramesUseOneMapping) {
     Fill(b.page(i), static_cast<unsigned>(i));
     Fill(c.page(i), static_cast<unsigned>(i));
   }
-  m->BeginFullScan();
+  Rescan(*m);
   long before = Maps();
   std::vector<FrameId> frames(kN);
   std::vector<MergeResult> res(kN);
@@ -325,7 +374,7 @@ TEST_P(LinuxMemoryTest, DropZeroPagesFreesVerifiedZeroPagesOnly) {
   Region r(4);
   std::memset(r.page(0), 0, 4 * kPageSize);  // present, all zero
   r.page(2)[17] = 1;                         // not zero
-  m->BeginFullScan();
+  Rescan(*m);
   ASSERT_TRUE(Present(r.page(0)));
   std::vector<MergeResult> res(4);
   m->DropZeroPages(Addrs(r, 0, 4), res);
@@ -352,7 +401,7 @@ TEST_P(LinuxMemoryTest, DropZeroPagesRefusesAMergedPagesPrivateCopy) {
   Region a(1), b(1);
   Fill(a.page(0), 7);
   Fill(b.page(0), 7);
-  m->BeginFullScan();
+  Rescan(*m);
   FrameId f;
   MergeResult r;
   m->MergePairs(std::span<const Addr>(std::vector<Addr>{a.addr(0)}),
@@ -371,7 +420,7 @@ TEST_P(LinuxMemoryTest, UnmergeRestoresAnonymousSemantics) {
   auto m = NewMemory();
   Region a(8), b(8);
   FillAlike(a, b);
-  m->BeginFullScan();
+  Rescan(*m);
   std::vector<FrameId> frames(8);
   std::vector<MergeResult> res(8);
   m->MergePairs(Addrs(a, 0, 8), Addrs(b, 0, 8), frames, res);
@@ -431,7 +480,7 @@ TEST_P(LinuxMemoryTest, MergeWithStaleViewOfTheLockLeavesPagesAlone) {
   auto m = NewMemory();
   Region a(4), b(4);
   FillAlike(a, b);
-  m->BeginFullScan();
+  Rescan(*m);
   ASSERT_EQ(mlock(a.page(0), 4 * kPageSize), 0) << std::strerror(errno);
   std::vector<FrameId> frames(4);
   std::vector<MergeResult> res(4);
@@ -442,7 +491,7 @@ TEST_P(LinuxMemoryTest, MergeWithStaleViewOfTheLockLeavesPagesAlone) {
     EXPECT_TRUE(VmaLocked(a.page(i))) << i;
   }
   // The next full scan knows: merged, and locked again.
-  m->BeginFullScan();
+  Rescan(*m);
   m->MergePairs(Addrs(a, 0, 4), Addrs(b, 0, 4), frames, res);
   for (int i = 0; i < 4; ++i) {
     EXPECT_EQ(res[i], MergeResult::kMerged) << i;
@@ -470,7 +519,7 @@ TEST_P(LinuxMemoryTest, SmallVmaBudgetLeavesPagesAsTheyWere) {
     Fill(a.page(i), i);
     Fill(b.page(i), i);
   }
-  m->BeginFullScan();
+  Rescan(*m);
   // Scattered pairs (every other page): each costs VMAs.
   std::vector<Addr> p, q;
   for (int i = 0; i < kN; ++i) {
@@ -515,10 +564,9 @@ TEST_P(LinuxMemoryTest, ProbeAndHashReportUnmappedPagesAsGone) {
   Region r(4);
   Fill(r.page(0), 1);
   Fill(r.page(1), 1);
-  // Advised (a fresh smaps read), as the engine does before scanning: the
-  // cache now believes r is mapped.
-  std::vector<LinuxMemory::Range> parts;
-  ASSERT_TRUE(m->MergeableParts(r.addr(0), 4 * kPageSize, &parts).ok());
+  // Advised, as the engine does before scanning: the cache now believes r
+  // is mapped.
+  Advise(*m, r);
   m->BeginFullScan();
   std::vector<PageState> st(4);
   m->Probe(r.addr(0), st);
@@ -553,7 +601,7 @@ TEST_P(LinuxMemoryTest, MergeWithStaleViewOfUnmappedPageReportsGone) {
   Region a(1), b(1);
   Fill(a.page(0), 3);
   Fill(b.page(0), 3);
-  m->BeginFullScan();  // b is in the view
+  Rescan(*m);  // b is in the view
   void* bp = b.page(0);
   ASSERT_EQ(munmap(bp, kPageSize), 0);
   b.Forget();
@@ -577,7 +625,7 @@ TEST_P(LinuxMemoryTest, ExcludedPagesAreAbsentAndNeverProtected) {
   Region a(2), b(2);
   Fill(a.page(0), 1);
   Fill(b.page(0), 1);
-  m->BeginFullScan();
+  Rescan(*m);
   m->Exclude(a.addr(0), kPageSize);
   EXPECT_EQ(ProbeOne(*m, a.addr(0)), PageState::kAbsent);
   FrameId f;
@@ -667,7 +715,7 @@ TEST_P(LinuxMemoryTest, ThreadStacksAreLeftOutInMprotectMode) {
   auto ranges = m->AnonymousRanges();
   bool covered = false;
   for (auto [s, len] : ranges) covered |= stack_top >= s && stack_top < s + len;
-  m->BeginFullScan();
+  Rescan(*m);
   PageState st = ProbeOne(*m, stack_top & ~(kPageSize - 1));
   done = true;
   t.join();
