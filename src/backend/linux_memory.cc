@@ -1083,9 +1083,11 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
       std::fill(local, local + n, ClassifyProtectError(err, qbase, len));
     } else {
       // p's pages go into fresh frames first (the kernel copies them: no
-      // page fault on the frame view), then each frame is compared with q.
-      // Both sides are protected, so frame == p holds, and q only ever maps
-      // a frame it was found equal to, read after the copy.
+      // page fault on the frame view), then each p is compared with its q.
+      // Both sides are protected from before the copy to the remap, so a
+      // frame holds exactly its p's bytes, and q only ever maps a frame
+      // whose source it was found equal to. p, not the frame: the frame
+      // view's fresh page would first take a fault to be mapped here.
       const bool may_replace =
           !LockViewStale(pbase, len) && !LockViewStale(qbase, len);
       const FrameId f = may_replace ? store_.Allocate(n) : kNoFrame;
@@ -1096,7 +1098,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
         if (f == kNoFrame) {
           local[k] = MergeResult::kFailed;
         } else if (!copied[k] ||
-                   !GuardedEqual(store_.FrameAddress(f + static_cast<FrameId>(k)),
+                   !GuardedEqual(Ptr(pbase + k * kPageSize),
                                  Ptr(qbase + k * kPageSize), kPageSize,
                                  &equal)) {
           // Only the side that faulted is gone: the other one must still
