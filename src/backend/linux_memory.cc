@@ -456,13 +456,17 @@ MergeResult LinuxMemory::MapFrames(Addr at, std::size_t len, FrameId first,
   return MergeResult::kMerged;
 }
 
-bool LinuxMemory::Contains(const std::vector<Interval>& set, Addr page) {
+const LinuxMemory::Interval* LinuxMemory::Find(const std::vector<Interval>& set,
+                                               Addr page) {
   auto it =
       std::upper_bound(set.begin(), set.end(), page,
                        [](Addr a, const Interval& i) { return a < i.start; });
-  if (it == set.begin()) return false;
-  --it;
-  return page < it->end;
+  if (it == set.begin() || std::prev(it)->end <= page) return nullptr;
+  return &*std::prev(it);
+}
+
+bool LinuxMemory::Contains(const std::vector<Interval>& set, Addr page) {
+  return Find(set, page) != nullptr;
 }
 
 void LinuxMemory::Exclude(Addr addr, std::size_t len) {
@@ -476,7 +480,12 @@ bool LinuxMemory::IsExcluded(Addr page) const {
 }
 
 bool LinuxMemory::IsTouchable(Addr page) const {
-  return Contains(touchable_, page);
+  // Scans ask page after page of one interval: remember the last one hit.
+  if (page >= touchable_hit_.start && page < touchable_hit_.end) return true;
+  const Interval* hit = Find(touchable_, page);
+  if (hit == nullptr) return false;
+  touchable_hit_ = *hit;
+  return true;
 }
 
 bool LinuxMemory::IsOurMemfd(const MapEntry& e) const {
@@ -629,6 +638,7 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
 
 Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
   touchable_.clear();
+  touchable_hit_ = Interval{0, 0};
   auto_excluded_.clear();
   frame_mapped_.clear();
   dontfork_.clear();
@@ -743,23 +753,45 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
   for (std::size_t done = 0; done < total;) {
     std::size_t n = std::min(kProbeChunk, total - done);
     Addr base = addr + done * kPageSize;
-    const std::size_t valid = ReadPagemap(base, n);
-    // The maps view may be stale: the application may have unmapped pages.
-    bool all_mapped = RangeMapped(base, n * kPageSize);
+    const Addr end = base + n * kPageSize;
+    // A chunk wholly in memory we may touch, none of it excluded (the
+    // common case), needs no lookups per page below.
+    const bool clean = SpanReplaceable(base, end);
+    // Where none of our frames is mapped, touchable memory is anonymous
+    // only: mincore says which pages are present at about a ninth of
+    // pagemap's cost (8 against 75 ns a page, measured here), and is what
+    // a full scan of unmerged memory spends most on outside hashing; it
+    // fails (ENOMEM) on any hole, so success also says all is mapped.
+    // Where frames are mapped, pagemap's file bit tells a frame from a
+    // private copy.
+    const bool frames_here = Overlaps(frame_mapped_, base, end);
+    std::size_t valid = 0;
+    bool all_mapped = false;
+    if (!frames_here && mincore(Ptr(base), n * kPageSize, mincore_buf_) == 0) {
+      for (std::size_t k = 0; k < n; ++k)
+        pagemap_buf_[k] = (mincore_buf_[k] & 1) ? kPmPresent : 0;
+      valid = n;
+      all_mapped = true;
+    } else {
+      valid = ReadPagemap(base, n);
+      // The maps view may be stale: the application may have unmapped pages.
+      all_mapped = RangeMapped(base, n * kPageSize);
+    }
     for (std::size_t k = 0; k < n; ++k) {
       Addr page = base + k * kPageSize;
       PageState st;
-      if (IsExcluded(page)) {
+      if (!clean && IsExcluded(page)) {
         st = PageState::kAbsent;
-      } else if (!IsTouchable(page) ||
+      } else if ((!clean && !IsTouchable(page)) ||
                  (!all_mapped && !RangeMapped(page, kPageSize))) {
         st = PageState::kGone;
       } else {
         std::uint64_t e = k < valid ? pagemap_buf_[k] : 0;
         if (!(e & kPmPresent)) {
           // An absent page of a merged mapping reads as its frame.
-          st = Contains(frame_mapped_, page) ? PageState::kFrame
-                                             : PageState::kAbsent;
+          st = frames_here && Contains(frame_mapped_, page)
+                   ? PageState::kFrame
+                   : PageState::kAbsent;
         } else {
           // Present and file-backed inside memory we may touch: one of our
           // frames (touchable file mappings are only our memfd's).

@@ -182,6 +182,8 @@ class LinuxMemory final : public Memory {
   bool RegisterWithProtector(Addr start, std::size_t len);
   static void AddInterval(std::vector<Interval>* set, Addr start, Addr end);
   static void RemoveInterval(std::vector<Interval>* set, Addr start, Addr end);
+  // The interval of the set holding page, or nullptr.
+  static const Interval* Find(const std::vector<Interval>& set, Addr page);
   static bool Contains(const std::vector<Interval>& set, Addr page);
   bool IsExcluded(Addr page) const;
   bool IsTouchable(Addr page) const;
@@ -340,6 +342,7 @@ class LinuxMemory final : public Memory {
   // and unmerges only move pages between those two kinds, so they never
   // invalidate it. auto_excluded_: main stack, thread stacks (mprotect).
   std::vector<Interval> touchable_;  // sorted, coalesced
+  mutable Interval touchable_hit_ = {0, 0};  // IsTouchable's last answer
   std::vector<Interval> auto_excluded_;
   std::vector<Interval> excluded_;  // ours, thread stacks/TLS, Exclude()
   // Where our memfd is mapped (merged pages, absent or not, and their
@@ -391,6 +394,7 @@ class LinuxMemory final : public Memory {
 
   static constexpr std::size_t kProbeChunk = 512;
   std::uint64_t pagemap_buf_[kProbeChunk];
+  unsigned char mincore_buf_[kProbeChunk];
 };
 
 }  // namespace samepage::backend
