@@ -763,7 +763,9 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
     // a full scan of unmerged memory spends most on outside hashing; it
     // fails (ENOMEM) on any hole, so success also says all is mapped.
     // Where frames are mapped, pagemap's file bit tells a frame from a
-    // private copy.
+    // private copy. So frame_mapped_ must cover every frame mapping we
+    // made: a present frame page taken for an anonymous one would leave its
+    // node, whose frame could then be released while still mapped.
     const bool frames_here = Overlaps(frame_mapped_, base, end);
     std::size_t valid = 0;
     bool all_mapped = false;

@@ -347,7 +347,10 @@ class LinuxMemory final : public Memory {
   std::vector<Interval> excluded_;  // ours, thread stacks/TLS, Exclude()
   // Where our memfd is mapped (merged pages, absent or not, and their
   // private copies): from the maps plus our own merges and unmerges since.
-  // Lets Probe call an absent merged page kFrame (it reads as the frame).
+  // Lets Probe call an absent merged page kFrame (it reads as the frame),
+  // and outside it Probe uses mincore, which cannot tell a frame page from
+  // an anonymous one: it must never miss a mapping we made (a superset is
+  // only slower).
   std::vector<Interval> frame_mapped_;
   // Where the application asked for MADV_DONTFORK / MADV_DONTDUMP (smaps "dc",
   // "dd"): every mapping we put there gets the same advice again.
