@@ -120,6 +120,23 @@ class Engine {
                             bool (*change)(void* arg), void* arg,
                             bool* advised = nullptr);
 
+  // For the LD_PRELOAD layer: a discarding madvise made from inside the
+  // program's allocator (jemalloc, tcmalloc), where ChangeMapping cannot
+  // run: it allocates, which would enter that allocator again from inside
+  // itself. Runs `change(arg)` with the process's window lock held, so no
+  // merge is in flight; then, if `zero_fill` (MADV_DONTNEED), writes zeros
+  // into every page of the range that maps one of samepage's frames, which
+  // the discard would otherwise have brought back: dropped memory reads
+  // back zeros, as anonymous memory does (those pages become private
+  // copies; the engines see them as written at their next visit).
+  // Allocates nothing. False (change() not run) where the kernel cannot
+  // say which mappings are frames (PROCMAP_QUERY, Linux 6.11): use
+  // ChangeMapping then. Otherwise *result is what change() returned.
+  static bool DiscardWithoutAllocating(void* addr, std::size_t len,
+                                       bool zero_fill,
+                                       bool (*change)(void* arg), void* arg,
+                                       bool* result);
+
   // For the LD_PRELOAD layer: the application changed mapping flags
   // (madvise, mlock ...) perhaps without changing the layout of its
   // mappings. Engines otherwise notice such a change within 2 seconds (they

@@ -452,13 +452,21 @@ class EngineImpl final : public Engine {
 
 void Engine::VmaFlagsChanged() { backend::NoteVmaFlagsChanged(); }
 
+namespace {
+// The pages [start, end) that [addr, addr + len) touches (end clamped at
+// the top of the address space).
+std::pair<Addr, Addr> PagesOf(void* addr, std::size_t len) {
+  const Addr start = reinterpret_cast<Addr>(addr) & ~(kPageSize - 1);
+  const Addr end = reinterpret_cast<Addr>(addr) + len;
+  return {start, end < start ? ~Addr{0} & ~(kPageSize - 1)
+                             : (end + kPageSize - 1) & ~(kPageSize - 1)};
+}
+}  // namespace
+
 bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
                            bool (*change)(void* arg), void* arg,
                            bool* advised) {
-  const Addr start = reinterpret_cast<Addr>(addr) & ~(kPageSize - 1);
-  Addr end = reinterpret_cast<Addr>(addr) + len;
-  end = end < start ? ~Addr{0} & ~(kPageSize - 1)
-                    : (end + kPageSize - 1) & ~(kPageSize - 1);
+  const auto [start, end] = PagesOf(addr, len);
   std::lock_guard<std::mutex> lock(g_engines_mu);
   bool ok = false;
   bool advised_any = false;
@@ -486,6 +494,25 @@ bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
   };
   step(step, 0);
   return ok;
+}
+
+bool Engine::DiscardWithoutAllocating(void* addr, std::size_t len,
+                                      bool zero_fill,
+                                      bool (*change)(void* arg), void* arg,
+                                      bool* result) {
+  if (!backend::FrameMappingsKnowable()) return false;
+  const auto [start, end] = PagesOf(addr, len);
+  if (backend::ProcessStateRange().first == 0) {  // no engine ever: no frames
+    *result = change(arg);
+    return true;
+  }
+  // Not g_engines_mu, nor an engine's lock: the caller may be the scanner,
+  // holding its engine's lock, in a malloc it called. Windows never
+  // allocate, so the window lock is never held by the caller.
+  backend::WindowLock window;
+  *result = change(arg);
+  if (*result && zero_fill) backend::ZeroFrameMappedPages(start, end);
+  return true;
 }
 
 Status Engine::Create(const EngineOptions& options,

@@ -13,7 +13,9 @@
 #include <cerrno>
 #include <cinttypes>
 #include <cstdio>
+#include <cstring>
 #include <chrono>
+#include <mutex>
 #include <new>
 #include <string_view>
 
@@ -49,6 +51,8 @@ struct ProcmapQuery {
 };
 constexpr unsigned long kProcmapQuery = _IOWR('f', 17, ProcmapQuery);
 constexpr std::uint64_t kProcmapVmaWritable = 0x02;
+constexpr std::uint64_t kProcmapVmaShared = 0x08;
+constexpr std::uint64_t kProcmapCoveringOrNext = 0x10;
 
 // The VMA containing `a` (or the next one after it), from the
 // /proc/self/maps descriptor `fd`. False with errno set (ENOENT: none;
@@ -58,6 +62,64 @@ bool QueryVma(int fd, Addr a, ProcmapQuery* q) {
   q->size = sizeof(*q);
   q->query_addr = a;
   return ioctl(fd, kProcmapQuery, q) == 0;
+}
+
+// Every frame store of this process and its ancestors, as (dev, inode),
+// for ZeroFrameMappedPages, which may not take locks or allocate: slots are
+// written once each, then published by the count.
+struct MemfdId {
+  std::atomic<std::uint64_t> dev{0};
+  std::atomic<std::uint64_t> ino{0};
+};
+constexpr std::size_t kMaxMemfds = 64;
+MemfdId g_memfds[kMaxMemfds];
+std::atomic<std::size_t> g_memfd_count{0};
+std::mutex g_memfd_mu;  // serialises writers only
+
+void RememberMemfd(dev_t dev, ino_t ino) {
+  std::lock_guard<std::mutex> lock(g_memfd_mu);
+  const std::size_t n = g_memfd_count.load();
+  for (std::size_t i = 0; i < n; ++i) {
+    if (g_memfds[i].dev.load() == dev && g_memfds[i].ino.load() == ino) return;
+  }
+  if (n == kMaxMemfds) return;
+  g_memfds[n].dev.store(dev);
+  g_memfds[n].ino.store(ino);
+  g_memfd_count.store(n + 1, std::memory_order_release);
+}
+
+bool IsRememberedMemfd(const ProcmapQuery& q) {
+  const std::size_t n = g_memfd_count.load(std::memory_order_acquire);
+  for (std::size_t i = 0; i < n; ++i) {
+    const dev_t dev = static_cast<dev_t>(g_memfds[i].dev.load());
+    if (g_memfds[i].ino.load() == q.inode && major(dev) == q.dev_major &&
+        minor(dev) == q.dev_minor) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// /proc/self/maps of this process for PROCMAP_QUERY outside any
+// LinuxMemory, reopened after fork (the descriptor names the process that
+// opened it). 1 if the query works, 0 if not (before Linux 6.11).
+std::atomic<int> g_query_fd{-1};
+std::atomic<pid_t> g_query_pid{0};
+std::atomic<int> g_query_works{-1};
+
+int QueryFd() {
+  const pid_t self = getpid();
+  // The pid is published after the descriptor: seeing ours means seeing a
+  // descriptor opened by this process.
+  if (g_query_pid.load(std::memory_order_acquire) == self)
+    return g_query_fd.load(std::memory_order_relaxed);
+  const int fresh = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  if (fresh < 0) return -1;
+  // A racing caller's descriptor works as well; the old one (a parent's,
+  // inherited over fork) is left open rather than closed under a reader.
+  g_query_fd.store(fresh, std::memory_order_relaxed);
+  g_query_pid.store(self, std::memory_order_release);
+  return fresh;
 }
 
 std::atomic<std::uint64_t> g_next_instance{1};
@@ -139,6 +201,8 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
   id_ = g_next_instance.fetch_add(1);
   s = store_.Init();
   if (!s.ok()) return s;
+  RememberMemfd(store_.dev(), store_.inode());
+  for (auto [dev, ino] : options_.adopted_memfds) RememberMemfd(dev, ino);
 
   pagemap_fd_ = open(options_.pagemap_path.c_str(), O_RDONLY | O_CLOEXEC);
   if (pagemap_fd_ < 0) {
@@ -547,6 +611,39 @@ std::int64_t SteadyNanos() {
 }  // namespace
 
 void NoteVmaFlagsChanged() { g_vma_flags_epoch.fetch_add(1); }
+
+bool FrameMappingsKnowable() {
+  int works = g_query_works.load(std::memory_order_acquire);
+  if (works < 0) {
+    const int fd = QueryFd();
+    ProcmapQuery q;
+    int local = 0;
+    works = fd >= 0 && QueryVma(fd, reinterpret_cast<Addr>(&local), &q) ? 1 : 0;
+    g_query_works.store(works, std::memory_order_release);
+  }
+  return works == 1;
+}
+
+void ZeroFrameMappedPages(Addr start, Addr end) {
+  const int fd = QueryFd();
+  if (fd < 0) return;
+  for (Addr a = start; a < end;) {
+    ProcmapQuery q = {};
+    q.size = sizeof(q);
+    q.query_addr = a;
+    q.query_flags = kProcmapCoveringOrNext;
+    if (ioctl(fd, kProcmapQuery, &q) != 0 || q.vma_start >= end) return;
+    const Addr from = std::max<Addr>(a, q.vma_start);
+    const Addr to = std::min<Addr>(end, q.vma_end);
+    if (!(q.vma_flags & kProcmapVmaShared) &&
+        (q.vma_flags & kProcmapVmaWritable) && IsRememberedMemfd(q)) {
+      // A private mapping of a frame: each page written reads zeros and is
+      // a private copy from now on.
+      std::memset(Ptr(from), 0, to - from);
+    }
+    a = q.vma_end;
+  }
+}
 
 // Adjacent anonymous mappings of mergeable kind: a split of anonymous
 // memory (our merges only split it where our memfd begins or ends).

@@ -93,6 +93,17 @@ struct LinuxMemoryOptions {
 // view is read from smaps.
 void NoteVmaFlagsChanged();
 
+// For discards made from inside the program's allocator (preload), where
+// nothing may allocate or take an engine's lock. True if the kernel tells
+// which mappings are frames (PROCMAP_QUERY, Linux 6.11).
+bool FrameMappingsKnowable();
+// Writes zeros into every page of [start, end) that a private mapping of
+// a frame store of this process (or of an ancestor it adopted) holds: after
+// MADV_DONTNEED such a page reads the frame's bytes, where anonymous memory
+// reads zeros. REQUIRES: the window lock held (no window is open). No
+// allocation, no lock.
+void ZeroFrameMappedPages(Addr start, Addr end);
+
 class LinuxMemory final : public Memory {
  public:
   using Protection = LinuxMemoryOptions::Protection;

@@ -14,13 +14,19 @@
 //
 // Only when glibc's malloc is the program's allocator (another allocator's
 // pointers have no glibc chunk header): then everything else goes straight
-// to glibc's free/realloc at the cost of two comparisons. Arena memory
+// to glibc's free/realloc at the cost of two comparisons. Which allocator
+// it is comes from the loaded objects (real.cc, OtherAllocatorsMalloc), not
+// from &malloc: in a non-PIE executable (Debian's python3) that is the
+// program's PLT slot, and glibc's own malloc was taken for another one. Arena memory
 // (small blocks) is not covered: glibc trims arenas with an internal
 // madvise(MADV_DONTNEED) (docs/limitations.md item 5).
 
 #include <dlfcn.h>
+#include <errno.h>
 #include <stddef.h>
 #include <stdlib.h>
+
+#include <atomic>
 
 #include "preload/real.h"
 #include "samepage/engine.h"
@@ -29,21 +35,35 @@
 
 extern "C" void __libc_free(void* p);
 extern "C" void* __libc_realloc(void* p, size_t size);
-extern "C" void* __libc_malloc(size_t size);
 
 namespace samepage::preload {
 namespace {
 
-// The program's malloc is glibc's own (no other allocator interposed).
-bool GlibcAllocator() {
-  static const bool glibc = reinterpret_cast<void*>(&malloc) ==
-                            reinterpret_cast<void*>(&__libc_malloc);
-  return glibc;
-}
+// 1 where glibc's malloc is the program's allocator, 0 where another
+// library's is (NoteAllocator, from the preload's constructor); -1 before,
+// when free and realloc go to the next definition, whichever it is.
+std::atomic<int> g_glibc_allocator{-1};
+// The next free and realloc (another allocator's, or glibc's), resolved by
+// ResolveNextAllocator before anything in the constructor can free.
+std::atomic<void (*)(void*)> g_next_free{nullptr};
+std::atomic<void* (*)(void*, size_t)> g_next_realloc{nullptr};
+// dlsym may free (its error state): a free that arrives while this thread
+// resolves is dropped (leaked) rather than recursing into dlsym.
+__thread bool t_resolving __attribute__((tls_model("initial-exec"))) = false;
 
 template <typename F>
-F Next(const char* name) {
-  return reinterpret_cast<F>(dlsym(RTLD_NEXT, name));
+F Next(std::atomic<F>* slot, const char* name) {
+  F f = slot->load(std::memory_order_acquire);
+  if (f != nullptr || t_resolving) return f;
+  t_resolving = true;
+  f = reinterpret_cast<F>(dlsym(RTLD_NEXT, name));
+  t_resolving = false;
+  if (f != nullptr) slot->store(f, std::memory_order_release);
+  return f;
+}
+
+bool GlibcAllocator() {
+  return g_glibc_allocator.load(std::memory_order_relaxed) == 1;
 }
 
 // glibc's chunk header (malloc/malloc.c): the word before the user pointer
@@ -66,6 +86,16 @@ struct ReallocCall {
 };
 
 }  // namespace
+
+void ResolveNextAllocator() {
+  (void)Next(&g_next_free, "free");
+  (void)Next(&g_next_realloc, "realloc");
+}
+
+void NoteAllocator(bool glibc) {
+  g_glibc_allocator.store(glibc ? 1 : 0, std::memory_order_relaxed);
+}
+
 }  // namespace samepage::preload
 
 using namespace samepage::preload;
@@ -73,8 +103,7 @@ using namespace samepage::preload;
 SAMEPAGE_EXPORT void free(void* p) noexcept {
   if (p == nullptr) return;
   if (!GlibcAllocator()) {
-    static auto next = Next<void (*)(void*)>("free");
-    next(p);
+    if (auto next = Next(&g_next_free, "free")) next(p);
     return;
   }
   void* map = nullptr;
@@ -96,8 +125,10 @@ SAMEPAGE_EXPORT void free(void* p) noexcept {
 
 SAMEPAGE_EXPORT void* realloc(void* p, size_t size) noexcept {
   if (!GlibcAllocator()) {
-    static auto next = Next<void* (*)(void*, size_t)>("realloc");
-    return next(p, size);
+    auto next = Next(&g_next_realloc, "realloc");
+    if (next != nullptr) return next(p, size);
+    errno = ENOMEM;
+    return nullptr;
   }
   void* map = nullptr;
   size_t len = 0;

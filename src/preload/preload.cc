@@ -154,7 +154,41 @@ ssize_t Discard(void* addr, size_t len, DiscardCall* c) {
   return c->result;
 }
 
+// The real madvise, as a DiscardCall.
+DiscardCall MadviseCall(void* addr, size_t len, int advice) {
+  DiscardCall c{};
+  c.call = [](DiscardCall* d) -> ssize_t {
+    return RealMadvise(d->addr, d->len, d->advice);
+  };
+  c.addr = addr;
+  c.len = len;
+  c.advice = advice;
+  return c;
+}
+
+// A discard from inside the program's own allocator (jemalloc and tcmalloc
+// purge free memory with madvise from inside malloc and free): the engine
+// cannot be entered there (it allocates), but the pages must still read
+// back zeros, as jemalloc counts on for calloc. Where the kernel cannot say
+// which mappings are frames, ChangeMapping after all.
+int AllocatorDiscard(DiscardCall* c) {
+  if (!MaybeAdvised(c->addr, c->len)) return static_cast<int>(c->call(c));
+  bool ok = false;
+  const bool zeroes =
+      c->advice == MADV_DONTNEED || c->advice == MADV_DONTNEED_LOCKED;
+  if (!Engine::DiscardWithoutAllocating(c->addr, c->len, zeroes, RunDiscard,
+                                        c, &ok)) {
+    return static_cast<int>(Discard(c->addr, c->len, c));
+  }
+  errno = c->err;
+  return static_cast<int>(c->result);
+}
+
 int Madvise(void* addr, size_t len, int advice, const void* caller) {
+  if (IsDiscard(advice) && FromAllocator(caller)) {
+    DiscardCall c = MadviseCall(addr, len, advice);
+    return AllocatorDiscard(&c);
+  }
   if (Bypass(caller)) return RealMadvise(addr, len, advice);
   if (advice == MADV_MERGEABLE || advice == MADV_UNMERGEABLE) {
     Inside inside;
@@ -165,13 +199,7 @@ int Madvise(void* addr, size_t len, int advice, const void* caller) {
     return samepage_madvise(addr, len, advice);
   }
   if (IsDiscard(advice)) {
-    DiscardCall c{};
-    c.call = [](DiscardCall* d) -> ssize_t {
-      return RealMadvise(d->addr, d->len, d->advice);
-    };
-    c.addr = addr;
-    c.len = len;
-    c.advice = advice;
+    DiscardCall c = MadviseCall(addr, len, advice);
     return static_cast<int>(Discard(addr, len, &c));
   }
   const int r = RealMadvise(addr, len, advice);
@@ -378,7 +406,9 @@ __attribute__((destructor)) void SamepagePreloadFini() {
 
 __attribute__((constructor)) void SamepagePreloadInit() {
   ResolveReal();
+  ResolveNextAllocator();
   FindSamepageText();
+  NoteAllocator(!OtherAllocator());
   ApplyProtection();
   StartStatWriter();
   const char* any = getenv("SAMEPAGE_MERGE_ANY");

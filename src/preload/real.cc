@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 
 #include "samepage/samepage.h"
 
@@ -18,9 +19,20 @@ __thread int t_inside __attribute__((tls_model("initial-exec"))) = 0;
 
 namespace {
 
-// [lo, hi) of libsamepage.so's mappings; 0, 0 until FindSamepageText.
-std::atomic<std::uintptr_t> g_text_lo{0};
-std::atomic<std::uintptr_t> g_text_hi{0};
+// [lo, hi) of the executable mappings of libsamepage.so, and of the shared
+// library that provides malloc where that is not libc (jemalloc, tcmalloc
+// preloaded); 0, 0 until FindSamepageText.
+struct TextRange {
+  std::atomic<std::uintptr_t> lo{0};
+  std::atomic<std::uintptr_t> hi{0};
+  bool Contains(const void* caller) const {
+    const auto pc = reinterpret_cast<std::uintptr_t>(caller);
+    return pc >= lo.load(std::memory_order_relaxed) &&
+           pc < hi.load(std::memory_order_acquire);
+  }
+};
+TextRange g_samepage_text;
+TextRange g_allocator_text;
 
 template <typename F>
 void Resolve(F* slot, const char* name) {
@@ -143,13 +155,19 @@ int RealMprotect(void* addr, size_t len, int prot) {
   return static_cast<int>(syscall(SYS_mprotect, addr, len, prot));
 }
 
-void FindSamepageText() {
+namespace {
+
+// Records the executable mappings of the shared object that holds `symbol`;
+// false if none, or if it is the main program (whose text is the
+// application's own code: never bypassed).
+bool FindText(const void* symbol, TextRange* range) {
   Dl_info info;
-  if (dladdr(reinterpret_cast<void*>(&samepage_madvise), &info) == 0) return;
+  if (symbol == nullptr || dladdr(symbol, &info) == 0) return false;
   struct Query {
     std::uintptr_t base;
     std::uintptr_t lo, hi;
-  } q{reinterpret_cast<std::uintptr_t>(info.dli_fbase), UINTPTR_MAX, 0};
+    bool main_program;
+  } q{reinterpret_cast<std::uintptr_t>(info.dli_fbase), UINTPTR_MAX, 0, false};
   dl_iterate_phdr(
       [](struct dl_phdr_info* i, size_t, void* data) -> int {
         auto* q = static_cast<Query*>(data);
@@ -161,6 +179,8 @@ void FindSamepageText() {
           if (a <= q->base && q->base < a + ph.p_memsz) mine = true;
         }
         if (!mine && i->dlpi_addr != q->base) return 0;
+        // The executable is listed with an empty name.
+        q->main_program = i->dlpi_name == nullptr || i->dlpi_name[0] == '\0';
         for (int k = 0; k < i->dlpi_phnum; ++k) {
           const ElfW(Phdr)& ph = i->dlpi_phdr[k];
           if (ph.p_type != PT_LOAD || !(ph.p_flags & PF_X)) continue;
@@ -171,17 +191,62 @@ void FindSamepageText() {
         return 1;
       },
       &q);
-  if (q.lo < q.hi) {
-    g_text_lo.store(q.lo, std::memory_order_relaxed);
-    g_text_hi.store(q.hi, std::memory_order_release);
+  if (q.main_program || q.lo >= q.hi) return false;
+  range->lo.store(q.lo, std::memory_order_relaxed);
+  range->hi.store(q.hi, std::memory_order_release);
+  return true;
+}
+
+// The malloc of the first loaded shared object that defines one itself,
+// other than libc; null if none. (dlsym(RTLD_DEFAULT) may answer with the
+// PLT slot of a non-PIE executable, the canonical address of a function it
+// calls.)
+void* OtherAllocatorsMalloc() {
+  struct Names {
+    const char* name[128];
+    int n;
+  } names{{}, 0};
+  dl_iterate_phdr(
+      [](struct dl_phdr_info* i, size_t, void* data) -> int {
+        auto* ns = static_cast<Names*>(data);
+        if (ns->n < 128 && i->dlpi_name != nullptr && i->dlpi_name[0] != '\0')
+          ns->name[ns->n++] = i->dlpi_name;
+        return 0;
+      },
+      &names);
+  for (int k = 0; k < names.n; ++k) {
+    if (std::strstr(names.name[k], "/libc.so") != nullptr) continue;
+    void* h = dlopen(names.name[k], RTLD_NOLOAD | RTLD_LAZY);
+    if (h == nullptr) continue;
+    void* m = dlsym(h, "malloc");  // it, then its dependencies
+    Dl_info info;
+    const bool own = m != nullptr && dladdr(m, &info) != 0 &&
+                     info.dli_fname != nullptr &&
+                     std::strcmp(info.dli_fname, names.name[k]) == 0;
+    dlclose(h);
+    if (own) return m;
   }
+  return nullptr;
+}
+
+}  // namespace
+
+void FindSamepageText() {
+  (void)FindText(reinterpret_cast<void*>(&samepage_madvise), &g_samepage_text);
+  (void)FindText(OtherAllocatorsMalloc(), &g_allocator_text);
+}
+
+bool OtherAllocator() {
+  return g_allocator_text.hi.load(std::memory_order_acquire) != 0;
+}
+
+bool FromAllocator(const void* caller) {
+  return g_allocator_text.Contains(caller);
 }
 
 bool Bypass(const void* caller) {
   if (t_inside > 0) return true;
-  const auto pc = reinterpret_cast<std::uintptr_t>(caller);
-  return pc >= g_text_lo.load(std::memory_order_relaxed) &&
-         pc < g_text_hi.load(std::memory_order_acquire);
+  return g_samepage_text.Contains(caller) || FromAllocator(caller);
 }
 
 }  // namespace samepage::preload

@@ -10,11 +10,16 @@
 // Bypass: a call must go straight to libc when it comes from samepage
 // itself, because the engine reads /proc/self/smaps and pagemap, drops zero
 // pages with madvise and closes its own descriptors through the same
-// symbols, possibly while holding its lock. Two tests, either suffices:
+// symbols, possibly while holding its lock. Three tests, any suffices:
 //  - the calling thread is inside samepage (Inside, set around every call
 //    the interposers make into libsamepage);
 //  - the caller's return address lies in libsamepage.so (the engine's own
-//    threads: the scanner, and the one restarted in a forked child).
+//    threads: the scanner, and the one restarted in a forked child);
+//  - it lies in the program's allocator where that is not libc (jemalloc,
+//    tcmalloc preloaded): it maps, unmaps and madvises from inside malloc
+//    and free, where the engine, which allocates, cannot be entered. Its
+//    unmaps are then not held back, like glibc's internal ones; its
+//    discards go through Engine::DiscardWithoutAllocating (preload.cc).
 //
 // Thread safety: everything here may be used from any thread.
 
@@ -106,6 +111,17 @@ class Inside {
 void FindSamepageText();
 // True if a call with this return address must bypass the interposers.
 bool Bypass(const void* caller);
+// True if the return address lies in the program's allocator (one that is
+// not libc's).
+bool FromAllocator(const void* caller);
+// True once FindSamepageText found an allocator other than glibc's.
+bool OtherAllocator();
+
+// Defined in malloc_free.cc, called by the preload's constructor: the next
+// free and realloc, resolved before anything there can free; then which
+// allocator the program has.
+void ResolveNextAllocator();
+void NoteAllocator(bool glibc);
 
 // Defined in preload.cc. Applies the settings `samepage run` passed in the
 // environment, once, before the first call into samepage.
