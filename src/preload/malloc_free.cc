@@ -17,9 +17,9 @@
 // to glibc's free/realloc at the cost of two comparisons. Which allocator
 // it is comes from the loaded objects (real.cc, OtherAllocatorsMalloc), not
 // from &malloc: in a non-PIE executable (Debian's python3) that is the
-// program's PLT slot, and glibc's own malloc was taken for another one. Arena memory
-// (small blocks) is not covered: glibc trims arenas with an internal
-// madvise(MADV_DONTNEED) (docs/limitations.md item 5).
+// program's PLT slot, and glibc's own malloc was taken for another one.
+// Arena memory (small blocks) is not covered: glibc trims arenas with an
+// internal madvise(MADV_DONTNEED) (docs/limitations.md item 5).
 
 #include <dlfcn.h>
 #include <errno.h>
