@@ -54,13 +54,14 @@ constexpr std::uint64_t kProcmapVmaWritable = 0x02;
 constexpr std::uint64_t kProcmapVmaShared = 0x08;
 constexpr std::uint64_t kProcmapCoveringOrNext = 0x10;
 
-// The VMA containing `a` (or the next one after it), from the
-// /proc/self/maps descriptor `fd`. False with errno set (ENOENT: none;
-// ENOTTY: before Linux 6.11).
-bool QueryVma(int fd, Addr a, ProcmapQuery* q) {
+// The VMA containing `a` (with kProcmapCoveringOrNext, or the next one
+// after it), from the /proc/self/maps descriptor `fd`. False with errno set
+// (ENOENT: none; ENOTTY: before Linux 6.11).
+bool QueryVma(int fd, Addr a, ProcmapQuery* q, std::uint64_t flags = 0) {
   *q = ProcmapQuery{};
   q->size = sizeof(*q);
   q->query_addr = a;
+  q->query_flags = flags;
   return ioctl(fd, kProcmapQuery, q) == 0;
 }
 
@@ -628,11 +629,9 @@ void ZeroFrameMappedPages(Addr start, Addr end) {
   const int fd = QueryFd();
   if (fd < 0) return;
   for (Addr a = start; a < end;) {
-    ProcmapQuery q = {};
-    q.size = sizeof(q);
-    q.query_addr = a;
-    q.query_flags = kProcmapCoveringOrNext;
-    if (ioctl(fd, kProcmapQuery, &q) != 0 || q.vma_start >= end) return;
+    ProcmapQuery q;
+    if (!QueryVma(fd, a, &q, kProcmapCoveringOrNext) || q.vma_start >= end)
+      return;
     const Addr from = std::max<Addr>(a, q.vma_start);
     const Addr to = std::min<Addr>(end, q.vma_end);
     if (!(q.vma_flags & kProcmapVmaShared) &&

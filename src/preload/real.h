@@ -107,7 +107,9 @@ class Inside {
   Inside& operator=(const Inside&) = delete;
 };
 
-// Records where libsamepage.so is mapped (done by the constructor).
+// Records where libsamepage.so and, where it is not libc, the program's
+// allocator are mapped (done by the constructor): Bypass and FromAllocator
+// read them.
 void FindSamepageText();
 // True if a call with this return address must bypass the interposers.
 bool Bypass(const void* caller);
