@@ -148,6 +148,9 @@ class EngineImpl final : public Engine {
 
   Status WriteKnob(std::string_view name, std::string_view text) override {
     ControlLock lock(this);
+    // Merges waiting for a run are done under the knobs they were planned
+    // with (and counted before max_page_sharing asks for pages_shared).
+    ksm_->FinishPlans();
     Knobs& knobs = ksm_->knobs();
     const Knobs before = knobs;
     KnobContext ctx;
@@ -315,9 +318,12 @@ class EngineImpl final : public Engine {
     }
   }
 
-  std::size_t ScanLocked(std::size_t pages, bool stop_at_scan_end) {
+  // Only the background scanner lets a run's merges wait for its next
+  // batch: a scan the caller asked for has done its merges on return.
+  std::size_t ScanLocked(std::size_t pages, bool stop_at_scan_end,
+                         bool carry_runs = false) {
     const std::uint64_t scans = ksm_->GetCounters().full_scans;
-    const std::size_t n = ksm_->ScanBatch(pages, stop_at_scan_end);
+    const std::size_t n = ksm_->ScanBatch(pages, stop_at_scan_end, carry_runs);
 #ifndef NDEBUG
     ksm_->CheckInvariants();  // debug builds: every batch, on real memory
 #endif
@@ -363,7 +369,7 @@ class EngineImpl final : public Engine {
         cv_.wait(lock);
         continue;
       }
-      ScanLocked(k.pages_to_scan, /*stop_at_scan_end=*/false);
+      ScanLocked(k.pages_to_scan, /*stop_at_scan_end=*/false, /*carry_runs=*/true);
       const std::uint32_t sleep_ms = ksm_->knobs().sleep_millisecs;
       if (sleep_ms == 0) {
         // std::mutex is not fair: without a handoff, a scanner at full speed

@@ -18,6 +18,9 @@ constexpr std::size_t kProbeChunk = 512;
 // kMaxRunPlans.
 constexpr std::size_t kPlanFlush = 256;
 constexpr std::size_t kMaxRunPlans = 65536;
+// How long merges may wait across batches for a run (ScanBatch carry_runs),
+// beside Ksm::kCarryPlans.
+constexpr std::uint64_t kCarryNanos = 2'000'000'000;
 
 [[noreturn]] void InvariantFailure(const char* what) {
   std::fprintf(stderr, "samepage: core invariant violated: %s\n", what);
@@ -104,6 +107,14 @@ void Ksm::Advise(Addr start, std::size_t npages) {
 }
 
 void Ksm::Forget(Addr start, std::size_t npages) {
+  if (carried_) {
+    CancelPlans(start, start + npages * kPageSize);
+    FinishPlans();
+  }
+  ForgetRange(start, npages);
+}
+
+void Ksm::ForgetRange(Addr start, std::size_t npages) {
   const Addr end = start + npages * kPageSize;
   SplitRangeAt(ranges_, start);
   SplitRangeAt(ranges_, end);
@@ -120,6 +131,10 @@ void Ksm::Forget(Addr start, std::size_t npages) {
 
 bool Ksm::Unadvise(Addr start, std::size_t npages) {
   const Addr end = start + npages * kPageSize;
+  if (carried_) {
+    CancelPlans(start, end);
+    FinishPlans();
+  }
   bool ok = true;
   // Give the memory back first: a frame is released only when nothing maps it.
   auto it = ranges_.upper_bound(start);
@@ -131,11 +146,15 @@ bool Ksm::Unadvise(Addr start, std::size_t npages) {
       ok = false;
     }
   }
-  Forget(start, npages);
+  ForgetRange(start, npages);
   return ok;
 }
 
 bool Ksm::UnmergeAll() {
+  if (carried_) {
+    CancelPlans(0, ~Addr{0});
+    FinishPlans();  // forgets the pages found gone
+  }
   bool ok = true;
   for (auto& [start, r] : ranges_) {
     if (!memory_->Unmerge(start, r.items.size())) ok = false;
@@ -361,9 +380,13 @@ void Ksm::BeginFullScan() {
   scan_start_nanos_ = clock_->NowNanos();
 }
 
-std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end) {
+std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end, bool carry_runs) {
   if (ranges_.empty() || pages == 0) return 0;
   if (!in_scan_) BeginFullScan();
+  // Plans carried from earlier batches wait at most kCarryPlans; within one
+  // batch a run may grow to kMaxRunPlans.
+  const std::size_t cap = carried_ ? kCarryPlans : kMaxRunPlans;
+  carried_ = false;
   std::size_t scanned = 0;
   std::size_t scanned_this_pass = 0;
   while (scanned < pages) {
@@ -393,24 +416,38 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end) {
     std::size_t i = 0;
     for (; i < n && scanned < pages; ++i) {
       const std::uint64_t before = pages_scanned_;
-      VisitPage(cursor_ + i * kPageSize, r.items[idx + i], states_[i]);
+      const Addr addr = cursor_ + i * kPageSize;
+      VisitPage(addr, r.items[idx + i], states_[i]);
       const std::size_t visited = std::size_t(pages_scanned_ - before);
       scanned += visited;
       scanned_this_pass += visited;
+      // A run past the cap is cut where its last node is full.
+      if (PlanCount() >= cap && !HoldForRun(addr + kPageSize, cap)) ExecutePlans();
     }
     cursor_ += i * kPageSize;
     // Merge while the planned pages are still in the CPU's caches: the
     // merge reads each of them again under write-protection. A run of
     // identical pages that reaches the cursor is let grow first: the longer
     // it is, the fewer mappings it takes (StripeRuns).
-    const std::size_t planned =
-        pair_plans_.size() + stable_plans_.size() + zero_plans_.size();
-    const bool run_open =
-        run_end_ == cursor_ && run_pages_ >= 2 && planned < kMaxRunPlans;
-    if (planned >= kPlanFlush && !run_open) ExecutePlans();
+    if (PlanCount() >= kPlanFlush && !HoldForRun(cursor_, cap)) ExecutePlans();
+  }
+  if (carry_runs && in_scan_ && PlanCount() != 0 && HoldForRun(cursor_, cap)) {
+    // The run goes on in the next batch, unless its merges have waited for
+    // kCarryNanos already (a long sleep_millisecs).
+    const std::uint64_t now = clock_->NowNanos();
+    if (carry_since_ == 0) carry_since_ = now;
+    if (now - carry_since_ < kCarryNanos) {
+      carried_ = true;
+      return scanned;
+    }
   }
   ExecutePlans();
   ForgetGone();
+  ReleaseScratch();
+  return scanned;
+}
+
+void Ksm::ReleaseScratch() {
   // Candidates that merged leave their slots empty; give the memory back
   // once the index is mostly empty.
   if (unstable_.capacity() > 1024 && unstable_.size() < unstable_.capacity() / 16) {
@@ -426,7 +463,51 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end) {
   std::vector<FrameId>().swap(frames_);
   std::vector<MergeResult>().swap(results_);
   std::vector<PageState>().swap(states_);
-  return scanned;
+}
+
+void Ksm::FinishPlans() {
+  if (!carried_) return;
+  carried_ = false;
+  ExecutePlans();
+  ForgetGone();
+  ReleaseScratch();
+}
+
+bool Ksm::HoldForRun(Addr next, std::size_t cap) const {
+  if (run_end_ != next || run_pages_ < 2) return false;
+  const std::size_t planned = PlanCount();
+  if (planned < cap) return true;
+  // Past the cap: until the node being filled is full (at most one more
+  // node's worth of pages), so that the rest of the run starts afresh
+  // instead of filling a part-used node with a mapping per page.
+  if (planned >= cap + 2 * std::size_t{knobs_.max_page_sharing}) return false;
+  return run_node_ != kNoNode && nodes_[run_node_].load() < knobs_.max_page_sharing;
+}
+
+void Ksm::CancelPlans(Addr start, Addr end) {
+  auto inside = [&](Addr a) { return a >= start && a < end; };
+  auto drop = [&](Item* item, NodeId node, std::uint32_t count) {
+    item->state = ItemState::kVolatile;  // its hash is the current one
+    nodes_[node].pending -= count;
+    ForgetBestDup(node);
+    MaybeFreeNode(node);
+  };
+  std::erase_if(pair_plans_, [&](const PairPlan& p) {
+    if (!inside(p.p) && !inside(p.q)) return false;
+    p.q_item->state = ItemState::kVolatile;
+    drop(p.p_item, p.node, 2);  // stable plans on its node then fail
+    return true;
+  });
+  std::erase_if(stable_plans_, [&](const StablePlan& p) {
+    if (!inside(p.page)) return false;
+    drop(p.item, p.node, 1);
+    return true;
+  });
+  std::erase_if(zero_plans_, [&](const ZeroPlan& p) {
+    if (!inside(p.page)) return false;
+    p.item->state = ItemState::kVolatile;
+    return true;
+  });
 }
 
 void Ksm::ForgetGone() {
@@ -435,7 +516,7 @@ void Ksm::ForgetGone() {
   while (i < gone_.size()) {
     std::size_t j = i + 1;
     while (j < gone_.size() && gone_[j] == gone_[j - 1] + kPageSize) ++j;
-    Forget(gone_[i], j - i);
+    ForgetRange(gone_[i], j - i);
     i = j;
   }
   gone_.clear();
@@ -526,6 +607,7 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     item.state = ItemState::kPending;
     stable_plans_.push_back({addr, &item, node});
     NoteRun(addr, hash);
+    run_node_ = node;
     return;
   }
   // 2. A page whose content changed since the last visit is only remembered.
@@ -555,6 +637,7 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     nodes_[fresh].pending = 2;
     pair_plans_.push_back({addr, &item, other_addr, other, fresh});
     NoteRun(addr, hash);
+    run_node_ = fresh;
     return;
   }
   item.state = ItemState::kUnstable;
@@ -572,6 +655,7 @@ void Ksm::NoteRun(Addr addr, std::uint64_t hash) {
   } else {
     run_hash_ = hash;
     run_pages_ = 1;
+    run_node_ = kNoNode;
   }
   run_end_ = addr + kPageSize;
   longest_run_ = std::max(longest_run_, run_pages_);
@@ -611,24 +695,29 @@ void Ksm::StripeRuns() {
   std::vector<Run> runs;
   absl::flat_hash_map<NodeId, std::size_t> in_run;  // node -> its pages in the run
   std::size_t i = 0;
+  // Nodes made for these plans (no frame, no sharers) can be given up for
+  // the new layout; pages joining an existing node cannot.
+  auto fresh = [&](const Planned& p) {
+    const Node& n = nodes_[p.node];
+    return n.sharers == 0 && n.frame == kNoFrame;
+  };
   while (i < pages.size()) {
+    // A stretch of consecutive identical pages, all planned into fresh
+    // nodes or all into existing ones (a run that begins by filling up an
+    // existing node stripes the rest).
     const std::uint64_t hash = pages[i].item->hash();
+    const bool is_fresh = fresh(pages[i]);
     std::size_t j = i + 1;
     while (j < pages.size() && pages[j].addr == pages[j - 1].addr + kPageSize &&
-           pages[j].item->hash() == hash) {
+           pages[j].item->hash() == hash && fresh(pages[j]) == is_fresh) {
       ++j;
     }
     const std::size_t g = j - i;
     const std::size_t f = (g + max_sharing - 1) / max_sharing;
-    // Only nodes made in this batch (no frame, no sharers) whose plans all
-    // lie in this run can be given up for the new layout.
-    bool ok = f >= 2 && g >= 2 * f;
+    // Only if the fresh nodes' plans all lie in this stretch.
+    bool ok = is_fresh && f >= 2 && g >= 2 * f;
     in_run.clear();
-    for (std::size_t k = i; ok && k < j; ++k) {
-      const Node& n = nodes_[pages[k].node];
-      ok = n.sharers == 0 && n.frame == kNoFrame;
-      ++in_run[pages[k].node];
-    }
+    for (std::size_t k = i; ok && k < j; ++k) ++in_run[pages[k].node];
     for (const auto& [id, count] : in_run) {
       if (!ok) break;
       ok = nodes_[id].pending == count;
@@ -777,6 +866,8 @@ void Ksm::ExecutePlans() {
   pair_plans_.clear();
   stable_plans_.clear();
   zero_plans_.clear();
+  run_node_ = kNoNode;
+  carry_since_ = 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -839,7 +930,23 @@ Counters Ksm::GetCounters() const {
   c.rmap_items = rmap_items_;
   c.general_profit = std::int64_t(pages_sharing_ + zero_pages_) * kPageSize -
                      std::int64_t(rmap_items_) * std::int64_t(kItemBytes);
+  if (carried_) UncountWaitingNodes(&c);
   return c;
+}
+
+void Ksm::UncountWaitingNodes(Counters* c) const {
+  // Every node without sharers was made by a waiting pair plan, one each.
+  absl::flat_hash_map<std::uint64_t, std::size_t> waiting;  // hash -> nodes
+  for (const PairPlan& p : pair_plans_) {
+    const Node& n = nodes_[p.node];
+    if (n.sharers == 0 && n.in_chain) ++waiting[n.hash()];
+  }
+  for (const auto& [hash, count] : waiting) {
+    const std::size_t dups = dup_chains_.find(hash)->second.dups.size();
+    const std::size_t real = dups - count;
+    c->stable_node_dups -= dups - (real >= 2 ? real : 0);
+    if (real < 2) --c->stable_node_chains;
+  }
 }
 
 SpaceStat Ksm::GetSpaceStat() const {
@@ -854,10 +961,24 @@ SpaceStat Ksm::GetSpaceStat() const {
 }
 
 void Ksm::CheckInvariants() const {
-  if (!pair_plans_.empty() || !stable_plans_.empty() || !zero_plans_.empty()) {
+  if (!carried_ && PlanCount() != 0) {
     InvariantFailure("plans left over after a batch");
   }
-  std::uint64_t items = 0, zero = 0, unstable = 0, advised = 0;
+  // Plans waiting for a run: every pending item and node load is theirs.
+  std::vector<std::uint32_t> pending(nodes_.size(), 0);
+  std::uint64_t planned_items = 0;
+  auto planned = [&](const Item* item, NodeId node, std::uint32_t n) {
+    if (item->state != ItemState::kPending) InvariantFailure("planned item not pending");
+    if (node != kNoNode) pending[node] += n;
+    ++planned_items;
+  };
+  for (const PairPlan& p : pair_plans_) {
+    planned(p.p_item, p.node, 2);
+    planned(p.q_item, kNoNode, 0);
+  }
+  for (const StablePlan& p : stable_plans_) planned(p.item, p.node, 1);
+  for (const ZeroPlan& p : zero_plans_) planned(p.item, kNoNode, 0);
+  std::uint64_t items = 0, zero = 0, unstable = 0, advised = 0, pending_items = 0;
   std::vector<std::uint32_t> sharers(nodes_.size(), 0);
   Addr prev_end = 0;
   for (const auto& [start, r] : ranges_) {
@@ -871,7 +992,8 @@ void Ksm::CheckInvariants() const {
         case ItemState::kNew:
           continue;
         case ItemState::kPending:
-          InvariantFailure("pending item outside a batch");
+          ++pending_items;
+          break;
         case ItemState::kStable:
           if (item.node() >= nodes_.size() || !nodes_[item.node()].live) {
             InvariantFailure("stable item points at a dead node");
@@ -890,6 +1012,9 @@ void Ksm::CheckInvariants() const {
       ++items;
     }
   }
+  if (pending_items != planned_items) {
+    InvariantFailure("pending items without a plan");
+  }
   if (advised != advised_pages_) InvariantFailure("advised page count");
   if (items != rmap_items_) InvariantFailure("rmap_items count");
   if (zero != zero_pages_) InvariantFailure("ksm_zero_pages count");
@@ -907,11 +1032,15 @@ void Ksm::CheckInvariants() const {
     if (!n.live) continue;
     ++live;
     if (n.sharers != sharers[id]) InvariantFailure("node sharer count");
-    if (n.sharers == 0 || n.pending != 0) InvariantFailure("idle live node");
-    if (n.frame == kNoFrame) InvariantFailure("live node without a frame");
+    if (n.pending != pending[id]) InvariantFailure("node pending count");
+    if (n.sharers == 0 && n.pending == 0) InvariantFailure("idle live node");
+    if (n.sharers != 0 && n.frame == kNoFrame) {
+      InvariantFailure("merged node without a frame");
+    }
     if (n.sharers > knobs_.max_page_sharing) {
       InvariantFailure("node over max_page_sharing");
     }
+    if (n.sharers == 0) continue;  // made by a waiting plan
     ++shared;
     sharing += n.sharers - 1;
   }

@@ -68,7 +68,9 @@ class Ksm {
   // memory again) and stops tracking it. False if Memory could not restore
   // some page (it is still readable, and no longer tracked).
   [[nodiscard]] bool Unadvise(Addr start, std::size_t npages);
-  // Stops tracking a range without touching it (the application unmapped it).
+  // Stops tracking a range without touching it (the application unmapped it,
+  // or mapped something new there): merges waiting for its pages are
+  // dropped, not done.
   void Forget(Addr start, std::size_t npages);
   bool IsAdvised(Addr addr) const;
   std::size_t AdvisedPages() const { return advised_pages_; }
@@ -79,7 +81,21 @@ class Ksm {
   // finds; returns the number of pages scanned (pages_scanned grows by it).
   // At the end of the ranges a full scan completes and the next begins, in
   // the same batch unless `stop_at_scan_end`.
-  std::size_t ScanBatch(std::size_t pages, bool stop_at_scan_end = false);
+  //
+  // With `carry_runs` (the background scanner), a run of identical pages
+  // that reaches the end of the batch keeps its planned merges for the next
+  // batch, so that it is laid out over consecutive frames as a whole
+  // (StripeRuns) instead of a mapping per page; its merges then wait, for
+  // at most about kCarryPlans plans and 2 s. Without it every merge found
+  // is done on return.
+  std::size_t ScanBatch(std::size_t pages, bool stop_at_scan_end = false,
+                        bool carry_runs = false);
+  // Does the merges that a batch left waiting for a run (carry_runs). The
+  // range calls below do it themselves; callers that change knobs call it
+  // first.
+  void FinishPlans();
+  // Merges a growing run may keep waiting across batches.
+  static constexpr std::size_t kCarryPlans = 8192;
 
   // run=2: unmerges every merged page and forgets all rmap items (ranges stay
   // mergeable). False if some page could not be restored.
@@ -233,8 +249,10 @@ class Ksm {
     bool operator()(PageKey k, UnstableEntry e) const { return (*this)(e, k); }
   };
 
-  // Plans collected during a batch. Item pointers stay valid for the batch:
-  // ranges do not change while a batch runs.
+  // Plans collected during a batch, or kept across batches for a run
+  // (carried_). Item pointers stay valid while they wait: ranges change only
+  // in Forget, which first drops or does every waiting plan (Advise adds
+  // ranges without moving items).
   struct PairPlan {
     Addr p;
     Item* p_item;
@@ -268,6 +286,22 @@ class Ksm {
   void ForgetGone();  // drops the pages found gone in this batch
   void BeginFullScan();
   void ExecutePlans();
+  std::size_t PlanCount() const {
+    return pair_plans_.size() + stable_plans_.size() + zero_plans_.size();
+  }
+  // Whether the merges planned so far wait for the run of identical pages
+  // ending at `next` to grow (cut, past the cap, where its last node is
+  // full, so that the next part starts on fresh nodes).
+  bool HoldForRun(Addr next, std::size_t cap) const;
+  // Drops the plans touching [start, end): their pages stay as they are.
+  void CancelPlans(Addr start, Addr end);
+  // Forget without finishing plans (ForgetGone, once they are done).
+  void ForgetRange(Addr start, std::size_t npages);
+  // Frees the per-batch scratch.
+  void ReleaseScratch();
+  // stable_node_chains and stable_node_dups without the nodes that only
+  // waiting plans have made.
+  void UncountWaitingNodes(Counters* c) const;
 
   // Stable index.
   NodeId FindStableWithRoom(std::uint64_t hash) const;
@@ -326,6 +360,9 @@ class Ksm {
   std::uint64_t run_hash_ = 0;
   std::size_t run_pages_ = 0;
   std::size_t longest_run_ = 0;  // since the last ExecutePlans
+  NodeId run_node_ = kNoNode;    // the node of the last planned page
+  bool carried_ = false;         // plans (and gone_) wait across batches
+  std::uint64_t carry_since_ = 0;  // NowNanos when they began to wait
   // Scratch for Memory calls, reused across batches.
   std::vector<Addr> addr_a_, addr_b_;
   std::vector<FrameId> frames_;

@@ -188,6 +188,172 @@ TEST_F(KsmTest, RunsOfIdenticalPagesMapConsecutiveFrames) {
   EXPECT_EQ(ksm_.GetCounters().pages_sharing, kPages - 17u - 1u);
 }
 
+// The background scanner at pages_to_scan = 100: a run of identical pages
+// spans many batches, so its merges wait for the run to end (carry_runs)
+// and it is laid out as a whole, not a mapping per page.
+class KsmCarryTest : public KsmTest {
+ protected:
+  // Full scans in batches of 100 pages, as the background scanner makes
+  // them; `between` runs after every batch.
+  template <typename F>
+  void CarriedScans(int n, F between) {
+    const std::uint64_t target = ksm_.GetCounters().full_scans + n;
+    for (int guard = 0; ksm_.GetCounters().full_scans < target; ++guard) {
+      ASSERT_LT(guard, 100000) << "scanner made no progress";
+      ksm_.ScanBatch(100, /*stop_at_scan_end=*/false, /*carry_runs=*/true);
+      ksm_.CheckInvariants();
+      between();
+      if (HasFatalFailure()) return;
+    }
+  }
+  // Two full scans of n identical pages; `f` runs once, half-way through
+  // the second, while the run's merges wait. False if that never came.
+  template <typename F>
+  bool MidRun(std::size_t n, F f) {
+    bool ran = false;
+    CarriedScans(2, [&] {
+      const Counters c = ksm_.GetCounters();
+      if (ran || c.full_scans != 1 || c.pages_scanned < n + n / 2) return;
+      ran = true;
+      ASSERT_EQ(c.pages_sharing, 0u) << "the run's merges were not waiting";
+      f();
+    });
+    return ran;
+  }
+  // Places where page i + 1 does not map the frame after page i's.
+  std::size_t Breaks(std::size_t n) {
+    std::size_t breaks = 0;
+    for (std::size_t i = 0; i + 1 < n; ++i) {
+      if (!mem_.MapsFrame(Page(i)) || !mem_.MapsFrame(Page(i + 1)) ||
+          mem_.FrameOf(Page(i + 1)) != mem_.FrameOf(Page(i)) + 1) {
+        ++breaks;
+      }
+    }
+    return breaks;
+  }
+};
+
+TEST_F(KsmCarryTest, RunsLongerThanABatchMapConsecutiveFrames) {
+  ksm_.knobs().max_page_sharing = 64;
+  constexpr std::size_t kPages = 3000;
+  Setup(kPages, [](std::size_t) { return 0x11; });
+  bool waited = false;
+  CarriedScans(2, [&] {
+    const Counters c = ksm_.GetCounters();
+    if (c.full_scans == 1 && c.pages_sharing == 0 && c.pages_scanned < 2 * kPages) {
+      waited = true;
+      // Nothing merged yet: the nodes that waiting plans made are not shown.
+      EXPECT_EQ(c.stable_node_dups, 0u);
+      EXPECT_EQ(c.stable_node_chains, 0u);
+      EXPECT_EQ(c.pages_shared, 0u);
+    }
+  });
+  EXPECT_TRUE(waited) << "the run's merges were done batch by batch";
+  const Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 47u);  // ceil(3000 / 64), as the kernel's dups
+  EXPECT_EQ(c.pages_sharing, kPages - 47u);
+  EXPECT_EQ(c.stable_node_dups, 47u);
+  EXPECT_EQ(mem_.frames_live(), 47u);
+  // A mapping per 47 pages (64 of them), not one per page.
+  EXPECT_LE(Breaks(kPages), 64u + 1u);
+  for (std::size_t i = 0; i < kPages; ++i) ASSERT_EQ(mem_.Read(Page(i))[0], 0x11) << i;
+}
+
+// A run whose merges were done part-way (FinishPlans: a knob write, an
+// unmap) goes on by topping up its part-used nodes; the rest of it is
+// still laid over consecutive frames.
+TEST_F(KsmCarryTest, ARunThatTopsUpNodesStripesTheRest) {
+  ksm_.knobs().max_page_sharing = 64;
+  constexpr std::size_t kPages = 3000;
+  Setup(kPages, [](std::size_t) { return 0x11; });
+  CarriedScans(1, [] {});
+  ksm_.ScanBatch(1000, /*stop_at_scan_end=*/false, /*carry_runs=*/true);
+  ksm_.FinishPlans();
+  // 1000 pages over ceil(1000 / 64) = 16 nodes of 62-63 sharers each.
+  ASSERT_EQ(ksm_.GetCounters().pages_shared, 16u);
+  CarriedScans(1, [] {});
+  const Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 47u);  // ceil(3000 / 64)
+  EXPECT_EQ(c.pages_sharing, kPages - 47u);
+  std::size_t breaks = 0;
+  for (std::size_t i = 1000; i + 1 < kPages; ++i) {
+    ASSERT_TRUE(mem_.MapsFrame(Page(i))) << i;
+    if (mem_.FrameOf(Page(i + 1)) != mem_.FrameOf(Page(i)) + 1) ++breaks;
+  }
+  // The 24 pages that fill the 16 nodes up, then a mapping per 31 pages
+  // (ceil(1976 / 64) frames), 64 of them.
+  EXPECT_LE(breaks, 24u + 64u + 2u);
+  for (std::size_t i = 0; i < kPages; ++i) ASSERT_EQ(mem_.Read(Page(i))[0], 0x11) << i;
+}
+
+// Past kCarryPlans the run's merges are done where its last node is full,
+// so the next part starts on fresh nodes instead of filling a part-used one
+// a page at a time.
+TEST_F(KsmCarryTest, ALongRunIsCutWhereANodeIsFull) {
+  ksm_.knobs().max_page_sharing = 64;
+  constexpr std::size_t kPages = 20000;
+  static_assert(kPages > 2 * Ksm::kCarryPlans);
+  Setup(kPages, [](std::size_t) { return 0x22; });
+  CarriedScans(2, [] {});
+  const Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 313u);  // ceil(20000 / 64)
+  EXPECT_EQ(c.pages_sharing, kPages - 313u);
+  EXPECT_EQ(mem_.frames_live(), 313u);
+  // Three parts, each a mapping per 64 pages; a cut inside a node would
+  // add a mapping for every page that tops that node up.
+  EXPECT_LE(Breaks(kPages), 3u * 64u + 3u);
+}
+
+// Waiting merges never touch pages that were unadvised or forgotten since.
+TEST_F(KsmCarryTest, WaitingMergesOfUnadvisedPagesAreDropped) {
+  constexpr std::size_t kPages = 2000;
+  Setup(kPages, [](std::size_t) { return 0x33; });
+  ASSERT_TRUE(MidRun(kPages, [&] {
+    // Unadvise the first half, forget (as if unmapped) a stretch of the
+    // second.
+    ASSERT_TRUE(ksm_.Unadvise(kBase, 1000));
+    mem_.Unmap(Page(1000), 100);
+    ksm_.Forget(Page(1000), 100);
+    ksm_.CheckInvariants();
+    for (std::size_t i = 0; i < 1000; ++i) {
+      ASSERT_FALSE(mem_.MapsFrame(Page(i))) << i;
+      ASSERT_EQ(mem_.Read(Page(i))[0], 0x33) << i;
+    }
+  }));
+  CarriedScans(1, [] {});
+  for (std::size_t i = 0; i < 1000; ++i) ASSERT_FALSE(mem_.MapsFrame(Page(i))) << i;
+  const Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared + c.pages_sharing, kPages - 1100u);
+  EXPECT_EQ(c.pages_shared, 4u);  // ceil(900 / 256)
+}
+
+TEST_F(KsmCarryTest, UnmergeAllDropsWaitingMerges) {
+  constexpr std::size_t kPages = 2000;
+  Setup(kPages, [](std::size_t) { return 0x44; });
+  ASSERT_TRUE(MidRun(kPages, [&] {
+    ASSERT_TRUE(ksm_.UnmergeAll());
+    EXPECT_EQ(mem_.pages_mapping_frames(), 0u);
+    EXPECT_EQ(ksm_.GetCounters().rmap_items, 0u);
+  }));
+  for (std::size_t i = 0; i < kPages; ++i) ASSERT_EQ(mem_.Read(Page(i))[0], 0x44) << i;
+}
+
+// A scan the caller asks for (no carry) has done its merges on return, and
+// so does FinishPlans for the background scanner's.
+TEST_F(KsmCarryTest, FinishPlansDoesTheWaitingMerges) {
+  constexpr std::size_t kPages = 2000;
+  Setup(kPages, [](std::size_t) { return 0x55; });
+  FullScans(1);
+  ksm_.ScanBatch(1000, /*stop_at_scan_end=*/false, /*carry_runs=*/true);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 0u);  // waiting for the run
+  ksm_.FinishPlans();
+  ksm_.CheckInvariants();
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 1000u - 4u);  // 4 dups
+  ksm_.ScanBatch(500);
+  ksm_.CheckInvariants();
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 1500u - 6u);
+}
+
 TEST_F(KsmTest, LowerMaxPageSharingLeavesALoneRemainder) {
   ksm_.knobs().max_page_sharing = 4;
   Setup(9, [](std::size_t) { return 3; });
@@ -397,7 +563,10 @@ TEST_P(KsmRandomTest, MatchesModel) {
         }
       }
     } else if (op < 75) {
-      ksm.ScanBatch(1 + rng() % 64);
+      // As the background scanner does, half the time: a run reaching the
+      // batch's end keeps its merges waiting, across the operations below.
+      ksm.ScanBatch(1 + rng() % 64, /*stop_at_scan_end=*/false,
+                    /*carry_runs=*/rng() % 2 == 0);
     } else if (op < 83) {
       const std::size_t m = std::min(n, kPages - i);
       bool all_mapped = true;

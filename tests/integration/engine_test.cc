@@ -63,13 +63,15 @@ TEST(Engine, WritesCopyAndLeaveTheStableNode) {
 
 // 4,096 identical pages: the kernel's 16 dups of 256 sharers, laid out so
 // that the run maps with one call per 16 pages instead of one per page.
-TEST(Engine, RunsOfIdenticalPagesTakeFewMappings) {
+// `merge` merges them.
+template <typename F>
+void IdenticalRunTakesFewMappings(F merge) {
   auto e = NewEngine();
   constexpr std::size_t kPages = 4096;
   Mapping m(kPages);
   m.FillAll(0x2a);
   ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
-  e->RunFullScans(2);
+  merge(*e, std::int64_t(kPages - 16));
   EXPECT_EQ(Counter(*e, "pages_shared"), 16);
   EXPECT_EQ(Counter(*e, "pages_sharing"), std::int64_t(kPages - 16));
   EXPECT_EQ(Counter(*e, "stable_node_dups"), 16);
@@ -80,6 +82,26 @@ TEST(Engine, RunsOfIdenticalPagesTakeFewMappings) {
   EXPECT_EQ(m.page(101)[7], 0x2a);
   EXPECT_EQ(m.page(116)[7], 0x2a);  // the other sharers of its frame
   EXPECT_EQ(m.page(84)[7], 0x2a);
+}
+
+TEST(Engine, RunsOfIdenticalPagesTakeFewMappings) {
+  IdenticalRunTakesFewMappings([](Engine& e, std::int64_t) { e.RunFullScans(2); });
+}
+
+// The same from the background scanner at the default pages_to_scan = 100:
+// the run spans 41 batches, and its merges wait for it to end.
+TEST(Engine, RunsOfIdenticalPagesTakeFewMappingsAtDefaultPagesToScan) {
+  IdenticalRunTakesFewMappings([](Engine& e, std::int64_t sharing) {
+    ASSERT_EQ(Counter(e, "pages_to_scan"), 100);
+    Set(e, "sleep_millisecs", "0");
+    Set(e, "run", "1");
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (Counter(e, "pages_sharing") < sharing &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    Set(e, "run", "0");
+  });
 }
 
 TEST(Engine, ZeroPagesWithoutUseZeroPagesShareAFrame) {
