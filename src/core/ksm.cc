@@ -52,8 +52,11 @@ class SystemClock : public Clock {
 }  // namespace
 
 Clock* RealClock() {
-  static SystemClock clock;
-  return &clock;
+  // Never destroyed: a scanner thread may still read it while exit() runs
+  // the static destructors (a destroyed one aborted QEMU's exit with "pure
+  // virtual method called" in a debug build).
+  static SystemClock* const clock = new SystemClock;
+  return clock;
 }
 
 Ksm::Ksm(Memory* memory, Clock* clock) : memory_(memory), clock_(clock) {}
