@@ -374,6 +374,13 @@ int main(int argc, char** argv) {
   app.add_option("--timeout", timeout, "seconds a run may take to converge")
       ->check(CLI::PositiveNumber);
   app.add_option("--only", only, "comma-separated workload ids (see --list)");
+  long pages_to_scan = 0, sleep_ms = -1;
+  app.add_option("--pages-to-scan", pages_to_scan,
+                 "pages_to_scan for both mergers (default min(N, 30000))")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--sleep-ms", sleep_ms,
+                 "sleep_millisecs for both mergers (default 0)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--samepage", samepage, "the samepage executable");
   app.add_option("--workload", workload, "the samepage_workload executable");
   bool list = false;
@@ -434,6 +441,10 @@ int main(int argc, char** argv) {
                              fmt::format("{}", scale), "--timeout",
                              fmt::format("{}", timeout), "--merger",
                              native ? "kernel" : "samepage"});
+    if (pages_to_scan > 0) {
+      args.insert(args.end(), {"--pages-to-scan", fmt::format("{}", pages_to_scan)});
+    }
+    if (sleep_ms >= 0) args.insert(args.end(), {"--sleep-ms", fmt::format("{}", sleep_ms)});
     if (native) state->WaitIdle();
     Run r = Parse(RunChild(args, deadline));
     if (native && !state->CheckOrRestore() && !r.failed) {
@@ -476,11 +487,14 @@ int main(int argc, char** argv) {
   }
 
   // --- the table ---------------------------------------------------------
+  std::string knobs;
+  if (pages_to_scan > 0) knobs += fmt::format(" --pages-to-scan {}", pages_to_scan);
+  if (sleep_ms >= 0) knobs += fmt::format(" --sleep-ms {}", sleep_ms);
   fmt::print(
-      "\nsamepage_compare --scale {} --reps {}: medians of {}; ratios are "
+      "\nsamepage_compare --scale {} --reps {}{}: medians of {}; ratios are "
       "samepage / kernel (min–max over the repetitions). Load average {} at "
       "the start, {} at the end.\n\n",
-      scale, reps, reps, load_start, LoadAverage());
+      scale, reps, knobs, reps, load_start, LoadAverage());
   fmt::print(
       "| workload | pages | kernel time / CPU | samepage time / CPU | time "
       "ratio | "

@@ -555,18 +555,27 @@ static double MergerCpu(const char* task) {
   return task[0] ? TaskCpu(task) : 0;
 }
 
+/* --pages-to-scan and --sleep-ms; 0 and -1: the defaults below. */
+static long g_pages_to_scan = 0;
+static long g_sleep_ms = -1;
+
 /* The same knobs for both mergers (issue 4): pages_to_scan = min(N, 30000),
- * sleep_millisecs = 0, max_page_sharing = 256, smart_scan = 1, the
- * workload's use_zero_pages, no advisor. Leaves run=0. */
+ * sleep_millisecs = 0 (or the two given), max_page_sharing = 256,
+ * smart_scan = 1, the workload's use_zero_pages, no advisor. Leaves run=0. */
 static int SetKnobs(const struct Workload* w, size_t n) {
-  char pages_to_scan[32];
-  snprintf(pages_to_scan, sizeof(pages_to_scan), "%zu", n < 30000 ? n : 30000);
+  char pages_to_scan[32], sleep_ms[32];
+  if (g_pages_to_scan > 0) {
+    snprintf(pages_to_scan, sizeof(pages_to_scan), "%ld", g_pages_to_scan);
+  } else {
+    snprintf(pages_to_scan, sizeof(pages_to_scan), "%zu", n < 30000 ? n : 30000);
+  }
+  snprintf(sleep_ms, sizeof(sleep_ms), "%ld", g_sleep_ms >= 0 ? g_sleep_ms : 0);
   const char* adv = SavedKnob("advisor_mode");
   if (WriteKsm("run", "0") != 0 ||
       (adv != NULL && strcmp(adv, "none") != 0 &&
        WriteKsm("advisor_mode", "none") != 0) ||
       WriteKsm("pages_to_scan", pages_to_scan) != 0 ||
-      WriteKsm("sleep_millisecs", "0") != 0 ||
+      WriteKsm("sleep_millisecs", sleep_ms) != 0 ||
       WriteKsm("max_page_sharing", "256") != 0 ||
       WriteKsm("use_zero_pages", w->spec->use_zero_pages ? "1" : "0") != 0 ||
       WriteKsm("smart_scan", "1") != 0) {
@@ -715,6 +724,7 @@ static int Usage(void) {
   fprintf(stderr,
           "usage: samepage_workload --workload ID [--scale S] [--timeout SEC]"
           " [--merger kernel|samepage|auto]\n"
+          "                         [--pages-to-scan N] [--sleep-ms MS]\n"
           "       samepage_workload --list\n");
   return 2;
 }
@@ -759,6 +769,12 @@ int main(int argc, char** argv) {
       timeout = strtod(v, NULL);
     } else if (strcmp(a, "--merger") == 0) {
       merger = v;
+    } else if (strcmp(a, "--pages-to-scan") == 0) {
+      g_pages_to_scan = strtol(v, NULL, 10);
+      if (g_pages_to_scan <= 0) return Usage();
+    } else if (strcmp(a, "--sleep-ms") == 0) {
+      g_sleep_ms = strtol(v, NULL, 10);
+      if (g_sleep_ms < 0) return Usage();
     } else {
       return Usage();
     }
