@@ -364,6 +364,20 @@ static void BuildZero(struct Workload* w, size_t n) {
   for (size_t i = 0; i < n; ++i) b->keys[i] = KEY_ZERO;
 }
 
+/* Zero pages at random places among unique ones, half of each: freed
+ * memory in a guest, merged at the default use_zero_pages = 0. */
+static void BuildZeroScattered(struct Workload* w, size_t n) {
+  struct Buffer* b = AddBuffer(w, n);
+  for (size_t i = 0; i < n; ++i) b->keys[i] = KEY_UNIQUE | i;
+  for (size_t placed = 0; placed < n / 2;) {
+    const size_t i = Random() % n;
+    if (b->keys[i] != KEY_ZERO) {
+      b->keys[i] = KEY_ZERO;
+      ++placed;
+    }
+  }
+}
+
 /* Four buffers of m pages (separate mappings), every 16th page zero:
  *   0: base pages 1..m
  *   1: first half = buffer 0's first half, same offsets; second half unique
@@ -401,6 +415,8 @@ static const struct Spec g_specs[] = {
      0, 2000, BuildScattered},
     {"unique", "unique pages, per full scan", 100000, 0, 1, 0, BuildUnique},
     {"zero", "zero pages, use_zero_pages=1", 100000, 1, 0, 0, BuildZero},
+    {"zero-scattered", "zero pages scattered, use_zero_pages=0", 100000, 0, 0,
+     0, BuildZeroScattered},
     {"cow", "copy-on-write, first write (pairs in runs)", 8192, 0, 0, -1,
      BuildRuns},
     {"mixed", "mixed: 4 buffers, overlap, zero, a writer", 65536, 0, 0, 0,

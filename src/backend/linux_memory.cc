@@ -1345,13 +1345,34 @@ void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
       ++j;
     }
     DropZeroBatch(pages[i], j - i, &results[i]);
+    if (unflushed_pages_ >= kMaxWindowPages) FlushMapped();
     i = j;
   }
+  FlushMapped();
+  CommitMapped();
 }
 
 void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
   MergeResult local[kMaxWindowPages];
-  InProtectedWindow(base, n, /*cost=*/2, local, [&](ProtectMethod how) {
+  // Pages that cannot be given back (locked, or a private copy in a frame's
+  // mapping, where MADV_DONTNEED would bring back the frame's bytes) map
+  // the zero frame instead: a frame never written, shared by all of them.
+  bool remapped[kMaxWindowPages] = {};
+  ProtectMethod window_how = ProtectMethod::kNone;
+  constexpr std::uint64_t kWindowCost = 2;
+  std::uint64_t added = 0;
+  const Addr end = base + n * kPageSize;
+  // Decided before the window: nothing in it may allocate.
+  const bool locked = Overlaps(locked_, base, end);
+  if (locked && !LockRoomFor(base, n * kPageSize)) {
+    std::fill(out, out + n, MergeResult::kFailed);
+    return;
+  }
+  if ((locked || Overlaps(frame_mapped_, base, end)) && zero_frame_ == kNoFrame) {
+    zero_frame_ = store_.Allocate(1);
+  }
+  InProtectedWindow(base, n, kWindowCost, local, [&](ProtectMethod how) {
+    window_how = how;
     for (std::size_t k = 0; k < n; ++k) {
       bool zero = false;
       if (!GuardedIsZero(Ptr(base + k * kPageSize), kPageSize, &zero)) {
@@ -1360,10 +1381,21 @@ void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
         local[k] = zero ? MergeResult::kMerged : MergeResult::kDiffers;
       }
     }
+    const bool may_map = zero_frame_ != kNoFrame && !LockViewStale(base, end - base);
+    auto map_zero_frame = [&](std::size_t i) {
+      const Addr pg = base + i * kPageSize;
+      if (!may_map) {
+        local[i] = MergeResult::kFailed;
+      } else if (!BudgetAllows(kWindowCost + added + 2)) {
+        local[i] = MergeResult::kNoBudget;
+      } else {
+        local[i] = MapFrames(pg, kPageSize, zero_frame_, how);
+        remapped[i] = local[i] == MergeResult::kMerged;
+        if (remapped[i]) added += 2;
+      }
+    };
     auto any = [](std::size_t) { return true; };
     ForEachMergedRun(local, n, any, [&](std::size_t k, std::size_t e) {
-      // MADV_DONTNEED on a private *file* mapping (a merged page's
-      // private copy) would bring back the frame's bytes, not zeros.
       // PROCMAP_QUERY tells anonymous VMAs apart; where it cannot,
       // MADV_FREE does: it refuses file mappings with EINVAL and is
       // harmless on zero anonymous pages.
@@ -1371,21 +1403,37 @@ void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
       std::size_t run = (e - k) * kPageSize;
       if (!StillProtected(at, run, how)) {
         std::fill(local + k, local + e, MergeResult::kGone);
-      } else if (AnonymousVmas(at, run) || madvise(Ptr(at), run, MADV_FREE) == 0) {
+      } else if (!Overlaps(locked_, at, at + run) &&
+                 (AnonymousVmas(at, run) || madvise(Ptr(at), run, MADV_FREE) == 0)) {
         // MADV_DONTNEED: the page is freed now and reads as the zero page.
         if (madvise(Ptr(at), run, MADV_DONTNEED) != 0)
           std::fill(local + k, local + e, MergeResult::kFailed);
       } else {
         for (std::size_t i = k; i < e; ++i) {
           Addr pg = base + i * kPageSize;
-          bool anon = madvise(Ptr(pg), kPageSize, MADV_FREE) == 0;
-          if (!anon || madvise(Ptr(pg), kPageSize, MADV_DONTNEED) != 0)
-            local[i] = MergeResult::kFailed;
+          if (!Overlaps(locked_, pg, pg + kPageSize) &&
+              madvise(Ptr(pg), kPageSize, MADV_FREE) == 0) {
+            if (madvise(Ptr(pg), kPageSize, MADV_DONTNEED) != 0)
+              local[i] = MergeResult::kFailed;
+          } else {
+            map_zero_frame(i);
+          }
         }
       }
     });
-    UnprotectRest(base, n, local, /*skip_merged=*/false, how);
+    // Dropped pages keep our write-protect marker: clear it. The remapped
+    // ones are new VMAs, woken and registered at the flush.
+    MergeResult rest[kMaxWindowPages];
+    for (std::size_t k = 0; k < n; ++k) rest[k] = remapped[k] ? MergeResult::kGone : local[k];
+    UnprotectRest(base, n, rest, /*skip_merged=*/false, how);
   });
+  vmas_used_ += added;
+  for (std::size_t k = 0; k < n; ++k) {
+    if (remapped[k]) {
+      const Addr pg = base + k * kPageSize;
+      NoteMapped(pg, pg + kPageSize, window_how);
+    }
+  }
   CopyOutResults(local, n, out);
 }
 

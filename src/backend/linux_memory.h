@@ -212,6 +212,7 @@ class LinuxMemory final : public Memory {
   // lock could not be applied again, given back as anonymous memory).
   MergeResult MapFrames(Addr at, std::size_t len, FrameId first,
                         ProtectMethod how);
+
   // The replacement over [at, at + len) of locked memory, mapped read-only:
   // locks it on fault where the application had locked it, makes it
   // writable and faults its frames in (read faults share, and lock them).
@@ -339,6 +340,9 @@ class LinuxMemory final : public Memory {
   Protection protection_ = Protection::kMprotect;
   std::unique_ptr<Protector> protector_;
   FrameStore store_;
+  // A frame never written, mapped by zero pages that cannot be dropped
+  // (DropZeroBatch); allocated at the first need, never released.
+  FrameId zero_frame_ = kNoFrame;
   int pagemap_fd_ = -1;
   int maps_query_fd_ = -1;  // /proc/self/maps, for PROCMAP_QUERY
   // Where Unmerge builds replacement pages: a mapping we own for good, so

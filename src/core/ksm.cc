@@ -360,7 +360,7 @@ void Ksm::RemoveSharer(NodeId id) {
 void Ksm::MaybeFreeNode(NodeId id) {
   Node& n = nodes_[id];
   if (!n.live || n.sharers != 0 || n.pending != 0) return;
-  if (n.frame != kNoFrame) memory_->ReleaseFrame(n.frame);
+  if (n.frame != kNoFrame && n.frame != kZeroFrame) memory_->ReleaseFrame(n.frame);
   UnlinkNode(id);
   n.live = 0;
   n.frame = kNoFrame;
@@ -478,6 +478,7 @@ void Ksm::FinishPlans() {
 
 bool Ksm::HoldForRun(Addr next, std::size_t cap) const {
   if (run_end_ != next || run_pages_ < 2) return false;
+  if (run_hash_ == ZeroPageHash()) return false;  // no frames to lay out
   const std::size_t planned = PlanCount();
   if (planned < cap) return true;
   // Past the cap: until the node being filled is full (at most one more
@@ -550,6 +551,12 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     return;
   }
 
+  if (item.state == ItemState::kZero && state == PageState::kFrame) {
+    // Memory that could not be dropped (locked, a frame's mapping) maps a
+    // frame of zeros instead: still the zero page.
+    ++pages_scanned_;
+    return;
+  }
   if (item.state == ItemState::kZero) {
     // Written since it was dropped: an ordinary page again (if it is still
     // all zeros, the unstable path below drops it once more).
@@ -717,8 +724,9 @@ void Ksm::StripeRuns() {
     }
     const std::size_t g = j - i;
     const std::size_t f = (g + max_sharing - 1) / max_sharing;
-    // Only if the fresh nodes' plans all lie in this stretch.
-    bool ok = is_fresh && f >= 2 && g >= 2 * f;
+    // Only if the fresh nodes' plans all lie in this stretch; zero content
+    // maps no frames.
+    bool ok = is_fresh && f >= 2 && g >= 2 * f && hash != ZeroPageHash();
     in_run.clear();
     for (std::size_t k = i; ok && k < j; ++k) ++in_run[pages[k].node];
     for (const auto& [id, count] : in_run) {
@@ -769,8 +777,98 @@ void Ksm::StripeRuns() {
             [](const StablePlan& a, const StablePlan& b) { return a.page < b.page; });
 }
 
+bool Ksm::IsZeroNode(NodeId id) const { return nodes_[id].hash() == ZeroPageHash(); }
+
+void Ksm::DropZeroContent() {
+  // The pages planned into nodes of zero content, in address order (as
+  // Memory expects them): pair plans' p and q, stable plans' page.
+  struct Page {
+    Addr addr;
+    std::uint32_t plan;
+    std::uint8_t kind;  // 0: a pair's p, 1: its q, 2: a stable plan's page
+  };
+  std::vector<Page> pages;
+  for (std::size_t i = 0; i < pair_plans_.size(); ++i) {
+    if (!IsZeroNode(pair_plans_[i].node)) continue;
+    pages.push_back({pair_plans_[i].p, std::uint32_t(i), 0});
+    pages.push_back({pair_plans_[i].q, std::uint32_t(i), 1});
+  }
+  for (std::size_t i = 0; i < stable_plans_.size(); ++i) {
+    if (IsZeroNode(stable_plans_[i].node)) {
+      pages.push_back({stable_plans_[i].page, std::uint32_t(i), 2});
+    }
+  }
+  if (pages.empty()) return;
+  std::sort(pages.begin(), pages.end(),
+            [](const Page& a, const Page& b) { return a.addr < b.addr; });
+  addr_a_.resize(pages.size());
+  for (std::size_t i = 0; i < pages.size(); ++i) addr_a_[i] = pages[i].addr;
+  results_.assign(pages.size(), MergeResult::kFailed);
+  memory_->DropZeroPages(addr_a_, results_);
+  // Per plan: which of its pages now read as the zero page.
+  std::vector<std::uint8_t> pair_dropped(pair_plans_.size(), 0);
+  std::vector<bool> stable_dropped(stable_plans_.size(), false);
+  for (std::size_t i = 0; i < pages.size(); ++i) {
+    if (results_[i] != MergeResult::kMerged) continue;
+    if (pages[i].kind == 2) {
+      stable_dropped[pages[i].plan] = true;
+    } else {
+      pair_dropped[pages[i].plan] |= std::uint8_t(1u << pages[i].kind);
+    }
+  }
+  auto join = [&](Item* item, NodeId id) {
+    item->state = ItemState::kStable;
+    item->set_node(id);
+    item->age = 0;
+    AddSharer(id);
+  };
+  auto fail = [&](Item* item, NodeId id) {
+    // A page dropped while its partner was not is zero and costs nothing,
+    // but merged with nothing: it is not counted (its next visit finds it
+    // absent and forgets it), as the kernel would not have merged it.
+    item->state = ItemState::kVolatile;
+    ++merge_failures_;
+    ForgetBestDup(id);  // its load went down
+  };
+  // Pairs first: they make their nodes (frameless: kZeroFrame) for the
+  // stable plans that wait on them.
+  for (std::size_t i = 0; i < pair_plans_.size(); ++i) {
+    const PairPlan& plan = pair_plans_[i];
+    if (!IsZeroNode(plan.node)) continue;
+    Node& node = nodes_[plan.node];
+    node.pending -= 2;
+    if (pair_dropped[i] == 3) {
+      node.frame = kZeroFrame;
+      join(plan.p_item, plan.node);
+      join(plan.q_item, plan.node);
+    } else {
+      fail(plan.p_item, plan.node);
+      plan.q_item->state = ItemState::kVolatile;
+    }
+  }
+  for (std::size_t i = 0; i < stable_plans_.size(); ++i) {
+    const StablePlan& plan = stable_plans_[i];
+    if (!IsZeroNode(plan.node)) continue;
+    --nodes_[plan.node].pending;
+    if (stable_dropped[i] && nodes_[plan.node].frame == kZeroFrame) {
+      join(plan.item, plan.node);
+    } else {
+      fail(plan.item, plan.node);
+    }
+  }
+  for (const Page& page : pages) {
+    MaybeFreeNode(page.kind == 2 ? stable_plans_[page.plan].node
+                                 : pair_plans_[page.plan].node);
+  }
+  std::erase_if(pair_plans_, [&](const PairPlan& p) { return IsZeroNode(p.node); });
+  std::erase_if(stable_plans_, [&](const StablePlan& p) { return IsZeroNode(p.node); });
+}
+
 void Ksm::ExecutePlans() {
   StripeRuns();
+  // Zero content needs no frame: its pages go back to the zero page, and
+  // its nodes only count them, as the kernel's KSM page of zeros would.
+  DropZeroContent();
   // Pairs first: they give new stable nodes their frames, which stable plans
   // made later in the batch may be waiting for.
   if (!pair_plans_.empty()) {

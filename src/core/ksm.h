@@ -55,6 +55,9 @@ class Ksm {
  public:
   using NodeId = std::uint32_t;
   static constexpr NodeId kNoNode = UINT32_MAX;
+  // The "frame" of a node of zero content: none, its sharers read the
+  // system's zero page.
+  static constexpr FrameId kZeroFrame = kNoFrame - 1;
 
   // REQUIRES: memory and clock outlive this object.
   Ksm(Memory* memory, Clock* clock);
@@ -286,6 +289,11 @@ class Ksm {
   void ForgetGone();  // drops the pages found gone in this batch
   void BeginFullScan();
   void ExecutePlans();
+  // Zero content (a node whose hash is the zero page's): its plans drop
+  // their pages to the zero page (Memory::DropZeroPages) instead of mapping
+  // a frame; the node keeps kZeroFrame. ExecutePlans, first.
+  void DropZeroContent();
+  bool IsZeroNode(NodeId id) const;
   std::size_t PlanCount() const {
     return pair_plans_.size() + stable_plans_.size() + zero_plans_.size();
   }

@@ -394,9 +394,10 @@ TEST_P(LinuxMemoryTest, DropZeroPagesFreesVerifiedZeroPagesOnly) {
   EXPECT_EQ(r.page(2)[0], 5);
 }
 
-TEST_P(LinuxMemoryTest, DropZeroPagesRefusesAMergedPagesPrivateCopy) {
+TEST_P(LinuxMemoryTest, DropZeroPagesMapsTheZeroFrameOverAMergedPagesPrivateCopy) {
   // A zero page that is a private copy inside a memfd mapping must not be
-  // MADV_DONTNEED'ed: that would bring back the frame's bytes.
+  // MADV_DONTNEED'ed: that would bring back the frame's bytes. It maps the
+  // zero frame (never written) instead, and its copy is freed.
   auto m = NewMemory();
   Region a(1), b(1);
   Fill(a.page(0), 7);
@@ -409,11 +410,27 @@ TEST_P(LinuxMemoryTest, DropZeroPagesRefusesAMergedPagesPrivateCopy) {
                 std::span<FrameId>(&f, 1), std::span<MergeResult>(&r, 1));
   ASSERT_EQ(r, MergeResult::kMerged);
   std::memset(a.page(0), 0, kPageSize);  // COW copy, all zero
+  ASSERT_TRUE(Present(a.page(0)));
   Addr pa = a.addr(0);
   m->DropZeroPages(std::span<const Addr>(&pa, 1),
                    std::span<MergeResult>(&r, 1));
-  EXPECT_NE(r, MergeResult::kMerged);
+  EXPECT_EQ(r, MergeResult::kMerged);
+  EXPECT_FALSE(Present(a.page(0)));  // the copy is freed
   for (std::size_t i = 0; i < kPageSize; ++i) ASSERT_EQ(a.page(0)[i], 0);
+  EXPECT_EQ(m->Stats().frames_in_use, 2u);  // b's and the zero frame
+  unsigned char expect[kPageSize];
+  Fill(expect, 7);
+  EXPECT_TRUE(Same(b.page(0), expect));  // the frame is b's still
+  a.page(0)[3] = 1;  // ordinary memory again
+  EXPECT_EQ(a.page(0)[3], 1);
+  EXPECT_TRUE(Same(b.page(0), expect));
+  // A full scan registers and protects it like any memory.
+  Rescan(*m);
+  std::memset(a.page(0), 0, kPageSize);
+  m->DropZeroPages(std::span<const Addr>(&pa, 1),
+                   std::span<MergeResult>(&r, 1));
+  EXPECT_EQ(r, MergeResult::kMerged);
+  EXPECT_FALSE(Present(a.page(0)));
 }
 
 TEST_P(LinuxMemoryTest, UnmergeRestoresAnonymousSemantics) {

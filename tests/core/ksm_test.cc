@@ -188,6 +188,40 @@ TEST_F(KsmTest, RunsOfIdenticalPagesMapConsecutiveFrames) {
   EXPECT_EQ(ksm_.GetCounters().pages_sharing, kPages - 17u - 1u);
 }
 
+// use_zero_pages = 0 (the default): zero pages merge as the kernel counts
+// them, in KSM pages of zeros of max_page_sharing sharers each, but they
+// map no frame: they go back to the zero page, costing no memory and no
+// mapping of their own wherever they lie.
+TEST_F(KsmTest, ZeroContentMergesWithoutFrames) {
+  constexpr std::size_t kPages = 1200;  // every other page zero
+  Setup(kPages, [](std::size_t i) { return i % 2 == 0 ? 0 : 1 + i % 200; });
+  FullScans(2);
+  Counters c = ksm_.GetCounters();
+  // 600 zero pages: ceil(600 / 256) = 3 nodes; the 600 others are 100
+  // values of 6 pages, 100 nodes.
+  EXPECT_EQ(c.pages_shared, 3u + 100u);
+  EXPECT_EQ(c.pages_sharing, 597u + 500u);
+  EXPECT_EQ(c.ksm_zero_pages, 0u);
+  EXPECT_EQ(c.stable_node_chains, 1u);
+  EXPECT_EQ(c.stable_node_dups, 3u);
+  EXPECT_EQ(mem_.frames_live(), 100u);  // none for the zeros
+  for (std::size_t i = 0; i < kPages; i += 2) {
+    ASSERT_FALSE(mem_.IsPresent(Page(i))) << i;
+    ASSERT_EQ(mem_.Read(Page(i))[0], 0) << i;
+  }
+  // A write lands in a page of its own; the rest stay merged.
+  mem_.Write(Page(10), 7);
+  FullScans(2);
+  c = ksm_.GetCounters();
+  EXPECT_EQ(mem_.Read(Page(10))[0], 7);
+  EXPECT_EQ(mem_.Read(Page(12))[0], 0);
+  EXPECT_EQ(c.pages_shared + c.pages_sharing, 599u + 600u);
+  // Unmerging leaves them zero.
+  ASSERT_TRUE(ksm_.UnmergeAll());
+  for (std::size_t i = 12; i < kPages; i += 2) ASSERT_EQ(mem_.Read(Page(i))[0], 0) << i;
+  EXPECT_EQ(ksm_.GetCounters().pages_shared, 0u);
+}
+
 // The background scanner at pages_to_scan = 100: a run of identical pages
 // spans many batches, so its merges wait for the run to end (carry_runs)
 // and it is laid out as a whole, not a mapping per page.
@@ -631,7 +665,9 @@ TEST_P(KsmRandomTest, MatchesModel) {
   std::map<FrameId, std::size_t> sharers;
   std::map<std::uint8_t, std::size_t> unmerged_by_value;
   std::size_t merged = 0;
+  std::size_t absent_zeros = 0;  // dropped, or never touched
   for (Addr a : advised) {
+    if (model.count(a) && !mem.IsPresent(a) && model[a] == 0) ++absent_zeros;
     if (!model.count(a) || !mem.IsPresent(a)) continue;
     const std::uint8_t v = model[a];
     SCOPED_TRACE(::testing::Message() << "page " << (a - kBase) / kPageSize
@@ -648,6 +684,9 @@ TEST_P(KsmRandomTest, MatchesModel) {
     }
   }
   std::size_t nodes = 0;
+  // Zero content merges without frames (use_zero_pages=0: dropped to the
+  // zero page, counted in its own nodes).
+  EXPECT_EQ(frames_by_value.count(0), 0u) << "a frame holds zeros";
   for (auto& [v, frames] : frames_by_value) {
     if (!chains) {
       EXPECT_EQ(frames.size(), 1u) << "value " << int(v);
@@ -662,9 +701,21 @@ TEST_P(KsmRandomTest, MatchesModel) {
   }
   for (auto& [v, k] : unmerged_by_value) EXPECT_LE(k, 1u) << "value " << int(v);
   const Counters c = ksm.GetCounters();
-  EXPECT_EQ(c.pages_shared, nodes);
-  EXPECT_EQ(c.pages_sharing, merged - nodes);
-  EXPECT_EQ(mem.frames_live(), c.pages_shared);
+  EXPECT_EQ(mem.frames_live(), nodes);
+  ASSERT_GE(c.pages_shared, nodes);
+  ASSERT_GE(c.pages_shared + c.pages_sharing, merged);
+  // The rest are the zero nodes and their sharers: dropped pages.
+  const std::size_t zero_nodes = c.pages_shared - nodes;
+  const std::size_t zero_sharers = c.pages_shared + c.pages_sharing - merged;
+  EXPECT_LE(zero_sharers, absent_zeros);
+  EXPECT_LE(zero_nodes, zero_sharers);
+  EXPECT_LE(zero_sharers, zero_nodes * max_sharing);
+  if (unmerged_by_value[0] != 0) {
+    EXPECT_EQ(zero_sharers, zero_nodes * max_sharing) << "unmerged zeros beside room";
+  }
+  if (zero_pages) {
+    EXPECT_EQ(zero_nodes, 0u);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Seeds, KsmRandomTest, ::testing::Range(1, 37));

@@ -104,15 +104,63 @@ TEST(Engine, RunsOfIdenticalPagesTakeFewMappingsAtDefaultPagesToScan) {
   });
 }
 
-TEST(Engine, ZeroPagesWithoutUseZeroPagesShareAFrame) {
+// use_zero_pages = 0: zero pages count as the kernel counts them (KSM pages
+// of zeros), but take no frame and no mapping: scattered among other pages
+// they would otherwise need a VMA each.
+TEST(Engine, ZeroPagesWithoutUseZeroPagesCountAsKsmPagesButMapNothing) {
   auto e = NewEngine();
-  Mapping m(10);
-  m.FillAll(0);  // touched, so present
+  constexpr std::size_t kPages = 4096;
+  Mapping m(kPages);
+  for (std::size_t i = 0; i < kPages; ++i) {
+    if (i % 2 == 0) {
+      m.Fill(i, 0);  // touched, so present
+    } else {
+      m.FillKey(i, i);  // unique
+    }
+  }
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  const long rss_before = RollupKib("Rss");
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 8);  // ceil(2048 / 256)
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 2040);
+  EXPECT_EQ(Counter(*e, "ksm_zero_pages"), 0);
+  EXPECT_EQ(e->Stats().frames_in_use, 0u);
+  EXPECT_LE(e->Stats().vmas_used, 4u);  // with a frame each: ~4,096
+  EXPECT_LE(RollupKib("Rss"), rss_before - 2048 * 4 + 1024);  // 8 MiB freed
+  for (std::size_t i = 0; i < kPages; ++i) {
+    ASSERT_TRUE(i % 2 == 0 ? m.Holds(i, 0) : m.HoldsKey(i, i)) << i;
+  }
+  m.page(100)[5] = 9;  // still ordinary, writable memory
+  EXPECT_EQ(m.page(100)[5], 9);
+  EXPECT_TRUE(m.Holds(102, 0));
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_shared") + Counter(*e, "pages_sharing"), 2047);
+  Set(*e, "run", "2");
+  EXPECT_EQ(Counter(*e, "pages_shared"), 0);
+  EXPECT_TRUE(m.Holds(102, 0));
+  EXPECT_EQ(m.page(100)[5], 9);
+}
+
+// A merged page's private copy (in a frame's mapping) that becomes all
+// zeros merges with the other zero pages too.
+TEST(Engine, ZeroedCopyOfAMergedPageMergesAsZeros) {
+  auto e = NewEngine();
+  Mapping m(8);
+  m.Fill(0, 0x11);
+  m.Fill(1, 0x11);
+  for (std::size_t i = 2; i < 8; ++i) m.Fill(i, 0);
   ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
   e->RunFullScans(2);
-  EXPECT_EQ(Counter(*e, "pages_shared"), 1);
-  EXPECT_EQ(Counter(*e, "pages_sharing"), 9);
-  EXPECT_EQ(Counter(*e, "ksm_zero_pages"), 0);
+  ASSERT_EQ(Counter(*e, "pages_shared"), 2);  // 0x11 and zeros
+  ASSERT_TRUE(MapsSharedFrame(m.page(0)));
+  std::memset(m.page(0), 0, kPage);  // copy-on-write, then zeros
+  e->RunFullScans(3);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 2);  // page 1 alone on its frame
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 6);  // zeros: pages 0 and 2..7
+  for (std::size_t i = 0; i < 8; ++i) ASSERT_TRUE(m.Holds(i, i == 1 ? 0x11 : 0)) << i;
+  m.page(0)[1] = 3;
+  EXPECT_EQ(m.page(0)[1], 3);
+  EXPECT_TRUE(m.Holds(2, 0));
 }
 
 TEST(Engine, ZeroPagesWithUseZeroPagesNeedNoFrame) {
@@ -460,11 +508,13 @@ bool AllLocked(const void* start, std::size_t len, bool locked) {
 // samepage: every mapping it puts in place is locked again (VmFlags "lo",
 // locked_vm unchanged), and the lock survives writes, mlock of merged
 // memory and unmerging; munlock unlocks it and merging goes on.
-TEST(Engine, LockedMemoryMergesAndStaysLocked) {
+// Zero pages (use_zero_pages=0) cannot be dropped while locked
+// (MADV_DONTNEED refuses locked memory): they map a frame of zeros.
+void LockedMemoryMergesAndStaysLocked(unsigned char fill) {
   auto e = NewEngine();
   const long base = StatusKib("VmLck");
   Mapping m(16);
-  m.FillAll('l');
+  m.FillAll(fill);
   ASSERT_EQ(mlock(m.data(), m.bytes()), 0) << std::strerror(errno);
   ASSERT_EQ(StatusKib("VmLck"), base + 64);
   ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
@@ -481,13 +531,13 @@ TEST(Engine, LockedMemoryMergesAndStaysLocked) {
   // A write copies the page and nothing else.
   m.page(3)[7] = 'x';
   EXPECT_EQ(m.page(3)[7], 'x');
-  EXPECT_TRUE(m.Holds(4, 'l'));
+  EXPECT_TRUE(m.Holds(4, fill));
 
   // munlock unlocks it all; merging goes on.
   ASSERT_EQ(munlock(m.data(), m.bytes()), 0);
   EXPECT_TRUE(AllLocked(m.data(), m.bytes(), false)) << "munlocked";
   EXPECT_EQ(StatusKib("VmLck"), base);
-  m.page(3)[7] = 'l';
+  m.page(3)[7] = fill;
   e->RunFullScans(2);
   EXPECT_EQ(Counter(*e, "pages_sharing"), 15);
 
@@ -507,10 +557,14 @@ TEST(Engine, LockedMemoryMergesAndStaysLocked) {
   EXPECT_FALSE(MapsSharedFrame(m.page(3)));
   EXPECT_TRUE(AllLocked(m.data(), m.bytes(), true)) << "unmerged";
   EXPECT_EQ(StatusKib("VmLck"), base + 64);
-  for (std::size_t i = 0; i < 16; ++i) EXPECT_TRUE(m.Holds(i, 'l')) << i;
+  for (std::size_t i = 0; i < 16; ++i) EXPECT_TRUE(m.Holds(i, fill)) << i;
   EXPECT_EQ(e->Stats().locks_lost, 0u);
   ASSERT_EQ(munlock(m.data(), m.bytes()), 0);
 }
+
+TEST(Engine, LockedMemoryMergesAndStaysLocked) { LockedMemoryMergesAndStaysLocked('l'); }
+
+TEST(Engine, LockedZeroPagesMergeAndStayLocked) { LockedMemoryMergesAndStaysLocked(0); }
 
 // While it lasts, this thread has no CAP_IPC_LOCK in its effective set and
 // RLIMIT_MEMLOCK is what the process has locked plus `extra_kib` (negative:
@@ -592,11 +646,14 @@ TEST(Engine, LockedMemoryIsLeftAloneWithoutRoomToLockItAgain) {
 
 // Application threads keep writing while the scanner merges at full speed:
 // every increment must survive, in both write-protection modes.
-// (protection, writers). With one writer every pass leaves all pages alike:
-// one run of identical pages, laid over 32 frames (max_page_sharing 16)
-// while the writer breaks it again.
+// (protection, writers, zeroing). With one writer every pass leaves all
+// pages alike: one run of identical pages, laid over 32 frames
+// (max_page_sharing 16) while the writer breaks it again. Zeroing writers
+// set their counters back to 0 every other pass: the pages are then all
+// zeros, dropped to the zero page (use_zero_pages=0 too), and the next pass
+// writes into dropped pages and pages being dropped.
 class ConcurrentWriters
-    : public ::testing::TestWithParam<std::tuple<EngineOptions::Protection, int>> {};
+    : public ::testing::TestWithParam<std::tuple<EngineOptions::Protection, int, bool>> {};
 
 TEST_P(ConcurrentWriters, LoseNoWrite) {
   EngineOptions options;
@@ -604,6 +661,7 @@ TEST_P(ConcurrentWriters, LoseNoWrite) {
   auto e = NewEngine(options);
   constexpr std::size_t kPages = 512;
   const int kWriters = std::get<1>(GetParam());
+  const bool zeroing = std::get<2>(GetParam());
   Mapping m(kPages);
   m.FillAll(0);
   ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
@@ -622,12 +680,14 @@ TEST_P(ConcurrentWriters, LoseNoWrite) {
       // at offset 8*w of each, so after each pass its pages are identical
       // again and get merged, and the next pass breaks them by COW.
       std::mt19937 rng(w);
-      while (!stop.load(std::memory_order_relaxed)) {
+      for (std::uint64_t pass = 0; !stop.load(std::memory_order_relaxed); ++pass) {
+        const bool zero_pass = zeroing && pass % 2 == 1;
         for (std::size_t k = 0; k < kPages / kWriters; ++k) {
           auto* counter = reinterpret_cast<volatile std::uint64_t*>(
               m.page(k * kWriters + w) + 8 * w);
-          *counter = *counter + 1;
-          ++expected[w][k];
+          *counter = zero_pass ? 0 : *counter + 1;
+          expected[w][k] = zero_pass ? 0 : expected[w][k] + 1;
+          ASSERT_EQ(*counter, expected[w][k]);
         }
         // Pause now and then for a few full scans, so that the pages stay
         // unchanged long enough to merge; the next pass then meets merges in
@@ -687,12 +747,13 @@ INSTANTIATE_TEST_SUITE_P(
     Engine, ConcurrentWriters,
     ::testing::Combine(::testing::Values(EngineOptions::Protection::kMprotect,
                                          EngineOptions::Protection::kAuto),
-                       ::testing::Values(2, 1)),
+                       ::testing::Values(2, 1), ::testing::Bool()),
     [](const auto& info) {
       const bool mprotect =
           std::get<0>(info.param) == EngineOptions::Protection::kMprotect;
       return std::string(mprotect ? "Mprotect" : "Auto") +
-             (std::get<1>(info.param) == 1 ? "OneWriterRuns" : "TwoWriters");
+             (std::get<1>(info.param) == 1 ? "OneWriterRuns" : "TwoWriters") +
+             (std::get<2>(info.param) ? "Zeroing" : "");
     });
 
 TEST(Engine, VmaBudgetExhaustedDegradesGracefully) {
