@@ -5,7 +5,9 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -1332,6 +1334,7 @@ void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
                                 std::span<MergeResult> results) {
   RegisterThread();
   std::size_t n = std::min(pages.size(), results.size());
+  const std::size_t max_span = kMaxWindowPages * kPageSize;
   std::size_t i = 0;
   while (i < n) {
     if (!MayReplace(pages[i])) {
@@ -1339,21 +1342,72 @@ void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
       ++i;
       continue;
     }
+    // One window over the pages within kMaxWindowPages of the first, when
+    // the pages between them are memory we may protect too (scattered zero
+    // pages: one protect, one pagemap read and one discard call for all);
+    // else over a run of consecutive pages.
     std::size_t j = i + 1;
-    while (j < n && j - i < kMaxWindowPages &&
-           pages[j] == pages[j - 1] + kPageSize && MayReplace(pages[j])) {
-      ++j;
+    while (j < n && pages[j] + kPageSize - pages[i] <= max_span && MayReplace(pages[j])) ++j;
+    const bool sparse = pages[j - 1] - pages[i] != (j - 1 - i) * kPageSize;
+    // A sparse window that could not be protected as a whole (a VMA of the
+    // span not registered yet, say) is retried a run at a time.
+    if (!sparse || !SpanReplaceable(pages[i], pages[j - 1] + kPageSize) ||
+        !DropZeroBatch(&pages[i], j - i, &results[i])) {
+      j = i + 1;
+      while (j < n && j - i < kMaxWindowPages &&
+             pages[j] == pages[j - 1] + kPageSize && MayReplace(pages[j])) {
+        ++j;
+      }
+      (void)DropZeroBatch(&pages[i], j - i, &results[i]);
     }
-    DropZeroBatch(pages[i], j - i, &results[i]);
-    if (unflushed_pages_ >= kMaxWindowPages) FlushMapped();
+    // Pages mapped over with the zero frame are registered before a later
+    // window's span may include them.
+    if (unflushed_pages_ != 0) FlushMapped();
     i = j;
   }
   FlushMapped();
   CommitMapped();
 }
 
-void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
-  MergeResult local[kMaxWindowPages];
+namespace {
+
+// MADV_DONTNEED over many ranges with one process_madvise, which takes any
+// advice for the calling process on this machine's Linux (6.18; older
+// kernels answer EINVAL); one madvise per range where it cannot. The pidfd
+// is opened for the call and closed again: one kept open could be closed
+// by the program and its number reused, or outlive a fork(). MADV_DONTNEED
+// of a zero page twice is harmless, so after a short or failed
+// process_madvise every range is discarded again. False if a range could
+// not be discarded.
+bool DiscardRanges(const iovec* iov, std::size_t n) {
+  if (n > 1) {
+    const int self = static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0));
+    if (self >= 0) {
+      std::size_t total = 0;
+      for (std::size_t k = 0; k < n; ++k) total += iov[k].iov_len;
+      const long done = syscall(SYS_process_madvise, self, iov, n, MADV_DONTNEED, 0);
+      close(self);
+      if (done == static_cast<long>(total)) return true;
+    }
+  }
+  bool ok = true;
+  for (std::size_t k = 0; k < n; ++k) {
+    ok &= madvise(iov[k].iov_base, iov[k].iov_len, MADV_DONTNEED) == 0;
+  }
+  return ok;
+}
+
+}  // namespace
+
+bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* out) {
+  // The window spans pages[0] .. pages[n - 1]; pages between them that are
+  // not asked for are protected and checked too, and left as they are.
+  const Addr base = pages[0];
+  const Addr end = pages[n - 1] + kPageSize;
+  const std::size_t span = (end - base) / kPageSize;
+  MergeResult local[kMaxWindowPages];  // per page of the span
+  bool asked[kMaxWindowPages] = {};
+  for (std::size_t k = 0; k < n; ++k) asked[(pages[k] - base) / kPageSize] = true;
   // Pages that cannot be given back (locked, or a private copy in a frame's
   // mapping, where MADV_DONTNEED would bring back the frame's bytes) map
   // the zero frame instead: a frame never written, shared by all of them.
@@ -1361,24 +1415,32 @@ void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
   ProtectMethod window_how = ProtectMethod::kNone;
   constexpr std::uint64_t kWindowCost = 2;
   std::uint64_t added = 0;
-  const Addr end = base + n * kPageSize;
   // Decided before the window: nothing in it may allocate.
   const bool locked = Overlaps(locked_, base, end);
-  if (locked && !LockRoomFor(base, n * kPageSize)) {
+  if (locked && !LockRoomFor(base, end - base)) {
     std::fill(out, out + n, MergeResult::kFailed);
-    return;
+    return true;
   }
+  bool protected_window = false;
   if ((locked || Overlaps(frame_mapped_, base, end)) && zero_frame_ == kNoFrame) {
     zero_frame_ = store_.Allocate(1);
   }
-  InProtectedWindow(base, n, kWindowCost, local, [&](ProtectMethod how) {
+  InProtectedWindow(base, span, kWindowCost, local, [&](ProtectMethod how) {
     window_how = how;
-    for (std::size_t k = 0; k < n; ++k) {
+    protected_window = true;
+    for (std::size_t k = 0; k < span; ++k) {
       bool zero = false;
-      if (!GuardedIsZero(Ptr(base + k * kPageSize), kPageSize, &zero)) {
+      if (!asked[k]) {
+        local[k] = MergeResult::kDiffers;  // not asked for: only unprotected
+      } else if (!GuardedIsZero(Ptr(base + k * kPageSize), kPageSize, &zero)) {
         local[k] = MergeResult::kGone;
       } else {
         local[k] = zero ? MergeResult::kMerged : MergeResult::kDiffers;
+      }
+    }
+    if (!StillProtected(base, end - base, how)) {
+      for (std::size_t k = 0; k < span; ++k) {
+        if (asked[k]) local[k] = MergeResult::kGone;
       }
     }
     const bool may_map = zero_frame_ != kNoFrame && !LockViewStale(base, end - base);
@@ -1394,47 +1456,58 @@ void LinuxMemory::DropZeroBatch(Addr base, std::size_t n, MergeResult* out) {
         if (remapped[i]) added += 2;
       }
     };
+    // PROCMAP_QUERY tells anonymous VMAs apart; where it cannot, MADV_FREE
+    // does: it refuses file mappings with EINVAL and is harmless on zero
+    // anonymous pages.
+    const bool all_anon = !locked && AnonymousVmas(base, end - base);
+    iovec iov[kMaxWindowPages];
+    std::size_t niov = 0;
+    std::size_t iov_first[kMaxWindowPages];  // span index of each range
     auto any = [](std::size_t) { return true; };
-    ForEachMergedRun(local, n, any, [&](std::size_t k, std::size_t e) {
-      // PROCMAP_QUERY tells anonymous VMAs apart; where it cannot,
-      // MADV_FREE does: it refuses file mappings with EINVAL and is
-      // harmless on zero anonymous pages.
-      Addr at = base + k * kPageSize;
-      std::size_t run = (e - k) * kPageSize;
-      if (!StillProtected(at, run, how)) {
-        std::fill(local + k, local + e, MergeResult::kGone);
-      } else if (!Overlaps(locked_, at, at + run) &&
-                 (AnonymousVmas(at, run) || madvise(Ptr(at), run, MADV_FREE) == 0)) {
-        // MADV_DONTNEED: the page is freed now and reads as the zero page.
-        if (madvise(Ptr(at), run, MADV_DONTNEED) != 0)
-          std::fill(local + k, local + e, MergeResult::kFailed);
-      } else {
-        for (std::size_t i = k; i < e; ++i) {
-          Addr pg = base + i * kPageSize;
-          if (!Overlaps(locked_, pg, pg + kPageSize) &&
-              madvise(Ptr(pg), kPageSize, MADV_FREE) == 0) {
-            if (madvise(Ptr(pg), kPageSize, MADV_DONTNEED) != 0)
-              local[i] = MergeResult::kFailed;
-          } else {
-            map_zero_frame(i);
-          }
+    ForEachMergedRun(local, span, any, [&](std::size_t k, std::size_t e) {
+      for (std::size_t i = k; i < e; ++i) {
+        const Addr pg = base + i * kPageSize;
+        const bool anon = all_anon || (!Overlaps(locked_, pg, pg + kPageSize) &&
+                                       madvise(Ptr(pg), kPageSize, MADV_FREE) == 0);
+        if (!anon) {
+          map_zero_frame(i);
+        } else if (niov != 0 && iov_first[niov - 1] + iov[niov - 1].iov_len / kPageSize == i) {
+          iov[niov - 1].iov_len += kPageSize;
+        } else {
+          iov_first[niov] = i;
+          iov[niov++] = iovec{Ptr(pg), kPageSize};
         }
       }
     });
-    // Dropped pages keep our write-protect marker: clear it. The remapped
-    // ones are new VMAs, woken and registered at the flush.
+    // MADV_DONTNEED: the pages are freed now and read as the zero page.
+    if (niov != 0 && !DiscardRanges(iov, niov)) {
+      for (std::size_t r = 0; r < niov; ++r) {
+        if (madvise(iov[r].iov_base, iov[r].iov_len, MADV_DONTNEED) == 0) continue;
+        const std::size_t last = iov_first[r] + iov[r].iov_len / kPageSize;
+        for (std::size_t i = iov_first[r]; i < last; ++i) local[i] = MergeResult::kFailed;
+      }
+    }
+    // Dropped pages keep our write-protect marker and the pages not asked
+    // for their protection: clear both. The remapped ones are new VMAs,
+    // woken and registered at the flush.
     MergeResult rest[kMaxWindowPages];
-    for (std::size_t k = 0; k < n; ++k) rest[k] = remapped[k] ? MergeResult::kGone : local[k];
-    UnprotectRest(base, n, rest, /*skip_merged=*/false, how);
+    for (std::size_t k = 0; k < span; ++k) rest[k] = remapped[k] ? MergeResult::kGone : local[k];
+    UnprotectRest(base, span, rest, /*skip_merged=*/false, how);
   });
   vmas_used_ += added;
-  for (std::size_t k = 0; k < n; ++k) {
+  for (std::size_t k = 0; k < span; ++k) {
     if (remapped[k]) {
       const Addr pg = base + k * kPageSize;
       NoteMapped(pg, pg + kPageSize, window_how);
     }
   }
-  CopyOutResults(local, n, out);
+  MergeResult mine[kMaxWindowPages];
+  for (std::size_t k = 0; k < n; ++k) mine[k] = local[(pages[k] - base) / kPageSize];
+  // A failed protection of a sparse span is retried, not reported.
+  const bool sparse = span != n;
+  if (sparse && !protected_window) return false;
+  CopyOutResults(mine, n, out);
+  return true;
 }
 
 // --- unmerging ---

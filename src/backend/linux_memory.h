@@ -306,7 +306,10 @@ class LinuxMemory final : public Memory {
                             MergeResult* results);
   void MergePairBatch(Addr pbase, Addr qbase, std::size_t n, FrameId* frames,
                       MergeResult* results);
-  void DropZeroBatch(Addr base, std::size_t n, MergeResult* results);
+  // pages: ascending, within kMaxWindowPages of the first; one window over
+  // their span. False, with nothing done or reported, if a sparse span
+  // could not be protected.
+  bool DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* results);
   static bool Readable(Addr page);  // a guarded read of its first bytes
   // Reads the pagemap entries of n <= kProbeChunk pages at base into
   // pagemap_buf_; returns how many arrived.

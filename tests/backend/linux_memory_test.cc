@@ -394,6 +394,44 @@ TEST_P(LinuxMemoryTest, DropZeroPagesFreesVerifiedZeroPagesOnly) {
   EXPECT_EQ(r.page(2)[0], 5);
 }
 
+// Zero pages scattered among others are dropped under one window over
+// their span; the pages between them are protected for a moment and left
+// as they were.
+TEST_P(LinuxMemoryTest, DropZeroPagesDropsScatteredPagesAndLeavesTheRest) {
+  auto m = NewMemory();
+  Region r(64);
+  std::vector<Addr> zeros;
+  for (std::size_t i = 0; i < 64; ++i) {
+    if (i % 3 == 0) {
+      std::memset(r.page(i), 0, kPageSize);
+      zeros.push_back(r.addr(i));
+    } else {
+      Fill(r.page(i), static_cast<unsigned>(i));
+    }
+  }
+  std::memset(r.page(30), 0, kPageSize);  // zero, but not asked for
+  Rescan(*m);
+  std::vector<MergeResult> res(zeros.size());
+  m->DropZeroPages(zeros, res);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < 64; ++i) {
+    SCOPED_TRACE(i);
+    if (i % 3 == 0) {
+      EXPECT_EQ(res[i / 3], MergeResult::kMerged);
+      EXPECT_FALSE(Present(r.page(i)));
+      for (std::size_t b = 0; b < kPageSize; b += 512) ASSERT_EQ(r.page(i)[b], 0);
+    } else {
+      EXPECT_TRUE(Present(r.page(i)));
+      if (i != 30) {
+        Fill(expect, static_cast<unsigned>(i));
+        EXPECT_TRUE(Same(r.page(i), expect));
+      }
+    }
+    r.page(i)[1] = 1;  // all writable
+    EXPECT_EQ(r.page(i)[1], 1);
+  }
+}
+
 TEST_P(LinuxMemoryTest, DropZeroPagesMapsTheZeroFrameOverAMergedPagesPrivateCopy) {
   // A zero page that is a private copy inside a memfd mapping must not be
   // MADV_DONTNEED'ed: that would bring back the frame's bytes. It maps the
