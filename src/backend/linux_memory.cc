@@ -1422,6 +1422,7 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
     return true;
   }
   bool protected_window = false;
+  bool retry = false;
   if ((locked || Overlaps(frame_mapped_, base, end)) && zero_frame_ == kNoFrame) {
     zero_frame_ = store_.Allocate(1);
   }
@@ -1439,9 +1440,16 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
       }
     }
     if (!StillProtected(base, end - base, how)) {
-      for (std::size_t k = 0; k < span; ++k) {
-        if (asked[k]) local[k] = MergeResult::kGone;
+      if (span != n) {
+        // A page between them carries no protection (a kernel without
+        // markers for never-touched pages, or a mapping made since): the
+        // pages are retried a run at a time.
+        retry = true;
+        std::fill(local, local + span, MergeResult::kDiffers);
+        UnprotectRest(base, span, local, /*skip_merged=*/false, how);
+        return;
       }
+      std::fill(local, local + span, MergeResult::kGone);
     }
     const bool may_map = zero_frame_ != kNoFrame && !LockViewStale(base, end - base);
     auto map_zero_frame = [&](std::size_t i) {
@@ -1505,7 +1513,7 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
   for (std::size_t k = 0; k < n; ++k) mine[k] = local[(pages[k] - base) / kPageSize];
   // A failed protection of a sparse span is retried, not reported.
   const bool sparse = span != n;
-  if (sparse && !protected_window) return false;
+  if (sparse && (!protected_window || retry)) return false;
   CopyOutResults(mine, n, out);
   return true;
 }
