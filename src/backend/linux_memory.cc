@@ -1373,28 +1373,20 @@ namespace {
 
 // MADV_DONTNEED over many ranges with one process_madvise, which takes any
 // advice for the calling process on this machine's Linux (6.18; older
-// kernels answer EINVAL); one madvise per range where it cannot. The pidfd
-// is opened for the call and closed again: one kept open could be closed
-// by the program and its number reused, or outlive a fork(). MADV_DONTNEED
-// of a zero page twice is harmless, so after a short or failed
-// process_madvise every range is discarded again. False if a range could
-// not be discarded.
-bool DiscardRanges(const iovec* iov, std::size_t n) {
-  if (n > 1) {
-    const int self = static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0));
-    if (self >= 0) {
-      std::size_t total = 0;
-      for (std::size_t k = 0; k < n; ++k) total += iov[k].iov_len;
-      const long done = syscall(SYS_process_madvise, self, iov, n, MADV_DONTNEED, 0);
-      close(self);
-      if (done == static_cast<long>(total)) return true;
-    }
-  }
-  bool ok = true;
-  for (std::size_t k = 0; k < n; ++k) {
-    ok &= madvise(iov[k].iov_base, iov[k].iov_len, MADV_DONTNEED) == 0;
-  }
-  return ok;
+// kernels answer EINVAL). The pidfd is opened for the call and closed
+// again: one kept open could be closed by the program and its number
+// reused, or outlive a fork(). False unless every range was discarded;
+// MADV_DONTNEED of a zero page twice is harmless, so the caller then
+// discards each range with madvise.
+bool DiscardAtOnce(const iovec* iov, std::size_t n) {
+  if (n < 2) return false;
+  const int self = static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0));
+  if (self < 0) return false;
+  std::size_t total = 0;
+  for (std::size_t k = 0; k < n; ++k) total += iov[k].iov_len;
+  const long done = syscall(SYS_process_madvise, self, iov, n, MADV_DONTNEED, 0);
+  close(self);
+  return done == static_cast<long>(total);
 }
 
 }  // namespace
@@ -1405,6 +1397,7 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
   const Addr base = pages[0];
   const Addr end = pages[n - 1] + kPageSize;
   const std::size_t span = (end - base) / kPageSize;
+  const bool sparse = span != n;
   MergeResult local[kMaxWindowPages];  // per page of the span
   bool asked[kMaxWindowPages] = {};
   for (std::size_t k = 0; k < n; ++k) asked[(pages[k] - base) / kPageSize] = true;
@@ -1440,7 +1433,7 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
       }
     }
     if (!StillProtected(base, end - base, how)) {
-      if (span != n) {
+      if (sparse) {
         // A page between them carries no protection (a kernel without
         // markers for never-touched pages, or a mapping made since): the
         // pages are retried a run at a time.
@@ -1488,7 +1481,7 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
       }
     });
     // MADV_DONTNEED: the pages are freed now and read as the zero page.
-    if (niov != 0 && !DiscardRanges(iov, niov)) {
+    if (!DiscardAtOnce(iov, niov)) {
       for (std::size_t r = 0; r < niov; ++r) {
         if (madvise(iov[r].iov_base, iov[r].iov_len, MADV_DONTNEED) == 0) continue;
         const std::size_t last = iov_first[r] + iov[r].iov_len / kPageSize;
@@ -1512,7 +1505,6 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
   MergeResult mine[kMaxWindowPages];
   for (std::size_t k = 0; k < n; ++k) mine[k] = local[(pages[k] - base) / kPageSize];
   // A failed protection of a sparse span is retried, not reported.
-  const bool sparse = span != n;
   if (sparse && (!protected_window || retry)) return false;
   CopyOutResults(mine, n, out);
   return true;
