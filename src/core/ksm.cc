@@ -110,10 +110,7 @@ void Ksm::Advise(Addr start, std::size_t npages) {
 }
 
 void Ksm::Forget(Addr start, std::size_t npages) {
-  if (carried_) {
-    CancelPlans(start, start + npages * kPageSize);
-    FinishPlans();
-  }
+  DropWaitingPlans(start, start + npages * kPageSize);
   ForgetRange(start, npages);
 }
 
@@ -134,10 +131,7 @@ void Ksm::ForgetRange(Addr start, std::size_t npages) {
 
 bool Ksm::Unadvise(Addr start, std::size_t npages) {
   const Addr end = start + npages * kPageSize;
-  if (carried_) {
-    CancelPlans(start, end);
-    FinishPlans();
-  }
+  DropWaitingPlans(start, end);
   bool ok = true;
   // Give the memory back first: a frame is released only when nothing maps it.
   auto it = ranges_.upper_bound(start);
@@ -154,10 +148,7 @@ bool Ksm::Unadvise(Addr start, std::size_t npages) {
 }
 
 bool Ksm::UnmergeAll() {
-  if (carried_) {
-    CancelPlans(0, ~Addr{0});
-    FinishPlans();  // forgets the pages found gone
-  }
+  DropWaitingPlans(0, ~Addr{0});  // and forgets the pages found gone
   bool ok = true;
   for (auto& [start, r] : ranges_) {
     if (!memory_->Unmerge(start, r.items.size())) ok = false;
@@ -488,7 +479,8 @@ bool Ksm::HoldForRun(Addr next, std::size_t cap) const {
   return run_node_ != kNoNode && nodes_[run_node_].load() < knobs_.max_page_sharing;
 }
 
-void Ksm::CancelPlans(Addr start, Addr end) {
+void Ksm::DropWaitingPlans(Addr start, Addr end) {
+  if (!carried_) return;
   auto inside = [&](Addr a) { return a >= start && a < end; };
   auto drop = [&](Item* item, NodeId node, std::uint32_t count) {
     item->state = ItemState::kVolatile;  // its hash is the current one
@@ -512,6 +504,7 @@ void Ksm::CancelPlans(Addr start, Addr end) {
     p.item->state = ItemState::kVolatile;
     return true;
   });
+  FinishPlans();
 }
 
 void Ksm::ForgetGone() {

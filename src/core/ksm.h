@@ -301,8 +301,9 @@ class Ksm {
   // ending at `next` to grow (cut, past the cap, where its last node is
   // full, so that the next part starts on fresh nodes).
   bool HoldForRun(Addr next, std::size_t cap) const;
-  // Drops the plans touching [start, end): their pages stay as they are.
-  void CancelPlans(Addr start, Addr end);
+  // With plans waiting across batches: drops those touching [start, end)
+  // (their pages stay as they are) and does the rest (FinishPlans).
+  void DropWaitingPlans(Addr start, Addr end);
   // Forget without finishing plans (ForgetGone, once they are done).
   void ForgetRange(Addr start, std::size_t npages);
   // Frees the per-batch scratch.
