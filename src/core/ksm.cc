@@ -696,18 +696,19 @@ void Ksm::StripeRuns() {
     std::vector<NodeId> nodes;  // the new layout: page k on nodes[k % F]
   };
   std::vector<Run> runs;
-  absl::flat_hash_map<NodeId, std::size_t> in_run;  // node -> its pages in the run
-  std::size_t i = 0;
   // Nodes made for these plans (no frame, no sharers) can be given up for
   // the new layout; pages joining an existing node cannot.
   auto fresh = [&](const Planned& p) {
     const Node& n = nodes_[p.node];
     return n.sharers == 0 && n.frame == kNoFrame;
   };
+  // 1. The stretches to lay out again: consecutive identical pages, all
+  //    planned into fresh nodes or all into existing ones (a run that
+  //    begins by filling up an existing node stripes the rest), long enough
+  //    for two frames; zero content maps no frames.
+  std::vector<bool> in_stripe(pages.size(), false);
+  std::size_t i = 0;
   while (i < pages.size()) {
-    // A stretch of consecutive identical pages, all planned into fresh
-    // nodes or all into existing ones (a run that begins by filling up an
-    // existing node stripes the rest).
     const std::uint64_t hash = pages[i].item->hash();
     const bool is_fresh = fresh(pages[i]);
     std::size_t j = i + 1;
@@ -717,51 +718,87 @@ void Ksm::StripeRuns() {
     }
     const std::size_t g = j - i;
     const std::size_t f = (g + max_sharing - 1) / max_sharing;
-    // Only if the fresh nodes' plans all lie in this stretch; zero content
-    // maps no frames.
-    bool ok = is_fresh && f >= 2 && g >= 2 * f && hash != ZeroPageHash();
-    in_run.clear();
-    for (std::size_t k = i; ok && k < j; ++k) ++in_run[pages[k].node];
-    for (const auto& [id, count] : in_run) {
-      if (!ok) break;
-      ok = nodes_[id].pending == count;
-    }
-    if (ok) {
-      for (const auto& [id, count] : in_run) {
-        nodes_[id].pending = 0;
-        MaybeFreeNode(id);
-      }
-      Run run{i, j, std::vector<NodeId>(f)};
-      for (std::size_t k = 0; k < f; ++k) {
-        run.nodes[k] = NewNode(hash);
-        // Its pages: k, k + f, k + 2f ... below g (the first two pair up:
-        // consecutive pairs get consecutive frames; the rest join it).
-        nodes_[run.nodes[k]].pending = std::uint32_t((g - 1 - k) / f + 1);
-      }
-      runs.push_back(std::move(run));
+    if (is_fresh && f >= 2 && g >= 2 * f && hash != ZeroPageHash()) {
+      runs.push_back(Run{i, j, std::vector<NodeId>(f)});
+      std::fill(in_stripe.begin() + i, in_stripe.begin() + j, true);
     }
     i = j;
   }
   if (runs.empty()) return;
-  // The plans again, in address order (as Memory expects them): the plans
-  // outside the rewritten runs as they were, the runs' new ones.
-  auto rewritten = [&](Addr a) {
-    auto it = std::upper_bound(runs.begin(), runs.end(), a,
-                               [&](Addr x, const Run& r) { return x < pages[r.begin].addr; });
-    return it != runs.begin() && a < pages[std::prev(it)->end - 1].addr + kPageSize;
-  };
-  std::erase_if(pair_plans_, [&](const PairPlan& p) { return rewritten(p.p); });
-  std::erase_if(stable_plans_, [&](const StablePlan& p) { return rewritten(p.page); });
+  // 2. Their nodes are given up. Pages planned into those nodes outside
+  //    every stretch (a copy elsewhere that joined, or paired with, a page
+  //    of the run) join the run's new nodes where there is room.
+  absl::flat_hash_set<NodeId> given_up;
   for (const Run& r : runs) {
+    for (std::size_t k = r.begin; k < r.end; ++k) given_up.insert(pages[k].node);
+  }
+  std::vector<std::size_t> outside;  // indexes into pages
+  for (std::size_t k = 0; k < pages.size(); ++k) {
+    if (!in_stripe[k] && given_up.contains(pages[k].node)) outside.push_back(k);
+  }
+  for (const NodeId id : given_up) {
+    nodes_[id].pending = 0;
+    MaybeFreeNode(id);
+  }
+  std::erase_if(pair_plans_, [&](const PairPlan& p) { return given_up.contains(p.node); });
+  std::erase_if(stable_plans_, [&](const StablePlan& p) { return given_up.contains(p.node); });
+  for (Run& r : runs) {
+    const std::size_t g = r.end - r.begin;
     const std::size_t f = r.nodes.size();
+    const std::uint64_t hash = pages[r.begin].item->hash();
     for (std::size_t k = 0; k < f; ++k) {
-      const Planned& p = pages[r.begin + k];
-      const Planned& q = pages[r.begin + f + k];
-      pair_plans_.push_back({p.addr, p.item, q.addr, q.item, r.nodes[k]});
+      r.nodes[k] = NewNode(hash);
+      // Its pages: k, k + f, k + 2f ... below g (the first two pair up:
+      // consecutive pairs get consecutive frames; the rest join it).
+      nodes_[r.nodes[k]].pending = std::uint32_t((g - 1 - k) / f + 1);
+      pair_plans_.push_back({pages[r.begin + k].addr, pages[r.begin + k].item,
+                             pages[r.begin + f + k].addr, pages[r.begin + f + k].item,
+                             r.nodes[k]});
     }
-    for (std::size_t k = 2 * f; k < r.end - r.begin; ++k) {
+    for (std::size_t k = 2 * f; k < g; ++k) {
       const Planned& pg = pages[r.begin + k];
       stable_plans_.push_back({pg.addr, pg.item, r.nodes[k % f]});
+    }
+  }
+  // The pages left over (no room) go in nodes of their own, max_page_sharing
+  // at a time: the first two of each pair up, the rest join; a lone last
+  // one merges at a later visit.
+  absl::flat_hash_map<std::uint64_t, std::vector<std::size_t>> left;  // by hash
+  for (const std::size_t k : outside) {
+    const Planned& pg = pages[k];
+    NodeId to = kNoNode;
+    for (const Run& r : runs) {
+      if (pages[r.begin].item->hash() != pg.item->hash()) continue;
+      for (const NodeId id : r.nodes) {
+        if (nodes_[id].load() < max_sharing &&
+            (to == kNoNode || nodes_[id].load() < nodes_[to].load())) {
+          to = id;
+        }
+      }
+    }
+    if (to == kNoNode) {
+      left[pg.item->hash()].push_back(k);
+      continue;
+    }
+    ++nodes_[to].pending;
+    ForgetBestDup(to);
+    stable_plans_.push_back({pg.addr, pg.item, to});
+  }
+  for (const auto& [hash, ks] : left) {
+    for (std::size_t at = 0; at < ks.size(); at += max_sharing) {
+      const std::size_t n = std::min(max_sharing, ks.size() - at);
+      if (n < 2) {
+        pages[ks[at]].item->state = ItemState::kVolatile;
+        continue;
+      }
+      const NodeId id = NewNode(hash);
+      nodes_[id].pending = std::uint32_t(n);
+      const Planned& p = pages[ks[at]];
+      const Planned& q = pages[ks[at + 1]];
+      pair_plans_.push_back({p.addr, p.item, q.addr, q.item, id});
+      for (std::size_t k = 2; k < n; ++k) {
+        stable_plans_.push_back({pages[ks[at + k]].addr, pages[ks[at + k]].item, id});
+      }
     }
   }
   std::sort(pair_plans_.begin(), pair_plans_.end(),

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <random>
 #include <set>
@@ -410,6 +411,69 @@ TEST_F(KsmTest, ChangingPagesAreNotMerged) {
   FullScans(1);
   EXPECT_EQ(ksm_.GetCounters().pages_sharing, 3u);
 }
+
+// A run of identical pages with copies elsewhere, before it, after it, or in
+// a second run: each run is laid out over consecutive frames, and the lone
+// copies join the run's nodes (before, one joining the run's last node kept
+// the whole run from being laid out: a mapping per page).
+struct RunCopies {
+  const char* name;
+  std::vector<std::size_t> copies;  // pages of 0x11 besides the run 100..699
+};
+void PrintTo(const RunCopies& c, std::ostream* os) { *os << c.name; }
+class KsmRunCopiesTest : public KsmTest,
+                         public ::testing::WithParamInterface<RunCopies> {};
+
+TEST_P(KsmRunCopiesTest, RunsMapInRunsAndCopiesJoin) {
+  ksm_.knobs().max_page_sharing = 64;
+  constexpr std::size_t kPages = 1000;
+  const std::vector<std::size_t>& copies = GetParam().copies;
+  auto is_11 = [&](std::size_t i) {
+    return (i >= 100 && i < 700) ||
+           std::find(copies.begin(), copies.end(), i) != copies.end();
+  };
+  Setup(kPages, [&](std::size_t i) { return is_11(i) ? 0x11 : 0x22; });
+  for (int scan = 0; scan < 2; ++scan) {
+    const std::uint64_t target = ksm_.GetCounters().full_scans + 1;
+    for (int guard = 0; ksm_.GetCounters().full_scans < target; ++guard) {
+      ASSERT_LT(guard, 10);
+      ksm_.ScanBatch(kPages, /*stop_at_scan_end=*/true);
+      ksm_.CheckInvariants();
+    }
+  }
+  std::size_t breaks = 0, allowed = 0, runs = 0;
+  for (std::size_t i = 0; i < kPages;) {
+    // A run of g pages alike maps as ceil(g / F) pieces over F = ceil(g / 64)
+    // consecutive frames (page k on frame k mod F), not as g mappings.
+    std::size_t j = i;
+    while (j < kPages && is_11(j) == is_11(i)) ++j;
+    const std::size_t g = j - i, f = (g + 63) / 64;
+    allowed += g / f + 1;
+    ++runs;
+    for (std::size_t k = i; k < j; ++k) {
+      ASSERT_TRUE(mem_.MapsFrame(Page(k))) << k;
+      EXPECT_EQ(mem_.Read(Page(k))[0], is_11(k) ? 0x11 : 0x22) << k;
+      if (k + 1 < j && mem_.FrameOf(Page(k + 1)) != mem_.FrameOf(Page(k)) + 1) ++breaks;
+    }
+    i = j;
+  }
+  EXPECT_LE(breaks, allowed);
+  // Every page merged; each run has frames of its own, so at most one more
+  // frame per run than the kernel's ceil(copies / max_page_sharing).
+  const std::size_t n11 = 600 + copies.size(), n22 = kPages - n11;
+  const Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared + c.pages_sharing, kPages);
+  EXPECT_GE(c.pages_shared, (n11 + 63) / 64 + (n22 + 63) / 64);
+  EXPECT_LE(c.pages_shared, (n11 + 63) / 64 + (n22 + 63) / 64 + runs);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Copies, KsmRunCopiesTest,
+    ::testing::Values(RunCopies{"After", {999}}, RunCopies{"Before", {5}},
+                      RunCopies{"BothSides", {5, 42, 950}},
+                      RunCopies{"SecondRun", {800, 801, 802, 803, 804, 805, 806, 807,
+                                              808, 809, 810, 811, 812, 813, 814, 815}}),
+    [](const ::testing::TestParamInfo<RunCopies>& info) { return info.param.name; });
 
 TEST_F(KsmTest, AWriteDuringTheMergeIsNeverLost) {
   Setup(2, [](std::size_t) { return 4; });

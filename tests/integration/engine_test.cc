@@ -104,6 +104,39 @@ TEST(Engine, RunsOfIdenticalPagesTakeFewMappingsAtDefaultPagesToScan) {
   });
 }
 
+// Copies of the run's content elsewhere, before and after it, join its
+// nodes: they used to keep the run from being laid out over consecutive
+// frames, a mapping per page.
+TEST(Engine, ARunOfIdenticalPagesWithCopiesElsewhereTakesFewMappings) {
+  auto e = NewEngine();
+  constexpr std::size_t kRun = 4000, kSide = 64, kPages = kRun + 2 * kSide;
+  Mapping m(kPages);  // 64 pages, the run, 64 pages
+  auto copy = [&](std::size_t i) {
+    return (i >= kSide && i < kSide + kRun) || i % 16 == 3;
+  };
+  for (std::size_t i = 0; i < kPages; ++i) {
+    if (copy(i)) {
+      m.Fill(i, 0x2a);
+    } else {
+      m.FillKey(i, i);
+    }
+  }
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  const std::int64_t copies = kRun + 2 * kSide / 16;
+  EXPECT_EQ(Counter(*e, "pages_shared") + Counter(*e, "pages_sharing"), copies);
+  EXPECT_LE(Counter(*e, "pages_shared"), 16 + 2);  // ceil(4008 / 256) = 16
+  // The run in pieces, each copy alone: a mapping per page was ~2 * kRun.
+  EXPECT_LE(e->Stats().vmas_used, kRun / 8 + 4 * (2 * kSide / 16));
+  for (std::size_t i = 0; i < kPages; ++i) {
+    ASSERT_TRUE(copy(i) ? m.Holds(i, 0x2a) : m.HoldsKey(i, i)) << i;
+  }
+  m.page(3)[7] = 1;  // copy-on-write of one sharer
+  EXPECT_EQ(m.page(3)[7], 1);
+  EXPECT_EQ(m.page(kPages - 13)[7], 0x2a);
+  EXPECT_EQ(m.page(kSide)[7], 0x2a);
+}
+
 // use_zero_pages = 0: zero pages count as the kernel counts them (KSM pages
 // of zeros), but take no frame and no mapping: scattered among other pages
 // they would otherwise need a VMA each.
