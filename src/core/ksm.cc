@@ -326,6 +326,15 @@ void Ksm::UnlinkNode(NodeId id) {
   }
 }
 
+void Ksm::TakeNewHash(Addr addr, Item& item) {
+  std::uint64_t hash = 0;
+  if (memory_->Hash(addr, &hash)) {
+    item.set_hash(hash);
+  } else {
+    ResetItem(addr, item);
+  }
+}
+
 void Ksm::AddSharer(NodeId id) {
   Node& n = nodes_[id];
   if (n.sharers == 0) {
@@ -575,6 +584,10 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   }
 
   ++pages_scanned_;
+  // The hash of the last visit, if it holds one (not a page just copied
+  // away from a merge).
+  const bool last_hash = item.state == ItemState::kVolatile ||
+                         item.state == ItemState::kUnstable;
   if (item.state == ItemState::kStable) {
     // The page was copied away (written to): it leaves its stable node, and
     // its next visit takes it as changed.
@@ -593,6 +606,27 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     zero_plans_.push_back({addr, &item});
     return;
   }
+  // 0. A page last seen holding the content of a stable node with room is
+  //    planned into it without being read again: the merge compares it in
+  //    full with the node's frame under write-protection, and merges it
+  //    only if it still holds that content, which is what the kernel's
+  //    stable tree search (a compare by content, before any checksum)
+  //    would have found. If it changed, the failed merge takes its new hash
+  //    (TakeNewHash), as this visit would have. One page read saved per
+  //    page that joins a merged content (the third copy on), zero pages
+  //    at use_zero_pages = 0 among them.
+  if (last_hash) {
+    const NodeId node = FindStableWithRoom(item.hash());
+    if (node != kNoNode) {
+      RemoveFromUnstable(addr, item);
+      ++nodes_[node].pending;
+      item.state = ItemState::kPending;
+      stable_plans_.push_back({addr, &item, node, /*unhashed=*/true});
+      NoteRun(addr, item.hash());
+      run_node_ = node;
+      return;
+    }
+  }
   std::uint64_t hash = 0;
   if (!memory_->Hash(addr, &hash)) {
     ResetItem(addr, item);
@@ -602,8 +636,9 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   if (!had_hash) ++rmap_items_;
   RemoveFromUnstable(addr, item);
 
-  // 1. The stable index, even on a first visit.
-  const NodeId node = FindStableWithRoom(hash);
+  // 1. The stable index, even on a first visit (asked above already if
+  //    the hash is the last visit's).
+  const NodeId node = last_hash && hash == item.hash() ? kNoNode : FindStableWithRoom(hash);
   if (node != kNoNode) {
     ++nodes_[node].pending;
     item.set_hash(hash);
@@ -681,14 +716,17 @@ void Ksm::StripeRuns() {
     Addr addr;
     Item* item;
     NodeId node;
+    bool unhashed;  // its plan's (see StablePlan); pairs are hashed
   };
   std::vector<Planned> pages;
   pages.reserve(2 * pair_plans_.size() + stable_plans_.size());
   for (const PairPlan& p : pair_plans_) {
-    pages.push_back({p.p, p.p_item, p.node});
-    pages.push_back({p.q, p.q_item, p.node});
+    pages.push_back({p.p, p.p_item, p.node, false});
+    pages.push_back({p.q, p.q_item, p.node, false});
   }
-  for (const StablePlan& p : stable_plans_) pages.push_back({p.page, p.item, p.node});
+  for (const StablePlan& p : stable_plans_) {
+    pages.push_back({p.page, p.item, p.node, p.unhashed});
+  }
   std::sort(pages.begin(), pages.end(),
             [](const Planned& a, const Planned& b) { return a.addr < b.addr; });
   struct Run {
@@ -696,6 +734,20 @@ void Ksm::StripeRuns() {
     std::vector<NodeId> nodes;  // the new layout: page k on nodes[k % F]
   };
   std::vector<Run> runs;
+  // Whether a page still holds content of this hash (one planned on an old
+  // hash is hashed now, and keeps the new hash).
+  auto HoldsHash = [&](const Planned& pg, std::uint64_t hash) {
+    if (!pg.unhashed) return true;
+    std::uint64_t now = 0;
+    if (!memory_->Hash(pg.addr, &now)) return false;
+    pg.item->set_hash(now);
+    return now == hash;
+  };
+  // A page taken out of the plans: merged, if it can be, at a later visit.
+  auto Unplan = [&](const Planned& pg) {
+    pg.item->state = ItemState::kVolatile;
+    if (pg.unhashed) TakeNewHash(pg.addr, *pg.item);
+  };
   // Nodes made for these plans (no frame, no sharers) can be given up for
   // the new layout; pages joining an existing node cannot.
   auto fresh = [&](const Planned& p) {
@@ -718,7 +770,11 @@ void Ksm::StripeRuns() {
     }
     const std::size_t g = j - i;
     const std::size_t f = (g + max_sharing - 1) / max_sharing;
-    if (is_fresh && f >= 2 && g >= 2 * f && hash != ZeroPageHash()) {
+    // The pages that will pair up (the first 2F) give the new nodes their
+    // hash: those planned on an old hash are hashed now.
+    bool ok = is_fresh && f >= 2 && g >= 2 * f && hash != ZeroPageHash();
+    for (std::size_t k = i; ok && k < i + 2 * f; ++k) ok = HoldsHash(pages[k], hash);
+    if (ok) {
       runs.push_back(Run{i, j, std::vector<NodeId>(f)});
       std::fill(in_stripe.begin() + i, in_stripe.begin() + j, true);
     }
@@ -751,13 +807,13 @@ void Ksm::StripeRuns() {
       // Its pages: k, k + f, k + 2f ... below g (the first two pair up:
       // consecutive pairs get consecutive frames; the rest join it).
       nodes_[r.nodes[k]].pending = std::uint32_t((g - 1 - k) / f + 1);
-      pair_plans_.push_back({pages[r.begin + k].addr, pages[r.begin + k].item,
-                             pages[r.begin + f + k].addr, pages[r.begin + f + k].item,
-                             r.nodes[k]});
+      const Planned& p = pages[r.begin + k];
+      const Planned& q = pages[r.begin + f + k];
+      pair_plans_.push_back({p.addr, p.item, q.addr, q.item, r.nodes[k]});
     }
     for (std::size_t k = 2 * f; k < g; ++k) {
       const Planned& pg = pages[r.begin + k];
-      stable_plans_.push_back({pg.addr, pg.item, r.nodes[k % f]});
+      stable_plans_.push_back({pg.addr, pg.item, r.nodes[k % f], pg.unhashed});
     }
   }
   // The pages left over (no room) go in nodes of their own, max_page_sharing
@@ -782,24 +838,28 @@ void Ksm::StripeRuns() {
     }
     ++nodes_[to].pending;
     ForgetBestDup(to);
-    stable_plans_.push_back({pg.addr, pg.item, to});
+    stable_plans_.push_back({pg.addr, pg.item, to, pg.unhashed});
   }
   for (const auto& [hash, ks] : left) {
-    for (std::size_t at = 0; at < ks.size(); at += max_sharing) {
-      const std::size_t n = std::min(max_sharing, ks.size() - at);
-      if (n < 2) {
-        pages[ks[at]].item->state = ItemState::kVolatile;
-        continue;
-      }
-      const NodeId id = NewNode(hash);
-      nodes_[id].pending = std::uint32_t(n);
-      const Planned& p = pages[ks[at]];
-      const Planned& q = pages[ks[at + 1]];
-      pair_plans_.push_back({p.addr, p.item, q.addr, q.item, id});
-      for (std::size_t k = 2; k < n; ++k) {
-        stable_plans_.push_back({pages[ks[at + k]].addr, pages[ks[at + k]].item, id});
+    NodeId id = kNoNode;
+    const Planned* first = nullptr;  // waiting for a partner
+    for (const std::size_t k : ks) {
+      const Planned& pg = pages[k];
+      if (id != kNoNode && nodes_[id].load() < max_sharing) {
+        ++nodes_[id].pending;
+        stable_plans_.push_back({pg.addr, pg.item, id, pg.unhashed});
+      } else if (!HoldsHash(pg, hash)) {
+        Unplan(pg);
+      } else if (first == nullptr) {
+        first = &pg;
+      } else {
+        id = NewNode(hash);
+        nodes_[id].pending = 2;
+        pair_plans_.push_back({first->addr, first->item, pg.addr, pg.item, id});
+        first = nullptr;
       }
     }
+    if (first != nullptr) Unplan(*first);  // a lone one merges at a later visit
   }
   std::sort(pair_plans_.begin(), pair_plans_.end(),
             [](const PairPlan& a, const PairPlan& b) { return a.p < b.p; });
@@ -884,6 +944,7 @@ void Ksm::DropZeroContent() {
       join(plan.item, plan.node);
     } else {
       fail(plan.item, plan.node);
+      if (plan.unhashed) TakeNewHash(plan.page, *plan.item);
     }
   }
   for (const Page& page : pages) {
@@ -962,6 +1023,7 @@ void Ksm::ExecutePlans() {
         plan.item->state = ItemState::kVolatile;
         ++merge_failures_;
         ForgetBestDup(plan.node);  // its load went down
+        if (plan.unhashed) TakeNewHash(plan.page, *plan.item);
       }
     }
   }

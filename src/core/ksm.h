@@ -13,7 +13,9 @@
 // docs/design.md for the measurement behind the choice.
 //
 // Per page visit, in the kernel's order: a merged page that was copied away
-// leaves its stable node; smart scan may skip the page; its hash is taken;
+// leaves its stable node; smart scan may skip the page; a page last seen
+// with the hash of a stable node with room merges into it (the merge's
+// compare decides) without being read first; else its hash is taken and
 // the stable index is searched (merging on a hit); a page whose hash changed
 // since the last visit is only remembered; an all-zero page is dropped to the
 // zero page if use_zero_pages; the unstable index is searched (a hit merges
@@ -256,6 +258,10 @@ class Ksm {
   // (carried_). Item pointers stay valid while they wait: ranges change only
   // in Forget, which first drops or does every waiting plan (Advise adds
   // ranges without moving items).
+  // A StablePlan `unhashed` was made on the hash of the page's last visit,
+  // without reading it again (see VisitPage): the compare with the frame
+  // decides. A pair's pages are always hashed in this batch, since their
+  // frame takes its node's hash from them.
   struct PairPlan {
     Addr p;
     Item* p_item;
@@ -267,6 +273,7 @@ class Ksm {
     Addr page;
     Item* item;
     NodeId node;
+    bool unhashed = false;
   };
   struct ZeroPlan {
     Addr page;
@@ -317,6 +324,9 @@ class Ksm {
   NodeId NewNode(std::uint64_t hash);
   void LinkNode(NodeId id);
   void UnlinkNode(NodeId id);
+  // A page planned on an old hash failed to merge: it keeps its current
+  // hash, as a visit would have (or is forgotten if it cannot be read).
+  void TakeNewHash(Addr addr, Item& item);
   void AddSharer(NodeId id);
   void RemoveSharer(NodeId id);
   void MaybeFreeNode(NodeId id);

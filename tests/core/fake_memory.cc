@@ -101,6 +101,7 @@ void FakeMemory::Probe(Addr addr, std::span<PageState> states) {
 bool FakeMemory::Hash(Addr addr, std::uint64_t* hash) {
   auto it = pages_.find(addr);
   if (it == pages_.end()) return false;
+  ++hashes[addr];
   *hash = HashPage(Content(it->second).data());
   return true;
 }

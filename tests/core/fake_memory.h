@@ -44,6 +44,9 @@ class FakeMemory : public Memory {
   // Merges allowed before kNoBudget is returned (simulates the VMA budget).
   std::size_t merge_budget = SIZE_MAX;
 
+  // Hash calls per page, since the start.
+  std::map<Addr, std::size_t> hashes;
+
   std::size_t frames_live() const { return frame_refs_.size(); }
   std::size_t frames_released() const { return released_; }
   std::size_t pages_mapping_frames() const;

@@ -475,6 +475,65 @@ INSTANTIATE_TEST_SUITE_P(
                                               808, 809, 810, 811, 812, 813, 814, 815}}),
     [](const ::testing::TestParamInfo<RunCopies>& info) { return info.param.name; });
 
+// A page last seen with a merged content's hash is compared with that
+// content's frame without being hashed again: the third copy of a content
+// is read once on its second visit, not twice.
+TEST_F(KsmTest, APageJoiningMergedContentIsNotHashedAgain) {
+  Setup(12, [](std::size_t i) { return i == 0 || i == 5 || i == 9 ? 7 : 20 + i; });
+  FullScans(2);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 2u);
+  EXPECT_EQ(mem_.FrameOf(Page(9)), mem_.FrameOf(Page(0)));
+  EXPECT_EQ(mem_.hashes[Page(0)], 2u);
+  EXPECT_EQ(mem_.hashes[Page(5)], 2u);
+  EXPECT_EQ(mem_.hashes[Page(9)], 1u);
+  EXPECT_EQ(mem_.Read(Page(9))[0], 7);
+}
+
+// One that changed since then fails the compare and keeps its new hash, so
+// it pairs with a page of its new content at its next visit, as it would
+// have had it been hashed.
+TEST_F(KsmTest, APageChangedSinceItsLastVisitMergesWithItsNewContent) {
+  ksm_.knobs().smart_scan = false;
+  Setup(6, [](std::size_t i) -> std::uint8_t { return i == 2 ? 8 : i == 3 || i == 5 ? 30 + i : 7; });
+  FullScans(1);
+  mem_.Write(Page(4), 8);  // was 7, like pages 0 and 1; now like page 2
+  FullScans(2);
+  EXPECT_EQ(mem_.Read(Page(4))[0], 8);
+  EXPECT_EQ(mem_.FrameOf(Page(0)), mem_.FrameOf(Page(1)));
+  ASSERT_TRUE(mem_.MapsFrame(Page(4)));
+  EXPECT_EQ(mem_.FrameOf(Page(4)), mem_.FrameOf(Page(2)));
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 2u);
+}
+
+// Pages of a run planned on their old hash that changed alike since then
+// must not pair up into a node indexed under the old content: the pages
+// that pair up when a run is laid out are hashed first. (Were pages 2 and
+// 6 paired, their node would hold 0x44 under 0x11's hash, and the 0x11
+// pages laid out on it, 10 and 14, would fail to join it at every visit.)
+TEST_F(KsmTest, ARunThatChangedSinceItsLastVisitStillMergesEverything) {
+  ksm_.knobs().max_page_sharing = 4;
+  ksm_.knobs().smart_scan = false;
+  Setup(16, [](std::size_t) { return 0x11; });
+  FullScans(1);
+  mem_.Write(Page(2), 0x44);
+  mem_.Write(Page(6), 0x44);
+  for (int scan = 0; scan < 4; ++scan) {
+    const std::uint64_t target = ksm_.GetCounters().full_scans + 1;
+    for (int guard = 0; ksm_.GetCounters().full_scans < target; ++guard) {
+      ASSERT_LT(guard, 10);
+      ksm_.ScanBatch(16, /*stop_at_scan_end=*/true);  // the run in one batch
+      ksm_.CheckInvariants();
+    }
+  }
+  const Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared + c.pages_sharing, 16u);
+  for (std::size_t i = 0; i < 16; ++i) {
+    ASSERT_TRUE(mem_.MapsFrame(Page(i))) << i;
+    EXPECT_EQ(mem_.Read(Page(i))[0], i == 2 || i == 6 ? 0x44 : 0x11) << i;
+  }
+  EXPECT_EQ(mem_.FrameOf(Page(2)), mem_.FrameOf(Page(6)));
+}
+
 TEST_F(KsmTest, AWriteDuringTheMergeIsNeverLost) {
   Setup(2, [](std::size_t) { return 4; });
   FullScans(1);
