@@ -615,6 +615,12 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   //    (TakeNewHash), as this visit would have. One page read saved per
   //    page that joins a merged content (the third copy on), zero pages
   //    at use_zero_pages = 0 among them.
+  //    Likewise a page last seen with the hash of a page in this scan's
+  //    unstable index pairs with it unread: the pair's compare decides, and
+  //    a page that changed, which the kernel's checksum rule would have
+  //    left alone this visit, only fails it. The node takes its hash from
+  //    the other page, hashed in this scan.
+  const std::uint64_t item_hash_before = item.hash();
   if (last_hash) {
     const NodeId node = FindStableWithRoom(item.hash());
     if (node != kNoNode) {
@@ -626,6 +632,8 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
       run_node_ = node;
       return;
     }
+    RemoveFromUnstable(addr, item);
+    if (PairWithUnstable(addr, item, item.hash(), /*unhashed=*/true)) return;
   }
   std::uint64_t hash = 0;
   if (!memory_->Hash(addr, &hash)) {
@@ -638,7 +646,8 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
 
   // 1. The stable index, even on a first visit (asked above already if
   //    the hash is the last visit's).
-  const NodeId node = last_hash && hash == item.hash() ? kNoNode : FindStableWithRoom(hash);
+  const NodeId node =
+      last_hash && hash == item_hash_before ? kNoNode : FindStableWithRoom(hash);
   if (node != kNoNode) {
     ++nodes_[node].pending;
     item.set_hash(hash);
@@ -660,22 +669,10 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     zero_plans_.push_back({addr, &item});
     return;
   }
-  // 4. The unstable index: a match makes a new stable node of both pages.
-  auto it = unstable_.find(HashKey{hash});
-  if (it != unstable_.end()) {
-    const Addr other_addr = *it & ~kFragmentMask;
-    Item* other = FindItem(other_addr);
-    if (other == nullptr || other_addr == addr) {
-      InvariantFailure("unstable index entry without its item");
-    }
-    unstable_.erase(it);
-    other->state = ItemState::kPending;
-    item.state = ItemState::kPending;
-    const NodeId fresh = NewNode(hash);
-    nodes_[fresh].pending = 2;
-    pair_plans_.push_back({addr, &item, other_addr, other, fresh});
-    NoteRun(addr, hash);
-    run_node_ = fresh;
+  // 4. The unstable index: a match makes a new stable node of both pages
+  //    (asked above already if the hash is the last visit's).
+  if (!(last_hash && hash == item_hash_before) &&
+      PairWithUnstable(addr, item, hash, /*unhashed=*/false)) {
     return;
   }
   item.state = ItemState::kUnstable;
@@ -685,6 +682,26 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     construct(MakeEntry(addr, hash));
   });
   unstable_peak_ = std::max(unstable_peak_, unstable_.size());
+}
+
+bool Ksm::PairWithUnstable(Addr addr, Item& item, std::uint64_t hash, bool unhashed) {
+  auto it = unstable_.find(HashKey{hash});
+  if (it == unstable_.end()) return false;
+  const Addr other_addr = *it & ~kFragmentMask;
+  Item* other = FindItem(other_addr);
+  if (other == nullptr || other_addr == addr) {
+    InvariantFailure("unstable index entry without its item");
+  }
+  unstable_.erase(it);
+  other->state = ItemState::kPending;
+  item.state = ItemState::kPending;
+  // The node's hash is the one the other page was found with in this scan.
+  const NodeId fresh = NewNode(hash);
+  nodes_[fresh].pending = 2;
+  pair_plans_.push_back({addr, &item, other_addr, other, fresh, unhashed});
+  NoteRun(addr, hash);
+  run_node_ = fresh;
+  return true;
 }
 
 void Ksm::NoteRun(Addr addr, std::uint64_t hash) {
@@ -716,12 +733,12 @@ void Ksm::StripeRuns() {
     Addr addr;
     Item* item;
     NodeId node;
-    bool unhashed;  // its plan's (see StablePlan); pairs are hashed
+    bool unhashed;  // planned on an old hash (see StablePlan, PairPlan)
   };
   std::vector<Planned> pages;
   pages.reserve(2 * pair_plans_.size() + stable_plans_.size());
   for (const PairPlan& p : pair_plans_) {
-    pages.push_back({p.p, p.p_item, p.node, false});
+    pages.push_back({p.p, p.p_item, p.node, p.unhashed});
     pages.push_back({p.q, p.q_item, p.node, false});
   }
   for (const StablePlan& p : stable_plans_) {
@@ -934,6 +951,7 @@ void Ksm::DropZeroContent() {
     } else {
       fail(plan.p_item, plan.node);
       plan.q_item->state = ItemState::kVolatile;
+      if (plan.unhashed) TakeNewHash(plan.p, *plan.p_item);
     }
   }
   for (std::size_t i = 0; i < stable_plans_.size(); ++i) {
@@ -991,6 +1009,7 @@ void Ksm::ExecutePlans() {
       if (results_[i] != MergeResult::kMerged) {
         ++merge_failures_;
         ForgetBestDup(plan.node);  // its load went down
+        if (plan.unhashed) TakeNewHash(plan.p, *plan.p_item);
       }
     }
   }

@@ -258,16 +258,17 @@ class Ksm {
   // (carried_). Item pointers stay valid while they wait: ranges change only
   // in Forget, which first drops or does every waiting plan (Advise adds
   // ranges without moving items).
-  // A StablePlan `unhashed` was made on the hash of the page's last visit,
-  // without reading it again (see VisitPage): the compare with the frame
-  // decides. A pair's pages are always hashed in this batch, since their
-  // frame takes its node's hash from them.
+  // A plan `unhashed` was made on the hash of the page's last visit (a
+  // pair's p), without reading it again (see VisitPage): the merge's
+  // compare decides. A pair's q, whose hash its node takes, is always
+  // hashed in this full scan.
   struct PairPlan {
     Addr p;
     Item* p_item;
     Addr q;
     Item* q_item;
     NodeId node;
+    bool unhashed = false;
   };
   struct StablePlan {
     Addr page;
@@ -339,6 +340,9 @@ class Ksm {
 
   // Unstable index.
   bool InUnstable(Addr addr, const Item& item) const;
+  // Plans a pair of this page and the unstable index's page of this hash,
+  // if there is one.
+  bool PairWithUnstable(Addr addr, Item& item, std::uint64_t hash, bool unhashed);
   void RemoveFromUnstable(Addr addr, Item& item);
 
   // Turns an item back into kNew, leaving whatever index it is in.

@@ -475,17 +475,20 @@ INSTANTIATE_TEST_SUITE_P(
                                               808, 809, 810, 811, 812, 813, 814, 815}}),
     [](const ::testing::TestParamInfo<RunCopies>& info) { return info.param.name; });
 
-// A page last seen with a merged content's hash is compared with that
-// content's frame without being hashed again: the third copy of a content
-// is read once on its second visit, not twice.
-TEST_F(KsmTest, APageJoiningMergedContentIsNotHashedAgain) {
+// A page last seen with the hash of a merged content, or of a page waiting
+// in this scan's unstable index, is compared with it without being hashed
+// again: of three copies of a content only the first is read on its second
+// visit before the merge.
+TEST_F(KsmTest, APageFindingItsContentIsNotHashedAgain) {
   Setup(12, [](std::size_t i) { return i == 0 || i == 5 || i == 9 ? 7 : 20 + i; });
   FullScans(2);
   EXPECT_EQ(ksm_.GetCounters().pages_sharing, 2u);
+  EXPECT_EQ(mem_.FrameOf(Page(5)), mem_.FrameOf(Page(0)));
   EXPECT_EQ(mem_.FrameOf(Page(9)), mem_.FrameOf(Page(0)));
   EXPECT_EQ(mem_.hashes[Page(0)], 2u);
-  EXPECT_EQ(mem_.hashes[Page(5)], 2u);
-  EXPECT_EQ(mem_.hashes[Page(9)], 1u);
+  EXPECT_EQ(mem_.hashes[Page(5)], 1u);  // pairs with page 0
+  EXPECT_EQ(mem_.hashes[Page(9)], 1u);  // joins their node
+  EXPECT_EQ(mem_.hashes[Page(1)], 2u);  // unique: hashed at every visit
   EXPECT_EQ(mem_.Read(Page(9))[0], 7);
 }
 
@@ -503,6 +506,22 @@ TEST_F(KsmTest, APageChangedSinceItsLastVisitMergesWithItsNewContent) {
   ASSERT_TRUE(mem_.MapsFrame(Page(4)));
   EXPECT_EQ(mem_.FrameOf(Page(4)), mem_.FrameOf(Page(2)));
   EXPECT_EQ(ksm_.GetCounters().pages_sharing, 2u);
+}
+
+// The same for a pair: page 1, last seen like page 0, fails to pair with it
+// and pairs with page 2, whose content it now holds.
+TEST_F(KsmTest, APageChangedSinceItsLastVisitPairsWithItsNewContent) {
+  ksm_.knobs().smart_scan = false;
+  Setup(4, [](std::size_t i) -> std::uint8_t { return i < 2 ? 7 : i == 2 ? 8 : 40; });
+  FullScans(1);
+  mem_.Write(Page(1), 8);
+  FullScans(2);
+  EXPECT_FALSE(mem_.MapsFrame(Page(0)));
+  ASSERT_TRUE(mem_.MapsFrame(Page(1)));
+  EXPECT_EQ(mem_.FrameOf(Page(1)), mem_.FrameOf(Page(2)));
+  EXPECT_EQ(mem_.Read(Page(0))[0], 7);
+  EXPECT_EQ(mem_.Read(Page(1))[0], 8);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 1u);
 }
 
 // Pages of a run planned on their old hash that changed alike since then
