@@ -760,11 +760,9 @@ void Ksm::StripeRuns() {
     pg.item->set_hash(now);
     return now == hash;
   };
-  // A page taken out of the plans: merged, if it can be, at a later visit.
-  auto Unplan = [&](const Planned& pg) {
-    pg.item->state = ItemState::kVolatile;
-    if (pg.unhashed) TakeNewHash(pg.addr, *pg.item);
-  };
+  // A page taken out of the plans (always after HoldsHash: its hash is
+  // current): merged, if it can be, at a later visit.
+  auto Unplan = [&](const Planned& pg) { pg.item->state = ItemState::kVolatile; };
   // Nodes made for these plans (no frame, no sharers) can be given up for
   // the new layout; pages joining an existing node cannot.
   auto fresh = [&](const Planned& p) {
