@@ -625,11 +625,7 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     const NodeId node = FindStableWithRoom(item.hash());
     if (node != kNoNode) {
       RemoveFromUnstable(addr, item);
-      ++nodes_[node].pending;
-      item.state = ItemState::kPending;
-      stable_plans_.push_back({addr, &item, node, /*unhashed=*/true});
-      NoteRun(addr, item.hash());
-      run_node_ = node;
+      PlanJoin(addr, item, node, /*unhashed=*/true);
       return;
     }
     RemoveFromUnstable(addr, item);
@@ -649,12 +645,8 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   const NodeId node =
       last_hash && hash == item_hash_before ? kNoNode : FindStableWithRoom(hash);
   if (node != kNoNode) {
-    ++nodes_[node].pending;
     item.set_hash(hash);
-    item.state = ItemState::kPending;
-    stable_plans_.push_back({addr, &item, node});
-    NoteRun(addr, hash);
-    run_node_ = node;
+    PlanJoin(addr, item, node, /*unhashed=*/false);
     return;
   }
   // 2. A page whose content changed since the last visit is only remembered.
@@ -682,6 +674,14 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     construct(MakeEntry(addr, hash));
   });
   unstable_peak_ = std::max(unstable_peak_, unstable_.size());
+}
+
+void Ksm::PlanJoin(Addr addr, Item& item, NodeId node, bool unhashed) {
+  ++nodes_[node].pending;
+  item.state = ItemState::kPending;
+  stable_plans_.push_back({addr, &item, node, unhashed});
+  NoteRun(addr, item.hash());
+  run_node_ = node;
 }
 
 bool Ksm::PairWithUnstable(Addr addr, Item& item, std::uint64_t hash, bool unhashed) {

@@ -14,9 +14,10 @@
 //
 // Per page visit, in the kernel's order: a merged page that was copied away
 // leaves its stable node; smart scan may skip the page; a page last seen
-// with the hash of a stable node with room merges into it (the merge's
-// compare decides) without being read first; else its hash is taken and
-// the stable index is searched (merging on a hit); a page whose hash changed
+// with the hash of a stable node with room, or of a page in this scan's
+// unstable index, merges with it without being read first (the merge's
+// compare decides); else its hash is taken and the stable index is
+// searched (merging on a hit); a page whose hash changed
 // since the last visit is only remembered; an all-zero page is dropped to the
 // zero page if use_zero_pages; the unstable index is searched (a hit merges
 // the two pages into a new stable node) or the page is inserted.
@@ -322,6 +323,9 @@ class Ksm {
 
   // Stable index.
   NodeId FindStableWithRoom(std::uint64_t hash) const;
+  // Plans the page's merge into a stable node (its item holds the node's
+  // hash).
+  void PlanJoin(Addr addr, Item& item, NodeId node, bool unhashed);
   NodeId NewNode(std::uint64_t hash);
   void LinkNode(NodeId id);
   void UnlinkNode(NodeId id);
