@@ -622,13 +622,12 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   //    the other page, hashed in this scan.
   const std::uint64_t item_hash_before = item.hash();
   if (last_hash) {
+    RemoveFromUnstable(addr, item);
     const NodeId node = FindStableWithRoom(item.hash());
     if (node != kNoNode) {
-      RemoveFromUnstable(addr, item);
       PlanJoin(addr, item, node, /*unhashed=*/true);
       return;
     }
-    RemoveFromUnstable(addr, item);
     if (PairWithUnstable(addr, item, item.hash(), /*unhashed=*/true)) return;
   }
   std::uint64_t hash = 0;
@@ -638,12 +637,12 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   }
   const bool had_hash = item.state != ItemState::kNew;
   if (!had_hash) ++rmap_items_;
-  RemoveFromUnstable(addr, item);
+  // A page in the unstable index left it above (last_hash), where both
+  // indexes were asked already if the hash is still the last visit's.
+  const bool asked = last_hash && hash == item_hash_before;
 
-  // 1. The stable index, even on a first visit (asked above already if
-  //    the hash is the last visit's).
-  const NodeId node =
-      last_hash && hash == item_hash_before ? kNoNode : FindStableWithRoom(hash);
+  // 1. The stable index, even on a first visit.
+  const NodeId node = asked ? kNoNode : FindStableWithRoom(hash);
   if (node != kNoNode) {
     item.set_hash(hash);
     PlanJoin(addr, item, node, /*unhashed=*/false);
@@ -661,12 +660,8 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     zero_plans_.push_back({addr, &item});
     return;
   }
-  // 4. The unstable index: a match makes a new stable node of both pages
-  //    (asked above already if the hash is the last visit's).
-  if (!(last_hash && hash == item_hash_before) &&
-      PairWithUnstable(addr, item, hash, /*unhashed=*/false)) {
-    return;
-  }
+  // 4. The unstable index: a match makes a new stable node of both pages.
+  if (!asked && PairWithUnstable(addr, item, hash, /*unhashed=*/false)) return;
   item.state = ItemState::kUnstable;
   item.seq = seq_;
   NoteRun(addr, hash);
