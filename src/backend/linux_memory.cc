@@ -1168,12 +1168,17 @@ void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
       ++i;
       continue;
     }
-    std::size_t j = i + 1;
+    // A batch is a run of consecutive p; their partners may lie anywhere,
+    // in at most kMaxPartnerRuns runs of their own (one window each).
+    std::size_t j = i + 1, partner_runs = 1;
     while (j < n && j - i < kMaxWindowPages && p[j] == p[j - 1] + kPageSize &&
-           q[j] == q[j - 1] + kPageSize && ok(j)) {
+           ok(j)) {
+      const bool joins = q[j] == q[j - 1] + kPageSize;
+      if (!joins && partner_runs == kMaxPartnerRuns) break;
+      partner_runs += joins ? 0 : 1;
       ++j;
     }
-    MergePairBatch(p[i], q[i], j - i, &frames[i], &results[i]);
+    MergePairBatch(p[i], &q[i], j - i, &frames[i], &results[i]);
     if (unflushed_pages_ >= kMaxWindowPages) FlushMapped();
     i = j;
   }
@@ -1181,11 +1186,29 @@ void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
   CommitMapped();
 }
 
-void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
+void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
                                  FrameId* frames_out, MergeResult* out) {
+  // Everything written inside the windows is on our stack or in *this.
+  struct PartnerRun {
+    std::size_t begin, end;  // pairs [begin, end): q[begin] + (k - begin) pages
+    int slot = -1;
+    int err = 0;  // Protect's error: classified once nothing is protected
+    ProtectMethod how = ProtectMethod::kNone;
+  };
+  PartnerRun runs[kMaxPartnerRuns];
+  std::size_t nruns = 0;
+  std::size_t run_of[kMaxWindowPages];
+  for (std::size_t k = 0; k < n; ++k) {
+    if (k == 0 || q[k] != q[k - 1] + kPageSize) runs[nruns++] = {k, k};
+    runs[nruns - 1].end = k + 1;
+    run_of[k] = nruns - 1;
+  }
+  auto run_len = [](const PartnerRun& r) {
+    return (r.end - r.begin) * kPageSize;
+  };
   MergeResult local[kMaxWindowPages];
   FrameId frames[kMaxWindowPages];
-  Interval mapped[2 * kMaxWindowPages];
+  Interval mapped[2 * kMaxWindowPages];  // disjoint on each side
   ProtectMethod mapped_how[2 * kMaxWindowPages];
   std::size_t nmapped = 0;
   bool pgone[kMaxWindowPages] = {};
@@ -1193,93 +1216,128 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
   bool frames_leaked[kMaxWindowPages] = {};
   std::fill(frames, frames + n, kNoFrame);
   const std::size_t len = n * kPageSize;
-  constexpr std::uint64_t kWindowCost = 4;  // two windows
+  // Each window's protect may split a VMA in three (mprotect).
+  const std::uint64_t window_cost = 2 * (1 + nruns);
   std::uint64_t added = 0;
-  RecountIfShort(kWindowCost + 4 * n);  // worst case: a run per pair
-  if (!BudgetAllows(kWindowCost)) {
+  RecountIfShort(window_cost + 4 * n);  // worst case: a run per pair
+  bool lock_room = LockRoomFor(pbase, len);
+  for (std::size_t r = 0; lock_room && r < nruns; ++r)
+    lock_room = LockRoomFor(q[runs[r].begin], run_len(runs[r]));
+  if (!BudgetAllows(window_cost)) {
     std::fill(local, local + n, MergeResult::kNoBudget);
-  } else if (!LockRoomFor(pbase, len) || !LockRoomFor(qbase, len)) {
+  } else if (!lock_room) {
     std::fill(local, local + n, MergeResult::kFailed);
   } else {
     WindowLock lock;
-    int pslot = OpenWindow(pbase, pbase + len);
-    int qslot = pslot < 0 ? -1 : OpenWindow(qbase, qbase + len);
-    ProtectMethod phow = ProtectMethod::kNone, qhow = ProtectMethod::kNone;
-    int err = 0;
-    if (qslot < 0) {
+    const int pslot = OpenWindow(pbase, pbase + len);
+    bool slots = pslot >= 0;
+    for (std::size_t r = 0; slots && r < nruns; ++r) {
+      runs[r].slot =
+          OpenWindow(q[runs[r].begin], q[runs[r].begin] + run_len(runs[r]));
+      slots = runs[r].slot >= 0;
+    }
+    ProtectMethod phow = ProtectMethod::kNone;
+    int perr = 0;
+    if (!slots) {
       std::fill(local, local + n, MergeResult::kFailed);
-    } else if ((err = protector_->Protect(pbase, len, &phow)) != 0) {
-      std::fill(local, local + n, ClassifyProtectError(err, pbase, len));
-    } else if ((err = protector_->Protect(qbase, len, &qhow)) != 0) {
-      protector_->Unprotect(pbase, len, phow);
-      std::fill(local, local + n, ClassifyProtectError(err, qbase, len));
+    } else if ((perr = protector_->Protect(pbase, len, &phow)) != 0) {
+      std::fill(local, local + n, ClassifyProtectError(perr, pbase, len));
     } else {
+      // A partner run that cannot be protected leaves its pairs as they
+      // are; the other runs go on.
+      for (std::size_t r = 0; r < nruns; ++r) {
+        runs[r].err = protector_->Protect(q[runs[r].begin], run_len(runs[r]),
+                                          &runs[r].how);
+      }
       // p's pages go into fresh frames first (the kernel copies them: no
       // page fault on the frame view), then each p is compared with its q.
       // Both sides are protected from before the copy to the remap, so a
       // frame holds exactly its p's bytes, and q only ever maps a frame
       // whose source it was found equal to. p, not the frame: the frame
       // view's fresh page would first take a fault to be mapped here.
-      const bool may_replace =
-          !LockViewStale(pbase, len) && !LockViewStale(qbase, len);
+      bool may_replace = !LockViewStale(pbase, len);
+      for (std::size_t r = 0; may_replace && r < nruns; ++r) {
+        may_replace = runs[r].err != 0 ||
+                      !LockViewStale(q[runs[r].begin], run_len(runs[r]));
+      }
       const FrameId f = may_replace ? store_.Allocate(n) : kNoFrame;
       bool copied[kMaxWindowPages] = {};
       if (f != kNoFrame) CopyIntoFrames(pbase, n, f, copied);
       for (std::size_t k = 0; k < n; ++k) {
         bool equal = false;
-        if (f == kNoFrame) {
+        if (f == kNoFrame || runs[run_of[k]].err != 0) {
           local[k] = MergeResult::kFailed;
-        } else if (!copied[k] ||
-                   !GuardedEqual(Ptr(pbase + k * kPageSize),
-                                 Ptr(qbase + k * kPageSize), kPageSize,
-                                 &equal)) {
+        } else if (!copied[k] || !GuardedEqual(Ptr(pbase + k * kPageSize),
+                                               Ptr(q[k]), kPageSize, &equal)) {
           // Only the side that faulted is gone: the other one must still
           // be made writable again.
           pgone[k] = !Readable(pbase + k * kPageSize);
-          qgone[k] = !Readable(qbase + k * kPageSize);
+          qgone[k] = !Readable(q[k]);
           local[k] = MergeResult::kGone;
         } else {
           local[k] = equal ? MergeResult::kMerged : MergeResult::kDiffers;
         }
       }
+      // A merged run [k, e) of p takes one mapping; on q's side each piece
+      // of it whose partners are consecutive takes one.
+      auto piece_end = [&](std::size_t a, std::size_t e) {
+        return std::min(e, runs[run_of[a]].end);
+      };
       auto any = [](std::size_t) { return true; };
       ForEachMergedRun(local, n, any, [&](std::size_t k, std::size_t e) {
-        const std::size_t run = (e - k) * kPageSize;
-        const Addr pa = pbase + k * kPageSize, qa = qbase + k * kPageSize;
-        const FrameId fk = f + static_cast<FrameId>(k);
-        const std::uint64_t cost = (k == 0 && e == n) ? 0 : 4;
-        MergeResult r = MergeResult::kMerged;
-        bool leak = false;
-        if (!BudgetAllows(kWindowCost + added + cost)) {
-          r = MergeResult::kNoBudget;
-        } else if ((r = MapFrames(pa, run, fk, phow)) != MergeResult::kMerged) {
-          // Nothing of p maps the frame.
-        } else if ((r = MapFrames(qa, run, fk, qhow)) != MergeResult::kMerged) {
-          // p already maps the frame (and may have been written since, into
-          // its private copy): protect it again and give it back anonymous
-          // memory with its current bytes.
-          protector_->Replaced(pa, run, phow);
-          bool restored = mprotect(Ptr(pa), run, PROT_READ) == 0 &&
-                          ReplaceWithAnonymousCopy(pa, run, kReadWrite);
-          if (!restored) {
-            mprotect(Ptr(pa), run, kReadWrite);
-            leak = true;  // still mapped by p: leak it rather than punch
-          }
+        const Addr pa = pbase + k * kPageSize;
+        std::uint64_t cost = (k == 0 && e == n) ? 0 : 2;
+        for (std::size_t a = k; a < e; a = piece_end(a, e)) {
+          const PartnerRun& r = runs[run_of[a]];
+          cost += (a == r.begin && piece_end(a, e) == r.end) ? 0 : 2;
+        }
+        MergeResult res = MergeResult::kNoBudget;
+        if (BudgetAllows(window_cost + added + cost)) {
+          res = MapFrames(pa, (e - k) * kPageSize, f + static_cast<FrameId>(k),
+                          phow);
+        }
+        if (res != MergeResult::kMerged) {
+          std::fill(local + k, local + e, res);  // nothing of p maps them
+          return;
+        }
+        added += 2;
+        for (std::size_t a = k; a < e; a = piece_end(a, e)) {
+          const std::size_t b = piece_end(a, e);
+          const std::size_t piece = (b - a) * kPageSize;
+          const ProtectMethod qhow = runs[run_of[a]].how;
           added += 2;
-        } else {
-          // Woken and registered at the flush (see NoteMapped).
-          mapped_how[nmapped] = phow;
-          mapped[nmapped++] = Interval{pa, pa + run};
-          mapped_how[nmapped] = qhow;
-          mapped[nmapped++] = Interval{qa, qa + run};
-          added += 4;
+          const MergeResult qres =
+              MapFrames(q[a], piece, f + static_cast<FrameId>(a), qhow);
+          if (qres == MergeResult::kMerged) {
+            // Woken and registered at the flush (see NoteMapped).
+            mapped_how[nmapped] = qhow;
+            mapped[nmapped++] = Interval{q[a], q[a] + piece};
+            continue;
+          }
+          // p already maps these frames (and may have been written since,
+          // into its private copy): protect it again and give it back
+          // anonymous memory with its current bytes.
+          const Addr pp = pbase + a * kPageSize;
+          protector_->Replaced(pp, piece, phow);
+          const bool restored = mprotect(Ptr(pp), piece, PROT_READ) == 0 &&
+                                ReplaceWithAnonymousCopy(pp, piece, kReadWrite);
+          if (!restored) mprotect(Ptr(pp), piece, kReadWrite);
+          std::fill(local + a, local + b, qres);
+          // Still mapped by p: leak them rather than punch.
+          std::fill(frames_leaked + a, frames_leaked + b, !restored);
         }
-        for (std::size_t i = k; i < e; ++i) {
-          local[i] = r;
-          if (r == MergeResult::kMerged) frames[i] = f + static_cast<FrameId>(i);
-          if (leak) frames_leaked[i] = true;
-        }
+        // The pieces of p whose partners kept their mappings.
+        ForEachMergedRun(local + k, e - k, any,
+                         [&](std::size_t a, std::size_t b) {
+                           mapped_how[nmapped] = phow;
+                           mapped[nmapped++] =
+                               Interval{pa + a * kPageSize, pa + b * kPageSize};
+                         });
       });
+      for (std::size_t k = 0; k < n; ++k) {
+        if (local[k] == MergeResult::kMerged)
+          frames[k] = f + static_cast<FrameId>(k);
+      }
       // Frames that no page maps: their memory goes back at once.
       for (std::size_t k = 0; f != kNoFrame && k < n; ++k) {
         if (local[k] != MergeResult::kMerged && !frames_leaked[k])
@@ -1295,10 +1353,24 @@ void LinuxMemory::MergePairBatch(Addr pbase, Addr qbase, std::size_t n,
         return side;
       };
       UnprotectRest(pbase, n, side_of(pgone), /*skip_merged=*/true, phow);
-      UnprotectRest(qbase, n, side_of(qgone), /*skip_merged=*/true, qhow);
+      side_of(qgone);
+      for (std::size_t r = 0; r < nruns; ++r) {
+        if (runs[r].err != 0) continue;
+        UnprotectRest(q[runs[r].begin], runs[r].end - runs[r].begin,
+                      side + runs[r].begin, /*skip_merged=*/true, runs[r].how);
+      }
     }
-    if (qslot >= 0) CloseWindow(qslot);
+    for (std::size_t r = nruns; r-- > 0;) {
+      if (runs[r].slot >= 0) CloseWindow(runs[r].slot);
+    }
     if (pslot >= 0) CloseWindow(pslot);
+    // Nothing is protected now: ClassifyProtectError may read the maps.
+    for (std::size_t r = 0; slots && perr == 0 && r < nruns; ++r) {
+      if (runs[r].err == 0) continue;
+      std::fill(local + runs[r].begin, local + runs[r].end,
+                ClassifyProtectError(runs[r].err, q[runs[r].begin],
+                                     run_len(runs[r])));
+    }
   }
   vmas_used_ += added;
   for (std::size_t i = 0; i < nmapped; ++i)

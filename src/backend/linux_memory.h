@@ -115,6 +115,9 @@ class LinuxMemory final : public Memory {
 
   // Pages per write-protect window: bounds how long a writer may wait.
   static constexpr std::size_t kMaxWindowPages = 128;
+  // Windows over partners per pair batch: scattered partners of a run of
+  // pages share the run's window, protect, copy and mapping on its side.
+  static constexpr std::size_t kMaxPartnerRuns = 8;
   // Pages per Unmerge replacement (one mremap, one new VMA each).
   static constexpr std::size_t kUnmergeChunkPages = 1024;
 
@@ -304,7 +307,9 @@ class LinuxMemory final : public Memory {
   // Batches: contiguous pages, at most kMaxWindowPages, all MayReplace.
   void MergeBatchIntoFrames(Addr base, std::size_t n, const FrameId* frames,
                             MergeResult* results);
-  void MergePairBatch(Addr pbase, Addr qbase, std::size_t n, FrameId* frames,
+  // Pairs: p contiguous, each q[k] anywhere; the q form at most
+  // kMaxPartnerRuns runs of consecutive pages (a window each).
+  void MergePairBatch(Addr pbase, const Addr* q, std::size_t n, FrameId* frames,
                       MergeResult* results);
   // pages: ascending, within kMaxWindowPages of the first; one window over
   // their span. False, with nothing done or reported, if a sparse span

@@ -6,11 +6,13 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "backend/linux_memory.h"
@@ -39,6 +41,39 @@ std::vector<Addr> Addrs(unsigned char* base, std::size_t n) {
   return v;
 }
 
+// base + partner(i) pages for i < n.
+template <typename Partner>
+std::vector<Addr> PartnerAddrs(unsigned char* base, std::size_t n,
+                               Partner partner) {
+  std::vector<Addr> v;
+  for (std::size_t i = 0; i < n; ++i)
+    v.push_back(reinterpret_cast<Addr>(base + partner(i) * kPageSize));
+  return v;
+}
+
+// p[i] and q[i] merged as pairs, again and again.
+struct Pairs {
+  Pairs(std::vector<Addr> p_in, std::vector<Addr> q_in)
+      : p(std::move(p_in)),
+        q(std::move(q_in)),
+        frames(p.size()),
+        res(p.size()) {}
+  // Returns how many pairs merged.
+  std::uint64_t Merge(LinuxMemory& m) {
+    m.MergePairs(p, q, frames, res);
+    return static_cast<std::uint64_t>(
+        std::count(res.begin(), res.end(), MergeResult::kMerged));
+  }
+  // After both sides were unmerged: the frames of the last merge.
+  void ReleaseFrames(LinuxMemory& m) {
+    for (std::size_t i = 0; i < p.size(); ++i)
+      if (res[i] == MergeResult::kMerged) m.ReleaseFrame(frames[i]);
+  }
+  std::vector<Addr> p, q;
+  std::vector<FrameId> frames;
+  std::vector<MergeResult> res;
+};
+
 // Stops and joins a helper thread however the test body exits (a failed
 // ASSERT returns early; a joinable std::thread would terminate()).
 struct StopAndJoin {
@@ -48,6 +83,35 @@ struct StopAndJoin {
     stop = true;
     if (thread.joinable()) thread.join();
   }
+};
+
+// A thread that keeps unmapping n pages at r and mapping them again, filled
+// with `byte`, until stopped (at the latest when destroyed).
+class Remapper {
+ public:
+  Remapper(unsigned char* r, std::size_t n, int byte)
+      : thread_([this, r, n, byte] {
+          while (!stop_.load()) {
+            munmap(r, n * kPageSize);
+            void* p = mmap(r, n * kPageSize, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+            if (p != MAP_FAILED) std::memset(r, byte, n * kPageSize);
+            ++cycles_;
+          }
+        }) {}
+  ~Remapper() { Stop(); }
+  Remapper(const Remapper&) = delete;
+  Remapper& operator=(const Remapper&) = delete;
+  void Stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  std::uint64_t cycles() const { return cycles_.load(); }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::atomic<std::uint64_t> cycles_{0};
+  std::thread thread_;  // last: starts once the counters exist
 };
 
 class RaceTest : public ::testing::TestWithParam<Protection> {
@@ -155,6 +219,76 @@ TEST_P(RaceTest, WriterNeverLosesAnIncrement) {
   for (unsigned char* r : {a, b, c}) munmap(r, kN * kPageSize);
 }
 
+// The same with partners scattered in their region (page i of a pairs with
+// page 37 i + 11 mod kN of b): a run of a is merged with many windows on b's
+// side, and a write to any of them waits, then lands.
+TEST_P(RaceTest, WriterNeverLosesAnIncrementWithScatteredPartners) {
+  constexpr std::size_t kN = 64;
+  auto partner = [](std::size_t i) { return (i * 37 + 11) % kN; };
+  unsigned char* a = MapPages(kN);
+  unsigned char* b = MapPages(kN);
+  auto content = [](std::size_t i, std::size_t k) {
+    return static_cast<unsigned char>(i * 31 + k);
+  };
+  for (std::size_t i = 0; i < kN; ++i) {
+    for (std::size_t k = 8; k < kPageSize; ++k) {
+      a[i * kPageSize + k] = b[partner(i) * kPageSize + k] = content(i, k);
+    }
+  }
+  std::atomic<bool> stop{false};
+  std::vector<std::uint64_t> expected(kN, 0);
+  std::thread writer([&] {
+    std::size_t i = 0;
+    while (!stop.load(std::memory_order_relaxed)) {
+      for (unsigned char* page :
+           {a + i * kPageSize, b + partner(i) * kPageSize}) {
+        auto* counter = reinterpret_cast<volatile std::uint64_t*>(page);
+        *counter = *counter + 1;
+      }
+      ++expected[i];
+      i = (i + 1) % kN;
+      if (i == 0) std::this_thread::yield();
+    }
+  });
+  StopAndJoin guard{stop, writer};
+
+  ASSERT_TRUE(m_->RefreshMaps().ok());
+  m_->BeginFullScan();
+  Pairs pairs(Addrs(a, kN), PartnerAddrs(b, kN, partner));
+  std::uint64_t merges = 0, loops = 0;
+  auto end = Clock::now() + std::chrono::seconds(1);
+  while (Clock::now() < end) {
+    merges += pairs.Merge(*m_);
+    for (MergeResult r : pairs.res) {
+      ASSERT_TRUE(r == MergeResult::kMerged || r == MergeResult::kDiffers)
+          << int(r);
+    }
+    ASSERT_TRUE(m_->Unmerge(reinterpret_cast<Addr>(a), kN));
+    ASSERT_TRUE(m_->Unmerge(reinterpret_cast<Addr>(b), kN));
+    pairs.ReleaseFrames(*m_);
+    ++loops;
+  }
+  stop = true;
+  writer.join();
+  for (std::size_t i = 0; i < kN; ++i) {
+    for (unsigned char* page :
+         {a + i * kPageSize, b + partner(i) * kPageSize}) {
+      std::uint64_t v;
+      std::memcpy(&v, page, 8);
+      ASSERT_EQ(v, expected[i]) << "pair " << i;
+      for (std::size_t k = 8; k < kPageSize; k += 61)
+        ASSERT_EQ(page[k], content(i, k));
+    }
+  }
+  std::printf("[%s] loops %lu, pair merges %lu\n",
+              m_->protection() == Protection::kMprotect ? "mprotect" : "uffd",
+              loops, merges);
+  EXPECT_GT(merges, 0u);
+  EXPECT_EQ(m_->Stats().frames_in_use, 0u);
+  munmap(a, kN * kPageSize);
+  munmap(b, kN * kPageSize);
+}
+
 // read() from a pipe into a page while it is being merged and unmerged.
 // With mprotect (and user-mode-only userfaultfd) the kernel's copy into the
 // write-protected page fails with EFAULT; the bytes stay in the pipe.
@@ -244,18 +378,7 @@ TEST_P(RaceTest, ConcurrentUnmapNeverCrashes) {
   std::memset(twin, 3, kN * kPageSize);
   ASSERT_TRUE(m_->RefreshMaps().ok());  // new memory: as madvise would
   m_->BeginFullScan();
-  std::atomic<bool> stop{false};
-  std::atomic<std::uint64_t> cycles{0};
-  std::thread unmapper([&] {
-    while (!stop.load()) {
-      munmap(r, kN * kPageSize);
-      void* p = mmap(r, kN * kPageSize, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
-      if (p != MAP_FAILED) std::memset(r, 3, kN * kPageSize);
-      ++cycles;
-    }
-  });
-  StopAndJoin guard{stop, unmapper};
+  Remapper unmapper(r, kN, 3);
   auto pr = Addrs(r, kN), pt = Addrs(twin, kN);
   std::vector<PageState> states(kN);
   std::vector<FrameId> frames(kN);
@@ -283,17 +406,57 @@ TEST_P(RaceTest, ConcurrentUnmapNeverCrashes) {
     for (std::size_t i = 0; i < kN; ++i)
       if (res[i] == MergeResult::kMerged) m_->ReleaseFrame(frames[i]);
   }
-  stop = true;
-  unmapper.join();
+  unmapper.Stop();
   std::printf(
       "unmap cycles %lu, failed hashes %lu, gone probes %lu, merged "
       "%lu\n",
-      cycles.load(), hashes_failed, gone, merged);
-  EXPECT_GT(cycles.load(), 0u);
+      unmapper.cycles(), hashes_failed, gone, merged);
+  EXPECT_GT(unmapper.cycles(), 0u);
   for (std::size_t k = 0; k < kN * kPageSize; k += 64) ASSERT_EQ(twin[k], 3);
   twin[0] = 4;  // writable
   munmap(r, kN * kPageSize);
   munmap(twin, kN * kPageSize);
+}
+
+// The partners of a run are the pages another thread keeps unmapping and
+// mapping again, in scattered order: a partner run that is gone fails alone,
+// one that went away after p was remapped gives p back as anonymous memory
+// with its bytes, and p stays intact and writable whatever happened.
+TEST_P(RaceTest, ConcurrentUnmapOfScatteredPartnersLeavesTheRunIntact) {
+  constexpr std::size_t kN = 32;
+  unsigned char* r = MapPages(kN);
+  unsigned char* run = MapPages(kN);
+  std::memset(r, 3, kN * kPageSize);
+  std::memset(run, 3, kN * kPageSize);
+  ASSERT_TRUE(m_->RefreshMaps().ok());
+  m_->BeginFullScan();
+  Remapper unmapper(r, kN, 3);
+  Pairs pairs(Addrs(run, kN), PartnerAddrs(r, kN, [](std::size_t i) {
+                return (i * 13 + 5) % kN;
+              }));
+  std::uint64_t gone = 0, merged = 0;
+  auto end = Clock::now() + std::chrono::milliseconds(500);
+  while (Clock::now() < end) {
+    merged += pairs.Merge(*m_);
+    for (MergeResult res : pairs.res) {
+      ASSERT_TRUE(res == MergeResult::kMerged || res == MergeResult::kGone ||
+                  res == MergeResult::kDiffers)
+          << int(res);
+      gone += res == MergeResult::kGone;
+    }
+    ASSERT_TRUE(m_->Unmerge(reinterpret_cast<Addr>(run), kN));
+    pairs.ReleaseFrames(*m_);
+    for (std::size_t k = 0; k < kN * kPageSize; k += 64) ASSERT_EQ(run[k], 3);
+  }
+  unmapper.Stop();
+  std::printf("unmap cycles %lu, merged %lu, gone %lu\n", unmapper.cycles(),
+              merged, gone);
+  EXPECT_GT(unmapper.cycles(), 0u);
+  for (std::size_t k = 0; k < kN * kPageSize; k += 64) ASSERT_EQ(run[k], 3);
+  std::memset(run, 4, kN * kPageSize);  // writable
+  for (std::size_t k = 0; k < kN * kPageSize; k += 64) ASSERT_EQ(run[k], 4);
+  munmap(r, kN * kPageSize);
+  munmap(run, kN * kPageSize);
 }
 
 INSTANTIATE_TEST_SUITE_P(Protections, RaceTest,

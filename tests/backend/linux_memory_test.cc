@@ -291,6 +291,77 @@ TEST_P(LinuxMemoryTest, MergePairsSharesOneFrameAndCopiesOnWrite) {
   EXPECT_EQ(b.page(3)[0], 1);
 }
 
+// partner(i) for i < n, as addresses.
+template <typename Partner>
+std::vector<Addr> PartnerAddrs(std::size_t n, Partner partner) {
+  std::vector<Addr> q;
+  for (std::size_t i = 0; i < n; ++i)
+    q.push_back(reinterpret_cast<Addr>(partner(i)));
+  return q;
+}
+
+// Page i of a run pairs with a page of another region, far from the
+// partners of i - 1 and i + 1 (reversed, every other page): more partner
+// windows than one batch holds. Every equal pair shares a frame and copies
+// on write; the pair that differs and the pair whose partner was unmapped
+// behind the view's back are left as they were, and nothing is mapped where
+// the application unmapped.
+TEST_P(LinuxMemoryTest, MergePairsWithScatteredPartners) {
+  constexpr std::size_t kN = 20;
+  constexpr std::size_t kDiffering = 5, kUnmapped = 9;
+  auto m = NewMemory();
+  Region a(kN), b(2 * kN);
+  auto partner = [&](std::size_t i) { return b.page(2 * (kN - 1 - i)); };
+  for (std::size_t i = 0; i < kN; ++i) {
+    Fill(a.page(i), static_cast<unsigned>(i));
+    Fill(partner(i), static_cast<unsigned>(i));
+    Fill(partner(i) + kPageSize, static_cast<unsigned>(1000 + i));
+  }
+  Fill(partner(kDiffering), 555);
+  Rescan(*m);
+  ASSERT_EQ(munmap(partner(kUnmapped), kPageSize), 0);
+  std::vector<Addr> p = Addrs(a, 0, kN), q = PartnerAddrs(kN, partner);
+  std::vector<FrameId> frames(kN);
+  std::vector<MergeResult> res(kN);
+  m->MergePairs(p, q, frames, res);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kN; ++i) {
+    Fill(expect, static_cast<unsigned>(i));
+    EXPECT_TRUE(Same(a.page(i), expect)) << i;
+    if (i == kDiffering || i == kUnmapped) {
+      EXPECT_EQ(res[i],
+                i == kDiffering ? MergeResult::kDiffers : MergeResult::kGone);
+      EXPECT_EQ(frames[i], kNoFrame);
+      EXPECT_EQ(ProbeOne(*m, p[i]), PageState::kAnon);
+      continue;
+    }
+    EXPECT_EQ(res[i], MergeResult::kMerged) << i;
+    EXPECT_EQ(ProbeOne(*m, p[i]), PageState::kFrame) << i;
+    EXPECT_EQ(ProbeOne(*m, q[i]), PageState::kFrame) << i;
+    EXPECT_TRUE(Same(partner(i), expect)) << i;
+    EXPECT_TRUE(Same(m->frame_store().FrameAddress(frames[i]), expect)) << i;
+    // The pages between the partners were not touched.
+    Fill(expect, static_cast<unsigned>(1000 + i));
+    EXPECT_TRUE(Same(partner(i) + kPageSize, expect)) << i;
+    EXPECT_EQ(ProbeOne(*m, q[i] + kPageSize), PageState::kAnon) << i;
+  }
+  EXPECT_EQ(m->Stats().frames_in_use, kN - 2);
+  EXPECT_EQ(msync(partner(kUnmapped), kPageSize, MS_ASYNC), -1);
+  // Writes on either side change only the writer's page.
+  a.page(3)[7] ^= 0xff;
+  partner(12)[9] ^= 0xff;
+  Fill(expect, 3);
+  EXPECT_TRUE(Same(partner(3), expect));
+  EXPECT_FALSE(Same(a.page(3), expect));
+  Fill(expect, 12);
+  EXPECT_TRUE(Same(a.page(12), expect));
+  EXPECT_FALSE(Same(partner(12), expect));
+  // The pairs left alone are writable.
+  a.page(kDiffering)[0] ^= 1;
+  partner(kDiffering)[0] ^= 1;
+  a.page(kUnmapped)[0] ^= 1;
+}
+
 TEST_P(LinuxMemoryTest, MergeIntoFramesLeavesDifferentPagesWritable) {
   auto m = NewMemory();
   Region a(2), b(2), c(3);
