@@ -5,7 +5,9 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -50,6 +52,37 @@ TEST(Limitations, MremapAcrossMergedAndPlainPagesFails) {
   EXPECT_TRUE(m.Holds(0, 'a') && m.Holds(1, 'a') && m.Holds(2, 'b'));
   ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_UNMERGEABLE).ok());
   EXPECT_TRUE(m.Holds(0, 'a') && m.Holds(3, 'c'));
+}
+
+long ThreadMinorFaults() {
+  rusage u{};
+  getrusage(RUSAGE_THREAD, &u);
+  return u.ru_minflt;
+}
+
+// A merged page is mapped when it is first touched, not by the merge: its
+// first read after the merge takes a minor fault, where kernel KSM's merged
+// page stays mapped. Later reads do not.
+TEST(Limitations, FirstReadOfAMergedPageFaults) {
+  constexpr std::size_t kN = 64;
+  auto e = NewEngine();
+  Mapping m(kN);
+  for (std::size_t i = 0; i < kN; ++i) m.FillKey(i, i % 16);  // 4 copies each
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), static_cast<long>(kN - 16));
+  auto read_all = [&] {
+    const long before = ThreadMinorFaults();
+    for (std::size_t i = 0; i < kN; ++i)
+      EXPECT_TRUE(m.HoldsKey(i, i % 16)) << i;
+    return ThreadMinorFaults() - before;
+  };
+  const long first = read_all();
+  const long second = read_all();
+  std::printf("minor faults: first read %ld, second %ld (%zu pages)\n", first,
+              second, kN);
+  EXPECT_GT(first, 0);
+  EXPECT_EQ(second, 0);
 }
 
 sigjmp_buf g_jump;
