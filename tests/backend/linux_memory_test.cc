@@ -637,6 +637,49 @@ TEST_P(LinuxMemoryTest, MergeWithStaleViewOfTheLockLeavesPagesAlone) {
   EXPECT_EQ(m->Stats().locks_lost, 0u);
 }
 
+// The same with the lock on scattered partners: each partner run's window
+// asks the kernel, and every partner piece is locked again when it merges.
+TEST_P(LinuxMemoryTest, ScatteredLockedPartnersAreLockedAgain) {
+  constexpr std::size_t kN = 4;
+  auto m = NewMemory();
+  Region a(kN), b(2 * kN);
+  auto partner = [&](std::size_t i) { return b.page(2 * (kN - 1 - i)); };
+  for (std::size_t i = 0; i < kN; ++i) {
+    Fill(a.page(i), static_cast<unsigned>(i));
+    Fill(partner(i), static_cast<unsigned>(i));
+  }
+  Rescan(*m);
+  ASSERT_EQ(mlock(b.page(0), 2 * kN * kPageSize), 0) << std::strerror(errno);
+  std::vector<Addr> p = Addrs(a, 0, kN), q = PartnerAddrs(kN, partner);
+  std::vector<FrameId> frames(kN);
+  std::vector<MergeResult> res(kN);
+  m->MergePairs(p, q, frames, res);
+  for (std::size_t i = 0; i < kN; ++i) {
+    EXPECT_EQ(res[i], MergeResult::kFailed) << i;
+    EXPECT_EQ(ProbeOne(*m, q[i]), PageState::kAnon) << i;
+    EXPECT_TRUE(VmaLocked(partner(i))) << i;
+  }
+  Rescan(*m);
+  m->MergePairs(p, q, frames, res);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kN; ++i) {
+    EXPECT_EQ(res[i], MergeResult::kMerged) << i;
+    EXPECT_TRUE(VmaLocked(partner(i))) << i;
+    EXPECT_TRUE(VmaLocked(partner(i) + kPageSize)) << i;
+    EXPECT_FALSE(VmaLocked(a.page(i))) << i;
+    Fill(expect, static_cast<unsigned>(i));
+    EXPECT_TRUE(Same(partner(i), expect)) << i;
+  }
+  partner(1)[0] ^= 1;  // writable, and a's page keeps its bytes
+  Fill(expect, 1);
+  EXPECT_TRUE(Same(a.page(1), expect));
+  EXPECT_EQ(m->Stats().locks_lost, 0u);
+  ASSERT_TRUE(m->Unmerge(a.addr(0), kN));
+  ASSERT_TRUE(m->Unmerge(b.addr(0), 2 * kN));
+  for (FrameId f : frames) m->ReleaseFrame(f);
+  EXPECT_EQ(m->Stats().frames_in_use, 0u);
+}
+
 TEST_P(LinuxMemoryTest, SmallVmaBudgetLeavesPagesAsTheyWere) {
   auto m = NewMemory(/*budget=*/6);
   constexpr int kN = 8;
