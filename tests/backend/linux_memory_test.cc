@@ -291,14 +291,30 @@ TEST_P(LinuxMemoryTest, MergePairsSharesOneFrameAndCopiesOnWrite) {
   EXPECT_EQ(b.page(3)[0], 1);
 }
 
-// partner(i) for i < n, as addresses.
-template <typename Partner>
-std::vector<Addr> PartnerAddrs(std::size_t n, Partner partner) {
-  std::vector<Addr> q;
-  for (std::size_t i = 0; i < n; ++i)
-    q.push_back(reinterpret_cast<Addr>(partner(i)));
-  return q;
-}
+// n pages of a run (a) and their partners in another region (b), reversed
+// and every other page: partner(i) = b[2 (n - 1 - i)]. Page i and its
+// partner hold Fill(i); the page after a partner holds Fill(1000 + i).
+struct ScatteredPairs {
+  explicit ScatteredPairs(std::size_t pages) : n(pages), a(n), b(2 * n) {
+    for (std::size_t i = 0; i < n; ++i) {
+      Fill(a.page(i), static_cast<unsigned>(i));
+      Fill(partner(i), static_cast<unsigned>(i));
+      Fill(partner(i) + kPageSize, static_cast<unsigned>(1000 + i));
+    }
+  }
+  unsigned char* partner(std::size_t i) const {
+    return b.page(2 * (n - 1 - i));
+  }
+  std::vector<Addr> p() const { return Addrs(a, 0, n); }
+  std::vector<Addr> q() const {
+    std::vector<Addr> v;
+    for (std::size_t i = 0; i < n; ++i)
+      v.push_back(reinterpret_cast<Addr>(partner(i)));
+    return v;
+  }
+  std::size_t n;
+  Region a, b;
+};
 
 // Page i of a run pairs with a page of another region, far from the
 // partners of i - 1 and i + 1 (reversed, every other page): more partner
@@ -310,17 +326,13 @@ TEST_P(LinuxMemoryTest, MergePairsWithScatteredPartners) {
   constexpr std::size_t kN = 20;
   constexpr std::size_t kDiffering = 5, kUnmapped = 9;
   auto m = NewMemory();
-  Region a(kN), b(2 * kN);
-  auto partner = [&](std::size_t i) { return b.page(2 * (kN - 1 - i)); };
-  for (std::size_t i = 0; i < kN; ++i) {
-    Fill(a.page(i), static_cast<unsigned>(i));
-    Fill(partner(i), static_cast<unsigned>(i));
-    Fill(partner(i) + kPageSize, static_cast<unsigned>(1000 + i));
-  }
+  ScatteredPairs pairs(kN);
+  const Region& a = pairs.a;
+  auto partner = [&](std::size_t i) { return pairs.partner(i); };
   Fill(partner(kDiffering), 555);
   Rescan(*m);
   ASSERT_EQ(munmap(partner(kUnmapped), kPageSize), 0);
-  std::vector<Addr> p = Addrs(a, 0, kN), q = PartnerAddrs(kN, partner);
+  std::vector<Addr> p = pairs.p(), q = pairs.q();
   std::vector<FrameId> frames(kN);
   std::vector<MergeResult> res(kN);
   m->MergePairs(p, q, frames, res);
@@ -642,15 +654,12 @@ TEST_P(LinuxMemoryTest, MergeWithStaleViewOfTheLockLeavesPagesAlone) {
 TEST_P(LinuxMemoryTest, ScatteredLockedPartnersAreLockedAgain) {
   constexpr std::size_t kN = 4;
   auto m = NewMemory();
-  Region a(kN), b(2 * kN);
-  auto partner = [&](std::size_t i) { return b.page(2 * (kN - 1 - i)); };
-  for (std::size_t i = 0; i < kN; ++i) {
-    Fill(a.page(i), static_cast<unsigned>(i));
-    Fill(partner(i), static_cast<unsigned>(i));
-  }
+  ScatteredPairs pairs(kN);
+  const Region &a = pairs.a, &b = pairs.b;
+  auto partner = [&](std::size_t i) { return pairs.partner(i); };
   Rescan(*m);
   ASSERT_EQ(mlock(b.page(0), 2 * kN * kPageSize), 0) << std::strerror(errno);
-  std::vector<Addr> p = Addrs(a, 0, kN), q = PartnerAddrs(kN, partner);
+  std::vector<Addr> p = pairs.p(), q = pairs.q();
   std::vector<FrameId> frames(kN);
   std::vector<MergeResult> res(kN);
   m->MergePairs(p, q, frames, res);
