@@ -762,6 +762,12 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
     // Eligible() accepted a "uw" VMA only as ours: it is registered with our
     // descriptor already (re-registering costs a syscall per VMA per scan).
     if (e.has_vm_flags && e.HasVmFlag("uw")) continue;
+    // Never the scratch area: a registered scratch copy moved into place
+    // (ReplaceWithAnonymousCopy) may be joined by the kernel with a
+    // registered neighbour that came from the scratch area before, and
+    // mremap then drops the joined VMA's registration but not its pages'
+    // write-protect bits, which no one could clear any more.
+    if (e.start < scratch_ + kScratchBytes && scratch_ < e.end) continue;
     if (RegisterWithProtector(e.start, e.size()))
       AddInterval(&uffd_registered_, e.start, e.end);
   }
@@ -926,8 +932,29 @@ void LinuxMemory::UnprotectRest(Addr start, std::size_t n,
     }
     std::size_t e = k + 1;
     while (e < n && !skip(e)) ++e;
-    protector_->Unprotect(start + k * kPageSize, (e - k) * kPageSize, how);
+    const Addr at = start + k * kPageSize;
+    const std::size_t len = (e - k) * kPageSize;
+    if (!protector_->Unprotect(at, len, how) && how == ProtectMethod::kUffd)
+      ClearStrayProtection(at, len);
     k = e;
+  }
+}
+
+void LinuxMemory::ClearStrayProtection(Addr start, std::size_t len) {
+  // A page that keeps our write-protect bit in a VMA that lost its
+  // registration cannot be unprotected, and would block its next writer
+  // for good once the VMA is registered again: register it and clear it.
+  for (std::size_t done = 0; done < len / kPageSize;) {
+    const Addr base = start + done * kPageSize;
+    const std::size_t n = std::min(kProbeChunk, len / kPageSize - done);
+    const std::size_t got = ReadPagemap(base, n);
+    for (std::size_t k = 0; k < got; ++k) {
+      if (!(pagemap_buf_[k] & kPmUffdWp)) continue;
+      const Addr page = base + k * kPageSize;
+      if (RegisterWithProtector(page, kPageSize))
+        (void)protector_->Unprotect(page, kPageSize, ProtectMethod::kUffd);
+    }
+    done += n;
   }
 }
 

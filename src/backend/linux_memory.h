@@ -339,6 +339,10 @@ class LinuxMemory final : public Memory {
   // kMerged in results (one entry per page).
   void UnprotectRest(Addr start, std::size_t n, const MergeResult* results,
                      bool skip_merged, ProtectMethod how);
+  // After a userfaultfd unprotect of [start, start + len) failed: clears
+  // the write-protect bit of every page that still has it (its VMA lost
+  // its registration), registering the page first.
+  void ClearStrayProtection(Addr start, std::size_t len);
   // REQUIRES: an open window over the range, pages protected (or mapped
   // read-only). Replaces the range by anonymous memory with the same bytes.
   bool ReplaceWithAnonymousCopy(Addr start, std::size_t len, int prot);

@@ -523,9 +523,10 @@ std::pair<Addr, std::size_t> CurrentThreadTlsRange() {
 #if defined(__SANITIZE_ADDRESS__)
 __attribute__((no_sanitize_address)) void RawCopy(void* dst, const void* src,
                                                   std::size_t n) {
-  auto* d = static_cast<std::uint64_t*>(dst);
-  auto* s = static_cast<const volatile std::uint64_t*>(src);
-  for (std::size_t i = 0; i < n / sizeof(std::uint64_t); ++i) d[i] = s[i];
+  // Byte by byte: any length, any alignment (sanitizer builds only).
+  auto* d = static_cast<unsigned char*>(dst);
+  auto* s = static_cast<const volatile unsigned char*>(src);
+  for (std::size_t i = 0; i < n; ++i) d[i] = s[i];
 }
 alignas(64) thread_local unsigned char tls_copy[2][kPageSize];
 const void* Readable(const void* p, std::size_t n, int slot) {
