@@ -1217,22 +1217,22 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
                                  FrameId* frames_out, MergeResult* out) {
   // Everything written inside the windows is on our stack or in *this.
   struct PartnerRun {
-    std::size_t begin, end;  // pairs [begin, end): q[begin] + (k - begin) pages
+    std::size_t begin,
+        end;  // pairs [begin, end): q[k] = at + (k - begin) pages
+    Addr at;
     int slot = -1;
     int err = 0;  // Protect's error: classified once nothing is protected
     ProtectMethod how = ProtectMethod::kNone;
+    std::size_t bytes() const { return (end - begin) * kPageSize; }
   };
   PartnerRun runs[kMaxPartnerRuns];
   std::size_t nruns = 0;
   std::size_t run_of[kMaxWindowPages];
   for (std::size_t k = 0; k < n; ++k) {
-    if (k == 0 || q[k] != q[k - 1] + kPageSize) runs[nruns++] = {k, k};
+    if (k == 0 || q[k] != q[k - 1] + kPageSize) runs[nruns++] = {k, k, q[k]};
     runs[nruns - 1].end = k + 1;
     run_of[k] = nruns - 1;
   }
-  auto run_len = [](const PartnerRun& r) {
-    return (r.end - r.begin) * kPageSize;
-  };
   MergeResult local[kMaxWindowPages];
   FrameId frames[kMaxWindowPages];
   Interval mapped[2 * kMaxWindowPages];  // disjoint on each side
@@ -1249,7 +1249,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
   RecountIfShort(window_cost + 4 * n);  // worst case: a run per pair
   bool lock_room = LockRoomFor(pbase, len);
   for (std::size_t r = 0; lock_room && r < nruns; ++r)
-    lock_room = LockRoomFor(q[runs[r].begin], run_len(runs[r]));
+    lock_room = LockRoomFor(runs[r].at, runs[r].bytes());
   if (!BudgetAllows(window_cost)) {
     std::fill(local, local + n, MergeResult::kNoBudget);
   } else if (!lock_room) {
@@ -1259,8 +1259,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
     const int pslot = OpenWindow(pbase, pbase + len);
     bool slots = pslot >= 0;
     for (std::size_t r = 0; slots && r < nruns; ++r) {
-      runs[r].slot =
-          OpenWindow(q[runs[r].begin], q[runs[r].begin] + run_len(runs[r]));
+      runs[r].slot = OpenWindow(runs[r].at, runs[r].at + runs[r].bytes());
       slots = runs[r].slot >= 0;
     }
     ProtectMethod phow = ProtectMethod::kNone;
@@ -1273,8 +1272,8 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
       // A partner run that cannot be protected leaves its pairs as they
       // are; the other runs go on.
       for (std::size_t r = 0; r < nruns; ++r) {
-        runs[r].err = protector_->Protect(q[runs[r].begin], run_len(runs[r]),
-                                          &runs[r].how);
+        runs[r].err =
+            protector_->Protect(runs[r].at, runs[r].bytes(), &runs[r].how);
       }
       // p's pages go into fresh frames first (the kernel copies them: no
       // page fault on the frame view), then each p is compared with its q.
@@ -1284,8 +1283,8 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
       // view's fresh page would first take a fault to be mapped here.
       bool may_replace = !LockViewStale(pbase, len);
       for (std::size_t r = 0; may_replace && r < nruns; ++r) {
-        may_replace = runs[r].err != 0 ||
-                      !LockViewStale(q[runs[r].begin], run_len(runs[r]));
+        may_replace =
+            runs[r].err != 0 || !LockViewStale(runs[r].at, runs[r].bytes());
       }
       const FrameId f = may_replace ? store_.Allocate(n) : kNoFrame;
       bool copied[kMaxWindowPages] = {};
@@ -1383,7 +1382,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
       side_of(qgone);
       for (std::size_t r = 0; r < nruns; ++r) {
         if (runs[r].err != 0) continue;
-        UnprotectRest(q[runs[r].begin], runs[r].end - runs[r].begin,
+        UnprotectRest(runs[r].at, runs[r].end - runs[r].begin,
                       side + runs[r].begin, /*skip_merged=*/true, runs[r].how);
       }
     }
@@ -1395,8 +1394,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
     for (std::size_t r = 0; slots && perr == 0 && r < nruns; ++r) {
       if (runs[r].err == 0) continue;
       std::fill(local + runs[r].begin, local + runs[r].end,
-                ClassifyProtectError(runs[r].err, q[runs[r].begin],
-                                     run_len(runs[r])));
+                ClassifyProtectError(runs[r].err, runs[r].at, runs[r].bytes()));
     }
   }
   vmas_used_ += added;

@@ -125,6 +125,17 @@ class RaceTest : public ::testing::TestWithParam<Protection> {
                    << s.ToString();
     ASSERT_TRUE(s.ok()) << s.ToString();
   }
+  // n pages of fresh memory, every byte `byte`.
+  static unsigned char* MapFilled(std::size_t n, int byte) {
+    unsigned char* p = MapPages(n);
+    std::memset(p, byte, n * kPageSize);
+    return p;
+  }
+  // New memory joins the view, as madvise would have it, and a scan begins.
+  void Rescan() {
+    ASSERT_TRUE(m_->RefreshMaps().ok());
+    m_->BeginFullScan();
+  }
   std::unique_ptr<LinuxMemory> m_;
 };
 
@@ -159,8 +170,7 @@ TEST_P(RaceTest, WriterNeverLosesAnIncrement) {
   });
   StopAndJoin guard{stop, writer};
 
-  ASSERT_TRUE(m_->RefreshMaps().ok());  // new memory: as madvise would
-  m_->BeginFullScan();
+  ASSERT_NO_FATAL_FAILURE(Rescan());
   auto pa = Addrs(a, kN), pb = Addrs(b, kN), pc = Addrs(c, kN);
   std::vector<FrameId> frames(kN);
   std::vector<MergeResult> res(kN), res2(kN);
@@ -252,8 +262,7 @@ TEST_P(RaceTest, WriterNeverLosesAnIncrementWithScatteredPartners) {
   });
   StopAndJoin guard{stop, writer};
 
-  ASSERT_TRUE(m_->RefreshMaps().ok());
-  m_->BeginFullScan();
+  ASSERT_NO_FATAL_FAILURE(Rescan());
   Pairs pairs(Addrs(a, kN), PartnerAddrs(b, kN, partner));
   std::uint64_t merges = 0, loops = 0;
   auto end = Clock::now() + std::chrono::seconds(1);
@@ -319,8 +328,7 @@ TEST_P(RaceTest, SyscallWritesIntoAWindowFailCleanly) {
   StopAndJoin guard{stop, reader};
   const unsigned char zeros[8] = {};
   std::uint64_t written = 0;
-  ASSERT_TRUE(m_->RefreshMaps().ok());  // new memory: as madvise would
-  m_->BeginFullScan();
+  ASSERT_NO_FATAL_FAILURE(Rescan());
   auto pa = Addrs(a, kN), pb = Addrs(b, kN);
   std::vector<FrameId> frames(kN);
   std::vector<MergeResult> res(kN);
@@ -372,12 +380,9 @@ TEST_P(RaceTest, SyscallWritesIntoAWindowFailCleanly) {
 // merged/different, never anything else.
 TEST_P(RaceTest, ConcurrentUnmapNeverCrashes) {
   constexpr std::size_t kN = 32;
-  unsigned char* r = MapPages(kN);
-  unsigned char* twin = MapPages(kN);
-  std::memset(r, 3, kN * kPageSize);
-  std::memset(twin, 3, kN * kPageSize);
-  ASSERT_TRUE(m_->RefreshMaps().ok());  // new memory: as madvise would
-  m_->BeginFullScan();
+  unsigned char* r = MapFilled(kN, 3);
+  unsigned char* twin = MapFilled(kN, 3);
+  ASSERT_NO_FATAL_FAILURE(Rescan());
   Remapper unmapper(r, kN, 3);
   auto pr = Addrs(r, kN), pt = Addrs(twin, kN);
   std::vector<PageState> states(kN);
@@ -424,12 +429,9 @@ TEST_P(RaceTest, ConcurrentUnmapNeverCrashes) {
 // with its bytes, and p stays intact and writable whatever happened.
 TEST_P(RaceTest, ConcurrentUnmapOfScatteredPartnersLeavesTheRunIntact) {
   constexpr std::size_t kN = 32;
-  unsigned char* r = MapPages(kN);
-  unsigned char* run = MapPages(kN);
-  std::memset(r, 3, kN * kPageSize);
-  std::memset(run, 3, kN * kPageSize);
-  ASSERT_TRUE(m_->RefreshMaps().ok());
-  m_->BeginFullScan();
+  unsigned char* r = MapFilled(kN, 3);
+  unsigned char* run = MapFilled(kN, 3);
+  ASSERT_NO_FATAL_FAILURE(Rescan());
   Remapper unmapper(r, kN, 3);
   Pairs pairs(Addrs(run, kN), PartnerAddrs(r, kN, [](std::size_t i) {
                 return (i * 13 + 5) % kN;
