@@ -802,12 +802,20 @@ int main(int argc, char** argv) {
     if (strcmp(g_specs[k].id, id) == 0) w->spec = &g_specs[k];
   }
   if (w->spec == NULL || !(scale > 0) || !(timeout > 0)) return Usage();
-  if (strcmp(merger, "auto") == 0) {
-    const char* pre = getenv("LD_PRELOAD");
-    merger = pre != NULL && strstr(pre, "samepage") ? "samepage" : "kernel";
-  }
+  const char* pre = getenv("LD_PRELOAD");
+  const int under_samepage = pre != NULL && strstr(pre, "samepage") != NULL;
+  if (strcmp(merger, "auto") == 0)
+    merger = under_samepage ? "samepage" : "kernel";
   const int kernel = strcmp(merger, "kernel") == 0;
   if (!kernel && strcmp(merger, "samepage") != 0) return Usage();
+  if (kernel == under_samepage) {
+    // Under `samepage run` the KSM files are samepage's, so a kernel
+    // measurement would time an idle ksmd while samepage merges; outside
+    // it, there is no samepage to measure.
+    fprintf(stderr, "workload: --merger %s needs to run %s `samepage run`\n",
+            merger, kernel ? "outside" : "under");
+    return 2;
+  }
 
   const int probe = open(KSM_DIR "run", O_WRONLY | O_CLOEXEC);
   if (probe < 0) {
