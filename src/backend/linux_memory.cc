@@ -513,6 +513,9 @@ MergeResult LinuxMemory::MapFrames(Addr at, std::size_t len, FrameId first,
     // give the pages back as anonymous memory, locked again if it can be.
     protector_->Replaced(at, len, how);
     if (ReplaceWithAnonymousCopy(at, len, kReadWrite)) {
+      // A new VMA: registered again, as uffd_registered_ has it (should
+      // the ioctl fail, the next smaps read finds it out).
+      (void)RegisterWithProtector(at, len);
       return MergeResult::kFailed;
     }
     // Still the frames: merged, writable, not locked.
@@ -1241,6 +1244,8 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
   bool pgone[kMaxWindowPages] = {};
   bool qgone[kMaxWindowPages] = {};
   bool frames_leaked[kMaxWindowPages] = {};
+  Interval unregistered[kMaxWindowPages];  // p's pieces restored unregistered
+  std::size_t nunregistered = 0;
   std::fill(frames, frames + n, kNoFrame);
   const std::size_t len = n * kPageSize;
   // Each window's protect may split a VMA in three (mprotect).
@@ -1348,6 +1353,13 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
           const bool restored = mprotect(Ptr(pp), piece, PROT_READ) == 0 &&
                                 ReplaceWithAnonymousCopy(pp, piece, kReadWrite);
           if (!restored) mprotect(Ptr(pp), piece, kReadWrite);
+          // The copy is a new VMA, unregistered: registered again (an ioctl
+          // only), or taken off uffd_registered_ once the windows close,
+          // so that it is never protected as if it were.
+          if (restored && protection_ == Protection::kUserfaultfd &&
+              !RegisterWithProtector(pp, piece)) {
+            unregistered[nunregistered++] = Interval{pp, pp + piece};
+          }
           std::fill(local + a, local + b, qres);
           // Still mapped by p: leak them rather than punch.
           std::fill(frames_leaked + a, frames_leaked + b, !restored);
@@ -1398,6 +1410,9 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
     }
   }
   vmas_used_ += added;
+  for (std::size_t i = 0; i < nunregistered; ++i)
+    RemoveInterval(&uffd_registered_, unregistered[i].start,
+                   unregistered[i].end);
   for (std::size_t i = 0; i < nmapped; ++i)
     NoteMapped(mapped[i].start, mapped[i].end, mapped_how[i]);
   for (std::size_t k = 0; k < n; ++k) {

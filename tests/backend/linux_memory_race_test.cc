@@ -11,11 +11,13 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "backend/linux_memory.h"
+#include "backend/proc_maps.h"
 
 namespace samepage::backend {
 namespace {
@@ -84,6 +86,21 @@ struct StopAndJoin {
     if (thread.joinable()) thread.join();
   }
 };
+
+// The VMAs over n pages at p that are not registered with userfaultfd.
+std::string UnregisteredVmas(unsigned char* p, std::size_t n) {
+  std::vector<MapEntry> maps;
+  if (!ReadMaps("/proc/self/smaps", &maps).ok()) return "cannot read smaps";
+  const Addr lo = reinterpret_cast<Addr>(p), hi = lo + n * kPageSize;
+  std::string out;
+  for (const MapEntry& e : maps) {
+    if (e.end <= lo || e.start >= hi || e.HasVmFlag("uw")) continue;
+    char line[96];
+    std::snprintf(line, sizeof(line), "%lx-%lx ", e.start, e.end);
+    out += line;
+  }
+  return out;
+}
 
 // A thread that keeps unmapping n pages at r and mapping them again, filled
 // with `byte`, until stopped (at the latest when destroyed). Another thread
@@ -456,6 +473,12 @@ TEST_P(RaceTest, ConcurrentUnmapOfScatteredPartnersLeavesTheRunIntact) {
                   res == MergeResult::kDiffers)
           << int(res);
       gone += res == MergeResult::kGone;
+    }
+    if (GetParam() == Protection::kUserfaultfd) {
+      // Every piece is registered, those given back as anonymous memory
+      // when their partner went away too: a later window over them is then
+      // no mprotect one, in which a system call's write would fail.
+      ASSERT_EQ(UnregisteredVmas(run, kN), "");
     }
     ASSERT_TRUE(m_->Unmerge(reinterpret_cast<Addr>(run), kN));
     pairs.ReleaseFrames(*m_);
