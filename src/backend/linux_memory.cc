@@ -1244,8 +1244,8 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
   bool pgone[kMaxWindowPages] = {};
   bool qgone[kMaxWindowPages] = {};
   bool frames_leaked[kMaxWindowPages] = {};
-  Interval unregistered[kMaxWindowPages];  // p's pieces restored unregistered
-  std::size_t nunregistered = 0;
+  Interval restored_pieces[kMaxWindowPages];  // of p, anonymous again
+  std::size_t nrestored = 0;
   std::fill(frames, frames + n, kNoFrame);
   const std::size_t len = n * kPageSize;
   // Each window's protect may split a VMA in three (mprotect).
@@ -1353,13 +1353,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
           const bool restored = mprotect(Ptr(pp), piece, PROT_READ) == 0 &&
                                 ReplaceWithAnonymousCopy(pp, piece, kReadWrite);
           if (!restored) mprotect(Ptr(pp), piece, kReadWrite);
-          // The copy is a new VMA, unregistered: registered again (an ioctl
-          // only), or taken off uffd_registered_ once the windows close,
-          // so that it is never protected as if it were.
-          if (restored && protection_ == Protection::kUserfaultfd &&
-              !RegisterWithProtector(pp, piece)) {
-            unregistered[nunregistered++] = Interval{pp, pp + piece};
-          }
+          if (restored) restored_pieces[nrestored++] = Interval{pp, pp + piece};
           std::fill(local + a, local + b, qres);
           // Still mapped by p: leak them rather than punch.
           std::fill(frames_leaked + a, frames_leaked + b, !restored);
@@ -1410,9 +1404,11 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
     }
   }
   vmas_used_ += added;
-  for (std::size_t i = 0; i < nunregistered; ++i)
-    RemoveInterval(&uffd_registered_, unregistered[i].start,
-                   unregistered[i].end);
+  for (std::size_t i = 0; i < nrestored; ++i) {
+    RegisterRestored(restored_pieces[i].start,
+                     restored_pieces[i].end - restored_pieces[i].start,
+                     kReadWrite);
+  }
   for (std::size_t i = 0; i < nmapped; ++i)
     NoteMapped(mapped[i].start, mapped[i].end, mapped_how[i]);
   for (std::size_t k = 0; k < n; ++k) {
@@ -1672,11 +1668,21 @@ bool LinuxMemory::RestoreAnonymous(Addr start, std::size_t len, int prot) {
   }
   if (ok) {
     RemoveInterval(&frame_mapped_, start, start + len);
-    // The new anonymous VMA (whole, no split) joins the registered set.
-    if (prot == kReadWrite && RegisterWithProtector(start, len))
-      AddInterval(&uffd_registered_, start, start + len);
+    RegisterRestored(start, len, prot);
   }
   return ok;
+}
+
+void LinuxMemory::RegisterRestored(Addr start, std::size_t len, int prot) {
+  // ReplaceWithAnonymousCopy's copy is a new VMA (whole, no split), never
+  // registered: writable memory is registered again, and uffd_registered_
+  // keeps to what the kernel has, so that its next window is a userfaultfd
+  // one (in an mprotect window, a system call writing into it fails).
+  if (prot == kReadWrite && RegisterWithProtector(start, len)) {
+    AddInterval(&uffd_registered_, start, start + len);
+  } else {
+    RemoveInterval(&uffd_registered_, start, start + len);
+  }
 }
 
 bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {

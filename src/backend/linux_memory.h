@@ -346,6 +346,9 @@ class LinuxMemory final : public Memory {
   // REQUIRES: an open window over the range, pages protected (or mapped
   // read-only). Replaces the range by anonymous memory with the same bytes.
   bool ReplaceWithAnonymousCopy(Addr start, std::size_t len, int prot);
+  // Outside any window, after a successful ReplaceWithAnonymousCopy of the
+  // range with `prot`: registers the new VMA, and records whether it is.
+  void RegisterRestored(Addr start, std::size_t len, int prot);
   bool RestoreAnonymous(Addr start, std::size_t len, int prot);
 
   LinuxMemoryOptions options_;
