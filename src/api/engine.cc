@@ -5,9 +5,12 @@
 //
 // Locking: mu_ guards the core, the backend, the knobs and the thread state.
 // The scanner holds it for one batch at a time, so control calls wait at most
-// one batch. Write faults of application threads never take mu_ (the backend's
-// fault handler is lock-free), so a merge in progress cannot deadlock with
-// the application.
+// one batch. Reading a knob or counter does not wait: it formats the values
+// published at the end of the last batch or control call (pub_mu_, taken
+// after mu_ where both are), as kernel KSM's sysfs reads never wait for ksmd.
+// Write faults of application threads never take mu_ (the backend's fault
+// handler is lock-free), so a merge in progress cannot deadlock with the
+// application.
 //
 // fork(): prepare takes mu_ (no merge is in flight while the address space is
 // copied). The backend pins every frame a child may map. In the child the
@@ -141,7 +144,12 @@ class EngineImpl final : public Engine {
       return Status::Error(ENOENT, "no such file in /sys/kernel/mm/ksm: " +
                                        std::string(name));
     }
-    ControlLock lock(this);
+    if (pub_valid_.load(std::memory_order_acquire)) {
+      std::lock_guard<std::mutex> pub(pub_mu_);
+      *text = FormatKnob(pub_knobs_, pub_counters_, name);
+      return Status::Ok();
+    }
+    ControlLock lock(this);  // publishes on release
     *text = FormatKnob(ksm_->knobs(), ksm_->GetCounters(), name);
     return Status::Ok();
   }
@@ -262,9 +270,17 @@ class EngineImpl final : public Engine {
     waiters_.fetch_add(1, std::memory_order_acq_rel);
     mu_.lock();
     waiters_.fetch_sub(1, std::memory_order_acq_rel);
+    pub_mu_.lock();  // no reader holds it in the child
   }
-  void AfterForkParent() { mu_.unlock(); }
+  void AfterForkParent() {
+    pub_mu_.unlock();
+    mu_.unlock();
+  }
   void AfterForkChild() {
+    // The parent's values: the child reads its own once its engine is
+    // rebuilt (the first control call publishes them).
+    pub_valid_.store(false, std::memory_order_release);
+    pub_mu_.unlock();
     // The scanner thread does not exist here; its handle must not be joined.
     if (scanner_) (void)scanner_.release();
     stop_ = false;
@@ -331,7 +347,18 @@ class EngineImpl final : public Engine {
     if (merge_any_ && ksm_->GetCounters().full_scans != scans) {
       AdviseAllAnonymousLocked();
     }
+    PublishLocked();
     return n;
+  }
+
+  // With mu_ held: what ReadKnob shows until the next batch or control call.
+  void PublishLocked() {
+    const Knobs knobs = ksm_->knobs();
+    const Counters counters = ksm_->GetCounters();
+    std::lock_guard<std::mutex> pub(pub_mu_);
+    pub_knobs_ = knobs;
+    pub_counters_ = counters;
+    pub_valid_.store(true, std::memory_order_release);
   }
 
   void StartScannerLocked() {
@@ -421,7 +448,12 @@ class EngineImpl final : public Engine {
       e_->waiters_.fetch_sub(1, std::memory_order_acq_rel);
       const_cast<EngineImpl*>(e_)->RebuildAfterForkLocked();
     }
-    ~ControlLock() { e_->mu_.unlock(); }
+    ~ControlLock() {
+      // A control call may have changed knobs or counters (merges, unmerges,
+      // a rebuilt core after fork): its caller's next read must see them.
+      const_cast<EngineImpl*>(e_)->PublishLocked();
+      e_->mu_.unlock();
+    }
     void Yield() {
       e_->mu_.unlock();
       e_->HandOff();
@@ -444,6 +476,11 @@ class EngineImpl final : public Engine {
 
   mutable std::atomic<int> waiters_{0};
   mutable std::mutex mu_;
+  // What ReadKnob formats without mu_ (see PublishLocked).
+  std::mutex pub_mu_;
+  Knobs pub_knobs_;                     // guarded by pub_mu_
+  Counters pub_counters_;               // guarded by pub_mu_
+  std::atomic<bool> pub_valid_{false};  // set once published (per process)
   std::condition_variable cv_;
   LinuxMemoryOptions options_;  // guarded by mu_
   bool rebuild_after_fork_ = false;      // guarded by mu_
