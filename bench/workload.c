@@ -601,10 +601,9 @@ static int SetKnobs(const struct Workload* w, size_t n) {
 }
 
 /* Polls from run=1 until the expected pages are saved (unique: until three
- * full scans are done), the savings stop growing, or `timeout` passes. Under
- * samepage each read waits for the scanner's current batch (the engine's
- * lock), so only what decides is read each time; full_scans every 20 ms
- * (unique: every time). */
+ * full scans are done), the savings stop growing, or `timeout` passes. Only
+ * what decides is read each time; full_scans every 20 ms (unique: every
+ * time). Under samepage a read shows the end of the scanner's last batch. */
 static void WaitConverged(const struct Workload* w, const char* task,
                           const struct Baseline* b, double timeout,
                           struct Result* r) {
