@@ -1689,6 +1689,9 @@ bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {
   RegisterThread();
   if (npages == 0) return true;
   const Addr end = addr + npages * kPageSize;
+  // No frame mapped here (frame_mapped_ misses none we made, see Probe):
+  // the memory is anonymous already, and the maps need not be read.
+  if (!Overlaps(frame_mapped_, addr, end)) return true;
   std::vector<MapEntry> maps;
   // Our memfd's mappings, and the flags (lock) the restored memory gets.
   if (!ReadView(&maps, /*full=*/false).ok()) return false;
