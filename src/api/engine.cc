@@ -18,13 +18,17 @@
 // caller to take mu_ gives the child a backend of its own and a core rebuilt
 // from the advised ranges (kernel KSM scans a child afresh too).
 
+#include "samepage/engine.h"
+
 #include <pthread.h>
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <system_error>
@@ -34,7 +38,6 @@
 #include "backend/linux_memory.h"
 #include "backend/write_protect.h"
 #include "core/ksm.h"
-#include "samepage/engine.h"
 
 namespace samepage {
 namespace {
@@ -44,6 +47,8 @@ using backend::LinuxMemoryOptions;
 
 // Batch size for RunFullScans: large, so a full scan needs few lock rounds.
 constexpr std::size_t kSyncScanBatch = 1 << 16;
+// merge-any's look for new mappings, from the background scanner.
+constexpr std::int64_t kMergeAnySweepNanos = 100'000'000;
 
 LinuxMemoryOptions ToBackendOptions(const EngineOptions& o) {
   LinuxMemoryOptions b;
@@ -337,15 +342,29 @@ class EngineImpl final : public Engine {
   // Only the background scanner lets a run's merges wait for its next
   // batch: a scan the caller asked for has done its merges on return.
   std::size_t ScanLocked(std::size_t pages, bool stop_at_scan_end,
-                         bool carry_runs = false) {
+                         bool carry_runs = false,
+                         const std::function<bool()>& pause = {}) {
     const std::uint64_t scans = ksm_->GetCounters().full_scans;
-    const std::size_t n = ksm_->ScanBatch(pages, stop_at_scan_end, carry_runs);
+    const std::size_t n =
+        ksm_->ScanBatch(pages, stop_at_scan_end, carry_runs, pause);
 #ifndef NDEBUG
     ksm_->CheckInvariants();  // debug builds: every batch, on real memory
 #endif
-    // merge-any covers mappings made later too: look for them once per scan.
+    // merge-any covers mappings made later too: look for them once per scan,
+    // and from the background scanner at most every kMergeAnySweepNanos
+    // (a smaps read of the whole process, milliseconds under the lock: a
+    // small process scanned at sleep_millisecs=0 ends hundreds of scans a
+    // second).
     if (merge_any_ && ksm_->GetCounters().full_scans != scans) {
-      AdviseAllAnonymousLocked();
+      const std::int64_t now =
+          std::chrono::duration_cast<std::chrono::nanoseconds>(
+              std::chrono::steady_clock::now().time_since_epoch())
+              .count();
+      const bool background = carry_runs;  // only the scanner thread carries
+      if (!background || now - last_sweep_ >= kMergeAnySweepNanos) {
+        AdviseAllAnonymousLocked();
+        last_sweep_ = now;
+      }
     }
     PublishLocked();
     return n;
@@ -396,7 +415,24 @@ class EngineImpl final : public Engine {
         cv_.wait(lock);
         continue;
       }
-      ScanLocked(k.pages_to_scan, /*stop_at_scan_end=*/false, /*carry_runs=*/true);
+      // A batch of pages_to_scan pages, paused for each control call that
+      // waits (an munmap of advised memory, a knob write, fork): kernel KSM
+      // holds a process's mmap lock for a page or so at a time, not a batch.
+      const auto waiting = [this] {
+        return waiters_.load(std::memory_order_acquire) > 0;
+      };
+      for (std::size_t left = k.pages_to_scan; left > 0;) {
+        const std::size_t n = ScanLocked(left, /*stop_at_scan_end=*/false,
+                                         /*carry_runs=*/true, waiting);
+        left = n >= left ? 0 : left - n;
+        // Done, nothing to scan, or cut short: only the last goes on.
+        if (left == 0 || n == 0 || !waiting()) break;
+        lock.unlock();
+        HandOff();
+        lock.lock();
+        if (stop_ || ksm_->knobs().run != 1 || ksm_->AdvisedPages() == 0) break;
+      }
+      if (stop_ || ksm_->knobs().run != 1) continue;
       const std::uint32_t sleep_ms = ksm_->knobs().sleep_millisecs;
       if (sleep_ms == 0) {
         // std::mutex is not fair: without a handoff, a scanner at full speed
@@ -487,6 +523,7 @@ class EngineImpl final : public Engine {
   std::unique_ptr<LinuxMemory> memory_;  // guarded by mu_
   std::unique_ptr<Ksm> ksm_;             // guarded by mu_
   bool merge_any_ = false;               // guarded by mu_
+  std::int64_t last_sweep_ = 0;          // guarded by mu_ (steady ns)
   bool stop_ = false;                    // guarded by mu_
   std::unique_ptr<std::thread> scanner_;  // guarded by mu_
 };

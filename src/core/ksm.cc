@@ -17,6 +17,8 @@ constexpr std::size_t kProbeChunk = 512;
 // unless a run of identical pages is still growing (StripeRuns), up to
 // kMaxRunPlans.
 constexpr std::size_t kPlanFlush = 256;
+// Pages visited between two questions whether to pause the batch.
+constexpr std::size_t kPauseCheck = 64;
 constexpr std::size_t kMaxRunPlans = 65536;
 // How long merges may wait across batches for a run (ScanBatch carry_runs),
 // beside Ksm::kCarryPlans.
@@ -383,7 +385,9 @@ void Ksm::BeginFullScan() {
   scan_start_nanos_ = clock_->NowNanos();
 }
 
-std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end, bool carry_runs) {
+std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
+                           bool carry_runs,
+                           const std::function<bool()>& pause) {
   if (ranges_.empty() || pages == 0) return 0;
   if (!in_scan_) BeginFullScan();
   // Plans carried from earlier batches wait at most kCarryPlans; within one
@@ -406,6 +410,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end, bool carry_
       // so pages_unshared still shows this scan's candidates in between.
       in_scan_ = false;
       if (stop_at_scan_end || scanned_this_pass == 0) break;
+      if (pause && pause()) break;  // before the next scan's maps read
       BeginFullScan();
       scanned_this_pass = 0;
       continue;
@@ -418,6 +423,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end, bool carry_
     memory_->Probe(cursor_, std::span<PageState>(states_.data(), n));
     std::size_t i = 0;
     for (; i < n && scanned < pages; ++i) {
+      if (i % kPauseCheck == 0 && scanned != 0 && pause && pause()) break;
       const std::uint64_t before = pages_scanned_;
       const Addr addr = cursor_ + i * kPageSize;
       VisitPage(addr, r.items[idx + i], states_[i]);
@@ -428,6 +434,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end, bool carry_
       if (PlanCount() >= cap && !HoldForRun(addr + kPageSize, cap)) ExecutePlans();
     }
     cursor_ += i * kPageSize;
+    if (i < n && scanned < pages) break;  // paused
     // Merge while the planned pages are still in the CPU's caches: the
     // merge reads each of them again under write-protection. A run of
     // identical pages that reaches the cursor is let grow first: the longer

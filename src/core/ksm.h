@@ -35,6 +35,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <vector>
 
@@ -94,8 +95,14 @@ class Ksm {
   // (StripeRuns) instead of a mapping per page; its merges then wait, for
   // at most about kCarryPlans plans and 2 s. Without it every merge found
   // is done on return.
+  //
+  // `pause`, asked between chunks of kProbeChunk pages once some are
+  // scanned, ends the batch early when it returns true (someone waits for
+  // the caller's lock); the batch ends as any other, and the caller
+  // continues it with the pages left.
   std::size_t ScanBatch(std::size_t pages, bool stop_at_scan_end = false,
-                        bool carry_runs = false);
+                        bool carry_runs = false,
+                        const std::function<bool()>& pause = {});
   // Does the merges that a batch left waiting for a run (carry_runs). The
   // range calls below do it themselves; callers that change knobs call it
   // first.
