@@ -1,6 +1,7 @@
 #include "cli/demo.h"
 
 #include <fmt/core.h>
+#include <fmt/format.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -141,6 +142,10 @@ int RunDemo(const DemoOptions& options) {
   if (!Check(engine->WriteKnob("run", "1"), "run=1")) return 1;
   double elapsed = 0;
   std::uint64_t saved = 0;
+  // On a terminal the progress line is rewritten in place; in a log, a line
+  // is added each time the counters move.
+  const bool tty = isatty(STDERR_FILENO) == 1;
+  std::string last_line;
   for (;;) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() -
@@ -148,16 +153,21 @@ int RunDemo(const DemoOptions& options) {
     saved = std::stoull(ReadKnob(*engine, "pages_sharing")) +
             std::stoull(ReadKnob(*engine, "ksm_zero_pages"));
     if (options.progress) {
-      fmt::print(stderr, "\r  {:6.2f} s  full_scans {:>3}  pages_sharing {:>8}"
-                         "  ksm_zero_pages {:>8}  ({:3.0f}% of duplicates)",
-                 elapsed, ReadKnob(*engine, "full_scans"),
-                 ReadKnob(*engine, "pages_sharing"),
-                 ReadKnob(*engine, "ksm_zero_pages"),
-                 100.0 * saved / expect_saved);
+      const std::string counters = fmt::format(
+          "full_scans {:>3}  pages_sharing {:>8}  ksm_zero_pages {:>8}  "
+          "({:3.0f}% of duplicates)",
+          ReadKnob(*engine, "full_scans"), ReadKnob(*engine, "pages_sharing"),
+          ReadKnob(*engine, "ksm_zero_pages"), 100.0 * saved / expect_saved);
+      if (tty) {
+        fmt::print(stderr, "\r  {:6.2f} s  {}", elapsed, counters);
+      } else if (counters != last_line) {
+        fmt::print(stderr, "  {:6.2f} s  {}\n", elapsed, counters);
+      }
+      last_line = counters;
     }
     if (saved >= expect_saved || elapsed > options.timeout_seconds) break;
   }
-  if (options.progress) fmt::print(stderr, "\n");
+  if (options.progress && tty) fmt::print(stderr, "\n");
   if (!Check(engine->WriteKnob("run", "0"), "run=0")) return 1;
   const long pss_after = PssKib();
 
