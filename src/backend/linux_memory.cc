@@ -1442,6 +1442,10 @@ void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
                                 std::span<MergeResult> results) {
   RegisterThread();
   std::size_t n = std::min(pages.size(), results.size());
+  // Sparse windows protect the pages between too (writers there wait for
+  // the window): at most kMaxWindowPages wide. Runs of zero pages take up
+  // to kMaxZeroWindowPages a window: a quarter of the protect, pagemap and
+  // discard calls per page.
   const std::size_t max_span = kMaxWindowPages * kPageSize;
   std::size_t i = 0;
   while (i < n) {
@@ -1457,12 +1461,16 @@ void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
     std::size_t j = i + 1;
     while (j < n && pages[j] + kPageSize - pages[i] <= max_span && MayReplace(pages[j])) ++j;
     const bool sparse = pages[j - 1] - pages[i] != (j - 1 - i) * kPageSize;
+    while (!sparse && j < n && j - i < kMaxZeroWindowPages &&
+           pages[j] == pages[j - 1] + kPageSize && MayReplace(pages[j])) {
+      ++j;
+    }
     // A sparse window that could not be protected as a whole (a VMA of the
     // span not registered yet, say) is retried a run at a time.
     if (!sparse || !SpanReplaceable(pages[i], pages[j - 1] + kPageSize) ||
         !DropZeroBatch(&pages[i], j - i, &results[i])) {
       j = i + 1;
-      while (j < n && j - i < kMaxWindowPages &&
+      while (j < n && j - i < kMaxZeroWindowPages &&
              pages[j] == pages[j - 1] + kPageSize && MayReplace(pages[j])) {
         ++j;
       }
@@ -1506,13 +1514,13 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
   const Addr end = pages[n - 1] + kPageSize;
   const std::size_t span = (end - base) / kPageSize;
   const bool sparse = span != n;
-  MergeResult local[kMaxWindowPages];  // per page of the span
-  bool asked[kMaxWindowPages] = {};
+  MergeResult local[kMaxZeroWindowPages];  // per page of the span
+  bool asked[kMaxZeroWindowPages] = {};
   for (std::size_t k = 0; k < n; ++k) asked[(pages[k] - base) / kPageSize] = true;
   // Pages that cannot be given back (locked, or a private copy in a frame's
   // mapping, where MADV_DONTNEED would bring back the frame's bytes) map
   // the zero frame instead: a frame never written, shared by all of them.
-  bool remapped[kMaxWindowPages] = {};
+  bool remapped[kMaxZeroWindowPages] = {};
   ProtectMethod window_how = ProtectMethod::kNone;
   constexpr std::uint64_t kWindowCost = 2;
   std::uint64_t added = 0;
@@ -1569,9 +1577,9 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
     // does: it refuses file mappings with EINVAL and is harmless on zero
     // anonymous pages.
     const bool all_anon = !locked && AnonymousVmas(base, end - base);
-    iovec iov[kMaxWindowPages];
+    iovec iov[kMaxZeroWindowPages];
     std::size_t niov = 0;
-    std::size_t iov_first[kMaxWindowPages];  // span index of each range
+    std::size_t iov_first[kMaxZeroWindowPages];  // span index of each range
     auto any = [](std::size_t) { return true; };
     ForEachMergedRun(local, span, any, [&](std::size_t k, std::size_t e) {
       for (std::size_t i = k; i < e; ++i) {
@@ -1599,7 +1607,7 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
     // Dropped pages keep our write-protect marker and the pages not asked
     // for their protection: clear both. The remapped ones are new VMAs,
     // woken and registered at the flush.
-    MergeResult rest[kMaxWindowPages];
+    MergeResult rest[kMaxZeroWindowPages];
     for (std::size_t k = 0; k < span; ++k) rest[k] = remapped[k] ? MergeResult::kGone : local[k];
     UnprotectRest(base, span, rest, /*skip_merged=*/false, how);
   });
@@ -1610,7 +1618,7 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
       NoteMapped(pg, pg + kPageSize, window_how);
     }
   }
-  MergeResult mine[kMaxWindowPages];
+  MergeResult mine[kMaxZeroWindowPages];
   for (std::size_t k = 0; k < n; ++k) mine[k] = local[(pages[k] - base) / kPageSize];
   // A failed protection of a sparse span is retried, not reported.
   if (sparse && (!protected_window || retry)) return false;

@@ -115,6 +115,9 @@ class LinuxMemory final : public Memory {
 
   // Pages per write-protect window: bounds how long a writer may wait.
   static constexpr std::size_t kMaxWindowPages = 128;
+  // A run of zero pages to drop: the window's work per page is one read
+  // (the all-zero check) between the protect and the discard.
+  static constexpr std::size_t kMaxZeroWindowPages = 512;
   // Windows over partners per pair batch: scattered partners of a run of
   // pages share the run's window, protect, copy and mapping on its side.
   static constexpr std::size_t kMaxPartnerRuns = 8;
