@@ -430,6 +430,39 @@ TEST(Engine, MergeAnyCoversMappingsWithoutMadvise) {
   EXPECT_NE(e->KsmStatText().find("ksm_merge_any: no"), std::string::npos);
 }
 
+// Under merge-any the background scanner finds mappings made while it runs
+// (its look for them is rate-limited, not dropped) and merges them.
+TEST(Engine, MergeAnyBackgroundScannerMergesMappingsMadeWhileItRuns) {
+  auto e = NewEngine();
+  Mapping keep(64);
+  keep.FillAll(0x31);
+  ASSERT_TRUE(e->SetMergeAny(true).ok());
+  Set(*e, "pages_to_scan", "5000");
+  Set(*e, "sleep_millisecs", "0");
+  Set(*e, "run", "1");
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (Counter(*e, "pages_sharing") < 63 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_GE(Counter(*e, "pages_sharing"), 63);
+  Mapping later(64);  // made while the scanner runs, never advised
+  later.FillAll(0x32);
+  bool merged = false;
+  while (!merged && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    merged = Counter(*e, "pages_sharing") >= 126;
+  }
+  Set(*e, "run", "0");
+  EXPECT_TRUE(merged) << "pages_sharing " << Counter(*e, "pages_sharing");
+  for (std::size_t i = 0; i < 64; ++i) {
+    EXPECT_TRUE(later.Holds(i, 0x32)) << i;
+    EXPECT_TRUE(keep.Holds(i, 0x31)) << i;
+  }
+  ASSERT_TRUE(e->SetMergeAny(false).ok());
+}
+
 // After fork the child maps the parent's frames: the parent must never free
 // them, whatever it merges, writes or unmerges later.
 TEST(Engine, ForkChildAndParentSeeOnlyTheirOwnWrites) {
