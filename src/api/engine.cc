@@ -418,7 +418,7 @@ class EngineImpl final : public Engine {
       // A batch of pages_to_scan pages, paused for each control call that
       // waits (an munmap of advised memory, a knob write, fork): kernel KSM
       // holds a process's mmap lock for a page or so at a time, not a batch.
-      const auto waiting = [this] {
+      const std::function<bool()> waiting = [this] {
         return waiters_.load(std::memory_order_acquire) > 0;
       };
       for (std::size_t left = k.pages_to_scan; left > 0;) {

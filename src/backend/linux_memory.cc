@@ -1461,12 +1461,9 @@ void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
     std::size_t j = i + 1;
     while (j < n && pages[j] + kPageSize - pages[i] <= max_span && MayReplace(pages[j])) ++j;
     const bool sparse = pages[j - 1] - pages[i] != (j - 1 - i) * kPageSize;
-    while (!sparse && j < n && j - i < kMaxZeroWindowPages &&
-           pages[j] == pages[j - 1] + kPageSize && MayReplace(pages[j])) {
-      ++j;
-    }
-    // A sparse window that could not be protected as a whole (a VMA of the
-    // span not registered yet, say) is retried a run at a time.
+    // A run (not sparse) is taken below, up to kMaxZeroWindowPages; a sparse
+    // window that could not be protected as a whole (a VMA of the span not
+    // registered yet, say) is retried a run at a time.
     if (!sparse || !SpanReplaceable(pages[i], pages[j - 1] + kPageSize) ||
         !DropZeroBatch(&pages[i], j - i, &results[i])) {
       j = i + 1;

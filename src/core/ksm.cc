@@ -397,6 +397,8 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
   std::size_t scanned = 0;
   std::size_t scanned_this_pass = 0;
   while (scanned < pages) {
+    // Asked before a chunk's probe, which a pause would waste.
+    if (scanned != 0 && pause && pause()) break;
     auto it = ranges_.upper_bound(cursor_);
     if (it != ranges_.begin() && std::prev(it)->second.end() > cursor_) --it;
     if (it == ranges_.end()) {
@@ -423,7 +425,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
     memory_->Probe(cursor_, std::span<PageState>(states_.data(), n));
     std::size_t i = 0;
     for (; i < n && scanned < pages; ++i) {
-      if (i % kPauseCheck == 0 && scanned != 0 && pause && pause()) break;
+      if (i != 0 && i % kPauseCheck == 0 && scanned != 0 && pause && pause()) break;
       const std::uint64_t before = pages_scanned_;
       const Addr addr = cursor_ + i * kPageSize;
       VisitPage(addr, r.items[idx + i], states_[i]);

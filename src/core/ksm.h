@@ -96,10 +96,10 @@ class Ksm {
   // at most about kCarryPlans plans and 2 s. Without it every merge found
   // is done on return.
   //
-  // `pause`, asked between chunks of kProbeChunk pages once some are
-  // scanned, ends the batch early when it returns true (someone waits for
-  // the caller's lock); the batch ends as any other, and the caller
-  // continues it with the pages left.
+  // `pause`, asked every kPauseCheck page visits once some are scanned and
+  // before the next full scan begins, ends the batch early when it returns
+  // true (someone waits for the caller's lock); the batch ends as any
+  // other, and the caller continues it with the pages left.
   std::size_t ScanBatch(std::size_t pages, bool stop_at_scan_end = false,
                         bool carry_runs = false,
                         const std::function<bool()>& pause = {});
