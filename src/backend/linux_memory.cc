@@ -271,17 +271,28 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
 void LinuxMemory::RegisterThread() {
   if (tls_registered_instance == id_) return;
   tls_registered_instance = id_;
+  Addr stack_lo = 0, stack_hi = 0;
   pthread_attr_t attr;
   if (pthread_getattr_np(pthread_self(), &attr) == 0) {
     void* stack = nullptr;
     std::size_t size = 0;
     if (pthread_attr_getstack(&attr, &stack, &size) == 0) {
-      Exclude(reinterpret_cast<Addr>(stack), size);
+      stack_lo = reinterpret_cast<Addr>(stack);
+      stack_hi = stack_lo + size;
+      Exclude(stack_lo, size);
     }
     pthread_attr_destroy(&attr);
   }
   auto [tls, tls_size] = CurrentThreadTlsRange();
-  Exclude(tls, tls_size);
+  // A thread glibc made keeps its TLS and TCB at the top of its stack
+  // block, which ends where the stack reported ends: the TLS range's
+  // allowance for the TCB must not reach past it into the mapping above
+  // (the program's memory, which then never merged).
+  Addr tls_end = tls + tls_size;
+  if (tls >= stack_lo && tls < stack_hi && tls_end > stack_hi) {
+    tls_end = stack_hi;
+  }
+  Exclude(tls, tls_end - tls);
 }
 
 bool LinuxMemory::RegisterWithProtector(Addr start, std::size_t len) {

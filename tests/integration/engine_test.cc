@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <linux/capability.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -790,6 +791,49 @@ TEST(Engine, LockedMemoryIsLeftAloneWithoutRoomToLockItAgain) {
   EXPECT_EQ(e->Stats().locks_lost, 0u);
   ASSERT_EQ(munlock(m.data(), m.bytes()), 0);
   ASSERT_EQ(munlock(n.data(), n.bytes()), 0);
+}
+
+// The memory right above a merging thread's stack merges like any other:
+// the thread's TLS and TCB, which samepage keeps out of merging, end where
+// its stack block ends (until this change the allowance for the TCB ran a
+// page past it, and that page of the program never merged).
+struct StackTopArgs {
+  Engine* engine;
+  unsigned char* data;  // just above the thread's stack
+  std::size_t pages;
+  bool madvised;
+};
+
+void* MergeFromThreadOnStack(void* arg) {
+  auto* a = static_cast<StackTopArgs*>(arg);
+  a->madvised =
+      a->engine->Madvise(a->data, a->pages * kPage, MADV_MERGEABLE).ok();
+  a->engine->RunFullScans(2);  // this thread merges: its stack is excluded
+  return nullptr;
+}
+
+TEST(Engine, PagesRightAboveAMergingThreadsStackMerge) {
+  auto e = NewEngine();
+  constexpr std::size_t kStackPages = 64, kDataPages = 8;
+  Mapping block(kStackPages + kDataPages);
+  unsigned char* data = block.page(kStackPages);
+  std::memset(data, 'S', kDataPages * kPage);
+  pthread_attr_t attr;
+  ASSERT_EQ(pthread_attr_init(&attr), 0);
+  ASSERT_EQ(pthread_attr_setstack(&attr, block.data(), kStackPages * kPage), 0);
+  StackTopArgs args{e.get(), data, kDataPages, false};
+  pthread_t t;
+  ASSERT_EQ(pthread_create(&t, &attr, MergeFromThreadOnStack, &args), 0);
+  pthread_join(t, nullptr);
+  pthread_attr_destroy(&attr);
+  ASSERT_TRUE(args.madvised);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), std::int64_t(kDataPages) - 1);
+  for (std::size_t i = 0; i < kDataPages; ++i) {
+    EXPECT_TRUE(MapsSharedFrame(data + i * kPage)) << "page " << i;
+    EXPECT_EQ(std::count(data + i * kPage, data + (i + 1) * kPage, 'S'),
+              std::ptrdiff_t(kPage))
+        << i;
+  }
 }
 
 // Application threads keep writing while the scanner merges at full speed:
