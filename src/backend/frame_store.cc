@@ -17,7 +17,10 @@ namespace samepage::backend {
 
 FrameStore::~FrameStore() {
   // Merged pages keep the file alive through their own mappings.
-  if (view_ != nullptr) munmap(view_, kReserveBytes);
+  for (std::size_t c = 0; c < nchunks_; ++c) {
+    munmap(chunks_[c], kGrowFrames * kPageSize);
+  }
+  if (chunks_ != nullptr) munmap(chunks_, kChunkTableBytes);
   if (fd_ >= 0) close(fd_);
 }
 
@@ -37,13 +40,13 @@ Status FrameStore::Init() {
   }
   dev_ = st.st_dev;
   inode_ = st.st_ino;
-  void* p = mmap(nullptr, kReserveBytes, PROT_NONE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (p == MAP_FAILED) {
+  void* table = mmap(nullptr, kChunkTableBytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (table == MAP_FAILED) {
     int err = errno;
-    return Status::Error(err, "mmap(frame view reservation, 1 TiB)");
+    return Status::Error(err, "mmap(frame view chunk table)");
   }
-  view_ = static_cast<std::byte*>(p);
+  chunks_ = static_cast<std::byte**>(table);
   seen_fork_seq_ = ForkSequence();
   child_gen_ = ChildGeneration();
   return Status::Ok();
@@ -57,21 +60,32 @@ bool FrameStore::Grow(std::uint64_t frames) {
   std::uint64_t target = (frames + kGrowFrames - 1) / kGrowFrames * kGrowFrames;
   if (target > kMaxFrames) target = kMaxFrames;
   if (target < frames) return false;
-  if (ftruncate(fd_, static_cast<off_t>(target * kPageSize)) != 0) return false;
-  // Same file, contiguous offset and address: the kernel extends the one VMA.
-  void* at = view_ + mapped_ * kPageSize;
-  void* p = mmap(at, (target - mapped_) * kPageSize, PROT_READ | PROT_WRITE,
-                 MAP_SHARED | MAP_FIXED, fd_,
-                 static_cast<off_t>(mapped_ * kPageSize));
-  if (p == MAP_FAILED) return false;
-  mapped_ = target;
+  if (target > file_frames_) {
+    if (ftruncate(fd_, static_cast<off_t>(target * kPageSize)) != 0) {
+      return false;
+    }
+    file_frames_ = target;
+  }
+  constexpr std::size_t kChunkBytes = kGrowFrames * kPageSize;
+  while (nchunks_ * kGrowFrames < target) {
+    // Right after the last chunk if that is free (the kernel then joins the
+    // two into one mapping); anywhere otherwise.
+    void* hint = nchunks_ == 0 ? nullptr : chunks_[nchunks_ - 1] + kChunkBytes;
+    const off_t offset = static_cast<off_t>(nchunks_ * kChunkBytes);
+    void* p = mmap(hint, kChunkBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_,
+                   offset);
+    if (p == MAP_FAILED) return false;
+    chunks_[nchunks_++] = static_cast<std::byte*>(p);
+  }
   return true;
 }
 
 FrameId FrameStore::Allocate(std::size_t n) {
   if (n == 0 || InForkedChild()) return kNoFrame;
   if (next_ + n > kMaxFrames || next_ + n >= kNoFrame) return kNoFrame;
-  if (next_ + n > mapped_ && !Grow(next_ + n)) return kNoFrame;
+  if (next_ + n > nchunks_ * kGrowFrames && !Grow(next_ + n)) {
+    return kNoFrame;
+  }
   FrameId first = static_cast<FrameId>(next_);
   next_ += n;
   in_use_ += n;

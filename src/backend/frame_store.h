@@ -1,10 +1,12 @@
 // The frame store: merged pages' contents, in one memfd.
 //
-// Owns one memfd and a MAP_SHARED read-write "frame view" of it, mapped over
-// the front of a large PROT_NONE reservation as the file grows (address and
-// offset stay contiguous, so the kernel keeps the view one VMA). FrameId f is
-// the page at offset f * kPageSize. Merged pages map their frame with
-// mmap(MAP_PRIVATE | MAP_FIXED, memfd, offset): the kernel copies on write.
+// Owns one memfd and a MAP_SHARED read-write "frame view" of it, mapped in
+// chunks of kGrowFrames frames as the file grows, each wherever the kernel
+// puts it: the view takes address space (RLIMIT_AS, VmSize, and locked_vm
+// under mlockall) for the frames allocated, not for all the store could
+// hold. FrameId f is the page at offset f * kPageSize. Merged pages map
+// their frame with mmap(MAP_PRIVATE | MAP_FIXED, memfd, offset): the kernel
+// copies on write.
 //
 // Allocation bumps a counter and never reuses an offset: a stale mapping of a
 // released frame reads zeros, never another page's data. Release punches a
@@ -31,30 +33,35 @@ namespace samepage::backend {
 
 class FrameStore {
  public:
-  // Virtual address space reserved for the view (no memory, NORESERVE).
-  static constexpr std::size_t kReserveBytes = std::size_t{1} << 40;
-  static constexpr std::uint64_t kMaxFrames = kReserveBytes / kPageSize;
-  // The file and the view grow by this many frames at a time.
+  // Frames one store can hand out in its lifetime (1 TiB of offsets).
+  static constexpr std::uint64_t kMaxFrames = std::uint64_t{1} << 28;
+  // The file and the view grow by this many frames at a time: one chunk of
+  // the view, one mapping.
   static constexpr std::uint64_t kGrowFrames = 16384;  // 64 MiB
+  static constexpr std::size_t kMaxChunks = kMaxFrames / kGrowFrames;
 
   FrameStore() = default;
   ~FrameStore();
   FrameStore(const FrameStore&) = delete;
   FrameStore& operator=(const FrameStore&) = delete;
 
-  // Creates the memfd and reserves the view. REQUIRES: InitProcessState().
+  // Creates the memfd (the view grows with it). REQUIRES: InitProcessState().
   [[nodiscard]] Status Init();
 
-  // Allocates n consecutive frames; returns the first, or kNoFrame if the
-  // store is exhausted, cannot grow, or this is a forked child.
+  // Allocates n consecutive frames (consecutive offsets; their addresses in
+  // the view are consecutive only within a chunk); returns the first, or
+  // kNoFrame if the store is exhausted, cannot grow (its file or a chunk of
+  // the view: ENOSPC, RLIMIT_AS, vm.max_map_count), or this is a forked
+  // child.
   FrameId Allocate(std::size_t n);
 
   // Frees the frame's memory (hole punch) unless it is pinned (see above).
   void Release(FrameId frame);
 
   bool IsAllocated(FrameId frame) const { return frame < next_; }
+  // The frame's page in the view. REQUIRES: IsAllocated(frame).
   std::byte* FrameAddress(FrameId frame) const {
-    return view_ + std::size_t{frame} * kPageSize;
+    return chunks_[frame / kGrowFrames] + frame % kGrowFrames * kPageSize;
   }
   off_t FrameOffset(FrameId frame) const {
     return static_cast<off_t>(std::size_t{frame} * kPageSize);
@@ -63,9 +70,12 @@ class FrameStore {
   int fd() const { return fd_; }
   dev_t dev() const { return dev_; }
   ino_t inode() const { return inode_; }
-  // The whole reservation, for exclusion from merging.
-  Addr view_start() const { return reinterpret_cast<Addr>(view_); }
-  std::size_t view_size() const { return kReserveBytes; }
+  // The table of the view's chunks: memory of our own, written while merge
+  // windows are open (a chunk is mapped inside one), so it must be excluded
+  // from merging. The chunks themselves are MAP_SHARED, never merged.
+  Addr chunk_table_start() const { return reinterpret_cast<Addr>(chunks_); }
+  std::size_t chunk_table_size() const { return kChunkTableBytes; }
+  std::size_t view_chunks() const { return nchunks_; }
 
   std::uint64_t frames_allocated() const { return next_; }
   std::uint64_t frames_in_use() const { return in_use_; }
@@ -79,9 +89,14 @@ class FrameStore {
   int fd_ = -1;
   dev_t dev_ = 0;
   ino_t inode_ = 0;
-  std::byte* view_ = nullptr;
-  std::uint64_t next_ = 0;    // next frame to allocate (bump)
-  std::uint64_t mapped_ = 0;  // frames covered by the file and the view
+  static constexpr std::size_t kChunkTableBytes = kMaxChunks * sizeof(void*);
+  // chunks_[c] views frames [c * kGrowFrames, (c + 1) * kGrowFrames), for c
+  // below nchunks_. A mapping of its own (128 KiB of address space, a page
+  // of memory per 512 chunks), not the heap: it is written inside windows.
+  std::byte** chunks_ = nullptr;
+  std::size_t nchunks_ = 0;
+  std::uint64_t next_ = 0;         // next frame to allocate (bump)
+  std::uint64_t file_frames_ = 0;  // frames covered by the file's size
   std::uint64_t in_use_ = 0;
   std::uint64_t pinned_ = 0;
   std::uint64_t punched_ = 0;

@@ -257,12 +257,12 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
   }
   scratch_ = reinterpret_cast<Addr>(scratch);
 
-  // Memory we write while windows are open, and the frame view.
+  // Memory we write while windows are open.
   Exclude(scratch_, kScratchBytes);
   Exclude(reinterpret_cast<Addr>(this), sizeof(*this));
   auto [state, state_size] = ProcessStateRange();
   Exclude(state, state_size);
-  Exclude(store_.view_start(), store_.view_size());
+  Exclude(store_.chunk_table_start(), store_.chunk_table_size());
   RegisterThread();
 
   return RefreshMaps();

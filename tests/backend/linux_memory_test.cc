@@ -925,7 +925,7 @@ TEST_P(LinuxMemoryTest, AnonymousRangesCoverHeapButNotStacksOrOurs) {
   unsigned char local[64];
   EXPECT_FALSE(covered(reinterpret_cast<Addr>(local)));
   EXPECT_FALSE(covered(reinterpret_cast<Addr>(m.get())));
-  EXPECT_FALSE(covered(m->frame_store().view_start()));
+  EXPECT_FALSE(covered(m->frame_store().chunk_table_start()));
 }
 
 TEST_P(LinuxMemoryTest, ThreadStacksAreLeftOutInMprotectMode) {

@@ -836,6 +836,95 @@ TEST(Engine, PagesRightAboveAMergingThreadsStackMerge) {
   }
 }
 
+// Runs `body` in a forked child, waited for by pid for at most 20 s (then
+// killed); returns its exit code, or -1 if it died or did not finish.
+int RunInChild(const std::function<int()>& body) {
+  const pid_t pid = fork();
+  if (pid < 0) return -1;
+  if (pid == 0) _exit(body());
+  int status = 0;
+  pid_t r = 0;
+  for (int i = 0; i < 4000 && (r = waitpid(pid, &status, WNOHANG)) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (r == 0) kill(pid, SIGKILL), waitpid(pid, &status, 0);
+  return r == pid && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// Merges 32 pages of 'v' in a fresh engine and checks them; 0 if all is
+// well, else bits from `bit` up.
+int MergeAndCheck(unsigned char v, int bit) {
+  std::unique_ptr<Engine> e;
+  if (!Engine::Create({}, &e).ok()) return bit;
+  Mapping m(32);
+  m.FillAll(v);
+  if (!e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok()) return bit << 1;
+  e->RunFullScans(2);
+  int code = 0;
+  if (Counter(*e, "pages_sharing") != 31) code |= bit << 2;
+  for (std::size_t i = 0; i < m.pages(); ++i) {
+    if (!m.Holds(i, v) || !MapsSharedFrame(m.page(i))) code |= bit << 3;
+  }
+  m.page(3)[0] = 'w';  // copy-on-write
+  if (!m.Holds(4, v) || m.page(3)[0] != 'w') code |= bit << 4;
+  return code;
+}
+
+// Under an address-space limit (ulimit -v: RLIMIT_AS) samepage takes
+// address space for the frames it uses, not for all it could hold: until
+// this change a 1 TiB reservation for the frame view failed every engine
+// (samepage run answered ENOMEM to every knob).
+TEST(Engine, MergesUnderAnAddressSpaceLimit) {
+  const int code = RunInChild([] {
+    const long vm_kib = StatusKib("VmSize");
+    rlimit lim;
+    lim.rlim_cur = lim.rlim_max =
+        static_cast<rlim_t>(vm_kib + 256 * 1024) * 1024;
+    if (vm_kib <= 0 || setrlimit(RLIMIT_AS, &lim) != 0) return 1;
+    return MergeAndCheck('v', 2);
+  });
+  EXPECT_EQ(code, 0) << "bits " << code
+                     << " (2: the engine could not be created)";
+}
+
+// What samepage maps for itself grows with the frames it uses: VmSize, and
+// what an mlockall(MCL_CURRENT) counts in locked_vm (RLIMIT_MEMLOCK for an
+// unprivileged process: until this change VmSize and VmLck took 1 TiB more,
+// the reservation for the frame view). Locked memory then merges again,
+// locked.
+TEST(Engine, AddressSpaceTakenGrowsWithTheFramesUsed) {
+  const int code = RunInChild([] {
+    const long before_kib = StatusKib("VmSize");
+    std::unique_ptr<Engine> e;
+    if (!Engine::Create({}, &e).ok()) return 1;
+    Mapping m(32);
+    m.FillAll('l');
+    if (!e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok()) return 1;
+    e->RunFullScans(2);  // the frame view exists
+    int code = 0;
+    if (StatusKib("VmSize") - before_kib > 256 * 1024) code |= 2;
+    if (mlockall(MCL_CURRENT | MCL_ONFAULT) != 0) {
+      // Refused without CAP_IPC_LOCK where VmSize exceeds RLIMIT_MEMLOCK,
+      // as it would be natively: then only VmSize is checked.
+      rlimit lim;
+      const bool refused = errno == ENOMEM && geteuid() != 0 &&
+                           getrlimit(RLIMIT_MEMLOCK, &lim) == 0 &&
+                           StatusKib("VmSize") * 1024 > long(lim.rlim_cur);
+      return refused ? code : code | 4;
+    }
+    if (StatusKib("VmLck") - before_kib > 256 * 1024) code |= 8;
+    e->RunFullScans(2);  // locked now: merged again, and locked
+    if (Counter(*e, "pages_sharing") != 31) code |= 16;
+    for (std::size_t i = 0; i < m.pages(); ++i) {
+      if (!m.Holds(i, 'l')) code |= 32;
+    }
+    if (!AllLocked(m.data(), m.bytes(), true)) code |= 64;
+    munlockall();
+    return code;
+  });
+  EXPECT_EQ(code, 0) << "bits " << code;
+}
+
 // Application threads keep writing while the scanner merges at full speed:
 // every increment must survive, in both write-protection modes.
 // (protection, writers, zeroing). With one writer every pass leaves all
