@@ -257,7 +257,15 @@ class EngineImpl final : public Engine {
       // A failed restore leaves the page readable; nothing better to do.
       for (auto [a, n] : advised) (void)ksm_->Unadvise(a, n);
     }
+    // mlockall and munlockall (the whole address space): samepage's own
+    // mappings are locked as the program's are, but MCL_CURRENT would also
+    // populate them (the frame view: a page for every offset of a 64 MiB
+    // chunk), so they are inaccessible meanwhile.
+    const bool whole = kind == MappingChange::kFlags && start == 0 &&
+                       end == (~Addr{0} & ~(kPageSize - 1));
+    if (whole) memory_->ShieldOwnMappings(true);
     inner();
+    if (whole) memory_->ShieldOwnMappings(false);
     if (kind == MappingChange::kFlags && *ok && !advised.empty()) {
       // From smaps (NoteVmaFlagsChanged): the plain maps show no locks.
       (void)memory_->RefreshMaps();  // on failure the next window finds out
@@ -538,8 +546,12 @@ namespace {
 std::pair<Addr, Addr> PagesOf(void* addr, std::size_t len) {
   const Addr start = reinterpret_cast<Addr>(addr) & ~(kPageSize - 1);
   const Addr end = reinterpret_cast<Addr>(addr) + len;
-  return {start, end < start ? ~Addr{0} & ~(kPageSize - 1)
-                             : (end + kPageSize - 1) & ~(kPageSize - 1)};
+  // [addr, addr + len) runs to the end of the address space if it
+  // overflows, or if rounding its end up to a page would (mlockall's).
+  constexpr Addr kLastPage = ~Addr{0} & ~(kPageSize - 1);
+  return {start, end < start || end > kLastPage
+                     ? kLastPage
+                     : (end + kPageSize - 1) & ~(kPageSize - 1)};
 }
 }  // namespace
 

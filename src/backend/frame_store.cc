@@ -15,6 +15,18 @@
 
 namespace samepage::backend {
 
+void* MapUnlocked(void* hint, std::size_t len, int prot, int flags, int fd,
+                  off_t offset) {
+  void* p = mmap(hint, len, PROT_NONE, flags, fd, offset);
+  if (p == MAP_FAILED || prot == PROT_NONE) return p;
+  (void)munlock(p, len);  // a no-op unless MCL_FUTURE locked it
+  if (mprotect(p, len, prot) != 0) {
+    munmap(p, len);
+    return MAP_FAILED;
+  }
+  return p;
+}
+
 FrameStore::~FrameStore() {
   // Merged pages keep the file alive through their own mappings.
   for (std::size_t c = 0; c < nchunks_; ++c) {
@@ -40,8 +52,8 @@ Status FrameStore::Init() {
   }
   dev_ = st.st_dev;
   inode_ = st.st_ino;
-  void* table = mmap(nullptr, kChunkTableBytes, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* table = MapUnlocked(nullptr, kChunkTableBytes, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (table == MAP_FAILED) {
     int err = errno;
     return Status::Error(err, "mmap(frame view chunk table)");
@@ -72,12 +84,28 @@ bool FrameStore::Grow(std::uint64_t frames) {
     // two into one mapping); anywhere otherwise.
     void* hint = nchunks_ == 0 ? nullptr : chunks_[nchunks_ - 1] + kChunkBytes;
     const off_t offset = static_cast<off_t>(nchunks_ * kChunkBytes);
-    void* p = mmap(hint, kChunkBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_,
-                   offset);
+    void* p = MapUnlocked(hint, kChunkBytes, PROT_READ | PROT_WRITE, MAP_SHARED,
+                          fd_, offset);
     if (p == MAP_FAILED) return false;
     chunks_[nchunks_++] = static_cast<std::byte*>(p);
   }
   return true;
+}
+
+void FrameStore::ShieldView(bool shield) {
+  if (chunks_ == nullptr) return;
+  constexpr std::size_t kChunkBytes = kGrowFrames * kPageSize;
+  const int prot = shield ? PROT_NONE : PROT_READ | PROT_WRITE;
+  // The table last when shielding, first when not: it lists the chunks.
+  if (!shield) {
+    (void)munlock(chunks_, kChunkTableBytes);
+    (void)mprotect(chunks_, kChunkTableBytes, prot);
+  }
+  for (std::size_t c = 0; c < nchunks_; ++c) {
+    if (!shield) (void)munlock(chunks_[c], kChunkBytes);
+    (void)mprotect(chunks_[c], kChunkBytes, prot);
+  }
+  if (shield) (void)mprotect(chunks_, kChunkTableBytes, prot);
 }
 
 FrameId FrameStore::Allocate(std::size_t n) {

@@ -31,6 +31,13 @@
 
 namespace samepage::backend {
 
+// mmap(hint, len, prot, flags, fd, offset), never locked nor populated by
+// an mlockall(MCL_FUTURE) in force: mapped inaccessible (the kernel does
+// not populate that), unlocked, then given `prot`. For samepage's own
+// mappings, which an application's mlockall must not fill with memory.
+void* MapUnlocked(void* hint, std::size_t len, int prot, int flags, int fd,
+                  off_t offset);
+
 class FrameStore {
  public:
   // Frames one store can hand out in its lifetime (1 TiB of offsets).
@@ -70,6 +77,13 @@ class FrameStore {
   int fd() const { return fd_; }
   dev_t dev() const { return dev_; }
   ino_t inode() const { return inode_; }
+  // Around an application's mlockall: shield=true makes the view and its
+  // chunk table inaccessible, so that MCL_CURRENT locks them without
+  // populating them (every offset of a chunk would get a page); false
+  // unlocks them and makes them accessible again. Nothing may read the view
+  // in between.
+  void ShieldView(bool shield);
+
   // The table of the view's chunks: memory of our own, written while merge
   // windows are open (a chunk is mapped inside one), so it must be excluded
   // from merging. The chunks themselves are MAP_SHARED, never merged.

@@ -249,8 +249,9 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
     if (!s.ok()) max_map_count_ = 65530;
   }
 
-  void* scratch = mmap(nullptr, kScratchBytes, kReadWrite,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* scratch =
+      MapUnlocked(nullptr, kScratchBytes, kReadWrite,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (scratch == MAP_FAILED) {
     int err = errno;
     return SysError(err, "mmap(unmerge scratch)", 0);
@@ -1632,6 +1633,13 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
   if (sparse && (!protected_window || retry)) return false;
   CopyOutResults(mine, n, out);
   return true;
+}
+
+void LinuxMemory::ShieldOwnMappings(bool shield) {
+  store_.ShieldView(shield);
+  if (scratch_ == 0) return;
+  if (!shield) (void)munlock(Ptr(scratch_), kScratchBytes);
+  (void)mprotect(Ptr(scratch_), kScratchBytes, shield ? PROT_NONE : kReadWrite);
 }
 
 // --- unmerging ---

@@ -180,6 +180,12 @@ class LinuxMemory final : public Memory {
   // lays them out), whose owners would die on a write fault.
   std::vector<Range> AnonymousRanges();
 
+  // Around an mlockall by the application (the engine's lock held, no
+  // window open): shield=true makes samepage's own mappings (the frame view
+  // and the unmerge scratch area) inaccessible, so MCL_CURRENT does not
+  // populate them; false unlocks them and gives their access back.
+  void ShieldOwnMappings(bool shield);
+
   FrameStore& frame_store() { return store_; }
   // This store's memfd and the adopted ones: what a child adopts.
   std::vector<std::pair<dev_t, ino_t>> MemfdLineage() const;
