@@ -92,6 +92,17 @@ bool FrameStore::Grow(std::uint64_t frames) {
   return true;
 }
 
+bool FrameStore::RemapChunk(std::size_t c) {
+  if (c >= nchunks_) return false;
+  constexpr std::size_t kChunkBytes = kGrowFrames * kPageSize;
+  // The old address is the program's now: never unmapped here.
+  void* p = MapUnlocked(nullptr, kChunkBytes, PROT_READ | PROT_WRITE,
+                        MAP_SHARED, fd_, static_cast<off_t>(c * kChunkBytes));
+  if (p == MAP_FAILED) return false;
+  chunks_[c] = static_cast<std::byte*>(p);
+  return true;
+}
+
 void FrameStore::ShieldView(bool shield) {
   if (chunks_ == nullptr) return;
   constexpr std::size_t kChunkBytes = kGrowFrames * kPageSize;

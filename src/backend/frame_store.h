@@ -84,6 +84,11 @@ class FrameStore {
   // in between.
   void ShieldView(bool shield);
 
+  // Maps chunk `c` of the view again, at a new address: the program mapped
+  // over the old one (see LinuxMemory::ViewIntact). False if it cannot.
+  bool RemapChunk(std::size_t c);
+  std::size_t ChunkOf(FrameId frame) const { return frame / kGrowFrames; }
+
   // The table of the view's chunks: memory of our own, written while merge
   // windows are open (a chunk is mapped inside one), so it must be excluded
   // from merging. The chunks themselves are MAP_SHARED, never merged.

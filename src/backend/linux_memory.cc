@@ -484,6 +484,37 @@ bool LinuxMemory::StillProtected(Addr at, std::size_t len,
   return true;
 }
 
+bool LinuxMemory::ViewIntact(const FrameId* frames, std::size_t n) {
+  if (maps_query_fd_ < 0) return true;
+  std::vector<std::size_t> checked;  // frames mostly share a chunk or two
+  bool intact = true;
+  for (std::size_t k = 0; k < n; ++k) {
+    if (!store_.IsAllocated(frames[k])) continue;
+    const std::size_t c = store_.ChunkOf(frames[k]);
+    if (std::find(checked.begin(), checked.end(), c) != checked.end()) {
+      continue;
+    }
+    checked.push_back(c);
+    const Addr a = reinterpret_cast<Addr>(store_.FrameAddress(frames[k]));
+    ProcmapQuery q;
+    if (!QueryVma(maps_query_fd_, a, &q)) {
+      if (errno == ENOTTY) return true;  // before 6.11: cannot tell
+      q = ProcmapQuery{};                // ENOENT: unmapped
+    }
+    const bool ours =
+        q.vma_start <= a && (q.vma_flags & kProcmapVmaShared) != 0 &&
+        q.inode == store_.inode() && major(store_.dev()) == q.dev_major &&
+        minor(store_.dev()) == q.dev_minor &&
+        q.vma_offset + (a - q.vma_start) ==
+            static_cast<std::uint64_t>(store_.FrameOffset(frames[k]));
+    if (!ours) {
+      (void)store_.RemapChunk(c);
+      intact = false;
+    }
+  }
+  return intact;
+}
+
 bool LinuxMemory::AnonymousVmas(Addr at, std::size_t len) {
   if (maps_query_fd_ < 0) return false;
   for (Addr a = at; a < at + len;) {
@@ -1079,9 +1110,11 @@ void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
   auto ok = [&](std::size_t i) {
     return MayReplace(pages[i]) && store_.IsAllocated(frames[i]);
   };
+  // Once per call (not per window: the view is not ours to protect).
+  const bool view_ok = ViewIntact(frames.data(), n);
   std::size_t i = 0;
   while (i < n) {
-    if (!ok(i)) {
+    if (!view_ok || !ok(i)) {
       results[i] =
           MayReplace(pages[i]) ? MergeResult::kFailed : MergeResult::kGone;
       ++i;

@@ -241,6 +241,14 @@ class LinuxMemory final : public Memory {
   // read). Then the window must not replace anything; the maps are read
   // again at the next full scan.
   bool LockViewStale(Addr start, std::size_t len);
+  // True if the frame view still maps the frames (our memfd, at their
+  // offsets), as far as PROCMAP_QUERY tells (before Linux 6.11: true). The
+  // view is mapped as the store grows, without MAP_FIXED, as malloc maps:
+  // a program that unmaps a range and maps it again with MAP_FIXED in two
+  // steps can land on a chunk mapped between them, and a compare through
+  // it would read the program's memory. A chunk found replaced is mapped
+  // again elsewhere (the merges are refused this time). Not in a window.
+  bool ViewIntact(const FrameId* frames, std::size_t n);
   static bool Overlaps(const std::vector<Interval>& set, Addr start, Addr end);
   // [start, end) lies within one interval of the set.
   static bool Covers(const std::vector<Interval>& set, Addr start, Addr end);

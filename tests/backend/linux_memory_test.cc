@@ -291,6 +291,52 @@ TEST_P(LinuxMemoryTest, MergePairsSharesOneFrameAndCopiesOnWrite) {
   EXPECT_EQ(b.page(3)[0], 1);
 }
 
+// The frame view grows without MAP_FIXED, as malloc maps; a program that
+// maps over a chunk of it (MAP_FIXED where it had unmapped, another thread
+// having mapped in between) must not have merges compare with its memory:
+// they are refused, the chunk is mapped again, and the next merge compares
+// with the real frame.
+TEST_P(LinuxMemoryTest, AViewChunkMappedOverIsNotComparedWith) {
+  auto m = NewMemory();
+  Region a(2), b(1);
+  Fill(a.page(0), 7);
+  Fill(a.page(1), 7);
+  Fill(b.page(0), 9);
+  Rescan(*m);
+  auto p = Addrs(a, 0, 1), q = Addrs(a, 1, 1);
+  std::vector<FrameId> frames(1);
+  std::vector<MergeResult> res(1);
+  m->MergePairs(p, q, frames, res);
+  ASSERT_EQ(res[0], MergeResult::kMerged);
+  const FrameId f = frames[0];
+  std::byte* old_view = m->frame_store().FrameAddress(f);
+  std::byte* chunk = old_view - f % FrameStore::kGrowFrames * kPageSize;
+  const std::size_t chunk_bytes = FrameStore::kGrowFrames * kPageSize;
+  // The program's memory where f's page was seen, equal to b's page.
+  ASSERT_EQ(mmap(chunk, chunk_bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0),
+            chunk);
+  Fill(reinterpret_cast<unsigned char*>(old_view), 9);
+  std::vector<Addr> pages = Addrs(b, 0, 1);
+  std::vector<MergeResult> into(1);
+  m->MergeIntoFrames(pages, std::vector<FrameId>{f}, into);
+  EXPECT_NE(into[0], MergeResult::kMerged);
+  unsigned char nine[kPageSize], seven[kPageSize];
+  Fill(nine, 9);
+  Fill(seven, 7);
+  EXPECT_TRUE(Same(b.page(0), nine)) << "b's bytes are b's";
+  EXPECT_EQ(ProbeOne(*m, b.addr(0)), PageState::kAnon);
+  EXPECT_NE(m->frame_store().FrameAddress(f), old_view) << "mapped again";
+  EXPECT_TRUE(Same(m->frame_store().FrameAddress(f), seven));
+  // Through the view mapped again, an equal page merges.
+  Fill(b.page(0), 7);
+  m->MergeIntoFrames(pages, std::vector<FrameId>{f}, into);
+  EXPECT_EQ(into[0], MergeResult::kMerged);
+  EXPECT_TRUE(Same(b.page(0), seven));
+  EXPECT_EQ(ProbeOne(*m, b.addr(0)), PageState::kFrame);
+  munmap(chunk, chunk_bytes);
+}
+
 // n pages of a run (a) and their partners in another region (b), reversed
 // and every other page: partner(i) = b[2 (n - 1 - i)]. Page i and its
 // partner hold Fill(i); the page after a partner holds Fill(1000 + i).
