@@ -4,6 +4,9 @@
 #include <pthread.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/lsan_interface.h>
+#endif
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
@@ -172,10 +175,18 @@ void* LinuxMemory::operator new(std::size_t size) {
   void* p = mmap(nullptr, RoundUp(size), kReadWrite,
                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) throw std::bad_alloc();
+#if defined(__SANITIZE_ADDRESS__)
+  // LeakSanitizer does not scan mmapped memory: the object's vectors would
+  // all be reported as leaked.
+  __lsan_register_root_region(p, size);
+#endif
   return p;
 }
 
 void LinuxMemory::operator delete(void* p, std::size_t size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __lsan_unregister_root_region(p, size);
+#endif
   munmap(p, RoundUp(size));
 }
 
