@@ -5,6 +5,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <bit>
 #include <cerrno>
 
 #include "backend/write_protect.h"
@@ -30,7 +32,7 @@ void* MapUnlocked(void* hint, std::size_t len, int prot, int flags, int fd,
 FrameStore::~FrameStore() {
   // Merged pages keep the file alive through their own mappings.
   for (std::size_t c = 0; c < nchunks_; ++c) {
-    munmap(chunks_[c], kGrowFrames * kPageSize);
+    munmap(chunks_[c], ChunkFrames(c) * kPageSize);
   }
   if (chunks_ != nullptr) munmap(chunks_, kChunkTableBytes);
   if (fd_ >= 0) close(fd_);
@@ -68,36 +70,55 @@ bool FrameStore::InForkedChild() const {
   return ChildGeneration() != child_gen_;
 }
 
+std::size_t FrameStore::ChunkFrames(std::size_t c) const {
+  return c + 1 == nchunks_ ? last_chunk_frames_ : kGrowFrames;
+}
+
+std::uint64_t FrameStore::MappedFrames() const {
+  return nchunks_ == 0 ? 0 : (nchunks_ - 1) * kGrowFrames + last_chunk_frames_;
+}
+
 bool FrameStore::Grow(std::uint64_t frames) {
-  std::uint64_t target = (frames + kGrowFrames - 1) / kGrowFrames * kGrowFrames;
-  if (target > kMaxFrames) target = kMaxFrames;
-  if (target < frames) return false;
-  if (target > file_frames_) {
-    if (ftruncate(fd_, static_cast<off_t>(target * kPageSize)) != 0) {
-      return false;
+  if (frames > kMaxFrames) return false;
+  while (MappedFrames() < frames) {
+    const bool fresh = nchunks_ == 0 || last_chunk_frames_ == kGrowFrames;
+    const std::size_t c = fresh ? nchunks_ : nchunks_ - 1;
+    const std::uint64_t base = std::uint64_t{c} * kGrowFrames;
+    // The chunk doubles from kMinChunkFrames, or grows at once to what is
+    // needed, up to kGrowFrames: address space in proportion to the frames.
+    const std::size_t have = fresh ? 0 : last_chunk_frames_;
+    std::uint64_t want = std::max<std::uint64_t>(
+        {kMinChunkFrames, 2 * have, std::bit_ceil(frames - base)});
+    want = std::min<std::uint64_t>(want, kGrowFrames);
+    if ((base + want) * kPageSize > file_bytes_) {
+      const std::uint64_t bytes = (base + want) * kPageSize;
+      if (ftruncate(fd_, static_cast<off_t>(bytes)) != 0) return false;
+      file_bytes_ = bytes;
     }
-    file_frames_ = target;
-  }
-  constexpr std::size_t kChunkBytes = kGrowFrames * kPageSize;
-  while (nchunks_ * kGrowFrames < target) {
-    // Right after the last chunk if that is free (the kernel then joins the
-    // two into one mapping); anywhere otherwise.
-    void* hint = nchunks_ == 0 ? nullptr : chunks_[nchunks_ - 1] + kChunkBytes;
-    const off_t offset = static_cast<off_t>(nchunks_ * kChunkBytes);
-    void* p = MapUnlocked(hint, kChunkBytes, PROT_READ | PROT_WRITE, MAP_SHARED,
-                          fd_, offset);
+    void* p;
+    if (fresh) {
+      p = MapUnlocked(nullptr, want * kPageSize, PROT_READ | PROT_WRITE,
+                      MAP_SHARED, fd_, static_cast<off_t>(base * kPageSize));
+    } else {
+      // Moved if it cannot grow in place: no one holds view addresses
+      // across calls into the store.
+      p = mremap(chunks_[c], have * kPageSize, want * kPageSize,
+                 MREMAP_MAYMOVE);
+    }
     if (p == MAP_FAILED) return false;
-    chunks_[nchunks_++] = static_cast<std::byte*>(p);
+    chunks_[c] = static_cast<std::byte*>(p);
+    if (fresh) ++nchunks_;
+    last_chunk_frames_ = want;
   }
   return true;
 }
 
 bool FrameStore::RemapChunk(std::size_t c) {
   if (c >= nchunks_) return false;
-  constexpr std::size_t kChunkBytes = kGrowFrames * kPageSize;
   // The old address is the program's now: never unmapped here.
-  void* p = MapUnlocked(nullptr, kChunkBytes, PROT_READ | PROT_WRITE,
-                        MAP_SHARED, fd_, static_cast<off_t>(c * kChunkBytes));
+  void* p = MapUnlocked(nullptr, ChunkFrames(c) * kPageSize,
+                        PROT_READ | PROT_WRITE, MAP_SHARED, fd_,
+                        static_cast<off_t>(c * kGrowFrames * kPageSize));
   if (p == MAP_FAILED) return false;
   chunks_[c] = static_cast<std::byte*>(p);
   return true;
@@ -105,7 +126,6 @@ bool FrameStore::RemapChunk(std::size_t c) {
 
 void FrameStore::ShieldView(bool shield) {
   if (chunks_ == nullptr) return;
-  constexpr std::size_t kChunkBytes = kGrowFrames * kPageSize;
   const int prot = shield ? PROT_NONE : PROT_READ | PROT_WRITE;
   // The table last when shielding, first when not: it lists the chunks.
   if (!shield) {
@@ -113,8 +133,9 @@ void FrameStore::ShieldView(bool shield) {
     (void)mprotect(chunks_, kChunkTableBytes, prot);
   }
   for (std::size_t c = 0; c < nchunks_; ++c) {
-    if (!shield) (void)munlock(chunks_[c], kChunkBytes);
-    (void)mprotect(chunks_[c], kChunkBytes, prot);
+    const std::size_t bytes = ChunkFrames(c) * kPageSize;
+    if (!shield) (void)munlock(chunks_[c], bytes);
+    (void)mprotect(chunks_[c], bytes, prot);
   }
   if (shield) (void)mprotect(chunks_, kChunkTableBytes, prot);
 }
@@ -122,7 +143,7 @@ void FrameStore::ShieldView(bool shield) {
 FrameId FrameStore::Allocate(std::size_t n) {
   if (n == 0 || InForkedChild()) return kNoFrame;
   if (next_ + n > kMaxFrames || next_ + n >= kNoFrame) return kNoFrame;
-  if (next_ + n > nchunks_ * kGrowFrames && !Grow(next_ + n)) {
+  if (next_ + n > MappedFrames() && !Grow(next_ + n)) {
     return kNoFrame;
   }
   FrameId first = static_cast<FrameId>(next_);

@@ -1,10 +1,11 @@
 // The frame store: merged pages' contents, in one memfd.
 //
 // Owns one memfd and a MAP_SHARED read-write "frame view" of it, mapped in
-// chunks of kGrowFrames frames as the file grows, each wherever the kernel
-// puts it: the view takes address space (RLIMIT_AS, VmSize, and locked_vm
-// under mlockall) for the frames allocated, not for all the store could
-// hold. FrameId f is the page at offset f * kPageSize. Merged pages map
+// chunks of up to kGrowFrames frames as the file grows, each wherever the
+// kernel puts it; the last chunk doubles from kMinChunkFrames (mremap), so
+// the view takes address space (RLIMIT_AS, VmSize, and locked_vm under
+// mlockall) in proportion to the frames allocated, not for all the store
+// could hold. FrameId f is the page at offset f * kPageSize. Merged pages map
 // their frame with mmap(MAP_PRIVATE | MAP_FIXED, memfd, offset): the kernel
 // copies on write.
 //
@@ -42,9 +43,10 @@ class FrameStore {
  public:
   // Frames one store can hand out in its lifetime (1 TiB of offsets).
   static constexpr std::uint64_t kMaxFrames = std::uint64_t{1} << 28;
-  // The file and the view grow by this many frames at a time: one chunk of
-  // the view, one mapping.
-  static constexpr std::uint64_t kGrowFrames = 16384;  // 64 MiB
+  // Frames of one chunk of the view (one mapping) when full, and of a new
+  // chunk at first.
+  static constexpr std::uint64_t kGrowFrames = 16384;    // 64 MiB
+  static constexpr std::uint64_t kMinChunkFrames = 256;  // 1 MiB
   static constexpr std::size_t kMaxChunks = kMaxFrames / kGrowFrames;
 
   FrameStore() = default;
@@ -88,6 +90,8 @@ class FrameStore {
   // over the old one (see LinuxMemory::ViewIntact). False if it cannot.
   bool RemapChunk(std::size_t c);
   std::size_t ChunkOf(FrameId frame) const { return frame / kGrowFrames; }
+  // Frames chunk c maps: all but the last are full.
+  std::size_t ChunkFrames(std::size_t c) const;
 
   // The table of the view's chunks: memory of our own, written while merge
   // windows are open (a chunk is mapped inside one), so it must be excluded
@@ -103,6 +107,7 @@ class FrameStore {
 
  private:
   bool Grow(std::uint64_t frames);
+  std::uint64_t MappedFrames() const;  // of all chunks
   bool InForkedChild() const;
 
   int fd_ = -1;
@@ -115,7 +120,8 @@ class FrameStore {
   std::byte** chunks_ = nullptr;
   std::size_t nchunks_ = 0;
   std::uint64_t next_ = 0;         // next frame to allocate (bump)
-  std::uint64_t file_frames_ = 0;  // frames covered by the file's size
+  std::size_t last_chunk_frames_ = 0;  // mapped of chunks_[nchunks_ - 1]
+  std::uint64_t file_bytes_ = 0;       // the file's size
   std::uint64_t in_use_ = 0;
   std::uint64_t pinned_ = 0;
   std::uint64_t punched_ = 0;

@@ -311,7 +311,8 @@ TEST_P(LinuxMemoryTest, AViewChunkMappedOverIsNotComparedWith) {
   const FrameId f = frames[0];
   std::byte* old_view = m->frame_store().FrameAddress(f);
   std::byte* chunk = old_view - f % FrameStore::kGrowFrames * kPageSize;
-  const std::size_t chunk_bytes = FrameStore::kGrowFrames * kPageSize;
+  const std::size_t chunk_bytes =
+      m->frame_store().ChunkFrames(m->frame_store().ChunkOf(f)) * kPageSize;
   // The program's memory where f's page was seen, equal to b's page.
   ASSERT_EQ(mmap(chunk, chunk_bytes, PROT_READ | PROT_WRITE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0),
