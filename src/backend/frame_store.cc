@@ -9,6 +9,7 @@
 #include <bit>
 #include <cerrno>
 
+#include "backend/own_fds.h"
 #include "backend/write_protect.h"
 
 #ifndef MFD_NOEXEC_SEAL
@@ -35,7 +36,7 @@ FrameStore::~FrameStore() {
     munmap(chunks_[c], ChunkFrames(c) * kPageSize);
   }
   if (chunks_ != nullptr) munmap(chunks_, kChunkTableBytes);
-  if (fd_ >= 0) close(fd_);
+  CloseOwnFd(fd_);
 }
 
 Status FrameStore::Init() {
@@ -47,6 +48,7 @@ Status FrameStore::Init() {
     int err = errno;
     return Status::Error(err, "memfd_create(samepage)");
   }
+  fd_ = AdoptOwnFd(fd_);
   struct stat st;
   if (fstat(fd_, &st) != 0) {
     int err = errno;

@@ -16,14 +16,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
-#include <chrono>
 #include <mutex>
 #include <new>
 #include <string_view>
 
+#include "backend/own_fds.h"
 #include "backend/write_protect.h"
 
 namespace samepage::backend {
@@ -119,7 +120,7 @@ int QueryFd() {
   // descriptor opened by this process.
   if (g_query_pid.load(std::memory_order_acquire) == self)
     return g_query_fd.load(std::memory_order_relaxed);
-  const int fresh = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  const int fresh = AdoptOwnFd(open("/proc/self/maps", O_RDONLY | O_CLOEXEC));
   if (fresh < 0) return -1;
   // A racing caller's descriptor works as well; the old one (a parent's,
   // inherited over fork) is left open rather than closed under a reader.
@@ -203,8 +204,8 @@ Status LinuxMemory::Create(const LinuxMemoryOptions& options,
 }
 
 LinuxMemory::~LinuxMemory() {
-  if (pagemap_fd_ >= 0) close(pagemap_fd_);
-  if (maps_query_fd_ >= 0) close(maps_query_fd_);
+  CloseOwnFd(pagemap_fd_);
+  CloseOwnFd(maps_query_fd_);
   if (scratch_ != 0) munmap(Ptr(scratch_), kScratchBytes);
 }
 
@@ -218,13 +219,14 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
   RememberMemfd(store_.dev(), store_.inode());
   for (auto [dev, ino] : options_.adopted_memfds) RememberMemfd(dev, ino);
 
-  pagemap_fd_ = open(options_.pagemap_path.c_str(), O_RDONLY | O_CLOEXEC);
+  pagemap_fd_ =
+      AdoptOwnFd(open(options_.pagemap_path.c_str(), O_RDONLY | O_CLOEXEC));
   if (pagemap_fd_ < 0) {
     int err = errno;
     return SysError(err, "open(" + options_.pagemap_path + ")", 0);
   }
   // For StillProtected in mprotect mode; without it that check is skipped.
-  maps_query_fd_ = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  maps_query_fd_ = AdoptOwnFd(open("/proc/self/maps", O_RDONLY | O_CLOEXEC));
 
   switch (options_.protection) {
     case Protection::kMprotect:
@@ -1549,12 +1551,13 @@ namespace {
 // discards each range with madvise.
 bool DiscardAtOnce(const iovec* iov, std::size_t n) {
   if (n < 2) return false;
-  const int self = static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0));
+  const int self =
+      AdoptOwnFd(static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0)));
   if (self < 0) return false;
   std::size_t total = 0;
   for (std::size_t k = 0; k < n; ++k) total += iov[k].iov_len;
   const long done = syscall(SYS_process_madvise, self, iov, n, MADV_DONTNEED, 0);
-  close(self);
+  CloseOwnFd(self);
   return done == static_cast<long>(total);
 }
 

@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <charconv>
 
+#include "backend/own_fds.h"
+
 namespace samepage::backend {
 namespace {
 
@@ -125,7 +127,9 @@ Status ParseMaps(std::string_view text, std::vector<MapEntry>* entries) {
 
 Status ReadProcFile(const std::string& path, std::string* text) {
   text->clear();
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // Ours while open (own_fds.h): a program closing every descriptor must
+  // not have us read its file at this number instead.
+  int fd = AdoptOwnFd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd < 0) {
     int err = errno;
     return Status::Error(err, "open(" + path + ")");
@@ -145,14 +149,14 @@ Status ReadProcFile(const std::string& path, std::string* text) {
     if (n < 0) {
       if (errno == EINTR) continue;
       int err = errno;
-      close(fd);
+      CloseOwnFd(fd);
       text->clear();
       return Status::Error(err, "read(" + path + ")");
     }
     if (n == 0) break;
     used += static_cast<std::size_t>(n);
   }
-  close(fd);
+  CloseOwnFd(fd);
   text->resize(used);
   size_hint = std::max<std::size_t>(65536, used + used / 8 + 65536);
   return Status::Ok();

@@ -12,6 +12,8 @@
 #include <cerrno>
 #include <thread>
 
+#include "backend/own_fds.h"
+
 namespace samepage::backend {
 namespace {
 
@@ -64,7 +66,7 @@ class UffdProtector final : public Protector {
  public:
   UffdProtector(int fd, bool kernel_faults_wait)
       : fd_(fd), kernel_faults_wait_(kernel_faults_wait) {}
-  ~UffdProtector() override { close(fd_); }
+  ~UffdProtector() override { CloseOwnFd(fd_); }
 
   int Protect(Addr start, std::size_t len, ProtectMethod* how) override {
     if (WriteProtect(start, len, true) == 0) {
@@ -213,7 +215,7 @@ Status NewUffdProtector(std::unique_ptr<Protector>* out) {
   out->reset();
   bool kernel_faults_wait = false;
   int err = 0;
-  int fd = OpenUffd(&kernel_faults_wait, &err);
+  int fd = AdoptOwnFd(OpenUffd(&kernel_faults_wait, &err));
   if (fd < 0) return Status::Error(err, "userfaultfd()");
   auto uffd = std::make_unique<UffdProtector>(fd, kernel_faults_wait);
   uffdio_api api = {};

@@ -14,6 +14,8 @@
 //   fseeko, fseeko64                          on our descriptors
 //   ioctl                                 on /dev/ksm descriptors
 //   dup, dup2, dup3, fcntl, fcntl64       copies of our descriptors
+//   close, close_range, closefrom, dup2,  samepage's own descriptors stay
+//   dup3                                  open (backend/own_fds.h)
 //   free, realloc                         glibc's mmapped blocks wait for
 //                                         merge windows (malloc_free.cc)
 // Everything else, and every call samepage itself makes (real.h: Bypass),
@@ -35,8 +37,8 @@
 // merge-any over exec.
 
 #include <errno.h>
-#include <pthread.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,9 +52,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdint>
 
 #include "api/default_engine.h"
+#include "backend/own_fds.h"
 #include "preload/ksm_files.h"
 #include "preload/real.h"
 #include "samepage/engine.h"
@@ -640,8 +644,57 @@ SAMEPAGE_EXPORT ssize_t pwrite64(int fd, const void* buf, size_t n,
 }
 
 SAMEPAGE_EXPORT int close(int fd) {
-  if (IsOurs(fd) && !Bypass(__builtin_return_address(0))) return CloseKsm(fd);
+  if (!Bypass(__builtin_return_address(0))) {
+    // A descriptor the program never opened: closing it would let the
+    // program's next open() take the number samepage writes frames to.
+    if (samepage::backend::IsOwnFd(fd)) return 0;
+    if (IsOurs(fd)) return CloseKsm(fd);
+  }
   return RealClose(fd);
+}
+
+namespace {
+
+// close_range(2) on [first, last], around samepage's own descriptors.
+int CloseRangeAround(unsigned first, unsigned last, unsigned flags) {
+  int own[64];
+  const int n = samepage::backend::CopyOwnFds(own, 64);
+  unsigned from = first;
+  for (int i = 0; i < n && from <= last; ++i) {
+    const auto fd = static_cast<unsigned>(own[i]);
+    if (fd < from || fd > last) continue;
+    if (fd > from && syscall(SYS_close_range, from, fd - 1, flags) != 0) {
+      return -1;
+    }
+    if (fd == UINT_MAX) return 0;
+    from = fd + 1;
+  }
+  if (from > last || (from == 0 && first != 0)) return 0;
+  return static_cast<int>(syscall(SYS_close_range, from, last, flags));
+}
+
+}  // namespace
+
+SAMEPAGE_EXPORT int close_range(unsigned first, unsigned last,
+                                int flags) noexcept {
+  if (Bypass(__builtin_return_address(0)) ||
+      (flags & CLOSE_RANGE_CLOEXEC) != 0) {  // marks, closes nothing
+    return static_cast<int>(syscall(SYS_close_range, first, last, flags));
+  }
+  if (first > last) {
+    errno = EINVAL;
+    return -1;
+  }
+  return CloseRangeAround(first, last, static_cast<unsigned>(flags));
+}
+
+SAMEPAGE_EXPORT void closefrom(int lowfd) noexcept {
+  if (lowfd < 0) lowfd = 0;
+  if (Bypass(__builtin_return_address(0))) {
+    syscall(SYS_close_range, lowfd, ~0U, 0);
+    return;
+  }
+  (void)CloseRangeAround(static_cast<unsigned>(lowfd), ~0U, 0);
 }
 
 SAMEPAGE_EXPORT int fflush(FILE* fp) {
@@ -744,7 +797,18 @@ SAMEPAGE_EXPORT int dup(int fd) noexcept {
   return r;
 }
 
+// dup2/dup3 onto one of samepage's own descriptors would close it under
+// the engine (its next write would go to the program's file): refused, with
+// the errno the kernel gives a dup2 racing an open.
+bool OntoOwnFd(int fd, int fd2, const void* caller) {
+  if (fd == fd2 || !samepage::backend::IsOwnFd(fd2) || Bypass(caller))
+    return false;
+  errno = EBUSY;
+  return true;
+}
+
 SAMEPAGE_EXPORT int dup2(int fd, int fd2) noexcept {
+  if (OntoOwnFd(fd, fd2, __builtin_return_address(0))) return -1;
   const int r = g_real.dup2 != nullptr
                     ? g_real.dup2(fd, fd2)
                     : static_cast<int>(syscall(SYS_dup2, fd, fd2));
@@ -753,6 +817,7 @@ SAMEPAGE_EXPORT int dup2(int fd, int fd2) noexcept {
 }
 
 SAMEPAGE_EXPORT int dup3(int fd, int fd2, int flags) noexcept {
+  if (OntoOwnFd(fd, fd2, __builtin_return_address(0))) return -1;
   const int r = g_real.dup3 != nullptr
                     ? g_real.dup3(fd, fd2, flags)
                     : static_cast<int>(syscall(SYS_dup3, fd, fd2, flags));
