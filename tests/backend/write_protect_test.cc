@@ -222,12 +222,15 @@ TEST(WriteProtectDeathTest, ActionSetBeforeInstallIsChained) {
 // Installed: our handler stays, writers in windows still wait in it, and
 // the program's own faults reach the program's handler.
 void SetAfterInstallThenFault() {
+  // SIG_DFL, or a sanitizer runtime's handler, installed before main.
+  struct sigaction before;
+  sigaction(SIGSEGV, nullptr, &before);
   if (!InitProcessState().ok()) _exit(1);
   struct sigaction sa = SiginfoAction(ExitHandler, 0);
   struct sigaction old;
   struct sigaction k;
   if (ChainedSigaction(SIGSEGV, &sa, &old) != 0) _exit(2);
-  if (old.sa_handler != SIG_DFL) _exit(3);
+  if (old.sa_handler != before.sa_handler) _exit(3);
   sigaction(SIGSEGV, nullptr, &k);
   if (k.sa_sigaction == ExitHandler) _exit(4);
   unsigned char* p = MapPages(1);
