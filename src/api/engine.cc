@@ -49,6 +49,9 @@ using backend::LinuxMemoryOptions;
 constexpr std::size_t kSyncScanBatch = 1 << 16;
 // merge-any's look for new mappings, from the background scanner.
 constexpr std::int64_t kMergeAnySweepNanos = 100'000'000;
+// The last page of the address space: where a range that runs to the end
+// (mlockall's) ends, rounded.
+constexpr Addr kLastPage = ~Addr{0} & ~(kPageSize - 1);
 
 LinuxMemoryOptions ToBackendOptions(const EngineOptions& o) {
   LinuxMemoryOptions b;
@@ -261,8 +264,8 @@ class EngineImpl final : public Engine {
     // mappings are locked as the program's are, but MCL_CURRENT would also
     // populate them (the frame view: a page for every offset of a 64 MiB
     // chunk), so they are inaccessible meanwhile.
-    const bool whole = kind == MappingChange::kFlags && start == 0 &&
-                       end == (~Addr{0} & ~(kPageSize - 1));
+    const bool whole =
+        kind == MappingChange::kFlags && start == 0 && end == kLastPage;
     if (whole) memory_->ShieldOwnMappings(true);
     inner();
     if (whole) memory_->ShieldOwnMappings(false);
@@ -548,7 +551,6 @@ std::pair<Addr, Addr> PagesOf(void* addr, std::size_t len) {
   const Addr end = reinterpret_cast<Addr>(addr) + len;
   // [addr, addr + len) runs to the end of the address space if it
   // overflows, or if rounding its end up to a page would (mlockall's).
-  constexpr Addr kLastPage = ~Addr{0} & ~(kPageSize - 1);
   return {start, end < start || end > kLastPage
                      ? kLastPage
                      : (end + kPageSize - 1) & ~(kPageSize - 1)};

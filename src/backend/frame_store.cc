@@ -30,6 +30,11 @@ void* MapUnlocked(void* hint, std::size_t len, int prot, int flags, int fd,
   return p;
 }
 
+void ShieldMapping(void* p, std::size_t len, bool shield) {
+  if (!shield) (void)munlock(p, len);
+  (void)mprotect(p, len, shield ? PROT_NONE : PROT_READ | PROT_WRITE);
+}
+
 FrameStore::~FrameStore() {
   // Merged pages keep the file alive through their own mappings.
   for (std::size_t c = 0; c < nchunks_; ++c) {
@@ -128,18 +133,12 @@ bool FrameStore::RemapChunk(std::size_t c) {
 
 void FrameStore::ShieldView(bool shield) {
   if (chunks_ == nullptr) return;
-  const int prot = shield ? PROT_NONE : PROT_READ | PROT_WRITE;
   // The table last when shielding, first when not: it lists the chunks.
-  if (!shield) {
-    (void)munlock(chunks_, kChunkTableBytes);
-    (void)mprotect(chunks_, kChunkTableBytes, prot);
-  }
+  if (!shield) ShieldMapping(chunks_, kChunkTableBytes, false);
   for (std::size_t c = 0; c < nchunks_; ++c) {
-    const std::size_t bytes = ChunkFrames(c) * kPageSize;
-    if (!shield) (void)munlock(chunks_[c], bytes);
-    (void)mprotect(chunks_[c], bytes, prot);
+    ShieldMapping(chunks_[c], ChunkFrames(c) * kPageSize, shield);
   }
-  if (shield) (void)mprotect(chunks_, kChunkTableBytes, prot);
+  if (shield) ShieldMapping(chunks_, kChunkTableBytes, true);
 }
 
 FrameId FrameStore::Allocate(std::size_t n) {

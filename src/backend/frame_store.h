@@ -39,6 +39,11 @@ namespace samepage::backend {
 void* MapUnlocked(void* hint, std::size_t len, int prot, int flags, int fd,
                   off_t offset);
 
+// Around an application's mlockall: shield=true makes [p, p + len)
+// inaccessible, so that MCL_CURRENT locks it without populating it; false
+// unlocks it and makes it read-write again.
+void ShieldMapping(void* p, std::size_t len, bool shield);
+
 class FrameStore {
  public:
   // Frames one store can hand out in its lifetime (1 TiB of offsets).
@@ -70,7 +75,7 @@ class FrameStore {
   bool IsAllocated(FrameId frame) const { return frame < next_; }
   // The frame's page in the view. REQUIRES: IsAllocated(frame).
   std::byte* FrameAddress(FrameId frame) const {
-    return chunks_[frame / kGrowFrames] + frame % kGrowFrames * kPageSize;
+    return chunks_[ChunkOf(frame)] + frame % kGrowFrames * kPageSize;
   }
   off_t FrameOffset(FrameId frame) const {
     return static_cast<off_t>(std::size_t{frame} * kPageSize);

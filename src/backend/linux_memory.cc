@@ -1684,9 +1684,7 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
 
 void LinuxMemory::ShieldOwnMappings(bool shield) {
   store_.ShieldView(shield);
-  if (scratch_ == 0) return;
-  if (!shield) (void)munlock(Ptr(scratch_), kScratchBytes);
-  (void)mprotect(Ptr(scratch_), kScratchBytes, shield ? PROT_NONE : kReadWrite);
+  if (scratch_ != 0) ShieldMapping(Ptr(scratch_), kScratchBytes, shield);
 }
 
 // --- unmerging ---

@@ -10,8 +10,7 @@
 namespace samepage::backend {
 namespace {
 
-// Each engine keeps four or five; a forked child keeps its parent's too.
-constexpr int kSlots = 64;
+constexpr int kSlots = kMaxOwnFds;
 constexpr int kHighBase = 512;
 // fd + 1 in each slot, 0 where free: zero-initialised, so usable before
 // any constructor runs (the preload is entered early).

@@ -17,6 +17,10 @@
 
 namespace samepage::backend {
 
+// Descriptors the registry holds at most (each engine keeps four or five;
+// a forked child keeps its parent's too).
+inline constexpr int kMaxOwnFds = 64;
+
 // Moves `fd` (close-on-exec) to a number at or above a high base (512, or
 // half of RLIMIT_NOFILE if that is lower; where it cannot, it stays) and
 // registers it. Returns the descriptor to use; -1 for -1.

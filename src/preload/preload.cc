@@ -657,8 +657,9 @@ namespace {
 
 // close_range(2) on [first, last], around samepage's own descriptors.
 int CloseRangeAround(unsigned first, unsigned last, unsigned flags) {
-  int own[64];
-  const int n = samepage::backend::CopyOwnFds(own, 64);
+  int own[samepage::backend::kMaxOwnFds];
+  const int n =
+      samepage::backend::CopyOwnFds(own, samepage::backend::kMaxOwnFds);
   unsigned from = first;
   for (int i = 0; i < n && from <= last; ++i) {
     const auto fd = static_cast<unsigned>(own[i]);
@@ -669,7 +670,7 @@ int CloseRangeAround(unsigned first, unsigned last, unsigned flags) {
     if (fd == UINT_MAX) return 0;
     from = fd + 1;
   }
-  if (from > last || (from == 0 && first != 0)) return 0;
+  if (from > last) return 0;
   return static_cast<int>(syscall(SYS_close_range, from, last, flags));
 }
 
@@ -797,6 +798,8 @@ SAMEPAGE_EXPORT int dup(int fd) noexcept {
   return r;
 }
 
+namespace {
+
 // dup2/dup3 onto one of samepage's own descriptors would close it under
 // the engine (its next write would go to the program's file): refused, with
 // the errno the kernel gives a dup2 racing an open.
@@ -806,6 +809,8 @@ bool OntoOwnFd(int fd, int fd2, const void* caller) {
   errno = EBUSY;
   return true;
 }
+
+}  // namespace
 
 SAMEPAGE_EXPORT int dup2(int fd, int fd2) noexcept {
   if (OntoOwnFd(fd, fd2, __builtin_return_address(0))) return -1;
