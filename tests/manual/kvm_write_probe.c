@@ -35,6 +35,10 @@ int main(int argc, char** argv) {
   }
   uint8_t* mem = mmap(NULL, MEM, PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) {
+    perror("mmap");
+    return 1;
+  }
   memset(mem, 'x', MEM);
   if (madvise(mem, MEM, MADV_MERGEABLE)) perror("madvise");
   // start: mov bx,0x3000; l: inc byte [0x2000]; mov al,[bx]; mov [bx],al;
@@ -52,7 +56,13 @@ int main(int argc, char** argv) {
   int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
   int sz = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
   struct kvm_run* run =
-      mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+      vcpu < 0 || sz <= 0
+          ? MAP_FAILED
+          : mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+  if (run == MAP_FAILED) {
+    perror("KVM_CREATE_VCPU / kvm_run");
+    return 1;
+  }
   struct kvm_sregs s;
   ioctl(vcpu, KVM_GET_SREGS, &s);
   s.cs.base = 0;
@@ -70,8 +80,7 @@ int main(int argc, char** argv) {
   while (time(NULL) < end) {
     if (ioctl(vcpu, KVM_RUN, 0) < 0) {
       perror("KVM_RUN");
-      printf("mmio exits %lu\n", mmio_exits);
-      printf("exits %lu\n", exits);
+      printf("exits %lu mmio exits %lu\n", exits, mmio_exits);
       return 1;
     }
     if (run->exit_reason == KVM_EXIT_MMIO && run->mmio.phys_addr < MEM) {
