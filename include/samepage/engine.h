@@ -37,6 +37,10 @@ struct EngineOptions {
 // samepage's own figures, beyond the kernel's counters.
 struct EngineStats {
   std::string protection;           // "userfaultfd" or "mprotect"
+  bool kernel_faults_wait = false;  // a system call or the kernel writing
+                                    // into a page under a merge window
+                                    // waits for it (userfaultfd for all
+                                    // faults); else it fails (EFAULT)
   std::uint64_t frames_in_use = 0;  // frames holding merged content
   std::uint64_t frames_pinned = 0;  // kept because a forked child may map them
   std::uint64_t vma_budget = 0;     // mappings merging may create
@@ -49,6 +53,9 @@ struct EngineStats {
   std::uint64_t merge_failures = 0; // merges refused (content changed, gone)
   std::uint64_t protect_faults = 0; // writes that waited for a merge
   std::uint64_t advised_pages = 0;  // pages marked mergeable
+  std::uint64_t kept_out_pages = 0;  // pages the kernel writes for the
+                                     // application, kept out of merging
+                                     // (Engine::KernelWrites)
 };
 
 class Engine {
@@ -136,6 +143,25 @@ class Engine {
                                        bool zero_fill,
                                        bool (*change)(void* arg), void* arg,
                                        bool* result);
+
+  // For the LD_PRELOAD layer: the kernel is about to write into
+  // [addr, addr + len) for the application outside the system calls it
+  // makes, through the page tables, faulting pages in for writing as a
+  // system call would: a KVM vCPU into guest RAM (KVM_SET_USER_MEMORY_REGION),
+  // vhost into a virtual machine's memory table. Such a write into a page
+  // under a merge window fails where kernel faults cannot wait for the
+  // window (mprotect protection, or userfaultfd with UFFD_USER_MODE_ONLY):
+  // KVM then hands the guest's write to the monitor as an MMIO exit, vhost
+  // gets EFAULT. So every engine whose protection is one of those, now and
+  // created later in this process, unmerges the range and never merges it
+  // again (it stays advised; its pages are counted in kept_out_pages).
+  // Where kernel faults wait, nothing changes: the range merges as before.
+  // The range is remembered as page-aligned and stays kept out for the
+  // life of the process (also after the memory is unmapped). Returns the
+  // pages newly kept out by the engines existing now, summed over them (0
+  // where they kept it out already, or where kernel faults wait).
+  // REQUIRES: not called from a thread that holds an engine's lock.
+  static std::size_t KernelWrites(void* addr, std::size_t len);
 
   // For the LD_PRELOAD layer: the application changed mapping flags
   // (madvise, mlock ...) perhaps without changing the layout of its

@@ -73,6 +73,31 @@ LinuxMemoryOptions ToBackendOptions(const EngineOptions& o) {
 class EngineImpl;
 std::mutex g_engines_mu;
 std::vector<EngineImpl*>* g_engines = nullptr;  // for the fork handlers
+// Engine::KernelWrites's ranges [start, end), for engines created later.
+// Guarded by g_engines_mu.
+std::vector<std::pair<Addr, Addr>>* g_kernel_written = nullptr;
+
+// Adds [start, end) to a sorted set of disjoint ranges, joining those it
+// touches; returns the pages it adds that were not there.
+std::size_t AddToRangeSet(std::vector<std::pair<Addr, Addr>>* set, Addr start,
+                          Addr end) {
+  std::size_t before = 0;
+  for (auto [a, b] : *set) before += b - a;
+  auto first = std::lower_bound(
+      set->begin(), set->end(), start,
+      [](const std::pair<Addr, Addr>& r, Addr s) { return r.second < s; });
+  auto last = first;
+  while (last != set->end() && last->first <= end) {
+    start = std::min(start, last->first);
+    end = std::max(end, last->second);
+    ++last;
+  }
+  first = set->erase(first, last);
+  set->insert(first, {start, end});
+  std::size_t after = 0;
+  for (auto [a, b] : *set) after += b - a;
+  return (after - before) / kPageSize;
+}
 
 class EngineImpl final : public Engine {
  public:
@@ -225,6 +250,7 @@ class EngineImpl final : public Engine {
     s.protection = memory_->protection() == LinuxMemory::Protection::kUserfaultfd
                        ? "userfaultfd"
                        : "mprotect";
+    s.kernel_faults_wait = memory_->SyscallWritesWait();
     s.frames_in_use = m.frames_in_use;
     s.frames_pinned = m.frames_pinned;
     s.vma_budget = m.vma_budget;
@@ -235,7 +261,16 @@ class EngineImpl final : public Engine {
     s.protect_faults = m.protect_faults;
     s.merge_failures = ksm_->merge_failures();
     s.advised_pages = ksm_->AdvisedPages();
+    for (auto [a, b] : kept_out_) s.kept_out_pages += (b - a) / kPageSize;
     return s;
+  }
+
+  // Engine::KernelWrites for this engine: where kernel faults cannot wait
+  // for a window, [start, end) is unmerged and never merged again. Returns
+  // the pages newly kept out.
+  std::size_t KeepOut(Addr start, Addr end) {
+    ControlLock lock(this);
+    return KeepOutLocked(start, end);
   }
 
   // One step of Engine::ChangeMapping: with this engine's lock held, runs
@@ -331,6 +366,32 @@ class EngineImpl final : public Engine {
     ksm_ = std::make_unique<Ksm>(memory_.get(), RealClock());
     ksm_->knobs() = knobs;
     for (auto [a, n] : ranges) ksm_->Advise(a, n);
+    // The fresh backend excludes what the old one did (its protection may
+    // differ: a child can lose the privilege of kernel faults that wait).
+    const auto kept_out = std::move(kept_out_);
+    kept_out_.clear();
+    for (auto [a, b] : kept_out) (void)KeepOutLocked(a, b);
+  }
+
+  std::size_t KeepOutLocked(Addr start, Addr end) {
+    if (memory_->SyscallWritesWait()) return 0;
+    std::vector<std::pair<Addr, std::size_t>> advised;
+    for (auto [a, n] : AdvisedRangesLocked()) {
+      const Addr from = std::max(start, a);
+      const Addr to = std::min(end, a + n * kPageSize);
+      if (from < to) advised.emplace_back(from, (to - from) / kPageSize);
+    }
+    // Unmerged first (merges waiting for a run are dropped with them), so
+    // that no page there maps a frame once it is excluded: an excluded page
+    // reads as absent, and a merged one would keep its frame for ever.
+    // A page that cannot be restored stays merged and readable; outside a
+    // window a kernel write to it is an ordinary copy-on-write.
+    for (auto [a, n] : advised) (void)ksm_->Unadvise(a, n);
+    memory_->Exclude(start, end - start);
+    // Still advised, as the kernel keeps VM_MERGEABLE: its pages are
+    // visited and found absent, so never protected nor merged.
+    for (auto [a, n] : advised) ksm_->Advise(a, n);
+    return AddToRangeSet(&kept_out_, start, end);
   }
 
   SpaceStat SpaceStatLocked() const {
@@ -477,6 +538,11 @@ class EngineImpl final : public Engine {
     std::lock_guard<std::mutex> lock(g_engines_mu);
     if (g_engines == nullptr) g_engines = new std::vector<EngineImpl*>();
     g_engines->push_back(e);
+    // Memory the kernel writes, registered before this engine existed
+    // (engine locks are taken after g_engines_mu, as in ChangeMapping).
+    if (g_kernel_written != nullptr) {
+      for (auto [a, b] : *g_kernel_written) (void)e->KeepOut(a, b);
+    }
   }
 
   static void UnregisterForFork(EngineImpl* e) {
@@ -534,6 +600,8 @@ class EngineImpl final : public Engine {
   std::unique_ptr<LinuxMemory> memory_;  // guarded by mu_
   std::unique_ptr<Ksm> ksm_;             // guarded by mu_
   bool merge_any_ = false;               // guarded by mu_
+  // Ranges kept out for Engine::KernelWrites, sorted, disjoint.
+  std::vector<std::pair<Addr, Addr>> kept_out_;  // guarded by mu_
   std::int64_t last_sweep_ = 0;          // guarded by mu_ (steady ns)
   bool stop_ = false;                    // guarded by mu_
   std::unique_ptr<std::thread> scanner_;  // guarded by mu_
@@ -588,6 +656,21 @@ bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
   };
   step(step, 0);
   return ok;
+}
+
+std::size_t Engine::KernelWrites(void* addr, std::size_t len) {
+  if (len == 0) return 0;
+  const auto [start, end] = PagesOf(addr, len);
+  std::lock_guard<std::mutex> lock(g_engines_mu);
+  if (g_kernel_written == nullptr) {
+    g_kernel_written = new std::vector<std::pair<Addr, Addr>>();
+  }
+  (void)AddToRangeSet(g_kernel_written, start, end);
+  std::size_t kept_out = 0;
+  if (g_engines != nullptr) {
+    for (EngineImpl* e : *g_engines) kept_out += e->KeepOut(start, end);
+  }
+  return kept_out;
 }
 
 bool Engine::DiscardWithoutAllocating(void* addr, std::size_t len,

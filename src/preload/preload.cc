@@ -12,7 +12,9 @@
 //   read, __read_chk, pread, pread64, __pread_chk, __pread64_chk, write,
 //   pwrite, pwrite64, close, fflush, fclose, fdopen, rewind, fseek,
 //   fseeko, fseeko64                          on our descriptors
-//   ioctl                                 on /dev/ksm descriptors
+//   ioctl                                 on /dev/ksm descriptors; KVM
+//                                         and vhost memory registrations
+//                                         (Engine::KernelWrites)
 //   dup, dup2, dup3, fcntl, fcntl64       copies of our descriptors
 //   close, close_range, closefrom, dup2,  samepage's own descriptors stay
 //   dup3                                  open (backend/own_fds.h)
@@ -860,6 +862,113 @@ SAMEPAGE_EXPORT int fcntl64(int fd, int cmd, ...) {
   return r;
 }
 
+// --- memory the kernel writes: KVM guest RAM, vhost memory tables ---
+
+namespace {
+
+// The head of struct kvm_userspace_memory_region, which
+// kvm_userspace_memory_region2 (Linux 6.8; not in older headers) shares.
+struct KvmMemslot {
+  std::uint32_t slot;
+  std::uint32_t flags;
+  std::uint64_t guest_phys_addr;
+  std::uint64_t memory_size;
+  std::uint64_t userspace_addr;
+};
+struct KvmMemslot2 {
+  KvmMemslot head;
+  std::uint64_t guest_memfd_offset;
+  std::uint32_t guest_memfd;
+  std::uint32_t pad1;
+  std::uint64_t pad2[14];
+};
+static_assert(sizeof(KvmMemslot2) == 160);
+constexpr unsigned long kKvmSetUserMemoryRegion = _IOW(0xAE, 0x46, KvmMemslot);
+constexpr unsigned long kKvmSetUserMemoryRegion2 =
+    _IOW(0xAE, 0x49, KvmMemslot2);
+// struct vhost_memory: a count, then that many vhost_memory_region.
+struct VhostMemory {
+  std::uint32_t nregions;
+  std::uint32_t padding;
+};
+struct VhostMemoryRegion {
+  std::uint64_t guest_phys_addr;
+  std::uint64_t memory_size;
+  std::uint64_t userspace_addr;
+  std::uint64_t flags_padding;
+};
+constexpr unsigned long kVhostSetMemTable = _IOW(0xAF, 0x03, VhostMemory);
+// The kernel's VHOST_MEMORY_MAX_NREGIONS default (max_mem_regions).
+constexpr std::uint32_t kVhostMaxRegions = 509;
+
+// Copies the caller's argument without faulting on a bad pointer (the
+// kernel answers EFAULT then, and so will the real ioctl).
+bool ReadUser(const void* from, void* to, size_t len) {
+  struct iovec local = {to, len};
+  struct iovec remote = {const_cast<void*>(from), len};
+  return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) ==
+         static_cast<ssize_t>(len);
+}
+
+// The target of /proc/self/fd/<fd>, starting with `prefix`.
+bool FdIs(int fd, const char* prefix) {
+  char link[64], target[128];
+  snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+  const ssize_t n = readlink(link, target, sizeof(target) - 1);
+  if (n <= 0) return false;
+  target[n] = '\0';
+  return strncmp(target, prefix, strlen(prefix)) == 0;
+}
+
+void KernelWrites(std::uint64_t addr, std::uint64_t len, const char* who) {
+  if (len == 0 || addr + len < addr) return;  // a slot deleted; or EINVAL
+  const std::size_t kept =
+      samepage::Engine::KernelWrites(reinterpret_cast<void*>(addr), len);
+  static std::atomic<bool> told{false};
+  if (kept > 0 && !told.exchange(true)) {
+    char line[512];
+    const int n = snprintf(
+        line, sizeof(line),
+        "samepage: %s memory at %#lx (%lu KiB) is not merged: the kernel "
+        "writes it, and under this write-protection (mprotect, or "
+        "userfaultfd for user faults only) such writes cannot wait for a "
+        "merge; userfaultfd for all faults (root, access to "
+        "/dev/userfaultfd, or vm.unprivileged_userfaultfd=1) merges it\n",
+        who, static_cast<unsigned long>(addr),
+        static_cast<unsigned long>(len >> 10));
+    if (n > 0) RealWrite(2, line, static_cast<size_t>(n));
+  }
+}
+
+// Before the real ioctl: a vCPU may run (other threads, a memslot added to
+// a running guest) as soon as it returns, so no merge window may be open
+// in the range by then.
+void NoteKernelWriter(int fd, unsigned long request, const void* arg) {
+  if (request == kKvmSetUserMemoryRegion ||
+      request == kKvmSetUserMemoryRegion2) {
+    KvmMemslot m;
+    if (!ReadUser(arg, &m, sizeof(m)) || !FdIs(fd, "anon_inode:kvm-vm")) {
+      return;
+    }
+    KernelWrites(m.userspace_addr, m.memory_size, "KVM guest");
+  } else if (request == kVhostSetMemTable) {
+    VhostMemory head;
+    if (!ReadUser(arg, &head, sizeof(head)) ||
+        head.nregions > kVhostMaxRegions || !FdIs(fd, "/dev/vhost-")) {
+      return;
+    }
+    const auto* regions = reinterpret_cast<const VhostMemoryRegion*>(
+        static_cast<const char*>(arg) + sizeof(VhostMemory));
+    for (std::uint32_t i = 0; i < head.nregions; ++i) {
+      VhostMemoryRegion r;
+      if (!ReadUser(regions + i, &r, sizeof(r))) return;
+      KernelWrites(r.userspace_addr, r.memory_size, "vhost");
+    }
+  }
+}
+
+}  // namespace
+
 // --- the 2008 /dev/ksm ---
 
 SAMEPAGE_EXPORT int ioctl(int fd, unsigned long request, ...) noexcept {
@@ -867,6 +976,16 @@ SAMEPAGE_EXPORT int ioctl(int fd, unsigned long request, ...) noexcept {
   va_start(ap, request);
   void* arg = va_arg(ap, void*);
   va_end(ap);
+  if ((request == kKvmSetUserMemoryRegion ||
+       request == kKvmSetUserMemoryRegion2 || request == kVhostSetMemTable) &&
+      !Bypass(__builtin_return_address(0))) {
+    const int saved = errno;
+    {
+      Inside inside;
+      NoteKernelWriter(fd, request, arg);
+    }
+    errno = saved;
+  }
   if (IsDevKsm(fd) && !Bypass(__builtin_return_address(0))) {
     const int r = IoctlDevKsm(fd, request, arg);
     if (r != -2) {

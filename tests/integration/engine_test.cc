@@ -316,6 +316,111 @@ TEST(Engine, RunTwoUnmergesEverything) {
   Set(*e, "run", "0");
 }
 
+// Memory the kernel writes for the application (KVM guest RAM): where
+// kernel faults cannot wait for a merge window, it is unmerged and never
+// merged again, by this engine and by engines created later. The range
+// stays kept out for the life of the process, so these mappings are never
+// unmapped: no later test may get memory at those addresses.
+unsigned char* KernelWrittenMapping(std::size_t pages, unsigned char fill) {
+  void* p = mmap(nullptr, pages * kPage, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  std::memset(p, fill, pages * kPage);
+  return static_cast<unsigned char*>(p);
+}
+
+bool AllHold(const unsigned char* p, std::size_t bytes, unsigned char v) {
+  for (std::size_t i = 0; i < bytes; ++i) {
+    if (p[i] != v) return false;
+  }
+  return true;
+}
+
+TEST(Engine,
+     KernelWrittenMemoryIsUnmergedAndKeptOutWhereKernelFaultsCannotWait) {
+  EngineOptions options;
+  options.protection = EngineOptions::Protection::kMprotect;
+  auto e = NewEngine(options);
+  ASSERT_FALSE(e->Stats().kernel_faults_wait);
+  constexpr std::size_t kPages = 64;
+  unsigned char* p = KernelWrittenMapping(kPages, 0x4b);
+  ASSERT_NE(p, nullptr);
+  Mapping other(16);  // the same content, not written by the kernel
+  other.FillAll(0x4b);
+  ASSERT_TRUE(e->Madvise(p, kPages * kPage, MADV_MERGEABLE).ok());
+  ASSERT_TRUE(e->Madvise(other.data(), other.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), kPages + 16 - 1);
+
+  EXPECT_EQ(Engine::KernelWrites(p, kPages * kPage), kPages);
+  // Unmerged at once, contents intact, ordinary anonymous memory.
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 16 - 1);
+  for (std::size_t i = 0; i < kPages; ++i) {
+    EXPECT_FALSE(MapsSharedFrame(p + i * kPage)) << i;
+  }
+  EXPECT_TRUE(AllHold(p, kPages * kPage, 0x4b));
+  e->RunFullScans(3);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 16 - 1);  // never merged again
+  for (std::size_t i = 0; i < kPages; ++i) {
+    EXPECT_FALSE(MapsSharedFrame(p + i * kPage)) << i;
+  }
+  EXPECT_TRUE(AllHold(p, kPages * kPage, 0x4b));
+  const EngineStats s = e->Stats();
+  EXPECT_EQ(s.kept_out_pages, kPages);
+  EXPECT_EQ(s.advised_pages,
+            kPages + 16);  // still advised, as the kernel keeps it
+  // Once is enough: the same range again keeps nothing more out.
+  EXPECT_EQ(Engine::KernelWrites(p + kPage, 10 * kPage), 0u);
+  EXPECT_EQ(e->Stats().kept_out_pages, kPages);
+  // Writable, as ordinary memory.
+  for (std::size_t i = 0; i < kPages; ++i) p[i * kPage] = 1;
+  EXPECT_EQ(p[0], 1);
+  EXPECT_EQ(other.page(0)[0], 0x4b);
+}
+
+TEST(Engine, KernelWrittenMemoryRegisteredBeforeAnEngineExistsIsKeptOut) {
+  constexpr std::size_t kPages = 32;
+  unsigned char* p = KernelWrittenMapping(kPages, 0x4c);
+  ASSERT_NE(p, nullptr);
+  EXPECT_EQ(Engine::KernelWrites(p, kPages * kPage), 0u);  // no engine of ours
+  EngineOptions options;
+  options.protection = EngineOptions::Protection::kMprotect;
+  auto e = NewEngine(options);
+  EXPECT_GE(e->Stats().kept_out_pages, kPages);
+  ASSERT_TRUE(e->Madvise(p, kPages * kPage, MADV_MERGEABLE).ok());
+  e->RunFullScans(3);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+  EXPECT_TRUE(AllHold(p, kPages * kPage, 0x4c));
+}
+
+TEST(Engine, KernelWrittenMemoryStillMergesWhereKernelFaultsWait) {
+  auto e = NewEngine();
+  if (!e->Stats().kernel_faults_wait) {
+    GTEST_SKIP() << "kernel faults do not wait here (" << e->Stats().protection
+                 << ", user faults only): the test above covers this case";
+  }
+  constexpr std::size_t kPages = 32;
+  unsigned char* p = KernelWrittenMapping(kPages, 0x4d);
+  ASSERT_NE(p, nullptr);
+  ASSERT_TRUE(e->Madvise(p, kPages * kPage, MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), kPages - 1);
+  EXPECT_EQ(Engine::KernelWrites(p, kPages * kPage), 0u);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), kPages - 1);
+  EXPECT_EQ(e->Stats().kept_out_pages, 0u);
+  // A read() into merged memory (a kernel write) works and copies the page.
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  ASSERT_EQ(write(fds[1], "kernel", 6), 6);
+  EXPECT_EQ(read(fds[0], p + 5 * kPage, 6), 6);
+  close(fds[0]);
+  close(fds[1]);
+  EXPECT_EQ(std::memcmp(p + 5 * kPage, "kernel", 6), 0);
+  EXPECT_EQ(p[4 * kPage], 0x4d);
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), kPages - 2);
+}
+
 TEST(Engine, BackgroundScannerMergesWhileRunIsOne) {
   auto e = NewEngine();
   Mapping m(1000);
