@@ -52,6 +52,8 @@ struct EngineStats {
                                     // unmerge (a race for RLIMIT_MEMLOCK)
   std::uint64_t merge_failures = 0; // merges refused (content changed, gone)
   std::uint64_t protect_faults = 0; // writes that waited for a merge
+  std::uint64_t pinned_io_skips = 0;  // pages not merged (this time): direct
+                                      // I/O was in flight into them
   std::uint64_t advised_pages = 0;  // pages marked mergeable
   std::uint64_t kept_out_pages = 0;  // pages the kernel writes for the
                                      // application, kept out of merging

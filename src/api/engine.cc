@@ -259,6 +259,7 @@ class EngineImpl final : public Engine {
     s.lock_skips = m.lock_skips;
     s.locks_lost = m.locks_lost;
     s.protect_faults = m.protect_faults;
+    s.pinned_io_skips = m.pinned_io_skips;
     s.merge_failures = ksm_->merge_failures();
     s.advised_pages = ksm_->AdvisedPages();
     for (auto [a, b] : kept_out_) s.kept_out_pages += (b - a) / kPageSize;

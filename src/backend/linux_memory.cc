@@ -466,6 +466,12 @@ bool LinuxMemory::LockFrameMapping(Addr at, std::size_t len) {
   return true;
 }
 
+bool LinuxMemory::PinnedIoIn(Addr at, std::size_t len) {
+  if (!PinnedIoOverlaps(at, at + len)) return false;
+  pinned_io_skips_ += len / kPageSize;
+  return true;
+}
+
 bool LinuxMemory::StillProtected(Addr at, std::size_t len,
                                  ProtectMethod how) {
   if (how == ProtectMethod::kUffd) {
@@ -1200,7 +1206,8 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
   }
   InProtectedWindow(base, n, kWindowCost, local, [&](ProtectMethod how) {
     window_how = how;
-    const bool may_replace = !LockViewStale(base, n * kPageSize);
+    const bool may_replace =
+        !LockViewStale(base, n * kPageSize) && !PinnedIoIn(base, n * kPageSize);
     for (std::size_t k = 0; k < n; ++k) {
       bool equal = false;
       if (!may_replace) {
@@ -1344,10 +1351,11 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
       // frame holds exactly its p's bytes, and q only ever maps a frame
       // whose source it was found equal to. p, not the frame: the frame
       // view's fresh page would first take a fault to be mapped here.
-      bool may_replace = !LockViewStale(pbase, len);
+      bool may_replace = !LockViewStale(pbase, len) && !PinnedIoIn(pbase, len);
       for (std::size_t r = 0; may_replace && r < nruns; ++r) {
         may_replace =
-            runs[r].err != 0 || !LockViewStale(runs[r].at, runs[r].bytes());
+            runs[r].err != 0 || (!LockViewStale(runs[r].at, runs[r].bytes()) &&
+                                 !PinnedIoIn(runs[r].at, runs[r].bytes()));
       }
       const FrameId f = may_replace ? store_.Allocate(n) : kNoFrame;
       bool copied[kMaxWindowPages] = {};
@@ -1616,6 +1624,11 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
       }
       std::fill(local, local + span, MergeResult::kGone);
     }
+    if (PinnedIoIn(base, end - base)) {
+      // Dropped, a page pinned for direct I/O would lose what the device
+      // writes into it.
+      std::fill(local, local + span, MergeResult::kFailed);
+    }
     const bool may_map = zero_frame_ != kNoFrame && !LockViewStale(base, end - base);
     auto map_zero_frame = [&](std::size_t i) {
       const Addr pg = base + i * kPageSize;
@@ -1794,6 +1807,7 @@ MemoryStats LinuxMemory::Stats() const {
   s.lock_skips = lock_skips_;
   s.locks_lost = locks_lost_;
   s.protect_faults = ProtectFaults();
+  s.pinned_io_skips = pinned_io_skips_;
   s.smaps_reads = smaps_reads_;
   return s;
 }

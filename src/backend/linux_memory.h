@@ -344,6 +344,10 @@ class LinuxMemory final : public Memory {
   // overwritten. Narrows that race to the time between this check and the
   // call; does not close it (a preempted scanner: limitations.md item 5).
   bool StillProtected(Addr at, std::size_t len, ProtectMethod how);
+  // Inside a window, protection applied: direct I/O registered with
+  // BeginPinnedIo may be writing into [at, at + len) through a pin, so
+  // nothing there may be replaced (counted in pinned_io_skips_).
+  bool PinnedIoIn(Addr at, std::size_t len);
   // Every VMA over [at, at + len) is anonymous (no file: not a merged page's
   // private copy, where MADV_DONTNEED would bring the frame's bytes back).
   // False where it cannot tell (no PROCMAP_QUERY before Linux 6.11).
@@ -441,6 +445,7 @@ class LinuxMemory final : public Memory {
   static constexpr std::uint64_t kRecountStep = 1024;
   std::uint64_t lock_skips_ = 0;  // pages left as they were: no lock room
   std::uint64_t locks_lost_ = 0;  // pages whose lock could not come back
+  std::uint64_t pinned_io_skips_ = 0;  // pages not replaced: I/O in flight
 
   static constexpr std::size_t kProbeChunk = 512;
   std::uint64_t pagemap_buf_[kProbeChunk];

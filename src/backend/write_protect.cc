@@ -35,6 +35,14 @@ struct WindowSlot {
   std::atomic<pid_t> owner{0};  // tid of the merging thread
 };
 
+// Direct I/O in flight into [start, end) (BeginPinnedIo).
+constexpr int kMaxPinnedIo = 256;
+struct IoSlot {
+  std::atomic<std::uint32_t> busy{0};
+  std::atomic<Addr> start{0};
+  std::atomic<Addr> end{0};
+};
+
 static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
 static_assert(std::atomic<Addr>::is_always_lock_free);
 
@@ -71,6 +79,9 @@ struct ProcessState {
   // Writers of `chained` (and the install) hold it: the owner's tid, 0 free.
   std::atomic<pid_t> chain_lock{0};
   ChainedAction chained[2];  // SIGSEGV, SIGBUS
+  IoSlot io_slots[kMaxPinnedIo];
+  std::atomic<std::uint32_t> io_in_flight{0};  // slots claimed + overflow
+  std::atomic<std::uint32_t> io_overflow{0};   // I/O with no slot: all busy
   // What libc adds to an action on its way to the kernel (x86-64 glibc:
   // SA_RESTORER and its own restorer), read back from our own action.
   int libc_flags = 0;
@@ -497,6 +508,46 @@ void CloseWindow(int slot_index) {
   // seq_cst pairs with the waiter's waiters++ then seq load.
   if (slot.waiters.load() != 0) FutexWakeAll(&slot.seq);
   slot.busy.store(0);
+}
+
+int BeginPinnedIo(Addr start, Addr end) {
+  if (g_state == nullptr) return kNoPinnedIo;
+  for (int i = 0; i < kMaxPinnedIo; ++i) {
+    IoSlot& slot = g_state->io_slots[i];
+    std::uint32_t expected = 0;
+    if (!slot.busy.compare_exchange_strong(expected, 1)) continue;
+    slot.start.store(start);
+    slot.end.store(end);
+    g_state->io_in_flight.fetch_add(1);
+    return i;
+  }
+  g_state->io_overflow.fetch_add(1);
+  g_state->io_in_flight.fetch_add(1);
+  return kPinnedIoOverflow;
+}
+
+void EndPinnedIo(int token) {
+  if (token == kNoPinnedIo) return;
+  g_state->io_in_flight.fetch_sub(1);
+  if (token == kPinnedIoOverflow) {
+    g_state->io_overflow.fetch_sub(1);
+  } else {
+    g_state->io_slots[token].busy.store(0);
+  }
+}
+
+bool PinnedIoOverlaps(Addr start, Addr end) {
+  // Pairs with BeginPinnedIo's stores, which precede the I/O's system call:
+  // what this misses started after the caller's write-protection, so its
+  // pages fault (and wait, or fail) instead of being pinned.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (g_state->io_in_flight.load() == 0) return false;
+  if (g_state->io_overflow.load() != 0) return true;
+  for (const IoSlot& slot : g_state->io_slots) {
+    if (slot.busy.load() == 0) continue;
+    if (slot.start.load() < end && start < slot.end.load()) return true;
+  }
+  return false;
 }
 
 std::uint64_t ProtectFaults() {

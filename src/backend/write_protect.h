@@ -78,6 +78,24 @@ int OpenWindow(Addr start, Addr end);
 // Closes the window and wakes the threads waiting on it.
 void CloseWindow(int slot);
 
+// Direct I/O (O_DIRECT reads) pins the pages it reads into for its whole
+// duration, and the device writes to the pinned pages, not through the
+// page tables: a page replaced meanwhile would lose the data, so it must
+// not be merged or dropped while such I/O is in flight. Kernel KSM tells
+// from the page's reference count; nothing shows it to user space. So the
+// caller of such I/O (the preload) registers the buffer first:
+// BeginPinnedIo before the system call, EndPinnedIo after it; merges
+// check PinnedIoOverlaps after write-protecting (a pin taken later faults
+// on the protection). Async-signal-safe, lock-free; a no-op before
+// InitProcessState (no engine: nothing merges).
+inline constexpr int kNoPinnedIo = -1;
+inline constexpr int kPinnedIoOverflow = -2;
+int BeginPinnedIo(Addr start, Addr end);
+void EndPinnedIo(int token);
+// True if I/O registered with BeginPinnedIo may be in flight over part of
+// [start, end). REQUIRES: InitProcessState() succeeded.
+bool PinnedIoOverlaps(Addr start, Addr end);
+
 // Writes that waited on a window, since process start.
 std::uint64_t ProtectFaults();
 // Incremented in the fork prepare and parent handlers: odd while a fork is

@@ -67,6 +67,8 @@ struct MemoryStats {
   std::uint64_t locks_lost = 0;        // pages whose lock could not be applied
                                        // again (intact, writable, unlocked)
   std::uint64_t protect_faults = 0;    // writes that waited on a merge window
+  std::uint64_t pinned_io_skips = 0;   // pages left alone: direct I/O was in
+                                       // flight into them (pinned)
   std::uint64_t smaps_reads = 0;       // full reads of the mappings' flags
                                        // (a page-table walk of all memory)
 };

@@ -15,6 +15,9 @@
 //   ioctl                                 on /dev/ksm descriptors; KVM
 //                                         and vhost memory registrations
 //                                         (Engine::KernelWrites)
+//   read, pread, readv, preadv, preadv2   on O_DIRECT descriptors: the
+//                                         buffer is held back from merges
+//                                         during the call (direct_io.h)
 //   dup, dup2, dup3, fcntl, fcntl64       copies of our descriptors
 //   close, close_range, closefrom, dup2,  samepage's own descriptors stay
 //   dup3                                  open (backend/own_fds.h)
@@ -59,6 +62,7 @@
 
 #include "api/default_engine.h"
 #include "backend/own_fds.h"
+#include "preload/direct_io.h"
 #include "preload/ksm_files.h"
 #include "preload/real.h"
 #include "samepage/engine.h"
@@ -246,7 +250,9 @@ int OpenAt(int dirfd, const char* path, int flags, mode_t mode,
     const Target t = Classify(dirfd, path, &name);
     if (t != Target::kNone) return OpenKsm(t, name, flags);
   }
-  return RealOpenat(dirfd, path, flags, mode);
+  const int fd = RealOpenat(dirfd, path, flags, mode);
+  NoteOpenFlags(fd, flags);
+  return fd;
 }
 
 mode_t ModeArg(int flags, va_list ap) {
@@ -273,11 +279,13 @@ FILE* Fopen(const char* path, const char* mode, bool large,
 
 ssize_t Read(int fd, void* buf, size_t n, const void* caller) {
   if (IsOurs(fd) && !Bypass(caller)) return ReadKsm(fd, buf, n);
+  DirectRead guard(fd, buf, n);
   return RealRead(fd, buf, n);
 }
 
 ssize_t Pread(int fd, void* buf, size_t n, off_t off, const void* caller) {
   if (IsOurs(fd) && !Bypass(caller)) return PreadKsm(fd, buf, n, off);
+  DirectRead guard(fd, buf, n);
   return RealPread(fd, buf, n, off);
 }
 
@@ -652,6 +660,9 @@ SAMEPAGE_EXPORT int close(int fd) {
     if (samepage::backend::IsOwnFd(fd)) return 0;
     if (IsOurs(fd)) return CloseKsm(fd);
   }
+  // A stale mark would only cost the next descriptor with this number a
+  // registration per read; a missing one would lose direct reads.
+  NoteDirectClosed(static_cast<unsigned>(fd), static_cast<unsigned>(fd));
   return RealClose(fd);
 }
 
@@ -796,7 +807,10 @@ SAMEPAGE_EXPORT int fclose(FILE* fp) {
 SAMEPAGE_EXPORT int dup(int fd) noexcept {
   const int r = g_real.dup != nullptr ? g_real.dup(fd)
                                       : static_cast<int>(syscall(SYS_dup, fd));
-  if (r >= 0) NoteDup(fd, r);
+  if (r >= 0) {
+    NoteDup(fd, r);
+    NoteDirectDup(fd, r);
+  }
   return r;
 }
 
@@ -819,7 +833,10 @@ SAMEPAGE_EXPORT int dup2(int fd, int fd2) noexcept {
   const int r = g_real.dup2 != nullptr
                     ? g_real.dup2(fd, fd2)
                     : static_cast<int>(syscall(SYS_dup2, fd, fd2));
-  if (r >= 0) NoteDup(fd, r);
+  if (r >= 0) {
+    NoteDup(fd, r);
+    NoteDirectDup(fd, r);
+  }
   return r;
 }
 
@@ -828,7 +845,10 @@ SAMEPAGE_EXPORT int dup3(int fd, int fd2, int flags) noexcept {
   const int r = g_real.dup3 != nullptr
                     ? g_real.dup3(fd, fd2, flags)
                     : static_cast<int>(syscall(SYS_dup3, fd, fd2, flags));
-  if (r >= 0) NoteDup(fd, r);
+  if (r >= 0) {
+    NoteDup(fd, r);
+    NoteDirectDup(fd, r);
+  }
   return r;
 }
 
@@ -840,7 +860,13 @@ int Fcntl(int (*real)(int, int, ...), int fd, int cmd, va_list ap) {
   const int r = real != nullptr
                     ? real(fd, cmd, arg)
                     : static_cast<int>(syscall(SYS_fcntl, fd, cmd, arg));
-  if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) NoteDup(fd, r);
+  if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) {
+    NoteDup(fd, r);
+    NoteDirectDup(fd, r);
+  }
+  if (r >= 0 && cmd == F_SETFL) {
+    NoteSetFlags(fd, static_cast<int>(reinterpret_cast<std::intptr_t>(arg)));
+  }
   return r;
 }
 

@@ -78,6 +78,9 @@ void ResolveReal() {
   Resolve(&g_real.fseeko64, "fseeko64");
   Resolve(&g_real.read_chk, "__read_chk");
   Resolve(&g_real.pread_chk, "__pread64_chk");
+  Resolve(&g_real.readv, "readv");
+  Resolve(&g_real.preadv, "preadv64");
+  Resolve(&g_real.preadv2, "preadv64v2");
   Resolve(&g_real.mmap, "mmap");
   Resolve(&g_real.munmap, "munmap");
   Resolve(&g_real.mremap, "mremap");

@@ -62,6 +62,9 @@ struct RealFunctions {
   int (*fseeko64)(FILE*, off_t, int) = nullptr;
   ssize_t (*read_chk)(int, void*, size_t, size_t) = nullptr;
   ssize_t (*pread_chk)(int, void*, size_t, off_t, size_t) = nullptr;
+  ssize_t (*readv)(int, const struct iovec*, int) = nullptr;
+  ssize_t (*preadv)(int, const struct iovec*, int, off_t) = nullptr;
+  ssize_t (*preadv2)(int, const struct iovec*, int, off_t, int) = nullptr;
   void* (*mmap)(void*, size_t, int, int, int, off_t) = nullptr;
   int (*munmap)(void*, size_t) = nullptr;
   void* (*mremap)(void*, size_t, size_t, int, ...) = nullptr;

@@ -1,0 +1,57 @@
+// Direct I/O reads into memory samepage may merge.
+//
+// An O_DIRECT read pins the pages of its buffer and the device writes into
+// the pinned pages, not through the page tables: a page merged (replaced
+// by a frame mapping) or dropped while the read is in flight keeps its old
+// contents in the program's view, and the data read is lost. Kernel KSM
+// sees the pin in the page's reference count; user space cannot. So the
+// preload remembers which descriptors are O_DIRECT (open family, fcntl
+// F_SETFL, dup family, close) and registers the buffer of every read on
+// them for the duration of the call (backend::BeginPinnedIo), which merges
+// check once the pages are write-protected.
+//
+// Not covered (docs/limitations.md): descriptors inherited over exec or
+// received over a socket, asynchronous I/O (io_uring, libaio), long-term
+// pins (io_uring fixed buffers, RDMA, VFIO), another process writing with
+// process_vm_writev.
+//
+// Thread safety: everything here may be used from any thread; the
+// descriptor marks are atomic.
+
+#ifndef SAMEPAGE_PRELOAD_DIRECT_IO_H_
+#define SAMEPAGE_PRELOAD_DIRECT_IO_H_
+
+#include <stddef.h>
+#include <sys/uio.h>
+
+namespace samepage::preload {
+
+// open/openat returned fd with these flags (fd < 0: nothing).
+void NoteOpenFlags(int fd, int flags);
+// fcntl(fd, F_SETFL, flags) succeeded.
+void NoteSetFlags(int fd, int flags);
+// newfd is now a copy of oldfd (dup family, F_DUPFD).
+void NoteDirectDup(int oldfd, int newfd);
+// fds [first, last] were closed.
+void NoteDirectClosed(unsigned first, unsigned last);
+
+// True if reads on fd may be direct I/O.
+bool IsDirect(int fd);
+
+// Registers the buffers of a read for its duration, if fd is direct.
+class DirectRead {
+ public:
+  DirectRead(int fd, const void* buf, size_t n);
+  DirectRead(int fd, const struct iovec* iov, int iovcnt);
+  ~DirectRead();
+  DirectRead(const DirectRead&) = delete;
+  DirectRead& operator=(const DirectRead&) = delete;
+
+ private:
+  void Begin(const void* lo, const void* hi);
+  int token_;
+};
+
+}  // namespace samepage::preload
+
+#endif  // SAMEPAGE_PRELOAD_DIRECT_IO_H_
