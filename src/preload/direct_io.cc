@@ -62,15 +62,23 @@ bool IsDirect(int fd) {
   return flags >= 0 && (flags & O_DIRECT) != 0;
 }
 
-DirectRead::DirectRead(int fd, const void* buf, size_t n)
-    : token_(backend::kNoPinnedIo) {
-  if (n == 0 || !IsDirect(fd)) return;
-  Begin(buf, static_cast<const char*>(buf) + n);
+bool CopyFromUser(void* to, const void* from, size_t n) {
+  if (n == 0) return true;
+  struct iovec local = {to, n};
+  struct iovec remote = {const_cast<void*>(from), n};
+  return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) ==
+         static_cast<ssize_t>(n);
 }
 
-DirectRead::DirectRead(int fd, const struct iovec* iov, int iovcnt)
-    : token_(backend::kNoPinnedIo) {
-  if (iovcnt <= 0 || iovcnt > IOV_MAX || !IsDirect(fd)) return;
+int DirectRead::RegisterRange(const void* buf, size_t n) {
+  if (n == 0) return backend::kNoPinnedIo;
+  const auto start = reinterpret_cast<std::uintptr_t>(buf) & ~(kPageSize - 1);
+  const auto end = reinterpret_cast<std::uintptr_t>(buf) + n;
+  return backend::BeginPinnedIo(start, end < start ? UINTPTR_MAX : end);
+}
+
+int DirectRead::RegisterVectors(const struct iovec* iov, int iovcnt) {
+  if (iovcnt <= 0 || iovcnt > IOV_MAX) return backend::kNoPinnedIo;
   // One range over all the vectors: merges between them are held back too.
   // The vectors are copied without faulting on a bad pointer (the read
   // then fails with EFAULT, as it would without samepage).
@@ -78,11 +86,8 @@ DirectRead::DirectRead(int fd, const struct iovec* iov, int iovcnt)
   struct iovec chunk[64];
   for (int i = 0; i < iovcnt; i += 64) {
     const int n = iovcnt - i < 64 ? iovcnt - i : 64;
-    struct iovec local = {chunk, n * sizeof(struct iovec)};
-    struct iovec remote = {const_cast<struct iovec*>(iov + i), local.iov_len};
-    if (process_vm_readv(getpid(), &local, 1, &remote, 1, 0) !=
-        static_cast<ssize_t>(local.iov_len)) {
-      return;
+    if (!CopyFromUser(chunk, iov + i, n * sizeof(struct iovec))) {
+      return backend::kNoPinnedIo;
     }
     for (int k = 0; k < n; ++k) {
       const auto b = reinterpret_cast<std::uintptr_t>(chunk[k].iov_base);
@@ -91,16 +96,16 @@ DirectRead::DirectRead(int fd, const struct iovec* iov, int iovcnt)
       hi = b + chunk[k].iov_len > hi ? b + chunk[k].iov_len : hi;
     }
   }
-  if (lo < hi) {
-    Begin(reinterpret_cast<const void*>(lo), reinterpret_cast<const void*>(hi));
-  }
+  if (lo >= hi) return backend::kNoPinnedIo;
+  return RegisterRange(reinterpret_cast<const void*>(lo), hi - lo);
 }
 
-void DirectRead::Begin(const void* lo, const void* hi) {
-  const auto start = reinterpret_cast<std::uintptr_t>(lo) & ~(kPageSize - 1);
-  const auto end = reinterpret_cast<std::uintptr_t>(hi);
-  token_ = backend::BeginPinnedIo(start, end < start ? UINTPTR_MAX : end);
-}
+DirectRead::DirectRead(int fd, const void* buf, size_t n)
+    : token_(IsDirect(fd) ? RegisterRange(buf, n) : backend::kNoPinnedIo) {}
+
+DirectRead::DirectRead(int fd, const struct iovec* iov, int iovcnt)
+    : token_(IsDirect(fd) ? RegisterVectors(iov, iovcnt)
+                          : backend::kNoPinnedIo) {}
 
 DirectRead::~DirectRead() { backend::EndPinnedIo(token_); }
 

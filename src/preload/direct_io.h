@@ -10,8 +10,9 @@
 // them for the duration of the call (backend::BeginPinnedIo), which merges
 // check once the pages are write-protected.
 //
-// Not covered (docs/limitations.md): descriptors inherited over exec or
-// received over a socket, asynchronous I/O (io_uring, libaio), long-term
+// libaio's reads are registered from submission to completion
+// (libaio.cc). Not covered (docs/limitations.md): descriptors inherited
+// over exec or received over a socket, io_uring, POSIX AIO, long-term
 // pins (io_uring fixed buffers, RDMA, VFIO), another process writing with
 // process_vm_writev.
 //
@@ -38,6 +39,10 @@ void NoteDirectClosed(unsigned first, unsigned last);
 // True if reads on fd may be direct I/O.
 bool IsDirect(int fd);
 
+// Copies n bytes of the caller's memory without faulting on a bad pointer
+// (the system call then answers EFAULT itself). False if it cannot.
+bool CopyFromUser(void* to, const void* from, size_t n);
+
 // Registers the buffers of a read for its duration, if fd is direct.
 class DirectRead {
  public:
@@ -47,8 +52,12 @@ class DirectRead {
   DirectRead(const DirectRead&) = delete;
   DirectRead& operator=(const DirectRead&) = delete;
 
+  // The registrations themselves, for reads that outlive a call (libaio):
+  // a token for backend::EndPinnedIo (kNoPinnedIo where nothing is read).
+  static int RegisterRange(const void* buf, size_t n);
+  static int RegisterVectors(const struct iovec* iov, int iovcnt);
+
  private:
-  void Begin(const void* lo, const void* hi);
   int token_;
 };
 

@@ -18,6 +18,8 @@
 //   read, pread, readv, preadv, preadv2   on O_DIRECT descriptors: the
 //                                         buffer is held back from merges
 //                                         during the call (direct_io.h)
+//   io_submit, io_getevents,              libaio's reads: held back from
+//   io_pgetevents, io_destroy             merges until reaped (libaio.cc)
 //   dup, dup2, dup3, fcntl, fcntl64       copies of our descriptors
 //   close, close_range, closefrom, dup2,  samepage's own descriptors stay
 //   dup3                                  open (backend/own_fds.h)
@@ -927,15 +929,6 @@ constexpr unsigned long kVhostSetMemTable = _IOW(0xAF, 0x03, VhostMemory);
 // The kernel's VHOST_MEMORY_MAX_NREGIONS default (max_mem_regions).
 constexpr std::uint32_t kVhostMaxRegions = 509;
 
-// Copies the caller's argument without faulting on a bad pointer (the
-// kernel answers EFAULT then, and so will the real ioctl).
-bool ReadUser(const void* from, void* to, size_t len) {
-  struct iovec local = {to, len};
-  struct iovec remote = {const_cast<void*>(from), len};
-  return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) ==
-         static_cast<ssize_t>(len);
-}
-
 // The target of /proc/self/fd/<fd>, starting with `prefix`.
 bool FdIs(int fd, const char* prefix) {
   char link[64], target[128];
@@ -973,13 +966,13 @@ void NoteKernelWriter(int fd, unsigned long request, const void* arg) {
   if (request == kKvmSetUserMemoryRegion ||
       request == kKvmSetUserMemoryRegion2) {
     KvmMemslot m;
-    if (!ReadUser(arg, &m, sizeof(m)) || !FdIs(fd, "anon_inode:kvm-vm")) {
+    if (!CopyFromUser(&m, arg, sizeof(m)) || !FdIs(fd, "anon_inode:kvm-vm")) {
       return;
     }
     KernelWrites(m.userspace_addr, m.memory_size, "KVM guest");
   } else if (request == kVhostSetMemTable) {
     VhostMemory head;
-    if (!ReadUser(arg, &head, sizeof(head)) ||
+    if (!CopyFromUser(&head, arg, sizeof(head)) ||
         head.nregions > kVhostMaxRegions || !FdIs(fd, "/dev/vhost-")) {
       return;
     }
@@ -987,7 +980,7 @@ void NoteKernelWriter(int fd, unsigned long request, const void* arg) {
         static_cast<const char*>(arg) + sizeof(VhostMemory));
     for (std::uint32_t i = 0; i < head.nregions; ++i) {
       VhostMemoryRegion r;
-      if (!ReadUser(regions + i, &r, sizeof(r))) return;
+      if (!CopyFromUser(&r, regions + i, sizeof(r))) return;
       KernelWrites(r.userspace_addr, r.memory_size, "vhost");
     }
   }

@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "direct_file.h"
 #include "ksm_test_util.h"
 
 #define N 256
@@ -28,57 +29,6 @@
 #define RESERVE 64
 
 static int g_fd = -1;
-static char g_path[256];
-
-static void remove_file(void) {
-  if (g_path[0] != '\0') unlink(g_path);
-}
-
-static int file_page_ok(const void* page, unsigned key) {
-  const uint8_t* p = page;
-  unsigned got;
-  memcpy(&got, p, sizeof(got));
-  if (got != key) return 0;
-  for (int b = sizeof(got); b < PAGE; ++b) {
-    if (p[b] != (uint8_t)('A' + key % 26)) return 0;
-  }
-  return 1;
-}
-
-/* Creates the file where O_DIRECT works; 0 if nowhere. */
-static int make_file(void) {
-  const char* dirs[] = {".", "/var/tmp"};
-  char* page = aligned_alloc(PAGE, PAGE);
-  CHECK(page != NULL);
-  for (size_t d = 0; d < sizeof(dirs) / sizeof(dirs[0]); ++d) {
-    snprintf(g_path, sizeof(g_path), "%s/direct_io_test.%d", dirs[d],
-             (int)getpid());
-    int fd = open(g_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0) continue;
-    atexit(remove_file);
-    for (unsigned k = 0; k < N; ++k) {
-      memset(page, 'A' + k % 26, PAGE);
-      memcpy(page, &k, sizeof(k));
-      CHECK(pwrite(fd, page, PAGE, (off_t)k * PAGE) == PAGE);
-    }
-    CHECK(fsync(fd) == 0);
-    close(fd);
-    g_fd = open(g_path, O_RDONLY | O_DIRECT | O_CLOEXEC);
-    if (g_fd >= 0) {
-      /* The filesystem may accept the flag and still refuse the read. */
-      if (pread(g_fd, page, PAGE, 0) == PAGE && file_page_ok(page, 0)) {
-        free(page);
-        return 1;
-      }
-      close(g_fd);
-      g_fd = -1;
-    }
-    unlink(g_path);
-    g_path[0] = '\0';
-  }
-  free(page);
-  return 0;
-}
 
 /* This process's pages dropped to the zero page (use_zero_pages=1). */
 static unsigned long zero_pages(void) {
@@ -137,7 +87,8 @@ static struct phase_result run_phase(uint8_t* buf, int mode, double seconds) {
 
 int main(void) {
   ksm_setup_or_skip("direct_io_test");
-  if (!make_file()) {
+  g_fd = direct_file_open("direct_io_test", N);
+  if (g_fd < 0) {
     printf("SKIP direct_io_test: no filesystem here takes O_DIRECT reads\n");
     return SKIP_CODE;
   }

@@ -1,0 +1,63 @@
+/* A file of distinct pages read with O_DIRECT, for the pinned-I/O tests
+ * (direct_io_test, aio_test). Plain C, kernel ABI only. */
+
+#ifndef SAMEPAGE_TESTS_PRELOAD_DIRECT_FILE_H_
+#define SAMEPAGE_TESTS_PRELOAD_DIRECT_FILE_H_
+
+#include <stdint.h>
+
+#include "ksm_test_util.h"
+
+static char g_direct_path[256];
+
+static void direct_file_remove(void) {
+  if (g_direct_path[0] != '\0') unlink(g_direct_path);
+}
+
+/* Page `key` of the file: the key in its first 4 bytes, then one letter. */
+UNUSED static int file_page_ok(const void* page, unsigned key) {
+  const uint8_t* p = page;
+  unsigned got;
+  memcpy(&got, p, sizeof(got));
+  if (got != key) return 0;
+  for (int b = sizeof(got); b < PAGE; ++b) {
+    if (p[b] != (uint8_t)('A' + key % 26)) return 0;
+  }
+  return 1;
+}
+
+/* Writes `pages` such pages to a file named after `name` in the current
+ * directory or /var/tmp, whichever filesystem takes O_DIRECT reads, and
+ * returns it opened O_RDONLY | O_DIRECT (removed at exit); -1 if none. */
+UNUSED static int direct_file_open(const char* name, unsigned pages) {
+  const char* dirs[] = {".", "/var/tmp"};
+  char* page = aligned_alloc(PAGE, PAGE);
+  CHECK(page != NULL);
+  for (size_t d = 0; d < sizeof(dirs) / sizeof(dirs[0]); ++d) {
+    snprintf(g_direct_path, sizeof(g_direct_path), "%s/%s.%d", dirs[d], name,
+             (int)getpid());
+    int fd = open(g_direct_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) continue;
+    atexit(direct_file_remove);
+    for (unsigned k = 0; k < pages; ++k) {
+      memset(page, 'A' + k % 26, PAGE);
+      memcpy(page, &k, sizeof(k));
+      CHECK(pwrite(fd, page, PAGE, (off_t)k * PAGE) == PAGE);
+    }
+    CHECK(fsync(fd) == 0);
+    close(fd);
+    fd = open(g_direct_path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+    /* A filesystem may take the flag and still refuse the read. */
+    if (fd >= 0 && pread(fd, page, PAGE, 0) == PAGE && file_page_ok(page, 0)) {
+      free(page);
+      return fd;
+    }
+    if (fd >= 0) close(fd);
+    unlink(g_direct_path);
+    g_direct_path[0] = '\0';
+  }
+  free(page);
+  return -1;
+}
+
+#endif /* SAMEPAGE_TESTS_PRELOAD_DIRECT_FILE_H_ */
