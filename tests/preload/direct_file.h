@@ -60,4 +60,21 @@ UNUSED static int direct_file_open(const char* name, unsigned pages) {
   return -1;
 }
 
+/* Starts KSM at full speed and returns `pages` pages of 'z', advised, once
+ * at least `merged` of them are merged (bounded: 30 s). */
+UNUSED static uint8_t* merging_buffer(size_t pages, unsigned long merged) {
+  write_knob("pages_to_scan", "10000");
+  write_knob("sleep_millisecs", "0");
+  write_knob("run", "1");
+  uint8_t* buf = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(buf != MAP_FAILED);
+  memset(buf, 'z', pages * PAGE);
+  CHECK(madvise(buf, pages * PAGE, MADV_MERGEABLE) == 0);
+  const double until = now_seconds() + 30;
+  while (merging_pages() < merged && now_seconds() < until) sleep_ms(10);
+  CHECK(merging_pages() >= merged);
+  return buf;
+}
+
 #endif /* SAMEPAGE_TESTS_PRELOAD_DIRECT_FILE_H_ */

@@ -92,18 +92,7 @@ int main(void) {
     printf("SKIP direct_io_test: no filesystem here takes O_DIRECT reads\n");
     return SKIP_CODE;
   }
-  write_knob("pages_to_scan", "10000");
-  write_knob("sleep_millisecs", "0");
-  write_knob("run", "1");
-  const size_t len = (N + RESERVE) * PAGE;
-  uint8_t* buf = mmap(NULL, len, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  CHECK(buf != MAP_FAILED);
-  memset(buf, 'z', len);
-  CHECK(madvise(buf, len, MADV_MERGEABLE) == 0);
-  const double until = now_seconds() + 30;
-  while (merging_pages() < N / 2 && now_seconds() < until) sleep_ms(10);
-  CHECK(merging_pages() >= N / 2);
+  uint8_t* buf = merging_buffer(N + RESERVE, N / 2);
 
   const char* names[] = {"pread into merged content", "pread into zero pages",
                          "preadv, two vectors"};
