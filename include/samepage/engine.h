@@ -117,7 +117,9 @@ class Engine {
   // the range once change() has succeeded, without touching it (a new
   // mapping there is not merged unless advised again). kMove: the range is
   // first unmerged and unadvised (ordinary anonymous memory again, with the
-  // permissions it had), and advised again if change() fails. kDiscard: the
+  // permissions it had), and advised again if change() fails; if part of it
+  // cannot be unmerged (ENOMEM), change() is not run, the range stays as it
+  // was and false is returned (the caller fails with ENOMEM). kDiscard: the
   // range is unmerged first, so dropped pages read back zeros as anonymous
   // memory does, and stays mergeable. kFlags: nothing is unmerged; once
   // change() has succeeded the engines read the maps again, so merges

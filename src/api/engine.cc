@@ -293,8 +293,19 @@ class EngineImpl final : public Engine {
         kind == MappingChange::kDiscard &&
         (memory_->Stats().frames_in_use != 0 || !options_.adopted_memfds.empty());
     if (kind == MappingChange::kMove || discard_restores) {
-      // A failed restore leaves the page readable; nothing better to do.
-      for (auto [a, n] : advised) (void)ksm_->Unadvise(a, n);
+      // A part that cannot be given back stays advised and merged
+      // (Ksm::Unadvise). A discard then still goes ahead (those pages read
+      // their frames again instead of zeros); a move must not: the moved
+      // pages would still map frames whose pages the engine would find
+      // gone from the old address and release. It fails with ENOMEM, as
+      // mremap and mprotect may.
+      bool restored = true;
+      for (auto [a, n] : advised) restored &= ksm_->Unadvise(a, n);
+      if (!restored && kind == MappingChange::kMove) {
+        for (auto [a, n] : advised) ksm_->Advise(a, n);
+        *ok = false;
+        return;
+      }
     }
     // mlockall and munlockall (the whole address space): samepage's own
     // mappings are locked as the program's are, but MCL_CURRENT would also

@@ -134,18 +134,25 @@ void Ksm::ForgetRange(Addr start, std::size_t npages) {
 bool Ksm::Unadvise(Addr start, std::size_t npages) {
   const Addr end = start + npages * kPageSize;
   DropWaitingPlans(start, end);
+  // Give the memory back first: a frame is released only when nothing maps
+  // it. A part that cannot be given back (ENOMEM) stays advised and merged,
+  // as the kernel's madvise(MADV_UNMERGEABLE) fails leaving it mergeable:
+  // forgetting it would release frames its pages still map.
+  std::vector<std::pair<Addr, std::size_t>> restored;
   bool ok = true;
-  // Give the memory back first: a frame is released only when nothing maps it.
   auto it = ranges_.upper_bound(start);
   if (it != ranges_.begin()) --it;
   for (; it != ranges_.end() && it->first < end; ++it) {
     const Addr from = std::max(start, it->first);
     const Addr to = std::min(end, it->second.end());
-    if (from < to && !memory_->Unmerge(from, (to - from) >> kPageShift)) {
+    if (from >= to) continue;
+    if (memory_->Unmerge(from, (to - from) >> kPageShift)) {
+      restored.emplace_back(from, (to - from) >> kPageShift);
+    } else {
       ok = false;
     }
   }
-  ForgetRange(start, npages);
+  for (auto [from, n] : restored) ForgetRange(from, n);
   return ok;
 }
 
@@ -153,11 +160,18 @@ bool Ksm::UnmergeAll() {
   DropWaitingPlans(0, ~Addr{0});  // and forgets the pages found gone
   bool ok = true;
   for (auto& [start, r] : ranges_) {
-    if (!memory_->Unmerge(start, r.items.size())) ok = false;
-  }
-  for (auto& [start, r] : ranges_) {
+    const bool restored = memory_->Unmerge(start, r.items.size());
+    ok &= restored;
     for (std::size_t i = 0; i < r.items.size(); ++i) {
-      ResetItem(start + i * kPageSize, r.items[i]);
+      Item& item = r.items[i];
+      // Where the range could not be given back (ENOMEM) its merged pages
+      // still map their frames: they stay merged (run=2 then fails, as in
+      // the kernel), and only the unstable index is left behind.
+      if (restored) {
+        ResetItem(start + i * kPageSize, item);
+      } else {
+        RemoveFromUnstable(start + i * kPageSize, item);
+      }
     }
   }
   unstable_.clear();

@@ -245,7 +245,10 @@ SAMEPAGE_EXPORT void* mremap(void* old, size_t old_len, size_t new_len,
            [](void*) { return true; }, nullptr);
   }
   if (!source) return RealMremap(old, old_len, new_len, flags, new_addr);
-  MremapCall c{old, old_len, new_len, flags, new_addr, MAP_FAILED, 0, false};
+  // err: what the caller sees if the engines refuse the move (a range they
+  // cannot unmerge), where the real call never runs.
+  MremapCall c{old,      old_len,    new_len, flags,
+               new_addr, MAP_FAILED, ENOMEM,  false};
   const bool ok = Change(old, old_len, /*keep_contents=*/true, DoMremap, &c,
                          &c.advised);
   if (ok && c.advised) {
@@ -328,7 +331,7 @@ SAMEPAGE_EXPORT int mprotect(void* addr, size_t len, int prot) noexcept {
       Bypass(__builtin_return_address(0)) || !MaybeAdvised(addr, len)) {
     return RealMprotect(addr, len, prot);
   }
-  MprotectCall c{addr, len, prot, -1, 0};
+  MprotectCall c{addr, len, prot, -1, ENOMEM};  // as in mremap
   Change(addr, len, /*keep_contents=*/true,
          [](void* p) {
            auto* c = static_cast<MprotectCall*>(p);

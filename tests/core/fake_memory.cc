@@ -194,6 +194,10 @@ void FakeMemory::DropZeroPages(std::span<const Addr> pages,
 }
 
 bool FakeMemory::Unmerge(Addr addr, std::size_t npages) {
+  if (addr < unmerge_fails_to &&
+      unmerge_fails_from < addr + npages * kPageSize) {
+    return false;
+  }
   for (std::size_t i = 0; i < npages; ++i) {
     auto it = pages_.find(addr + i * kPageSize);
     if (it == pages_.end() || it->second.kind != Page::kFrame) continue;

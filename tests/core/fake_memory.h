@@ -43,6 +43,11 @@ class FakeMemory : public Memory {
   std::function<void(Addr)> before_compare;
   // Merges allowed before kNoBudget is returned (simulates the VMA budget).
   std::size_t merge_budget = SIZE_MAX;
+  // Unmerge gives back no page of a range overlapping [unmerge_fails_from,
+  // unmerge_fails_to) and returns false (as when the restoring mapping
+  // cannot be made: ENOMEM); those pages keep mapping their frames.
+  Addr unmerge_fails_from = 0;
+  Addr unmerge_fails_to = 0;
 
   // Hash calls per page, since the start.
   std::map<Addr, std::size_t> hashes;

@@ -596,6 +596,61 @@ TEST_F(KsmTest, UnadviseGivesBackPlainPagesWithTheirContents) {
   EXPECT_TRUE(ksm_.IsAdvised(Page(4)));
 }
 
+// A range whose merged pages cannot be given back (ENOMEM from the
+// restoring mapping) stays advised and merged, as madvise(MADV_UNMERGEABLE)
+// fails in the kernel with the range still mergeable: forgetting it would
+// release frames its pages still map (FakeMemory fails the test then).
+TEST_F(KsmTest, UnadviseThatCannotRestoreKeepsTheRangeMerged) {
+  Setup(8, [](std::size_t) { return 5; });
+  FullScans(2);
+  ASSERT_EQ(ksm_.GetCounters().pages_sharing, 7u);
+  // Two advised ranges: the first is given back, the second cannot be.
+  ASSERT_TRUE(ksm_.Unadvise(Page(0), 8));
+  ksm_.Advise(Page(0), 4);
+  ksm_.Advise(Page(4), 4);
+  FullScans(2);
+  ASSERT_EQ(ksm_.GetCounters().pages_sharing, 7u);
+  mem_.unmerge_fails_from = Page(4);
+  mem_.unmerge_fails_to = Page(8);
+  EXPECT_FALSE(ksm_.Unadvise(Page(0), 8));
+  ksm_.CheckInvariants();
+  EXPECT_TRUE(ksm_.IsAdvised(Page(4)));
+  EXPECT_FALSE(ksm_.IsAdvised(Page(0)));
+  for (std::size_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(mem_.Read(Page(i))[9], 5) << i;
+    EXPECT_EQ(mem_.MapsFrame(Page(i)), i >= 4) << i;
+  }
+  EXPECT_EQ(mem_.frames_live(), 1u);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 3u);
+  // Still merged and scanned; once the failure passes, it unmerges too.
+  FullScans(1);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 3u);
+  mem_.unmerge_fails_to = 0;
+  EXPECT_TRUE(ksm_.Unadvise(Page(0), 8));
+  ksm_.CheckInvariants();
+  EXPECT_EQ(mem_.frames_live(), 0u);
+  EXPECT_EQ(ksm_.AdvisedPages(), 0u);
+  for (std::size_t i = 0; i < 8; ++i) EXPECT_EQ(mem_.Read(Page(i))[9], 5) << i;
+}
+
+TEST_F(KsmTest, UnmergeAllThatCannotRestoreKeepsThoseMerges) {
+  Setup(8, [](std::size_t) { return 6; });
+  FullScans(2);
+  ASSERT_EQ(ksm_.GetCounters().pages_sharing, 7u);
+  mem_.unmerge_fails_from = Page(0);
+  mem_.unmerge_fails_to = Page(8);
+  EXPECT_FALSE(ksm_.UnmergeAll());
+  ksm_.CheckInvariants();
+  for (std::size_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(mem_.Read(Page(i))[9], 6) << i;
+    EXPECT_TRUE(mem_.MapsFrame(Page(i))) << i;
+  }
+  EXPECT_EQ(mem_.frames_live(), 1u);
+  mem_.unmerge_fails_to = 0;
+  EXPECT_TRUE(ksm_.UnmergeAll());
+  EXPECT_EQ(mem_.frames_live(), 0u);
+}
+
 TEST_F(KsmTest, UnmergeAllRestoresEverything) {
   Setup(20, [](std::size_t i) { return i % 3; });
   ksm_.knobs().use_zero_pages = true;
