@@ -388,6 +388,12 @@ void ForkChild() {
   tls_window_tid = 0;
   g_state->fork_seq.fetch_add(1);
   g_state->child_gen.fetch_add(1);
+  // The parent's direct I/O in flight is not the child's: its other threads
+  // are gone, and fork copied the pinned pages for the child rather than
+  // share them. Left registered, they would hold merges back for good.
+  for (IoSlot& slot : g_state->io_slots) slot.busy.store(0);
+  g_state->io_overflow.store(0);
+  g_state->io_in_flight.store(0);
   pthread_mutex_unlock(&g_state->window_mutex);
 }
 

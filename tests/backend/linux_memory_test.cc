@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backend/proc_maps.h"
+#include "backend/write_protect.h"
 #include "core/hash.h"
 
 namespace samepage::backend {
@@ -458,6 +459,57 @@ TEST_P(LinuxMemoryTest, MergeIntoFramesLeavesDifferentPagesWritable) {
   EXPECT_TRUE(Same(b.page(0), expect));
   EXPECT_TRUE(Same(m->frame_store().FrameAddress(frames[0]), expect));
   EXPECT_FALSE(Same(c.page(0), expect));
+}
+
+// Direct I/O registered over a page (the preload's O_DIRECT reads): no
+// merge or zero drop replaces it while the registration lasts, since the
+// device would write into the page no longer mapped; once it ends, the
+// same merges go through.
+TEST_P(LinuxMemoryTest, PagesWithDirectIoInFlightAreNotReplaced) {
+  auto m = NewMemory();
+  Region a(2), b(2), c(2), z(2);
+  Fill(a.page(0), 9);
+  Fill(a.page(1), 9);
+  std::memcpy(b.page(0), a.page(0), 2 * kPageSize);
+  std::memcpy(c.page(0), a.page(0), 2 * kPageSize);
+  std::memset(z.page(0), 0, 2 * kPageSize);
+  Rescan(*m);
+  // A read into the second page of b only.
+  int io = BeginPinnedIo(b.addr(1) + 100, b.addr(1) + 200);
+  ASSERT_GE(io, 0);
+  std::vector<FrameId> frames(2);
+  std::vector<MergeResult> res(2);
+  m->MergePairs(Addrs(a, 0, 2), Addrs(b, 0, 2), frames, res);
+  EXPECT_NE(res[1], MergeResult::kMerged);
+  EXPECT_EQ(ProbeOne(*m, b.addr(1)), PageState::kAnon);
+  const std::uint64_t skips = m->Stats().pinned_io_skips;
+  EXPECT_GT(skips, 0u);
+  EndPinnedIo(io);
+
+  m->MergePairs(Addrs(a, 0, 2), Addrs(b, 0, 2), frames, res);
+  ASSERT_EQ(res[0], MergeResult::kMerged);
+  ASSERT_EQ(res[1], MergeResult::kMerged);
+  io = BeginPinnedIo(c.addr(0), c.addr(2));
+  ASSERT_GE(io, 0);
+  m->MergeIntoFrames(Addrs(c, 0, 2), frames, res);
+  EXPECT_NE(res[0], MergeResult::kMerged);
+  EXPECT_NE(res[1], MergeResult::kMerged);
+  EXPECT_EQ(ProbeOne(*m, c.addr(0)), PageState::kAnon);
+  EndPinnedIo(io);
+  m->MergeIntoFrames(Addrs(c, 0, 2), frames, res);
+  EXPECT_EQ(res[0], MergeResult::kMerged);
+  EXPECT_EQ(res[1], MergeResult::kMerged);
+
+  io = BeginPinnedIo(z.addr(0), z.addr(1));
+  ASSERT_GE(io, 0);
+  m->DropZeroPages(Addrs(z, 0, 2), res);
+  EXPECT_NE(res[0], MergeResult::kMerged);
+  EXPECT_TRUE(Present(z.page(0)));
+  EndPinnedIo(io);
+  m->DropZeroPages(Addrs(z, 0, 2), res);
+  EXPECT_EQ(res[0], MergeResult::kMerged);
+  EXPECT_FALSE(Present(z.page(0)));
+  EXPECT_GT(m->Stats().pinned_io_skips, skips);
 }
 
 TEST_P(LinuxMemoryTest, RunsOfConsecutiveFramesUseOneMapping) {

@@ -10,6 +10,7 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -53,6 +54,42 @@ TEST(WriteProtectTest, GuardedReadsSurviveUnmappedAndProtectedMemory) {
   ASSERT_TRUE(GuardedIsZero(p, kPageSize, &zero));
   EXPECT_FALSE(zero);
   munmap(p, 3 * kPageSize);
+}
+
+// The direct-I/O registry: ranges overlap as half-open intervals, every
+// slot taken means everything overlaps, and a forked child starts with
+// none of the parent's I/O (its threads are gone).
+TEST(WriteProtectTest, PinnedIoRegistryTracksRangesAndResetsInAChild) {
+  ASSERT_TRUE(InitProcessState().ok());
+  const Addr base = Addr{1} << 40;
+  EXPECT_FALSE(PinnedIoOverlaps(base, base + kPageSize));
+  const int io = BeginPinnedIo(base + 10, base + 20);
+  ASSERT_GE(io, 0);
+  EXPECT_TRUE(PinnedIoOverlaps(base, base + kPageSize));
+  EXPECT_TRUE(PinnedIoOverlaps(base + 19, base + 30));
+  EXPECT_FALSE(PinnedIoOverlaps(base + 20, base + 30));
+  EXPECT_FALSE(PinnedIoOverlaps(base, base + 10));
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) _exit(PinnedIoOverlaps(base, base + kPageSize) ? 1 : 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  EXPECT_TRUE(PinnedIoOverlaps(base, base + kPageSize));  // the parent's
+  EndPinnedIo(io);
+  EXPECT_FALSE(PinnedIoOverlaps(base, base + kPageSize));
+
+  std::vector<int> tokens;
+  int t = 0;
+  while ((t = BeginPinnedIo(base, base + 1)) >= 0 && tokens.size() < 10000) {
+    tokens.push_back(t);
+  }
+  ASSERT_EQ(t, kPinnedIoOverflow);
+  EXPECT_TRUE(PinnedIoOverlaps(base + 5 * kPageSize, base + 6 * kPageSize));
+  EndPinnedIo(t);
+  EXPECT_FALSE(PinnedIoOverlaps(base + 5 * kPageSize, base + 6 * kPageSize));
+  for (int k : tokens) EndPinnedIo(k);
+  EXPECT_FALSE(PinnedIoOverlaps(base, base + kPageSize));
 }
 
 // The zero check sees one non-zero byte wherever it is, for page-sized and
