@@ -516,6 +516,13 @@ void CloseWindow(int slot_index) {
   slot.busy.store(0);
 }
 
+// Not in the process state: it may be set before any engine exists.
+static std::atomic<bool> g_pinning_io_in_use{false};
+
+void NotePinningIoInUse() { g_pinning_io_in_use.store(true); }
+
+bool PinningIoInUse() { return g_pinning_io_in_use.load(); }
+
 int BeginPinnedIo(Addr start, Addr end) {
   if (g_state == nullptr) return kNoPinnedIo;
   for (int i = 0; i < kMaxPinnedIo; ++i) {
@@ -547,6 +554,7 @@ bool PinnedIoOverlaps(Addr start, Addr end) {
   // what this misses started after the caller's write-protection, so its
   // pages fault (and wait, or fail) instead of being pinned.
   std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (g_pinning_io_in_use.load()) return true;
   if (g_state->io_in_flight.load() == 0) return false;
   if (g_state->io_overflow.load() != 0) return true;
   for (const IoSlot& slot : g_state->io_slots) {

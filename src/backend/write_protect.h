@@ -93,8 +93,18 @@ inline constexpr int kPinnedIoOverflow = -2;
 int BeginPinnedIo(Addr start, Addr end);
 void EndPinnedIo(int token);
 // True if I/O registered with BeginPinnedIo may be in flight over part of
-// [start, end). REQUIRES: InitProcessState() succeeded.
+// [start, end), or NotePinningIoInUse was called. REQUIRES:
+// InitProcessState() succeeded.
 bool PinnedIoOverlaps(Addr start, Addr end);
+
+// The process uses an interface that pins pages for I/O where samepage
+// cannot see which (an io_uring): from now on every page counts as pinned,
+// so nothing more is merged or dropped (merges already made stay; a pin of
+// a merged page copies it first). For the life of the process, forked
+// children included (they share the ring). Async-signal-safe; may be
+// called before InitProcessState.
+void NotePinningIoInUse();
+bool PinningIoInUse();
 
 // Writes that waited on a window, since process start.
 std::uint64_t ProtectFaults();

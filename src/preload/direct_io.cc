@@ -32,9 +32,20 @@ void SetMark(int fd, bool direct) {
 
 }  // namespace
 
-void NoteOpenFlags(int fd, int flags) { SetMark(fd, (flags & O_DIRECT) != 0); }
+void NoteOpenFlags(int fd, int flags) {
+  const bool direct = fd >= 0 && (flags & O_DIRECT) != 0;
+  SetMark(fd, direct);
+  if (direct && RingSeen()) SuspendForPinningIo();  // before its first read
+}
 
-void NoteSetFlags(int fd, int flags) { SetMark(fd, (flags & O_DIRECT) != 0); }
+void NoteSetFlags(int fd, int flags) { NoteOpenFlags(fd, flags); }
+
+bool AnyDirect() {
+  for (const auto& word : g_direct) {
+    if (word.load(std::memory_order_relaxed) != 0) return true;
+  }
+  return false;
+}
 
 void NoteDirectDup(int oldfd, int newfd) {
   if (oldfd != newfd) SetMark(newfd, IsDirect(oldfd));

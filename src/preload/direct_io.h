@@ -38,6 +38,13 @@ void NoteDirectClosed(unsigned first, unsigned last);
 
 // True if reads on fd may be direct I/O.
 bool IsDirect(int fd);
+// True if some descriptor below 65536 is marked O_DIRECT.
+bool AnyDirect();
+
+// io_uring.cc: the process has set up an io_uring; and what follows once
+// it also reads with O_DIRECT (every page counts as pinned).
+bool RingSeen();
+void SuspendForPinningIo();
 
 // Copies n bytes of the caller's memory without faulting on a bad pointer
 // (the system call then answers EFAULT itself). False if it cannot.

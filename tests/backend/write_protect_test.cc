@@ -92,6 +92,27 @@ TEST(WriteProtectTest, PinnedIoRegistryTracksRangesAndResetsInAChild) {
   EXPECT_FALSE(PinnedIoOverlaps(base, base + kPageSize));
 }
 
+// Once the process uses an interface that pins pages where samepage cannot
+// see which (an io_uring), every page counts as pinned. In a child: the
+// state lasts for the life of the process.
+TEST(WriteProtectTest, PinningIoInUseMakesEveryPageCountAsPinned) {
+  ASSERT_TRUE(InitProcessState().ok());
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int bits = PinningIoInUse() ? 1 : 0;
+    if (PinnedIoOverlaps(0x10000, 0x11000)) bits |= 2;
+    NotePinningIoInUse();
+    if (!PinningIoInUse()) bits |= 4;
+    if (!PinnedIoOverlaps(0x10000, 0x11000)) bits |= 8;
+    _exit(bits);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
 // The zero check sees one non-zero byte wherever it is, for page-sized and
 // odd lengths, and unaligned starts.
 TEST(WriteProtectTest, IsZeroFindsANonZeroByteAnywhere) {

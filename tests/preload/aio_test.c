@@ -63,14 +63,7 @@ int main(void) {
     unsigned keys[IN_FLIGHT];
     uint8_t* pages[IN_FLIGHT];
     const int vectors = round % 2;
-    for (int k = 0; k < IN_FLIGHT; ++k) {
-      const unsigned i = (round * IN_FLIGHT + k) % N;
-      pages[k] = buf + (size_t)i * PAGE;
-      keys[k] = (i * 7 + round) % N;
-      memset(pages[k], 'z', PAGE);
-    }
-    struct timespec ts = {0, 300 * 1000}; /* a scan may reach them */
-    nanosleep(&ts, NULL);
+    reset_pages(buf, N, round, IN_FLIGHT, pages, keys);
     if (round % 8 == 0) {
       ++samples;
       if (merging_pages() > RESERVE) ++merged_seen;

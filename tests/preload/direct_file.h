@@ -77,4 +77,19 @@ UNUSED static uint8_t* merging_buffer(size_t pages, unsigned long merged) {
   return buf;
 }
 
+/* Round `round` of reads in flight: `count` consecutive pages of the `n`
+ * buffer pages (cycling) go back to 'z', each to be read from a file page
+ * (keys[k]) other than its own; then a pause, so a scan may merge them. */
+UNUSED static void reset_pages(uint8_t* buf, unsigned n, unsigned round,
+                               int count, uint8_t** pages, unsigned* keys) {
+  for (int k = 0; k < count; ++k) {
+    const unsigned i = (round * (unsigned)count + (unsigned)k) % n;
+    pages[k] = buf + (size_t)i * PAGE;
+    keys[k] = (i * 7 + round) % n;
+    memset(pages[k], 'z', PAGE);
+  }
+  struct timespec ts = {0, 300 * 1000};
+  nanosleep(&ts, NULL);
+}
+
 #endif /* SAMEPAGE_TESTS_PRELOAD_DIRECT_FILE_H_ */

@@ -1,0 +1,155 @@
+// io_uring together with O_DIRECT: a process that has both merges no more.
+//
+// An io_uring reads into buffers named in shared-memory rings, with no
+// system call per request (none at all with SQPOLL). A read of an O_DIRECT
+// file pins the buffer while the device writes into it: a page merged
+// meanwhile would keep its old bytes (buffered reads copy through page
+// faults, which merge windows make wait or fail, never lose). samepage
+// cannot see which pages a ring reads into, so once the process has set
+// up a ring and opened a file O_DIRECT, in either order, every page counts
+// as pinned (backend::NotePinningIoInUse): nothing more is merged, with
+// one line on stderr saying so. A ring alone (QEMU's event loop polls
+// through one) changes nothing. The setup is seen where it goes through
+// syscall(SYS_io_uring_setup) (the io-uring crates, most hand-written
+// code) or liburing's setup functions (liburing makes its system calls
+// inline); O_DIRECT where direct_io.h sees it.
+//
+// Not covered (docs/limitations.md item 18): rings set up with a raw system
+// call or a static liburing, and io_uring's registered (fixed) buffers,
+// which stay pinned from registration, whatever the files.
+//
+// syscall() itself is passed on as glibc's is: the raw system call, -1 and
+// errno on an error (x86-64).
+//
+// Thread safety: any thread; async-signal-safe except the first call of a
+// liburing function (dlsym).
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <sys/syscall.h>
+
+#include <atomic>
+#include <cstddef>
+
+#include "backend/write_protect.h"
+#include "preload/direct_io.h"
+#include "preload/real.h"
+
+namespace samepage::preload {
+namespace {
+
+std::atomic<bool> g_ring_seen{false};
+
+void SetupSeen() {
+  g_ring_seen.store(true);
+  if (AnyDirect()) SuspendForPinningIo();
+}
+
+}  // namespace
+
+void SuspendForPinningIo() {
+  backend::NotePinningIoInUse();
+  static std::atomic<bool> told{false};
+  if (told.exchange(true)) return;
+  static const char kLine[] =
+      "samepage: this process reads with O_DIRECT and has an io_uring; "
+      "samepage cannot see which pages the ring's reads pin, so it merges "
+      "no more pages (docs/limitations.md item 18)\n";
+  (void)RealWrite(2, kLine, sizeof(kLine) - 1);
+}
+
+bool RingSeen() { return g_ring_seen.load(); }
+
+namespace {
+
+long RawSyscall(long n, long a1, long a2, long a3, long a4, long a5, long a6) {
+  long ret;
+  register long r10 __asm__("r10") = a4;
+  register long r8 __asm__("r8") = a5;
+  register long r9 __asm__("r9") = a6;
+  __asm__ volatile("syscall"
+                   : "=a"(ret)
+                   : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8),
+                     "r"(r9)
+                   : "rcx", "r11", "memory");
+  return ret;
+}
+
+// The next definition of a liburing function (liburing.so's), looked up at
+// its first call.
+template <typename F>
+F Next(std::atomic<F>* slot, const char* name) {
+  F f = slot->load(std::memory_order_acquire);
+  if (f == nullptr) {
+    Inside inside;  // dlsym may allocate or open
+    f = reinterpret_cast<F>(dlsym(RTLD_NEXT, name));
+    slot->store(f, std::memory_order_release);
+  }
+  return f;
+}
+
+}  // namespace
+}  // namespace samepage::preload
+
+#define SAMEPAGE_EXPORT extern "C" __attribute__((visibility("default")))
+
+SAMEPAGE_EXPORT long syscall(long number, ...) noexcept {
+  va_list ap;
+  va_start(ap, number);
+  // As glibc's: always six arguments, whatever was passed.
+  const long a1 = va_arg(ap, long), a2 = va_arg(ap, long),
+             a3 = va_arg(ap, long), a4 = va_arg(ap, long),
+             a5 = va_arg(ap, long), a6 = va_arg(ap, long);
+  va_end(ap);
+  // Before the ring exists, so before any read it makes.
+  if (number == SYS_io_uring_setup) samepage::preload::SetupSeen();
+  const long r = samepage::preload::RawSyscall(number, a1, a2, a3, a4, a5, a6);
+  if (r < 0 && r > -4096) {
+    errno = static_cast<int>(-r);
+    return -1;
+  }
+  return r;
+}
+
+// liburing (int-returning, -errno on failure). The structures are opaque
+// here: only passed on.
+namespace {
+using InitFn = int (*)(unsigned, void*, unsigned);
+using InitParamsFn = int (*)(unsigned, void*, void*);
+using InitMemFn = int (*)(unsigned, void*, void*, void*, std::size_t);
+using SetupFn = int (*)(unsigned, void*);
+std::atomic<InitFn> g_init{nullptr};
+std::atomic<InitParamsFn> g_init_params{nullptr};
+std::atomic<InitMemFn> g_init_mem{nullptr};
+std::atomic<SetupFn> g_setup{nullptr};
+}  // namespace
+
+SAMEPAGE_EXPORT int io_uring_queue_init(unsigned entries, void* ring,
+                                        unsigned flags) {
+  samepage::preload::SetupSeen();
+  auto f = samepage::preload::Next(&g_init, "io_uring_queue_init");
+  return f != nullptr ? f(entries, ring, flags) : -ENOSYS;
+}
+
+SAMEPAGE_EXPORT int io_uring_queue_init_params(unsigned entries, void* ring,
+                                               void* params) {
+  samepage::preload::SetupSeen();
+  auto f =
+      samepage::preload::Next(&g_init_params, "io_uring_queue_init_params");
+  return f != nullptr ? f(entries, ring, params) : -ENOSYS;
+}
+
+SAMEPAGE_EXPORT int io_uring_queue_init_mem(unsigned entries, void* ring,
+                                            void* params, void* buf,
+                                            std::size_t size) {
+  samepage::preload::SetupSeen();
+  auto f = samepage::preload::Next(&g_init_mem, "io_uring_queue_init_mem");
+  return f != nullptr ? f(entries, ring, params, buf, size) : -ENOSYS;
+}
+
+SAMEPAGE_EXPORT int io_uring_setup(unsigned entries, void* params) {
+  samepage::preload::SetupSeen();
+  auto f = samepage::preload::Next(&g_setup, "io_uring_setup");
+  return f != nullptr ? f(entries, params) : -ENOSYS;
+}
