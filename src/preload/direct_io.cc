@@ -24,7 +24,9 @@ void SetMark(int fd, bool direct) {
   const std::uint64_t bit = std::uint64_t{1} << (fd % 64);
   std::atomic<std::uint64_t>& word = g_direct[fd / 64];
   if (direct) {
-    word.fetch_or(bit, std::memory_order_relaxed);
+    // seq_cst: pairs with io_uring.cc's setup, which sets its flag and then
+    // looks here, while NoteOpenFlags marks here and then looks at the flag.
+    word.fetch_or(bit);
   } else if (word.load(std::memory_order_relaxed) & bit) {
     word.fetch_and(~bit, std::memory_order_relaxed);
   }
@@ -42,7 +44,7 @@ void NoteSetFlags(int fd, int flags) { NoteOpenFlags(fd, flags); }
 
 bool AnyDirect() {
   for (const auto& word : g_direct) {
-    if (word.load(std::memory_order_relaxed) != 0) return true;
+    if (word.load() != 0) return true;  // seq_cst: see SetMark
   }
   return false;
 }
