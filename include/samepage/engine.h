@@ -167,6 +167,15 @@ class Engine {
   // REQUIRES: not called from a thread that holds an engine's lock.
   static std::size_t KernelWrites(void* addr, std::size_t len);
 
+  // For the LD_PRELOAD layer: the kernel is about to pin [addr, addr + len)
+  // for as long as a registration lasts and write into the pages directly
+  // (io_uring's registered buffers): a page replaced by a merge would never
+  // see those writes. Like KernelWrites, but under every protection: every
+  // engine, now and created later, unmerges the range and never merges it
+  // again. Call it before the registration reaches the kernel.
+  // REQUIRES: not called from a thread that holds an engine's lock.
+  static std::size_t KernelPins(void* addr, std::size_t len);
+
   // For the LD_PRELOAD layer: the application changed mapping flags
   // (madvise, mlock ...) perhaps without changing the layout of its
   // mappings. Engines otherwise notice such a change within 2 seconds (they

@@ -73,9 +73,10 @@ LinuxMemoryOptions ToBackendOptions(const EngineOptions& o) {
 class EngineImpl;
 std::mutex g_engines_mu;
 std::vector<EngineImpl*>* g_engines = nullptr;  // for the fork handlers
-// Engine::KernelWrites's ranges [start, end), for engines created later.
-// Guarded by g_engines_mu.
+// Engine::KernelWrites's and Engine::KernelPins's ranges [start, end), for
+// engines created later. Guarded by g_engines_mu.
 std::vector<std::pair<Addr, Addr>>* g_kernel_written = nullptr;
+std::vector<std::pair<Addr, Addr>>* g_kernel_pinned = nullptr;
 
 // Adds [start, end) to a sorted set of disjoint ranges, joining those it
 // touches; returns the pages it adds that were not there.
@@ -269,9 +270,9 @@ class EngineImpl final : public Engine {
   // Engine::KernelWrites for this engine: where kernel faults cannot wait
   // for a window, [start, end) is unmerged and never merged again. Returns
   // the pages newly kept out.
-  std::size_t KeepOut(Addr start, Addr end) {
+  std::size_t KeepOut(Addr start, Addr end, bool pinned) {
     ControlLock lock(this);
-    return KeepOutLocked(start, end);
+    return KeepOutLocked(start, end, pinned);
   }
 
   // One step of Engine::ChangeMapping: with this engine's lock held, runs
@@ -382,11 +383,13 @@ class EngineImpl final : public Engine {
     // differ: a child can lose the privilege of kernel faults that wait).
     const auto kept_out = std::move(kept_out_);
     kept_out_.clear();
-    for (auto [a, b] : kept_out) (void)KeepOutLocked(a, b);
+    for (auto [a, b] : kept_out) (void)KeepOutLocked(a, b, /*pinned=*/true);
   }
 
-  std::size_t KeepOutLocked(Addr start, Addr end) {
-    if (memory_->SyscallWritesWait()) return 0;
+  // pinned: the kernel pins the pages (Engine::KernelPins), so no merge is
+  // safe under any protection.
+  std::size_t KeepOutLocked(Addr start, Addr end, bool pinned) {
+    if (!pinned && memory_->SyscallWritesWait()) return 0;
     std::vector<std::pair<Addr, std::size_t>> advised;
     for (auto [a, n] : AdvisedRangesLocked()) {
       const Addr from = std::max(start, a);
@@ -553,7 +556,10 @@ class EngineImpl final : public Engine {
     // Memory the kernel writes, registered before this engine existed
     // (engine locks are taken after g_engines_mu, as in ChangeMapping).
     if (g_kernel_written != nullptr) {
-      for (auto [a, b] : *g_kernel_written) (void)e->KeepOut(a, b);
+      for (auto [a, b] : *g_kernel_written) (void)e->KeepOut(a, b, false);
+    }
+    if (g_kernel_pinned != nullptr) {
+      for (auto [a, b] : *g_kernel_pinned) (void)e->KeepOut(a, b, true);
     }
   }
 
@@ -670,19 +676,28 @@ bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
   return ok;
 }
 
-std::size_t Engine::KernelWrites(void* addr, std::size_t len) {
+namespace {
+std::size_t KeepOutEverywhere(void* addr, std::size_t len, bool pinned) {
   if (len == 0) return 0;
   const auto [start, end] = PagesOf(addr, len);
   std::lock_guard<std::mutex> lock(g_engines_mu);
-  if (g_kernel_written == nullptr) {
-    g_kernel_written = new std::vector<std::pair<Addr, Addr>>();
-  }
-  (void)AddToRangeSet(g_kernel_written, start, end);
+  auto*& registry = pinned ? g_kernel_pinned : g_kernel_written;
+  if (registry == nullptr) registry = new std::vector<std::pair<Addr, Addr>>();
+  (void)AddToRangeSet(registry, start, end);
   std::size_t kept_out = 0;
   if (g_engines != nullptr) {
-    for (EngineImpl* e : *g_engines) kept_out += e->KeepOut(start, end);
+    for (EngineImpl* e : *g_engines) kept_out += e->KeepOut(start, end, pinned);
   }
   return kept_out;
+}
+}  // namespace
+
+std::size_t Engine::KernelWrites(void* addr, std::size_t len) {
+  return KeepOutEverywhere(addr, len, /*pinned=*/false);
+}
+
+std::size_t Engine::KernelPins(void* addr, std::size_t len) {
+  return KeepOutEverywhere(addr, len, /*pinned=*/true);
 }
 
 bool Engine::DiscardWithoutAllocating(void* addr, std::size_t len,

@@ -14,9 +14,13 @@
 // code) or liburing's setup functions (liburing makes its system calls
 // inline); O_DIRECT where direct_io.h sees it.
 //
-// Not covered (docs/limitations.md item 18): rings set up with a raw system
-// call or a static liburing, and io_uring's registered (fixed) buffers,
-// which stay pinned from registration, whatever the files.
+// Registered (fixed) buffers stay pinned from registration, whatever the
+// files: before a registration seen here (syscall(SYS_io_uring_register),
+// liburing's io_uring_register_buffers*) reaches the kernel, the buffers
+// are kept out of merging in every engine (Engine::KernelPins).
+//
+// Not covered (docs/limitations.md item 18): rings set up, and buffers
+// registered, with a raw system call or a static liburing.
 //
 // syscall() itself is passed on as glibc's is: the raw system call, -1 and
 // errno on an error (x86-64).
@@ -26,8 +30,10 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <linux/io_uring.h>
 #include <stdarg.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 
 #include <atomic>
 #include <cstddef>
@@ -35,6 +41,7 @@
 #include "backend/write_protect.h"
 #include "preload/direct_io.h"
 #include "preload/real.h"
+#include "samepage/engine.h"
 
 namespace samepage::preload {
 namespace {
@@ -62,6 +69,40 @@ void SuspendForPinningIo() {
 bool RingSeen() { return g_ring_seen.load(); }
 
 namespace {
+
+// Buffers about to be registered with a ring (pinned from then on, and
+// written into directly): kept out of merging first, in every engine.
+void KeepOutVectors(const struct iovec* iov, unsigned n) {
+  constexpr unsigned kMaxBuffers = 1u << 14;  // IORING_MAX_REG_BUFFERS
+  if (n > kMaxBuffers) return;                // the kernel refuses it (EINVAL)
+  struct iovec chunk[64];
+  for (unsigned i = 0; i < n; i += 64) {
+    const unsigned k = n - i < 64 ? n - i : 64;
+    if (!CopyFromUser(chunk, iov + i, k * sizeof(struct iovec))) return;
+    for (unsigned j = 0; j < k; ++j) {
+      if (chunk[j].iov_base == nullptr || chunk[j].iov_len == 0) continue;
+      Inside inside;
+      (void)Engine::KernelPins(chunk[j].iov_base, chunk[j].iov_len);
+    }
+  }
+}
+
+void BeforeRegister(unsigned op, const void* arg, unsigned nr_args) {
+  op &= ~(1u << 31);  // IORING_REGISTER_USE_REGISTERED_RING
+  if (op == IORING_REGISTER_BUFFERS) {
+    KeepOutVectors(static_cast<const struct iovec*>(arg), nr_args);
+  } else if (op == IORING_REGISTER_BUFFERS2) {
+    struct io_uring_rsrc_register r;
+    if (CopyFromUser(&r, arg, sizeof(r))) {
+      KeepOutVectors(reinterpret_cast<const struct iovec*>(r.data), r.nr);
+    }
+  } else if (op == IORING_REGISTER_BUFFERS_UPDATE) {
+    struct io_uring_rsrc_update2 u;
+    if (CopyFromUser(&u, arg, sizeof(u))) {
+      KeepOutVectors(reinterpret_cast<const struct iovec*>(u.data), u.nr);
+    }
+  }
+}
 
 long RawSyscall(long n, long a1, long a2, long a3, long a4, long a5, long a6) {
   long ret;
@@ -104,6 +145,11 @@ SAMEPAGE_EXPORT long syscall(long number, ...) noexcept {
   va_end(ap);
   // Before the ring exists, so before any read it makes.
   if (number == SYS_io_uring_setup) samepage::preload::SetupSeen();
+  if (number == SYS_io_uring_register) {
+    samepage::preload::BeforeRegister(static_cast<unsigned>(a2),
+                                      reinterpret_cast<const void*>(a3),
+                                      static_cast<unsigned>(a4));
+  }
   const long r = samepage::preload::RawSyscall(number, a1, a2, a3, a4, a5, a6);
   if (r < 0 && r > -4096) {
     errno = static_cast<int>(-r);
@@ -146,6 +192,42 @@ SAMEPAGE_EXPORT int io_uring_queue_init_mem(unsigned entries, void* ring,
   samepage::preload::SetupSeen();
   auto f = samepage::preload::Next(&g_init_mem, "io_uring_queue_init_mem");
   return f != nullptr ? f(entries, ring, params, buf, size) : -ENOSYS;
+}
+
+using RegisterFn = int (*)(void*, const struct iovec*, unsigned);
+using RegisterTagsFn = int (*)(void*, const struct iovec*, const void*,
+                               unsigned);
+using UpdateTagFn = int (*)(void*, unsigned, const struct iovec*, const void*,
+                            unsigned);
+std::atomic<RegisterFn> g_register{nullptr};
+std::atomic<RegisterTagsFn> g_register_tags{nullptr};
+std::atomic<UpdateTagFn> g_update_tag{nullptr};
+
+SAMEPAGE_EXPORT int io_uring_register_buffers(void* ring,
+                                              const struct iovec* iovecs,
+                                              unsigned nr) {
+  samepage::preload::KeepOutVectors(iovecs, nr);
+  auto f = samepage::preload::Next(&g_register, "io_uring_register_buffers");
+  return f != nullptr ? f(ring, iovecs, nr) : -ENOSYS;
+}
+
+SAMEPAGE_EXPORT int io_uring_register_buffers_tags(void* ring,
+                                                   const struct iovec* iovecs,
+                                                   const void* tags,
+                                                   unsigned nr) {
+  samepage::preload::KeepOutVectors(iovecs, nr);
+  auto f = samepage::preload::Next(&g_register_tags,
+                                   "io_uring_register_buffers_tags");
+  return f != nullptr ? f(ring, iovecs, tags, nr) : -ENOSYS;
+}
+
+SAMEPAGE_EXPORT int io_uring_register_buffers_update_tag(
+    void* ring, unsigned off, const struct iovec* iovecs, const void* tags,
+    unsigned nr) {
+  samepage::preload::KeepOutVectors(iovecs, nr);
+  auto f = samepage::preload::Next(&g_update_tag,
+                                   "io_uring_register_buffers_update_tag");
+  return f != nullptr ? f(ring, off, iovecs, tags, nr) : -ENOSYS;
 }
 
 SAMEPAGE_EXPORT int io_uring_setup(unsigned entries, void* params) {

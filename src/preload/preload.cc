@@ -21,7 +21,8 @@
 //   io_submit, io_getevents,              libaio's reads: held back from
 //   io_pgetevents, io_destroy             merges until reaped (libaio.cc)
 //   syscall, io_uring_queue_init*,        an io_uring with O_DIRECT: no
-//   io_uring_setup                        more merges (io_uring.cc)
+//   io_uring_setup                        more merges; registered buffers
+//   io_uring_register_buffers*            kept out (io_uring.cc)
 //   dup, dup2, dup3, fcntl, fcntl64       copies of our descriptors
 //   close, close_range, closefrom, dup2,  samepage's own descriptors stay
 //   dup3                                  open (backend/own_fds.h)

@@ -45,7 +45,7 @@ int main(void) {
       (io_getevents_fn)dlsym(RTLD_DEFAULT, "io_getevents");
   CHECK(io_setup && io_destroy && io_submit && io_getevents);
   ksm_setup_or_skip("aio_test");
-  const int fd = direct_file_open("aio_test", N);
+  const int fd = direct_file_open("aio_test", N, 1);
   if (fd < 0) {
     printf("SKIP aio_test: no filesystem here takes O_DIRECT reads\n");
     return SKIP_CODE;

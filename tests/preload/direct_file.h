@@ -27,9 +27,11 @@ UNUSED static int file_page_ok(const void* page, unsigned key) {
 }
 
 /* Writes `pages` such pages to a file named after `name` in the current
- * directory or /var/tmp, whichever filesystem takes O_DIRECT reads, and
- * returns it opened O_RDONLY | O_DIRECT (removed at exit); -1 if none. */
-UNUSED static int direct_file_open(const char* name, unsigned pages) {
+ * directory or /var/tmp, whichever filesystem takes O_DIRECT reads (when
+ * `direct`), and returns it opened O_RDONLY, with O_DIRECT if `direct`
+ * (removed at exit); -1 if none. */
+UNUSED static int direct_file_open(const char* name, unsigned pages,
+                                   int direct) {
   const char* dirs[] = {".", "/var/tmp"};
   char* page = aligned_alloc(PAGE, PAGE);
   CHECK(page != NULL);
@@ -46,7 +48,7 @@ UNUSED static int direct_file_open(const char* name, unsigned pages) {
     }
     CHECK(fsync(fd) == 0);
     close(fd);
-    fd = open(g_direct_path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+    fd = open(g_direct_path, O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
     /* A filesystem may take the flag and still refuse the read. */
     if (fd >= 0 && pread(fd, page, PAGE, 0) == PAGE && file_page_ok(page, 0)) {
       free(page);

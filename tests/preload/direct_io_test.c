@@ -87,7 +87,7 @@ static struct phase_result run_phase(uint8_t* buf, int mode, double seconds) {
 
 int main(void) {
   ksm_setup_or_skip("direct_io_test");
-  g_fd = direct_file_open("direct_io_test", N);
+  g_fd = direct_file_open("direct_io_test", N, 1);
   if (g_fd < 0) {
     printf("SKIP direct_io_test: no filesystem here takes O_DIRECT reads\n");
     return SKIP_CODE;

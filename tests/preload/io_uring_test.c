@@ -15,6 +15,11 @@
  *                            no read loses its bytes
  *   ... ring-first           the ring is set up before the file is opened
  *                            (default: after)
+ *   io_uring_test fixed      the buffer pages, merged, are registered with
+ *                            the ring (IORING_REGISTER_BUFFERS) and a
+ *                            buffered file is read with READ_FIXED: none of
+ *                            them merges again and no read loses its bytes
+ *                            (samepage gives them back before the pins)
  *
  * A file of 256 distinct pages; 256 buffer pages reset to 'z' (64 more
  * pages of 'z' stay merged) just before each read; 4 IORING_OP_READ in
@@ -73,13 +78,15 @@ static int ring_setup(struct ring* r) {
   return 0;
 }
 
+/* fixed: IORING_OP_READ_FIXED into registered buffer 0. */
 static void ring_read(struct ring* r, int fd, void* buf, off_t off,
-                      uint64_t tag) {
+                      uint64_t tag, int fixed) {
   const unsigned tail = *r->sq_tail;
   const unsigned idx = tail & *r->sq_mask;
   struct io_uring_sqe* sqe = &r->sqes[idx];
   memset(sqe, 0, sizeof(*sqe));
-  sqe->opcode = IORING_OP_READ;
+  sqe->opcode = fixed ? IORING_OP_READ_FIXED : IORING_OP_READ;
+  sqe->buf_index = 0;
   sqe->fd = fd;
   sqe->addr = (uint64_t)(uintptr_t)buf;
   sqe->len = PAGE;
@@ -91,28 +98,40 @@ static void ring_read(struct ring* r, int fd, void* buf, off_t off,
 
 int main(int argc, char** argv) {
   if (argc < 2 || argc > 3 ||
-      (strcmp(argv[1], "merges") != 0 && strcmp(argv[1], "suspended") != 0) ||
+      (strcmp(argv[1], "merges") != 0 && strcmp(argv[1], "suspended") != 0 &&
+       strcmp(argv[1], "fixed") != 0) ||
       (argc == 3 && strcmp(argv[2], "ring-first") != 0)) {
-    fprintf(stderr, "usage: %s merges|suspended [ring-first]\n", argv[0]);
+    fprintf(stderr, "usage: %s merges|suspended [ring-first] | fixed\n",
+            argv[0]);
     return 2;
   }
-  const int suspended = strcmp(argv[1], "suspended") == 0;
-  const int ring_first = argc == 3;
+  const int fixed = strcmp(argv[1], "fixed") == 0;
+  /* Registered buffers stay pinned: no buffer page merges from the
+   * registration on, natively or under samepage. */
+  const int suspended = strcmp(argv[1], "suspended") == 0 || fixed;
+  const int ring_first = argc == 3 || fixed;
   ksm_setup_or_skip("io_uring_test");
   struct ring r;
   if (ring_first && ring_setup(&r) != 0) {
     printf("SKIP io_uring_test: io_uring_setup: %s\n", strerror(errno));
     return SKIP_CODE;
   }
-  const int fd = direct_file_open("io_uring_test", N);
+  const int fd = direct_file_open("io_uring_test", N, !fixed);
   if (fd < 0) {
     printf("SKIP io_uring_test: no filesystem here takes O_DIRECT reads\n");
     return SKIP_CODE;
   }
   /* Suspended from the start where the ring came first: a second at full
    * speed merges nothing. */
-  const int from_start = suspended && ring_first;
+  const int from_start = suspended && ring_first && !fixed;
   uint8_t* buf = merging_buffer(N + RESERVE, from_start ? 0 : N / 2);
+  if (fixed) {
+    /* Registered while merged and while merging goes on: samepage must
+     * give the pages back before the kernel pins them. */
+    struct iovec whole = {buf, N * PAGE};
+    CHECK(syscall(SYS_io_uring_register, r.fd, IORING_REGISTER_BUFFERS, &whole,
+                  1) == 0);
+  }
   if (from_start) {
     sleep_ms(1000);
     CHECK(merging_pages() == 0);
@@ -137,7 +156,7 @@ int main(int argc, char** argv) {
       if (merging_pages() > RESERVE) ++merged_seen;
     }
     for (int k = 0; k < IN_FLIGHT; ++k) {
-      ring_read(&r, fd, pages[k], (off_t)keys[k] * PAGE, (uint64_t)k);
+      ring_read(&r, fd, pages[k], (off_t)keys[k] * PAGE, (uint64_t)k, fixed);
     }
     int done = 0;
     const double give_up = now_seconds() + 10;
