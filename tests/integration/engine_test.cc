@@ -342,6 +342,8 @@ TEST(Engine,
   options.protection = EngineOptions::Protection::kMprotect;
   auto e = NewEngine(options);
   ASSERT_FALSE(e->Stats().kernel_faults_wait);
+  // (Ranges other tests of this process kept out are kept out here too.)
+  const std::uint64_t kept_before = e->Stats().kept_out_pages;
   constexpr std::size_t kPages = 64;
   unsigned char* p = KernelWrittenMapping(kPages, 0x4b);
   ASSERT_NE(p, nullptr);
@@ -366,12 +368,12 @@ TEST(Engine,
   }
   EXPECT_TRUE(AllHold(p, kPages * kPage, 0x4b));
   const EngineStats s = e->Stats();
-  EXPECT_EQ(s.kept_out_pages, kPages);
+  EXPECT_EQ(s.kept_out_pages, kept_before + kPages);
   EXPECT_EQ(s.advised_pages,
             kPages + 16);  // still advised, as the kernel keeps it
   // Once is enough: the same range again keeps nothing more out.
   EXPECT_EQ(Engine::KernelWrites(p + kPage, 10 * kPage), 0u);
-  EXPECT_EQ(e->Stats().kept_out_pages, kPages);
+  EXPECT_EQ(e->Stats().kept_out_pages, kept_before + kPages);
   // Writable, as ordinary memory.
   for (std::size_t i = 0; i < kPages; ++i) p[i * kPage] = 1;
   EXPECT_EQ(p[0], 1);
@@ -393,6 +395,33 @@ TEST(Engine, KernelWrittenMemoryRegisteredBeforeAnEngineExistsIsKeptOut) {
   EXPECT_TRUE(AllHold(p, kPages * kPage, 0x4c));
 }
 
+// Memory the kernel pins for as long as a registration lasts (io_uring's
+// registered buffers) is kept out under every protection, also where
+// kernel faults wait for a merge window.
+TEST(Engine, KernelPinnedMemoryIsKeptOutUnderEveryProtection) {
+  for (auto protection : {EngineOptions::Protection::kAuto,
+                          EngineOptions::Protection::kMprotect}) {
+    EngineOptions options;
+    options.protection = protection;
+    auto e = NewEngine(options);
+    constexpr std::size_t kPages = 16;
+    unsigned char* p = KernelWrittenMapping(kPages, 0x4e);
+    ASSERT_NE(p, nullptr);
+    ASSERT_TRUE(e->Madvise(p, kPages * kPage, MADV_MERGEABLE).ok());
+    e->RunFullScans(2);
+    ASSERT_EQ(Counter(*e, "pages_sharing"), kPages - 1);
+    EXPECT_EQ(Engine::KernelPins(p, kPages * kPage), kPages)
+        << e->Stats().protection;
+    EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+    e->RunFullScans(2);
+    EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+    EXPECT_TRUE(AllHold(p, kPages * kPage, 0x4e));
+    for (std::size_t i = 0; i < kPages; ++i) {
+      EXPECT_FALSE(MapsSharedFrame(p + i * kPage)) << i;
+    }
+  }
+}
+
 TEST(Engine, KernelWrittenMemoryStillMergesWhereKernelFaultsWait) {
   auto e = NewEngine();
   if (!e->Stats().kernel_faults_wait) {
@@ -405,9 +434,11 @@ TEST(Engine, KernelWrittenMemoryStillMergesWhereKernelFaultsWait) {
   ASSERT_TRUE(e->Madvise(p, kPages * kPage, MADV_MERGEABLE).ok());
   e->RunFullScans(2);
   ASSERT_EQ(Counter(*e, "pages_sharing"), kPages - 1);
+  // (Ranges other tests of this process had pinned are kept out too.)
+  const std::uint64_t kept_before = e->Stats().kept_out_pages;
   EXPECT_EQ(Engine::KernelWrites(p, kPages * kPage), 0u);
   EXPECT_EQ(Counter(*e, "pages_sharing"), kPages - 1);
-  EXPECT_EQ(e->Stats().kept_out_pages, 0u);
+  EXPECT_EQ(e->Stats().kept_out_pages, kept_before);
   // A read() into merged memory (a kernel write) works and copies the page.
   int fds[2];
   ASSERT_EQ(pipe(fds), 0);
