@@ -13,6 +13,7 @@
 #include <cstring>
 #include <string>
 
+#include "backend/write_protect.h"
 #include "samepage/ksm2008.h"
 
 namespace samepage {
@@ -40,19 +41,8 @@ Status Fault(const char* what) {
 }
 
 // copy_from_user(): a bad pointer gives EFAULT, not a crash.
-// process_vm_readv on ourselves is always permitted (same thread group); if a
-// sandbox denies the syscall, fall back to a plain copy.
 bool CopyFromUser(void* dst, const void* src, std::size_t n) {
-  if (src == nullptr) return false;
-  iovec local{dst, n};
-  iovec remote{const_cast<void*>(src), n};
-  const ssize_t r = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
-  if (r == static_cast<ssize_t>(n)) return true;
-  if (r < 0 && (errno == ENOSYS || errno == EPERM)) {
-    std::memcpy(dst, src, n);
-    return true;
-  }
-  return false;
+  return backend::CopyFromUser(dst, src, n);
 }
 
 // copy_to_user(): checks the destination is mapped, then stores with a plain

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -685,6 +686,21 @@ bool GuardedCopy(void* dst, const void* src, std::size_t n) {
     std::memcpy(dst, src, n);
 #endif
   });
+}
+
+bool CopyFromUser(void* dst, const void* src, std::size_t n) {
+  if (n == 0) return true;
+  if (src == nullptr) return false;
+  if (g_state != nullptr && g_init_status.ok()) return GuardedCopy(dst, src, n);
+  iovec local{dst, n};
+  iovec remote{const_cast<void*>(src), n};
+  const ssize_t r = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+  if (r == static_cast<ssize_t>(n)) return true;
+  if (r < 0 && (errno == ENOSYS || errno == EPERM)) {
+    std::memcpy(dst, src, n);
+    return true;
+  }
+  return false;
 }
 
 }  // namespace samepage::backend

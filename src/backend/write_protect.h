@@ -123,6 +123,13 @@ std::uint64_t ChildGeneration();
 // dst must be memory we own (never inside a window).
 [[nodiscard]] bool GuardedCopy(void* dst, const void* src, std::size_t n);
 
+// copy_from_user() for arguments of calls samepage interposes: false where
+// src (n bytes) is not readable, so the caller can answer EFAULT as the
+// kernel would rather than crash. A guarded read once InitProcessState has
+// run (no system call); before, process_vm_readv on ourselves; where a
+// sandbox denies that (seccomp: EPERM, ENOSYS), a plain copy.
+[[nodiscard]] bool CopyFromUser(void* dst, const void* src, std::size_t n);
+
 // The calling thread's static TLS and thread control block (the handler and
 // guarded reads write there; for the main thread it is not on the stack).
 std::pair<Addr, std::size_t> CurrentThreadTlsRange();

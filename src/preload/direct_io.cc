@@ -76,11 +76,7 @@ bool IsDirect(int fd) {
 }
 
 bool CopyFromUser(void* to, const void* from, size_t n) {
-  if (n == 0) return true;
-  struct iovec local = {to, n};
-  struct iovec remote = {const_cast<void*>(from), n};
-  return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) ==
-         static_cast<ssize_t>(n);
+  return backend::CopyFromUser(to, from, n);
 }
 
 int DirectRead::RegisterRange(const void* buf, size_t n) {

@@ -48,6 +48,8 @@ void SuspendForPinningIo();
 
 // Copies n bytes of the caller's memory without faulting on a bad pointer
 // (the system call then answers EFAULT itself). False if it cannot.
+// backend::CopyFromUser, which also works where a sandbox forbids
+// process_vm_readv.
 bool CopyFromUser(void* to, const void* from, size_t n);
 
 // Registers the buffers of a read for its duration, if fd is direct.

@@ -14,10 +14,17 @@
  * read must leave exactly the file's bytes. A read that fails with EFAULT (a
  * direct read meeting a merge window under mprotect protection, or
  * userfaultfd for user faults only, docs/limitations.md item 4) is retried.
+ * With `sandboxed`, process_vm_readv is forbidden first (seccomp), as in
+ * containers: samepage must still see the vectors of a preadv.
  * Exit 77 where KSM cannot be controlled or the filesystem has no O_DIRECT. */
 
 #define _GNU_SOURCE
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 
 #include "direct_file.h"
@@ -85,7 +92,29 @@ static struct phase_result run_phase(uint8_t* buf, int mode, double seconds) {
   return r;
 }
 
-int main(void) {
+/* A sandbox that forbids process_vm_readv (seccomp, as container runtimes'
+ * default profiles do without CAP_SYS_PTRACE): EPERM. */
+static void forbid_process_vm_readv(void) {
+  struct sock_filter filter[] = {
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_process_vm_readv, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+  };
+  struct sock_fprog prog = {sizeof(filter) / sizeof(filter[0]), filter};
+  CHECK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0);
+  CHECK(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) == 0);
+  struct iovec local = {&prog, 1}, remote = {&prog, 1};
+  CHECK(process_vm_readv(getpid(), &local, 1, &remote, 1, 0) == -1 &&
+        errno == EPERM);
+}
+
+int main(int argc, char** argv) {
+  if (argc > 2 || (argc == 2 && strcmp(argv[1], "sandboxed") != 0)) {
+    fprintf(stderr, "usage: %s [sandboxed]\n", argv[0]);
+    return 2;
+  }
+  if (argc == 2) forbid_process_vm_readv();
   ksm_setup_or_skip("direct_io_test");
   g_fd = direct_file_open("direct_io_test", N, 1);
   if (g_fd < 0) {
