@@ -117,19 +117,6 @@ long RawSyscall(long n, long a1, long a2, long a3, long a4, long a5, long a6) {
   return ret;
 }
 
-// The next definition of a liburing function (liburing.so's), looked up at
-// its first call.
-template <typename F>
-F Next(std::atomic<F>* slot, const char* name) {
-  F f = slot->load(std::memory_order_acquire);
-  if (f == nullptr) {
-    Inside inside;  // dlsym may allocate or open
-    f = reinterpret_cast<F>(dlsym(RTLD_NEXT, name));
-    slot->store(f, std::memory_order_release);
-  }
-  return f;
-}
-
 }  // namespace
 }  // namespace samepage::preload
 
@@ -165,24 +152,24 @@ using InitFn = int (*)(unsigned, void*, unsigned);
 using InitParamsFn = int (*)(unsigned, void*, void*);
 using InitMemFn = int (*)(unsigned, void*, void*, void*, std::size_t);
 using SetupFn = int (*)(unsigned, void*);
-std::atomic<InitFn> g_init{nullptr};
-std::atomic<InitParamsFn> g_init_params{nullptr};
-std::atomic<InitMemFn> g_init_mem{nullptr};
-std::atomic<SetupFn> g_setup{nullptr};
+InitFn g_init = nullptr;
+InitParamsFn g_init_params = nullptr;
+InitMemFn g_init_mem = nullptr;
+SetupFn g_setup = nullptr;
 }  // namespace
 
 SAMEPAGE_EXPORT int io_uring_queue_init(unsigned entries, void* ring,
                                         unsigned flags) {
   samepage::preload::SetupSeen();
-  auto f = samepage::preload::Next(&g_init, "io_uring_queue_init");
+  auto f = samepage::preload::NextSymbol(&g_init, "io_uring_queue_init");
   return f != nullptr ? f(entries, ring, flags) : -ENOSYS;
 }
 
 SAMEPAGE_EXPORT int io_uring_queue_init_params(unsigned entries, void* ring,
                                                void* params) {
   samepage::preload::SetupSeen();
-  auto f =
-      samepage::preload::Next(&g_init_params, "io_uring_queue_init_params");
+  auto f = samepage::preload::NextSymbol(&g_init_params,
+                                         "io_uring_queue_init_params");
   return f != nullptr ? f(entries, ring, params) : -ENOSYS;
 }
 
@@ -190,7 +177,8 @@ SAMEPAGE_EXPORT int io_uring_queue_init_mem(unsigned entries, void* ring,
                                             void* params, void* buf,
                                             std::size_t size) {
   samepage::preload::SetupSeen();
-  auto f = samepage::preload::Next(&g_init_mem, "io_uring_queue_init_mem");
+  auto f =
+      samepage::preload::NextSymbol(&g_init_mem, "io_uring_queue_init_mem");
   return f != nullptr ? f(entries, ring, params, buf, size) : -ENOSYS;
 }
 
@@ -199,15 +187,16 @@ using RegisterTagsFn = int (*)(void*, const struct iovec*, const void*,
                                unsigned);
 using UpdateTagFn = int (*)(void*, unsigned, const struct iovec*, const void*,
                             unsigned);
-std::atomic<RegisterFn> g_register{nullptr};
-std::atomic<RegisterTagsFn> g_register_tags{nullptr};
-std::atomic<UpdateTagFn> g_update_tag{nullptr};
+RegisterFn g_register = nullptr;
+RegisterTagsFn g_register_tags = nullptr;
+UpdateTagFn g_update_tag = nullptr;
 
 SAMEPAGE_EXPORT int io_uring_register_buffers(void* ring,
                                               const struct iovec* iovecs,
                                               unsigned nr) {
   samepage::preload::KeepOutVectors(iovecs, nr);
-  auto f = samepage::preload::Next(&g_register, "io_uring_register_buffers");
+  auto f =
+      samepage::preload::NextSymbol(&g_register, "io_uring_register_buffers");
   return f != nullptr ? f(ring, iovecs, nr) : -ENOSYS;
 }
 
@@ -216,8 +205,8 @@ SAMEPAGE_EXPORT int io_uring_register_buffers_tags(void* ring,
                                                    const void* tags,
                                                    unsigned nr) {
   samepage::preload::KeepOutVectors(iovecs, nr);
-  auto f = samepage::preload::Next(&g_register_tags,
-                                   "io_uring_register_buffers_tags");
+  auto f = samepage::preload::NextSymbol(&g_register_tags,
+                                         "io_uring_register_buffers_tags");
   return f != nullptr ? f(ring, iovecs, tags, nr) : -ENOSYS;
 }
 
@@ -225,13 +214,13 @@ SAMEPAGE_EXPORT int io_uring_register_buffers_update_tag(
     void* ring, unsigned off, const struct iovec* iovecs, const void* tags,
     unsigned nr) {
   samepage::preload::KeepOutVectors(iovecs, nr);
-  auto f = samepage::preload::Next(&g_update_tag,
-                                   "io_uring_register_buffers_update_tag");
+  auto f = samepage::preload::NextSymbol(
+      &g_update_tag, "io_uring_register_buffers_update_tag");
   return f != nullptr ? f(ring, off, iovecs, tags, nr) : -ENOSYS;
 }
 
 SAMEPAGE_EXPORT int io_uring_setup(unsigned entries, void* params) {
   samepage::preload::SetupSeen();
-  auto f = samepage::preload::Next(&g_setup, "io_uring_setup");
+  auto f = samepage::preload::NextSymbol(&g_setup, "io_uring_setup");
   return f != nullptr ? f(entries, params) : -ENOSYS;
 }

@@ -1,4 +1,5 @@
-// libaio (io_submit and friends): reads in flight, held back from merges.
+// Asynchronous reads in flight, held back from merges: libaio (io_submit
+// and friends) here, POSIX AIO (aio_read, lio_listio) at the end.
 //
 // Linux native AIO pins a read's buffer at io_submit and the device writes
 // into it until the I/O completes, long after the call returned. The
@@ -18,6 +19,8 @@
 // Thread safety: any thread; the table of submitted reads has a mutex
 // (these calls are not async-signal-safe in libaio either).
 
+#include <aio.h>
+#include <dlfcn.h>
 #include <linux/aio_abi.h>
 #include <pthread.h>
 #include <signal.h>
@@ -26,12 +29,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <climits>
 #include <cstdint>
 
 #include "backend/write_protect.h"
 #include "preload/direct_io.h"
+#include "preload/real.h"
 
 namespace samepage::preload {
 namespace {
@@ -206,4 +211,134 @@ SAMEPAGE_EXPORT int io_destroy(aio_context_t ctx) {
   const long r = p::Ret(syscall(SYS_io_destroy, ctx));
   if (r == 0) p::EndContext(ctx);
   return static_cast<int>(r);
+}
+
+// --- POSIX AIO (glibc's aio_read, lio_listio) ---
+//
+// glibc runs each request in a helper thread with its own pread, which no
+// interposer sees; on an O_DIRECT descriptor that read pins the buffer. So
+// a read is registered from aio_read (or lio_listio) until aio_return
+// hands back its result, once aio_error no longer says EINPROGRESS: the
+// program must call aio_return once per request, as POSIX requires; one
+// that never does keeps merges held back over the buffer (never wrong).
+// Buffered requests copy through page faults and are not registered.
+
+namespace samepage::preload {
+namespace {
+
+// Key 0 in the table: no kernel AIO context is 0.
+constexpr aio_context_t kPosixAio = 0;
+
+int (*g_aio_read)(struct aiocb*) = nullptr;
+int (*g_lio_listio)(int, struct aiocb* const[], int,
+                    struct sigevent*) = nullptr;
+ssize_t (*g_aio_return)(struct aiocb*) = nullptr;
+int (*g_aio_error)(const struct aiocb*) = nullptr;
+
+// The registration for a request about to be queued (kNoPinnedIo if it is
+// not a direct read).
+int RegisterPosix(const struct aiocb* user, bool from_list) {
+  struct aiocb cb;
+  if (user == nullptr || !CopyFromUser(&cb, user, sizeof(cb))) {
+    return backend::kNoPinnedIo;
+  }
+  if ((from_list && cb.aio_lio_opcode != LIO_READ) ||
+      !IsDirect(cb.aio_fildes)) {
+    return backend::kNoPinnedIo;
+  }
+  return DirectRead::RegisterRange(const_cast<const void*>(cb.aio_buf),
+                                   cb.aio_nbytes);
+}
+
+}  // namespace
+}  // namespace samepage::preload
+
+SAMEPAGE_EXPORT int aio_read(struct aiocb* cb) noexcept {
+  namespace p = samepage::preload;
+  auto real = p::NextSymbol(&p::g_aio_read, "aio_read");
+  if (real == nullptr) {
+    errno = ENOSYS;
+    return -1;
+  }
+  const int token = p::RegisterPosix(cb, /*from_list=*/false);
+  const int r = real(cb);
+  if (token != samepage::backend::kNoPinnedIo) {
+    if (r == 0) {
+      p::Add(p::kPosixAio, reinterpret_cast<std::uintptr_t>(cb), token);
+    } else {
+      const int saved = errno;
+      samepage::backend::EndPinnedIo(token);
+      errno = saved;
+    }
+  }
+  return r;
+}
+
+SAMEPAGE_EXPORT int lio_listio(int mode, struct aiocb* const list[], int n,
+                               struct sigevent* sig) noexcept {
+  namespace p = samepage::preload;
+  auto real = p::NextSymbol(&p::g_lio_listio, "lio_listio");
+  if (real == nullptr) {
+    errno = ENOSYS;
+    return -1;
+  }
+  constexpr int kMax = 1024;  // AIO_LISTIO_MAX is 2^31 on glibc; past this,
+                              // requests are not registered
+  struct aiocb* cbs[kMax];
+  int tokens[kMax];
+  const int count =
+      n > 0 && n <= kMax && p::CopyFromUser(cbs, list, n * sizeof(cbs[0])) ? n
+                                                                           : 0;
+  for (int i = 0; i < count; ++i) {
+    tokens[i] = p::RegisterPosix(cbs[i], /*from_list=*/true);
+  }
+  const int r = real(mode, list, n, sig);
+  const int saved = errno;
+  // EAGAIN and EINVAL: nothing was queued. Otherwise (EIO: some request
+  // failed) every request has a result for aio_return.
+  const bool queued = r == 0 || (saved != EAGAIN && saved != EINVAL);
+  for (int i = 0; i < count; ++i) {
+    if (tokens[i] == samepage::backend::kNoPinnedIo) continue;
+    if (queued) {
+      p::Add(p::kPosixAio, reinterpret_cast<std::uintptr_t>(cbs[i]), tokens[i]);
+    } else {
+      samepage::backend::EndPinnedIo(tokens[i]);
+    }
+  }
+  errno = saved;
+  return r;
+}
+
+SAMEPAGE_EXPORT ssize_t aio_return(struct aiocb* cb) noexcept {
+  namespace p = samepage::preload;
+  auto real = p::NextSymbol(&p::g_aio_return, "aio_return");
+  auto error = p::NextSymbol(&p::g_aio_error, "aio_error");
+  if (real == nullptr || error == nullptr) {
+    errno = ENOSYS;
+    return -1;
+  }
+  // Called too early (the request still running), it says so and the
+  // registration stays.
+  const bool done = error(cb) != EINPROGRESS;
+  const ssize_t r = real(cb);
+  if (done) {
+    const int saved = errno;
+    p::EndOne(p::kPosixAio, reinterpret_cast<std::uintptr_t>(cb));
+    errno = saved;
+  }
+  return r;
+}
+
+// off_t is 64 bits here: the *64 structures and functions are the same, as
+// in glibc.
+static_assert(sizeof(struct aiocb64) == sizeof(struct aiocb));
+SAMEPAGE_EXPORT int aio_read64(struct aiocb64* cb) noexcept {
+  return aio_read(reinterpret_cast<struct aiocb*>(cb));
+}
+SAMEPAGE_EXPORT int lio_listio64(int mode, struct aiocb64* const list[], int n,
+                                 struct sigevent* sig) noexcept {
+  return lio_listio(mode, reinterpret_cast<struct aiocb* const*>(list), n, sig);
+}
+SAMEPAGE_EXPORT ssize_t aio_return64(struct aiocb64* cb) noexcept {
+  return aio_return(reinterpret_cast<struct aiocb*>(cb));
 }

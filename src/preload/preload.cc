@@ -20,6 +20,8 @@
 //                                         during the call (direct_io.h)
 //   io_submit, io_getevents,              libaio's reads: held back from
 //   io_pgetevents, io_destroy             merges until reaped (libaio.cc)
+//   aio_read, lio_listio, aio_return      POSIX AIO direct reads: until
+//                                         aio_return (libaio.cc)
 //   syscall, io_uring_queue_init*,        an io_uring with O_DIRECT: no
 //   io_uring_setup                        more merges; registered buffers
 //   io_uring_register_buffers*            kept out (io_uring.cc)

@@ -97,6 +97,13 @@ void ResolveReal() {
   --t_inside;
 }
 
+void* NextSymbol(const char* name) {
+  ++t_inside;  // dlsym may allocate or open
+  void* p = dlsym(RTLD_NEXT, name);
+  --t_inside;
+  return p;
+}
+
 int RealOpenat(int dirfd, const char* path, int flags, mode_t mode) {
   if (auto f = Load(&g_real.openat)) return f(dirfd, path, flags, mode);
   return static_cast<int>(syscall(SYS_openat, dirfd, path, flags, mode));

@@ -99,6 +99,21 @@ void* RealMremap(void* old, size_t old_len, size_t new_len, int flags,
                  void* new_addr);
 int RealMprotect(void* addr, size_t len, int prot);
 
+// The next definition of `name` after the preload's (another library's,
+// dlsym RTLD_NEXT), looked up at its first use and kept in *slot: for
+// interposed functions of libraries that may be loaded after us (liburing,
+// glibc's POSIX AIO).
+void* NextSymbol(const char* name);
+template <typename F>
+F NextSymbol(F* slot, const char* name) {
+  F f = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+  if (f == nullptr) {
+    f = reinterpret_cast<F>(NextSymbol(name));
+    __atomic_store_n(slot, f, __ATOMIC_RELEASE);
+  }
+  return f;
+}
+
 // Nonzero while this thread is inside a call into samepage.
 extern __thread int t_inside __attribute__((tls_model("initial-exec")));
 

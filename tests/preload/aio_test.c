@@ -113,12 +113,5 @@ int main(void) {
       "aio reads %lu, lost %lu, buffer pages found merged in %lu of %lu "
       "samples\n",
       reads, lost, merged_seen, samples);
-  CHECK(reads > 100);
-  if (merged_seen == 0) {
-    fprintf(stderr, "nothing was merged meanwhile: the test proves nothing\n");
-    return 1;
-  }
-  if (lost != 0) return 1;
-  printf("OK\n");
-  return 0;
+  return merging_reads_verdict(reads, lost, merged_seen);
 }

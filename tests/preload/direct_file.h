@@ -94,4 +94,19 @@ UNUSED static void reset_pages(uint8_t* buf, unsigned n, unsigned round,
   nanosleep(&ts, NULL);
 }
 
+/* The exit status of a test whose buffer pages kept merging between the
+ * reads: 0 if no read lost its bytes and some buffer page was seen merged
+ * (else the run proved nothing). */
+UNUSED static int merging_reads_verdict(unsigned long reads, unsigned long lost,
+                                        unsigned long merged_seen) {
+  CHECK(reads > 100);
+  if (merged_seen == 0) {
+    fprintf(stderr, "nothing was merged meanwhile: the test proves nothing\n");
+    return 1;
+  }
+  if (lost != 0) return 1;
+  printf("OK\n");
+  return 0;
+}
+
 #endif /* SAMEPAGE_TESTS_PRELOAD_DIRECT_FILE_H_ */
