@@ -57,7 +57,8 @@ struct EngineStats {
   std::uint64_t advised_pages = 0;  // pages marked mergeable
   std::uint64_t kept_out_pages = 0;  // pages the kernel writes for the
                                      // application, kept out of merging
-                                     // (Engine::KernelWrites)
+                                     // (Engine::KernelWrites,
+                                     // Engine::KernelPins)
 };
 
 class Engine {

@@ -73,31 +73,16 @@ LinuxMemoryOptions ToBackendOptions(const EngineOptions& o) {
 class EngineImpl;
 std::mutex g_engines_mu;
 std::vector<EngineImpl*>* g_engines = nullptr;  // for the fork handlers
-// Engine::KernelWrites's and Engine::KernelPins's ranges [start, end), for
-// engines created later. Guarded by g_engines_mu.
-std::vector<std::pair<Addr, Addr>>* g_kernel_written = nullptr;
-std::vector<std::pair<Addr, Addr>>* g_kernel_pinned = nullptr;
+using Interval = LinuxMemory::Interval;
+// Engine::KernelWrites's and Engine::KernelPins's ranges, for engines
+// created later. Guarded by g_engines_mu.
+std::vector<Interval>* g_kernel_written = nullptr;
+std::vector<Interval>* g_kernel_pinned = nullptr;
 
-// Adds [start, end) to a sorted set of disjoint ranges, joining those it
-// touches; returns the pages it adds that were not there.
-std::size_t AddToRangeSet(std::vector<std::pair<Addr, Addr>>* set, Addr start,
-                          Addr end) {
-  std::size_t before = 0;
-  for (auto [a, b] : *set) before += b - a;
-  auto first = std::lower_bound(
-      set->begin(), set->end(), start,
-      [](const std::pair<Addr, Addr>& r, Addr s) { return r.second < s; });
-  auto last = first;
-  while (last != set->end() && last->first <= end) {
-    start = std::min(start, last->first);
-    end = std::max(end, last->second);
-    ++last;
-  }
-  first = set->erase(first, last);
-  set->insert(first, {start, end});
-  std::size_t after = 0;
-  for (auto [a, b] : *set) after += b - a;
-  return (after - before) / kPageSize;
+std::size_t PagesIn(const std::vector<Interval>& set) {
+  std::size_t bytes = 0;
+  for (const Interval& i : set) bytes += i.end - i.start;
+  return bytes / kPageSize;
 }
 
 class EngineImpl final : public Engine {
@@ -263,12 +248,13 @@ class EngineImpl final : public Engine {
     s.pinned_io_skips = m.pinned_io_skips;
     s.merge_failures = ksm_->merge_failures();
     s.advised_pages = ksm_->AdvisedPages();
-    for (auto [a, b] : kept_out_) s.kept_out_pages += (b - a) / kPageSize;
+    s.kept_out_pages = PagesIn(kept_out_);
     return s;
   }
 
-  // Engine::KernelWrites for this engine: where kernel faults cannot wait
-  // for a window, [start, end) is unmerged and never merged again. Returns
+  // Engine::KernelWrites (pinned false) and Engine::KernelPins (true) for
+  // this engine: [start, end) is unmerged and never merged again, where
+  // kernel faults cannot wait for a window or, if pinned, always. Returns
   // the pages newly kept out.
   std::size_t KeepOut(Addr start, Addr end, bool pinned) {
     ControlLock lock(this);
@@ -281,12 +267,7 @@ class EngineImpl final : public Engine {
   void ChangeMappingStep(Addr start, Addr end, MappingChange kind,
                          const F& inner, bool* ok, bool* advised_any) {
     ControlLock lock(this);
-    std::vector<std::pair<Addr, std::size_t>> advised;
-    for (auto [a, n] : AdvisedRangesLocked()) {
-      const Addr from = std::max(start, a);
-      const Addr to = std::min(end, a + n * kPageSize);
-      if (from < to) advised.emplace_back(from, (to - from) / kPageSize);
-    }
+    const auto advised = AdvisedWithinLocked(start, end);
     if (!advised.empty()) *advised_any = true;
     // Nothing merged here, nor inherited from a parent: a discard has
     // nothing to restore.
@@ -383,19 +364,16 @@ class EngineImpl final : public Engine {
     // differ: a child can lose the privilege of kernel faults that wait).
     const auto kept_out = std::move(kept_out_);
     kept_out_.clear();
-    for (auto [a, b] : kept_out) (void)KeepOutLocked(a, b, /*pinned=*/true);
+    for (const Interval& i : kept_out) {
+      (void)KeepOutLocked(i.start, i.end, /*pinned=*/true);
+    }
   }
 
   // pinned: the kernel pins the pages (Engine::KernelPins), so no merge is
   // safe under any protection.
   std::size_t KeepOutLocked(Addr start, Addr end, bool pinned) {
     if (!pinned && memory_->SyscallWritesWait()) return 0;
-    std::vector<std::pair<Addr, std::size_t>> advised;
-    for (auto [a, n] : AdvisedRangesLocked()) {
-      const Addr from = std::max(start, a);
-      const Addr to = std::min(end, a + n * kPageSize);
-      if (from < to) advised.emplace_back(from, (to - from) / kPageSize);
-    }
+    const auto advised = AdvisedWithinLocked(start, end);
     // Unmerged first (merges waiting for a run are dropped with them), so
     // that no page there maps a frame once it is excluded: an excluded page
     // reads as absent, and a merged one would keep its frame for ever.
@@ -406,7 +384,21 @@ class EngineImpl final : public Engine {
     // Still advised, as the kernel keeps VM_MERGEABLE: its pages are
     // visited and found absent, so never protected nor merged.
     for (auto [a, n] : advised) ksm_->Advise(a, n);
-    return AddToRangeSet(&kept_out_, start, end);
+    const std::size_t before = PagesIn(kept_out_);
+    LinuxMemory::AddInterval(&kept_out_, start, end);
+    return PagesIn(kept_out_) - before;
+  }
+
+  // The advised parts of [start, end): (start, pages) each.
+  std::vector<std::pair<Addr, std::size_t>> AdvisedWithinLocked(
+      Addr start, Addr end) const {
+    std::vector<std::pair<Addr, std::size_t>> parts;
+    for (auto [a, n] : AdvisedRangesLocked()) {
+      const Addr from = std::max(start, a);
+      const Addr to = std::min(end, a + n * kPageSize);
+      if (from < to) parts.emplace_back(from, (to - from) / kPageSize);
+    }
+    return parts;
   }
 
   SpaceStat SpaceStatLocked() const {
@@ -555,11 +547,11 @@ class EngineImpl final : public Engine {
     g_engines->push_back(e);
     // Memory the kernel writes, registered before this engine existed
     // (engine locks are taken after g_engines_mu, as in ChangeMapping).
-    if (g_kernel_written != nullptr) {
-      for (auto [a, b] : *g_kernel_written) (void)e->KeepOut(a, b, false);
-    }
-    if (g_kernel_pinned != nullptr) {
-      for (auto [a, b] : *g_kernel_pinned) (void)e->KeepOut(a, b, true);
+    for (bool pinned : {false, true}) {
+      const auto* registry = pinned ? g_kernel_pinned : g_kernel_written;
+      if (registry == nullptr) continue;
+      for (const Interval& i : *registry)
+        (void)e->KeepOut(i.start, i.end, pinned);
     }
   }
 
@@ -618,8 +610,9 @@ class EngineImpl final : public Engine {
   std::unique_ptr<LinuxMemory> memory_;  // guarded by mu_
   std::unique_ptr<Ksm> ksm_;             // guarded by mu_
   bool merge_any_ = false;               // guarded by mu_
-  // Ranges kept out for Engine::KernelWrites, sorted, disjoint.
-  std::vector<std::pair<Addr, Addr>> kept_out_;  // guarded by mu_
+  // Ranges kept out for Engine::KernelWrites and KernelPins, sorted,
+  // disjoint.
+  std::vector<Interval> kept_out_;       // guarded by mu_
   std::int64_t last_sweep_ = 0;          // guarded by mu_ (steady ns)
   bool stop_ = false;                    // guarded by mu_
   std::unique_ptr<std::thread> scanner_;  // guarded by mu_
@@ -682,8 +675,8 @@ std::size_t KeepOutEverywhere(void* addr, std::size_t len, bool pinned) {
   const auto [start, end] = PagesOf(addr, len);
   std::lock_guard<std::mutex> lock(g_engines_mu);
   auto*& registry = pinned ? g_kernel_pinned : g_kernel_written;
-  if (registry == nullptr) registry = new std::vector<std::pair<Addr, Addr>>();
-  (void)AddToRangeSet(registry, start, end);
+  if (registry == nullptr) registry = new std::vector<Interval>();
+  LinuxMemory::AddInterval(registry, start, end);
   std::size_t kept_out = 0;
   if (g_engines != nullptr) {
     for (EngineImpl* e : *g_engines) kept_out += e->KeepOut(start, end, pinned);

@@ -112,6 +112,9 @@ class LinuxMemory final : public Memory {
     Addr start;
     Addr end;
   };
+  // Adds [start, end) to a sorted set of disjoint intervals, joining the
+  // ones it overlaps or touches.
+  static void AddInterval(std::vector<Interval>* set, Addr start, Addr end);
 
   // Pages per write-protect window: bounds how long a writer may wait.
   static constexpr std::size_t kMaxWindowPages = 128;
@@ -203,7 +206,6 @@ class LinuxMemory final : public Memory {
 
   void RegisterThread();
   bool RegisterWithProtector(Addr start, std::size_t len);
-  static void AddInterval(std::vector<Interval>* set, Addr start, Addr end);
   static void RemoveInterval(std::vector<Interval>* set, Addr start, Addr end);
   // The interval of the set holding page, or nullptr.
   static const Interval* Find(const std::vector<Interval>& set, Addr page);

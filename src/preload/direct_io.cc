@@ -25,7 +25,7 @@ void SetMark(int fd, bool direct) {
   std::atomic<std::uint64_t>& word = g_direct[fd / 64];
   if (direct) {
     // seq_cst: pairs with io_uring.cc's setup, which sets its flag and then
-    // looks here, while NoteOpenFlags marks here and then looks at the flag.
+    // looks here, while NoteFileFlags marks here and then looks at the flag.
     word.fetch_or(bit);
   } else if (word.load(std::memory_order_relaxed) & bit) {
     word.fetch_and(~bit, std::memory_order_relaxed);
@@ -34,13 +34,11 @@ void SetMark(int fd, bool direct) {
 
 }  // namespace
 
-void NoteOpenFlags(int fd, int flags) {
+void NoteFileFlags(int fd, int flags) {
   const bool direct = fd >= 0 && (flags & O_DIRECT) != 0;
   SetMark(fd, direct);
   if (direct && RingSeen()) SuspendForPinningIo();  // before its first read
 }
-
-void NoteSetFlags(int fd, int flags) { NoteOpenFlags(fd, flags); }
 
 bool AnyDirect() {
   for (const auto& word : g_direct) {
@@ -53,18 +51,7 @@ void NoteDirectDup(int oldfd, int newfd) {
   if (oldfd != newfd) SetMark(newfd, IsDirect(oldfd));
 }
 
-void NoteDirectClosed(unsigned first, unsigned last) {
-  for (unsigned fd = first; fd <= last && fd < kTracked; ++fd) {
-    if (fd % 64 == 0 && last - fd >= 63) {
-      if (g_direct[fd / 64].load(std::memory_order_relaxed) != 0) {
-        g_direct[fd / 64].store(0, std::memory_order_relaxed);
-      }
-      fd += 63;
-      continue;
-    }
-    SetMark(static_cast<int>(fd), false);
-  }
-}
+void NoteDirectClosed(int fd) { SetMark(fd, false); }
 
 bool IsDirect(int fd) {
   if (fd < 0) return false;
@@ -92,19 +79,14 @@ int DirectRead::RegisterVectors(const struct iovec* iov, int iovcnt) {
   // The vectors are copied without faulting on a bad pointer (the read
   // then fails with EFAULT, as it would without samepage).
   std::uintptr_t lo = UINTPTR_MAX, hi = 0;
-  struct iovec chunk[64];
-  for (int i = 0; i < iovcnt; i += 64) {
-    const int n = iovcnt - i < 64 ? iovcnt - i : 64;
-    if (!CopyFromUser(chunk, iov + i, n * sizeof(struct iovec))) {
-      return backend::kNoPinnedIo;
-    }
-    for (int k = 0; k < n; ++k) {
-      const auto b = reinterpret_cast<std::uintptr_t>(chunk[k].iov_base);
-      if (chunk[k].iov_len == 0 || b + chunk[k].iov_len < b) continue;
-      lo = b < lo ? b : lo;
-      hi = b + chunk[k].iov_len > hi ? b + chunk[k].iov_len : hi;
-    }
-  }
+  const bool read = ForEachVector(
+      iov, static_cast<size_t>(iovcnt), [&](const void* base, size_t len) {
+        const auto b = reinterpret_cast<std::uintptr_t>(base);
+        if (b + len < b) return;
+        lo = b < lo ? b : lo;
+        hi = b + len > hi ? b + len : hi;
+      });
+  if (!read) return backend::kNoPinnedIo;
   if (lo >= hi) return backend::kNoPinnedIo;
   return RegisterRange(reinterpret_cast<const void*>(lo), hi - lo);
 }

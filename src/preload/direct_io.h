@@ -27,14 +27,13 @@
 
 namespace samepage::preload {
 
-// open/openat returned fd with these flags (fd < 0: nothing).
-void NoteOpenFlags(int fd, int flags);
-// fcntl(fd, F_SETFL, flags) succeeded.
-void NoteSetFlags(int fd, int flags);
+// fd has these file status flags now: open/openat returned it (fd < 0:
+// nothing), or fcntl(fd, F_SETFL, flags) succeeded.
+void NoteFileFlags(int fd, int flags);
 // newfd is now a copy of oldfd (dup family, F_DUPFD).
 void NoteDirectDup(int oldfd, int newfd);
-// fds [first, last] were closed.
-void NoteDirectClosed(unsigned first, unsigned last);
+// fd is about to be closed.
+void NoteDirectClosed(int fd);
 
 // True if reads on fd may be direct I/O.
 bool IsDirect(int fd);
@@ -51,6 +50,22 @@ void SuspendForPinningIo();
 // backend::CopyFromUser, which also works where a sandbox forbids
 // process_vm_readv.
 bool CopyFromUser(void* to, const void* from, size_t n);
+
+// Calls fn(base, len) for each of the caller's n vectors whose length is
+// not 0, the array copied with CopyFromUser a chunk at a time. False where
+// part of the array cannot be read (fn has seen the vectors before it).
+template <typename F>
+bool ForEachVector(const struct iovec* iov, size_t n, const F& fn) {
+  struct iovec chunk[64];
+  for (size_t i = 0; i < n; i += 64) {
+    const size_t k = n - i < 64 ? n - i : 64;
+    if (!CopyFromUser(chunk, iov + i, k * sizeof(struct iovec))) return false;
+    for (size_t j = 0; j < k; ++j) {
+      if (chunk[j].iov_len != 0) fn(chunk[j].iov_base, chunk[j].iov_len);
+    }
+  }
+  return true;
+}
 
 // Registers the buffers of a read for its duration, if fd is direct.
 class DirectRead {

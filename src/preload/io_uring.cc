@@ -75,16 +75,11 @@ namespace {
 void KeepOutVectors(const struct iovec* iov, unsigned n) {
   constexpr unsigned kMaxBuffers = 1u << 14;  // IORING_MAX_REG_BUFFERS
   if (n > kMaxBuffers) return;                // the kernel refuses it (EINVAL)
-  struct iovec chunk[64];
-  for (unsigned i = 0; i < n; i += 64) {
-    const unsigned k = n - i < 64 ? n - i : 64;
-    if (!CopyFromUser(chunk, iov + i, k * sizeof(struct iovec))) return;
-    for (unsigned j = 0; j < k; ++j) {
-      if (chunk[j].iov_base == nullptr || chunk[j].iov_len == 0) continue;
-      Inside inside;
-      (void)Engine::KernelPins(chunk[j].iov_base, chunk[j].iov_len);
-    }
-  }
+  (void)ForEachVector(iov, n, [](void* base, size_t len) {
+    if (base == nullptr) return;
+    Inside inside;
+    (void)Engine::KernelPins(base, len);
+  });
 }
 
 void BeforeRegister(unsigned op, const void* arg, unsigned nr_args) {

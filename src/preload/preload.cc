@@ -258,7 +258,7 @@ int OpenAt(int dirfd, const char* path, int flags, mode_t mode,
     if (t != Target::kNone) return OpenKsm(t, name, flags);
   }
   const int fd = RealOpenat(dirfd, path, flags, mode);
-  NoteOpenFlags(fd, flags);
+  NoteFileFlags(fd, flags);
   return fd;
 }
 
@@ -669,7 +669,7 @@ SAMEPAGE_EXPORT int close(int fd) {
   }
   // A stale mark would only cost the next descriptor with this number a
   // registration per read; a missing one would lose direct reads.
-  NoteDirectClosed(static_cast<unsigned>(fd), static_cast<unsigned>(fd));
+  NoteDirectClosed(fd);
   return RealClose(fd);
 }
 
@@ -811,13 +811,21 @@ SAMEPAGE_EXPORT int fclose(FILE* fp) {
 
 // --- descriptor copies (shell redirections) ---
 
+namespace {
+
+// newfd is a copy of oldfd now: of our KSM files' state, and of its
+// O_DIRECT mark.
+void NoteCopy(int oldfd, int newfd) {
+  NoteDup(oldfd, newfd);
+  NoteDirectDup(oldfd, newfd);
+}
+
+}  // namespace
+
 SAMEPAGE_EXPORT int dup(int fd) noexcept {
   const int r = g_real.dup != nullptr ? g_real.dup(fd)
                                       : static_cast<int>(syscall(SYS_dup, fd));
-  if (r >= 0) {
-    NoteDup(fd, r);
-    NoteDirectDup(fd, r);
-  }
+  if (r >= 0) NoteCopy(fd, r);
   return r;
 }
 
@@ -840,10 +848,7 @@ SAMEPAGE_EXPORT int dup2(int fd, int fd2) noexcept {
   const int r = g_real.dup2 != nullptr
                     ? g_real.dup2(fd, fd2)
                     : static_cast<int>(syscall(SYS_dup2, fd, fd2));
-  if (r >= 0) {
-    NoteDup(fd, r);
-    NoteDirectDup(fd, r);
-  }
+  if (r >= 0) NoteCopy(fd, r);
   return r;
 }
 
@@ -852,10 +857,7 @@ SAMEPAGE_EXPORT int dup3(int fd, int fd2, int flags) noexcept {
   const int r = g_real.dup3 != nullptr
                     ? g_real.dup3(fd, fd2, flags)
                     : static_cast<int>(syscall(SYS_dup3, fd, fd2, flags));
-  if (r >= 0) {
-    NoteDup(fd, r);
-    NoteDirectDup(fd, r);
-  }
+  if (r >= 0) NoteCopy(fd, r);
   return r;
 }
 
@@ -867,12 +869,9 @@ int Fcntl(int (*real)(int, int, ...), int fd, int cmd, va_list ap) {
   const int r = real != nullptr
                     ? real(fd, cmd, arg)
                     : static_cast<int>(syscall(SYS_fcntl, fd, cmd, arg));
-  if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) {
-    NoteDup(fd, r);
-    NoteDirectDup(fd, r);
-  }
+  if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) NoteCopy(fd, r);
   if (r >= 0 && cmd == F_SETFL) {
-    NoteSetFlags(fd, static_cast<int>(reinterpret_cast<std::intptr_t>(arg)));
+    NoteFileFlags(fd, static_cast<int>(reinterpret_cast<std::intptr_t>(arg)));
   }
   return r;
 }
