@@ -1023,8 +1023,10 @@ void LinuxMemory::ClearStrayProtection(Addr start, std::size_t len) {
   }
 }
 
-void LinuxMemory::NoteMapped(Addr start, Addr end, ProtectMethod how) {
-  unflushed_.push_back(NewMapping{start, end, how == ProtectMethod::kUffd});
+void LinuxMemory::NoteMapped(Addr start, Addr end, ProtectMethod how,
+                             bool registered) {
+  unflushed_.push_back(NewMapping{
+      start, end, how == ProtectMethod::kUffd && !registered, registered});
   unflushed_pages_ += (end - start) / kPageSize;
 }
 
@@ -1041,9 +1043,15 @@ void LinuxMemory::FlushMapped() {
   // then fault again and wait again: harmless.
   Addr wake_lo = UINTPTR_MAX, wake_hi = 0;
   Addr lo = UINTPTR_MAX, hi = 0;
+  std::size_t to_register = 0;  // mappings not registered yet
   for (const NewMapping& m : unflushed_) {
-    lo = std::min(lo, m.start);
-    hi = std::max(hi, m.end);
+    if (m.registered) {
+      new_registered_.push_back(Interval{m.start, m.end});
+    } else {
+      lo = std::min(lo, m.start);
+      hi = std::max(hi, m.end);
+      ++to_register;
+    }
     if (m.wake) {
       wake_lo = std::min(wake_lo, m.start);
       wake_hi = std::max(wake_hi, m.end);
@@ -1053,19 +1061,19 @@ void LinuxMemory::FlushMapped() {
     protector_->Replaced(wake_lo, wake_hi - wake_lo, ProtectMethod::kUffd);
   for (const NewMapping& m : unflushed_)
     new_frame_mapped_.push_back(Interval{m.start, m.end});
-  if (protection_ == Protection::kUserfaultfd) {
+  if (protection_ == Protection::kUserfaultfd && to_register != 0) {
     // mmap over a registered range makes a new, unregistered VMA. Register
     // the whole span at once when all of it is memory we may replace (its
     // other VMAs are ours already: the kernel skips them) and it is dense
     // (the kernel walks every VMA of the span, twice); else each mapping
     // alone.
     const bool dense = (hi - lo) / kPageSize <= 2 * unflushed_pages_;
-    if (unflushed_.size() > 1 && dense && SpanReplaceable(lo, hi) &&
+    if (to_register > 1 && dense && SpanReplaceable(lo, hi) &&
         RegisterWithProtector(lo, hi - lo)) {
       new_registered_.push_back(Interval{lo, hi});
     } else {
       for (const NewMapping& m : unflushed_) {
-        if (RegisterWithProtector(m.start, m.end - m.start))
+        if (!m.registered && RegisterWithProtector(m.start, m.end - m.start))
           new_registered_.push_back(Interval{m.start, m.end});
       }
     }
@@ -1131,6 +1139,9 @@ void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
   };
   // Once per call (not per window: the view is not ours to protect).
   const bool view_ok = ViewIntact(frames.data(), n);
+  const bool discard_first =
+      protection_ == Protection::kUserfaultfd && protector_->KernelFaultsWait();
+  const Addr max_span = kMaxWindowPages * kPageSize;
   std::size_t i = 0;
   while (i < n) {
     if (!view_ok || !ok(i)) {
@@ -1138,6 +1149,25 @@ void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
           MayReplace(pages[i]) ? MergeResult::kFailed : MergeResult::kGone;
       ++i;
       continue;
+    }
+    if (discard_first) {
+      // The pages within kMaxWindowPages of this one, if their frames take
+      // several mappings: one discard-first window over their span.
+      std::size_t j = i + 1, mappings = 1;
+      while (j < n && pages[j] > pages[j - 1] &&
+             pages[j] + kPageSize - pages[i] <= max_span && ok(j)) {
+        if (pages[j] != pages[j - 1] + kPageSize ||
+            frames[j] != frames[j - 1] + 1) {
+          ++mappings;
+        }
+        ++j;
+      }
+      if (mappings >= kMinDiscardFirstMappings &&
+          MergeSpanDiscardFirst(&pages[i], &frames[i], j - i, &results[i])) {
+        if (unflushed_pages_ >= kMaxWindowPages) FlushMapped();
+        i = j;
+        continue;
+      }
     }
     std::size_t j = i + 1;
     while (j < n && j - i < kMaxWindowPages &&
@@ -1190,6 +1220,13 @@ void LinuxMemory::CopyOutResults(const MergeResult* local, std::size_t n,
   }
 }
 
+MergeResult LinuxMemory::CompareWithFrame(Addr page, FrameId frame) {
+  bool equal = false;
+  if (!GuardedEqual(Ptr(page), store_.FrameAddress(frame), kPageSize, &equal))
+    return MergeResult::kGone;
+  return equal ? MergeResult::kMerged : MergeResult::kDiffers;
+}
+
 void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
                                        const FrameId* frames,
                                        MergeResult* out) {
@@ -1209,16 +1246,8 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
     const bool may_replace =
         !LockViewStale(base, n * kPageSize) && !PinnedIoIn(base, n * kPageSize);
     for (std::size_t k = 0; k < n; ++k) {
-      bool equal = false;
-      if (!may_replace) {
-        local[k] = MergeResult::kFailed;
-      } else if (!GuardedEqual(Ptr(base + k * kPageSize),
-                               store_.FrameAddress(frames[k]), kPageSize,
-                               &equal)) {
-        local[k] = MergeResult::kGone;
-      } else {
-        local[k] = equal ? MergeResult::kMerged : MergeResult::kDiffers;
-      }
+      local[k] = may_replace ? CompareWithFrame(base + k * kPageSize, frames[k])
+                             : MergeResult::kFailed;
     }
     // One mmap per run of equal pages with consecutive frames.
     auto consecutive = [&](std::size_t e) {
@@ -1247,6 +1276,192 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
   for (std::size_t i = 0; i < nmapped; ++i)
     NoteMapped(mapped[i].start, mapped[i].end, window_how);
   CopyOutResults(local, n, out);
+}
+
+namespace {
+
+// MADV_DONTNEED over many ranges with one process_madvise, which takes any
+// advice for the calling process on this machine's Linux (6.18; older
+// kernels answer EINVAL). The pidfd is opened for the call and closed
+// again: one kept open could be closed by the program and its number
+// reused, or outlive a fork(). False unless every range was discarded;
+// MADV_DONTNEED of a zero page twice is harmless, so the caller then
+// discards each range with madvise.
+bool DiscardAtOnce(const iovec* iov, std::size_t n) {
+  if (n < 2) return false;
+  const int self =
+      AdoptOwnFd(static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0)));
+  if (self < 0) return false;
+  std::size_t total = 0;
+  for (std::size_t k = 0; k < n; ++k) total += iov[k].iov_len;
+  const long done =
+      syscall(SYS_process_madvise, self, iov, n, MADV_DONTNEED, 0);
+  CloseOwnFd(self);
+  return done == static_cast<long>(total);
+}
+
+}  // namespace
+
+bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
+                                        const FrameId* frames, std::size_t n,
+                                        MergeResult* out) {
+  const Addr base = pages[0];
+  const Addr end = pages[n - 1] + kPageSize;
+  const std::size_t len = end - base;
+  const std::size_t span = len / kPageSize;
+  // Anonymous memory only, as far as our view tells (checked again with the
+  // kernel inside the window): MADV_DONTNEED of a private copy inside a
+  // frame's mapping would show the frame's bytes, and locked memory
+  // refuses it.
+  if (Overlaps(locked_, base, end) || Overlaps(frame_mapped_, base, end) ||
+      !SpanReplaceable(base, end)) {
+    return false;
+  }
+  // Everything written inside the window is on our stack or in *this.
+  MergeResult local[kMaxWindowPages];  // per page of the span
+  FrameId frame_of[kMaxWindowPages];
+  bool asked[kMaxWindowPages] = {};
+  for (std::size_t k = 0; k < n; ++k) {
+    const std::size_t at = (pages[k] - base) / kPageSize;
+    asked[at] = true;
+    frame_of[at] = frames[k];
+  }
+  iovec runs[kMaxWindowPages];
+  std::size_t run_first[kMaxWindowPages];  // span index of each run
+  std::size_t nruns = 0;
+  bool mapped[kMaxWindowPages] = {};        // per run
+  constexpr std::uint64_t kWindowCost = 2;  // a fallback mprotect's split
+  std::uint64_t added = 0;
+  bool taken = false;       // the missing-page registration was made
+  bool registered = false;  // and undone by registering for WP only
+  InProtectedWindow(base, span, kWindowCost, local, [&](ProtectMethod how) {
+    const bool may_replace = how == ProtectMethod::kUffd &&
+                             !LockViewStale(base, len) &&
+                             !PinnedIoIn(base, len);
+    for (std::size_t k = 0; k < span; ++k) {
+      if (!asked[k]) {
+        local[k] = MergeResult::kDiffers;  // only protected with the rest
+      } else {
+        local[k] = may_replace
+                       ? CompareWithFrame(base + k * kPageSize, frame_of[k])
+                       : MergeResult::kFailed;
+      }
+    }
+    // Still our protected pages, all of them anonymous (PROCMAP_QUERY):
+    // else the usual way, page by page.
+    if (!may_replace || !StillProtected(base, len, how) ||
+        !AnonymousVmas(base, len)) {
+      UnprotectRest(base, span, local, /*skip_merged=*/false, how);
+      return;
+    }
+    if (!protector_->RegisterMissing(base, len)) {
+      // A failed registration may have changed part of the span (ENOMEM
+      // splitting a VMA): write-protect faults only, as before.
+      (void)ForgetMissing(base, len);
+      UnprotectRest(base, span, local, /*skip_merged=*/false, how);
+      return;
+    }
+    taken = true;
+    auto joins = [&](std::size_t e) {
+      return frame_of[e] == frame_of[e - 1] + 1;
+    };
+    ForEachMergedRun(local, span, joins, [&](std::size_t k, std::size_t e) {
+      if (!BudgetAllows(kWindowCost + added + 2)) {
+        std::fill(local + k, local + e, MergeResult::kNoBudget);
+        return;
+      }
+      added += 2;
+      run_first[nruns] = k;
+      runs[nruns++] = iovec{Ptr(base + k * kPageSize), (e - k) * kPageSize};
+    });
+    // MADV_DONTNEED of every equal page at once: one TLB flush for all.
+    // A run that could not be discarded keeps its pages (a failed madvise
+    // may have dropped some: those are filled back from the frames, whose
+    // bytes they held) and is not mapped.
+    bool discarded[kMaxWindowPages];
+    std::fill(discarded, discarded + nruns, true);
+    if (!DiscardAtOnce(runs, nruns)) {
+      for (std::size_t r = 0; r < nruns; ++r) {
+        if (madvise(runs[r].iov_base, runs[r].iov_len, MADV_DONTNEED) == 0)
+          continue;
+        discarded[r] = false;
+        FillFromFrames(reinterpret_cast<Addr>(runs[r].iov_base),
+                       runs[r].iov_len, frame_of[run_first[r]]);
+      }
+    }
+    // Writable again, the pages not merged with the rest: the discarded
+    // ones have no page table entry left, and wait behind the missing-page
+    // registration for their frames.
+    if (!protector_->Unprotect(base, len, how)) ClearStrayProtection(base, len);
+    for (std::size_t r = 0; r < nruns; ++r) {
+      const Addr at = reinterpret_cast<Addr>(runs[r].iov_base);
+      const std::size_t bytes = runs[r].iov_len;
+      const std::size_t k = run_first[r], e = k + bytes / kPageSize;
+      int err = discarded[r] ? 0 : EAGAIN;
+      if (err == 0 && options_.fail_discard_first_map != nullptr)
+        err = options_.fail_discard_first_map(at, bytes);
+      if (err == 0 &&
+          mmap(Ptr(at), bytes, kReadWrite, MAP_PRIVATE | MAP_FIXED, store_.fd(),
+               store_.FrameOffset(frame_of[k])) == MAP_FAILED) {
+        err = errno;
+      }
+      if (err == 0) {
+        (void)ReapplyVmaFlags(at, bytes, /*lock=*/false);
+        mapped[r] = true;
+        continue;
+      }
+      // Not mapped: the pages get their bytes back, anonymous again.
+      added -= 2;
+      if (discarded[r]) FillFromFrames(at, bytes, frame_of[k]);
+      std::fill(local + k, local + e,
+                err == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed);
+    }
+    // Write-protect faults only again, for the new mappings too; the
+    // waiters retry, against the frames.
+    registered = ForgetMissing(base, len);
+    protector_->Replaced(base, len, how);
+  });
+  if (!taken) {
+    // Nothing replaced: the pages go the usual way (a window of their own).
+    return false;
+  }
+  vmas_used_ += added;
+  for (std::size_t r = 0; r < nruns; ++r) {
+    if (!mapped[r]) continue;
+    const Addr at = reinterpret_cast<Addr>(runs[r].iov_base);
+    NoteMapped(at, at + runs[r].iov_len, ProtectMethod::kUffd, registered);
+    discard_first_pages_ += runs[r].iov_len / kPageSize;
+  }
+  if (!registered) RemoveInterval(&uffd_registered_, base, end);
+  MergeResult mine[kMaxWindowPages];
+  for (std::size_t k = 0; k < n; ++k)
+    mine[k] = local[(pages[k] - base) / kPageSize];
+  CopyOutResults(mine, n, out);
+  return true;
+}
+
+bool LinuxMemory::ForgetMissing(Addr start, std::size_t len) {
+  // Registering adds modes, never removes one: unregister first (which
+  // wakes every waiter), then register for write-protect faults again.
+  if (!protector_->Unregister(start, len)) {
+    // Whatever made the range fail, no page of it may keep the
+    // missing-page mode: its next reader would wait for good.
+    for (Addr a = start; a < start + len; a += kPageSize)
+      (void)protector_->Unregister(a, kPageSize);
+    return false;
+  }
+  return protector_->RegisterRange(start, len);
+}
+
+void LinuxMemory::FillFromFrames(Addr at, std::size_t len, FrameId first) {
+  for (std::size_t k = 0; k < len / kPageSize; ++k) {
+    const Addr page = at + k * kPageSize;
+    // EEXIST: the page was not discarded. Anything else leaves a page that
+    // reads zeros: only an allocation failure (ENOMEM) gets here.
+    const int err = protector_->FillMissing(
+        page, store_.FrameAddress(first + static_cast<FrameId>(k)));
+    if (err != 0 && err != EEXIST) ++fill_failures_;
+  }
 }
 
 void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
@@ -1548,29 +1763,6 @@ void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
   CommitMapped();
 }
 
-namespace {
-
-// MADV_DONTNEED over many ranges with one process_madvise, which takes any
-// advice for the calling process on this machine's Linux (6.18; older
-// kernels answer EINVAL). The pidfd is opened for the call and closed
-// again: one kept open could be closed by the program and its number
-// reused, or outlive a fork(). False unless every range was discarded;
-// MADV_DONTNEED of a zero page twice is harmless, so the caller then
-// discards each range with madvise.
-bool DiscardAtOnce(const iovec* iov, std::size_t n) {
-  if (n < 2) return false;
-  const int self =
-      AdoptOwnFd(static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0)));
-  if (self < 0) return false;
-  std::size_t total = 0;
-  for (std::size_t k = 0; k < n; ++k) total += iov[k].iov_len;
-  const long done = syscall(SYS_process_madvise, self, iov, n, MADV_DONTNEED, 0);
-  CloseOwnFd(self);
-  return done == static_cast<long>(total);
-}
-
-}  // namespace
-
 bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* out) {
   // The window spans pages[0] .. pages[n - 1]; pages between them that are
   // not asked for are protected and checked too, and left as they are.
@@ -1809,6 +2001,8 @@ MemoryStats LinuxMemory::Stats() const {
   s.protect_faults = ProtectFaults();
   s.pinned_io_skips = pinned_io_skips_;
   s.smaps_reads = smaps_reads_;
+  s.discard_first_pages = discard_first_pages_;
+  s.fill_failures = fill_failures_;
   return s;
 }
 

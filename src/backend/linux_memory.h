@@ -81,6 +81,10 @@ struct LinuxMemoryOptions {
   std::string pagemap_path = "/proc/self/pagemap";
   std::string max_map_count_path = "/proc/sys/vm/max_map_count";
   std::string status_path = "/proc/self/status";  // VmLck
+  // Tests: called before each frame mapping of a discard-first window
+  // (MergeSpanDiscardFirst); a non-zero errno fails that mapping as the
+  // kernel would, so the pages must be filled back from their frames.
+  int (*fail_discard_first_map)(Addr at, std::size_t len) = nullptr;
   // Frame stores of ancestors (a forked child's parent), as (dev, inode):
   // their private mappings count as merged pages of ours for probing,
   // merging over and unmerging, but their frames are never allocated or
@@ -121,6 +125,13 @@ class LinuxMemory final : public Memory {
   // A run of zero pages to drop: the window's work per page is one read
   // (the all-zero check) between the protect and the discard.
   static constexpr std::size_t kMaxZeroWindowPages = 512;
+  // A window of pages joining frames takes the discard-first way
+  // (MergeSpanDiscardFirst) when it needs at least this many mappings: its
+  // fixed cost (three flushes, and registering the span for missing pages
+  // and back, which splits and joins VMAs) is about that of 16 flushes on
+  // an idle machine (prototype, 128-page spans: 16 mappings break even
+  // there, 4 lose by 2.3x; with another vCPU busy 4 already win by 1.7x).
+  static constexpr std::size_t kMinDiscardFirstMappings = 16;
   // Windows over partners per pair batch: scattered partners of a run of
   // pages share the run's window, protect, copy and mapping on its side.
   static constexpr std::size_t kMaxPartnerRuns = 8;
@@ -303,8 +314,10 @@ class LinuxMemory final : public Memory {
     Addr start;
     Addr end;
     bool wake;  // protected with userfaultfd: writers may wait on old PTEs
+    bool registered;  // with userfaultfd already, woken already
   };
-  void NoteMapped(Addr start, Addr end, ProtectMethod how);
+  void NoteMapped(Addr start, Addr end, ProtectMethod how,
+                  bool registered = false);
   // Wakes and registers what NoteMapped recorded since the last flush.
   // REQUIRES: no window open.
   void FlushMapped();
@@ -323,9 +336,36 @@ class LinuxMemory final : public Memory {
   // Sets vmas_used_ and budget_ from the process's real mapping count.
   void UpdateBudget(long count);
 
+  // Inside a window: the protected page against its frame, in full.
+  // kMerged if equal, kDiffers if not, kGone if the page could not be read.
+  MergeResult CompareWithFrame(Addr page, FrameId frame);
   // Batches: contiguous pages, at most kMaxWindowPages, all MayReplace.
   void MergeBatchIntoFrames(Addr base, std::size_t n, const FrameId* frames,
                             MergeResult* results);
+  // The discard-first way of joining frames, for pages (ascending, within
+  // kMaxWindowPages of the first) whose frames need several mappings.
+  // Mapping a frame over a present page zaps it, and each zap flushes the
+  // TLB: on a virtual machine where a flush of the running process's own
+  // mapping is expensive (6 µs, and 25-40 µs while another vCPU is busy,
+  // measured on this kind of machine) that flush was most of a merge.
+  // Here one window write-protects the span, compares, registers it for
+  // missing-page faults too, discards the equal pages with one
+  // process_madvise (one flush), makes the span writable again (one flush)
+  // and maps the frames into the empty page tables (no flush); readers and
+  // writers of a discarded page wait in the kernel until its frame is
+  // mapped and they are woken. Only where kernel faults wait
+  // (SyscallWritesWait): with a user-mode-only descriptor a system call
+  // reading such a page would fail. False, with nothing done or reported,
+  // where it does not apply (the caller merges the pages the usual way).
+  bool MergeSpanDiscardFirst(const Addr* pages, const FrameId* frames,
+                             std::size_t n, MergeResult* results);
+  // Inside a discard-first window: gives the pages of [at, at + len) that
+  // have no page back the bytes of frames first.. (equal to what they held).
+  void FillFromFrames(Addr at, std::size_t len, FrameId first);
+  // Ends a discard-first window's missing-page registration of
+  // [start, start + len): registered for write-protect faults only again
+  // (true), or, where that failed, not registered at all (false).
+  bool ForgetMissing(Addr start, std::size_t len);
   // Pairs: p contiguous, each q[k] anywhere; the q form at most
   // kMaxPartnerRuns runs of consecutive pages (a window each).
   void MergePairBatch(Addr pbase, const Addr* q, std::size_t n, FrameId* frames,
@@ -448,6 +488,8 @@ class LinuxMemory final : public Memory {
   std::uint64_t lock_skips_ = 0;  // pages left as they were: no lock room
   std::uint64_t locks_lost_ = 0;  // pages whose lock could not come back
   std::uint64_t pinned_io_skips_ = 0;  // pages not replaced: I/O in flight
+  std::uint64_t discard_first_pages_ = 0;  // see MemoryStats
+  std::uint64_t fill_failures_ = 0;        // see MemoryStats
 
   static constexpr std::size_t kProbeChunk = 512;
   std::uint64_t pagemap_buf_[kProbeChunk];

@@ -102,15 +102,41 @@ class UffdProtector final : public Protector {
   bool RegisterRange(Addr start, std::size_t len) override {
     // Whole VMAs: registering changes VMA flags, so a part would split it.
     // EBUSY (another userfaultfd owns it) or EINVAL: it stays on mprotect.
-    uffdio_register reg = {};
-    reg.range = {start, len};
-    reg.mode = UFFDIO_REGISTER_MODE_WP;
-    return ioctl(fd_, UFFDIO_REGISTER, &reg) == 0;
+    return Register(start, len, UFFDIO_REGISTER_MODE_WP);
+  }
+
+  bool RegisterMissing(Addr start, std::size_t len) override {
+    return Register(start, len,
+                    UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING);
+  }
+
+  int FillMissing(Addr dst, const void* src) override {
+    for (int attempt = 0;; ++attempt) {
+      uffdio_copy copy = {};
+      copy.dst = dst;
+      copy.src = reinterpret_cast<Addr>(src);
+      copy.len = kPageSize;
+      if (ioctl(fd_, UFFDIO_COPY, &copy) == 0) return 0;
+      // EAGAIN: the layout changed under the call (mremap, fork): again.
+      if (errno != EAGAIN || attempt == 8) return errno;
+    }
+  }
+
+  bool Unregister(Addr start, std::size_t len) override {
+    uffdio_range range = {start, len};
+    return ioctl(fd_, UFFDIO_UNREGISTER, &range) == 0;
   }
 
   bool KernelFaultsWait() const override { return kernel_faults_wait_; }
   std::string Describe() const override {
     return kernel_faults_wait_ ? "userfaultfd" : "userfaultfd (user-mode only)";
+  }
+
+  bool Register(Addr start, std::size_t len, std::uint64_t mode) {
+    uffdio_register reg = {};
+    reg.range = {start, len};
+    reg.mode = mode;
+    return ioctl(fd_, UFFDIO_REGISTER, &reg) == 0;
   }
 
   int WriteProtect(Addr start, std::size_t len, bool on) {

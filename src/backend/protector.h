@@ -56,6 +56,30 @@ class Protector {
     return false;
   }
 
+  // Registers [start, start + len) for missing-page faults as well as
+  // write-protect faults (userfaultfd only), for a discard-first window
+  // (LinuxMemory::MergeSpanDiscardFirst): a page discarded there blocks its
+  // readers and writers, kernel-mode ones included, until mapped again and
+  // woken. RegisterRange on the range goes back to write-protect only.
+  virtual bool RegisterMissing(Addr start, std::size_t len) {
+    (void)start;
+    (void)len;
+    return false;
+  }
+  // Fills the missing page at dst with a copy of the page at src and wakes
+  // its waiters (UFFDIO_COPY). 0, or an errno (EEXIST: a page is there).
+  virtual int FillMissing(Addr dst, const void* src) {
+    (void)dst;
+    (void)src;
+    return EOPNOTSUPP;
+  }
+  // Drops our registration of [start, start + len): its pages lose our
+  // write-protect bits and any waiter is woken.
+  virtual bool Unregister(Addr start, std::size_t len) {
+    (void)start;
+    (void)len;
+    return false;
+  }
   // True if syscalls writing into a protected page wait rather than fail.
   virtual bool KernelFaultsWait() const = 0;
   virtual std::string Describe() const = 0;

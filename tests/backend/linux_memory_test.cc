@@ -461,6 +461,115 @@ TEST_P(LinuxMemoryTest, MergeIntoFramesLeavesDifferentPagesWritable) {
   EXPECT_FALSE(Same(c.page(0), expect));
 }
 
+// Every VMA over n pages at p whose VmFlags hold `flag` (smaps), as text.
+std::string VmasWithFlag(const unsigned char* p, std::size_t n,
+                         const char* flag) {
+  std::vector<MapEntry> maps;
+  if (!ReadMaps("/proc/self/smaps", &maps).ok()) return "cannot read smaps";
+  const Addr lo = reinterpret_cast<Addr>(p), hi = lo + n * kPageSize;
+  std::string out;
+  for (const MapEntry& e : maps) {
+    if (e.end <= lo || e.start >= hi || !e.HasVmFlag(flag)) continue;
+    out += std::to_string(e.start) + "-" + std::to_string(e.end) + " ";
+  }
+  return out;
+}
+
+// c's page i holds the content of a's page Scatter(i): consecutive pages
+// joining frames in scattered order, a mapping each.
+std::size_t Scatter(std::size_t i) { return (i * 37 + 11) % 64; }
+
+// With userfaultfd for all faults such a window discards the equal pages
+// first and maps their frames into the empty page tables; elsewhere it maps
+// over them. Either way the same pages merge, hold the right bytes, copy on
+// write, and no mapping keeps the missing-page registration ("um").
+TEST_P(LinuxMemoryTest, ScatteredFramesJoinAMappingEach) {
+  auto m = NewMemory();
+  Region a(64), b(64), c(64);
+  FillAlike(a, b);
+  for (std::size_t i = 0; i < 64; ++i)
+    std::memcpy(c.page(i), a.page(Scatter(i)), kPageSize);
+  c.page(5)[100] ^= 1;  // differs from its frame
+  Rescan(*m);
+  std::vector<FrameId> frames(64), into(64);
+  std::vector<MergeResult> res(64);
+  m->MergePairs(Addrs(a, 0, 64), Addrs(b, 0, 64), frames, res);
+  for (MergeResult r : res) ASSERT_EQ(r, MergeResult::kMerged);
+  for (std::size_t i = 0; i < 64; ++i) into[i] = frames[Scatter(i)];
+  const std::uint64_t before = m->Stats().discard_first_pages;
+  m->MergeIntoFrames(Addrs(c, 0, 64), into, res);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < 64; ++i) {
+    Fill(expect, static_cast<unsigned>(Scatter(i)));
+    if (i == 5) {
+      EXPECT_EQ(res[i], MergeResult::kDiffers);
+      EXPECT_EQ(ProbeOne(*m, c.addr(i)), PageState::kAnon);
+      expect[100] ^= 1;
+    } else {
+      EXPECT_EQ(res[i], MergeResult::kMerged) << "page " << i;
+      EXPECT_EQ(ProbeOne(*m, c.addr(i)), PageState::kFrame) << "page " << i;
+    }
+    EXPECT_TRUE(Same(c.page(i), expect)) << "page " << i;
+  }
+  const std::uint64_t discarded = m->Stats().discard_first_pages - before;
+  EXPECT_EQ(discarded, m->SyscallWritesWait() ? 63u : 0u);
+  EXPECT_EQ(VmasWithFlag(c.page(0), 64, "um"), "");
+  EXPECT_EQ(m->Stats().fill_failures, 0u);
+  // Copy on write: the writer's copy changes, the sharers and frame do not.
+  c.page(9)[0] ^= 1;
+  c.page(5)[0] ^= 1;  // not merged: still writable
+  Fill(expect, static_cast<unsigned>(Scatter(9)));
+  EXPECT_TRUE(Same(a.page(Scatter(9)), expect));
+  EXPECT_TRUE(Same(m->frame_store().FrameAddress(into[9]), expect));
+  EXPECT_FALSE(Same(c.page(9), expect));
+}
+
+// A frame mapping that fails after the pages were discarded (the kernel's
+// ENOMEM at the mapping limit, or anything else) gives the pages back their
+// bytes, as anonymous memory, writable, and reports them not merged.
+int g_failed_maps = 0;
+int FailEveryOtherMap(Addr, std::size_t) {
+  return ++g_failed_maps % 2 == 0 ? ENOMEM : EPERM;
+}
+
+TEST_P(LinuxMemoryTest,
+       DiscardedPagesWhoseFramesCannotBeMappedGetTheirBytesBack) {
+  LinuxMemoryOptions o;
+  o.protection = GetParam();
+  o.fail_discard_first_map = FailEveryOtherMap;
+  std::unique_ptr<LinuxMemory> m;
+  ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
+  if (!m->SyscallWritesWait()) GTEST_SKIP() << "no discard-first windows here";
+  Region a(64), b(64), c(64);
+  FillAlike(a, b);
+  for (std::size_t i = 0; i < 64; ++i)
+    std::memcpy(c.page(i), a.page(Scatter(i)), kPageSize);
+  Rescan(*m);
+  std::vector<FrameId> frames(64), into(64);
+  std::vector<MergeResult> res(64);
+  m->MergePairs(Addrs(a, 0, 64), Addrs(b, 0, 64), frames, res);
+  for (std::size_t i = 0; i < 64; ++i) into[i] = frames[Scatter(i)];
+  g_failed_maps = 0;
+  m->MergeIntoFrames(Addrs(c, 0, 64), into, res);
+  EXPECT_EQ(g_failed_maps, 64);  // every page was discarded, none mapped
+  EXPECT_EQ(m->Stats().discard_first_pages, 0u);
+  EXPECT_EQ(m->Stats().fill_failures, 0u);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < 64; ++i) {
+    EXPECT_TRUE(res[i] == MergeResult::kNoBudget ||
+                res[i] == MergeResult::kFailed)
+        << int(res[i]);
+    EXPECT_EQ(ProbeOne(*m, c.addr(i)), PageState::kAnon) << "page " << i;
+    EXPECT_TRUE(Present(c.page(i))) << "page " << i;
+    Fill(expect, static_cast<unsigned>(Scatter(i)));
+    EXPECT_TRUE(Same(c.page(i), expect)) << "page " << i;
+    c.page(i)[0] ^= 1;  // writable
+  }
+  EXPECT_EQ(VmasWithFlag(c.page(0), 64, "um"), "");
+  EXPECT_NE(VmasWithFlag(c.page(0), 64, "uw"), "")
+      << "registered for write-protection again";
+}
+
 // Direct I/O registered over a page (the preload's O_DIRECT reads): no
 // merge or zero drop replaces it while the registration lasts, since the
 // device would write into the page no longer mapped; once it ends, the
