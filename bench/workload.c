@@ -406,6 +406,31 @@ static void BuildMixed(struct Workload* w, size_t n) {
   for (size_t i = w->hot_first; i < m; ++i) w->buf[3].keys[i] = KEY_HOT | i;
 }
 
+/* Three copies of n/3 pages: two buffers alike, page for page, and the
+ * buffer at the highest address (scanned last) holding the same pages
+ * shuffled. The first two merge as pairs in runs; then every page of the
+ * last joins the frame of its content, at a random place among them:
+ * memory that finds its content among merged pages elsewhere (a third
+ * guest booting the same image). */
+static void BuildJoinsScattered(struct Workload* w, size_t n) {
+  const size_t m = n / 3;
+  int last = 0;
+  for (int k = 0; k < 3; ++k) {
+    AddBuffer(w, m);
+    if (w->buf[k].mem > w->buf[last].mem) last = k;
+  }
+  for (size_t i = 0; i < m; ++i) {
+    w->buf[0].keys[i] = w->buf[1].keys[i] = w->buf[2].keys[i] = 1 + i;
+  }
+  uint64_t* shuffled = w->buf[last].keys;
+  for (size_t i = m - 1; i > 0; --i) {  // Fisher-Yates
+    const size_t j = Random() % (i + 1);
+    const uint64_t t = shuffled[i];
+    shuffled[i] = shuffled[j];
+    shuffled[j] = t;
+  }
+}
+
 static const struct Spec g_specs[] = {
     {"identical", "identical ('*' everywhere)", 25600, 0, 0, 2000,
      BuildIdentical},
@@ -419,6 +444,8 @@ static const struct Spec g_specs[] = {
      0, BuildZeroScattered},
     {"cow", "copy-on-write, first write (pairs in runs)", 8192, 0, 0, -1,
      BuildRuns},
+    {"joins-scattered", "a third copy, shuffled, joins merged pages", 60000, 0,
+     0, 2000, BuildJoinsScattered},
     {"mixed", "mixed: 4 buffers, overlap, zero, a writer", 65536, 0, 0, 0,
      BuildMixed},
     {"1gib", "1 GiB: two identical 512 MiB halves", 262144, 0, 0, 2000,
