@@ -1170,7 +1170,7 @@ void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
       }
     }
     std::size_t j = i + 1;
-    while (j < n && j - i < kMaxWindowPages &&
+    while (j < n && j - i < kMaxRunWindowPages &&
            pages[j] == pages[j - 1] + kPageSize && ok(j)) {
       ++j;
     }
@@ -1231,8 +1231,8 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
                                        const FrameId* frames,
                                        MergeResult* out) {
   // Everything written inside the window is on our stack or in *this.
-  MergeResult local[kMaxWindowPages];
-  Interval mapped[kMaxWindowPages];
+  MergeResult local[kMaxRunWindowPages];
+  Interval mapped[kMaxRunWindowPages];
   std::size_t nmapped = 0;
   ProtectMethod window_how = ProtectMethod::kNone;
   constexpr std::uint64_t kWindowCost = 2;  // mprotect splits the VMA
@@ -1481,8 +1481,8 @@ void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
     // A batch is a run of consecutive p; their partners may lie anywhere,
     // in at most kMaxPartnerRuns runs of their own (one window each).
     std::size_t j = i + 1, partner_runs = 1;
-    while (j < n && j - i < kMaxWindowPages && p[j] == p[j - 1] + kPageSize &&
-           ok(j)) {
+    while (j < n && j - i < kMaxPairWindowPages &&
+           p[j] == p[j - 1] + kPageSize && ok(j)) {
       const bool joins = q[j] == q[j - 1] + kPageSize;
       if (!joins && partner_runs == kMaxPartnerRuns) break;
       partner_runs += joins ? 0 : 1;
@@ -1510,21 +1510,21 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
   };
   PartnerRun runs[kMaxPartnerRuns];
   std::size_t nruns = 0;
-  std::size_t run_of[kMaxWindowPages];
+  std::size_t run_of[kMaxPairWindowPages];
   for (std::size_t k = 0; k < n; ++k) {
     if (k == 0 || q[k] != q[k - 1] + kPageSize) runs[nruns++] = {k, k, q[k]};
     runs[nruns - 1].end = k + 1;
     run_of[k] = nruns - 1;
   }
-  MergeResult local[kMaxWindowPages];
-  FrameId frames[kMaxWindowPages];
-  Interval mapped[2 * kMaxWindowPages];  // disjoint on each side
-  ProtectMethod mapped_how[2 * kMaxWindowPages];
+  MergeResult local[kMaxPairWindowPages];
+  FrameId frames[kMaxPairWindowPages];
+  Interval mapped[2 * kMaxPairWindowPages];  // disjoint on each side
+  ProtectMethod mapped_how[2 * kMaxPairWindowPages];
   std::size_t nmapped = 0;
-  bool pgone[kMaxWindowPages] = {};
-  bool qgone[kMaxWindowPages] = {};
-  bool frames_leaked[kMaxWindowPages] = {};
-  Interval restored_pieces[kMaxWindowPages];  // of p, anonymous again
+  bool pgone[kMaxPairWindowPages] = {};
+  bool qgone[kMaxPairWindowPages] = {};
+  bool frames_leaked[kMaxPairWindowPages] = {};
+  Interval restored_pieces[kMaxPairWindowPages];  // of p, anonymous again
   std::size_t nrestored = 0;
   std::fill(frames, frames + n, kNoFrame);
   const std::size_t len = n * kPageSize;
@@ -1573,7 +1573,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
                                  !PinnedIoIn(runs[r].at, runs[r].bytes()));
       }
       const FrameId f = may_replace ? store_.Allocate(n) : kNoFrame;
-      bool copied[kMaxWindowPages] = {};
+      bool copied[kMaxPairWindowPages] = {};
       if (f != kNoFrame) CopyIntoFrames(pbase, n, f, copied);
       for (std::size_t k = 0; k < n; ++k) {
         bool equal = false;
@@ -1656,7 +1656,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
         if (local[k] != MergeResult::kMerged && !frames_leaked[k])
           store_.Release(f + static_cast<FrameId>(k));
       }
-      MergeResult side[kMaxWindowPages];
+      MergeResult side[kMaxPairWindowPages];
       auto side_of = [&](const bool* gone) {
         for (std::size_t k = 0; k < n; ++k) {
           side[k] = local[k] == MergeResult::kMerged ? MergeResult::kMerged
