@@ -60,7 +60,8 @@ class Protector {
   // write-protect faults (userfaultfd only), for a discard-first window
   // (LinuxMemory::MergeSpanDiscardFirst): a page discarded there blocks its
   // readers and writers, kernel-mode ones included, until mapped again and
-  // woken. RegisterRange on the range goes back to write-protect only.
+  // woken. Registering only adds modes: Unregister, then RegisterRange,
+  // goes back to write-protect only.
   virtual bool RegisterMissing(Addr start, std::size_t len) {
     (void)start;
     (void)len;

@@ -71,13 +71,12 @@ struct MemoryStats {
                                        // flight into them (pinned)
   std::uint64_t smaps_reads = 0;       // full reads of the mappings' flags
                                        // (a page-table walk of all memory)
-  std::uint64_t discard_first_pages = 0;  // pages merged by a window that
-                                          // discarded them before mapping
-                                          // their frames (no flush a map)
-  std::uint64_t fill_failures = 0;        // discarded pages that could not get
-                                    // their bytes back after their frame's
-                                    // mapping failed (only when no page
-                                    // could be allocated)
+  // Pages merged by a window that discarded them before mapping their
+  // frames (no TLB flush a mapping).
+  std::uint64_t discard_first_pages = 0;
+  // Discarded pages that could not get their bytes back after their
+  // frame's mapping failed (only when no page could be allocated).
+  std::uint64_t fill_failures = 0;
 };
 
 class Memory {
