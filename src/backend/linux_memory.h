@@ -407,7 +407,9 @@ class LinuxMemory final : public Memory {
   // False where it cannot tell (no PROCMAP_QUERY before Linux 6.11).
   bool AnonymousVmas(Addr at, std::size_t len);
   // Copies the n pages at src into frames first.. with pwrite (the kernel
-  // copies into the page cache: no fault on the frame view, no zeroing).
+  // copies into the page cache: no fault on the frame view, no zeroing),
+  // through the scratch area. REQUIRES: no other use of the scratch area
+  // is under way (Unmerge and restores use it too, one at a time).
   // copied[k]: page k arrived whole (false where src was unmapped).
   void CopyIntoFrames(Addr src, std::size_t n, FrameId first, bool* copied);
   // Makes [start, start + len) writable again except pages marked kGone or
