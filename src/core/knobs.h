@@ -32,7 +32,8 @@ struct Knobs {
 struct Counters {
   std::uint64_t pages_shared = 0;    // stable nodes (merged pages kept)
   std::uint64_t pages_sharing = 0;   // further mappings of them (pages saved)
-  std::uint64_t pages_unshared = 0;  // unstable-index entries
+  std::uint64_t pages_unshared = 0;  // unstable-index entries, this scan's
+                                     // and the last's not yet revisited
   std::uint64_t pages_volatile = 0;  // rmap items in none of the above
   std::uint64_t pages_scanned = 0;
   std::uint64_t pages_skipped = 0;   // smart scan

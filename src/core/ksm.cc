@@ -192,6 +192,7 @@ void Ksm::RemoveFromUnstable(Addr addr, Item& item) {
   if (item.state != ItemState::kUnstable) return;
   if (item.seq == seq_) unstable_.erase(PageKey{addr, item.hash()});
   item.state = ItemState::kVolatile;
+  --unshared_;
 }
 
 void Ksm::ResetItem(Addr addr, Item& item) {
@@ -422,8 +423,8 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
       ForgetGone();
       ++full_scans_;
       RunAdvisor();
-      // The next scan begins (dropping the unstable index) on the next visit,
-      // so pages_unshared still shows this scan's candidates in between.
+      // The next scan begins (dropping the unstable index) on the next
+      // visit.
       in_scan_ = false;
       if (stop_at_scan_end || scanned_this_pass == 0) break;
       if (pause && pause()) break;  // before the next scan's maps read
@@ -687,6 +688,7 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   if (!asked && PairWithUnstable(addr, item, hash, /*unhashed=*/false)) return;
   item.state = ItemState::kUnstable;
   item.seq = seq_;
+  ++unshared_;
   NoteRun(addr, hash);
   unstable_.lazy_emplace(PageKey{addr, hash}, [&](const auto& construct) {
     construct(MakeEntry(addr, hash));
@@ -712,6 +714,7 @@ bool Ksm::PairWithUnstable(Addr addr, Item& item, std::uint64_t hash, bool unhas
   }
   unstable_.erase(it);
   other->state = ItemState::kPending;
+  --unshared_;
   item.state = ItemState::kPending;
   // The node's hash is the one the other page was found with in this scan.
   const NodeId fresh = NewNode(hash);
@@ -1146,8 +1149,8 @@ Counters Ksm::GetCounters() const {
   Counters c;
   c.pages_shared = pages_shared_;
   c.pages_sharing = pages_sharing_;
-  c.pages_unshared = unstable_.size();
-  const std::uint64_t accounted = pages_shared_ + pages_sharing_ + unstable_.size();
+  c.pages_unshared = unshared_;
+  const std::uint64_t accounted = pages_shared_ + pages_sharing_ + unshared_;
   c.pages_volatile = rmap_items_ > accounted ? rmap_items_ - accounted : 0;
   c.pages_scanned = pages_scanned_;
   c.pages_skipped = pages_skipped_;
@@ -1206,7 +1209,8 @@ void Ksm::CheckInvariants() const {
   }
   for (const StablePlan& p : stable_plans_) planned(p.item, p.node, 1);
   for (const ZeroPlan& p : zero_plans_) planned(p.item, kNoNode, 0);
-  std::uint64_t items = 0, zero = 0, unstable = 0, advised = 0, pending_items = 0;
+  std::uint64_t items = 0, zero = 0, unstable = 0, unshared = 0, advised = 0,
+                pending_items = 0;
   std::vector<std::uint32_t> sharers(nodes_.size(), 0);
   Addr prev_end = 0;
   for (const auto& [start, r] : ranges_) {
@@ -1233,6 +1237,7 @@ void Ksm::CheckInvariants() const {
           break;
         case ItemState::kUnstable:
           if (InUnstable(addr, item)) ++unstable;
+          ++unshared;
           break;
         case ItemState::kVolatile:
           break;
@@ -1247,6 +1252,7 @@ void Ksm::CheckInvariants() const {
   if (items != rmap_items_) InvariantFailure("rmap_items count");
   if (zero != zero_pages_) InvariantFailure("ksm_zero_pages count");
   if (unstable != unstable_.size()) InvariantFailure("unstable index size");
+  if (unshared != unshared_) InvariantFailure("pages_unshared count");
   for (const UnstableEntry e : unstable_) {
     const Item* item = FindItem(e & ~kFragmentMask);
     if (item == nullptr || item->state != ItemState::kUnstable ||

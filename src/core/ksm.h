@@ -408,6 +408,10 @@ class Ksm {
   std::uint64_t pages_sharing_ = 0;
   std::uint64_t rmap_items_ = 0;
   std::uint64_t zero_pages_ = 0;
+  // Items in kUnstable state, this scan's and the last one's (the kernel's
+  // ksm_pages_unshared: an entry of the last scan's unstable tree counts
+  // until its page is visited again).
+  std::uint64_t unshared_ = 0;
   std::uint64_t pages_scanned_ = 0;
   std::uint64_t pages_skipped_ = 0;
   std::uint64_t full_scans_ = 0;

@@ -400,6 +400,33 @@ TEST_F(KsmTest, LowerMaxPageSharingLeavesALoneRemainder) {
   EXPECT_EQ(c.pages_unshared, 1u);
 }
 
+// As the kernel's ksm_pages_unshared: the last scan's unstable entries
+// count until their pages are visited again, not only until the next scan
+// begins.
+TEST_F(KsmTest, UnsharedPagesCountUntilRevisited) {
+  Setup(4, [](std::size_t i) { return static_cast<std::uint8_t>(i + 1); });
+  FullScans(2);
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_unshared, 4u);
+  EXPECT_EQ(c.pages_volatile, 0u);
+  // The next scan's first two visits find their pages changed: only they
+  // leave the count.
+  mem_.Write(Page(0), 7);
+  mem_.Write(Page(1), 8);
+  ksm_.ScanBatch(2, /*stop_at_scan_end=*/true);
+  ksm_.CheckInvariants();
+  c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_unshared, 2u);
+  EXPECT_EQ(c.pages_volatile, 2u);
+  // The other two, unchanged, go into the new scan's index: still counted.
+  ksm_.ScanBatch(2, /*stop_at_scan_end=*/true);
+  ksm_.CheckInvariants();
+  c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_unshared, 2u);
+  EXPECT_EQ(c.pages_volatile, 2u);
+  EXPECT_EQ(c.rmap_items, 4u);
+}
+
 TEST_F(KsmTest, ChangingPagesAreNotMerged) {
   Setup(4, [](std::size_t) { return 9; });
   FullScans(1);

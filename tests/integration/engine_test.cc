@@ -44,6 +44,27 @@ TEST(Engine, TenIdenticalPagesShareOneFrame) {
   }
 }
 
+// pages_unshared as the kernel counts it: the last scan's unstable pages
+// until each is visited again, not only until the next scan begins.
+TEST(Engine, UnsharedPagesCountUntilRevisited) {
+  auto e = NewEngine();
+  ASSERT_TRUE(e->WriteKnob("smart_scan", "0").ok());  // no page skipped
+  Mapping m(8);
+  for (std::size_t i = 0; i < 8; ++i) m.Fill(i, static_cast<unsigned char>(i + 1));
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_unshared"), 8);
+  m.Fill(0, 0x71);  // changed: the next visit takes them out
+  m.Fill(1, 0x72);
+  ASSERT_EQ(e->ScanNow(2), 2u);
+  EXPECT_EQ(Counter(*e, "pages_unshared"), 6);
+  EXPECT_EQ(Counter(*e, "pages_volatile"), 2);
+  ASSERT_EQ(e->ScanNow(6), 6u);  // unchanged: in the new scan's index
+  EXPECT_EQ(Counter(*e, "pages_unshared"), 6);
+  EXPECT_EQ(Counter(*e, "pages_volatile"), 2);
+  for (std::size_t i = 2; i < 8; ++i) EXPECT_TRUE(m.Holds(i, static_cast<unsigned char>(i + 1))) << i;
+}
+
 TEST(Engine, WritesCopyAndLeaveTheStableNode) {
   auto e = NewEngine();
   Mapping m(2);
