@@ -181,4 +181,25 @@ UNUSED static int is_zero_page(const unsigned char* p) {
   return 1;
 }
 
+/* Parses /proc/self/ksm_stat; returns the value of `key` (yes=1, no=0). */
+UNUSED static long ksm_stat_value(const char* key) {
+  char buf[1024];
+  CHECK(read_text("/proc/self/ksm_stat", buf, sizeof(buf)) > 0);
+  size_t klen = strlen(key);
+  for (char* line = buf; line != NULL && *line != '\0';) {
+    char* nl = strchr(line, '\n');
+    if (nl != NULL) *nl = '\0';
+    if (strncmp(line, key, klen) == 0 &&
+        (line[klen] == ' ' || line[klen] == ':')) {
+      const char* v = line + klen + (line[klen] == ':' ? 2 : 1);
+      if (strcmp(v, "yes") == 0) return 1;
+      if (strcmp(v, "no") == 0) return 0;
+      return strtol(v, NULL, 10);
+    }
+    line = nl == NULL ? NULL : nl + 1;
+  }
+  fprintf(stderr, "ksm_stat has no %s:\n%s", key, buf);
+  exit(1);
+}
+
 #endif /* SAMEPAGE_TESTS_PRELOAD_KSM_TEST_UTIL_H_ */
