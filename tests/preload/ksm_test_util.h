@@ -133,6 +133,16 @@ UNUSED static void ksm_setup_or_skip(const char* test) {
     exit(SKIP_CODE);
   }
   close(fd);
+  /* Under the scan-time advisor the kernel refuses pages_to_scan writes
+   * (EINVAL), and leaving it resets pages_to_scan: not ours to change. */
+  char advisor[64];
+  if (read_text(KSM_DIR "advisor_mode", advisor, sizeof(advisor)) > 0 &&
+      strncmp(advisor, "[none]", 6) != 0) {
+    advisor[strcspn(advisor, "\n")] = '\0';
+    printf("SKIP %s: advisor_mode is not none here (%s): pages_to_scan is "
+           "the advisor's\n", test, advisor);
+    exit(SKIP_CODE);
+  }
   for (size_t i = 0; i < sizeof(g_saved) / sizeof(g_saved[0]); ++i) {
     char path[128];
     snprintf(path, sizeof(path), KSM_DIR "%s", g_saved[i].name);
