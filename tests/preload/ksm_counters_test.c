@@ -15,11 +15,11 @@
 
 enum {
   kPages = 600,
-  kStars = 300,        /* pages [0, 300) */
-  kPairsAt = 300,      /* [300, 400): page i holds content (i - 300) % 50 */
-  kUniqueAt = 400,     /* [400, 500) */
-  kZeroAt = 500,       /* [500, 600) */
-  kWritten = 10,       /* stars written after the merge: [0, 10) */
+  kStars = 300,    /* pages [0, 300) */
+  kPairsAt = 300,  /* [300, 400): page i holds content (i - 300) % 50 */
+  kUniqueAt = 400, /* [400, 500) */
+  kZeroAt = 500,   /* [500, 600) */
+  kWritten = 10,   /* stars written after the merge: [0, 10) */
 };
 
 static char g_smart_scan[32];
@@ -62,8 +62,7 @@ static void check_contents(const unsigned char* p, size_t from, size_t to) {
 }
 
 struct figures {
-  long shared, sharing, unshared, volatile_, chains, dups, rmap_items,
-      merging;
+  long shared, sharing, unshared, volatile_, chains, dups, rmap_items, merging;
 };
 
 static struct figures read_figures(void) {
@@ -80,10 +79,11 @@ static struct figures read_figures(void) {
 }
 
 static void print_figures(const char* what, struct figures f) {
-  printf("%s: shared %ld sharing %ld unshared %ld volatile %ld chains %ld "
-         "dups %ld rmap_items %ld merging %ld\n",
-         what, f.shared, f.sharing, f.unshared, f.volatile_, f.chains, f.dups,
-         f.rmap_items, f.merging);
+  printf(
+      "%s: shared %ld sharing %ld unshared %ld volatile %ld chains %ld "
+      "dups %ld rmap_items %ld merging %ld\n",
+      what, f.shared, f.sharing, f.unshared, f.volatile_, f.chains, f.dups,
+      f.rmap_items, f.merging);
 }
 
 static int same(struct figures a, struct figures b) {
@@ -121,18 +121,20 @@ static void expect_settles_at(const char* what, struct figures want) {
 int main(void) {
   setvbuf(stdout, NULL, _IONBF, 0);
   ksm_setup_or_skip("ksm_counters_test");
-  if (read_text(KSM_DIR "smart_scan", g_smart_scan, sizeof(g_smart_scan)) <= 0) {
+  if (read_text(KSM_DIR "smart_scan", g_smart_scan, sizeof(g_smart_scan)) <=
+      0) {
     printf("SKIP ksm_counters_test: no %ssmart_scan (Linux < 6.7)\n", KSM_DIR);
     return SKIP_CODE;
   }
   g_smart_saved = 1;
-  atexit(restore_smart_scan);  /* runs before restore_ksm's run=2 */
+  atexit(restore_smart_scan); /* runs before restore_ksm's run=2 */
   /* The expected figures are this process's alone, at the default
    * max_page_sharing. */
   if (read_ulong(KSM_DIR "pages_shared") != 0 ||
       read_ulong(KSM_DIR "max_page_sharing") != 256) {
-    printf("SKIP ksm_counters_test: KSM in use by another process, or "
-           "max_page_sharing is not 256\n");
+    printf(
+        "SKIP ksm_counters_test: KSM in use by another process, or "
+        "max_page_sharing is not 256\n");
     return SKIP_CODE;
   }
   /* Unique pages are revisited at every scan (not skipped), so that

@@ -139,8 +139,10 @@ UNUSED static void ksm_setup_or_skip(const char* test) {
   if (read_text(KSM_DIR "advisor_mode", advisor, sizeof(advisor)) > 0 &&
       strncmp(advisor, "[none]", 6) != 0) {
     advisor[strcspn(advisor, "\n")] = '\0';
-    printf("SKIP %s: advisor_mode is not none here (%s): pages_to_scan is "
-           "the advisor's\n", test, advisor);
+    printf(
+        "SKIP %s: advisor_mode is not none here (%s): pages_to_scan is "
+        "the advisor's\n",
+        test, advisor);
     exit(SKIP_CODE);
   }
   for (size_t i = 0; i < sizeof(g_saved) / sizeof(g_saved[0]); ++i) {
