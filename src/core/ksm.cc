@@ -1145,22 +1145,33 @@ void Ksm::RunAdvisor() {
 // ---------------------------------------------------------------------------
 // Counters
 
+std::uint64_t Ksm::ReportedItems() const {
+  // The kernel keeps no rmap_item for a page that maps the zero page: its
+  // scanner passes over the zero page, and the item is freed. samepage
+  // keeps the item (the page's next visit sees whether it was written)
+  // but counts as the kernel does: such pages are not in ksm_rmap_items,
+  // pages_volatile or the profits' item cost. Every kZero item is counted
+  // in rmap_items_ (it was hashed before it was dropped).
+  return rmap_items_ - zero_pages_;
+}
+
 Counters Ksm::GetCounters() const {
   Counters c;
   c.pages_shared = pages_shared_;
   c.pages_sharing = pages_sharing_;
   c.pages_unshared = unshared_;
+  const std::uint64_t items = ReportedItems();
   const std::uint64_t accounted = pages_shared_ + pages_sharing_ + unshared_;
-  c.pages_volatile = rmap_items_ > accounted ? rmap_items_ - accounted : 0;
+  c.pages_volatile = items > accounted ? items - accounted : 0;
   c.pages_scanned = pages_scanned_;
   c.pages_skipped = pages_skipped_;
   c.full_scans = full_scans_;
   c.stable_node_chains = chains_;
   c.stable_node_dups = dups_;
   c.ksm_zero_pages = zero_pages_;
-  c.rmap_items = rmap_items_;
+  c.rmap_items = items;
   c.general_profit = std::int64_t(pages_sharing_ + zero_pages_) * kPageSize -
-                     std::int64_t(rmap_items_) * std::int64_t(kItemBytes);
+                     std::int64_t(items) * std::int64_t(kItemBytes);
   if (carried_) UncountWaitingNodes(&c);
   return c;
 }
@@ -1182,11 +1193,11 @@ void Ksm::UncountWaitingNodes(Counters* c) const {
 
 SpaceStat Ksm::GetSpaceStat() const {
   SpaceStat s;
-  s.rmap_items = rmap_items_;
+  s.rmap_items = ReportedItems();
   s.zero_pages = zero_pages_;
   s.merging_pages = pages_shared_ + pages_sharing_;
   s.process_profit = std::int64_t(s.merging_pages + zero_pages_) * kPageSize -
-                     std::int64_t(rmap_items_) * std::int64_t(kItemBytes);
+                     std::int64_t(s.rmap_items) * std::int64_t(kItemBytes);
   s.mergeable = !ranges_.empty();
   return s;
 }
@@ -1251,6 +1262,8 @@ void Ksm::CheckInvariants() const {
   if (advised != advised_pages_) InvariantFailure("advised page count");
   if (items != rmap_items_) InvariantFailure("rmap_items count");
   if (zero != zero_pages_) InvariantFailure("ksm_zero_pages count");
+  if (zero_pages_ > rmap_items_)
+    InvariantFailure("zero pages outside rmap_items");
   if (unstable != unstable_.size()) InvariantFailure("unstable index size");
   if (unshared != unshared_) InvariantFailure("pages_unshared count");
   for (const UnstableEntry e : unstable_) {

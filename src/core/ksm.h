@@ -310,6 +310,8 @@ class Ksm {
   // a frame; the node keeps kZeroFrame. ExecutePlans, first.
   void DropZeroContent();
   bool IsZeroNode(NodeId id) const;
+  // rmap_items as the kernel counts them (see ksm.cc).
+  std::uint64_t ReportedItems() const;
   std::size_t PlanCount() const {
     return pair_plans_.size() + stable_plans_.size() + zero_plans_.size();
   }

@@ -111,12 +111,21 @@ TEST_F(KsmTest, ZeroPagesDropToTheZeroPageWithUseZeroPages) {
   EXPECT_EQ(c.ksm_zero_pages, 10u);
   EXPECT_EQ(mem_.frames_live(), 0u);
   for (std::size_t i = 0; i < 10; ++i) EXPECT_FALSE(mem_.IsPresent(Page(i)));
-  EXPECT_EQ(c.general_profit, std::int64_t(10 * kPageSize) -
-                                  10 * std::int64_t(Ksm::kItemBytes));
-  // A write brings the page back as an ordinary one.
+  // As in the kernel, whose scanner keeps no rmap_item for a page mapping
+  // the zero page: no item counted, none charged, none volatile.
+  EXPECT_EQ(c.rmap_items, 0u);
+  EXPECT_EQ(c.pages_volatile, 0u);
+  EXPECT_EQ(c.general_profit, std::int64_t(10 * kPageSize));
+  EXPECT_EQ(ksm_.GetSpaceStat().rmap_items, 0u);
+  // A write brings the page back as an ordinary one, with an item again.
   mem_.Write(Page(3), 5);
   FullScans(1);
-  EXPECT_EQ(ksm_.GetCounters().ksm_zero_pages, 9u);
+  c = ksm_.GetCounters();
+  EXPECT_EQ(c.ksm_zero_pages, 9u);
+  EXPECT_EQ(c.rmap_items, 1u);
+  EXPECT_EQ(c.pages_volatile, 1u);
+  EXPECT_EQ(c.general_profit,
+            std::int64_t(9 * kPageSize) - std::int64_t(Ksm::kItemBytes));
 }
 
 TEST_F(KsmTest, PagesThatStopBeingZeroStillMergeWithUseZeroPages) {

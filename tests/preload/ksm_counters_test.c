@@ -62,7 +62,8 @@ static void check_contents(const unsigned char* p, size_t from, size_t to) {
 }
 
 struct figures {
-  long shared, sharing, unshared, volatile_, chains, dups, rmap_items, merging;
+  long shared, sharing, unshared, volatile_, chains, dups, rmap_items, merging,
+      zero;
 };
 
 static struct figures read_figures(void) {
@@ -75,15 +76,16 @@ static struct figures read_figures(void) {
   f.dups = (long)read_ulong(KSM_DIR "stable_node_dups");
   f.rmap_items = ksm_stat_value("ksm_rmap_items");
   f.merging = (long)merging_pages();
+  f.zero = (long)read_ulong(KSM_DIR "ksm_zero_pages");
   return f;
 }
 
 static void print_figures(const char* what, struct figures f) {
   printf(
       "%s: shared %ld sharing %ld unshared %ld volatile %ld chains %ld "
-      "dups %ld rmap_items %ld merging %ld\n",
+      "dups %ld rmap_items %ld merging %ld zero %ld\n",
       what, f.shared, f.sharing, f.unshared, f.volatile_, f.chains, f.dups,
-      f.rmap_items, f.merging);
+      f.rmap_items, f.merging, f.zero);
 }
 
 static int same(struct figures a, struct figures b) {
@@ -218,6 +220,43 @@ int main(void) {
   CHECK(same(read_figures(), none));
   check_contents(p, 0, kUniqueAt);
   check_contents(p, kZeroAt, kPages);
+  write_knob("run", "0");
+  /* p is still mergeable (run=2 unmerges, it does not unmark): gone. */
+  CHECK(munmap(p, kUniqueAt * PAGE) == 0);
+  CHECK(munmap(p + kZeroAt * PAGE, (kPages - kZeroAt) * PAGE) == 0);
+
+  /* use_zero_pages=1: 100 zero pages go back to the zero page and, as the
+   * kernel's scanner keeps no item for a page mapping the zero page, count
+   * neither in ksm_rmap_items nor as volatile; 100 unique pages wait. */
+  write_knob("use_zero_pages", "1");
+  unsigned char* q = mmap(NULL, 200 * PAGE, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(q != MAP_FAILED);
+  for (size_t i = 0; i < 200; ++i) {
+    memset(q + i * PAGE, 0, PAGE);
+    if (i >= 100) memcpy(q + i * PAGE, &(long){9000 + (long)i}, sizeof(long));
+  }
+  CHECK(madvise(q, 200 * PAGE, MADV_MERGEABLE) == 0);
+  struct figures zeroed = {.unshared = 100, .rmap_items = 100, .zero = 100};
+  expect_settles_at("zero pages dropped", zeroed);
+  /* Half of them written alike: items again, merged among themselves. */
+  for (size_t i = 0; i < 50; ++i) q[i * PAGE + 1] = 0x33;
+  struct figures refilled = {.shared = 1,
+                             .sharing = 49,
+                             .unshared = 100,
+                             .rmap_items = 150,
+                             .merging = 50,
+                             .zero = 50};
+  expect_settles_at("half written", refilled);
+  for (size_t i = 0; i < 200; ++i) {
+    unsigned char want[PAGE] = {0};
+    if (i < 50) want[1] = 0x33;
+    if (i >= 100) memcpy(want, &(long){9000 + (long)i}, sizeof(long));
+    CHECK(memcmp(q + i * PAGE, want, PAGE) == 0);
+  }
+  write_knob("run", "2");
+  print_figures("run=2", read_figures());
+  CHECK(same(read_figures(), none));
   write_knob("run", "0");
   printf("PASS ksm_counters_test\n");
   return 0;
