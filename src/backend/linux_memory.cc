@@ -1285,8 +1285,9 @@ namespace {
 // kernels answer EINVAL). The pidfd is opened for the call and closed
 // again: one kept open could be closed by the program and its number
 // reused, or outlive a fork(). False unless every range was discarded;
-// MADV_DONTNEED of a zero page twice is harmless, so the caller then
-// discards each range with madvise.
+// the callers then discard each range with madvise, which is harmless
+// twice for the pages they pass (zero pages, or pages equal to the frames
+// that replace them, protected and filled back if a discard fails).
 bool DiscardAtOnce(const iovec* iov, std::size_t n) {
   if (n < 2) return false;
   const int self =
