@@ -1,11 +1,11 @@
 /* The /sys/kernel/mm/ksm counters and /proc/self/ksm_stat through a merge,
  * pages_unshared across full-scan boundaries, copy-on-write,
  * MADV_UNMERGEABLE, munmap, run=2, and zero pages dropped with
- * use_zero_pages=1, with the exact values kernel KSM shows for them. Runs natively and under `samepage run`, same
- * assertions; every expected figure is one both mergers reach, checked
- * side by side on Linux 6.18 (docs/limitations.md item 12 for where the
- * two differ on the way: unmerging counts at once under samepage, at the
- * next scan in the kernel).
+ * use_zero_pages=1, with the exact values kernel KSM shows for them. Runs
+ * natively and under `samepage run`, same assertions; every expected figure is
+ * one both mergers reach, checked side by side on Linux 6.18
+ * (docs/limitations.md item 12 for where the two differ on the way: unmerging
+ * counts at once under samepage, at the next scan in the kernel).
  *
  * 600 pages: 300 of one content ('*'), 100 in pairs (50 contents), 100
  * unique, 100 zero (use_zero_pages=0: merged as any content); then 200
