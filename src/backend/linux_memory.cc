@@ -1760,7 +1760,8 @@ void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
         !DropZeroBatch(&pages[i], j - i, &results[i])) {
       j = i + 1;
       while (j < n && j - i < kMaxZeroWindowPages &&
-             pages[j] == pages[j - 1] + kPageSize && MayReplace(pages[j])) {
+             pages[j] == pages[j - 1] + kPageSize &&
+             pages[j] % kPageTableSpan != 0 && MayReplace(pages[j])) {
         ++j;
       }
       (void)DropZeroBatch(&pages[i], j - i, &results[i]);

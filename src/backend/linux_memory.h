@@ -134,9 +134,15 @@ class LinuxMemory final : public Memory {
   // window longer than a join's: a writer may wait for up to about 2 ms
   // (128 pairs: 1 ms, 512: 3 ms).
   static constexpr std::size_t kMaxPairWindowPages = 256;
-  // A run of zero pages to drop: the window's work per page is one read
-  // (the all-zero check) between the protect and the discard.
+  // A run of zero pages to drop, ending where a page table does: the
+  // window's work per page is one read (the all-zero check) between the
+  // protect and the discard.
   static constexpr std::size_t kMaxZeroWindowPages = 512;
+  // The span of one page table (x86-64: 512 entries). On the PVM machine
+  // (docs/performance.md) a discard or mapping call that covers a whole
+  // page table costs 0.2 us a page, one that covers part of it 0.5-1 us
+  // (511 pages: 0.4-0.5): windows of runs end at these boundaries.
+  static constexpr Addr kPageTableSpan = Addr{512} * kPageSize;
   // A window of pages joining frames takes the discard-first way
   // (MergeSpanDiscardFirst) when it needs at least this many mappings: its
   // fixed cost (three flushes, and registering the span for missing pages

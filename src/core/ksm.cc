@@ -435,7 +435,13 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
     Range& r = it->second;
     if (cursor_ < r.start) cursor_ = r.start;
     std::size_t idx = (cursor_ - r.start) >> kPageShift;
-    const std::size_t n = std::min(r.items.size() - idx, kProbeChunk);
+    // Chunks end at addresses aligned to kProbeChunk pages, so that the
+    // plans flushed after a chunk do too: the backend's windows over runs
+    // then cover whole page tables (512 pages on x86-64), whose discard or
+    // remap costs less per page (docs/performance.md, zero pages).
+    const std::size_t to_boundary =
+        kProbeChunk - ((cursor_ >> kPageShift) % kProbeChunk);
+    const std::size_t n = std::min(r.items.size() - idx, to_boundary);
     states_.resize(n);
     memory_->Probe(cursor_, std::span<PageState>(states_.data(), n));
     std::size_t i = 0;
