@@ -1483,7 +1483,8 @@ void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
     // in at most kMaxPartnerRuns runs of their own (one window each).
     std::size_t j = i + 1, partner_runs = 1;
     while (j < n && j - i < kMaxPairWindowPages &&
-           p[j] == p[j - 1] + kPageSize && ok(j)) {
+           p[j] == p[j - 1] + kPageSize && p[j] % kPageTableSpan != 0 &&
+           ok(j)) {
       const bool joins = q[j] == q[j - 1] + kPageSize;
       if (!joins && partner_runs == kMaxPartnerRuns) break;
       partner_runs += joins ? 0 : 1;
@@ -1511,22 +1512,29 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
   };
   PartnerRun runs[kMaxPartnerRuns];
   std::size_t nruns = 0;
-  std::size_t run_of[kMaxPairWindowPages];
+  // The per-pair arrays live in *this: at 512 pairs they would take 35
+  // KiB of the stack of a thread that scans synchronously (ScanNow).
+  if (!pair_window_) pair_window_ = std::make_unique<PairWindowState>();
+  PairWindowState& w = *pair_window_;
+  auto& run_of = w.run_of;
   for (std::size_t k = 0; k < n; ++k) {
     if (k == 0 || q[k] != q[k - 1] + kPageSize) runs[nruns++] = {k, k, q[k]};
     runs[nruns - 1].end = k + 1;
     run_of[k] = nruns - 1;
   }
-  MergeResult local[kMaxPairWindowPages];
-  FrameId frames[kMaxPairWindowPages];
-  Interval mapped[2 * kMaxPairWindowPages];  // disjoint on each side
-  ProtectMethod mapped_how[2 * kMaxPairWindowPages];
+  auto& local = w.local;
+  auto& frames = w.frames;
+  auto& mapped = w.mapped;  // disjoint on each side
+  auto& mapped_how = w.mapped_how;
   std::size_t nmapped = 0;
-  bool pgone[kMaxPairWindowPages] = {};
-  bool qgone[kMaxPairWindowPages] = {};
-  bool frames_leaked[kMaxPairWindowPages] = {};
-  Interval restored_pieces[kMaxPairWindowPages];  // of p, anonymous again
+  auto& pgone = w.pgone;
+  auto& qgone = w.qgone;
+  auto& frames_leaked = w.frames_leaked;
+  auto& restored_pieces = w.restored_pieces;  // of p, anonymous again
   std::size_t nrestored = 0;
+  std::fill_n(pgone, n, false);
+  std::fill_n(qgone, n, false);
+  std::fill_n(frames_leaked, n, false);
   std::fill(frames, frames + n, kNoFrame);
   const std::size_t len = n * kPageSize;
   // Each window's protect may split a VMA in three (mprotect).
@@ -1574,7 +1582,8 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
                                  !PinnedIoIn(runs[r].at, runs[r].bytes()));
       }
       const FrameId f = may_replace ? store_.Allocate(n) : kNoFrame;
-      bool copied[kMaxPairWindowPages] = {};
+      auto& copied = w.copied;
+      std::fill_n(copied, n, false);
       if (f != kNoFrame) CopyIntoFrames(pbase, n, f, copied);
       for (std::size_t k = 0; k < n; ++k) {
         bool equal = false;
@@ -1657,7 +1666,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
         if (local[k] != MergeResult::kMerged && !frames_leaked[k])
           store_.Release(f + static_cast<FrameId>(k));
       }
-      MergeResult side[kMaxPairWindowPages];
+      auto& side = w.side;
       auto side_of = [&](const bool* gone) {
         for (std::size_t k = 0; k < n; ++k) {
           side[k] = local[k] == MergeResult::kMerged ? MergeResult::kMerged

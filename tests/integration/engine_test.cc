@@ -65,6 +65,47 @@ TEST(Engine, UnsharedPagesCountUntilRevisited) {
   for (std::size_t i = 2; i < 8; ++i) EXPECT_TRUE(m.Holds(i, static_cast<unsigned char>(i + 1))) << i;
 }
 
+// A synchronous scan runs on the caller's thread, whatever its stack: pairs
+// in runs (merged 512 at a time), zero pages and a run of identical pages,
+// scanned from a thread with a 32 KiB stack.
+TEST(Engine, ScansOnAThreadWithASmallStack) {
+  auto e = NewEngine();
+  ASSERT_TRUE(e->WriteKnob("use_zero_pages", "1").ok());
+  constexpr std::size_t kPairs = 1024, kZero = 1024, kSame = 1024;
+  Mapping m(2 * kPairs + kZero + kSame);
+  for (std::size_t i = 0; i < kPairs; ++i) {
+    m.FillKey(i, i + 1);
+    m.FillKey(kPairs + i, i + 1);
+  }
+  for (std::size_t i = 0; i < kZero; ++i) m.Fill(2 * kPairs + i, 0);
+  for (std::size_t i = 0; i < kSame; ++i) m.Fill(2 * kPairs + kZero + i, 0x3c);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  pthread_attr_t attr;
+  ASSERT_EQ(pthread_attr_init(&attr), 0);
+  ASSERT_EQ(pthread_attr_setstacksize(&attr, 32 * 1024), 0);
+  pthread_t thread;
+  auto scan = [](void* engine) -> void* {
+    static_cast<Engine*>(engine)->RunFullScans(2);
+    return nullptr;
+  };
+  ASSERT_EQ(pthread_create(&thread, &attr, scan, e.get()), 0);
+  ASSERT_EQ(pthread_join(thread, nullptr), 0);
+  pthread_attr_destroy(&attr);
+  EXPECT_EQ(Counter(*e, "ksm_zero_pages"), static_cast<std::int64_t>(kZero));
+  // kPairs nodes of two, and the run's nodes (max_page_sharing 256).
+  EXPECT_EQ(Counter(*e, "pages_shared"), static_cast<std::int64_t>(kPairs + 4));
+  EXPECT_EQ(Counter(*e, "pages_sharing"),
+            static_cast<std::int64_t>(kPairs + kSame - 4));
+  for (std::size_t i = 0; i < kPairs; ++i) {
+    EXPECT_TRUE(MapsSharedFrame(m.page(kPairs + i))) << i;
+    EXPECT_TRUE(m.HoldsKey(i, i + 1) && m.HoldsKey(kPairs + i, i + 1)) << i;
+  }
+  for (std::size_t i = 0; i < kZero; ++i)
+    EXPECT_TRUE(m.Holds(2 * kPairs + i, 0)) << i;
+  for (std::size_t i = 0; i < kSame; ++i)
+    EXPECT_TRUE(m.Holds(2 * kPairs + kZero + i, 0x3c)) << i;
+}
+
 TEST(Engine, WritesCopyAndLeaveTheStableNode) {
   auto e = NewEngine();
   Mapping m(2);
