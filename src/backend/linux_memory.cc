@@ -1744,10 +1744,11 @@ void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
   RegisterThread();
   std::size_t n = std::min(pages.size(), results.size());
   // Sparse windows protect the pages between too (writers there wait for
-  // the window): at most kMaxWindowPages wide. Runs of zero pages take up
-  // to kMaxZeroWindowPages a window: a quarter of the protect, pagemap and
-  // discard calls per page.
-  const std::size_t max_span = kMaxWindowPages * kPageSize;
+  // the window): at most one page table wide (kPageTableSpan). Runs of
+  // zero pages take up to kMaxZeroWindowPages a window, ending where a
+  // table does. On the PVM machine the protect, unprotect and discard
+  // calls of a sparse window cost about as much for 512 pages as for 128
+  // (zero pages scattered: 0.262 -> 0.202 s of merge CPU with 512).
   std::size_t i = 0;
   while (i < n) {
     if (!MayReplace(pages[i])) {
@@ -1755,12 +1756,16 @@ void LinuxMemory::DropZeroPages(std::span<const Addr> pages,
       ++i;
       continue;
     }
-    // One window over the pages within kMaxWindowPages of the first, when
-    // the pages between them are memory we may protect too (scattered zero
+    // One window over the pages in the first one's page table, when the
+    // pages between them are memory we may protect too (scattered zero
     // pages: one protect, one pagemap read and one discard call for all);
     // else over a run of consecutive pages.
     std::size_t j = i + 1;
-    while (j < n && pages[j] + kPageSize - pages[i] <= max_span && MayReplace(pages[j])) ++j;
+    while (j < n && pages[j] > pages[j - 1] &&
+           pages[j] / kPageTableSpan == pages[i] / kPageTableSpan &&
+           MayReplace(pages[j])) {
+      ++j;
+    }
     const bool sparse = pages[j - 1] - pages[i] != (j - 1 - i) * kPageSize;
     // A run (not sparse) is taken below, up to kMaxZeroWindowPages; a sparse
     // window that could not be protected as a whole (a VMA of the span not

@@ -389,7 +389,7 @@ class LinuxMemory final : public Memory {
   // kMaxPartnerRuns runs of consecutive pages (a window each).
   void MergePairBatch(Addr pbase, const Addr* q, std::size_t n, FrameId* frames,
                       MergeResult* results);
-  // pages: ascending, within kMaxWindowPages of the first; one window over
+  // pages: ascending, in one page table (kPageTableSpan); one window over
   // their span. False, with nothing done or reported, if a sparse span
   // could not be protected.
   bool DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* results);

@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -720,6 +721,49 @@ TEST_P(LinuxMemoryTest, DropZeroPagesDropsScatteredPagesAndLeavesTheRest) {
     }
     r.page(i)[1] = 1;  // all writable
     EXPECT_EQ(r.page(i)[1], 1);
+  }
+}
+
+// Windows of scattered zero pages span up to a page table; pages asked
+// for in descending order (or across tables) still get their own results,
+// and the pages between are left as they were.
+TEST_P(LinuxMemoryTest, DropZeroPagesTakesScatteredPagesInAnyOrder) {
+  auto m = NewMemory();
+  constexpr std::size_t kN = 1200;  // at least two page tables
+  Region r(kN);
+  std::vector<Addr> asked;
+  for (std::size_t i = 0; i < kN; ++i) {
+    if (i % 5 == 0) {
+      std::memset(r.page(i), 0, kPageSize);
+    } else {
+      Fill(r.page(i), static_cast<unsigned>(i));
+    }
+    if (i % 5 == 0 || i % 101 == 1)
+      asked.push_back(r.addr(i));  // some not zero
+  }
+  std::reverse(asked.begin(), asked.end());
+  Rescan(*m);
+  std::vector<MergeResult> res(asked.size());
+  m->DropZeroPages(asked, res);
+  for (std::size_t k = 0; k < asked.size(); ++k) {
+    const std::size_t i = (asked[k] - r.addr(0)) / kPageSize;
+    SCOPED_TRACE(i);
+    EXPECT_EQ(res[k],
+              i % 5 == 0 ? MergeResult::kMerged : MergeResult::kDiffers);
+  }
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kN; ++i) {
+    SCOPED_TRACE(i);
+    if (i % 5 == 0) {
+      EXPECT_FALSE(Present(r.page(i)));
+      for (std::size_t b = 0; b < kPageSize; b += 512)
+        ASSERT_EQ(r.page(i)[b], 0);
+    } else {
+      Fill(expect, static_cast<unsigned>(i));
+      EXPECT_TRUE(Same(r.page(i), expect));
+    }
+    r.page(i)[1] = 1;  // all writable
+    ASSERT_EQ(r.page(i)[1], 1);
   }
 }
 
