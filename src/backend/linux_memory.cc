@@ -1512,10 +1512,10 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
   };
   PartnerRun runs[kMaxPartnerRuns];
   std::size_t nruns = 0;
-  // The per-pair arrays live in *this: at 512 pairs they would take 35
-  // KiB of the stack of a thread that scans synchronously (ScanNow).
-  if (!pair_window_) pair_window_ = std::make_unique<PairWindowState>();
-  PairWindowState& w = *pair_window_;
+  // The per-pair arrays live in *this (memory excluded from merging, as
+  // the stack is): at 512 pairs they would take 35 KiB of the stack of a
+  // thread that scans synchronously (ScanNow).
+  PairWindowState& w = pair_window_;
   auto& run_of = w.run_of;
   for (std::size_t k = 0; k < n; ++k) {
     if (k == 0 || q[k] != q[k - 1] + kPageSize) runs[nruns++] = {k, k, q[k]};

@@ -451,8 +451,10 @@ class LinuxMemory final : public Memory {
   static constexpr std::size_t kScratchBytes = kUnmergeChunkPages * kPageSize;
   std::uint64_t id_ = 0;  // distinguishes instances for RegisterThread
   // MergePairBatch's arrays per pair, too large for the stack of a thread
-  // that scans synchronously: allocated at the first pair merge (outside
-  // any window) and reused.
+  // that scans synchronously. Written inside windows, so in *this, whose
+  // mapping is excluded from merging: a heap block may lie in memory that
+  // merges (merge-any), and a write to it inside a window over it would
+  // wait for that window forever (preload.malloc_test hung so once).
   struct PairWindowState {
     std::size_t run_of[kMaxPairWindowPages];
     MergeResult local[kMaxPairWindowPages];
@@ -466,7 +468,7 @@ class LinuxMemory final : public Memory {
     Interval restored_pieces[kMaxPairWindowPages];
     MergeResult side[kMaxPairWindowPages];
   };
-  std::unique_ptr<PairWindowState> pair_window_;
+  PairWindowState pair_window_;
 
   // The maps view, rebuilt by RefreshMaps. touchable_: coalesced ranges of
   // private writable memory that is anonymous or our memfd; our own merges
