@@ -449,6 +449,10 @@ class LinuxMemory final : public Memory {
   // (mremap MREMAP_DONTUNMAP moves the pages out and leaves it mapped).
   Addr scratch_ = 0;
   static constexpr std::size_t kScratchBytes = kUnmergeChunkPages * kPageSize;
+  // Pages a pair window copies through the scratch area at a time (1 MiB):
+  // what of it stays resident between merges (CopyIntoFrames).
+  static constexpr std::size_t kBouncePages = 256;
+  static_assert(kBouncePages * kPageSize <= kScratchBytes);
   std::uint64_t id_ = 0;  // distinguishes instances for RegisterThread
   // MergePairBatch's arrays per pair, too large for the stack of a thread
   // that scans synchronously. Written inside windows, so in *this, whose

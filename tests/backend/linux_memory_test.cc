@@ -661,6 +661,30 @@ TEST_P(LinuxMemoryTest, RunsOfConsecutiveFramesUseOneMapping) {
   }
 }
 
+// Pairs merge in windows of up to 512 pairs, copied into their frames
+// through the scratch area a part at a time: no more than 1 MiB of it stays
+// resident afterwards.
+TEST_P(LinuxMemoryTest, PairWindowsKeepAtMostOneMiBOfScratchResident) {
+  auto m = NewMemory();
+  constexpr std::size_t kN = 2048;
+  Region a(kN), b(kN);
+  FillAlike(a, b);
+  Rescan(*m);
+  std::vector<FrameId> frames(kN);
+  std::vector<MergeResult> res(kN);
+  m->MergePairs(Addrs(a, 0, kN), Addrs(b, 0, kN), frames, res);
+  for (std::size_t i = 0; i < kN; ++i)
+    ASSERT_EQ(res[i], MergeResult::kMerged) << i;
+  const std::uint64_t resident = m->Stats().scratch_resident_pages;
+  EXPECT_GT(resident, 0u);  // the copies went through it
+  EXPECT_LE(resident, 256u);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kN; i += 97) {
+    Fill(expect, static_cast<unsigned>(i));
+    EXPECT_TRUE(Same(a.page(i), expect) && Same(b.page(i), expect)) << i;
+  }
+}
+
 TEST_P(LinuxMemoryTest, DropZeroPagesFreesVerifiedZeroPagesOnly) {
   auto m = NewMemory();
   Region r(4);
