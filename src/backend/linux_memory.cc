@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <new>
@@ -1516,6 +1517,20 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
   // the stack is): at 512 pairs they would take 35 KiB of the stack of a
   // thread that scans synchronously (ScanNow).
   PairWindowState& w = pair_window_;
+#ifndef NDEBUG
+  // Debug builds: what the windows below write lies in memory excluded from
+  // merging (design.md, "The backend's own memory").
+  const Addr w_end = reinterpret_cast<Addr>(&w) + sizeof(w);
+  for (Addr a = reinterpret_cast<Addr>(&w) & ~(kPageSize - 1); a < w_end;
+       a += kPageSize) {
+    if (!IsExcluded(a)) {
+      std::fprintf(stderr,
+                   "samepage: window scratch in mergeable memory at %#lx\n",
+                   static_cast<unsigned long>(a));
+      std::abort();
+    }
+  }
+#endif
   auto& run_of = w.run_of;
   for (std::size_t k = 0; k < n; ++k) {
     if (k == 0 || q[k] != q[k - 1] + kPageSize) runs[nruns++] = {k, k, q[k]};
