@@ -2052,14 +2052,15 @@ MemoryStats LinuxMemory::Stats() const {
   s.smaps_reads = smaps_reads_;
   s.discard_first_pages = discard_first_pages_;
   s.fill_failures = fill_failures_;
-  if (scratch_ != 0) {
-    unsigned char vec[kScratchBytes / kPageSize];
-    if (mincore(Ptr(scratch_), kScratchBytes, vec) == 0) {
-      s.scratch_resident_pages = static_cast<std::uint64_t>(std::count_if(
-          vec, vec + sizeof(vec), [](unsigned char v) { return v & 1; }));
-    }
-  }
   return s;
+}
+
+std::size_t LinuxMemory::ScratchResidentPages() const {
+  unsigned char vec[kScratchBytes / kPageSize];
+  if (scratch_ == 0 || mincore(Ptr(scratch_), kScratchBytes, vec) != 0)
+    return 0;
+  return static_cast<std::size_t>(std::count_if(
+      vec, vec + sizeof(vec), [](unsigned char v) { return v & 1; }));
 }
 
 std::string LinuxMemory::DebugString() const {

@@ -197,6 +197,11 @@ class LinuxMemory final : public Memory {
   // Never protect or merge [addr, addr + len) (rounded out to pages).
   void Exclude(Addr addr, std::size_t len);
 
+  // Pages of the scratch area resident now (a mincore call): memory that
+  // merging costs the process besides its metadata. Not in Stats(), which
+  // the engine reads on every discard the application makes.
+  std::size_t ScratchResidentPages() const;
+
   // madvise(MADV_MERGEABLE)'s checks, from a fresh read of the maps:
   // EINVAL if addr is not page-aligned or len overflows; len is rounded up
   // to pages; ENOMEM if part of the range is unmapped (parts still holds the

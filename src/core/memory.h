@@ -77,9 +77,6 @@ struct MemoryStats {
   // Discarded pages that could not get their bytes back after their
   // frame's mapping failed (only when no page could be allocated).
   std::uint64_t fill_failures = 0;
-  // Pages of the backend's own scratch buffers resident now (memory that
-  // merging costs the process besides its metadata).
-  std::uint64_t scratch_resident_pages = 0;
 };
 
 class Memory {

@@ -675,7 +675,7 @@ TEST_P(LinuxMemoryTest, PairWindowsKeepAtMostOneMiBOfScratchResident) {
   m->MergePairs(Addrs(a, 0, kN), Addrs(b, 0, kN), frames, res);
   for (std::size_t i = 0; i < kN; ++i)
     ASSERT_EQ(res[i], MergeResult::kMerged) << i;
-  const std::uint64_t resident = m->Stats().scratch_resident_pages;
+  const std::size_t resident = m->ScratchResidentPages();
   EXPECT_GT(resident, 0u);  // the copies went through it
   EXPECT_LE(resident, 256u);
   unsigned char expect[kPageSize];
