@@ -49,6 +49,8 @@
 #ifndef SAMEPAGE_BACKEND_LINUX_MEMORY_H_
 #define SAMEPAGE_BACKEND_LINUX_MEMORY_H_
 
+#include <sys/uio.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -144,6 +146,8 @@ class LinuxMemory final : public Memory {
   // page table costs 0.2 us a page, one that covers part of it 0.5-1 us
   // (511 pages: 0.4-0.5): windows of runs end at these boundaries.
   static constexpr Addr kPageTableSpan = Addr{512} * kPageSize;
+  // A run window can cover one whole page table (MergeIntoFrames).
+  static_assert(kMaxRunWindowPages * kPageSize == kPageTableSpan);
   // A window of pages joining frames takes the discard-first way
   // (MergeSpanDiscardFirst) when it needs at least this many mappings: its
   // fixed cost (three flushes, and registering the span for missing pages
@@ -478,6 +482,23 @@ class LinuxMemory final : public Memory {
     MergeResult side[kMaxPairWindowPages];
   };
   PairWindowState pair_window_;
+  // MergeSpanDiscardFirst's arrays per page of its span (up to a page
+  // table's worth, kMaxRunWindowPages), for the same reasons.
+  struct SpanWindowState {
+    MergeResult local[kMaxRunWindowPages];
+    FrameId frame_of[kMaxRunWindowPages];
+    bool asked[kMaxRunWindowPages];
+    iovec runs[kMaxRunWindowPages];
+    iovec spans[kMaxRunWindowPages];  // adjacent runs joined
+    std::size_t run_first[kMaxRunWindowPages];
+    bool mapped[kMaxRunWindowPages];
+    bool discarded[kMaxRunWindowPages];
+    MergeResult mine[kMaxRunWindowPages];
+  };
+  SpanWindowState span_window_;
+  // Debug builds: aborts unless [p, p + size) lies in memory excluded from
+  // merging (design.md, "The backend's own memory").
+  void CheckWindowStateExcluded(const void* p, std::size_t size) const;
 
   // The maps view, rebuilt by RefreshMaps. touchable_: coalesced ranges of
   // private writable memory that is anonymous or our memfd; our own merges

@@ -178,8 +178,8 @@ std::size_t Scattered64(std::size_t i) { return (i * 37 + 11) % 64; }
 // writer leaves alone never read otherwise, through the CPU and through
 // write(2) (the kernel reading the page): with userfaultfd for all faults
 // that system call must never fail, a page being merged included.
-void WriterRace(LinuxMemory& m, std::size_t (*of)(std::size_t)) {
-  constexpr std::size_t kN = 64;
+void WriterRace(LinuxMemory& m, std::size_t (*of)(std::size_t),
+                std::size_t kN = 64) {
   unsigned char* a = MapPages(kN);
   unsigned char* b = MapPages(kN);
   unsigned char* c = MapPages(kN);
@@ -314,6 +314,22 @@ TEST_P(RaceTest, WriterNeverLosesAnIncrementJoiningScatteredFrames) {
   WriterRace(*m_, Scattered64);
   if (m_->SyscallWritesWait()) {
     EXPECT_GT(m_->Stats().discard_first_pages, 0u);
+  }
+}
+
+// c's page i holds a's page of its block of 100 turned by half a block:
+// runs of 50 pages on consecutive frames, a few mappings per page table, so
+// a run over a whole table (1,536 pages hold at least one) is discarded in
+// one call where kernel faults wait, and mapped into the emptied table,
+// while readers and the writer wait for it.
+std::size_t TurnedBlocks(std::size_t i) {
+  return i < 1500 ? i / 100 * 100 + (i % 100 + 50) % 100 : i;
+}
+
+TEST_P(RaceTest, WriterNeverLosesAnIncrementJoiningRunsOverWholeTables) {
+  WriterRace(*m_, TurnedBlocks, 1536);
+  if (m_->SyscallWritesWait()) {
+    EXPECT_GE(m_->Stats().discard_first_pages, 512u);
   }
 }
 

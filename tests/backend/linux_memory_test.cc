@@ -525,6 +525,64 @@ TEST_P(LinuxMemoryTest, ScatteredFramesJoinAMappingEach) {
   EXPECT_FALSE(Same(c.page(9), expect));
 }
 
+// Identical pages laid out over F frames (Ksm::StripeRuns) take a mapping
+// per F pages. With userfaultfd for all faults, a run over a whole page
+// table is discarded in one call and mapped into the emptied table; the
+// rest maps over the pages. Either way the equal pages merge, the one that
+// differs stays anonymous and writable, every page holds its bytes, and
+// writes copy.
+TEST_P(LinuxMemoryTest, StripedRunOverAWholePageTableMergesDiscardFirst) {
+  auto m = NewMemory();
+  constexpr std::size_t kF = 100, kN = 1200;  // kN holds a whole table
+  Region a(kF), b(kF), c(kN);
+  FillAlike(a, b);
+  for (std::size_t i = 0; i < kN; ++i)
+    std::memcpy(c.page(i), a.page(i % kF), kPageSize);
+  constexpr Addr kTable = 512 * kPageSize;
+  const Addr first_table = (c.addr(0) + kTable - 1) / kTable * kTable;
+  const std::size_t tables = (c.addr(kN) - first_table) / kTable;
+  ASSERT_GE(tables, 1u);
+  const std::size_t differs = (first_table - c.addr(0)) / kPageSize + 7;
+  c.page(differs)[100] ^= 1;
+  Rescan(*m);
+  std::vector<FrameId> frames(kF), into(kN);
+  std::vector<MergeResult> res(kN);
+  m->MergePairs(Addrs(a, 0, kF), Addrs(b, 0, kF), frames, res);
+  for (std::size_t i = 0; i < kF; ++i) ASSERT_EQ(res[i], MergeResult::kMerged);
+  for (std::size_t i = 0; i < kN; ++i) into[i] = frames[i % kF];
+  const std::uint64_t before = m->Stats().discard_first_pages;
+  m->MergeIntoFrames(Addrs(c, 0, kN), into, res);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kN; ++i) {
+    SCOPED_TRACE(i);
+    Fill(expect, static_cast<unsigned>(i % kF));
+    if (i == differs) {
+      EXPECT_EQ(res[i], MergeResult::kDiffers);
+      EXPECT_EQ(ProbeOne(*m, c.addr(i)), PageState::kAnon);
+      expect[100] ^= 1;
+    } else {
+      ASSERT_EQ(res[i], MergeResult::kMerged);
+      EXPECT_EQ(ProbeOne(*m, c.addr(i)), PageState::kFrame);
+    }
+    ASSERT_TRUE(Same(c.page(i), expect));
+  }
+  // The whole tables' pages, but the one that differs, went discard-first.
+  const std::uint64_t discarded = m->Stats().discard_first_pages - before;
+  EXPECT_EQ(discarded, m->SyscallWritesWait() ? tables * 512 - 1 : 0u);
+  EXPECT_EQ(VmasWithFlag(c.page(0), kN, "um"), "");
+  EXPECT_EQ(m->Stats().fill_failures, 0u);
+  // Copy on write, inside the table and outside it.
+  for (std::size_t i : {differs - 1, differs, differs + 1, std::size_t{0}}) {
+    c.page(i)[0] ^= 1;
+    Fill(expect, static_cast<unsigned>(i % kF));
+    EXPECT_TRUE(Same(a.page(i % kF), expect));
+    EXPECT_TRUE(Same(m->frame_store().FrameAddress(into[i]), expect));
+    if (i == differs) expect[100] ^= 1;
+    expect[0] ^= 1;
+    EXPECT_TRUE(Same(c.page(i), expect)) << "page " << i;
+  }
+}
+
 // A frame mapping that fails after the pages were discarded (the kernel's
 // ENOMEM at the mapping limit, or anything else) gives the pages back their
 // bytes, as anonymous memory, writable, and reports them not merged.
