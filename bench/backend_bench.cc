@@ -116,6 +116,46 @@ BENCHMARK(BM_LinuxMemory_MergeIntoFrames)
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 
+// Identical pages laid out over 100 frames (Ksm::StripeRuns): page i
+// joins frame i mod 100, a mapping per 100 pages. Where kernel faults wait
+// (userfaultfd, root) a run over a whole page table is discarded first and
+// mapped into the emptied table.
+void BM_LinuxMemory_MergeIntoStripedFrames(benchmark::State& state) {
+  auto m = NewMemory(state);
+  if (!m) return;
+  constexpr std::size_t kFrames = 100;
+  unsigned char* a = Map(kFrames, 2);
+  unsigned char* b = Map(kFrames, 2);
+  (void)m->RefreshMaps();  // new memory: as madvise would
+  m->BeginFullScan();
+  auto p = Addrs(a, kFrames, 1), q = Addrs(b, kFrames, 1);
+  std::vector<FrameId> frames(kFrames), into(kPages);
+  std::vector<MergeResult> res(kPages);
+  m->MergePairs(p, q, frames, res);
+  for (std::size_t i = 0; i < kPages; ++i) into[i] = frames[i % kFrames];
+  for (auto _ : state) {
+    // Fresh memory each time: merged pages keep their mappings.
+    unsigned char* c = Map(kPages, 2);
+    for (std::size_t i = 0; i < kPages; ++i)
+      std::memcpy(c + i * kPageSize, a + (i % kFrames) * kPageSize, kPageSize);
+    (void)m->RefreshMaps();
+    auto r = Addrs(c, kPages, 1);
+    auto t0 = Clock::now();
+    m->MergeIntoFrames(r, into, res);
+    Seconds(state, t0);
+    if (res[0] != MergeResult::kMerged) state.SkipWithError("not merged");
+    munmap(c, kPages * kPageSize);
+  }
+  state.SetItemsProcessed(
+      static_cast<std::int64_t>(state.iterations() * kPages));
+  for (unsigned char* x : {a, b}) munmap(x, kFrames * kPageSize);
+}
+BENCHMARK(BM_LinuxMemory_MergeIntoStripedFrames)
+    ->Arg(0)
+    ->Arg(1)
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
 // Consecutive pages joining frames in scattered order (a page each): the
 // common case of memory that finds its content among merged pages
 // elsewhere. Arg 1: 1 = another thread keeps a second CPU busy meanwhile
