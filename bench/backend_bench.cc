@@ -116,78 +116,36 @@ BENCHMARK(BM_LinuxMemory_MergeIntoFrames)
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 
-// Identical pages laid out over 100 frames (Ksm::StripeRuns): page i
-// joins frame i mod 100, a mapping per 100 pages. Where kernel faults wait
-// (userfaultfd, root) a run over a whole page table is discarded first and
-// mapped into the emptied table.
-void BM_LinuxMemory_MergeIntoStripedFrames(benchmark::State& state) {
-  auto m = NewMemory(state);
-  if (!m) return;
-  constexpr std::size_t kFrames = 100;
-  unsigned char* a = Map(kFrames, 2);
-  unsigned char* b = Map(kFrames, 2);
-  (void)m->RefreshMaps();  // new memory: as madvise would
-  m->BeginFullScan();
-  auto p = Addrs(a, kFrames, 1), q = Addrs(b, kFrames, 1);
-  std::vector<FrameId> frames(kFrames), into(kPages);
-  std::vector<MergeResult> res(kPages);
-  m->MergePairs(p, q, frames, res);
-  for (std::size_t i = 0; i < kPages; ++i) into[i] = frames[i % kFrames];
-  for (auto _ : state) {
-    // Fresh memory each time: merged pages keep their mappings.
-    unsigned char* c = Map(kPages, 2);
-    for (std::size_t i = 0; i < kPages; ++i)
-      std::memcpy(c + i * kPageSize, a + (i % kFrames) * kPageSize, kPageSize);
-    (void)m->RefreshMaps();
-    auto r = Addrs(c, kPages, 1);
-    auto t0 = Clock::now();
-    m->MergeIntoFrames(r, into, res);
-    Seconds(state, t0);
-    if (res[0] != MergeResult::kMerged) state.SkipWithError("not merged");
-    munmap(c, kPages * kPageSize);
-  }
-  state.SetItemsProcessed(
-      static_cast<std::int64_t>(state.iterations() * kPages));
-  for (unsigned char* x : {a, b}) munmap(x, kFrames * kPageSize);
-}
-BENCHMARK(BM_LinuxMemory_MergeIntoStripedFrames)
-    ->Arg(0)
-    ->Arg(1)
-    ->UseManualTime()
-    ->Unit(benchmark::kMicrosecond);
-
-// Consecutive pages joining frames in scattered order (a page each): the
-// common case of memory that finds its content among merged pages
-// elsewhere. Arg 1: 1 = another thread keeps a second CPU busy meanwhile
-// (on a virtual machine that makes every TLB flush of ours costly).
-void BM_LinuxMemory_MergeIntoScatteredFrames(benchmark::State& state) {
+// Times MergeIntoFrames of kPages fresh pages, page i holding the content
+// of frame source(i) of nframes made by merging pairs beforehand. busy_cpu:
+// another thread keeps a second CPU busy meanwhile (on a virtual machine
+// that makes every TLB flush of ours costly).
+void JoinFrames(benchmark::State& state, std::size_t nframes,
+                std::size_t (*source)(std::size_t), bool busy_cpu) {
   auto m = NewMemory(state);
   if (!m) return;
   std::atomic<bool> stop{false};
   std::thread busy;
-  if (state.range(1) != 0) {
+  if (busy_cpu) {
     busy = std::thread([&] {
       while (!stop.load(std::memory_order_relaxed)) {
       }
     });
   }
-  unsigned char* a = Map(kPages, 2);
-  unsigned char* b = Map(kPages, 2);
+  unsigned char* a = Map(nframes, 2);
+  unsigned char* b = Map(nframes, 2);
   (void)m->RefreshMaps();  // new memory: as madvise would
   m->BeginFullScan();
-  auto p = Addrs(a, kPages, 1), q = Addrs(b, kPages, 1);
-  std::vector<FrameId> frames(kPages), into(kPages);
+  auto p = Addrs(a, nframes, 1), q = Addrs(b, nframes, 1);
+  std::vector<FrameId> frames(nframes), into(kPages);
   std::vector<MergeResult> res(kPages);
   m->MergePairs(p, q, frames, res);
-  // c's page i holds a's page perm[i].
-  std::vector<std::size_t> perm(kPages);
-  for (std::size_t i = 0; i < kPages; ++i) perm[i] = (i * 2654435761u) % kPages;
-  for (std::size_t i = 0; i < kPages; ++i) into[i] = frames[perm[i]];
+  for (std::size_t i = 0; i < kPages; ++i) into[i] = frames[source(i)];
   for (auto _ : state) {
-    // Fresh memory each time: unmerged pages keep a VMA each.
+    // Fresh memory each time: merged pages keep their mappings.
     unsigned char* c = Map(kPages, 2);
     for (std::size_t i = 0; i < kPages; ++i)
-      std::memcpy(c + i * kPageSize, a + perm[i] * kPageSize, kPageSize);
+      std::memcpy(c + i * kPageSize, a + source(i) * kPageSize, kPageSize);
     (void)m->RefreshMaps();
     auto r = Addrs(c, kPages, 1);
     auto t0 = Clock::now();
@@ -200,7 +158,30 @@ void BM_LinuxMemory_MergeIntoScatteredFrames(benchmark::State& state) {
   if (busy.joinable()) busy.join();
   state.SetItemsProcessed(
       static_cast<std::int64_t>(state.iterations() * kPages));
-  for (unsigned char* x : {a, b}) munmap(x, kPages * kPageSize);
+  for (unsigned char* x : {a, b}) munmap(x, nframes * kPageSize);
+}
+
+// Identical pages laid out over 100 frames (Ksm::StripeRuns): page i
+// joins frame i mod 100, a mapping per 100 pages. Where kernel faults wait
+// (userfaultfd, root) a run over a whole page table is discarded first and
+// mapped into the emptied table.
+void BM_LinuxMemory_MergeIntoStripedFrames(benchmark::State& state) {
+  JoinFrames(
+      state, 100, [](std::size_t i) { return i % 100; }, false);
+}
+BENCHMARK(BM_LinuxMemory_MergeIntoStripedFrames)
+    ->Arg(0)
+    ->Arg(1)
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+// Consecutive pages joining frames in scattered order (a page each): the
+// common case of memory that finds its content among merged pages
+// elsewhere. Arg 1: 1 = another CPU kept busy.
+void BM_LinuxMemory_MergeIntoScatteredFrames(benchmark::State& state) {
+  JoinFrames(
+      state, kPages, [](std::size_t i) { return (i * 2654435761u) % kPages; },
+      state.range(1) != 0);
 }
 BENCHMARK(BM_LinuxMemory_MergeIntoScatteredFrames)
     ->ArgsProduct({{0, 1}, {0, 1}})
