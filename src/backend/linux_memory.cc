@@ -1408,15 +1408,10 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
     // (each range of a process_madvise is discarded on its own).
     auto& spans = w.spans;
     std::size_t nspans = 0;
-    for (std::size_t r = 0; r < nruns; ++r) {
-      if (nspans > 0 && static_cast<char*>(spans[nspans - 1].iov_base) +
-                                spans[nspans - 1].iov_len ==
-                            runs[r].iov_base) {
-        spans[nspans - 1].iov_len += runs[r].iov_len;
-      } else {
-        spans[nspans++] = runs[r];
-      }
-    }
+    auto any = [](std::size_t) { return true; };
+    ForEachMergedRun(local, span, any, [&](std::size_t k, std::size_t e) {
+      spans[nspans++] = iovec{Ptr(base + k * kPageSize), (e - k) * kPageSize};
+    });
     const bool at_once =
         nspans == 1
             ? madvise(spans[0].iov_base, spans[0].iov_len, MADV_DONTNEED) == 0
