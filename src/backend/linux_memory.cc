@@ -1778,6 +1778,16 @@ void LinuxMemory::CopyIntoFrames(Addr src, std::size_t n, FrameId first,
   // the copy faults (a page unmapped under us), straight from src. At most
   // kBouncePages at a time, so that no more of the scratch area than that
   // stays resident between merges.
+  // The part of the scratch area used is populated in one call first: its
+  // first copy would otherwise take a page fault per page (on the PVM
+  // guest 256 faults cost 2.4-3.5 ms, the call and the copy 1.2-1.6 ms).
+  const std::size_t used = std::min(kBouncePages, n);
+  if (used > bounce_warm_pages_ &&
+      madvise(Ptr(scratch_ + bounce_warm_pages_ * kPageSize),
+              (used - bounce_warm_pages_) * kPageSize,
+              MADV_POPULATE_WRITE) == 0) {
+    bounce_warm_pages_ = used;
+  }
   for (std::size_t at = 0; at < n; at += kBouncePages) {
     const std::size_t m = std::min(kBouncePages, n - at);
     const std::size_t len = m * kPageSize;
@@ -1953,9 +1963,11 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
         for (std::size_t i = iov_first[r]; i < last; ++i) local[i] = MergeResult::kFailed;
       }
     }
-    // Dropped pages keep our write-protect marker and the pages not asked
-    // for their protection: clear both. The remapped ones are new VMAs,
-    // woken and registered at the flush.
+    // The pages not asked for keep their protection: cleared here, in one
+    // call over the span (a dropped anonymous page keeps no write-protect
+    // marker on Linux 6.18, and the call over it costs a few microseconds
+    // of the window's ~250). The remapped ones are new VMAs, woken and
+    // registered at the flush.
     MergeResult rest[kMaxZeroWindowPages];
     for (std::size_t k = 0; k < span; ++k) rest[k] = remapped[k] ? MergeResult::kGone : local[k];
     UnprotectRest(base, span, rest, /*skip_merged=*/false, how);
@@ -1986,6 +1998,7 @@ bool LinuxMemory::ReplaceWithAnonymousCopy(Addr start, std::size_t len,
                                            int prot) {
   if (len > kScratchBytes) return false;
   void* scratch = Ptr(scratch_);
+  bounce_warm_pages_ = 0;  // moved out or dropped below
   bool ok = GuardedCopy(scratch, Ptr(start), len);
   if (ok && prot != kReadWrite) ok = mprotect(scratch, len, prot) == 0;
   // mremap replaces the range atomically: readers never see a hole. Never
