@@ -499,8 +499,8 @@ int main(int argc, char** argv) {
       "| workload | pages | kernel time / CPU | samepage time / CPU | time "
       "ratio | "
       "CPU ratio | saved k / s | COW µs k / s | meta B/page k / s | VMAs k / s "
-      "|\n"
-      "|---|---|---|---|---|---|---|---|---|---|\n");
+      "| unmerge k / s |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|\n");
   struct Verdicts {
     double time = 0, cpu = 0, cow = 0;
   };
@@ -532,12 +532,19 @@ int main(int argc, char** argv) {
         Thousands(!AnyResult(rows.samepage) ? Med(rows.kernel, "pages")
                                             : Med(rows.samepage, "pages"));
     const bool both = AnyResult(rows.kernel) && AnyResult(rows.samepage);
-    fmt::print("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n", s.title,
-               pages, side(rows.kernel), side(rows.samepage),
+    // VMAs added while merged, and (samepage) still there after run=2.
+    std::string vmas = pair("vmas", "n");
+    const double left = Med(rows.samepage, "vmas_unmerged");
+    if (left > 0) vmas += fmt::format(" ({} after unmerge)", Thousands(left));
+    auto unmerge = [&](const std::vector<Run>& runs) -> std::string {
+      return AnyResult(runs) ? Secs(Med(runs, "unmerge_s")) : "—";
+    };
+    fmt::print("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+               s.title, pages, side(rows.kernel), side(rows.samepage),
                both ? RatioCell(rows, "converge_s", &v.time) : "—",
                both ? RatioCell(rows, "cpu_s", &v.cpu) : "—", saved,
                cow ? pair("cow_us", "f") : "—", pair("meta_per_page", "f"),
-               pair("vmas", "n"));
+               vmas, unmerge(rows.kernel) + " / " + unmerge(rows.samepage));
     if (cow && both)
       v.cow = Ratio(Med(rows.samepage, "cow_us"), Med(rows.kernel, "cow_us"));
   }

@@ -11,7 +11,8 @@
  * expected pages are saved: wall time; the merger's CPU (the "ksmd" kernel
  * thread natively, the "samepage-ksmd" thread of this process under samepage;
  * schedstat, ns); pages saved; heap and slab metadata per tracked page; VMAs
- * added; then the first write to merged pages (copy-on-write) and every page's
+ * added; then the first write to merged pages (copy-on-write), the time run=2
+ * takes to unmerge everything and the VMAs left after it, and every page's
  * contents.
  *
  * Natively it changes global kernel state: every knob it writes is read first
@@ -565,6 +566,8 @@ struct Result {
   long saved, zero, shared, scans, rmap_items, merging, vmas;
   size_t expect_sharing, expect_zero;
   double meta_bytes, cow_us;
+  double unmerge_s;   /* run=2 until the counters are back at the baseline */
+  long vmas_unmerged; /* VMAs added, counted after that unmerge */
   size_t cow_pages;
   int cpu_found, contents_ok;
 };
@@ -753,12 +756,14 @@ static void PrintResult(const struct Workload* w, const char* merger,
       "converge_s=%.6f cpu_s=%.6f cpu_found=%d saved=%ld expect=%ld "
       "skipped=%ld zero=%ld shared=%ld merging=%ld full_scans=%ld "
       "rmap_items=%ld meta_bytes=%.0f meta_per_page=%.2f vmas=%ld "
-      "max_map_count=%ld cow_pages=%zu cow_us=%.3f contents=%s\n",
+      "max_map_count=%ld cow_pages=%zu cow_us=%.3f unmerge_s=%.6f "
+      "vmas_unmerged=%ld contents=%s\n",
       w->spec->id, merger, tracked, r->status, r->converge_s, r->cpu_s,
       r->cpu_found, r->saved, expect, expect > r->saved ? expect - r->saved : 0,
       r->zero, r->shared, r->merging, r->scans, r->rmap_items, r->meta_bytes,
       r->meta_bytes / (double)tracked, r->vmas, strtol(max_map_count, NULL, 10),
-      r->cow_pages, r->cow_us, r->contents_ok ? "ok" : "WRONG");
+      r->cow_pages, r->cow_us, r->unmerge_s, r->vmas_unmerged,
+      r->contents_ok ? "ok" : "WRONG");
   fflush(stdout);
 }
 
@@ -926,13 +931,16 @@ int main(int argc, char** argv) {
     r.cow_us = (now_seconds() - c0) * 1e6 / (double)r.cow_pages;
     r.contents_ok &= Verify(w, r.cow_pages, (uint64_t)hot_counter) == 0;
   }
+  const double unmerge_start = now_seconds();
   WriteKsm("run", "2");
-  for (double end = now_seconds() + 30; now_seconds() < end; SleepUs(10000)) {
+  for (double end = now_seconds() + 30; now_seconds() < end; SleepUs(1000)) {
     if (ReadKsm("pages_sharing") <= b.sharing &&
         ReadKsm("ksm_zero_pages") <= b.zero) {
       break;
     }
   }
+  r.unmerge_s = now_seconds() - unmerge_start;
+  r.vmas_unmerged = CountVmas() - b.vmas;
   r.contents_ok &= Verify(w, r.cow_pages, (uint64_t)hot_counter) == 0;
 
   PrintResult(w, merger, &r);
