@@ -1999,6 +1999,9 @@ bool LinuxMemory::ReplaceWithAnonymousCopy(Addr start, std::size_t len,
   if (len > kScratchBytes) return false;
   void* scratch = Ptr(scratch_);
   bounce_warm_pages_ = 0;  // moved out or dropped below
+  // Pages moved out by the last copy leave the scratch area empty: one call
+  // faults them in, where the copy would take a page fault each.
+  (void)madvise(scratch, len, MADV_POPULATE_WRITE);
   bool ok = GuardedCopy(scratch, Ptr(start), len);
   if (ok && prot != kReadWrite) ok = mprotect(scratch, len, prot) == 0;
   // mremap replaces the range atomically: readers never see a hole. Never
@@ -2071,19 +2074,54 @@ bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {
   // Our memfd's mappings, and the flags (lock) the restored memory gets.
   if (!ReadView(&maps, /*full=*/false).ok()) return false;
   (void)ApplyMaps(maps);
+  // Adjacent mappings of our memfd with the same protection (scattered
+  // merges map a frame per page, each its own VMA) are given back together,
+  // up to kUnmergeChunkPages at a time: one copy and one mremap for all of
+  // them, whose single anonymous VMA also gives their VMAs back. A chunk
+  // that cannot be (a mapping of it not registered for write-protection,
+  // say) goes a mapping at a time.
   bool ok = true;
-  for (const MapEntry& e : maps) {
-    if (e.end <= addr) continue;
-    if (e.start >= end) break;
-    if (e.shared || !IsOurMemfd(e)) continue;
-    int prot = (e.read ? PROT_READ : 0) | (e.write ? PROT_WRITE : 0) |
-               (e.exec ? PROT_EXEC : 0);
-    Addr s = std::max(e.start, addr), t = std::min(e.end, end);
-    for (Addr c = s; c < t; c += kUnmergeChunkPages * kPageSize) {
-      std::size_t len =
-          std::min<std::size_t>(kUnmergeChunkPages * kPageSize, t - c);
-      if (!RestoreAnonymous(c, len, prot)) ok = false;
+  auto prot_of = [](const MapEntry& e) {
+    return (e.read ? PROT_READ : 0) | (e.write ? PROT_WRITE : 0) |
+           (e.exec ? PROT_EXEC : 0);
+  };
+  auto ours = [&](const MapEntry& e) {
+    return e.end > addr && e.start < end && !e.shared && IsOurMemfd(e);
+  };
+  auto clip = [&](const MapEntry& e) {
+    return std::pair{std::max(e.start, addr), std::min(e.end, end)};
+  };
+  for (std::size_t i = 0; i < maps.size();) {
+    if (!ours(maps[i])) {
+      ++i;
+      continue;
     }
+    const int prot = prot_of(maps[i]);
+    std::size_t j = i + 1;  // the group: maps [i, j)
+    while (j < maps.size() && ours(maps[j]) && prot_of(maps[j]) == prot &&
+           maps[j].start == maps[j - 1].end) {
+      ++j;
+    }
+    const Addr s = clip(maps[i]).first, t = clip(maps[j - 1]).second;
+    for (Addr c = s; c < t; c += kUnmergeChunkPages * kPageSize) {
+      const std::size_t len =
+          std::min<std::size_t>(kUnmergeChunkPages * kPageSize, t - c);
+      if (RestoreAnonymous(c, len, prot)) continue;
+      bool alone = false;  // the chunk lies within one mapping
+      for (std::size_t k = i; k < j; ++k) {
+        auto [ms, mt] = clip(maps[k]);
+        ms = std::max(ms, c);
+        mt = std::min(mt, c + len);
+        if (ms >= mt) continue;
+        if (ms == c && mt == c + len) {
+          alone = true;
+          break;
+        }
+        if (!RestoreAnonymous(ms, mt - ms, prot)) ok = false;
+      }
+      if (alone) ok = false;
+    }
+    i = j;
   }
   return ok;
 }

@@ -987,6 +987,55 @@ TEST_P(LinuxMemoryTest, UnmergeRestoresAnonymousSemantics) {
   EXPECT_EQ(m->Stats().frames_in_use, 0u);
 }
 
+// Pages that map their frames one VMA each (their partners were merged in
+// another order) are given back together: the range ends as one anonymous
+// VMA, with every page's bytes, writable, and anonymous (MADV_DONTNEED
+// reads zeros).
+TEST_P(LinuxMemoryTest, UnmergeGivesAdjacentOnePageMappingsBackAsOne) {
+  constexpr std::size_t kN = 64;
+  auto m = NewMemory();
+  Region a(kN), b(kN);
+  auto slot = [](std::size_t i) { return (i * 37) % kN; };  // a permutation
+  for (std::size_t i = 0; i < kN; ++i) {
+    Fill(a.page(i), static_cast<unsigned>(i));
+    Fill(b.page(slot(i)), static_cast<unsigned>(i));
+  }
+  Rescan(*m);
+  std::vector<Addr> p = Addrs(a, 0, kN), q;
+  for (std::size_t i = 0; i < kN; ++i) q.push_back(b.addr(slot(i)));
+  std::vector<FrameId> frames(kN);
+  std::vector<MergeResult> res(kN);
+  m->MergePairs(p, q, frames, res);
+  for (std::size_t i = 0; i < kN; ++i)
+    ASSERT_EQ(res[i], MergeResult::kMerged) << i;
+  auto vmas_in_b = [&] {
+    std::vector<MapEntry> maps;
+    EXPECT_TRUE(ReadMaps("/proc/self/maps", &maps).ok());
+    std::size_t n = 0;
+    for (const auto& e : maps)
+      n += e.end > b.addr(0) && e.start < b.addr(0) + kN * kPageSize;
+    return n;
+  };
+  ASSERT_GE(vmas_in_b(), kN / 2);  // a mapping per page, nearly
+  b.page(slot(3))[7] ^= 1;         // one page copied away already
+  ASSERT_TRUE(m->Unmerge(b.addr(0), kN));
+  EXPECT_EQ(vmas_in_b(), 1u);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kN; ++i) {
+    Fill(expect, static_cast<unsigned>(i));
+    if (i == 3) expect[7] ^= 1;
+    EXPECT_TRUE(Same(b.page(slot(i)), expect)) << i;
+    EXPECT_EQ(ProbeOne(*m, b.addr(slot(i))), PageState::kAnon) << i;
+    b.page(slot(i))[0] ^= 1;  // writable
+  }
+  ASSERT_EQ(madvise(b.page(0), kN * kPageSize, MADV_DONTNEED), 0);
+  for (std::size_t i = 0; i < kN; ++i)
+    for (std::size_t k = 0; k < kPageSize; k += 64) ASSERT_EQ(b.page(i)[k], 0);
+  ASSERT_TRUE(m->Unmerge(a.addr(0), kN));
+  for (FrameId f : frames) m->ReleaseFrame(f);
+  EXPECT_EQ(m->Stats().frames_in_use, 0u);
+}
+
 bool VmaLocked(const void* p) {
   std::vector<MapEntry> maps;
   EXPECT_TRUE(ReadMaps("/proc/self/smaps", &maps).ok());
