@@ -1778,16 +1778,7 @@ void LinuxMemory::CopyIntoFrames(Addr src, std::size_t n, FrameId first,
   // the copy faults (a page unmapped under us), straight from src. At most
   // kBouncePages at a time, so that no more of the scratch area than that
   // stays resident between merges.
-  // The part of the scratch area used is populated in one call first: its
-  // first copy would otherwise take a page fault per page (on the PVM
-  // guest 256 faults cost 2.4-3.5 ms, the call and the copy 1.2-1.6 ms).
-  const std::size_t used = std::min(kBouncePages, n);
-  if (used > bounce_warm_pages_ &&
-      madvise(Ptr(scratch_ + bounce_warm_pages_ * kPageSize),
-              (used - bounce_warm_pages_) * kPageSize,
-              MADV_POPULATE_WRITE) == 0) {
-    bounce_warm_pages_ = used;
-  }
+  WarmScratch(std::min(kBouncePages, n));
   for (std::size_t at = 0; at < n; at += kBouncePages) {
     const std::size_t m = std::min(kBouncePages, n - at);
     const std::size_t len = m * kPageSize;
@@ -1998,10 +1989,7 @@ bool LinuxMemory::ReplaceWithAnonymousCopy(Addr start, std::size_t len,
                                            int prot) {
   if (len > kScratchBytes) return false;
   void* scratch = Ptr(scratch_);
-  bounce_warm_pages_ = 0;  // moved out or dropped below
-  // Pages moved out by the last copy leave the scratch area empty: one call
-  // faults them in, where the copy would take a page fault each.
-  (void)madvise(scratch, len, MADV_POPULATE_WRITE);
+  WarmScratch(len / kPageSize);
   bool ok = GuardedCopy(scratch, Ptr(start), len);
   if (ok && prot != kReadWrite) ok = mprotect(scratch, len, prot) == 0;
   // mremap replaces the range atomically: readers never see a hole. Never
@@ -2021,8 +2009,21 @@ bool LinuxMemory::ReplaceWithAnonymousCopy(Addr start, std::size_t len,
     if (ok) (void)ReapplyVmaFlags(start, len, /*lock=*/true);
   }
   if (!ok) madvise(scratch, len, MADV_DONTNEED);  // drop the copy
+  scratch_warm_pages_ = 0;  // its pages moved out or dropped
   if (prot != kReadWrite) mprotect(scratch, len, kReadWrite);
   return ok;
+}
+
+void LinuxMemory::WarmScratch(std::size_t npages) {
+  // One call faults the pages in, where a copy into them would take a page
+  // fault each (on the PVM guest 256 faults cost 2.4-3.5 ms, the call and
+  // the copy 1.2-1.6 ms). Pages a copy moved out leave the area empty.
+  if (npages <= scratch_warm_pages_) return;
+  if (madvise(Ptr(scratch_ + scratch_warm_pages_ * kPageSize),
+              (npages - scratch_warm_pages_) * kPageSize,
+              MADV_POPULATE_WRITE) == 0) {
+    scratch_warm_pages_ = npages;
+  }
 }
 
 bool LinuxMemory::RestoreAnonymous(Addr start, std::size_t len, int prot) {

@@ -462,10 +462,12 @@ class LinuxMemory final : public Memory {
   // what of it stays resident between merges (CopyIntoFrames).
   static constexpr std::size_t kBouncePages = 256;
   static_assert(kBouncePages * kPageSize <= kScratchBytes);
-  // Pages at the start of the scratch area known to be populated (by
-  // MADV_POPULATE_WRITE in CopyIntoFrames); 0 again once an unmerge moves
-  // them out (ReplaceWithAnonymousCopy).
-  std::size_t bounce_warm_pages_ = 0;
+  // Pages at the start of the scratch area known to be populated
+  // (WarmScratch); 0 again once a copy is moved out or dropped
+  // (ReplaceWithAnonymousCopy).
+  std::size_t scratch_warm_pages_ = 0;
+  // Populates the scratch area's first npages, if not known to be.
+  void WarmScratch(std::size_t npages);
   std::uint64_t id_ = 0;  // distinguishes instances for RegisterThread
   // MergePairBatch's arrays per pair, too large for the stack of a thread
   // that scans synchronously. Written inside windows, so in *this, whose
