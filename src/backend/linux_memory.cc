@@ -2036,6 +2036,8 @@ bool LinuxMemory::RestoreAnonymous(Addr start, std::size_t len, int prot) {
     int err = (prot & PROT_WRITE) ? protector_->Protect(start, len, &how) : 0;
     if (err == 0) {
       ok = StillProtected(start, len, how) &&
+           (options_.fail_unmerge_copy == nullptr ||
+            options_.fail_unmerge_copy(start, len) == 0) &&
            ReplaceWithAnonymousCopy(start, len, prot);
       if (ok) {
         protector_->Replaced(start, len, how);

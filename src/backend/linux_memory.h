@@ -87,6 +87,10 @@ struct LinuxMemoryOptions {
   // (MergeSpanDiscardFirst); a non-zero errno fails that mapping as the
   // kernel would, so the pages must be filled back from their frames.
   int (*fail_discard_first_map)(Addr at, std::size_t len) = nullptr;
+  // Tests: called inside Unmerge's window over [at, at + len), before the
+  // copy that replaces it; a non-zero errno fails that replacement (the
+  // pages stay mapped to their frames, as after a failed copy or mremap).
+  int (*fail_unmerge_copy)(Addr at, std::size_t len) = nullptr;
   // Frame stores of ancestors (a forked child's parent), as (dev, inode):
   // their private mappings count as merged pages of ours for probing,
   // merging over and unmerging, but their frames are never allocated or

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -987,53 +988,143 @@ TEST_P(LinuxMemoryTest, UnmergeRestoresAnonymousSemantics) {
   EXPECT_EQ(m->Stats().frames_in_use, 0u);
 }
 
-// Pages that map their frames one VMA each (their partners were merged in
-// another order) are given back together: the range ends as one anonymous
-// VMA, with every page's bytes, writable, and anonymous (MADV_DONTNEED
-// reads zeros).
-TEST_P(LinuxMemoryTest, UnmergeGivesAdjacentOnePageMappingsBackAsOne) {
-  constexpr std::size_t kN = 64;
-  auto m = NewMemory();
-  Region a(kN), b(kN);
-  auto slot = [](std::size_t i) { return (i * 37) % kN; };  // a permutation
-  for (std::size_t i = 0; i < kN; ++i) {
-    Fill(a.page(i), static_cast<unsigned>(i));
-    Fill(b.page(slot(i)), static_cast<unsigned>(i));
+// Unmerge's replacements in the tests below: those g_fail_unmerge_len long
+// (kFailAll: every one) fail, as a copy or mremap the kernel refused.
+constexpr std::size_t kFailAll = std::numeric_limits<std::size_t>::max();
+std::size_t g_fail_unmerge_len = 0;
+std::size_t g_unmerge_calls = 0;
+int FailUnmergeOfLen(Addr, std::size_t len) {
+  ++g_unmerge_calls;
+  return g_fail_unmerge_len == kFailAll || len == g_fail_unmerge_len ? ENOMEM
+                                                                     : 0;
+}
+
+struct ScatteredMerge {
+  static constexpr std::size_t kN = 64;
+  static std::size_t Slot(std::size_t i) { return (i * 37) % kN; }
+  std::unique_ptr<LinuxMemory> m;
+  Region a{kN}, b{kN};
+  std::vector<FrameId> frames = std::vector<FrameId>(kN);
+
+  // b holds a's pages in another order, merged pair by pair: b maps its
+  // frames in many small mappings. Unmerge's replacements go through
+  // FailUnmergeOfLen.
+  void Merge(Protection protection) {
+    LinuxMemoryOptions o;
+    o.protection = protection;
+    o.fail_unmerge_copy = FailUnmergeOfLen;
+    g_fail_unmerge_len = 0;
+    ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
+    for (std::size_t i = 0; i < kN; ++i) {
+      Fill(a.page(i), static_cast<unsigned>(i));
+      Fill(b.page(Slot(i)), static_cast<unsigned>(i));
+    }
+    Rescan(*m);
+    std::vector<Addr> q;
+    for (std::size_t i = 0; i < kN; ++i) q.push_back(b.addr(Slot(i)));
+    std::vector<MergeResult> res(kN);
+    m->MergePairs(Addrs(a, 0, kN), q, frames, res);
+    for (std::size_t i = 0; i < kN; ++i)
+      ASSERT_EQ(res[i], MergeResult::kMerged) << i;
   }
-  Rescan(*m);
-  std::vector<Addr> p = Addrs(a, 0, kN), q;
-  for (std::size_t i = 0; i < kN; ++i) q.push_back(b.addr(slot(i)));
-  std::vector<FrameId> frames(kN);
-  std::vector<MergeResult> res(kN);
-  m->MergePairs(p, q, frames, res);
-  for (std::size_t i = 0; i < kN; ++i)
-    ASSERT_EQ(res[i], MergeResult::kMerged) << i;
-  auto vmas_in_b = [&] {
+  std::size_t VmasInB() const {
     std::vector<MapEntry> maps;
     EXPECT_TRUE(ReadMaps("/proc/self/maps", &maps).ok());
     std::size_t n = 0;
     for (const auto& e : maps)
       n += e.end > b.addr(0) && e.start < b.addr(0) + kN * kPageSize;
     return n;
-  };
-  ASSERT_GE(vmas_in_b(), kN / 2);  // a mapping per page, nearly
-  b.page(slot(3))[7] ^= 1;         // one page copied away already
-  ASSERT_TRUE(m->Unmerge(b.addr(0), kN));
-  EXPECT_EQ(vmas_in_b(), 1u);
-  unsigned char expect[kPageSize];
-  for (std::size_t i = 0; i < kN; ++i) {
-    Fill(expect, static_cast<unsigned>(i));
-    if (i == 3) expect[7] ^= 1;
-    EXPECT_TRUE(Same(b.page(slot(i)), expect)) << i;
-    EXPECT_EQ(ProbeOne(*m, b.addr(slot(i))), PageState::kAnon) << i;
-    b.page(slot(i))[0] ^= 1;  // writable
   }
-  ASSERT_EQ(madvise(b.page(0), kN * kPageSize, MADV_DONTNEED), 0);
-  for (std::size_t i = 0; i < kN; ++i)
-    for (std::size_t k = 0; k < kPageSize; k += 64) ASSERT_EQ(b.page(i)[k], 0);
-  ASSERT_TRUE(m->Unmerge(a.addr(0), kN));
-  for (FrameId f : frames) m->ReleaseFrame(f);
-  EXPECT_EQ(m->Stats().frames_in_use, 0u);
+  // A write to b's copy of page i: copied away before any unmerge.
+  void CopyAway(std::size_t i) {
+    b.page(Slot(i))[7] ^= 1;
+    copied = i;
+  }
+  std::size_t copied = kN;  // none
+  // a's pages, the frames' other sharers, hold the frames' bytes; b's hold
+  // them too (the one copied away its write), and take a write.
+  void ExpectIntactAndWritable(PageState state) {
+    unsigned char expect[kPageSize];
+    for (std::size_t i = 0; i < kN; ++i) {
+      Fill(expect, static_cast<unsigned>(i));
+      EXPECT_TRUE(Same(a.page(i), expect)) << i;
+      if (i == copied) expect[7] ^= 1;
+      EXPECT_TRUE(Same(b.page(Slot(i)), expect)) << i;
+      EXPECT_EQ(ProbeOne(*m, b.addr(Slot(i))),
+                i == copied ? PageState::kAnon : state)
+          << i;
+      b.page(Slot(i))[0] ^= 1;
+      expect[0] ^= 1;
+      EXPECT_TRUE(Same(b.page(Slot(i)), expect)) << i;
+    }
+  }
+  // After an unmerge: anonymous memory again (MADV_DONTNEED reads zeros).
+  void ExpectAnonymousAndWritable() {
+    ExpectIntactAndWritable(PageState::kAnon);
+    ASSERT_EQ(madvise(b.page(0), kN * kPageSize, MADV_DONTNEED), 0);
+    for (std::size_t i = 0; i < kN; ++i)
+      for (std::size_t k = 0; k < kPageSize; k += 64)
+        ASSERT_EQ(b.page(i)[k], 0) << i;
+  }
+  void Release() {
+    g_fail_unmerge_len = 0;
+    ASSERT_TRUE(m->Unmerge(a.addr(0), kN));
+    for (FrameId f : frames) m->ReleaseFrame(f);
+    EXPECT_EQ(m->Stats().frames_in_use, 0u);
+  }
+};
+
+// Pages that map their frames one VMA each (their partners were merged in
+// another order) are given back together: the range ends as one anonymous
+// VMA, with every page's bytes, writable, and anonymous (MADV_DONTNEED
+// reads zeros).
+TEST_P(LinuxMemoryTest, UnmergeGivesAdjacentOnePageMappingsBackAsOne) {
+  ScatteredMerge t;
+  ASSERT_NO_FATAL_FAILURE(t.Merge(GetParam()));
+  ASSERT_GE(t.VmasInB(), ScatteredMerge::kN / 2);  // a mapping per page, nearly
+  t.CopyAway(3);
+  ASSERT_TRUE(t.m->Unmerge(t.b.addr(0), ScatteredMerge::kN));
+  EXPECT_EQ(t.VmasInB(), 1u);
+  t.ExpectAnonymousAndWritable();
+  t.Release();
+}
+
+// If the replacement of a chunk made of several mappings fails, each
+// mapping of the chunk is given back on its own, with the same result for
+// its pages.
+TEST_P(LinuxMemoryTest, UnmergeOfAFailedChunkGoesAMappingAtATime) {
+  ScatteredMerge t;
+  ASSERT_NO_FATAL_FAILURE(t.Merge(GetParam()));
+  const std::size_t mappings = t.VmasInB();
+  ASSERT_GE(mappings, ScatteredMerge::kN / 2);
+  t.CopyAway(5);
+  g_unmerge_calls = 0;
+  g_fail_unmerge_len = ScatteredMerge::kN * kPageSize;  // the whole chunk
+  ASSERT_TRUE(t.m->Unmerge(t.b.addr(0), ScatteredMerge::kN));
+  EXPECT_EQ(g_unmerge_calls, 1 + mappings);  // the chunk, then each mapping
+  EXPECT_EQ(t.VmasInB(), mappings);          // each given back on its own
+  t.ExpectAnonymousAndWritable();
+  t.Release();
+}
+
+// When no replacement succeeds, Unmerge reports it and the pages stay as
+// they were: mapped to their frames, their bytes intact, writable (a write
+// copies the page, as after a merge), and the frames still shared.
+TEST_P(LinuxMemoryTest, UnmergeThatCannotReplaceLeavesPagesMappedAndWritable) {
+  ScatteredMerge t;
+  ASSERT_NO_FATAL_FAILURE(t.Merge(GetParam()));
+  const std::size_t mappings = t.VmasInB();
+  g_unmerge_calls = 0;
+  g_fail_unmerge_len = kFailAll;
+  EXPECT_FALSE(t.m->Unmerge(t.b.addr(0), ScatteredMerge::kN));
+  EXPECT_EQ(g_unmerge_calls, 1 + mappings);
+  EXPECT_EQ(t.VmasInB(), mappings);
+  EXPECT_EQ(t.m->Stats().frames_in_use, ScatteredMerge::kN);
+  t.ExpectIntactAndWritable(PageState::kFrame);  // each write copies its page
+  // A later Unmerge that can replace gives them back.
+  g_fail_unmerge_len = 0;
+  EXPECT_TRUE(t.m->Unmerge(t.b.addr(0), ScatteredMerge::kN));
+  t.Release();
 }
 
 bool VmaLocked(const void* p) {
