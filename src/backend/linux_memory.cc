@@ -1989,8 +1989,7 @@ bool LinuxMemory::ReplaceWithAnonymousCopy(Addr start, std::size_t len,
                                            int prot) {
   if (len > kScratchBytes) return false;
   void* scratch = Ptr(scratch_);
-  WarmScratch(len / kPageSize);
-  bool ok = GuardedCopy(scratch, Ptr(start), len);
+  bool ok = CopyIntoScratch(start, len);
   if (ok && prot != kReadWrite) ok = mprotect(scratch, len, prot) == 0;
   // mremap replaces the range atomically: readers never see a hole. Never
   // mmap(NULL) a scratch area instead: it could land in a hole the
@@ -2024,6 +2023,43 @@ void LinuxMemory::WarmScratch(std::size_t npages) {
               MADV_POPULATE_WRITE) == 0) {
     scratch_warm_pages_ = npages;
   }
+}
+
+bool LinuxMemory::CopyIntoScratch(Addr src, std::size_t len) {
+  const std::size_t n = len / kPageSize;
+  std::size_t done = std::min(scratch_warm_pages_, n);  // present pages
+  if (done > 0 && !GuardedCopy(Ptr(scratch_), Ptr(src), done * kPageSize))
+    return false;
+  // The rest of the area has no pages (moved out, or never touched): the
+  // kernel fills them from src with UFFDIO_COPY, which needs the area
+  // registered for missing pages for the time of the call. It writes each
+  // page once, where populating them first zeroes every page and the copy
+  // then writes it again through its user address: on the PVM machine
+  // 2.1-4.3 against 7.4-11.5 us a page (C probe, 65,536 private pages of a
+  // memfd given back 1,024 at a time, mremap included).
+  if (done < n) {
+    if (protector_->RegisterMissing(scratch_, kScratchBytes)) {
+      int err = 0;
+      const std::size_t filled =
+          protector_->FillMissingRange(scratch_ + done * kPageSize,
+                                       Ptr(src + done * kPageSize),
+                                       (n - done) * kPageSize, &err) /
+          kPageSize;
+      done += filled;
+      unmerge_filled_pages_ += filled;
+    }
+    // Never left registered (a failed registration may have registered
+    // part of it): a later fault on a missing page of the area would wait
+    // for a fill that never comes.
+    (void)protector_->Unregister(scratch_, kScratchBytes);
+  }
+  scratch_warm_pages_ = std::max(scratch_warm_pages_, done);
+  if (done == n) return true;
+  // Not filled that way (mprotect protection, or the call failed): the
+  // pages are populated, then copied into.
+  WarmScratch(n);
+  return GuardedCopy(Ptr(scratch_ + done * kPageSize),
+                     Ptr(src + done * kPageSize), (n - done) * kPageSize);
 }
 
 bool LinuxMemory::RestoreAnonymous(Addr start, std::size_t len, int prot) {
@@ -2145,6 +2181,7 @@ MemoryStats LinuxMemory::Stats() const {
   s.smaps_reads = smaps_reads_;
   s.discard_first_pages = discard_first_pages_;
   s.fill_failures = fill_failures_;
+  s.unmerge_filled_pages = unmerge_filled_pages_;
   return s;
 }
 

@@ -472,6 +472,9 @@ class LinuxMemory final : public Memory {
   std::size_t scratch_warm_pages_ = 0;
   // Populates the scratch area's first npages, if not known to be.
   void WarmScratch(std::size_t npages);
+  // Copies the len bytes at src into the start of the scratch area: false
+  // if src could not be read.
+  bool CopyIntoScratch(Addr src, std::size_t len);
   std::uint64_t id_ = 0;  // distinguishes instances for RegisterThread
   // MergePairBatch's arrays per pair, too large for the stack of a thread
   // that scans synchronously. Written inside windows, so in *this, whose
@@ -569,6 +572,7 @@ class LinuxMemory final : public Memory {
   std::uint64_t locks_lost_ = 0;  // pages whose lock could not come back
   std::uint64_t pinned_io_skips_ = 0;  // pages not replaced: I/O in flight
   std::uint64_t discard_first_pages_ = 0;  // see MemoryStats
+  std::uint64_t unmerge_filled_pages_ = 0;  // see MemoryStats
   std::uint64_t fill_failures_ = 0;        // see MemoryStats
 
   static constexpr std::size_t kProbeChunk = 512;

@@ -122,6 +122,30 @@ class UffdProtector final : public Protector {
     }
   }
 
+  std::size_t FillMissingRange(Addr dst, const void* src, std::size_t len,
+                               int* err) override {
+    std::size_t done = 0;
+    for (int attempt = 0; done < len;) {
+      uffdio_copy copy = {};
+      copy.dst = dst + done;
+      copy.src = reinterpret_cast<Addr>(src) + done;
+      copy.len = len - done;
+      copy.mode = UFFDIO_COPY_MODE_DONTWAKE;
+      const int r = ioctl(fd_, UFFDIO_COPY, &copy);
+      // copy.copy: the bytes copied, or a negative errno if none were.
+      if (copy.copy > 0) done += static_cast<std::size_t>(copy.copy);
+      if (r == 0) break;
+      // EAGAIN: the layout changed under the call, or it stopped part
+      // way: again from where it stopped.
+      if (errno != EAGAIN || ++attempt == 8) {
+        *err = errno;
+        return done;
+      }
+    }
+    *err = 0;
+    return done;
+  }
+
   bool Unregister(Addr start, std::size_t len) override {
     uffdio_range range = {start, len};
     return ioctl(fd_, UFFDIO_UNREGISTER, &range) == 0;

@@ -74,6 +74,17 @@ class Protector {
     (void)src;
     return EOPNOTSUPP;
   }
+  // Fills the missing pages of [dst, dst + len) with copies of those at
+  // src, in as few calls as it can (UFFDIO_COPY), without waking anyone.
+  // The bytes filled from dst on; *err: 0, or the errno that stopped it.
+  virtual std::size_t FillMissingRange(Addr dst, const void* src,
+                                       std::size_t len, int* err) {
+    (void)dst;
+    (void)src;
+    (void)len;
+    *err = EOPNOTSUPP;
+    return 0;
+  }
   // Drops our registration of [start, start + len): its pages lose our
   // write-protect bits and any waiter is woken.
   virtual bool Unregister(Addr start, std::size_t len) {

@@ -77,6 +77,9 @@ struct MemoryStats {
   // Discarded pages that could not get their bytes back after their
   // frame's mapping failed (only when no page could be allocated).
   std::uint64_t fill_failures = 0;
+  // Pages unmerging had the kernel copy into fresh pages (UFFDIO_COPY)
+  // rather than populating them first and copying into them.
+  std::uint64_t unmerge_filled_pages = 0;
 };
 
 class Memory {

@@ -1127,6 +1127,65 @@ TEST_P(LinuxMemoryTest, UnmergeThatCannotReplaceLeavesPagesMappedAndWritable) {
   t.Release();
 }
 
+// Every mapping of the process that has VmFlag flag, as "start-end ".
+std::string AllVmasWithFlag(const char* flag) {
+  std::vector<MapEntry> maps;
+  if (!ReadMaps("/proc/self/smaps", &maps).ok()) return "cannot read smaps";
+  std::string out;
+  for (const MapEntry& e : maps) {
+    if (e.HasVmFlag(flag))
+      out += std::to_string(e.start) + "-" + std::to_string(e.end) + " ";
+  }
+  return out;
+}
+
+// Unmerging copies a chunk into the scratch area before moving it into
+// place: into the part a pair window left populated with a copy, and, with
+// userfaultfd, the rest by the kernel straight into fresh pages. Every page
+// gets its own bytes either way, and no mapping is left registered for
+// missing pages.
+TEST_P(LinuxMemoryTest, UnmergeFillsTheScratchAreaPastItsPopulatedPart) {
+  constexpr std::size_t kN = 600;  // one chunk, past the populated part
+  auto m = NewMemory();
+  Region a(kN), b(kN);
+  // Fill repeats every 256 seeds: each page also holds its index.
+  auto fill = [](unsigned char* page, std::size_t i) {
+    Fill(page, static_cast<unsigned>(i));
+    std::memcpy(page + 100, &i, sizeof(i));
+  };
+  for (std::size_t i = 0; i < kN; ++i) {
+    fill(a.page(i), i);
+    fill(b.page(i), i);
+  }
+  Rescan(*m);
+  std::vector<FrameId> frames(kN);
+  std::vector<MergeResult> res(kN);
+  m->MergePairs(Addrs(a, 0, kN), Addrs(b, 0, kN), frames, res);
+  for (std::size_t i = 0; i < kN; ++i)
+    ASSERT_EQ(res[i], MergeResult::kMerged) << i;
+  const std::size_t populated = m->ScratchResidentPages();
+  ASSERT_GT(populated, 0u);
+  ASSERT_LT(populated, kN);
+  a.page(7)[9] ^= 1;  // copied away before the unmerge
+  ASSERT_TRUE(m->Unmerge(a.addr(0), kN));
+  ASSERT_TRUE(m->Unmerge(b.addr(0), kN));  // nothing populated now
+  EXPECT_EQ(m->Stats().unmerge_filled_pages,
+            GetParam() == Protection::kUserfaultfd ? 2 * kN - populated : 0);
+  EXPECT_EQ(AllVmasWithFlag("um"), "");
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kN; ++i) {
+    for (Region* r : {&a, &b}) {
+      fill(expect, i);
+      if (r == &a && i == 7) expect[9] ^= 1;
+      EXPECT_TRUE(Same(r->page(i), expect)) << i;
+      EXPECT_EQ(ProbeOne(*m, r->addr(i)), PageState::kAnon) << i;
+      r->page(i)[0] ^= 1;  // writable
+    }
+  }
+  for (FrameId f : frames) m->ReleaseFrame(f);
+  EXPECT_EQ(m->Stats().frames_in_use, 0u);
+}
+
 bool VmaLocked(const void* p) {
   std::vector<MapEntry> maps;
   EXPECT_TRUE(ReadMaps("/proc/self/smaps", &maps).ok());
