@@ -110,6 +110,10 @@ class UffdProtector final : public Protector {
                     UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING);
   }
 
+  bool RegisterForFill(Addr start, std::size_t len) override {
+    return Register(start, len, UFFDIO_REGISTER_MODE_MISSING);
+  }
+
   int FillMissing(Addr dst, const void* src) override {
     for (int attempt = 0;; ++attempt) {
       uffdio_copy copy = {};

@@ -74,6 +74,15 @@ class Protector {
     (void)src;
     return EOPNOTSUPP;
   }
+  // Registers [start, start + len), memory of ours that nobody has
+  // registered, for missing-page faults only, so that FillMissingRange can
+  // fill it; Unregister ends it. Without write-protection, Unregister need
+  // not walk the range's page tables (userfaultfd only).
+  virtual bool RegisterForFill(Addr start, std::size_t len) {
+    (void)start;
+    (void)len;
+    return false;
+  }
   // Fills the missing pages of [dst, dst + len) with copies of those at
   // src, in as few calls as it can (UFFDIO_COPY), without waking anyone.
   // The bytes filled from dst on; *err: 0, or the errno that stopped it.
