@@ -2042,11 +2042,10 @@ bool LinuxMemory::CopyIntoScratch(Addr src, std::size_t len) {
   // Even so a fill of one page does not win it back (kMinKernelFillPages).
   if (n - done >= kMinKernelFillPages) {
     if (protector_->RegisterForFill(scratch_, kScratchBytes)) {
-      int err = 0;
       const std::size_t filled =
           protector_->FillMissingRange(scratch_ + done * kPageSize,
                                        Ptr(src + done * kPageSize),
-                                       (n - done) * kPageSize, &err) /
+                                       (n - done) * kPageSize) /
           kPageSize;
       done += filled;
       unmerge_filled_pages_ += filled;

@@ -115,39 +115,15 @@ class UffdProtector final : public Protector {
   }
 
   int FillMissing(Addr dst, const void* src) override {
-    for (int attempt = 0;; ++attempt) {
-      uffdio_copy copy = {};
-      copy.dst = dst;
-      copy.src = reinterpret_cast<Addr>(src);
-      copy.len = kPageSize;
-      if (ioctl(fd_, UFFDIO_COPY, &copy) == 0) return 0;
-      // EAGAIN: the layout changed under the call (mremap, fork): again.
-      if (errno != EAGAIN || attempt == 8) return errno;
-    }
+    int err = 0;
+    (void)Copy(dst, src, kPageSize, /*mode=*/0, &err);
+    return err;
   }
 
-  std::size_t FillMissingRange(Addr dst, const void* src, std::size_t len,
-                               int* err) override {
-    std::size_t done = 0;
-    for (int attempt = 0; done < len;) {
-      uffdio_copy copy = {};
-      copy.dst = dst + done;
-      copy.src = reinterpret_cast<Addr>(src) + done;
-      copy.len = len - done;
-      copy.mode = UFFDIO_COPY_MODE_DONTWAKE;
-      const int r = ioctl(fd_, UFFDIO_COPY, &copy);
-      // copy.copy: the bytes copied, or a negative errno if none were.
-      if (copy.copy > 0) done += static_cast<std::size_t>(copy.copy);
-      if (r == 0) break;
-      // EAGAIN: the layout changed under the call, or it stopped part
-      // way: again from where it stopped.
-      if (errno != EAGAIN || ++attempt == 8) {
-        *err = errno;
-        return done;
-      }
-    }
-    *err = 0;
-    return done;
+  std::size_t FillMissingRange(Addr dst, const void* src,
+                               std::size_t len) override {
+    int err = 0;
+    return Copy(dst, src, len, UFFDIO_COPY_MODE_DONTWAKE, &err);
   }
 
   bool Unregister(Addr start, std::size_t len) override {
@@ -158,6 +134,32 @@ class UffdProtector final : public Protector {
   bool KernelFaultsWait() const override { return kernel_faults_wait_; }
   std::string Describe() const override {
     return kernel_faults_wait_ ? "userfaultfd" : "userfaultfd (user-mode only)";
+  }
+
+  // UFFDIO_COPY of [src, src + len) to dst: the bytes copied from dst on;
+  // *err 0, or the errno that stopped it.
+  std::size_t Copy(Addr dst, const void* src, std::size_t len,
+                   std::uint64_t mode, int* err) {
+    std::size_t done = 0;
+    for (int attempt = 0; done < len; ++attempt) {
+      uffdio_copy copy = {};
+      copy.dst = dst + done;
+      copy.src = reinterpret_cast<Addr>(src) + done;
+      copy.len = len - done;
+      copy.mode = mode;
+      const int r = ioctl(fd_, UFFDIO_COPY, &copy);
+      // copy.copy: the bytes copied, or a negative errno if none were.
+      if (copy.copy > 0) done += static_cast<std::size_t>(copy.copy);
+      if (r == 0) break;
+      // EAGAIN: the layout changed under the call (mremap, fork), or it
+      // stopped part way: again from where it stopped.
+      if (errno != EAGAIN || attempt == 8) {
+        *err = errno;
+        return done;
+      }
+    }
+    *err = 0;
+    return done;
   }
 
   bool Register(Addr start, std::size_t len, std::uint64_t mode) {

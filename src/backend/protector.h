@@ -84,14 +84,13 @@ class Protector {
     return false;
   }
   // Fills the missing pages of [dst, dst + len) with copies of those at
-  // src, in as few calls as it can (UFFDIO_COPY), without waking anyone.
-  // The bytes filled from dst on; *err: 0, or the errno that stopped it.
+  // src, in as few calls as it can (UFFDIO_COPY), without waking anyone:
+  // the bytes filled from dst on.
   virtual std::size_t FillMissingRange(Addr dst, const void* src,
-                                       std::size_t len, int* err) {
+                                       std::size_t len) {
     (void)dst;
     (void)src;
     (void)len;
-    *err = EOPNOTSUPP;
     return 0;
   }
   // Drops our registration of [start, start + len): its pages lose our
