@@ -1174,10 +1174,19 @@ void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
     }
     if (discard_first) {
       // The pages within kMaxWindowPages of this one, if their frames take
-      // several mappings: one discard-first window over their span.
+      // several mappings: one discard-first window over their span. The
+      // span stops before a page, or a gap, that the window could not
+      // cover (a hole, memory excluded or locked, or mapping frames
+      // already): the rest goes to windows of its own rather than failing
+      // this one.
+      auto coverable = [&](Addr from, Addr to) {
+        return SpanReplaceable(from, to) && !Overlaps(locked_, from, to) &&
+               !Overlaps(frame_mapped_, from, to);
+      };
       std::size_t e = i + 1, mappings = 1;
       while (e < n && pages[e] > pages[e - 1] &&
-             pages[e] + kPageSize - pages[i] <= max_span && ok(e)) {
+             pages[e] + kPageSize - pages[i] <= max_span && ok(e) &&
+             coverable(pages[e - 1] + kPageSize, pages[e] + kPageSize)) {
         if (pages[e] != pages[e - 1] + kPageSize ||
             frames[e] != frames[e - 1] + 1) {
           ++mappings;
@@ -1506,6 +1515,11 @@ void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
   RegisterThread();
   std::size_t n = std::min({p.size(), q.size(), frames.size(), results.size()});
   auto ok = [&](std::size_t i) { return MayReplace(p[i]) && MayReplace(q[i]); };
+  // Pairs in short runs, or none, join frames in address order where
+  // discard-first windows take their mappings without a flush each.
+  const bool scattered_way =
+      protection_ == Protection::kUserfaultfd && protector_->KernelFaultsWait();
+  std::vector<std::size_t> scattered;
   std::size_t i = 0;
   while (i < n) {
     if (!ok(i)) {
@@ -1514,10 +1528,21 @@ void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
       ++i;
       continue;
     }
+    // Where both sides run on together.
+    std::size_t run_end = i + 1;
+    while (run_end < n && p[run_end] == p[run_end - 1] + kPageSize &&
+           q[run_end] == q[run_end - 1] + kPageSize && ok(run_end)) {
+      ++run_end;
+    }
+    if (scattered_way && run_end - i < kMinPairRun) {
+      for (; i < run_end; ++i) scattered.push_back(i);
+      continue;
+    }
+    const std::size_t limit = scattered_way ? run_end : n;
     // A batch is a run of consecutive p; their partners may lie anywhere,
     // in at most kMaxPartnerRuns runs of their own (one window each).
     std::size_t j = i + 1, partner_runs = 1;
-    while (j < n && j - i < kMaxPairWindowPages &&
+    while (j < limit && j - i < kMaxPairWindowPages &&
            p[j] == p[j - 1] + kPageSize && p[j] % kPageTableSpan != 0 &&
            ok(j)) {
       const bool joins = q[j] == q[j - 1] + kPageSize;
@@ -1531,6 +1556,129 @@ void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
   }
   FlushMapped();
   CommitMapped();
+  if (!scattered.empty()) MergeScatteredPairs(p, q, scattered, frames, results);
+}
+
+void LinuxMemory::MergeScatteredPairs(std::span<const Addr> p,
+                                      std::span<const Addr> q,
+                                      std::span<const std::size_t> which,
+                                      std::span<FrameId> frames,
+                                      std::span<MergeResult> results) {
+  // As many pairs at a time as the VMA budget leaves room for, at the most
+  // each may cost; the real count (RecountIfShort) often leaves more.
+  std::size_t done = 0;
+  while (done < which.size()) {
+    const std::size_t left = which.size() - done;
+    RecountIfShort(kScatteredPairCost * left);
+    std::size_t admitted = left;
+    if (!BudgetAllows(kScatteredPairCost * left)) {
+      const std::uint64_t room =
+          budget_ > vmas_used_ ? budget_ - vmas_used_ : 0;
+      admitted = static_cast<std::size_t>(
+          std::min<std::uint64_t>(left, room / kScatteredPairCost));
+    }
+    if (admitted == 0) {
+      for (const std::size_t at : which.subspan(done)) {
+        results[at] = MergeResult::kNoBudget;
+        frames[at] = kNoFrame;
+        ++budget_skips_;
+      }
+      return;
+    }
+    MergeScatteredSlice(p, q, which.subspan(done, admitted), frames, results);
+    done += admitted;
+  }
+}
+
+void LinuxMemory::MergeScatteredSlice(std::span<const Addr> p,
+                                      std::span<const Addr> q,
+                                      std::span<const std::size_t> which,
+                                      std::span<FrameId> frames,
+                                      std::span<MergeResult> results) {
+  const std::size_t m = which.size();
+  const FrameId first_frame = store_.Allocate(m);
+  if (first_frame == kNoFrame) {
+    for (std::size_t k = 0; k < m; ++k) {
+      results[which[k]] = MergeResult::kFailed;
+      frames[which[k]] = kNoFrame;
+    }
+    return;
+  }
+  // Each pair's frame in the order of its p (the pages a scan batch found
+  // partners for, ascending), so that p next to each other get frames next
+  // to each other: one copy and one mapping per run of them.
+  std::vector<char> copied(m, 0);
+  std::unique_ptr<bool[]> part(new bool[m]);
+  for (std::size_t a = 0; a < m;) {
+    std::size_t b = a + 1;
+    while (b < m && p[which[b]] == p[which[b - 1]] + kPageSize) ++b;
+    CopyIntoFrames(p[which[a]], b - a, first_frame + static_cast<FrameId>(a),
+                   part.get());
+    for (std::size_t k = a; k < b; ++k) copied[k] = part[k - a] ? 1 : 0;
+    a = b;
+  }
+  auto frame_of = [&](std::size_t k) {
+    return first_frame + static_cast<FrameId>(k);
+  };
+  // Both pages of every pair, by address.
+  struct Side {
+    Addr addr;
+    std::uint32_t pair;  // index into which
+  };
+  std::vector<Side> sides;
+  sides.reserve(2 * m);
+  for (std::size_t k = 0; k < m; ++k) {
+    if (!copied[k]) continue;
+    const auto pair = static_cast<std::uint32_t>(k);
+    sides.push_back({p[which[k]], pair});
+    sides.push_back({q[which[k]], pair});
+  }
+  std::sort(sides.begin(), sides.end(),
+            [](const Side& a, const Side& b) { return a.addr < b.addr; });
+  // Both pages of each pair whose p arrived join its frame.
+  std::vector<Addr> pages(sides.size());
+  std::vector<FrameId> page_frames(sides.size());
+  for (std::size_t s = 0; s < sides.size(); ++s) {
+    pages[s] = sides[s].addr;
+    page_frames[s] = frame_of(sides[s].pair);
+  }
+  std::vector<MergeResult> joined(pages.size(), MergeResult::kFailed);
+  // Budget skips are counted per pair below, not per page.
+  const std::uint64_t skips_before = budget_skips_;
+  MergeIntoFrames(pages, page_frames, joined);
+  budget_skips_ = skips_before;
+  // Per pair: how many of its pages joined, and why the others did not.
+  std::vector<std::uint8_t> merged(m, 0);
+  std::vector<MergeResult> why(m, MergeResult::kGone);
+  for (std::size_t k = 0; k < pages.size(); ++k) {
+    const std::uint32_t pair = sides[k].pair;
+    if (joined[k] == MergeResult::kMerged) {
+      ++merged[pair];
+    } else if (why[pair] == MergeResult::kGone ||
+               joined[k] == MergeResult::kNoBudget) {
+      why[pair] = joined[k];
+    }
+  }
+  for (std::size_t k = 0; k < pages.size(); ++k) {
+    const std::uint32_t pair = sides[k].pair;
+    if (merged[pair] != 1 || joined[k] != MergeResult::kMerged) continue;
+    // Its partner did not join: this page maps the frame alone, and goes
+    // back to anonymous memory with its bytes. Where that fails it keeps
+    // the frame (its bytes, copy-on-write), which then stays allocated.
+    if (!RestoreAnonymous(pages[k], kPageSize, kReadWrite)) merged[pair] = 3;
+  }
+  for (std::size_t k = 0; k < m; ++k) {
+    const std::size_t at = which[k];
+    if (merged[k] == 2) {
+      results[at] = MergeResult::kMerged;
+      frames[at] = frame_of(k);
+      continue;
+    }
+    results[at] = why[k];
+    frames[at] = kNoFrame;
+    if (why[k] == MergeResult::kNoBudget) ++budget_skips_;
+    if (merged[k] != 3) store_.Release(frame_of(k));
+  }
 }
 
 void LinuxMemory::CheckWindowStateExcluded(

@@ -162,6 +162,15 @@ class LinuxMemory final : public Memory {
   // Windows over partners per pair batch: scattered partners of a run of
   // pages share the run's window, protect, copy and mapping on its side.
   static constexpr std::size_t kMaxPartnerRuns = 8;
+  // Pairs whose pages run on together on both sides for at least this many
+  // pairs go a window per run (MergePairBatch); shorter ones are merged in
+  // address order, each pair's lower page copied into a new frame and both
+  // pages then joining it (MergeScatteredPairs), where windows are
+  // discard-first (userfaultfd with kernel faults waiting).
+  static constexpr std::size_t kMinPairRun = 8;
+  // VMAs a scattered pair may add at most: each page's mapping splits its
+  // VMA in three.
+  static constexpr std::uint64_t kScatteredPairCost = 4;
   // Pages per Unmerge replacement (one mremap, one new VMA each).
   static constexpr std::size_t kUnmergeChunkPages = 1024;
 
@@ -402,6 +411,24 @@ class LinuxMemory final : public Memory {
   // kMaxPartnerRuns runs of consecutive pages (a window each).
   void MergePairBatch(Addr pbase, const Addr* q, std::size_t n, FrameId* frames,
                       MergeResult* results);
+  // The pairs `which` (indices into p, q, frames and results, p ascending)
+  // in address order: the lower page of each pair is copied into a new
+  // frame (unprotected: the join compares it in full), then both pages join
+  // that frame with MergeIntoFrames, sorted by address, so that pages of
+  // many pairs close together share a window, and, discard-first, the
+  // mappings go into emptied page tables without a TLB flush each. A pair
+  // of which only one page could join gets that page back anonymous
+  // (RestoreAnonymous). Pairs past the VMA budget (kScatteredPairCost each)
+  // are not tried: the pairs go in slices the budget has room for.
+  void MergeScatteredPairs(std::span<const Addr> p, std::span<const Addr> q,
+                           std::span<const std::size_t> which,
+                           std::span<FrameId> frames,
+                           std::span<MergeResult> results);
+  // One slice of MergeScatteredPairs, all of it within the budget.
+  void MergeScatteredSlice(std::span<const Addr> p, std::span<const Addr> q,
+                           std::span<const std::size_t> which,
+                           std::span<FrameId> frames,
+                           std::span<MergeResult> results);
   // pages: ascending, in one page table (kPageTableSpan); one window over
   // their span. False, with nothing done or reported, if a sparse span
   // could not be protected.

@@ -999,6 +999,16 @@ int FailUnmergeOfLen(Addr, std::size_t len) {
                                                                      : 0;
 }
 
+// The process's mappings that overlap [start, start + pages).
+std::size_t VmasIn(Addr start, std::size_t pages) {
+  std::vector<MapEntry> maps;
+  EXPECT_TRUE(ReadMaps("/proc/self/maps", &maps).ok());
+  std::size_t n = 0;
+  for (const auto& e : maps)
+    n += e.end > start && e.start < start + pages * kPageSize;
+  return n;
+}
+
 struct ScatteredMerge {
   static constexpr std::size_t kN = 64;
   static std::size_t Slot(std::size_t i) { return (i * 37) % kN; }
@@ -1027,14 +1037,7 @@ struct ScatteredMerge {
     for (std::size_t i = 0; i < kN; ++i)
       ASSERT_EQ(res[i], MergeResult::kMerged) << i;
   }
-  std::size_t VmasInB() const {
-    std::vector<MapEntry> maps;
-    EXPECT_TRUE(ReadMaps("/proc/self/maps", &maps).ok());
-    std::size_t n = 0;
-    for (const auto& e : maps)
-      n += e.end > b.addr(0) && e.start < b.addr(0) + kN * kPageSize;
-    return n;
-  }
+  std::size_t VmasInB() const { return VmasIn(b.addr(0), kN); }
   // A write to b's copy of page i: copied away before any unmerge.
   void CopyAway(std::size_t i) {
     b.page(Slot(i))[7] ^= 1;
@@ -1125,6 +1128,83 @@ TEST_P(LinuxMemoryTest, UnmergeThatCannotReplaceLeavesPagesMappedAndWritable) {
   g_fail_unmerge_len = 0;
   EXPECT_TRUE(t.m->Unmerge(t.b.addr(0), ScatteredMerge::kN));
   t.Release();
+}
+
+// Scattered pairs join their frames in address order (userfaultfd, kernel
+// faults waiting): p's run is copied into consecutive frames and mapped as
+// one piece, and the partners, dense in their region, are discarded and
+// mapped in a discard-first window instead of a TLB flush a mapping each.
+TEST_P(LinuxMemoryTest, ScatteredPairsJoinTheirFramesInDiscardFirstWindows) {
+  if (GetParam() != Protection::kUserfaultfd)
+    GTEST_SKIP() << "discard-first windows are userfaultfd's";
+  ScatteredMerge t;
+  ASSERT_NO_FATAL_FAILURE(t.Merge(GetParam()));
+  if (!t.m->SyscallWritesWait())
+    GTEST_SKIP() << "a user-mode-only userfaultfd: no discard-first windows";
+  EXPECT_GE(t.m->Stats().discard_first_pages, ScatteredMerge::kN);
+  for (std::size_t i = 0; i < ScatteredMerge::kN; ++i)
+    EXPECT_EQ(t.frames[i], t.frames[0] + i) << i;
+  EXPECT_EQ(VmasIn(t.a.addr(0), ScatteredMerge::kN), 1u);
+  EXPECT_EQ(t.m->Stats().frames_in_use, ScatteredMerge::kN);
+  t.ExpectIntactAndWritable(PageState::kFrame);
+  t.Release();
+}
+
+// A scattered pair of which one page joined its frame and the other could
+// not (it differs) gives the joined page back anonymous. Where even that
+// fails, the page keeps the frame: its bytes intact, writable (a write
+// copies it), the frame still allocated; a later Unmerge gives it back.
+TEST_P(LinuxMemoryTest,
+       AHalfJoinedScatteredPairThatCannotBeUndoneKeepsItsFrame) {
+  constexpr std::size_t kN = 32, kDiffering = 11;
+  LinuxMemoryOptions o;
+  o.protection = GetParam();
+  o.fail_unmerge_copy = FailUnmergeOfLen;
+  std::unique_ptr<LinuxMemory> m;
+  ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
+  ScatteredPairs pairs(kN);
+  Fill(pairs.partner(kDiffering), 555);
+  Rescan(*m);
+  std::vector<Addr> p = pairs.p(), q = pairs.q();
+  std::vector<FrameId> frames(kN);
+  std::vector<MergeResult> res(kN);
+  g_fail_unmerge_len = kFailAll;
+  m->MergePairs(p, q, frames, res);
+  g_fail_unmerge_len = 0;
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kN; ++i) {
+    Fill(expect, static_cast<unsigned>(i));
+    EXPECT_TRUE(Same(pairs.a.page(i), expect)) << i;
+    EXPECT_EQ(res[i],
+              i == kDiffering ? MergeResult::kDiffers : MergeResult::kMerged)
+        << i;
+  }
+  EXPECT_EQ(frames[kDiffering], kNoFrame);
+  unsigned char other[kPageSize];
+  Fill(other, 555);
+  EXPECT_TRUE(Same(pairs.partner(kDiffering), other));
+  EXPECT_EQ(ProbeOne(*m, q[kDiffering]), PageState::kAnon);
+  // The mprotect way merges a pair in one window: nothing is half joined.
+  const bool half_joined =
+      GetParam() == Protection::kUserfaultfd && m->SyscallWritesWait();
+  EXPECT_EQ(ProbeOne(*m, p[kDiffering]),
+            half_joined ? PageState::kFrame : PageState::kAnon);
+  EXPECT_EQ(m->Stats().frames_in_use, kN - (half_joined ? 0 : 1));
+  // Writable either way; the write stays in the writer's page.
+  pairs.a.page(kDiffering)[3] ^= 1;
+  Fill(expect, static_cast<unsigned>(kDiffering));
+  expect[3] ^= 1;
+  EXPECT_TRUE(Same(pairs.a.page(kDiffering), expect));
+  EXPECT_TRUE(Same(pairs.partner(kDiffering), other));
+  EXPECT_EQ(ProbeOne(*m, p[kDiffering]), PageState::kAnon);
+  ASSERT_TRUE(m->Unmerge(p[0], kN));
+  ASSERT_TRUE(m->Unmerge(pairs.b.addr(0), 2 * kN));
+  for (std::size_t i = 0; i < kN; ++i) {
+    if (frames[i] != kNoFrame) m->ReleaseFrame(frames[i]);
+  }
+  // The frame the half-joined page kept is not any pair's: it is the one
+  // leaked, still counted.
+  EXPECT_EQ(m->Stats().frames_in_use, half_joined ? 1u : 0u);
 }
 
 // Every mapping of the process that has VmFlag flag, as "start-end ".
