@@ -20,6 +20,8 @@ constexpr std::size_t kPlanFlush = 256;
 // Pages visited between two questions whether to pause the batch.
 constexpr std::size_t kPauseCheck = 64;
 constexpr std::size_t kMaxRunPlans = 65536;
+// Plans held while most are scattered pairs (Ksm::HoldScattered).
+constexpr std::size_t kMaxScatteredPlans = 16384;
 // How long merges may wait across batches for a run (ScanBatch carry_runs),
 // beside Ksm::kCarryPlans.
 constexpr std::uint64_t kCarryNanos = 2'000'000'000;
@@ -462,7 +464,10 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
     // merge reads each of them again under write-protection. A run of
     // identical pages that reaches the cursor is let grow first: the longer
     // it is, the fewer mappings it takes (StripeRuns).
-    if (PlanCount() >= kPlanFlush && !HoldForRun(cursor_, cap)) ExecutePlans();
+    if (PlanCount() >= kPlanFlush && !HoldForRun(cursor_, cap) &&
+        !HoldScattered()) {
+      ExecutePlans();
+    }
   }
   if (carry_runs && in_scan_ && PlanCount() != 0 && HoldForRun(cursor_, cap)) {
     // The run goes on in the next batch, unless its merges have waited for
@@ -516,6 +521,11 @@ bool Ksm::HoldForRun(Addr next, std::size_t cap) const {
   // instead of filling a part-used node with a mapping per page.
   if (planned >= cap + 2 * std::size_t{knobs_.max_page_sharing}) return false;
   return run_node_ != kNoNode && nodes_[run_node_].load() < knobs_.max_page_sharing;
+}
+
+bool Ksm::HoldScattered() const {
+  const std::size_t planned = PlanCount();
+  return planned < kMaxScatteredPlans && 2 * scattered_pairs_ > planned;
 }
 
 void Ksm::DropWaitingPlans(Addr start, Addr end) {
@@ -719,6 +729,10 @@ bool Ksm::PairWithUnstable(Addr addr, Item& item, std::uint64_t hash, bool unhas
     InvariantFailure("unstable index entry without its item");
   }
   unstable_.erase(it);
+  if (pair_plans_.empty() || pair_plans_.back().p + kPageSize != addr ||
+      pair_plans_.back().q + kPageSize != other_addr) {
+    ++scattered_pairs_;
+  }
   other->state = ItemState::kPending;
   --unshared_;
   item.state = ItemState::kPending;
@@ -1104,6 +1118,7 @@ void Ksm::ExecutePlans() {
   stable_plans_.clear();
   zero_plans_.clear();
   run_node_ = kNoNode;
+  scattered_pairs_ = 0;
   carry_since_ = 0;
 }
 

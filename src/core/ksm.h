@@ -319,6 +319,15 @@ class Ksm {
   // ending at `next` to grow (cut, past the cap, where its last node is
   // full, so that the next part starts on fresh nodes).
   bool HoldForRun(Addr next, std::size_t cap) const;
+  // Whether the merges planned so far wait for more within this batch:
+  // while most are pairs that do not run on from the pair before, up to
+  // kMaxScatteredPlans. The backend merges such pairs in address order
+  // (LinuxMemory::MergeScatteredPairs), and the more of them one call
+  // holds, the more of their pages lie in memory no merge has cut up yet,
+  // where one window and one TLB flush serve many of them: scattered pairs
+  // took half the merge CPU with plans held to the batch's end as with
+  // flushes every kPlanFlush plans (docs/performance.md).
+  bool HoldScattered() const;
   // With plans waiting across batches: drops those touching [start, end)
   // (their pages stay as they are) and does the rest (FinishPlans).
   void DropWaitingPlans(Addr start, Addr end);
@@ -397,6 +406,9 @@ class Ksm {
   std::size_t run_pages_ = 0;
   std::size_t longest_run_ = 0;  // since the last ExecutePlans
   NodeId run_node_ = kNoNode;    // the node of the last planned page
+  // Pair plans since the last ExecutePlans that do not continue the one
+  // before (both pages one page further).
+  std::size_t scattered_pairs_ = 0;
   bool carried_ = false;         // plans (and gone_) wait across batches
   std::uint64_t carry_since_ = 0;  // NowNanos when they began to wait
   // Scratch for Memory calls, reused across batches.

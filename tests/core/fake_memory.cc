@@ -142,6 +142,7 @@ void FakeMemory::MergeIntoFrames(std::span<const Addr> pages,
 void FakeMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
                             std::span<FrameId> frames,
                             std::span<MergeResult> results) {
+  pair_calls.push_back(p.size());
   for (std::size_t i = 0; i < p.size(); ++i) {
     frames[i] = kNoFrame;
     if (before_compare) {

@@ -51,6 +51,8 @@ class FakeMemory : public Memory {
 
   // Hash calls per page, since the start.
   std::map<Addr, std::size_t> hashes;
+  // Pairs handed to each MergePairs call, in order.
+  std::vector<std::size_t> pair_calls;
 
   std::size_t frames_live() const { return frame_refs_.size(); }
   std::size_t frames_released() const { return released_; }

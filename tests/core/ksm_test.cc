@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <random>
 #include <set>
@@ -510,6 +511,61 @@ INSTANTIATE_TEST_SUITE_P(
                       RunCopies{"SecondRun", {800, 801, 802, 803, 804, 805, 806, 807,
                                               808, 809, 810, 811, 812, 813, 814, 815}}),
     [](const ::testing::TestParamInfo<RunCopies>& info) { return info.param.name; });
+
+// 2 n pages: page i < n holds content i, and so does one page of the upper
+// half, at a shuffled place (`shuffled`) or at n + i.
+std::vector<std::size_t> TwinKeys(std::size_t n, bool shuffled) {
+  std::vector<std::size_t> key(2 * n);
+  for (std::size_t i = 0; i < n; ++i) key[i] = key[n + i] = i;
+  if (shuffled) std::shuffle(key.begin() + n, key.end(), std::mt19937(3));
+  return key;
+}
+
+PageBytes KeyBytes(std::size_t key) {
+  PageBytes b{};
+  std::memcpy(b.data(), &key, sizeof key);
+  b[100] = 1;  // never the zero page
+  return b;
+}
+
+// Pairs whose partners lie scattered wait for each other within a batch,
+// so that the backend gets them in one call and can merge them in address
+// order (LinuxMemory::MergeScatteredPairs); pairs in runs still go every
+// few hundred plans, while their pages are in the CPU's caches.
+TEST_F(KsmTest, ScatteredPairsWaitForEachOtherWithinABatch) {
+  constexpr std::size_t kPairs = 1000;
+  for (const bool shuffled : {true, false}) {
+    SCOPED_TRACE(shuffled ? "scattered" : "in runs");
+    FakeMemory mem;
+    Ksm ksm(&mem, &clock_);
+    const std::vector<std::size_t> key = TwinKeys(kPairs, shuffled);
+    const Addr base = kBase;
+    mem.Map(base, 2 * kPairs);
+    for (std::size_t i = 0; i < 2 * kPairs; ++i)
+      mem.WriteBytes(base + i * kPageSize, KeyBytes(key[i]));
+    ksm.Advise(base, 2 * kPairs);
+    // One batch a full scan (its pages, and the end of the scan): the
+    // first hashes, the second merges.
+    for (int scan = 0; scan < 2; ++scan) {
+      ksm.ScanBatch(2 * kPairs + 1, /*stop_at_scan_end=*/true);
+      ksm.CheckInvariants();
+    }
+    ASSERT_EQ(ksm.GetCounters().full_scans, 2u);
+    EXPECT_EQ(ksm.GetCounters().pages_sharing, kPairs);
+    for (std::size_t i = 0; i < 2 * kPairs; ++i) {
+      ASSERT_TRUE(mem.MapsFrame(base + i * kPageSize)) << i;
+      ASSERT_EQ(mem.Read(base + i * kPageSize), KeyBytes(key[i])) << i;
+    }
+    std::size_t handed = 0;
+    for (std::size_t n : mem.pair_calls) handed += n;
+    EXPECT_EQ(handed, kPairs);
+    if (shuffled) {
+      EXPECT_EQ(mem.pair_calls.size(), 1u);
+    } else {
+      EXPECT_GT(mem.pair_calls.size(), 1u);
+    }
+  }
+}
 
 // A page last seen with the hash of a merged content, or of a page waiting
 // in this scan's unstable index, is compared with it without being hashed
