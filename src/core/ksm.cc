@@ -456,7 +456,10 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
       scanned += visited;
       scanned_this_pass += visited;
       // A run past the cap is cut where its last node is full.
-      if (PlanCount() >= cap && !HoldForRun(addr + kPageSize, cap)) ExecutePlans();
+      if (PlanCount() >= cap && !HoldForRun(addr + kPageSize, cap) &&
+          !HoldScattered()) {
+        ExecutePlans();
+      }
     }
     cursor_ += i * kPageSize;
     if (i < n && scanned < pages) break;  // paused
@@ -469,9 +472,11 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
       ExecutePlans();
     }
   }
-  if (carry_runs && in_scan_ && PlanCount() != 0 && HoldForRun(cursor_, cap)) {
-    // The run goes on in the next batch, unless its merges have waited for
-    // kCarryNanos already (a long sleep_millisecs).
+  if (carry_runs && in_scan_ && PlanCount() != 0 &&
+      (HoldForRun(cursor_, cap) || HoldScattered())) {
+    // The run, or the scattered pairs, go on in the next batch, unless
+    // their merges have waited for kCarryNanos already (a long
+    // sleep_millisecs).
     const std::uint64_t now = clock_->NowNanos();
     if (carry_since_ == 0) carry_since_ = now;
     if (now - carry_since_ < kCarryNanos) {

@@ -93,8 +93,10 @@ class Ksm {
   // that reaches the end of the batch keeps its planned merges for the next
   // batch, so that it is laid out over consecutive frames as a whole
   // (StripeRuns) instead of a mapping per page; its merges then wait, for
-  // at most about kCarryPlans plans and 2 s. Without it every merge found
-  // is done on return.
+  // at most about kCarryPlans plans and 2 s. So do plans that are mostly
+  // scattered pairs (HoldScattered), up to their own cap and the same 2 s,
+  // and always no later than the end of the full scan. Without it every
+  // merge found is done on return.
   //
   // `pause`, asked every kPauseCheck page visits once some are scanned and
   // before the next full scan begins, ends the batch early when it returns

@@ -11,6 +11,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <string>
 
 #include "core/fake_memory.h"
 #include "core/hash.h"
@@ -529,13 +530,23 @@ PageBytes KeyBytes(std::size_t key) {
 }
 
 // Pairs whose partners lie scattered wait for each other within a batch,
-// so that the backend gets them in one call and can merge them in address
-// order (LinuxMemory::MergeScatteredPairs); pairs in runs still go every
-// few hundred plans, while their pages are in the CPU's caches.
-TEST_F(KsmTest, ScatteredPairsWaitForEachOtherWithinABatch) {
+// and across batches of the background scanner (carry_runs), so that the
+// backend gets them in one call and can merge them in address order
+// (LinuxMemory::MergeScatteredPairs); pairs in runs still go every few
+// hundred plans, while their pages are in the CPU's caches.
+TEST_F(KsmTest, ScatteredPairsWaitForEachOther) {
   constexpr std::size_t kPairs = 1000;
-  for (const bool shuffled : {true, false}) {
-    SCOPED_TRACE(shuffled ? "scattered" : "in runs");
+  struct Case {
+    bool shuffled;
+    std::size_t batch;
+    bool carry;
+  };
+  for (const Case c :
+       {Case{true, 2 * kPairs + 1, false}, Case{false, 2 * kPairs + 1, false},
+        Case{true, kPairs / 3, true}}) {
+    const bool shuffled = c.shuffled;
+    SCOPED_TRACE(std::string(shuffled ? "scattered" : "in runs") +
+                 ", batches of " + std::to_string(c.batch));
     FakeMemory mem;
     Ksm ksm(&mem, &clock_);
     const std::vector<std::size_t> key = TwinKeys(kPairs, shuffled);
@@ -544,13 +555,12 @@ TEST_F(KsmTest, ScatteredPairsWaitForEachOtherWithinABatch) {
     for (std::size_t i = 0; i < 2 * kPairs; ++i)
       mem.WriteBytes(base + i * kPageSize, KeyBytes(key[i]));
     ksm.Advise(base, 2 * kPairs);
-    // One batch a full scan (its pages, and the end of the scan): the
-    // first hashes, the second merges.
-    for (int scan = 0; scan < 2; ++scan) {
-      ksm.ScanBatch(2 * kPairs + 1, /*stop_at_scan_end=*/true);
+    // Two full scans: the first hashes, the second merges.
+    for (int guard = 0; ksm.GetCounters().full_scans < 2; ++guard) {
+      ASSERT_LT(guard, 100);
+      ksm.ScanBatch(c.batch, /*stop_at_scan_end=*/true, c.carry);
       ksm.CheckInvariants();
     }
-    ASSERT_EQ(ksm.GetCounters().full_scans, 2u);
     EXPECT_EQ(ksm.GetCounters().pages_sharing, kPairs);
     for (std::size_t i = 0; i < 2 * kPairs; ++i) {
       ASSERT_TRUE(mem.MapsFrame(base + i * kPageSize)) << i;
