@@ -535,7 +535,7 @@ bool LinuxMemory::ViewIntact(const FrameId* frames, std::size_t n) {
   return intact;
 }
 
-bool LinuxMemory::AnonymousVmas(Addr at, std::size_t len) {
+bool LinuxMemory::AnonymousVmas(Addr at, std::size_t len, Addr* last_end) {
   if (maps_query_fd_ < 0) return false;
   for (Addr a = at; a < at + len;) {
     ProcmapQuery q;
@@ -544,6 +544,7 @@ bool LinuxMemory::AnonymousVmas(Addr at, std::size_t len) {
       return false;
     }
     a = q.vma_end;
+    if (last_end != nullptr) *last_end = a;
   }
   return true;
 }
@@ -1176,17 +1177,18 @@ void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
       // The pages within kMaxWindowPages of this one, if their frames take
       // several mappings: one discard-first window over their span. The
       // span stops before a page, or a gap, that the window could not
-      // cover (a hole, memory excluded or locked, or mapping frames
-      // already): the rest goes to windows of its own rather than failing
-      // this one.
-      auto coverable = [&](Addr from, Addr to) {
-        return SpanReplaceable(from, to) && !Overlaps(locked_, from, to) &&
-               !Overlaps(frame_mapped_, from, to);
+      // cover (a hole, memory excluded or locked; a page mapping a frame
+      // already, where a gap may hold such mappings): the rest goes to
+      // windows of its own rather than failing this one.
+      auto coverable = [&](Addr from, Addr page) {
+        return SpanReplaceable(from, page + kPageSize) &&
+               !Overlaps(locked_, from, page + kPageSize) &&
+               !Overlaps(frame_mapped_, page, page + kPageSize);
       };
       std::size_t e = i + 1, mappings = 1;
       while (e < n && pages[e] > pages[e - 1] &&
              pages[e] + kPageSize - pages[i] <= max_span && ok(e) &&
-             coverable(pages[e - 1] + kPageSize, pages[e] + kPageSize)) {
+             coverable(pages[e - 1] + kPageSize, pages[e])) {
         if (pages[e] != pages[e - 1] + kPageSize ||
             frames[e] != frames[e - 1] + 1) {
           ++mappings;
@@ -1337,13 +1339,16 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
   const std::size_t len = end - base;
   const std::size_t span = len / kPageSize;
   if (span > kMaxRunWindowPages) return false;
-  // Anonymous memory only, as far as our view tells (checked again with the
-  // kernel inside the window): MADV_DONTNEED of a private copy inside a
-  // frame's mapping would show the frame's bytes, and locked memory
-  // refuses it.
-  if (Overlaps(locked_, base, end) || Overlaps(frame_mapped_, base, end) ||
-      !SpanReplaceable(base, end)) {
+  // The pages discarded anonymous memory only, as far as our view tells
+  // (checked again with the kernel inside the window): MADV_DONTNEED of a
+  // private copy inside a frame's mapping would show the frame's bytes.
+  // Locked memory refuses the discard. Mappings of frames between the
+  // pages are only protected for the moment, as any page of the span.
+  if (Overlaps(locked_, base, end) || !SpanReplaceable(base, end)) {
     return false;
+  }
+  for (std::size_t k = 0; k < n; ++k) {
+    if (Overlaps(frame_mapped_, pages[k], pages[k] + kPageSize)) return false;
   }
   // Everything written inside the window is on our stack or in *this.
   SpanWindowState& w = span_window_;
@@ -1379,10 +1384,23 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
                        : MergeResult::kFailed;
       }
     }
-    // Still our protected pages, all of them anonymous (PROCMAP_QUERY):
+    // Still our protected pages, the equal ones anonymous (PROCMAP_QUERY):
     // else the usual way, page by page.
-    if (!may_replace || !StillProtected(base, len, how) ||
-        !AnonymousVmas(base, len)) {
+    auto equal_anonymous = [&] {
+      bool anonymous = true;
+      Addr anon_end = 0;  // end of the anonymous VMA last seen
+      ForEachMergedRun(
+          local, span, [](std::size_t) { return true; },
+          [&](std::size_t k, std::size_t e) {
+            const Addr at = base + k * kPageSize;
+            const Addr to = base + e * kPageSize;
+            if (!anonymous || to <= anon_end) return;
+            const Addr from = std::max(at, anon_end);
+            anonymous = AnonymousVmas(from, to - from, &anon_end);
+          });
+      return anonymous;
+    };
+    if (!may_replace || !StillProtected(base, len, how) || !equal_anonymous()) {
       UnprotectRest(base, span, local, /*skip_merged=*/false, how);
       return;
     }

@@ -451,8 +451,10 @@ class LinuxMemory final : public Memory {
   bool PinnedIoIn(Addr at, std::size_t len);
   // Every VMA over [at, at + len) is anonymous (no file: not a merged page's
   // private copy, where MADV_DONTNEED would bring the frame's bytes back).
-  // False where it cannot tell (no PROCMAP_QUERY before Linux 6.11).
-  bool AnonymousVmas(Addr at, std::size_t len);
+  // False where it cannot tell (no PROCMAP_QUERY before Linux 6.11). If
+  // true and last_end is given, it receives the end of the last VMA seen
+  // (anonymous up to there).
+  bool AnonymousVmas(Addr at, std::size_t len, Addr* last_end = nullptr);
   // Copies the n pages at src into frames first.. with pwrite (the kernel
   // copies into the page cache: no fault on the frame view, no zeroing),
   // through the scratch area. REQUIRES: no other use of the scratch area

@@ -1150,6 +1150,77 @@ TEST_P(LinuxMemoryTest, ScatteredPairsJoinTheirFramesInDiscardFirstWindows) {
   t.Release();
 }
 
+// A discard-first window may span pages that map frames already (merged
+// earlier, one mapping each): those are only protected for the moment.
+// Here every other page maps a frame, one of them written since (its own
+// copy); the pages between join frames in another order, all in one
+// window. Every page keeps its bytes, the written copy included.
+TEST_P(LinuxMemoryTest, DiscardFirstWindowsSpanMappingsOfFramesBetween) {
+  if (GetParam() != Protection::kUserfaultfd)
+    GTEST_SKIP() << "discard-first windows are userfaultfd's";
+  constexpr std::size_t kHalf = 32;
+  auto m = NewMemory();
+  if (!m->SyscallWritesWait())
+    GTEST_SKIP() << "a user-mode-only userfaultfd: no discard-first windows";
+  // Frames: k < kHalf hold Fill(k), the joiners' bytes; kHalf + k hold
+  // Fill(1000 + k), the bytes of r's even page 2k.
+  Region a(2 * kHalf), b(2 * kHalf), r(2 * kHalf);
+  auto slot = [](std::size_t k) { return (k * 7) % kHalf; };
+  for (std::size_t k = 0; k < kHalf; ++k) {
+    for (const Region* x : {&a, &b}) {
+      Fill(x->page(k), static_cast<unsigned>(k));
+      Fill(x->page(kHalf + k), static_cast<unsigned>(1000 + k));
+    }
+    Fill(r.page(2 * k), static_cast<unsigned>(1000 + k));
+    Fill(r.page(2 * k + 1), static_cast<unsigned>(slot(k)));
+  }
+  Rescan(*m);
+  std::vector<FrameId> frames(2 * kHalf);
+  std::vector<MergeResult> res(2 * kHalf);
+  m->MergePairs(Addrs(a, 0, 2 * kHalf), Addrs(b, 0, 2 * kHalf), frames, res);
+  for (std::size_t k = 0; k < 2 * kHalf; ++k)
+    ASSERT_EQ(res[k], MergeResult::kMerged) << k;
+  std::vector<Addr> even, odd;
+  std::vector<FrameId> even_frames, odd_frames;
+  for (std::size_t k = 0; k < kHalf; ++k) {
+    even.push_back(r.addr(2 * k));
+    even_frames.push_back(frames[kHalf + k]);
+    odd.push_back(r.addr(2 * k + 1));
+    odd_frames.push_back(frames[slot(k)]);
+  }
+  std::vector<MergeResult> into(kHalf);
+  m->MergeIntoFrames(even, even_frames, into);
+  for (std::size_t k = 0; k < kHalf; ++k)
+    ASSERT_EQ(into[k], MergeResult::kMerged) << k;
+  r.page(2 * 3)[5] ^= 0xff;  // page 6 has its own copy now
+  const std::uint64_t before = m->Stats().discard_first_pages;
+  m->MergeIntoFrames(odd, odd_frames, into);
+  for (std::size_t k = 0; k < kHalf; ++k)
+    EXPECT_EQ(into[k], MergeResult::kMerged) << k;
+  EXPECT_EQ(m->Stats().discard_first_pages - before, kHalf);
+  unsigned char expect[kPageSize];
+  for (std::size_t k = 0; k < kHalf; ++k) {
+    Fill(expect, static_cast<unsigned>(1000 + k));
+    if (k == 3) expect[5] ^= 0xff;
+    EXPECT_TRUE(Same(r.page(2 * k), expect)) << 2 * k;
+    EXPECT_EQ(ProbeOne(*m, r.addr(2 * k)),
+              k == 3 ? PageState::kAnon : PageState::kFrame)
+        << 2 * k;
+    Fill(expect, static_cast<unsigned>(slot(k)));
+    EXPECT_TRUE(Same(r.page(2 * k + 1), expect)) << 2 * k + 1;
+    EXPECT_EQ(ProbeOne(*m, r.addr(2 * k + 1)), PageState::kFrame) << 2 * k + 1;
+  }
+  // Writable, each write in the writer's page only.
+  for (std::size_t i = 0; i < 2 * kHalf; ++i) r.page(i)[0] ^= 1;
+  Fill(expect, 0);
+  EXPECT_TRUE(Same(a.page(0), expect));
+  ASSERT_TRUE(m->Unmerge(r.addr(0), 2 * kHalf));
+  ASSERT_TRUE(m->Unmerge(a.addr(0), 2 * kHalf));
+  ASSERT_TRUE(m->Unmerge(b.addr(0), 2 * kHalf));
+  for (FrameId f : frames) m->ReleaseFrame(f);
+  EXPECT_EQ(m->Stats().frames_in_use, 0u);
+}
+
 // A scattered pair of which one page joined its frame and the other could
 // not (it differs) gives the joined page back anonymous. Where even that
 // fails, the page keeps the frame: its bytes intact, writable (a write
