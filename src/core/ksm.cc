@@ -530,8 +530,7 @@ bool Ksm::HoldForRun(Addr next, std::size_t cap) const {
 
 bool Ksm::HoldScattered() const {
   const std::size_t planned = PlanCount();
-  return !budget_short_ && planned < kMaxScatteredPlans &&
-         2 * scattered_pairs_ > planned;
+  return planned < kMaxScatteredPlans && 2 * scattered_pairs_ > planned;
 }
 
 void Ksm::DropWaitingPlans(Addr start, Addr end) {
@@ -1036,9 +1035,7 @@ void Ksm::ExecutePlans() {
       addr_b_[i] = pair_plans_[i].q;
     }
     memory_->MergePairs(addr_a_, addr_b_, frames_, results_);
-    budget_short_ = false;
     for (std::size_t i = 0; i < n; ++i) {
-      budget_short_ |= results_[i] == MergeResult::kNoBudget;
       PairPlan& plan = pair_plans_[i];
       Node& node = nodes_[plan.node];
       node.pending -= 2;

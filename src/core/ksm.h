@@ -328,8 +328,7 @@ class Ksm {
   // holds, the more of their pages lie in memory no merge has cut up yet,
   // where one window and one TLB flush serve many of them: scattered pairs
   // took half the merge CPU with plans held to the batch's end as with
-  // flushes every kPlanFlush plans (docs/performance.md). Not while the
-  // VMA budget refuses pairs (budget_short_).
+  // flushes every kPlanFlush plans (docs/performance.md).
   bool HoldScattered() const;
   // With plans waiting across batches: drops those touching [start, end)
   // (their pages stay as they are) and does the rest (FinishPlans).
@@ -412,9 +411,6 @@ class Ksm {
   // Pair plans since the last ExecutePlans that do not continue the one
   // before (both pages one page further).
   std::size_t scattered_pairs_ = 0;
-  // The last pairs merged met the VMA budget: holding more for each other
-  // would gain nothing, and they would only take memory while they wait.
-  bool budget_short_ = false;
   bool carried_ = false;         // plans (and gone_) wait across batches
   std::uint64_t carry_since_ = 0;  // NowNanos when they began to wait
   // Scratch for Memory calls, reused across batches.

@@ -577,32 +577,6 @@ TEST_F(KsmTest, ScatteredPairsWaitForEachOther) {
   }
 }
 
-// Once the VMA budget refuses pairs, scattered pairs no longer wait for each
-// other: they would all be refused, and only take memory meanwhile.
-TEST_F(KsmTest, ScatteredPairsDoNotWaitOnceTheBudgetRefusesThem) {
-  constexpr std::size_t kPairs = 1000, kRoom = 100;
-  const std::vector<std::size_t> key = TwinKeys(kPairs, /*shuffled=*/true);
-  mem_.Map(kBase, 2 * kPairs);
-  for (std::size_t i = 0; i < 2 * kPairs; ++i)
-    mem_.WriteBytes(Page(i), KeyBytes(key[i]));
-  mem_.merge_budget = 2 * kRoom;  // pages: kRoom pairs
-  ksm_.Advise(kBase, 2 * kPairs);
-  for (int guard = 0; ksm_.GetCounters().full_scans < 3; ++guard) {
-    ASSERT_LT(guard, 100);
-    ksm_.ScanBatch(2 * kPairs + 1, /*stop_at_scan_end=*/true);
-    ksm_.CheckInvariants();
-  }
-  EXPECT_EQ(ksm_.GetCounters().pages_sharing, kRoom);
-  // The second scan's pairs went in one call; the third scan's, refused
-  // again, every few hundred.
-  ASSERT_GE(mem_.pair_calls.size(), 3u);
-  EXPECT_EQ(mem_.pair_calls[0], kPairs);
-  for (std::size_t c = 1; c < mem_.pair_calls.size(); ++c)
-    EXPECT_LT(mem_.pair_calls[c], kPairs - kRoom) << c;
-  for (std::size_t i = 0; i < 2 * kPairs; ++i)
-    ASSERT_EQ(mem_.Read(Page(i)), KeyBytes(key[i])) << i;
-}
-
 // A page last seen with the hash of a merged content, or of a page waiting
 // in this scan's unstable index, is compared with it without being hashed
 // again: of three copies of a content only the first is read on its second
