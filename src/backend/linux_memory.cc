@@ -1535,8 +1535,7 @@ void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
   auto ok = [&](std::size_t i) { return MayReplace(p[i]) && MayReplace(q[i]); };
   // Pairs in short runs, or none, join frames in address order where
   // discard-first windows take their mappings without a flush each.
-  const bool scattered_way =
-      protection_ == Protection::kUserfaultfd && protector_->KernelFaultsWait();
+  const bool scattered_way = WantsScatteredPairsTogether();
   std::vector<std::size_t> scattered;
   std::size_t i = 0;
   while (i < n) {

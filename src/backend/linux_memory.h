@@ -164,9 +164,9 @@ class LinuxMemory final : public Memory {
   static constexpr std::size_t kMaxPartnerRuns = 8;
   // Pairs whose pages run on together on both sides for at least this many
   // pairs go a window per run (MergePairBatch); shorter ones are merged in
-  // address order, each pair's lower page copied into a new frame and both
-  // pages then joining it (MergeScatteredPairs), where windows are
-  // discard-first (userfaultfd with kernel faults waiting).
+  // address order, each pair's p copied into a new frame and both pages
+  // then joining it (MergeScatteredPairs), where windows are discard-first
+  // (userfaultfd with kernel faults waiting).
   static constexpr std::size_t kMinPairRun = 8;
   // VMAs a scattered pair may add at most: each page's mapping splits its
   // VMA in three.
@@ -198,6 +198,11 @@ class LinuxMemory final : public Memory {
   void MergePairs(std::span<const Addr> p, std::span<const Addr> q,
                   std::span<FrameId> frames,
                   std::span<MergeResult> results) override;
+  // Where windows are discard-first (MergeScatteredPairs).
+  bool WantsScatteredPairsTogether() const override {
+    return protection_ == Protection::kUserfaultfd &&
+           protector_->KernelFaultsWait();
+  }
   void DropZeroPages(std::span<const Addr> pages,
                      std::span<MergeResult> results) override;
   [[nodiscard]] bool Unmerge(Addr addr, std::size_t npages) override;
@@ -412,11 +417,11 @@ class LinuxMemory final : public Memory {
   void MergePairBatch(Addr pbase, const Addr* q, std::size_t n, FrameId* frames,
                       MergeResult* results);
   // The pairs `which` (indices into p, q, frames and results, p ascending)
-  // in address order: the lower page of each pair is copied into a new
-  // frame (unprotected: the join compares it in full), then both pages join
-  // that frame with MergeIntoFrames, sorted by address, so that pages of
-  // many pairs close together share a window, and, discard-first, the
-  // mappings go into emptied page tables without a TLB flush each. A pair
+  // in address order: each pair's p is copied into a new frame (frames in
+  // the order of p; unprotected: the join compares it in full), then both
+  // pages join that frame with MergeIntoFrames, sorted by address, so that
+  // pages of many pairs close together share a window, and, discard-first,
+  // the mappings go into emptied page tables without a TLB flush each. A pair
   // of which only one page could join gets that page back anonymous
   // (RestoreAnonymous). Pairs past the VMA budget (kScatteredPairCost each)
   // are not tried: the pairs go in slices the budget has room for.

@@ -530,7 +530,8 @@ bool Ksm::HoldForRun(Addr next, std::size_t cap) const {
 
 bool Ksm::HoldScattered() const {
   const std::size_t planned = PlanCount();
-  return planned < kMaxScatteredPlans && 2 * scattered_pairs_ > planned;
+  return planned < kMaxScatteredPlans && 2 * scattered_pairs_ > planned &&
+         memory_->WantsScatteredPairsTogether();
 }
 
 void Ksm::DropWaitingPlans(Addr start, Addr end) {

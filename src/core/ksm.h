@@ -321,14 +321,15 @@ class Ksm {
   // ending at `next` to grow (cut, past the cap, where its last node is
   // full, so that the next part starts on fresh nodes).
   bool HoldForRun(Addr next, std::size_t cap) const;
-  // Whether the merges planned so far wait for more within this batch:
-  // while most are pairs that do not run on from the pair before, up to
-  // kMaxScatteredPlans. The backend merges such pairs in address order
-  // (LinuxMemory::MergeScatteredPairs), and the more of them one call
-  // holds, the more of their pages lie in memory no merge has cut up yet,
-  // where one window and one TLB flush serve many of them: scattered pairs
-  // took half the merge CPU with plans held to the batch's end as with
-  // flushes every kPlanFlush plans (docs/performance.md).
+  // Whether the merges planned so far wait for more (within this batch,
+  // and with carry_runs across batches): while most are pairs that do not
+  // run on from the pair before, up to kMaxScatteredPlans. The backend merges
+  // such pairs in address order (LinuxMemory::MergeScatteredPairs), and the
+  // more of them one call holds, the more of their pages lie in memory no merge
+  // has cut up yet, where one window and one TLB flush serve many of them:
+  // scattered pairs took half the merge CPU with plans held to the batch's end
+  // as with flushes every kPlanFlush plans (docs/performance.md). Only where
+  // the backend asks for it (Memory::WantsScatteredPairsTogether).
   bool HoldScattered() const;
   // With plans waiting across batches: drops those touching [start, end)
   // (their pages stay as they are) and does the rest (FinishPlans).

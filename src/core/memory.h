@@ -114,6 +114,11 @@ class Memory {
                           std::span<FrameId> frames,
                           std::span<MergeResult> results) = 0;
 
+  // Whether MergePairs gains from many pairs whose pages lie scattered
+  // coming in one call (it merges them in address order): the core then
+  // lets such pairs wait for each other (Ksm::HoldScattered).
+  virtual bool WantsScatteredPairsTogether() const { return false; }
+
   // For each i: write-protect pages[i], verify it is all zeros, and give it
   // back to the system so that it reads as the shared zero page (no frame).
   virtual void DropZeroPages(std::span<const Addr> pages,

@@ -53,6 +53,8 @@ class FakeMemory : public Memory {
   std::map<Addr, std::size_t> hashes;
   // Pairs handed to each MergePairs call, in order.
   std::vector<std::size_t> pair_calls;
+  // What WantsScatteredPairsTogether answers.
+  bool scattered_together = true;
 
   std::size_t frames_live() const { return frame_refs_.size(); }
   std::size_t frames_released() const { return released_; }
@@ -67,6 +69,9 @@ class FakeMemory : public Memory {
   void MergePairs(std::span<const Addr> p, std::span<const Addr> q,
                   std::span<FrameId> frames,
                   std::span<MergeResult> results) override;
+  bool WantsScatteredPairsTogether() const override {
+    return scattered_together;
+  }
   void DropZeroPages(std::span<const Addr> pages,
                      std::span<MergeResult> results) override;
   bool Unmerge(Addr addr, std::size_t npages) override;

@@ -533,21 +533,26 @@ PageBytes KeyBytes(std::size_t key) {
 // and across batches of the background scanner (carry_runs), so that the
 // backend gets them in one call and can merge them in address order
 // (LinuxMemory::MergeScatteredPairs); pairs in runs still go every few
-// hundred plans, while their pages are in the CPU's caches.
+// hundred plans, while their pages are in the CPU's caches, and so do all
+// pairs where the backend does not ask for them together.
 TEST_F(KsmTest, ScatteredPairsWaitForEachOther) {
   constexpr std::size_t kPairs = 1000;
   struct Case {
     bool shuffled;
     std::size_t batch;
     bool carry;
+    bool wanted = true;
   };
   for (const Case c :
        {Case{true, 2 * kPairs + 1, false}, Case{false, 2 * kPairs + 1, false},
-        Case{true, kPairs / 3, true}}) {
+        Case{true, kPairs / 3, true},
+        Case{true, 2 * kPairs + 1, false, false}}) {
     const bool shuffled = c.shuffled;
     SCOPED_TRACE(std::string(shuffled ? "scattered" : "in runs") +
-                 ", batches of " + std::to_string(c.batch));
+                 ", batches of " + std::to_string(c.batch) +
+                 (c.wanted ? "" : ", not wanted together"));
     FakeMemory mem;
+    mem.scattered_together = c.wanted;
     Ksm ksm(&mem, &clock_);
     const std::vector<std::size_t> key = TwinKeys(kPairs, shuffled);
     const Addr base = kBase;
@@ -569,7 +574,7 @@ TEST_F(KsmTest, ScatteredPairsWaitForEachOther) {
     std::size_t handed = 0;
     for (std::size_t n : mem.pair_calls) handed += n;
     EXPECT_EQ(handed, kPairs);
-    if (shuffled) {
+    if (shuffled && c.wanted) {
       EXPECT_EQ(mem.pair_calls.size(), 1u);
     } else {
       EXPECT_GT(mem.pair_calls.size(), 1u);
