@@ -1625,7 +1625,7 @@ void LinuxMemory::MergeScatteredSlice(std::span<const Addr> p,
   // partners for, ascending), so that p next to each other get frames next
   // to each other: one copy and one mapping per run of them.
   std::vector<char> copied(m, 0);
-  std::unique_ptr<bool[]> part(new bool[m]);
+  auto part = std::make_unique<bool[]>(m);
   for (std::size_t a = 0; a < m;) {
     std::size_t b = a + 1;
     while (b < m && p[which[b]] == p[which[b - 1]] + kPageSize) ++b;
@@ -1664,7 +1664,9 @@ void LinuxMemory::MergeScatteredSlice(std::span<const Addr> p,
   const std::uint64_t skips_before = budget_skips_;
   MergeIntoFrames(pages, page_frames, joined);
   budget_skips_ = skips_before;
-  // Per pair: how many of its pages joined, and why the others did not.
+  // Per pair: how many of its pages joined (0 to 2), or kKeptAlone, and
+  // why the others did not.
+  constexpr std::uint8_t kKeptAlone = 3;  // one joined, and stays so
   std::vector<std::uint8_t> merged(m, 0);
   std::vector<MergeResult> why(m, MergeResult::kGone);
   for (std::size_t k = 0; k < pages.size(); ++k) {
@@ -1682,7 +1684,9 @@ void LinuxMemory::MergeScatteredSlice(std::span<const Addr> p,
     // Its partner did not join: this page maps the frame alone, and goes
     // back to anonymous memory with its bytes. Where that fails it keeps
     // the frame (its bytes, copy-on-write), which then stays allocated.
-    if (!RestoreAnonymous(pages[k], kPageSize, kReadWrite)) merged[pair] = 3;
+    if (!RestoreAnonymous(pages[k], kPageSize, kReadWrite)) {
+      merged[pair] = kKeptAlone;
+    }
   }
   for (std::size_t k = 0; k < m; ++k) {
     const std::size_t at = which[k];
@@ -1694,7 +1698,7 @@ void LinuxMemory::MergeScatteredSlice(std::span<const Addr> p,
     results[at] = why[k];
     frames[at] = kNoFrame;
     if (why[k] == MergeResult::kNoBudget) ++budget_skips_;
-    if (merged[k] != 3) store_.Release(frame_of(k));
+    if (merged[k] != kKeptAlone) store_.Release(frame_of(k));
   }
 }
 
