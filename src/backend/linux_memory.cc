@@ -1037,6 +1037,12 @@ bool LinuxMemory::SpanReplaceable(Addr start, Addr end) const {
          !Overlaps(auto_excluded_, start, end);
 }
 
+bool LinuxMemory::DiscardFirstCovers(Addr from, Addr page) const {
+  const Addr end = page + kPageSize;
+  return SpanReplaceable(from, end) && !Overlaps(locked_, from, end) &&
+         !Overlaps(frame_mapped_, page, end);
+}
+
 void LinuxMemory::FlushMapped() {
   if (unflushed_.empty()) return;
   // Writers that faulted on a replaced page's old, write-protected PTE sleep
@@ -1180,15 +1186,10 @@ void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
       // cover (a hole, memory excluded or locked; a page mapping a frame
       // already, where a gap may hold such mappings): the rest goes to
       // windows of its own rather than failing this one.
-      auto coverable = [&](Addr from, Addr page) {
-        return SpanReplaceable(from, page + kPageSize) &&
-               !Overlaps(locked_, from, page + kPageSize) &&
-               !Overlaps(frame_mapped_, page, page + kPageSize);
-      };
       std::size_t e = i + 1, mappings = 1;
       while (e < n && pages[e] > pages[e - 1] &&
              pages[e] + kPageSize - pages[i] <= max_span && ok(e) &&
-             coverable(pages[e - 1] + kPageSize, pages[e])) {
+             DiscardFirstCovers(pages[e - 1] + kPageSize, pages[e])) {
         if (pages[e] != pages[e - 1] + kPageSize ||
             frames[e] != frames[e - 1] + 1) {
           ++mappings;
@@ -1340,15 +1341,15 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
   const std::size_t span = len / kPageSize;
   if (span > kMaxRunWindowPages) return false;
   // The pages discarded anonymous memory only, as far as our view tells
-  // (checked again with the kernel inside the window): MADV_DONTNEED of a
-  // private copy inside a frame's mapping would show the frame's bytes.
-  // Locked memory refuses the discard. Mappings of frames between the
-  // pages are only protected for the moment, as any page of the span.
-  if (Overlaps(locked_, base, end) || !SpanReplaceable(base, end)) {
-    return false;
-  }
+  // (checked again with the kernel inside the window), the span replaceable
+  // and unlocked (locked memory refuses the discard). Mappings of frames
+  // between the pages are only protected for the moment, as any page of
+  // the span.
   for (std::size_t k = 0; k < n; ++k) {
-    if (Overlaps(frame_mapped_, pages[k], pages[k] + kPageSize)) return false;
+    if (!DiscardFirstCovers(k == 0 ? base : pages[k - 1] + kPageSize,
+                            pages[k])) {
+      return false;
+    }
   }
   // Everything written inside the window is on our stack or in *this.
   SpanWindowState& w = span_window_;
@@ -1624,14 +1625,12 @@ void LinuxMemory::MergeScatteredSlice(std::span<const Addr> p,
   // Each pair's frame in the order of its p (the pages a scan batch found
   // partners for, ascending), so that p next to each other get frames next
   // to each other: one copy and one mapping per run of them.
-  std::vector<char> copied(m, 0);
-  auto part = std::make_unique<bool[]>(m);
+  auto copied = std::make_unique<bool[]>(m);
   for (std::size_t a = 0; a < m;) {
     std::size_t b = a + 1;
     while (b < m && p[which[b]] == p[which[b - 1]] + kPageSize) ++b;
     CopyIntoFrames(p[which[a]], b - a, first_frame + static_cast<FrameId>(a),
-                   part.get());
-    for (std::size_t k = a; k < b; ++k) copied[k] = part[k - a] ? 1 : 0;
+                   &copied[a]);
     a = b;
   }
   auto frame_of = [&](std::size_t k) {

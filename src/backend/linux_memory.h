@@ -371,6 +371,11 @@ class LinuxMemory final : public Memory {
   void CommitMapped();
   // Every page of [start, end) is touchable and none is excluded.
   bool SpanReplaceable(Addr start, Addr end) const;
+  // A discard-first window may cover [from, page + kPageSize), in our view,
+  // to discard `page`: replaceable and unlocked throughout, and `page` maps
+  // no frame (a frame's private copy would read the frame's bytes once
+  // discarded). Mappings of frames before `page` are only protected.
+  bool DiscardFirstCovers(Addr from, Addr page) const;
   static void AddIntervals(std::vector<Interval>* set,
                            std::vector<Interval>* adds);
   bool BudgetAllows(std::uint64_t extra) const {
