@@ -25,6 +25,7 @@
 #include <new>
 #include <string_view>
 
+#include "backend/frame_order.h"
 #include "backend/own_fds.h"
 #include "backend/write_protect.h"
 
@@ -1582,28 +1583,45 @@ void LinuxMemory::MergeScatteredPairs(std::span<const Addr> p,
                                       std::span<const std::size_t> which,
                                       std::span<FrameId> frames,
                                       std::span<MergeResult> results) {
-  // As many pairs at a time as the VMA budget leaves room for, at the most
-  // each may cost; the real count (RecountIfShort) often leaves more.
+  const std::size_t m = which.size();
+  std::vector<Addr> lower(m), upper(m);
+  for (std::size_t k = 0; k < m; ++k) {
+    lower[k] = p[which[k]];
+    upper[k] = q[which[k]];
+  }
+  const std::vector<std::uint32_t> order = OrderPairFrames(lower, upper);
+  const std::vector<std::uint32_t> mappings =
+      MappingsByPrefix(lower, upper, order);
+  // As many pairs at a time, in frame order, as the VMA budget leaves room
+  // for at the most their mappings may cost; the real count
+  // (RecountIfShort) often leaves more. A page continuing a mapping of an
+  // earlier slice extends that VMA: counted as no mapping.
   std::size_t done = 0;
-  while (done < which.size()) {
-    const std::size_t left = which.size() - done;
-    RecountIfShort(kScatteredPairCost * left);
-    std::size_t admitted = left;
-    if (!BudgetAllows(kScatteredPairCost * left)) {
+  while (done < m) {
+    const std::uint64_t before = done == 0 ? 0 : mappings[done - 1];
+    auto cost = [&](std::size_t end) {  // of order[done, end)
+      return kScatteredMappingCost * (mappings[end - 1] - before);
+    };
+    RecountIfShort(cost(m));
+    std::size_t admitted = m - done;
+    if (!BudgetAllows(cost(m))) {
       const std::uint64_t room =
           budget_ > vmas_used_ ? budget_ - vmas_used_ : 0;
-      admitted = static_cast<std::size_t>(
-          std::min<std::uint64_t>(left, room / kScatteredPairCost));
+      admitted = 0;
+      while (done + admitted < m && cost(done + admitted + 1) <= room)
+        ++admitted;
     }
     if (admitted == 0) {
-      for (const std::size_t at : which.subspan(done)) {
+      for (std::size_t k = done; k < m; ++k) {
+        const std::size_t at = which[order[k]];
         results[at] = MergeResult::kNoBudget;
         frames[at] = kNoFrame;
         ++budget_skips_;
       }
       return;
     }
-    MergeScatteredSlice(p, q, which.subspan(done, admitted), frames, results);
+    MergeScatteredSlice(p, q, which, std::span(order).subspan(done, admitted),
+                        frames, results);
     done += admitted;
   }
 }
@@ -1611,27 +1629,24 @@ void LinuxMemory::MergeScatteredPairs(std::span<const Addr> p,
 void LinuxMemory::MergeScatteredSlice(std::span<const Addr> p,
                                       std::span<const Addr> q,
                                       std::span<const std::size_t> which,
+                                      std::span<const std::uint32_t> order,
                                       std::span<FrameId> frames,
                                       std::span<MergeResult> results) {
-  const std::size_t m = which.size();
+  const std::size_t m = order.size();
+  auto pair_at = [&](std::size_t k) { return which[order[k]]; };
   const FrameId first_frame = store_.Allocate(m);
   if (first_frame == kNoFrame) {
     for (std::size_t k = 0; k < m; ++k) {
-      results[which[k]] = MergeResult::kFailed;
-      frames[which[k]] = kNoFrame;
+      results[pair_at(k)] = MergeResult::kFailed;
+      frames[pair_at(k)] = kNoFrame;
     }
     return;
   }
-  // Each pair's frame in the order of its p (the pages a scan batch found
-  // partners for, ascending), so that p next to each other get frames next
-  // to each other: one copy and one mapping per run of them.
   auto copied = std::make_unique<bool[]>(m);
-  for (std::size_t a = 0; a < m;) {
-    std::size_t b = a + 1;
-    while (b < m && p[which[b]] == p[which[b - 1]] + kPageSize) ++b;
-    CopyIntoFrames(p[which[a]], b - a, first_frame + static_cast<FrameId>(a),
-                   &copied[a]);
-    a = b;
+  {
+    std::vector<Addr> src(m);
+    for (std::size_t k = 0; k < m; ++k) src[k] = p[pair_at(k)];
+    GatherIntoFrames(src.data(), m, first_frame, copied.get());
   }
   auto frame_of = [&](std::size_t k) {
     return first_frame + static_cast<FrameId>(k);
@@ -1646,8 +1661,8 @@ void LinuxMemory::MergeScatteredSlice(std::span<const Addr> p,
   for (std::size_t k = 0; k < m; ++k) {
     if (!copied[k]) continue;
     const auto pair = static_cast<std::uint32_t>(k);
-    sides.push_back({p[which[k]], pair});
-    sides.push_back({q[which[k]], pair});
+    sides.push_back({p[pair_at(k)], pair});
+    sides.push_back({q[pair_at(k)], pair});
   }
   std::sort(sides.begin(), sides.end(),
             [](const Side& a, const Side& b) { return a.addr < b.addr; });
@@ -1688,7 +1703,7 @@ void LinuxMemory::MergeScatteredSlice(std::span<const Addr> p,
     }
   }
   for (std::size_t k = 0; k < m; ++k) {
-    const std::size_t at = which[k];
+    const std::size_t at = pair_at(k);
     if (merged[k] == 2) {
       results[at] = MergeResult::kMerged;
       frames[at] = frame_of(k);
@@ -1966,6 +1981,56 @@ void LinuxMemory::CopyIntoFrames(Addr src, std::size_t n, FrameId first,
           pwrite(store_.fd(), Ptr(part + k * kPageSize), kPageSize,
                  store_.FrameOffset(f + static_cast<FrameId>(k))) ==
           static_cast<ssize_t>(kPageSize);
+    }
+  }
+}
+
+void LinuxMemory::GatherIntoFrames(const Addr* src, std::size_t n,
+                                   FrameId first, bool* copied) {
+  // As CopyIntoFrames: our own read of each page into the warm scratch
+  // area, then the kernel's copy into the page cache, one call for up to
+  // kBouncePages frames. A page that faults (unmapped under us) is not
+  // copied, and the write skips it.
+  WarmScratch(std::min(kBouncePages, n));
+  for (std::size_t at = 0; at < n; at += kBouncePages) {
+    const std::size_t m = std::min(kBouncePages, n - at);
+    const Addr* from = src + at;
+    bool* ok = copied + at;
+    for (std::size_t k = 0; k < m;) {
+      std::size_t e = k + 1;
+      while (e < m && from[e] == from[e - 1] + kPageSize) ++e;
+      if (GuardedCopy(Ptr(scratch_ + k * kPageSize), Ptr(from[k]),
+                      (e - k) * kPageSize)) {
+        std::fill(ok + k, ok + e, true);
+      } else {
+        for (std::size_t i = k; i < e; ++i) {
+          ok[i] = GuardedCopy(Ptr(scratch_ + i * kPageSize), Ptr(from[i]),
+                              kPageSize);
+        }
+      }
+      k = e;
+    }
+    for (std::size_t k = 0; k < m;) {
+      if (!ok[k]) {
+        ++k;
+        continue;
+      }
+      std::size_t e = k + 1;
+      while (e < m && ok[e]) ++e;
+      const FrameId f = first + static_cast<FrameId>(at + k);
+      const std::size_t len = (e - k) * kPageSize;
+      const ssize_t done = pwrite(store_.fd(), Ptr(scratch_ + k * kPageSize),
+                                  len, store_.FrameOffset(f));
+      const std::size_t whole =
+          done > 0 ? static_cast<std::size_t>(done) / kPageSize : 0;
+      // A short write (the memory cgroup's limit, say): page by page.
+      for (std::size_t i = k + whole; i < e; ++i) {
+        ok[i] =
+            pwrite(store_.fd(), Ptr(scratch_ + i * kPageSize), kPageSize,
+                   store_.FrameOffset(first + static_cast<FrameId>(at + i))) ==
+            static_cast<ssize_t>(kPageSize);
+      }
+      k = e;
     }
   }
 }

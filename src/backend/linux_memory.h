@@ -168,9 +168,9 @@ class LinuxMemory final : public Memory {
   // then joining it (MergeScatteredPairs), where windows are discard-first
   // (userfaultfd with kernel faults waiting).
   static constexpr std::size_t kMinPairRun = 8;
-  // VMAs a scattered pair may add at most: each page's mapping splits its
-  // VMA in three.
-  static constexpr std::uint64_t kScatteredPairCost = 4;
+  // VMAs a mapping of scattered pairs' pages may add at most: it splits
+  // the VMA it lands in in three.
+  static constexpr std::uint64_t kScatteredMappingCost = 2;
   // Pages per Unmerge replacement (one mremap, one new VMA each).
   static constexpr std::size_t kUnmergeChunkPages = 1024;
 
@@ -423,20 +423,24 @@ class LinuxMemory final : public Memory {
                       MergeResult* results);
   // The pairs `which` (indices into p, q, frames and results, p ascending)
   // in address order: each pair's p is copied into a new frame (frames in
-  // the order of p; unprotected: the join compares it in full), then both
-  // pages join that frame with MergeIntoFrames, sorted by address, so that
-  // pages of many pairs close together share a window, and, discard-first,
-  // the mappings go into emptied page tables without a TLB flush each. A pair
-  // of which only one page could join gets that page back anonymous
-  // (RestoreAnonymous). Pairs past the VMA budget (kScatteredPairCost each)
+  // OrderPairFrames' order, so that neighbours in memory take neighbouring
+  // frames whichever side of their pairs they are; unprotected: the join
+  // compares it in full), then both pages join that frame with
+  // MergeIntoFrames, sorted by address, so that pages of many pairs close
+  // together share a window, and, discard-first, the mappings go into
+  // emptied page tables without a TLB flush each. A pair of which only one
+  // page could join gets that page back anonymous (RestoreAnonymous). Pairs
+  // past the VMA budget (two VMAs a mapping the layout takes, at the most)
   // are not tried: the pairs go in slices the budget has room for.
   void MergeScatteredPairs(std::span<const Addr> p, std::span<const Addr> q,
                            std::span<const std::size_t> which,
                            std::span<FrameId> frames,
                            std::span<MergeResult> results);
-  // One slice of MergeScatteredPairs, all of it within the budget.
+  // One slice of MergeScatteredPairs, all of it within the budget: pair
+  // which[order[k]] takes the slice's k-th frame.
   void MergeScatteredSlice(std::span<const Addr> p, std::span<const Addr> q,
                            std::span<const std::size_t> which,
+                           std::span<const std::uint32_t> order,
                            std::span<FrameId> frames,
                            std::span<MergeResult> results);
   // pages: ascending, in one page table (kPageTableSpan); one window over
@@ -471,6 +475,10 @@ class LinuxMemory final : public Memory {
   // is under way (Unmerge and restores use it too, one at a time).
   // copied[k]: page k arrived whole (false where src was unmapped).
   void CopyIntoFrames(Addr src, std::size_t n, FrameId first, bool* copied);
+  // As CopyIntoFrames, page src[k] into frame first + k: gathered in the
+  // scratch area, one pwrite for up to kBouncePages frames.
+  void GatherIntoFrames(const Addr* src, std::size_t n, FrameId first,
+                        bool* copied);
   // Makes [start, start + len) writable again except pages marked kGone or
   // kMerged in results (one entry per page).
   void UnprotectRest(Addr start, std::size_t n, const MergeResult* results,
