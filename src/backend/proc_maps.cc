@@ -134,14 +134,20 @@ Status ReadProcFile(const std::string& path, std::string* text) {
     int err = errno;
     return Status::Error(err, "open(" + path + ")");
   }
-  // Read straight into the string, sized from the last read of this thread:
-  // smaps with tens of thousands of mappings runs to tens of MB, and
-  // appending through a small buffer copied it over and over as it grew.
+  // Read straight into the string, its room reserved as the last read of
+  // this thread needed: smaps with tens of thousands of mappings runs to
+  // tens of MB, and appending through a small buffer copied it over and
+  // over as it grew. Sized a read at a time, so that only what is read is
+  // zero-filled first: at the size of smaps, each read of the plain maps
+  // wrote 70 MB of zeros at 59,000 mappings.
   thread_local std::size_t size_hint = 65536;
   std::size_t used = 0;
-  text->resize(size_hint);
+  text->reserve(size_hint);
   for (;;) {
-    if (text->size() - used < 65536) text->resize(text->size() * 2);
+    if (text->size() - used < 65536) {
+      text->resize(std::min(std::max(text->capacity(), used + 65536),
+                            used + (1 << 20)));
+    }
     // At most 1 MiB per call: sysctl files allocate a kernel buffer of the
     // requested size and fail with ENOMEM for large ones.
     ssize_t n = read(fd, text->data() + used,
