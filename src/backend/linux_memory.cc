@@ -721,14 +721,18 @@ bool LinuxMemory::IsAnonSplit(const MapEntry& a, const MapEntry& b) const {
          !IsOurMemfd(a) && !IsOurMemfd(b);
 }
 
-bool LinuxMemory::AnonSplitsKnown(const std::vector<MapEntry>& maps) const {
-  for (std::size_t i = 1; i < maps.size(); ++i) {
-    const MapEntry& a = maps[i - 1];
-    const MapEntry& b = maps[i];
+bool LinuxMemory::AnonSplitsKnown(std::vector<MapEntry>* maps,
+                                  bool defer) const {
+  for (std::size_t i = 1; i < maps->size(); ++i) {
+    MapEntry& a = (*maps)[i - 1];
+    MapEntry& b = (*maps)[i];
     // New memory next to known memory is flags_unknown anyway.
     if (!IsAnonSplit(a, b) || !a.has_vm_flags || !b.has_vm_flags) continue;
-    if (!std::binary_search(anon_splits_.begin(), anon_splits_.end(), b.start))
-      return false;
+    if (std::binary_search(anon_splits_.begin(), anon_splits_.end(), b.start))
+      continue;
+    if (!defer) return false;
+    a.flags_deferred = true;
+    b.flags_deferred = true;
   }
   return true;
 }
@@ -743,9 +747,16 @@ void LinuxMemory::NoteAnonSplits(const std::vector<MapEntry>& maps) {
 Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
   const std::int64_t now = SteadyNanos();
   const std::uint64_t epoch = g_vma_flags_epoch.load();
+  const std::int64_t age = now - smaps_read_at_;
+  const bool expensive = smaps_took_ >= options_.smaps_expensive_ns;
+  // Whether a read now keeps smaps within its share of the time.
+  const std::int64_t spacing = options_.smaps_cost_share * smaps_took_;
+  const bool may_read = !expensive || age >= spacing;
+  const std::int64_t interval =
+      expensive ? std::max(kSmapsInterval, spacing) : kSmapsInterval;
   std::string text;
   if (!full && smaps_read_at_ != 0 && !options_.plain_maps_path.empty() &&
-      now - smaps_read_at_ < kSmapsInterval && epoch == smaps_epoch_ &&
+      age < interval && epoch == smaps_epoch_ &&
       ReadProcFile(options_.plain_maps_path, &text).ok() &&
       ParseMaps(text, maps).ok()) {
     bool known = true;
@@ -770,18 +781,25 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
       if (after_prev || std::prev(run)->end < e.end) {
         // Known memory grown or joined with new (brk, mremap in place):
         // its flags may have changed with it.
-        known = false;
-        break;
+        if (may_read) {
+          known = false;
+          break;
+        }
+        e.flags_deferred = true;
+        continue;
       }
       e.vm_flags = std::prev(run)->flags;
       if (Contains(uffd_registered_, e.start)) e.vm_flags += " uw";
       e.has_vm_flags = true;
     }
-    if (known && AnonSplitsKnown(*maps)) return Status::Ok();
+    if (known && AnonSplitsKnown(maps, /*defer=*/!may_read))
+      return Status::Ok();
   }
   maps->clear();
+  const std::int64_t started = SteadyNanos();
   Status s = ReadMaps(options_.maps_path, maps);
   if (!s.ok()) return s;
+  smaps_took_ = SteadyNanos() - started;
   flag_runs_.clear();
   for (const MapEntry& e : *maps) {
     if (!MergeableKind(e)) continue;
@@ -813,6 +831,10 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
   for (std::size_t i = 0; i < maps.size(); ++i) {
     const MapEntry& e = maps[i];
     if (!e.shared && IsOurMemfd(e)) AddInterval(&frame_mapped_, e.start, e.end);
+    if (e.flags_deferred) {
+      AddInterval(&auto_excluded_, e.start, e.end);
+      continue;
+    }
     if (e.path == "[stack]") {
       AddInterval(&auto_excluded_, e.start, e.end);
       continue;
@@ -2334,6 +2356,11 @@ void LinuxMemory::RegisterRestored(Addr start, std::size_t len, int prot) {
     AddInterval(&uffd_registered_, start, start + len);
   } else {
     RemoveInterval(&uffd_registered_, start, start + len);
+  }
+  // A split of anonymous memory that we made, at either end (AnonSplitsKnown).
+  for (const Addr at : {start, start + len}) {
+    auto it = std::lower_bound(anon_splits_.begin(), anon_splits_.end(), at);
+    if (it == anon_splits_.end() || *it != at) anon_splits_.insert(it, at);
   }
 }
 

@@ -80,6 +80,12 @@ struct LinuxMemoryOptions {
   // at a full scan when the layout, seen through it, is what the last smaps
   // read showed up to our own merges (see ReadView). "" always reads smaps.
   std::string plain_maps_path = "/proc/self/maps";
+  // A smaps read that took at least this long is expensive (ReadView):
+  // the reads the layout alone asks for are put off until the time since
+  // the last one is smaps_cost_share times what it took (so that they take
+  // at most a twentieth of the time).
+  std::int64_t smaps_expensive_ns = 20'000'000;
+  std::int64_t smaps_cost_share = 20;
   std::string pagemap_path = "/proc/self/pagemap";
   std::string max_map_count_path = "/proc/sys/vm/max_map_count";
   std::string status_path = "/proc/self/status";  // VmLck
@@ -335,15 +341,25 @@ class LinuxMemory final : public Memory {
   // and mapped again in place, is seen within kSmapsInterval, or at once
   // after NoteVmaFlagsChanged(); a split of anonymous memory that we did not
   // make (AnonSplitsKnown) makes it read smaps too.
+  // Where smaps is expensive (the last read took options_.smaps_expensive_ns
+  // or more: about 8 us a mapping, 0.5 s at 59,000 mappings), reads are
+  // options_.smaps_cost_share times their cost apart, kSmapsInterval at
+  // the least;
+  // until the next one, mappings that would have asked for it are marked
+  // flags_deferred and left alone (ApplyMaps: excluded). Reads for `full`
+  // and after NoteVmaFlagsChanged() are never put off.
   Status ReadView(std::vector<MapEntry>* maps, bool full);
   // Private read-write non-executable memory that is anonymous or ours:
   // what merges and unmerges turn into one another.
   bool MergeableKind(const MapEntry& e) const;
-  // Our merges split anonymous memory only where our memfd begins or ends.
+  // Our merges split anonymous memory only where our memfd begins or ends,
+  // or where a page went back anonymous (RegisterRestored notes those).
   // A split between two anonymous mappings that the last smaps read did not
   // show was made by the application (mlock, madvise or mprotect of part of
-  // a mapping): its flags may differ, so smaps must be read.
-  bool AnonSplitsKnown(const std::vector<MapEntry>& maps) const;
+  // a mapping): its flags may differ, so smaps must be read. With `defer`,
+  // both sides of such a split are marked flags_deferred instead, and true
+  // is returned.
+  bool AnonSplitsKnown(std::vector<MapEntry>* maps, bool defer) const;
   bool IsAnonSplit(const MapEntry& a, const MapEntry& b) const;
   void NoteAnonSplits(const std::vector<MapEntry>& maps);
   bool RangeMapped(Addr start, std::size_t len) const;
@@ -597,6 +613,7 @@ class LinuxMemory final : public Memory {
   std::vector<Addr> anon_splits_;  // sorted: starts of split anon mappings
   std::uint64_t smaps_epoch_ = 0;  // NoteVmaFlagsChanged count at that read
   std::int64_t smaps_read_at_ = 0;  // steady clock, nanoseconds
+  std::int64_t smaps_took_ = 0;     // the last smaps read, nanoseconds
   std::uint64_t smaps_reads_ = 0;
   static constexpr std::int64_t kSmapsInterval = 2'000'000'000;
   std::vector<Interval> dontfork_;

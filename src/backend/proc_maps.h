@@ -38,6 +38,9 @@ struct MapEntry {
   // Read from maps where smaps was needed to know its VmFlags: must be
   // treated as if it had every flag that forbids merging.
   bool flags_unknown = false;
+  // Its flags await a read of smaps that was put off (LinuxMemory::
+  // ReadView): left alone meanwhile, as memory excluded from merging.
+  bool flags_deferred = false;
 
   std::size_t size() const { return end - start; }
   bool HasVmFlag(std::string_view flag) const;

@@ -73,6 +73,16 @@ bool Same(const void* a, const void* b) {
 
 long Maps() { return CountMappings("/proc/self/maps"); }
 
+// The process's mappings that overlap [start, start + pages).
+std::size_t VmasIn(Addr start, std::size_t pages) {
+  std::vector<MapEntry> maps;
+  EXPECT_TRUE(ReadMaps("/proc/self/maps", &maps).ok());
+  std::size_t n = 0;
+  for (const auto& e : maps)
+    n += e.end > start && e.start < start + pages * kPageSize;
+  return n;
+}
+
 std::uint64_t Pagemap(const void* p) {
   int fd = open("/proc/self/pagemap", O_RDONLY);
   std::uint64_t e = 0;
@@ -220,17 +230,26 @@ TEST_P(LinuxMemoryTest, FlagsSetSinceTheLastSmapsReadAreKeptByMerges) {
   ASSERT_EQ(madvise(a.page(2), 2 * kPageSize, MADV_DOFORK), 0);
 }
 
+// Two regions of 8 pages with the same bytes, advised, after a full scan.
+struct AdvisedTwins {
+  explicit AdvisedTwins(LinuxMemory& m) {
+    FillAlike(a, b);
+    Advise(m, a);
+    Advise(m, b);
+    m.BeginFullScan();
+  }
+  Region a{8}, b{8};
+};
+
 // A full scan does not walk every page table (smaps) because memory was
 // mapped somewhere: that memory is not mergeable until advised, and advice
 // reads smaps itself. Known memory that grew in place is read again, so
 // its advised part keeps merging.
 TEST_P(LinuxMemoryTest, NewMemoryWaitsForAdviceButGrownMemoryIsReadAgain) {
   auto m = NewMemory();
-  Region a(8), b(8);
-  FillAlike(a, b);
-  Advise(*m, a);
-  Advise(*m, b);
-  m->BeginFullScan();
+  const AdvisedTwins twins(*m);
+  const Region& a = twins.a;
+  const Region& b = twins.b;
   const std::uint64_t reads = m->Stats().smaps_reads;
 
   Region fresh(4);
@@ -255,6 +274,99 @@ TEST_P(LinuxMemoryTest, NewMemoryWaitsForAdviceButGrownMemoryIsReadAgain) {
   Fill(expect, 3);
   EXPECT_TRUE(Same(b.page(3), expect));
   ASSERT_EQ(mremap(b.page(2), 7 * kPageSize, 6 * kPageSize, 0), b.page(2));
+}
+
+// smaps reads that count as expensive (all of them), the next one put off
+// for good unless asked for (full, or NoteVmaFlagsChanged).
+std::unique_ptr<LinuxMemory> NewMemoryWithExpensiveSmaps() {
+  LinuxMemoryOptions o;
+  o.protection = g_protection;
+  o.smaps_expensive_ns = 0;
+  o.smaps_cost_share = 1'000'000'000;
+  std::unique_ptr<LinuxMemory> m;
+  EXPECT_TRUE(LinuxMemory::Create(o, &m).ok());
+  return m;
+}
+
+// Where smaps is expensive, the read that known memory grown in place asks
+// for is put off: that memory is left alone meanwhile (its pages report
+// absent, nothing merges there, its bytes stay and take writes) while the
+// rest merges, and it merges again once smaps is read.
+TEST_P(LinuxMemoryTest, GrownMemoryWaitsForAnExpensiveSmapsRead) {
+  auto m = NewMemoryWithExpensiveSmaps();
+  const AdvisedTwins twins(*m);
+  const Region& a = twins.a;
+  const Region& b = twins.b;
+  ASSERT_TRUE(MergePair(*m, a.addr(1), b.addr(1)));
+  void* grown = mremap(b.page(2), 6 * kPageSize, 7 * kPageSize, 0);
+  ASSERT_EQ(grown, b.page(2)) << "no room to grow in place";
+  const std::uint64_t reads = m->Stats().smaps_reads;
+  m->BeginFullScan();
+  EXPECT_EQ(m->Stats().smaps_reads, reads) << "read at once";
+  EXPECT_EQ(ProbeOne(*m, b.addr(3)), PageState::kAbsent);
+  EXPECT_FALSE(MergePair(*m, a.addr(3), b.addr(3)));
+  unsigned char expect[kPageSize];
+  Fill(expect, 3);
+  EXPECT_TRUE(Same(b.page(3), expect));
+  b.page(3)[0] ^= 1;
+  b.page(3)[0] ^= 1;
+  EXPECT_TRUE(MergePair(*m, a.addr(0), b.addr(0))) << "memory not grown";
+
+  NoteVmaFlagsChanged();
+  m->BeginFullScan();
+  EXPECT_EQ(m->Stats().smaps_reads, reads + 1);
+  EXPECT_EQ(ProbeOne(*m, b.addr(3)), PageState::kAnon);
+  ASSERT_TRUE(MergePair(*m, a.addr(3), b.addr(3)));
+  EXPECT_TRUE(Same(b.page(3), expect));
+  ASSERT_EQ(mremap(b.page(2), 7 * kPageSize, 6 * kPageSize, 0), b.page(2));
+}
+
+// Likewise a split of anonymous memory that the application made (here
+// MADV_DONTFORK on part of a mapping, straight to the kernel): both sides
+// are left alone until smaps is read, which then sees the flag.
+TEST_P(LinuxMemoryTest, AnUnknownSplitWaitsForAnExpensiveSmapsRead) {
+  auto m = NewMemoryWithExpensiveSmaps();
+  const AdvisedTwins twins(*m);
+  const Region& a = twins.a;
+  const Region& b = twins.b;
+  const std::uint64_t reads = m->Stats().smaps_reads;
+  ASSERT_EQ(madvise(b.page(4), 4 * kPageSize, MADV_DONTFORK), 0);
+  m->BeginFullScan();
+  EXPECT_EQ(m->Stats().smaps_reads, reads) << "read at once";
+  EXPECT_EQ(ProbeOne(*m, b.addr(2)), PageState::kAbsent);
+  EXPECT_EQ(ProbeOne(*m, b.addr(5)), PageState::kAbsent);
+  EXPECT_FALSE(MergePair(*m, a.addr(2), b.addr(2)));
+
+  NoteVmaFlagsChanged();
+  m->BeginFullScan();
+  EXPECT_EQ(m->Stats().smaps_reads, reads + 1);
+  EXPECT_EQ(ProbeOne(*m, b.addr(2)), PageState::kAnon);
+  EXPECT_TRUE(MergePair(*m, a.addr(2), b.addr(2)));
+  unsigned char expect[kPageSize];
+  Fill(expect, 2);
+  EXPECT_TRUE(Same(b.page(2), expect));
+  ASSERT_EQ(madvise(b.page(4), 4 * kPageSize, MADV_DOFORK), 0);
+}
+
+// A page given back anonymous between anonymous neighbours splits them
+// (its own anon_vma keeps it apart): that split is ours, and the next full
+// scan reads the plain maps, not smaps.
+TEST_P(LinuxMemoryTest, APageGivenBackAnonymousAsksForNoSmapsRead) {
+  auto m = NewMemory();
+  const AdvisedTwins twins(*m);
+  const Region& a = twins.a;
+  const Region& b = twins.b;
+  ASSERT_TRUE(MergePair(*m, a.addr(3), b.addr(3)));
+  m->BeginFullScan();
+  const std::uint64_t reads = m->Stats().smaps_reads;
+  ASSERT_TRUE(m->Unmerge(b.addr(3), 1));
+  ASSERT_EQ(VmasIn(b.addr(0), 8), 3u) << "the page joined its neighbours";
+  m->BeginFullScan();
+  EXPECT_EQ(m->Stats().smaps_reads, reads);
+  EXPECT_EQ(ProbeOne(*m, b.addr(3)), PageState::kAnon);
+  unsigned char expect[kPageSize];
+  Fill(expect, 3);
+  EXPECT_TRUE(Same(b.page(3), expect));
 }
 
 TEST_P(LinuxMemoryTest, MergePairsSharesOneFrameAndCopiesOnWrite) {
@@ -999,16 +1111,6 @@ int FailUnmergeOfLen(Addr, std::size_t len) {
   ++g_unmerge_calls;
   return g_fail_unmerge_len == kFailAll || len == g_fail_unmerge_len ? ENOMEM
                                                                      : 0;
-}
-
-// The process's mappings that overlap [start, start + pages).
-std::size_t VmasIn(Addr start, std::size_t pages) {
-  std::vector<MapEntry> maps;
-  EXPECT_TRUE(ReadMaps("/proc/self/maps", &maps).ok());
-  std::size_t n = 0;
-  for (const auto& e : maps)
-    n += e.end > start && e.start < start + pages * kPageSize;
-  return n;
 }
 
 struct ScatteredMerge {
