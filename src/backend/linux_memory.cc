@@ -739,6 +739,7 @@ bool LinuxMemory::AnonSplitsKnown(std::vector<MapEntry>* maps,
 
 void LinuxMemory::NoteAnonSplits(const std::vector<MapEntry>& maps) {
   anon_splits_.clear();
+  anon_splits_made_.clear();
   for (std::size_t i = 1; i < maps.size(); ++i) {
     if (IsAnonSplit(maps[i - 1], maps[i])) anon_splits_.push_back(maps[i].start);
   }
@@ -791,6 +792,16 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
       e.vm_flags = std::prev(run)->flags;
       if (Contains(uffd_registered_, e.start)) e.vm_flags += " uw";
       e.has_vm_flags = true;
+    }
+    if (!anon_splits_made_.empty()) {
+      std::sort(anon_splits_made_.begin(), anon_splits_made_.end());
+      const auto middle =
+          anon_splits_.insert(anon_splits_.end(), anon_splits_made_.begin(),
+                              anon_splits_made_.end());
+      std::inplace_merge(anon_splits_.begin(), middle, anon_splits_.end());
+      anon_splits_.erase(std::unique(anon_splits_.begin(), anon_splits_.end()),
+                         anon_splits_.end());
+      anon_splits_made_.clear();
     }
     if (known && AnonSplitsKnown(maps, /*defer=*/!may_read))
       return Status::Ok();
@@ -2358,10 +2369,8 @@ void LinuxMemory::RegisterRestored(Addr start, std::size_t len, int prot) {
     RemoveInterval(&uffd_registered_, start, start + len);
   }
   // A split of anonymous memory that we made, at either end (AnonSplitsKnown).
-  for (const Addr at : {start, start + len}) {
-    auto it = std::lower_bound(anon_splits_.begin(), anon_splits_.end(), at);
-    if (it == anon_splits_.end() || *it != at) anon_splits_.insert(it, at);
-  }
+  anon_splits_made_.push_back(start);
+  anon_splits_made_.push_back(start + len);
 }
 
 bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {

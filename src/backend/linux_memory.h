@@ -611,6 +611,9 @@ class LinuxMemory final : public Memory {
   };
   std::vector<FlagRun> flag_runs_;
   std::vector<Addr> anon_splits_;  // sorted: starts of split anon mappings
+  // Splits we made since (RegisterRestored), unsorted: into anon_splits_
+  // at the next ReadView.
+  std::vector<Addr> anon_splits_made_;
   std::uint64_t smaps_epoch_ = 0;  // NoteVmaFlagsChanged count at that read
   std::int64_t smaps_read_at_ = 0;  // steady clock, nanoseconds
   std::int64_t smaps_took_ = 0;     // the last smaps read, nanoseconds
