@@ -405,7 +405,11 @@ class LinuxMemory final : public Memory {
 
   // Inside a window: the protected page against its frame, in full.
   // kMerged if equal, kDiffers if not, kGone if the page could not be read.
-  MergeResult CompareWithFrame(Addr page, FrameId frame);
+  // cold: read the frame with pread rather than through the view.
+  MergeResult CompareWithFrame(Addr page, FrameId frame, bool cold);
+  // Whether the window's frames are likely not read through the view
+  // lately (fresh_frames_, or no frame of many pages among them).
+  bool FramesLikelyCold(const FrameId* frames, std::size_t n) const;
   // Batches: contiguous pages, at most kMaxRunWindowPages, all MayReplace.
   void MergeBatchIntoFrames(Addr base, std::size_t n, const FrameId* frames,
                             MergeResult* results);
@@ -614,6 +618,10 @@ class LinuxMemory final : public Memory {
   // Splits we made since (RegisterRestored), unsorted: into anon_splits_
   // at the next ReadView.
   std::vector<Addr> anon_splits_made_;
+  // Set while MergeScatteredSlice joins pages to the frames it has just
+  // written, which nothing has read through the frame view yet:
+  // CompareWithFrame then reads them with pread.
+  bool fresh_frames_ = false;
   std::uint64_t smaps_epoch_ = 0;  // NoteVmaFlagsChanged count at that read
   std::int64_t smaps_read_at_ = 0;  // steady clock, nanoseconds
   std::int64_t smaps_took_ = 0;     // the last smaps read, nanoseconds
