@@ -619,8 +619,8 @@ class LinuxMemory final : public Memory {
   // at the next ReadView.
   std::vector<Addr> anon_splits_made_;
   // Set while MergeScatteredSlice joins pages to the frames it has just
-  // written, which nothing has read through the frame view yet:
-  // CompareWithFrame then reads them with pread.
+  // written, which nothing has read through the frame view yet: their
+  // windows count as cold (FramesLikelyCold), read with pread.
   bool fresh_frames_ = false;
   std::uint64_t smaps_epoch_ = 0;  // NoteVmaFlagsChanged count at that read
   std::int64_t smaps_read_at_ = 0;  // steady clock, nanoseconds
