@@ -495,10 +495,14 @@ class LinuxMemory final : public Memory {
   // is under way (Unmerge and restores use it too, one at a time).
   // copied[k]: page k arrived whole (false where src was unmapped).
   void CopyIntoFrames(Addr src, std::size_t n, FrameId first, bool* copied);
-  // As CopyIntoFrames, page src[k] into frame first + k: gathered in the
-  // scratch area, one pwrite for up to kBouncePages frames.
+  // As CopyIntoFrames, page src[k] into frame first + k (gathered in the
+  // scratch area).
   void GatherIntoFrames(const Addr* src, std::size_t n, FrameId first,
                         bool* copied);
+  // The body of both: page source_of(k) into frame first + k.
+  template <typename SourceOf>
+  void CopyPagesIntoFrames(SourceOf source_of, std::size_t n, FrameId first,
+                           bool* copied);
   // Makes [start, start + len) writable again except pages marked kGone or
   // kMerged in results (one entry per page).
   void UnprotectRest(Addr start, std::size_t n, const MergeResult* results,

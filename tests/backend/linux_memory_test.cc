@@ -1830,6 +1830,48 @@ INSTANTIATE_TEST_SUITE_P(Protections, LinuxMemoryTest,
                                       : "Userfaultfd";
                          });
 
+// A page that cannot be read when its pair's frame is filled (made
+// inaccessible since the last look at the mappings) costs only its own
+// pair: the pages of its run, copied together, are copied one by one
+// then, and merge.
+TEST_P(LinuxMemoryTest, AnUnreadablePageFailsOnlyItsOwnScatteredPair) {
+  if (GetParam() != Protection::kUserfaultfd)
+    GTEST_SKIP() << "pairs are laid out so in discard-first windows only";
+  constexpr std::size_t kN = 16, kBad = 5;
+  auto m = NewMemory();
+  if (!m->SyscallWritesWait())
+    GTEST_SKIP() << "a user-mode-only userfaultfd: no discard-first windows";
+  // Partners every other page, in another order: none lie next to each
+  // other, so the frames follow p, which are copied as one run.
+  Region a(kN), b(2 * kN);
+  auto slot = [](std::size_t i) { return 2 * ((i * 7) % kN); };
+  for (std::size_t i = 0; i < kN; ++i) {
+    Fill(a.page(i), static_cast<unsigned>(i));
+    Fill(b.page(slot(i)), static_cast<unsigned>(i));
+  }
+  Rescan(*m);
+  ASSERT_EQ(mprotect(a.page(kBad), kPageSize, PROT_NONE), 0);
+  std::vector<Addr> q;
+  for (std::size_t i = 0; i < kN; ++i) q.push_back(b.addr(slot(i)));
+  std::vector<FrameId> frames(kN);
+  std::vector<MergeResult> res(kN);
+  m->MergePairs(Addrs(a, 0, kN), q, frames, res);
+  ASSERT_EQ(mprotect(a.page(kBad), kPageSize, PROT_READ | PROT_WRITE), 0);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kN; ++i) {
+    if (i == kBad) {
+      EXPECT_NE(res[i], MergeResult::kMerged);
+      EXPECT_EQ(frames[i], kNoFrame);
+    } else {
+      EXPECT_EQ(res[i], MergeResult::kMerged) << i;
+    }
+    Fill(expect, static_cast<unsigned>(i));
+    EXPECT_TRUE(Same(a.page(i), expect)) << i;
+    EXPECT_TRUE(Same(b.page(slot(i)), expect)) << i;
+  }
+  EXPECT_EQ(m->Stats().frames_in_use, kN - 1);
+}
+
 // Scattered pairs are admitted by the mappings their layout takes, at two
 // VMAs a mapping at the most: 64 pairs whose p run on (one mapping) and
 // whose partners lie one to a mapping need 65 mappings, and a budget of
