@@ -3,11 +3,15 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <climits>
+#include <cstring>
+#include <vector>
 
 #include "backend/own_fds.h"
 #include "backend/write_protect.h"
@@ -33,6 +37,76 @@ void* MapUnlocked(void* hint, std::size_t len, int prot, int flags, int fd,
 void ShieldMapping(void* p, std::size_t len, bool shield) {
   if (!shield) (void)munlock(p, len);
   (void)mprotect(p, len, shield ? PROT_NONE : PROT_READ | PROT_WRITE);
+}
+
+namespace {
+
+std::int64_t MonotonicNanos() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
+bool MeasurePreadBeatsColdView() {
+  constexpr std::size_t kPages = 128;  // per way and round
+  constexpr std::size_t kRounds = 3;
+  constexpr std::size_t kStride = 37;  // coprime with kPages: every page once
+  constexpr std::size_t kBytes = 2 * kRounds * kPages * kPageSize;
+  int fd = memfd_create("samepage-probe", MFD_CLOEXEC | MFD_NOEXEC_SEAL);
+  if (fd < 0 && errno == EINVAL)
+    fd = memfd_create("samepage-probe", MFD_CLOEXEC);
+  if (fd < 0) return false;
+  fd = AdoptOwnFd(fd);
+  std::vector<unsigned char> bytes(kPages * kPageSize);
+  for (std::size_t i = 0; i < bytes.size(); ++i) {
+    bytes[i] = static_cast<unsigned char>(i * 131 + i / kPageSize);
+  }
+  bool ok = ftruncate(fd, kBytes) == 0;
+  for (std::size_t at = 0; ok && at < kBytes; at += bytes.size()) {
+    ok = pwrite(fd, bytes.data(), bytes.size(), static_cast<off_t>(at)) ==
+         static_cast<ssize_t>(bytes.size());
+  }
+  void* view = ok ? MapUnlocked(nullptr, kBytes, PROT_READ, MAP_SHARED, fd, 0)
+                  : MAP_FAILED;
+  if (view == MAP_FAILED) {
+    CloseOwnFd(fd);
+    return false;
+  }
+  const auto* v = static_cast<const unsigned char*>(view);
+  alignas(64) unsigned char copy[kPageSize];
+  int sink = 0;
+  std::int64_t best[2] = {INT64_MAX, INT64_MAX};  // view, pread
+  for (std::size_t r = 0; r < kRounds; ++r) {
+    for (std::size_t w = 0; w < 2; ++w) {
+      const std::size_t way = (r + w) % 2;  // each way first in turn
+      const std::size_t base = (2 * r + way) * kPages;
+      const std::int64_t start = MonotonicNanos();
+      for (std::size_t k = 0; k < kPages; ++k) {
+        const std::size_t i = k * kStride % kPages;
+        const unsigned char* frame = v + (base + i) * kPageSize;
+        if (way == 1) {
+          if (pread(fd, copy, kPageSize,
+                    static_cast<off_t>((base + i) * kPageSize)) !=
+              static_cast<ssize_t>(kPageSize)) {
+            ok = false;
+          }
+          frame = copy;
+        }
+        sink += std::memcmp(frame, bytes.data() + i * kPageSize, kPageSize);
+      }
+      best[way] = std::min(best[way], MonotonicNanos() - start);
+    }
+  }
+  munmap(view, kBytes);
+  CloseOwnFd(fd);
+  return ok && sink == 0 && best[1] < best[0];
+}
+
+}  // namespace
+
+bool PreadBeatsColdView() {
+  static const bool beats = MeasurePreadBeatsColdView();
+  return beats;
 }
 
 FrameStore::~FrameStore() {

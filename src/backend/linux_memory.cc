@@ -213,8 +213,16 @@ LinuxMemory::~LinuxMemory() {
 
 Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
   options_ = options;
+  using Read = LinuxMemoryOptions::ColdFrameRead;
+  using Fill = LinuxMemoryOptions::FrameFill;
   Status s = InitProcessState();
   if (!s.ok()) return s;
+  pread_cold_frames_ = options_.cold_frame_read == Read::kMeasured
+                           ? PreadBeatsColdView()
+                           : options_.cold_frame_read == Read::kPread;
+  fills_ = CheaperOf(options_.frame_fill == Fill::kBounce   ? 0
+                     : options_.frame_fill == Fill::kDirect ? 1
+                                                            : -1);
   id_ = g_next_instance.fetch_add(1);
   s = store_.Init();
   if (!s.ok()) return s;
@@ -1283,17 +1291,21 @@ void LinuxMemory::CopyOutResults(const MergeResult* local, std::size_t n,
   }
 }
 
-MergeResult LinuxMemory::CompareWithFrame(Addr page, FrameId frame, bool cold) {
-  // A frame likely not read through our view lately (`cold`,
-  // FramesLikelyCold) is read with pread, into our stack (the kernel reads
-  // it through its direct map): on the PVM machine the first read of a
-  // page through a new page table entry costs about 5 us, prefetched or
-  // not, and the compares of scattered pairs took 2.9-3.5 us each that way
-  // (joins 6.5-7.7), 2.4 with pread (4.2).
+MergeResult LinuxMemory::CompareWithFrame(Addr page, FrameId frame,
+                                          bool use_pread) {
+  // A frame likely not read through our view lately (FramesLikelyCold) may
+  // be read with pread, into our stack (the kernel reads it through its
+  // direct map): on the PVM machine the first read of a page through a new
+  // page table entry costs about 5 us, prefetched or not, and the compares
+  // of scattered pairs took 2.9-3.5 us each that way (joins 6.5-7.7), 2.4
+  // with pread (4.2). On a KVM guest the view costs 0.9 us where pread
+  // costs 2.2 (C probe, 20,000 frames just written, in random order):
+  // PreadBeatsColdView measured which (pread_cold_frames_).
   const void* bytes = store_.FrameAddress(frame);
   alignas(64) unsigned char copy[kPageSize];
-  if (cold && pread(store_.fd(), copy, kPageSize, store_.FrameOffset(frame)) ==
-                  static_cast<ssize_t>(kPageSize)) {
+  if (use_pread &&
+      pread(store_.fd(), copy, kPageSize, store_.FrameOffset(frame)) ==
+          static_cast<ssize_t>(kPageSize)) {
     bytes = copy;
   }
   bool equal = false;
@@ -1333,11 +1345,11 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
     window_how = how;
     const bool may_replace =
         !LockViewStale(base, n * kPageSize) && !PinnedIoIn(base, n * kPageSize);
-    const bool cold = FramesLikelyCold(frames, n);
+    const bool use_pread = pread_cold_frames_ && FramesLikelyCold(frames, n);
     for (std::size_t k = 0; k < n; ++k) {
-      local[k] = may_replace
-                     ? CompareWithFrame(base + k * kPageSize, frames[k], cold)
-                     : MergeResult::kFailed;
+      local[k] = may_replace ? CompareWithFrame(base + k * kPageSize, frames[k],
+                                                use_pread)
+                             : MergeResult::kFailed;
     }
     // One mmap per run of equal pages with consecutive frames.
     auto consecutive = [&](std::size_t e) {
@@ -1433,7 +1445,7 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
   std::uint64_t added = 0;
   bool taken = false;       // the missing-page registration was made
   bool registered = false;  // and undone by registering for WP only
-  const bool cold = FramesLikelyCold(frames, n);
+  const bool use_pread = pread_cold_frames_ && FramesLikelyCold(frames, n);
   InProtectedWindow(base, span, kWindowCost, local, [&](ProtectMethod how) {
     const bool may_replace = how == ProtectMethod::kUffd &&
                              !LockViewStale(base, len) &&
@@ -1443,7 +1455,7 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
         local[k] = MergeResult::kDiffers;  // only protected with the rest
       } else {
         local[k] = may_replace ? CompareWithFrame(base + k * kPageSize,
-                                                  frame_of[k], cold)
+                                                  frame_of[k], use_pread)
                                : MergeResult::kFailed;
       }
     }
@@ -2029,24 +2041,60 @@ void LinuxMemory::GatherIntoFrames(const Addr* src, std::size_t n,
 template <typename SourceOf>
 void LinuxMemory::CopyPagesIntoFrames(SourceOf source_of, std::size_t n,
                                       FrameId first, bool* copied) {
-  // Through our scratch area, which stays mapped and warm: on a PVM guest
-  // the kernel's first access to each application page through its user
-  // address costs more than our own read of it (pwrite straight from
-  // pages just write-protected: 2.9-3.3 us a page; copied to a reused
-  // buffer first: 1.6-2.0 us; pairs in runs 14% less merge CPU). Runs of
-  // consecutive sources are read at once; where that faults (a page
-  // unmapped under us), page by page, and a page that faults is not
-  // copied: the writes skip it. At most kBouncePages at a time, one pwrite
-  // per stretch of them read, so that no more of the scratch area than
-  // that stays resident between merges.
+  // Two ways, fills_ measures which is cheaper here (CheaperOf):
+  // - through our scratch area, which stays mapped and warm: on a PVM guest
+  //   the kernel's first access to each application page through its user
+  //   address costs more than our own read of it (pwrite straight from
+  //   pages just write-protected: 2.9-3.3 us a page; copied to a reused
+  //   buffer first: 1.6-2.0 us; pairs in runs 14% less merge CPU);
+  // - one pwritev straight from the pages, where that access is cheap (a
+  //   KVM guest: 1.3-1.8 against 2.0 us a page, pairs in runs): one copy
+  //   of each page instead of two. The pages after one it cannot read
+  //   (unmapped under us: a short write) go the first way.
+  // Runs of consecutive sources are read at once; where that faults, page
+  // by page, and a page that faults is not copied: the writes skip it. At
+  // most kBouncePages at a time, one pwrite per stretch of them read, so
+  // that no more of the scratch area than that stays resident between
+  // merges.
   WarmScratch(std::min(kBouncePages, n));
   for (std::size_t at = 0; at < n; at += kBouncePages) {
     const std::size_t m = std::min(kBouncePages, n - at);
     auto from = [&](std::size_t k) { return source_of(at + k); };
-    bool* ok = copied + at;
-    for (std::size_t k = 0; k < m;) {
+    auto offset = [&](std::size_t k) {
+      return store_.FrameOffset(first + static_cast<FrameId>(at + k));
+    };
+    // The end of the run of consecutive sources from k, cut where `skip`.
+    auto run_end = [&](std::size_t k, const bool* skip) {
       std::size_t e = k + 1;
-      while (e < m && from(e) == from(e - 1) + kPageSize) ++e;
+      while (e < m && !skip[e] && from(e) == from(e - 1) + kPageSize) ++e;
+      return e;
+    };
+    bool* ok = copied + at;
+    bool written[kBouncePages] = {};  // copied straight
+    const int way = fills_.Pick();
+    const std::int64_t start = SteadyNanos();
+    if (way == 1) {
+      // One pwritev for the chunk, a vector per run of sources.
+      iovec iov[kBouncePages];
+      std::size_t niov = 0;
+      for (std::size_t k = 0; k < m;) {
+        const std::size_t e = run_end(k, written);
+        iov[niov++] = iovec{Ptr(from(k)), (e - k) * kPageSize};
+        k = e;
+      }
+      const ssize_t done =
+          pwritev(store_.fd(), iov, static_cast<int>(niov), offset(0));
+      const std::size_t whole =
+          done > 0 ? static_cast<std::size_t>(done) / kPageSize : 0;
+      std::fill(written, written + whole, true);
+      std::fill(ok, ok + whole, true);
+    }
+    for (std::size_t k = 0; k < m;) {
+      if (written[k]) {
+        ++k;
+        continue;
+      }
+      const std::size_t e = run_end(k, written);
       if (GuardedCopy(Ptr(scratch_ + k * kPageSize), Ptr(from(k)),
                       (e - k) * kPageSize)) {
         std::fill(ok + k, ok + e, true);
@@ -2059,27 +2107,25 @@ void LinuxMemory::CopyPagesIntoFrames(SourceOf source_of, std::size_t n,
       k = e;
     }
     for (std::size_t k = 0; k < m;) {
-      if (!ok[k]) {
+      if (!ok[k] || written[k]) {
         ++k;
         continue;
       }
       std::size_t e = k + 1;
-      while (e < m && ok[e]) ++e;
-      const FrameId f = first + static_cast<FrameId>(at + k);
+      while (e < m && ok[e] && !written[e]) ++e;
       const std::size_t len = (e - k) * kPageSize;
-      const ssize_t done = pwrite(store_.fd(), Ptr(scratch_ + k * kPageSize),
-                                  len, store_.FrameOffset(f));
+      const ssize_t done =
+          pwrite(store_.fd(), Ptr(scratch_ + k * kPageSize), len, offset(k));
       const std::size_t whole =
           done > 0 ? static_cast<std::size_t>(done) / kPageSize : 0;
       // A short write (the memory cgroup's limit, say): page by page.
       for (std::size_t i = k + whole; i < e; ++i) {
-        ok[i] =
-            pwrite(store_.fd(), Ptr(scratch_ + i * kPageSize), kPageSize,
-                   store_.FrameOffset(first + static_cast<FrameId>(at + i))) ==
-            static_cast<ssize_t>(kPageSize);
+        ok[i] = pwrite(store_.fd(), Ptr(scratch_ + i * kPageSize), kPageSize,
+                       offset(i)) == static_cast<ssize_t>(kPageSize);
       }
       k = e;
     }
+    fills_.Record(way, SteadyNanos() - start, m);
   }
 }
 

@@ -59,6 +59,7 @@
 #include <utility>
 #include <vector>
 
+#include "backend/cheaper_of.h"
 #include "backend/frame_store.h"
 #include "backend/proc_maps.h"
 #include "backend/protector.h"
@@ -86,6 +87,16 @@ struct LinuxMemoryOptions {
   // at most a twentieth of the time).
   std::int64_t smaps_expensive_ns = 20'000'000;
   std::int64_t smaps_cost_share = 20;
+  // Two choices whose cheaper way depends on the machine: how a compare
+  // reads a frame likely not read through our view lately
+  // (FramesLikelyCold; kMeasured: PreadBeatsColdView, a probe at start),
+  // and how pages are copied into new frames, through our scratch area or
+  // with pwritev straight from the pages (kMeasured: CheaperOf times both
+  // on the work). Tests force one.
+  enum class ColdFrameRead { kMeasured, kView, kPread };
+  ColdFrameRead cold_frame_read = ColdFrameRead::kMeasured;
+  enum class FrameFill { kMeasured, kBounce, kDirect };
+  FrameFill frame_fill = FrameFill::kMeasured;
   std::string pagemap_path = "/proc/self/pagemap";
   std::string max_map_count_path = "/proc/sys/vm/max_map_count";
   std::string status_path = "/proc/self/status";  // VmLck
@@ -405,10 +416,11 @@ class LinuxMemory final : public Memory {
 
   // Inside a window: the protected page against its frame, in full.
   // kMerged if equal, kDiffers if not, kGone if the page could not be read.
-  // cold: read the frame with pread rather than through the view.
-  MergeResult CompareWithFrame(Addr page, FrameId frame, bool cold);
+  // use_pread: read the frame with pread rather than through the view.
+  MergeResult CompareWithFrame(Addr page, FrameId frame, bool use_pread);
   // Whether the window's frames are likely not read through the view
-  // lately (fresh_frames_, or no frame of many pages among them).
+  // lately (fresh_frames_, or no frame of many pages among them): read
+  // with pread where pread_cold_frames_.
   bool FramesLikelyCold(const FrameId* frames, std::size_t n) const;
   // Batches: contiguous pages, at most kMaxRunWindowPages, all MayReplace.
   void MergeBatchIntoFrames(Addr base, std::size_t n, const FrameId* frames,
@@ -624,8 +636,13 @@ class LinuxMemory final : public Memory {
   std::vector<Addr> anon_splits_made_;
   // Set while MergeScatteredSlice joins pages to the frames it has just
   // written, which nothing has read through the frame view yet: their
-  // windows count as cold (FramesLikelyCold), read with pread.
+  // windows count as cold (FramesLikelyCold).
   bool fresh_frames_ = false;
+  // Frames likely cold are read with pread (else through the view), and
+  // pages are copied into frames through the scratch area (way 0) or with
+  // pwritev straight from them (way 1). Set by Init from the options.
+  bool pread_cold_frames_ = false;
+  CheaperOf fills_;
   std::uint64_t smaps_epoch_ = 0;  // NoteVmaFlagsChanged count at that read
   std::int64_t smaps_read_at_ = 0;  // steady clock, nanoseconds
   std::int64_t smaps_took_ = 0;     // the last smaps read, nanoseconds

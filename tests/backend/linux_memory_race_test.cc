@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "backend/linux_memory.h"
+#include "backend/memory_configs.h"
 #include "backend/proc_maps.h"
 
 namespace samepage::backend {
@@ -142,13 +143,13 @@ class Remapper {
   std::thread thread_;  // last: starts once the counters exist
 };
 
-class RaceTest : public ::testing::TestWithParam<Protection> {
+class RaceTest : public ::testing::TestWithParam<MemoryConfig> {
  protected:
   void SetUp() override {
     LinuxMemoryOptions o;
-    o.protection = GetParam();
+    GetParam().ApplyTo(&o);
     Status s = LinuxMemory::Create(o, &m_);
-    if (GetParam() == Protection::kUserfaultfd && !s.ok())
+    if (GetParam().protection == Protection::kUserfaultfd && !s.ok())
       GTEST_SKIP() << "userfaultfd write-protect not available: "
                    << s.ToString();
     ASSERT_TRUE(s.ok()) << s.ToString();
@@ -550,7 +551,7 @@ TEST_P(RaceTest, ConcurrentUnmapOfScatteredPartnersLeavesTheRunIntact) {
           << int(res);
       gone += res == MergeResult::kGone;
     }
-    if (GetParam() == Protection::kUserfaultfd) {
+    if (GetParam().protection == Protection::kUserfaultfd) {
       // Every piece is registered, those given back as anonymous memory
       // when their partner went away too: a later window over them is then
       // no mprotect one, in which a system call's write would fail.
@@ -571,13 +572,9 @@ TEST_P(RaceTest, ConcurrentUnmapOfScatteredPartnersLeavesTheRunIntact) {
   munmap(run, kN * kPageSize);
 }
 
-INSTANTIATE_TEST_SUITE_P(Protections, RaceTest,
-                         ::testing::Values(Protection::kMprotect,
-                                           Protection::kUserfaultfd),
+INSTANTIATE_TEST_SUITE_P(Configs, RaceTest, ::testing::ValuesIn(kMemoryConfigs),
                          [](const auto& info) {
-                           return info.param == Protection::kMprotect
-                                      ? "Mprotect"
-                                      : "Userfaultfd";
+                           return MemoryConfigName(info.param);
                          });
 
 }  // namespace

@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "backend/memory_configs.h"
 #include "backend/proc_maps.h"
 #include "backend/write_protect.h"
 #include "core/hash.h"
@@ -92,9 +93,14 @@ std::uint64_t Pagemap(const void* p) {
 }
 bool Present(const void* p) { return Pagemap(p) >> 63 & 1; }
 
+// The configuration the current parameterised test runs with.
+MemoryConfig g_config = kMemoryConfigs[0];
+
+// Of the current configuration, all but the protection.
 std::unique_ptr<LinuxMemory> NewMemoryWith(std::size_t budget,
                                            Protection prot) {
   LinuxMemoryOptions o;
+  g_config.ApplyTo(&o);
   o.protection = prot;
   o.vma_budget = budget;
   std::unique_ptr<LinuxMemory> m;
@@ -103,11 +109,8 @@ std::unique_ptr<LinuxMemory> NewMemoryWith(std::size_t budget,
   return m;
 }
 
-// The protection the current parameterised test runs with.
-Protection g_protection = Protection::kMprotect;
-
 std::unique_ptr<LinuxMemory> NewMemory(std::size_t budget = 0) {
-  return NewMemoryWith(budget, g_protection);
+  return NewMemoryWith(budget, g_config.protection);
 }
 
 // A full scan over memory mapped since the LinuxMemory was made: as
@@ -124,13 +127,13 @@ void Advise(LinuxMemory& m, const Region& r) {
   EXPECT_TRUE(m.MergeableParts(r.addr(0), r.pages() * kPageSize, &parts).ok());
 }
 
-class LinuxMemoryTest : public ::testing::TestWithParam<Protection> {
+class LinuxMemoryTest : public ::testing::TestWithParam<MemoryConfig> {
  protected:
   void SetUp() override {
-    g_protection = GetParam();
-    if (g_protection == Protection::kUserfaultfd) {
+    g_config = GetParam();
+    if (g_config.protection == Protection::kUserfaultfd) {
       LinuxMemoryOptions o;
-      o.protection = g_protection;
+      g_config.ApplyTo(&o);
       std::unique_ptr<LinuxMemory> m;
       Status s = LinuxMemory::Create(o, &m);
       if (!s.ok()) GTEST_SKIP() << s.ToString();
@@ -280,7 +283,7 @@ TEST_P(LinuxMemoryTest, NewMemoryWaitsForAdviceButGrownMemoryIsReadAgain) {
 // for good unless asked for (full, or NoteVmaFlagsChanged).
 std::unique_ptr<LinuxMemory> NewMemoryWithExpensiveSmaps() {
   LinuxMemoryOptions o;
-  o.protection = g_protection;
+  g_config.ApplyTo(&o);
   o.smaps_expensive_ns = 0;
   o.smaps_cost_share = 1'000'000'000;
   std::unique_ptr<LinuxMemory> m;
@@ -709,7 +712,7 @@ int FailEveryOtherMap(Addr, std::size_t) {
 TEST_P(LinuxMemoryTest,
        DiscardedPagesWhoseFramesCannotBeMappedGetTheirBytesBack) {
   LinuxMemoryOptions o;
-  o.protection = GetParam();
+  GetParam().ApplyTo(&o);
   o.fail_discard_first_map = FailEveryOtherMap;
   std::unique_ptr<LinuxMemory> m;
   ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
@@ -1021,7 +1024,7 @@ TEST_P(LinuxMemoryTest, DropZeroPagesMapsTheZeroFrameOverAMergedPagesPrivateCopy
 // write-protect bits: a neighbour inside an open window would stay
 // write-protected for good, and its next writer would wait forever.
 TEST_P(LinuxMemoryTest, RestoringNextToARestoredRangeKeepsItRegistered) {
-  if (GetParam() != Protection::kUserfaultfd)
+  if (GetParam().protection != Protection::kUserfaultfd)
     GTEST_SKIP() << "userfaultfd registration only";
   auto m = NewMemory();
   Region a(2), b(2);
@@ -1123,9 +1126,9 @@ struct ScatteredMerge {
   // b holds a's pages in another order, merged pair by pair: b maps its
   // frames in many small mappings. Unmerge's replacements go through
   // FailUnmergeOfLen.
-  void Merge(Protection protection) {
+  void Merge(const MemoryConfig& config) {
     LinuxMemoryOptions o;
-    o.protection = protection;
+    config.ApplyTo(&o);
     o.fail_unmerge_copy = FailUnmergeOfLen;
     g_fail_unmerge_len = 0;
     ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
@@ -1239,7 +1242,7 @@ TEST_P(LinuxMemoryTest, UnmergeThatCannotReplaceLeavesPagesMappedAndWritable) {
 // one piece, and the partners, dense in their region, are discarded and
 // mapped in a discard-first window instead of a TLB flush a mapping each.
 TEST_P(LinuxMemoryTest, ScatteredPairsJoinTheirFramesInDiscardFirstWindows) {
-  if (GetParam() != Protection::kUserfaultfd)
+  if (GetParam().protection != Protection::kUserfaultfd)
     GTEST_SKIP() << "discard-first windows are userfaultfd's";
   ScatteredMerge t;
   ASSERT_NO_FATAL_FAILURE(t.Merge(GetParam()));
@@ -1260,7 +1263,7 @@ TEST_P(LinuxMemoryTest, ScatteredPairsJoinTheirFramesInDiscardFirstWindows) {
 // lower pages would take a third more. Every page keeps its bytes and
 // takes a write.
 TEST_P(LinuxMemoryTest, RandomPairsTakeAboutOneMappingAPair) {
-  if (GetParam() != Protection::kUserfaultfd)
+  if (GetParam().protection != Protection::kUserfaultfd)
     GTEST_SKIP() << "pairs are laid out so in discard-first windows only";
   constexpr std::size_t kPairs = 256;
   auto m = NewMemory();
@@ -1314,7 +1317,7 @@ TEST_P(LinuxMemoryTest, RandomPairsTakeAboutOneMappingAPair) {
 // copy); the pages between join frames in another order, all in one
 // window. Every page keeps its bytes, the written copy included.
 TEST_P(LinuxMemoryTest, DiscardFirstWindowsSpanMappingsOfFramesBetween) {
-  if (GetParam() != Protection::kUserfaultfd)
+  if (GetParam().protection != Protection::kUserfaultfd)
     GTEST_SKIP() << "discard-first windows are userfaultfd's";
   constexpr std::size_t kHalf = 32;
   auto m = NewMemory();
@@ -1387,7 +1390,7 @@ TEST_P(LinuxMemoryTest,
        AHalfJoinedScatteredPairThatCannotBeUndoneKeepsItsFrame) {
   constexpr std::size_t kN = 32, kDiffering = 11;
   LinuxMemoryOptions o;
-  o.protection = GetParam();
+  GetParam().ApplyTo(&o);
   o.fail_unmerge_copy = FailUnmergeOfLen;
   std::unique_ptr<LinuxMemory> m;
   ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
@@ -1414,8 +1417,8 @@ TEST_P(LinuxMemoryTest,
   EXPECT_TRUE(Same(pairs.partner(kDiffering), other));
   EXPECT_EQ(ProbeOne(*m, q[kDiffering]), PageState::kAnon);
   // The mprotect way merges a pair in one window: nothing is half joined.
-  const bool half_joined =
-      GetParam() == Protection::kUserfaultfd && m->SyscallWritesWait();
+  const bool half_joined = GetParam().protection == Protection::kUserfaultfd &&
+                           m->SyscallWritesWait();
   EXPECT_EQ(ProbeOne(*m, p[kDiffering]),
             half_joined ? PageState::kFrame : PageState::kAnon);
   EXPECT_EQ(m->Stats().frames_in_use, kN - (half_joined ? 0 : 1));
@@ -1479,7 +1482,9 @@ TEST_P(LinuxMemoryTest, UnmergeFillsTheScratchAreaPastItsPopulatedPart) {
   ASSERT_TRUE(m->Unmerge(a.addr(0), kN));
   ASSERT_TRUE(m->Unmerge(b.addr(0), kN));  // nothing populated now
   EXPECT_EQ(m->Stats().unmerge_filled_pages,
-            GetParam() == Protection::kUserfaultfd ? 2 * kN - populated : 0);
+            GetParam().protection == Protection::kUserfaultfd
+                ? 2 * kN - populated
+                : 0);
   EXPECT_EQ(AllVmasWithFlag("um"), "");
   unsigned char expect[kPageSize];
   for (std::size_t i = 0; i < kN; ++i) {
@@ -1821,13 +1826,10 @@ TEST_P(LinuxMemoryTest, ThreadStacksAreLeftOutInMprotectMode) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Protections, LinuxMemoryTest,
-                         ::testing::Values(Protection::kMprotect,
-                                           Protection::kUserfaultfd),
+INSTANTIATE_TEST_SUITE_P(Configs, LinuxMemoryTest,
+                         ::testing::ValuesIn(kMemoryConfigs),
                          [](const auto& info) {
-                           return info.param == Protection::kMprotect
-                                      ? "Mprotect"
-                                      : "Userfaultfd";
+                           return MemoryConfigName(info.param);
                          });
 
 // A page that cannot be read when its pair's frame is filled (made
@@ -1835,7 +1837,7 @@ INSTANTIATE_TEST_SUITE_P(Protections, LinuxMemoryTest,
 // pair: the pages of its run, copied together, are copied one by one
 // then, and merge.
 TEST_P(LinuxMemoryTest, AnUnreadablePageFailsOnlyItsOwnScatteredPair) {
-  if (GetParam() != Protection::kUserfaultfd)
+  if (GetParam().protection != Protection::kUserfaultfd)
     GTEST_SKIP() << "pairs are laid out so in discard-first windows only";
   constexpr std::size_t kN = 16, kBad = 5;
   auto m = NewMemory();
@@ -1877,7 +1879,7 @@ TEST_P(LinuxMemoryTest, AnUnreadablePageFailsOnlyItsOwnScatteredPair) {
 // whose partners lie one to a mapping need 65 mappings, and a budget of
 // 131 takes them all (charged at four VMAs a pair, 59 of them were).
 TEST_P(LinuxMemoryTest, ScatteredPairsFitABudgetOfTheMappingsTheyTake) {
-  if (GetParam() != Protection::kUserfaultfd)
+  if (GetParam().protection != Protection::kUserfaultfd)
     GTEST_SKIP() << "pairs are laid out so in discard-first windows only";
   constexpr std::size_t kN = 64;
   auto m = NewMemory(/*budget=*/2 * (kN + 1) + 1);
