@@ -1952,8 +1952,10 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
           // into its private copy): protect it again and give it back
           // anonymous memory with its current bytes.
           const Addr pp = pbase + a * kPageSize;
+          // (Not while direct I/O pinned it since: see RestoreAnonymous.)
           protector_->Replaced(pp, piece, phow);
           const bool restored = mprotect(Ptr(pp), piece, PROT_READ) == 0 &&
+                                !PinnedIoIn(pp, piece) &&
                                 ReplaceWithAnonymousCopy(pp, piece, kReadWrite);
           if (!restored) mprotect(Ptr(pp), piece, kReadWrite);
           if (restored) restored_pieces[nrestored++] = Interval{pp, pp + piece};
@@ -2210,6 +2212,9 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
   InProtectedWindow(base, span, kWindowCost, local, [&](ProtectMethod how) {
     window_how = how;
     protected_window = true;
+    // Before the check of the bytes: a read whose direct I/O ended after
+    // the check could have changed them (its registration gone by now).
+    const bool pinned = PinnedIoIn(base, end - base);
     for (std::size_t k = 0; k < span; ++k) {
       bool zero = false;
       if (!asked[k]) {
@@ -2232,7 +2237,7 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
       }
       std::fill(local, local + span, MergeResult::kGone);
     }
-    if (PinnedIoIn(base, end - base)) {
+    if (pinned) {
       // Dropped, a page pinned for direct I/O would lose what the device
       // writes into it.
       std::fill(local, local + span, MergeResult::kFailed);
@@ -2400,9 +2405,16 @@ bool LinuxMemory::RestoreAnonymous(Addr start, std::size_t len, int prot) {
     ProtectMethod how = ProtectMethod::kNone;
     int err = (prot & PROT_WRITE) ? protector_->Protect(start, len, &how) : 0;
     if (err == 0) {
+      // A page written since it was merged is a private copy, which direct
+      // I/O may have pinned since (the mapping was not protected then): a
+      // copy put in its place would miss what the device writes into it.
+      // Under protection no new pin can start (it faults, and waits or
+      // fails); one in flight keeps the mapping as it is. (Registered I/O
+      // only: an io_uring with O_DIRECT stops merging, not unmerging.)
       ok = StillProtected(start, len, how) &&
            (options_.fail_unmerge_copy == nullptr ||
             options_.fail_unmerge_copy(start, len) == 0) &&
+           !RegisteredIoOverlaps(start, start + len) &&
            ReplaceWithAnonymousCopy(start, len, prot);
       if (ok) {
         protector_->Replaced(start, len, how);

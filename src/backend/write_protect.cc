@@ -556,6 +556,11 @@ bool PinnedIoOverlaps(Addr start, Addr end) {
   // pages fault (and wait, or fail) instead of being pinned.
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (g_pinning_io_in_use.load()) return true;
+  return RegisteredIoOverlaps(start, end);
+}
+
+bool RegisteredIoOverlaps(Addr start, Addr end) {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
   if (g_state->io_in_flight.load() == 0) return false;
   if (g_state->io_overflow.load() != 0) return true;
   for (const IoSlot& slot : g_state->io_slots) {

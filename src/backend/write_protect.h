@@ -96,6 +96,10 @@ void EndPinnedIo(int token);
 // [start, end), or NotePinningIoInUse was called. REQUIRES:
 // InitProcessState() succeeded.
 bool PinnedIoOverlaps(Addr start, Addr end);
+// The same for registered I/O only, NotePinningIoInUse aside: for giving
+// merged pages back (an unmerge), which must go on where an interface
+// that cannot be seen (io_uring) stopped merging.
+bool RegisteredIoOverlaps(Addr start, Addr end);
 
 // The process uses an interface that pins pages for I/O where samepage
 // cannot see which (an io_uring): from now on every page counts as pinned,

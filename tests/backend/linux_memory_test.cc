@@ -1439,6 +1439,108 @@ TEST_P(LinuxMemoryTest,
   EXPECT_EQ(m->Stats().frames_in_use, half_joined ? 1u : 0u);
 }
 
+// Direct I/O registered (BeginPinnedIo) over a page that Unmerge or an
+// undone half of a pair would replace with a copy: in the real case a read
+// pinned the page after it was merged and written (a private copy, not
+// protected then), and a copy in its place would miss what the device
+// writes. The hook below registers it at the last moment, inside the
+// replacement's window, as such a read would have been.
+int g_pinned_token = kNoPinnedIo;
+bool g_pin_on_replace = false;
+int PinOnReplace(Addr at, std::size_t len) {
+  if (g_pin_on_replace && g_pinned_token == kNoPinnedIo) {
+    g_pinned_token = BeginPinnedIo(at, at + len);
+  }
+  return 0;
+}
+void EndPin() {
+  EndPinnedIo(g_pinned_token);
+  g_pinned_token = kNoPinnedIo;
+}
+
+TEST_P(LinuxMemoryTest, AHalfJoinedPageWithDirectIoInFlightKeepsItsFrame) {
+  constexpr std::size_t kN = 32, kDiffering = 11;
+  LinuxMemoryOptions o;
+  GetParam().ApplyTo(&o);
+  o.fail_unmerge_copy = PinOnReplace;
+  std::unique_ptr<LinuxMemory> m;
+  ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
+  if (GetParam().protection != Protection::kUserfaultfd ||
+      !m->SyscallWritesWait()) {
+    GTEST_SKIP() << "the mprotect way merges a pair in one window";
+  }
+  ScatteredPairs pairs(kN);
+  Fill(pairs.partner(kDiffering), 555);
+  Rescan(*m);
+  std::vector<Addr> p = pairs.p(), q = pairs.q();
+  std::vector<FrameId> frames(kN);
+  std::vector<MergeResult> res(kN);
+  g_pin_on_replace = true;
+  m->MergePairs(p, q, frames, res);
+  g_pin_on_replace = false;
+  const Addr pinned_at = g_pinned_token == kNoPinnedIo ? 0 : p[kDiffering];
+  EndPin();
+  for (std::size_t i = 0; i < kN; ++i) {
+    EXPECT_EQ(res[i],
+              i == kDiffering ? MergeResult::kDiffers : MergeResult::kMerged)
+        << i;
+  }
+  ASSERT_EQ(pinned_at, p[kDiffering]) << "no replacement was tried";
+  EXPECT_EQ(res[kDiffering], MergeResult::kDiffers);
+  EXPECT_EQ(frames[kDiffering], kNoFrame);
+  // Not replaced: the page the read pinned is the page mapped there.
+  EXPECT_EQ(ProbeOne(*m, p[kDiffering]), PageState::kFrame);
+  EXPECT_EQ(m->Stats().frames_in_use, kN);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kN; ++i) {
+    Fill(expect, static_cast<unsigned>(i));
+    EXPECT_TRUE(Same(pairs.a.page(i), expect)) << i;
+  }
+  ASSERT_TRUE(m->Unmerge(p[0], kN));
+  ASSERT_TRUE(m->Unmerge(pairs.b.addr(0), 2 * kN));
+  EXPECT_EQ(ProbeOne(*m, p[kDiffering]), PageState::kAnon);
+  Fill(expect, static_cast<unsigned>(kDiffering));
+  EXPECT_TRUE(Same(pairs.a.page(kDiffering), expect));
+  for (std::size_t i = 0; i < kN; ++i) {
+    if (frames[i] != kNoFrame) m->ReleaseFrame(frames[i]);
+  }
+}
+
+// Unmerge leaves a range with direct I/O in flight merged and intact (it
+// fails, as for ENOMEM), and gives it back once the I/O has ended.
+TEST_P(LinuxMemoryTest, UnmergeLeavesDirectIoInFlightMergedUntilItEnds) {
+  auto m = NewMemory();
+  Region a(8), b(8);
+  FillAlike(a, b);
+  Rescan(*m);
+  std::vector<FrameId> frames(8);
+  std::vector<MergeResult> res(8);
+  m->MergePairs(Addrs(a, 0, 8), Addrs(b, 0, 8), frames, res);
+  for (int i = 0; i < 8; ++i) ASSERT_EQ(res[i], MergeResult::kMerged) << i;
+  a.page(3)[7] ^= 1;  // a private copy now, as a read's buffer would be
+  const int token = BeginPinnedIo(a.addr(3), a.addr(4));
+  EXPECT_FALSE(m->Unmerge(a.addr(0), 8));
+  const auto merged = ProbeOne(*m, a.addr(0));
+  EndPinnedIo(token);
+  EXPECT_EQ(merged, PageState::kFrame);
+  unsigned char expect[kPageSize];
+  for (int i = 0; i < 8; ++i) {
+    Fill(expect, i);
+    if (i == 3) expect[7] ^= 1;
+    EXPECT_TRUE(Same(a.page(i), expect)) << i;
+  }
+  ASSERT_TRUE(m->Unmerge(a.addr(0), 8));
+  ASSERT_TRUE(m->Unmerge(b.addr(0), 8));
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_EQ(ProbeOne(*m, a.addr(i)), PageState::kAnon) << i;
+    Fill(expect, i);
+    if (i == 3) expect[7] ^= 1;
+    EXPECT_TRUE(Same(a.page(i), expect)) << i;
+  }
+  for (FrameId f : frames) m->ReleaseFrame(f);
+  EXPECT_EQ(m->Stats().frames_in_use, 0u);
+}
+
 // Every mapping of the process that has VmFlag flag, as "start-end ".
 std::string AllVmasWithFlag(const char* flag) {
   std::vector<MapEntry> maps;
