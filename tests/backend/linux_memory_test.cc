@@ -1382,26 +1382,42 @@ TEST_P(LinuxMemoryTest, DiscardFirstWindowsSpanMappingsOfFramesBetween) {
   EXPECT_EQ(m->Stats().frames_in_use, 0u);
 }
 
+// kN scattered pairs, pair kDiffering's partner changed, merged by a
+// LinuxMemory whose Unmerge replacements call `hook` first.
+struct HalfJoinedPairs {
+  static constexpr std::size_t kN = 32, kDiffering = 11;
+  HalfJoinedPairs(const MemoryConfig& config, int (*hook)(Addr, std::size_t))
+      : pairs(kN), p(pairs.p()), q(pairs.q()), frames(kN), res(kN) {
+    LinuxMemoryOptions o;
+    config.ApplyTo(&o);
+    o.fail_unmerge_copy = hook;
+    EXPECT_TRUE(LinuxMemory::Create(o, &m).ok());
+    Fill(pairs.partner(kDiffering), 555);
+  }
+  void Merge() {
+    Rescan(*m);
+    m->MergePairs(p, q, frames, res);
+  }
+  std::unique_ptr<LinuxMemory> m;
+  ScatteredPairs pairs;
+  std::vector<Addr> p, q;
+  std::vector<FrameId> frames;
+  std::vector<MergeResult> res;
+};
+
 // A scattered pair of which one page joined its frame and the other could
 // not (it differs) gives the joined page back anonymous. Where even that
 // fails, the page keeps the frame: its bytes intact, writable (a write
 // copies it), the frame still allocated; a later Unmerge gives it back.
 TEST_P(LinuxMemoryTest,
        AHalfJoinedScatteredPairThatCannotBeUndoneKeepsItsFrame) {
-  constexpr std::size_t kN = 32, kDiffering = 11;
-  LinuxMemoryOptions o;
-  GetParam().ApplyTo(&o);
-  o.fail_unmerge_copy = FailUnmergeOfLen;
-  std::unique_ptr<LinuxMemory> m;
-  ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
-  ScatteredPairs pairs(kN);
-  Fill(pairs.partner(kDiffering), 555);
-  Rescan(*m);
-  std::vector<Addr> p = pairs.p(), q = pairs.q();
-  std::vector<FrameId> frames(kN);
-  std::vector<MergeResult> res(kN);
+  constexpr std::size_t kN = HalfJoinedPairs::kN;
+  constexpr std::size_t kDiffering = HalfJoinedPairs::kDiffering;
+  HalfJoinedPairs t(GetParam(), FailUnmergeOfLen);
+  ASSERT_NE(t.m, nullptr);
+  auto& [m, pairs, p, q, frames, res] = t;
   g_fail_unmerge_len = kFailAll;
-  m->MergePairs(p, q, frames, res);
+  t.Merge();
   g_fail_unmerge_len = 0;
   unsigned char expect[kPageSize];
   for (std::size_t i = 0; i < kN; ++i) {
@@ -1459,24 +1475,17 @@ void EndPin() {
 }
 
 TEST_P(LinuxMemoryTest, AHalfJoinedPageWithDirectIoInFlightKeepsItsFrame) {
-  constexpr std::size_t kN = 32, kDiffering = 11;
-  LinuxMemoryOptions o;
-  GetParam().ApplyTo(&o);
-  o.fail_unmerge_copy = PinOnReplace;
-  std::unique_ptr<LinuxMemory> m;
-  ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
+  constexpr std::size_t kN = HalfJoinedPairs::kN;
+  constexpr std::size_t kDiffering = HalfJoinedPairs::kDiffering;
+  HalfJoinedPairs t(GetParam(), PinOnReplace);
+  ASSERT_NE(t.m, nullptr);
+  auto& [m, pairs, p, q, frames, res] = t;
   if (GetParam().protection != Protection::kUserfaultfd ||
       !m->SyscallWritesWait()) {
     GTEST_SKIP() << "the mprotect way merges a pair in one window";
   }
-  ScatteredPairs pairs(kN);
-  Fill(pairs.partner(kDiffering), 555);
-  Rescan(*m);
-  std::vector<Addr> p = pairs.p(), q = pairs.q();
-  std::vector<FrameId> frames(kN);
-  std::vector<MergeResult> res(kN);
   g_pin_on_replace = true;
-  m->MergePairs(p, q, frames, res);
+  t.Merge();
   g_pin_on_replace = false;
   const Addr pinned_at = g_pinned_token == kNoPinnedIo ? 0 : p[kDiffering];
   EndPin();
