@@ -451,6 +451,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
       if (i != 0 && i % kPauseCheck == 0 && scanned != 0 && pause && pause()) break;
       const std::uint64_t before = pages_scanned_;
       const Addr addr = cursor_ + i * kPageSize;
+      if (i + kLookAhead < n) PrefetchLookups(r.items[idx + i + kLookAhead]);
       VisitPage(addr, r.items[idx + i], states_[i]);
       const std::size_t visited = std::size_t(pages_scanned_ - before);
       scanned += visited;
@@ -572,6 +573,18 @@ void Ksm::ForgetGone() {
     i = j;
   }
   gone_.clear();
+}
+
+void Ksm::PrefetchLookups(const Item& item) const {
+  // A page visited with the hash of its last visit asks both indexes for
+  // it before reading the page (VisitPage, step 0): their slots are
+  // fetched a few pages ahead, as the hash index misses the caches.
+  if (item.state == ItemState::kVolatile ||
+      item.state == ItemState::kUnstable) {
+    const HashKey key{item.hash()};
+    stable_.prefetch(key);
+    unstable_.prefetch(key);
+  }
 }
 
 void Ksm::VisitPage(Addr addr, Item& item, PageState state) {

@@ -297,6 +297,9 @@ class Ksm {
   const Item* FindItem(Addr addr) const;
 
   void VisitPage(Addr addr, Item& item, PageState state);
+  // Fetches the index slots a later VisitPage of `item` will look up.
+  void PrefetchLookups(const Item& item) const;
+  static constexpr std::size_t kLookAhead = 8;
   // A page of this batch was planned for merging, or put in the unstable
   // index, with this hash: it extends the current run of identical
   // consecutive pages or starts a new one.
