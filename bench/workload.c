@@ -454,6 +454,11 @@ static const struct Spec g_specs[] = {
 };
 enum { kNumSpecs = sizeof(g_specs) / sizeof(g_specs[0]) };
 
+static int CompareDoubles(const void* a, const void* b) {
+  const double x = *(const double*)a, y = *(const double*)b;
+  return x < y ? -1 : x > y;
+}
+
 static int CompareKeys(const void* a, const void* b) {
   const uint64_t x = *(const uint64_t*)a, y = *(const uint64_t*)b;
   return x < y ? -1 : x > y;
@@ -565,7 +570,7 @@ struct Result {
   double converge_s, cpu_s;
   long saved, zero, shared, scans, rmap_items, merging, vmas;
   size_t expect_sharing, expect_zero;
-  double meta_bytes, cow_us;
+  double meta_bytes, cow_us, cow_p50_us;
   double unmerge_s;   /* run=2 until the counters are back at the baseline */
   long vmas_unmerged; /* VMAs added, counted after that unmerge */
   size_t cow_pages;
@@ -756,13 +761,14 @@ static void PrintResult(const struct Workload* w, const char* merger,
       "converge_s=%.6f cpu_s=%.6f cpu_found=%d saved=%ld expect=%ld "
       "skipped=%ld zero=%ld shared=%ld merging=%ld full_scans=%ld "
       "rmap_items=%ld meta_bytes=%.0f meta_per_page=%.2f vmas=%ld "
-      "max_map_count=%ld cow_pages=%zu cow_us=%.3f unmerge_s=%.6f "
+      "max_map_count=%ld cow_pages=%zu cow_us=%.3f cow_p50_us=%.3f "
+      "unmerge_s=%.6f "
       "vmas_unmerged=%ld contents=%s\n",
       w->spec->id, merger, tracked, r->status, r->converge_s, r->cpu_s,
       r->cpu_found, r->saved, expect, expect > r->saved ? expect - r->saved : 0,
       r->zero, r->shared, r->merging, r->scans, r->rmap_items, r->meta_bytes,
       r->meta_bytes / (double)tracked, r->vmas, strtol(max_map_count, NULL, 10),
-      r->cow_pages, r->cow_us, r->unmerge_s, r->vmas_unmerged,
+      r->cow_pages, r->cow_us, r->cow_p50_us, r->unmerge_s, r->vmas_unmerged,
       r->contents_ok ? "ok" : "WRONG");
   fflush(stdout);
 }
@@ -926,9 +932,20 @@ int main(int argc, char** argv) {
   r.contents_ok = Verify(w, 0, (uint64_t)hot_counter) == 0;
   r.cow_pages = r.saved > 0 ? CowPages(w) : 0;
   if (r.cow_pages > 0) {
+    // Each write timed too: the median write is the latency, steady where a
+    // host's interruptions move the mean (cow_us, the loop's time per write).
+    double* us = malloc(r.cow_pages * sizeof(double));
+    if (us == NULL) return 1;
     const double c0 = now_seconds();
-    for (size_t i = 0; i < r.cow_pages; ++i) w->buf[0].mem[i * PAGE + 100] ^= 1;
+    for (size_t i = 0; i < r.cow_pages; ++i) {
+      const double t0 = now_seconds();
+      w->buf[0].mem[i * PAGE + 100] ^= 1;
+      us[i] = (now_seconds() - t0) * 1e6;
+    }
     r.cow_us = (now_seconds() - c0) * 1e6 / (double)r.cow_pages;
+    qsort(us, r.cow_pages, sizeof(double), CompareDoubles);
+    r.cow_p50_us = us[r.cow_pages / 2];
+    free(us);
     r.contents_ok &= Verify(w, r.cow_pages, (uint64_t)hot_counter) == 0;
   }
   const double unmerge_start = now_seconds();
