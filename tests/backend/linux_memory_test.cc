@@ -147,6 +147,22 @@ std::vector<Addr> Addrs(const Region& r, std::size_t from, std::size_t n) {
   return v;
 }
 
+// a and b filled alike, page for page, and merged as pairs, each of which
+// must merge; returns their frames.
+std::vector<FrameId> MergeAlike(LinuxMemory& m, const Region& a,
+                                const Region& b) {
+  FillAlike(a, b);
+  Rescan(m);
+  const std::size_t n = a.pages();
+  std::vector<FrameId> frames(n);
+  std::vector<MergeResult> res(n);
+  m.MergePairs(Addrs(a, 0, n), Addrs(b, 0, n), frames, res);
+  for (std::size_t i = 0; i < n; ++i) {
+    EXPECT_EQ(res[i], MergeResult::kMerged) << i;
+  }
+  return frames;
+}
+
 PageState ProbeOne(LinuxMemory& m, Addr a) {
   PageState s;
   m.Probe(a, std::span<PageState>(&s, 1));
@@ -1062,14 +1078,8 @@ TEST_P(LinuxMemoryTest, RestoringNextToARestoredRangeKeepsItRegistered) {
 TEST_P(LinuxMemoryTest, UnmergeRestoresAnonymousSemantics) {
   auto m = NewMemory();
   Region a(8), b(8);
-  FillAlike(a, b);
-  Rescan(*m);
-  std::vector<FrameId> frames(8);
-  std::vector<MergeResult> res(8);
-  m->MergePairs(Addrs(a, 0, 8), Addrs(b, 0, 8), frames, res);
-  for (int i = 0; i < 8; ++i) {
-    ASSERT_EQ(res[i], MergeResult::kMerged) << i;
-  }
+  const std::vector<FrameId> frames = MergeAlike(*m, a, b);
+  ASSERT_FALSE(HasFailure());
   a.page(2)[0] ^= 1;  // one page copied away already
 
   // While merged, MADV_DONTNEED brings back the frame, not zeros (the
@@ -1520,12 +1530,8 @@ TEST_P(LinuxMemoryTest, AHalfJoinedPageWithDirectIoInFlightKeepsItsFrame) {
 TEST_P(LinuxMemoryTest, UnmergeLeavesDirectIoInFlightMergedUntilItEnds) {
   auto m = NewMemory();
   Region a(8), b(8);
-  FillAlike(a, b);
-  Rescan(*m);
-  std::vector<FrameId> frames(8);
-  std::vector<MergeResult> res(8);
-  m->MergePairs(Addrs(a, 0, 8), Addrs(b, 0, 8), frames, res);
-  for (int i = 0; i < 8; ++i) ASSERT_EQ(res[i], MergeResult::kMerged) << i;
+  const std::vector<FrameId> frames = MergeAlike(*m, a, b);
+  ASSERT_FALSE(HasFailure());
   a.page(3)[7] ^= 1;  // a private copy now, as a read's buffer would be
   const int token = BeginPinnedIo(a.addr(3), a.addr(4));
   EXPECT_FALSE(m->Unmerge(a.addr(0), 8));
