@@ -550,17 +550,11 @@ void EndPinnedIo(int token) {
   }
 }
 
-bool PinnedIoOverlaps(Addr start, Addr end) {
-  // Pairs with BeginPinnedIo's stores, which precede the I/O's system call:
-  // what this misses started after the caller's write-protection, so its
-  // pages fault (and wait, or fail) instead of being pinned.
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (g_pinning_io_in_use.load()) return true;
-  return RegisteredIoOverlaps(start, end);
-}
+namespace {
 
-bool RegisteredIoOverlaps(Addr start, Addr end) {
-  std::atomic_thread_fence(std::memory_order_seq_cst);
+// The registered reads overlapping [start, end). REQUIRES: a seq_cst fence
+// just before (see PinnedIoOverlaps).
+bool RegisteredIoOverlapsFenced(Addr start, Addr end) {
   if (g_state->io_in_flight.load() == 0) return false;
   if (g_state->io_overflow.load() != 0) return true;
   for (const IoSlot& slot : g_state->io_slots) {
@@ -568,6 +562,22 @@ bool RegisteredIoOverlaps(Addr start, Addr end) {
     if (slot.start.load() < end && start < slot.end.load()) return true;
   }
   return false;
+}
+
+}  // namespace
+
+bool PinnedIoOverlaps(Addr start, Addr end) {
+  // Pairs with BeginPinnedIo's stores, which precede the I/O's system call:
+  // what this misses started after the caller's write-protection, so its
+  // pages fault (and wait, or fail) instead of being pinned.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (g_pinning_io_in_use.load()) return true;
+  return RegisteredIoOverlapsFenced(start, end);
+}
+
+bool RegisteredIoOverlaps(Addr start, Addr end) {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  return RegisteredIoOverlapsFenced(start, end);
 }
 
 std::uint64_t ProtectFaults() {
