@@ -757,17 +757,35 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
   const std::int64_t now = SteadyNanos();
   const std::uint64_t epoch = g_vma_flags_epoch.load();
   const std::int64_t age = now - smaps_read_at_;
-  const bool expensive = smaps_took_ >= options_.smaps_expensive_ns;
+  // What a smaps read would cost now: the last one, and its text for each
+  // mapping added since (merges add thousands of one-page mappings between
+  // two reads, and the last read may have seen a hundred).
+  auto cost_now = [&](std::size_t mappings) {
+    const std::size_t added =
+        mappings > smaps_mappings_ ? mappings - smaps_mappings_ : 0;
+    return smaps_took_ +
+           static_cast<std::int64_t>(added) * options_.smaps_ns_per_mapping;
+  };
+  auto expensive = [&](std::int64_t cost) {
+    return cost >= options_.smaps_expensive_ns;
+  };
   // Whether a read now keeps smaps within its share of the time.
-  const std::int64_t spacing = options_.smaps_cost_share * smaps_took_;
-  const bool may_read = !expensive || age >= spacing;
+  auto may_read = [&](std::int64_t cost) {
+    return !expensive(cost) || age >= options_.smaps_cost_share * cost;
+  };
+  // The periodic read, judged by the mappings the last view showed.
+  const std::int64_t last_cost = cost_now(view_mappings_);
   const std::int64_t interval =
-      expensive ? std::max(kSmapsInterval, spacing) : kSmapsInterval;
+      expensive(last_cost)
+          ? std::max(kSmapsInterval, options_.smaps_cost_share * last_cost)
+          : kSmapsInterval;
   std::string text;
   if (!full && smaps_read_at_ != 0 && !options_.plain_maps_path.empty() &&
       age < interval && epoch == smaps_epoch_ &&
       ReadProcFile(options_.plain_maps_path, &text).ok() &&
       ParseMaps(text, maps).ok()) {
+    view_mappings_ = maps->size();
+    const bool read_now = may_read(cost_now(view_mappings_));
     bool known = true;
     for (MapEntry& e : *maps) {
       if (!MergeableKind(e)) continue;
@@ -790,7 +808,7 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
       if (after_prev || std::prev(run)->end < e.end) {
         // Known memory grown or joined with new (brk, mremap in place):
         // its flags may have changed with it.
-        if (may_read) {
+        if (read_now) {
           known = false;
           break;
         }
@@ -811,7 +829,7 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
                          anon_splits_.end());
       anon_splits_made_.clear();
     }
-    if (known && AnonSplitsKnown(maps, /*defer=*/!may_read))
+    if (known && AnonSplitsKnown(maps, /*defer=*/!read_now))
       return Status::Ok();
   }
   maps->clear();
@@ -819,6 +837,8 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
   Status s = ReadMaps(options_.maps_path, maps);
   if (!s.ok()) return s;
   smaps_took_ = SteadyNanos() - started;
+  smaps_mappings_ = maps->size();
+  view_mappings_ = maps->size();
   flag_runs_.clear();
   for (const MapEntry& e : *maps) {
     if (!MergeableKind(e)) continue;

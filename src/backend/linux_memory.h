@@ -81,12 +81,16 @@ struct LinuxMemoryOptions {
   // at a full scan when the layout, seen through it, is what the last smaps
   // read showed up to our own merges (see ReadView). "" always reads smaps.
   std::string plain_maps_path = "/proc/self/maps";
-  // A smaps read that took at least this long is expensive (ReadView):
-  // the reads the layout alone asks for are put off until the time since
-  // the last one is smaps_cost_share times what it took (so that they take
-  // at most a twentieth of the time).
+  // A smaps read that would take at least this long is expensive
+  // (ReadView): the reads the layout alone asks for are put off until the
+  // time since the last one is smaps_cost_share times what a read would
+  // take (so that they take at most a twentieth of the time). What it
+  // would take: the last read, and smaps_ns_per_mapping for each mapping
+  // added since (about 4 us a one-page mapping on the KVM guest: 0.10 s
+  // at 25,400 mappings).
   std::int64_t smaps_expensive_ns = 20'000'000;
   std::int64_t smaps_cost_share = 20;
+  std::int64_t smaps_ns_per_mapping = 4'000;
   // Two choices whose cheaper way depends on the machine: how a compare
   // reads a frame likely not read through our view lately
   // (FramesLikelyCold; kMeasured: PreadBeatsColdView, a probe at start),
@@ -352,8 +356,9 @@ class LinuxMemory final : public Memory {
   // and mapped again in place, is seen within kSmapsInterval, or at once
   // after NoteVmaFlagsChanged(); a split of anonymous memory that we did not
   // make (AnonSplitsKnown) makes it read smaps too.
-  // Where smaps is expensive (the last read took options_.smaps_expensive_ns
-  // or more: about 8 us a mapping, 0.5 s at 59,000 mappings), reads are
+  // Where smaps is expensive (a read would take options_.smaps_expensive_ns
+  // or more, judged by the last read and the mappings added since: about
+  // 4-8 us a mapping, 0.5 s at 59,000 mappings), reads are
   // options_.smaps_cost_share times their cost apart, kSmapsInterval at
   // the least;
   // until the next one, mappings that would have asked for it are marked
@@ -646,6 +651,8 @@ class LinuxMemory final : public Memory {
   std::uint64_t smaps_epoch_ = 0;  // NoteVmaFlagsChanged count at that read
   std::int64_t smaps_read_at_ = 0;  // steady clock, nanoseconds
   std::int64_t smaps_took_ = 0;     // the last smaps read, nanoseconds
+  std::size_t smaps_mappings_ = 0;  // the mappings it showed
+  std::size_t view_mappings_ = 0;   // the mappings the last view showed
   std::uint64_t smaps_reads_ = 0;
   static constexpr std::int64_t kSmapsInterval = 2'000'000'000;
   std::vector<Interval> dontfork_;
