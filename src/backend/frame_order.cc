@@ -136,6 +136,15 @@ std::vector<std::uint32_t> OrderPairFrames(std::span<const Addr> p,
 std::vector<std::uint32_t> MappingsByPrefix(
     std::span<const Addr> p, std::span<const Addr> q,
     std::span<const std::uint32_t> order) {
+  const std::vector<std::uint8_t> one(PairCount(p, q), 1);
+  return CostByPrefix(p, q, order, one, one);
+}
+
+std::vector<std::uint32_t> CostByPrefix(std::span<const Addr> p,
+                                        std::span<const Addr> q,
+                                        std::span<const std::uint32_t> order,
+                                        std::span<const std::uint8_t> p_cost,
+                                        std::span<const std::uint8_t> q_cost) {
   const std::uint32_t m = PairCount(p, q);
   std::vector<std::uint32_t> pos(m, kNone);
   for (std::size_t k = 0; k < order.size() && k < m; ++k) {
@@ -143,24 +152,28 @@ std::vector<std::uint32_t> MappingsByPrefix(
   }
   // A page continues its left neighbour's mapping when that page's pair
   // takes the frame just before its own: it joins a prefix together with
-  // it, as the neighbour's pair comes one place earlier.
+  // it, as the neighbour's pair comes one place earlier. Any other page
+  // starts a mapping of its own.
   const std::vector<Side> sides = SidesByAddress(p, q, m);
-  std::vector<std::uint8_t> continues(m, 0);
-  for (std::size_t s = 1; s < sides.size(); ++s) {
-    const Side& left = sides[s - 1];
+  std::vector<std::uint32_t> cost(m, 0);
+  for (std::size_t s = 0; s < sides.size(); ++s) {
     const Side& page = sides[s];
-    if (page.addr == left.addr + kPageSize && pos[left.pair] != kNone &&
-        pos[page.pair] != kNone && pos[left.pair] + 1 == pos[page.pair]) {
-      ++continues[page.pair];
+    if (s > 0) {
+      const Side& left = sides[s - 1];
+      if (page.addr == left.addr + kPageSize && pos[left.pair] != kNone &&
+          pos[page.pair] != kNone && pos[left.pair] + 1 == pos[page.pair]) {
+        continue;
+      }
     }
+    cost[page.pair] += page.lower ? p_cost[page.pair] : q_cost[page.pair];
   }
-  std::vector<std::uint32_t> mappings(order.size());
+  std::vector<std::uint32_t> prefix(order.size());
   std::uint32_t total = 0;
   for (std::size_t k = 0; k < order.size(); ++k) {
-    total += 2 - continues[order[k]];
-    mappings[k] = total;
+    total += cost[order[k]];
+    prefix[k] = total;
   }
-  return mappings;
+  return prefix;
 }
 
 }  // namespace samepage::backend

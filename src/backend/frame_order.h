@@ -48,6 +48,17 @@ std::vector<std::uint32_t> MappingsByPrefix(
     std::span<const Addr> p, std::span<const Addr> q,
     std::span<const std::uint32_t> order);
 
+// The same with each mapping weighed by the page it starts at: p_cost[i]
+// for a mapping that starts at p[i], q_cost[i] at q[i] (the VMAs it may
+// add, say); pages continuing a mapping add nothing.
+// REQUIRES: as MappingsByPrefix; p_cost.size() and q_cost.size() at least
+// p.size().
+std::vector<std::uint32_t> CostByPrefix(std::span<const Addr> p,
+                                        std::span<const Addr> q,
+                                        std::span<const std::uint32_t> order,
+                                        std::span<const std::uint8_t> p_cost,
+                                        std::span<const std::uint8_t> q_cost);
+
 }  // namespace samepage::backend
 
 #endif  // SAMEPAGE_BACKEND_FRAME_ORDER_H_

@@ -927,6 +927,12 @@ void LinuxMemory::UpdateBudget(long count) {
   }
 }
 
+std::uint64_t LinuxMemory::MappingCost(Addr start, Addr end) const {
+  if (Overlaps(frame_mapped_, start, end)) return 2;
+  return (Contains(frame_mapped_, start - kPageSize) ? 0 : 1) +
+         (Contains(frame_mapped_, end) ? 0 : 1);
+}
+
 void LinuxMemory::RecountIfShort(std::uint64_t extra) {
   if (vmas_used_ + extra <= budget_) return;
   // We charge the worst case (a page in the middle of a VMA splits it in
@@ -1376,18 +1382,19 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
       return frames[e] == frames[e - 1] + 1;
     };
     ForEachMergedRun(local, n, consecutive, [&](std::size_t k, std::size_t e) {
-      std::uint64_t cost = (k == 0 && e == n) ? 0 : 2;
+      const Addr at = base + k * kPageSize;
+      const std::uint64_t cost = MappingCost(at, base + e * kPageSize);
       MergeResult r = MergeResult::kMerged;
-      if (!BudgetAllows(kWindowCost + added + cost)) {
+      if (!BudgetAllows(kWindowCost + added +
+                        ((k == 0 && e == n) ? 0 : cost))) {
         r = MergeResult::kNoBudget;
       } else {
-        const Addr at = base + k * kPageSize;
         r = MapFrames(at, (e - k) * kPageSize, frames[k], how);
         if (r == MergeResult::kMerged) {
           // Waking writers and registering the new VMA wait for the
           // flush: one call each per window instead of per mapping.
           mapped[nmapped++] = Interval{at, at + (e - k) * kPageSize};
-          added += 2;
+          added += cost;
         }
       }
       std::fill(local + k, local + e, r);
@@ -1511,11 +1518,13 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
       return frame_of[e] == frame_of[e - 1] + 1;
     };
     ForEachMergedRun(local, span, joins, [&](std::size_t k, std::size_t e) {
-      if (!BudgetAllows(kWindowCost + added + 2)) {
+      const std::uint64_t cost =
+          MappingCost(base + k * kPageSize, base + e * kPageSize);
+      if (!BudgetAllows(kWindowCost + added + cost)) {
         std::fill(local + k, local + e, MergeResult::kNoBudget);
         return;
       }
-      added += 2;
+      added += cost;
       run_first[nruns] = k;
       runs[nruns++] = iovec{Ptr(base + k * kPageSize), (e - k) * kPageSize};
     });
@@ -1683,17 +1692,26 @@ void LinuxMemory::MergeScatteredPairs(std::span<const Addr> p,
     upper[k] = q[which[k]];
   }
   const std::vector<std::uint32_t> order = OrderPairFrames(lower, upper);
-  const std::vector<std::uint32_t> mappings =
-      MappingsByPrefix(lower, upper, order);
+  // What each page's mapping may add if one starts there (MappingCost of
+  // that page: its neighbours as frame mappings of ours stand for edges).
+  std::vector<std::uint8_t> lower_cost(m), upper_cost(m);
+  for (std::size_t k = 0; k < m; ++k) {
+    lower_cost[k] =
+        static_cast<std::uint8_t>(MappingCost(lower[k], lower[k] + kPageSize));
+    upper_cost[k] =
+        static_cast<std::uint8_t>(MappingCost(upper[k], upper[k] + kPageSize));
+  }
+  const std::vector<std::uint32_t> vmas =
+      CostByPrefix(lower, upper, order, lower_cost, upper_cost);
   // As many pairs at a time, in frame order, as the VMA budget leaves room
   // for at the most their mappings may cost; the real count
   // (RecountIfShort) often leaves more. A page continuing a mapping of an
   // earlier slice extends that VMA: counted as no mapping.
   std::size_t done = 0;
   while (done < m) {
-    const std::uint64_t before = done == 0 ? 0 : mappings[done - 1];
+    const std::uint64_t before = done == 0 ? 0 : vmas[done - 1];
     auto cost = [&](std::size_t end) {  // of order[done, end)
-      return kScatteredMappingCost * (mappings[end - 1] - before);
+      return std::uint64_t{vmas[end - 1]} - before;
     };
     RecountIfShort(cost(m));
     std::size_t admitted = m - done;
@@ -1940,10 +1958,15 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
       auto any = [](std::size_t) { return true; };
       ForEachMergedRun(local, n, any, [&](std::size_t k, std::size_t e) {
         const Addr pa = pbase + k * kPageSize;
-        std::uint64_t cost = (k == 0 && e == n) ? 0 : 2;
+        const std::uint64_t pcost = MappingCost(pa, pa + (e - k) * kPageSize);
+        std::uint64_t cost = (k == 0 && e == n) ? 0 : pcost;
         for (std::size_t a = k; a < e; a = piece_end(a, e)) {
           const PartnerRun& r = runs[run_of[a]];
-          cost += (a == r.begin && piece_end(a, e) == r.end) ? 0 : 2;
+          const Addr qa = q[a];
+          const Addr qend = qa + (piece_end(a, e) - a) * kPageSize;
+          cost += (a == r.begin && piece_end(a, e) == r.end)
+                      ? 0
+                      : MappingCost(qa, qend);
         }
         MergeResult res = MergeResult::kNoBudget;
         if (BudgetAllows(window_cost + added + cost)) {
@@ -1954,12 +1977,12 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
           std::fill(local + k, local + e, res);  // nothing of p maps them
           return;
         }
-        added += 2;
+        added += pcost;
         for (std::size_t a = k; a < e; a = piece_end(a, e)) {
           const std::size_t b = piece_end(a, e);
           const std::size_t piece = (b - a) * kPageSize;
           const ProtectMethod qhow = runs[run_of[a]].how;
-          added += 2;
+          added += MappingCost(q[a], q[a] + piece);
           const MergeResult qres =
               MapFrames(q[a], piece, f + static_cast<FrameId>(a), qhow);
           if (qres == MergeResult::kMerged) {
@@ -2267,12 +2290,13 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
       const Addr pg = base + i * kPageSize;
       if (!may_map) {
         local[i] = MergeResult::kFailed;
-      } else if (!BudgetAllows(kWindowCost + added + 2)) {
+      } else if (const std::uint64_t cost = MappingCost(pg, pg + kPageSize);
+                 !BudgetAllows(kWindowCost + added + cost)) {
         local[i] = MergeResult::kNoBudget;
       } else {
         local[i] = MapFrames(pg, kPageSize, zero_frame_, how);
         remapped[i] = local[i] == MergeResult::kMerged;
-        if (remapped[i]) added += 2;
+        if (remapped[i]) added += cost;
       }
     };
     // PROCMAP_QUERY tells anonymous VMAs apart; where it cannot, MADV_FREE

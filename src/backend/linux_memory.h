@@ -189,9 +189,6 @@ class LinuxMemory final : public Memory {
   // then joining it (MergeScatteredPairs), where windows are discard-first
   // (userfaultfd with kernel faults waiting).
   static constexpr std::size_t kMinPairRun = 8;
-  // VMAs a mapping of scattered pairs' pages may add at most: it splits
-  // the VMA it lands in in three.
-  static constexpr std::uint64_t kScatteredMappingCost = 2;
   // Pages per Unmerge replacement (one mremap, one new VMA each).
   static constexpr std::size_t kUnmergeChunkPages = 1024;
 
@@ -410,6 +407,15 @@ class LinuxMemory final : public Memory {
   bool DiscardFirstCovers(Addr from, Addr page) const;
   static void AddIntervals(std::vector<Interval>* set,
                            std::vector<Interval>* adds);
+  // VMAs a mapping of frames over [start, end) may add: the VMA it lands
+  // in split at each end, unless the page on the other side of that end
+  // is a frame mapping of ours and [start, end) maps none (an edge between
+  // two VMAs already). frame_mapped_ misses no frame mapping made before
+  // the last CommitMapped; ours made since count as no edge. An edge the
+  // application has taken away since (unmapped a frame mapping and mapped
+  // anonymous memory in its place) goes unseen until the next view: the
+  // budget's margin covers that.
+  std::uint64_t MappingCost(Addr start, Addr end) const;
   bool BudgetAllows(std::uint64_t extra) const {
     return vmas_used_ + extra <= budget_;
   }

@@ -1,11 +1,12 @@
-// OrderPairFrames and MappingsByPrefix: which frame each scattered pair
-// takes, and how many mappings that layout costs.
+// OrderPairFrames, MappingsByPrefix and CostByPrefix: which frame each
+// scattered pair takes, and how many mappings that layout costs.
 
 #include "backend/frame_order.h"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <numeric>
 #include <random>
@@ -46,10 +47,12 @@ Pairs RandomPairs(std::size_t n, unsigned seed) {
 }
 
 // Mappings counted directly: pages by address, a new mapping wherever a
-// page does not follow the one before in memory and in frames.
-std::size_t CountMappings(const Pairs& pairs,
-                          const std::vector<std::uint32_t>& order,
-                          std::size_t prefix) {
+// page does not follow the one before in memory and in frames; each
+// weighs cost(the page it starts at).
+std::size_t CountMappings(
+    const Pairs& pairs, const std::vector<std::uint32_t>& order,
+    std::size_t prefix,
+    const std::function<std::size_t(Addr)>& cost = [](Addr) { return 1; }) {
   std::map<Addr, std::size_t> frame_of;
   for (std::size_t k = 0; k < prefix; ++k) {
     frame_of[pairs.p[order[k]]] = k;
@@ -59,8 +62,8 @@ std::size_t CountMappings(const Pairs& pairs,
   Addr last = 0;
   std::size_t last_frame = 0;
   for (auto [addr, frame] : frame_of) {
-    if (mappings == 0 || addr != last + kPageSize || frame != last_frame + 1)
-      ++mappings;
+    if (last == 0 || addr != last + kPageSize || frame != last_frame + 1)
+      mappings += cost(addr);
     last = addr;
     last_frame = frame;
   }
@@ -143,6 +146,42 @@ TEST(FrameOrderTest, MappingsByPrefixCountsTheLayoutsRuns) {
       EXPECT_EQ(mappings.back(), CountMappings(pairs, order, order.size()));
     }
   }
+}
+
+// Each mapping weighed by the page it starts at (the VMAs it may add,
+// for the budget): the prefix sums match a direct count, and a page that
+// continues a mapping adds nothing whatever its own weight.
+TEST(FrameOrderTest, CostByPrefixWeighsEachMappingByWhereItStarts) {
+  for (unsigned seed = 1; seed <= 10; ++seed) {
+    const Pairs pairs = RandomPairs(400, seed);
+    const std::size_t m = pairs.p.size();
+    std::mt19937 rng(seed);
+    std::map<Addr, std::uint8_t> weight;
+    std::vector<std::uint8_t> p_cost(m), q_cost(m);
+    for (std::size_t i = 0; i < m; ++i) {
+      p_cost[i] = weight[pairs.p[i]] = static_cast<std::uint8_t>(rng() % 3);
+      q_cost[i] = weight[pairs.q[i]] = static_cast<std::uint8_t>(rng() % 3);
+    }
+    auto cost = [&](Addr a) { return std::size_t{weight.at(a)}; };
+    for (const auto& order :
+         {OrderPairFrames(pairs.p, pairs.q), IndexOrder(m)}) {
+      const auto prefix = CostByPrefix(pairs.p, pairs.q, order, p_cost, q_cost);
+      ASSERT_EQ(prefix.size(), m);
+      for (std::size_t k = 0; k < m; k += 13) {
+        EXPECT_EQ(prefix[k], CountMappings(pairs, order, k + 1, cost))
+            << "seed " << seed << " prefix " << k + 1;
+      }
+      EXPECT_EQ(prefix.back(), CountMappings(pairs, order, m, cost));
+    }
+  }
+  // Two pairs side by side in frame order: one mapping on each side, each
+  // weighed once, by its first page.
+  Pairs two;
+  two.Add(0, 10);
+  two.Add(1, 11);
+  const std::vector<std::uint8_t> pc = {2, 7}, qc = {1, 9};
+  EXPECT_EQ(CostByPrefix(two.p, two.q, IndexOrder(2), pc, qc),
+            (std::vector<std::uint32_t>{3, 3}));
 }
 
 TEST(FrameOrderTest, RandomPartnersTakeAboutAMappingAPair) {

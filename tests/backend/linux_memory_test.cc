@@ -2008,6 +2008,39 @@ TEST_P(LinuxMemoryTest, AnUnreadablePageFailsOnlyItsOwnScatteredPair) {
   EXPECT_EQ(m->Stats().frames_in_use, kN - 1);
 }
 
+// Page i of a alike page slot(i) = i * step % n of b (contents i), all
+// pages different otherwise; scanned once.
+struct ShuffledTwins {
+  ShuffledTwins(LinuxMemory& m, std::size_t n, std::size_t step)
+      : a(n), b(n), n(n), step(step) {
+    for (std::size_t i = 0; i < n; ++i) {
+      Fill(a.page(i), static_cast<unsigned>(i));
+      Fill(b.page(slot(i)), static_cast<unsigned>(i));
+    }
+    Rescan(m);
+  }
+  std::size_t slot(std::size_t i) const { return (i * step) % n; }
+  // Every page still holds its bytes; then both sides are unmerged and the
+  // frames (kNoFrame for none) released.
+  void ExpectIntactThenUnmerge(LinuxMemory& m,
+                               const std::vector<FrameId>& frames) const {
+    unsigned char expect[kPageSize];
+    for (std::size_t i = 0; i < n; ++i) {
+      Fill(expect, static_cast<unsigned>(i));
+      EXPECT_TRUE(Same(a.page(i), expect)) << i;
+      EXPECT_TRUE(Same(b.page(slot(i)), expect)) << i;
+    }
+    ASSERT_TRUE(m.Unmerge(b.addr(0), n));
+    ASSERT_TRUE(m.Unmerge(a.addr(0), n));
+    for (FrameId f : frames) {
+      if (f != kNoFrame) m.ReleaseFrame(f);
+    }
+    EXPECT_EQ(m.Stats().frames_in_use, 0u);
+  }
+  Region a, b;
+  std::size_t n, step;
+};
+
 // Scattered pairs are admitted by the mappings their layout takes, at two
 // VMAs a mapping at the most: 64 pairs whose p run on (one mapping) and
 // whose partners lie one to a mapping need 65 mappings, and a budget of
@@ -2019,32 +2052,62 @@ TEST_P(LinuxMemoryTest, ScatteredPairsFitABudgetOfTheMappingsTheyTake) {
   auto m = NewMemory(/*budget=*/2 * (kN + 1) + 1);
   if (!m->SyscallWritesWait())
     GTEST_SKIP() << "a user-mode-only userfaultfd: no discard-first windows";
-  Region a(kN), b(kN);
-  auto slot = [](std::size_t i) { return (i * 37) % kN; };
-  for (std::size_t i = 0; i < kN; ++i) {
-    Fill(a.page(i), static_cast<unsigned>(i));
-    Fill(b.page(slot(i)), static_cast<unsigned>(i));
-  }
-  Rescan(*m);
+  const ShuffledTwins twins(*m, kN, 37);
   std::vector<Addr> q;
-  for (std::size_t i = 0; i < kN; ++i) q.push_back(b.addr(slot(i)));
+  for (std::size_t i = 0; i < kN; ++i) q.push_back(twins.b.addr(twins.slot(i)));
   std::vector<FrameId> frames(kN);
   std::vector<MergeResult> res(kN);
-  m->MergePairs(Addrs(a, 0, kN), q, frames, res);
+  m->MergePairs(Addrs(twins.a, 0, kN), q, frames, res);
   for (std::size_t i = 0; i < kN; ++i)
     EXPECT_EQ(res[i], MergeResult::kMerged) << i;
   EXPECT_LE(m->Stats().vmas_used, 2 * (kN + 1) + 1);
   EXPECT_EQ(m->Stats().budget_skips, 0u);
-  unsigned char expect[kPageSize];
-  for (std::size_t i = 0; i < kN; ++i) {
-    Fill(expect, static_cast<unsigned>(i));
-    EXPECT_TRUE(Same(a.page(i), expect)) << i;
-    EXPECT_TRUE(Same(b.page(slot(i)), expect)) << i;
-  }
-  ASSERT_TRUE(m->Unmerge(b.addr(0), kN));
-  ASSERT_TRUE(m->Unmerge(a.addr(0), kN));
-  for (FrameId f : frames) m->ReleaseFrame(f);
-  EXPECT_EQ(m->Stats().frames_in_use, 0u);
+  twins.ExpectIntactThenUnmerge(*m, frames);
+}
+
+// The budget charges a scattered mapping only for the VMA edges it adds:
+// a page between two frame mappings of ours (an anonymous VMA of its own
+// already) adds none, where the worst case would charge two a mapping.
+// Whatever is charged is never less than the kernel's real count grows.
+TEST_P(LinuxMemoryTest, ScatteredPagesBetweenFrameMappingsAreChargedNoSplit) {
+  if (GetParam().protection != Protection::kUserfaultfd)
+    GTEST_SKIP() << "pairs are laid out so in discard-first windows only";
+  constexpr std::size_t kN = 32;
+  auto m = NewMemory(/*budget=*/1000);
+  if (!m->SyscallWritesWait())
+    GTEST_SKIP() << "a user-mode-only userfaultfd: no discard-first windows";
+  // Odd slots for odd pages: b's neighbours of an odd page are even ones.
+  const ShuffledTwins twins(*m, kN, 7);
+  std::vector<FrameId> frames(kN, kNoFrame);
+  auto merge = [&](std::size_t parity) {
+    std::vector<Addr> p, q;
+    std::vector<std::size_t> index;
+    for (std::size_t i = parity; i < kN; i += 2) {
+      p.push_back(twins.a.addr(i));
+      q.push_back(twins.b.addr(twins.slot(i)));
+      index.push_back(i);
+    }
+    std::vector<FrameId> f(p.size());
+    std::vector<MergeResult> res(p.size());
+    m->MergePairs(p, q, f, res);
+    for (std::size_t k = 0; k < p.size(); ++k) {
+      EXPECT_EQ(res[k], MergeResult::kMerged) << index[k];
+      frames[index[k]] = f[k];
+    }
+  };
+  const long maps0 = Maps();
+  const std::uint64_t used0 = m->Stats().vmas_used;
+  merge(0);  // even pages: each alone in the middle of anonymous memory
+  const long maps1 = Maps();
+  const std::uint64_t used1 = m->Stats().vmas_used;
+  EXPECT_GE(static_cast<long>(used1 - used0), maps1 - maps0);
+  merge(1);  // odd pages: each between two frame mappings
+  const long maps2 = Maps();
+  const std::uint64_t used2 = m->Stats().vmas_used;
+  EXPECT_GE(static_cast<long>(used2 - used1), maps2 - maps1);
+  EXPECT_LE(used2 - used1, 4u) << "charged as if splitting anonymous VMAs";
+  EXPECT_EQ(m->Stats().budget_skips, 0u);
+  twins.ExpectIntactThenUnmerge(*m, frames);
 }
 
 }  // namespace
