@@ -580,6 +580,7 @@ MergeResult LinuxMemory::MapFrames(Addr at, std::size_t len, FrameId first,
       mmap(Ptr(at), len, prot, flags, fd, offset) == MAP_FAILED) {
     return errno == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed;
   }
+  last_mapped_end_ = at + len;
   if (locked && !LockFrameMapping(at, len)) {
     // Another thread took the room under RLIMIT_MEMLOCK since
     // LockRoomForReplacement. Nothing was written to the read-only frames:
@@ -927,10 +928,12 @@ void LinuxMemory::UpdateBudget(long count) {
   }
 }
 
-std::uint64_t LinuxMemory::MappingCost(Addr start, Addr end) const {
+std::uint64_t LinuxMemory::MappingCost(Addr start, Addr end,
+                                       Addr mapped_to) const {
   if (Overlaps(frame_mapped_, start, end)) return 2;
-  return (Contains(frame_mapped_, start - kPageSize) ? 0 : 1) +
-         (Contains(frame_mapped_, end) ? 0 : 1);
+  const bool left_edge = start == last_mapped_end_ || start == mapped_to ||
+                         Contains(frame_mapped_, start - kPageSize);
+  return (left_edge ? 0 : 1) + (Contains(frame_mapped_, end) ? 0 : 1);
 }
 
 void LinuxMemory::RecountIfShort(std::uint64_t extra) {
@@ -1517,14 +1520,19 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
     auto joins = [&](std::size_t e) {
       return frame_of[e] == frame_of[e - 1] + 1;
     };
+    // Runs are mapped in this order below: a run that follows the one
+    // before it has its left edge from that one (if that one then fails,
+    // its own charge for that edge stays).
+    Addr admitted_to = 0;
     ForEachMergedRun(local, span, joins, [&](std::size_t k, std::size_t e) {
       const std::uint64_t cost =
-          MappingCost(base + k * kPageSize, base + e * kPageSize);
+          MappingCost(base + k * kPageSize, base + e * kPageSize, admitted_to);
       if (!BudgetAllows(kWindowCost + added + cost)) {
         std::fill(local + k, local + e, MergeResult::kNoBudget);
         return;
       }
       added += cost;
+      admitted_to = base + e * kPageSize;
       run_first[nruns] = k;
       runs[nruns++] = iovec{Ptr(base + k * kPageSize), (e - k) * kPageSize};
     });
@@ -1573,6 +1581,7 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
         err = errno;
       }
       if (err == 0) {
+        last_mapped_end_ = at + bytes;
         (void)ReapplyVmaFlags(at, bytes, /*lock=*/false);
         mapped[r] = true;
         continue;

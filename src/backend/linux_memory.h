@@ -411,11 +411,13 @@ class LinuxMemory final : public Memory {
   // in split at each end, unless the page on the other side of that end
   // is a frame mapping of ours and [start, end) maps none (an edge between
   // two VMAs already). frame_mapped_ misses no frame mapping made before
-  // the last CommitMapped; ours made since count as no edge. An edge the
-  // application has taken away since (unmapped a frame mapping and mapped
-  // anonymous memory in its place) goes unseen until the next view: the
-  // budget's margin covers that.
-  std::uint64_t MappingCost(Addr start, Addr end) const;
+  // the last CommitMapped; of ours made since, only the last one made
+  // (last_mapped_end_) and one ending at mapped_to, which the caller
+  // makes first, count as edges. An edge the application has taken away
+  // since (unmapped a frame mapping and mapped anonymous memory in its
+  // place) goes unseen until the next view: the budget's margin covers
+  // that.
+  std::uint64_t MappingCost(Addr start, Addr end, Addr mapped_to = 0) const;
   bool BudgetAllows(std::uint64_t extra) const {
     return vmas_used_ + extra <= budget_;
   }
@@ -678,6 +680,7 @@ class LinuxMemory final : public Memory {
   long max_map_count_ = 0;
   std::uint64_t budget_ = 0;
   std::uint64_t vmas_used_ = 0;
+  Addr last_mapped_end_ = 0;  // of the last frame mapping made (MappingCost)
   std::uint64_t budget_skips_ = 0;
   // vmas_used_ at the last real count (BudgetAllows recounts past it).
   std::uint64_t recounted_at_ = 0;
