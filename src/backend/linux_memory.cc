@@ -1722,14 +1722,21 @@ void LinuxMemory::MergeScatteredPairs(std::span<const Addr> p,
     auto cost = [&](std::size_t end) {  // of order[done, end)
       return std::uint64_t{vmas[end - 1]} - before;
     };
-    RecountIfShort(cost(m));
-    std::size_t admitted = m - done;
-    if (!BudgetAllows(cost(m))) {
+    auto fitting = [&] {
+      if (BudgetAllows(cost(m))) return m - done;
       const std::uint64_t room =
           budget_ > vmas_used_ ? budget_ - vmas_used_ : 0;
-      admitted = 0;
-      while (done + admitted < m && cost(done + admitted + 1) <= room)
-        ++admitted;
+      std::size_t fit = 0;
+      while (done + fit < m && cost(done + fit + 1) <= room) ++fit;
+      return fit;
+    };
+    // The charge follows the kernel's count closely (MappingCost), so the
+    // maps are counted again only when not one more pair fits: a slice
+    // that fits goes first, and its mappings make the rest cheaper.
+    std::size_t admitted = fitting();
+    if (admitted == 0) {
+      RecountIfShort(cost(m));
+      admitted = fitting();
     }
     if (admitted == 0) {
       for (std::size_t k = done; k < m; ++k) {
