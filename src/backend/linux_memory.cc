@@ -938,11 +938,12 @@ std::uint64_t LinuxMemory::MappingCost(Addr start, Addr end,
 
 void LinuxMemory::RecountIfShort(std::uint64_t extra) {
   if (vmas_used_ + extra <= budget_) return;
-  // We charge the worst case (a page in the middle of a VMA splits it in
-  // three); scattered merges often cost less, as neighbours were split
-  // already. Count what the kernel really holds, at most once per
-  // kRecountStep charged mappings or an eighth of what we held at the last
-  // count (a count reads /proc/self/maps: ~0.7 us per VMA).
+  // The charge is an upper bound (MappingCost; windows and fallbacks
+  // charge the worst case, and the kernel joins some mappings we count
+  // apart), and the application may have unmapped memory since. Count what
+  // the kernel really holds, at most once per kRecountStep charged
+  // mappings or an eighth of what we held at the last count (a count reads
+  // /proc/self/maps: 0.5-0.7 us per VMA).
   if (vmas_used_ < recounted_at_ + std::max(kRecountStep, recounted_at_ / 8))
     return;
   long count = CountMappings("/proc/self/maps");
