@@ -475,8 +475,9 @@ class LinuxMemory final : public Memory {
   // together share a window, and, discard-first, the mappings go into
   // emptied page tables without a TLB flush each. A pair of which only one
   // page could join gets that page back anonymous (RestoreAnonymous). Pairs
-  // past the VMA budget (two VMAs a mapping the layout takes, at the most)
-  // are not tried: the pairs go in slices the budget has room for.
+  // past the VMA budget (each mapping the layout takes charged the edges it
+  // may add, MappingCost) are not tried: the pairs go in slices the budget
+  // has room for.
   void MergeScatteredPairs(std::span<const Addr> p, std::span<const Addr> q,
                            std::span<const std::size_t> which,
                            std::span<FrameId> frames,
