@@ -133,13 +133,6 @@ std::vector<std::uint32_t> OrderPairFrames(std::span<const Addr> p,
   return order;
 }
 
-std::vector<std::uint32_t> MappingsByPrefix(
-    std::span<const Addr> p, std::span<const Addr> q,
-    std::span<const std::uint32_t> order) {
-  const std::vector<std::uint8_t> one(PairCount(p, q), 1);
-  return CostByPrefix(p, q, order, one, one);
-}
-
 std::vector<std::uint32_t> CostByPrefix(std::span<const Addr> p,
                                         std::span<const Addr> q,
                                         std::span<const std::uint32_t> order,

@@ -39,20 +39,15 @@ namespace samepage::backend {
 std::vector<std::uint32_t> OrderPairFrames(std::span<const Addr> p,
                                            std::span<const Addr> q);
 
-// With pair order[k] in frame k: element k is how many mappings the pages
+// With pair order[k] in frame k: element k is what the mappings the pages
 // of pairs order[0..k] take together (maximal runs of pages next to each
-// other in memory whose frames follow each other), so that a caller short
-// of VMAs can take the longest prefix it has room for.
-// REQUIRES: as OrderPairFrames; order a permutation of [0, p.size()).
-std::vector<std::uint32_t> MappingsByPrefix(
-    std::span<const Addr> p, std::span<const Addr> q,
-    std::span<const std::uint32_t> order);
-
-// The same with each mapping weighed by the page it starts at: p_cost[i]
-// for a mapping that starts at p[i], q_cost[i] at q[i] (the VMAs it may
-// add, say); pages continuing a mapping add nothing.
-// REQUIRES: as MappingsByPrefix; p_cost.size() and q_cost.size() at least
-// p.size().
+// other in memory whose frames follow each other) cost, each weighed by
+// the page it starts at: p_cost[i] for a mapping that starts at p[i],
+// q_cost[i] at q[i] (the VMAs it may add, say); pages continuing a mapping
+// add nothing. So a caller short of VMAs can take the longest prefix it
+// has room for; with all weights 1 it counts the mappings.
+// REQUIRES: as OrderPairFrames; order a permutation of [0, p.size());
+// p_cost.size() and q_cost.size() at least p.size().
 std::vector<std::uint32_t> CostByPrefix(std::span<const Addr> p,
                                         std::span<const Addr> q,
                                         std::span<const std::uint32_t> order,

@@ -1,5 +1,5 @@
-// OrderPairFrames, MappingsByPrefix and CostByPrefix: which frame each
-// scattered pair takes, and how many mappings that layout costs.
+// OrderPairFrames and CostByPrefix: which frame each scattered pair takes,
+// and how many mappings that layout costs.
 
 #include "backend/frame_order.h"
 
@@ -10,6 +10,7 @@
 #include <map>
 #include <numeric>
 #include <random>
+#include <span>
 #include <vector>
 
 namespace samepage::backend {
@@ -68,6 +69,14 @@ std::size_t CountMappings(
     last_frame = frame;
   }
   return mappings;
+}
+
+// CostByPrefix with every mapping weighed 1: the mappings themselves.
+std::vector<std::uint32_t> MappingsByPrefix(
+    std::span<const Addr> p, std::span<const Addr> q,
+    std::span<const std::uint32_t> order) {
+  const std::vector<std::uint8_t> one(std::min(p.size(), q.size()), 1);
+  return CostByPrefix(p, q, order, one, one);
 }
 
 std::vector<std::uint32_t> IndexOrder(std::size_t m) {
