@@ -60,12 +60,19 @@ void Fill(unsigned char* page, unsigned seed) {
     page[i] = static_cast<unsigned char>(seed * 131 + i * 7 + (i >> 8));
 }
 
+// Page i of a and page slot(i) of b both hold Fill(i), for i < n: pairs
+// whose partners lie in another order.
+template <typename Slot>
+void FillShuffled(const Region& a, const Region& b, std::size_t n, Slot slot) {
+  for (std::size_t i = 0; i < n; ++i) {
+    Fill(a.page(i), static_cast<unsigned>(i));
+    Fill(b.page(slot(i)), static_cast<unsigned>(i));
+  }
+}
+
 // Page i of a and of b: the same content, seed i.
 void FillAlike(const Region& a, const Region& b) {
-  for (std::size_t i = 0; i < a.pages(); ++i) {
-    Fill(a.page(i), static_cast<unsigned>(i));
-    Fill(b.page(i), static_cast<unsigned>(i));
-  }
+  FillShuffled(a, b, a.pages(), [](std::size_t i) { return i; });
 }
 
 bool Same(const void* a, const void* b) {
@@ -1159,10 +1166,7 @@ struct ScatteredMerge {
     o.fail_unmerge_copy = FailUnmergeOfLen;
     g_fail_unmerge_len = 0;
     ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
-    for (std::size_t i = 0; i < kN; ++i) {
-      Fill(a.page(i), static_cast<unsigned>(i));
-      Fill(b.page(Slot(i)), static_cast<unsigned>(i));
-    }
+    FillShuffled(a, b, kN, Slot);
     Rescan(*m);
     std::vector<Addr> q;
     for (std::size_t i = 0; i < kN; ++i) q.push_back(b.addr(Slot(i)));
@@ -1981,10 +1985,7 @@ TEST_P(LinuxMemoryTest, AnUnreadablePageFailsOnlyItsOwnScatteredPair) {
   // other, so the frames follow p, which are copied as one run.
   Region a(kN), b(2 * kN);
   auto slot = [](std::size_t i) { return 2 * ((i * 7) % kN); };
-  for (std::size_t i = 0; i < kN; ++i) {
-    Fill(a.page(i), static_cast<unsigned>(i));
-    Fill(b.page(slot(i)), static_cast<unsigned>(i));
-  }
+  FillShuffled(a, b, kN, slot);
   Rescan(*m);
   ASSERT_EQ(mprotect(a.page(kBad), kPageSize, PROT_NONE), 0);
   std::vector<Addr> q;
@@ -2013,10 +2014,7 @@ TEST_P(LinuxMemoryTest, AnUnreadablePageFailsOnlyItsOwnScatteredPair) {
 struct ShuffledTwins {
   ShuffledTwins(LinuxMemory& m, std::size_t n, std::size_t step)
       : a(n), b(n), n(n), step(step) {
-    for (std::size_t i = 0; i < n; ++i) {
-      Fill(a.page(i), static_cast<unsigned>(i));
-      Fill(b.page(slot(i)), static_cast<unsigned>(i));
-    }
+    FillShuffled(a, b, n, [this](std::size_t i) { return slot(i); });
     Rescan(m);
   }
   std::size_t slot(std::size_t i) const { return (i * step) % n; }
