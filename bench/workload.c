@@ -638,7 +638,8 @@ static int SetKnobs(const struct Workload* w, size_t n) {
 /* Polls from run=1 until the expected pages are saved (unique: until three
  * full scans are done), the savings stop growing, or `timeout` passes. Only
  * what decides is read each time; full_scans every 20 ms (unique: every
- * time). Under samepage a read shows the end of the scanner's last batch. */
+ * time). Under samepage a read shows the counters as of the scanner's last
+ * merges or full scan's end (published as they change, as the kernel's). */
 static void WaitConverged(const struct Workload* w, const char* task,
                           const struct Baseline* b, double timeout,
                           struct Result* r) {

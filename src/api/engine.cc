@@ -6,8 +6,9 @@
 // Locking: mu_ guards the core, the backend, the knobs and the thread state.
 // The scanner holds it for one batch at a time, so control calls wait at most
 // one batch. Reading a knob or counter does not wait: it formats the values
-// published at the end of the last batch or control call (pub_mu_, taken
-// after mu_ where both are), as kernel KSM's sysfs reads never wait for ksmd.
+// published at the end of the last batch or control call, and within a
+// batch as merges are done and full scans end (pub_mu_, taken after mu_
+// where both are), as kernel KSM's sysfs reads never wait for ksmd.
 // Write faults of application threads never take mu_ (the backend's fault
 // handler is lock-free), so a merge in progress cannot deadlock with the
 // application.
@@ -92,6 +93,7 @@ class EngineImpl final : public Engine {
       : options_(options),
         memory_(std::move(memory)),
         ksm_(std::make_unique<Ksm>(memory_.get(), RealClock())) {
+    ksm_->SetProgressHook([this] { PublishLocked(); });
     RegisterForFork(this);
   }
 
@@ -358,6 +360,7 @@ class EngineImpl final : public Engine {
     (void)memory_.release();
     memory_ = std::move(fresh);
     ksm_ = std::make_unique<Ksm>(memory_.get(), RealClock());
+    ksm_->SetProgressHook([this] { PublishLocked(); });
     ksm_->knobs() = knobs;
     for (auto [a, n] : ranges) ksm_->Advise(a, n);
     // The fresh backend excludes what the old one did (its protection may
@@ -449,7 +452,9 @@ class EngineImpl final : public Engine {
     return n;
   }
 
-  // With mu_ held: what ReadKnob shows until the next batch or control call.
+  // With mu_ held: what ReadKnob shows until the next publish (after each
+  // batch and control call, and within a batch as merges are done and full
+  // scans end: Ksm::SetProgressHook).
   void PublishLocked() {
     const Knobs knobs = ksm_->knobs();
     const Counters counters = ksm_->GetCounters();

@@ -425,6 +425,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
       ForgetGone();
       ++full_scans_;
       RunAdvisor();
+      if (progress_) progress_();
       // The next scan begins (dropping the unstable index) on the next
       // visit.
       in_scan_ = false;
@@ -1032,6 +1033,7 @@ void Ksm::DropZeroContent() {
 }
 
 void Ksm::ExecutePlans() {
+  const bool any = PlanCount() != 0;
   StripeRuns();
   // Zero content needs no frame: its pages go back to the zero page, and
   // its nodes only count them, as the kernel's KSM page of zeros would.
@@ -1139,6 +1141,7 @@ void Ksm::ExecutePlans() {
   run_node_ = kNoNode;
   scattered_pairs_ = 0;
   carry_since_ = 0;
+  if (any && progress_) progress_();
 }
 
 // ---------------------------------------------------------------------------

@@ -105,6 +105,15 @@ class Ksm {
   std::size_t ScanBatch(std::size_t pages, bool stop_at_scan_end = false,
                         bool carry_runs = false,
                         const std::function<bool()>& pause = {});
+  // Called, with the caller's lock held, as the counters change within a
+  // batch: after each set of merges is done and at the end of each full
+  // scan. The kernel's counters move with each merge; a caller that shows
+  // counters only between batches (Engine) publishes them here, so that a
+  // reader sees merges when they are done, not once the batch that did them
+  // has also begun the next full scan and scanned on.
+  void SetProgressHook(std::function<void()> hook) {
+    progress_ = std::move(hook);
+  }
   // Does the merges that a batch left waiting for a run (carry_runs). The
   // range calls below do it themselves; callers that change knobs call it
   // first.
@@ -381,6 +390,7 @@ class Ksm {
   Memory* const memory_;
   Clock* const clock_;
   Knobs knobs_;
+  std::function<void()> progress_;  // SetProgressHook
 
   std::map<Addr, Range> ranges_;  // keyed by start; non-overlapping
   std::size_t advised_pages_ = 0;

@@ -582,6 +582,41 @@ TEST_F(KsmTest, ScatteredPairsWaitForEachOther) {
   }
 }
 
+// The progress hook shows merges as they are done and a full scan as it
+// ends, within the batch that does them: a reader of the counters (the
+// engine publishes them there) is not kept waiting for the rest of the
+// batch, the next scan's start and its pages.
+TEST_F(KsmTest, ProgressIsReportedWithinTheBatch) {
+  constexpr std::size_t kPairs = 1000;
+  const std::vector<std::size_t> key = TwinKeys(kPairs, /*shuffled=*/false);
+  mem_.Map(kBase, 2 * kPairs);
+  for (std::size_t i = 0; i < 2 * kPairs; ++i)
+    mem_.WriteBytes(Page(i), KeyBytes(key[i]));
+  ksm_.Advise(kBase, 2 * kPairs);
+  FullScans(1);  // hashes only
+  std::vector<Counters> seen;
+  ksm_.SetProgressHook([&] { seen.push_back(ksm_.GetCounters()); });
+  // One batch: the merging scan, and half of the next.
+  ksm_.ScanBatch(3 * kPairs);
+  ASSERT_EQ(ksm_.GetCounters().pages_scanned, 5 * kPairs);
+  ASSERT_EQ(ksm_.GetCounters().pages_sharing, kPairs);
+  // Merges are shown while their scan goes on ...
+  auto merging = std::find_if(seen.begin(), seen.end(), [](const Counters& c) {
+    return c.pages_sharing != 0;
+  });
+  ASSERT_NE(merging, seen.end());
+  EXPECT_EQ(merging->full_scans, 1u);
+  EXPECT_LT(merging->pages_scanned, 4 * kPairs);
+  // ... and all of them, with the scan's end, before the next scan's first
+  // page.
+  auto ended = std::find_if(seen.begin(), seen.end(), [](const Counters& c) {
+    return c.full_scans == 2;
+  });
+  ASSERT_NE(ended, seen.end());
+  EXPECT_EQ(ended->pages_sharing, kPairs);
+  EXPECT_EQ(ended->pages_scanned, 4 * kPairs);
+}
+
 // A page last seen with the hash of a merged content, or of a page waiting
 // in this scan's unstable index, is compared with it without being hashed
 // again: of three copies of a content only the first is read on its second

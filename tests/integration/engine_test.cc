@@ -586,6 +586,40 @@ TEST(Engine, CounterReadsDoNotWaitForTheScannersBatch) {
       << " ms, a scan " << t.scan_s * 1e3 << " ms";
 }
 
+// Counters move as the scanner's batch goes on, as kernel KSM's move with
+// each merge: a batch of two thousand full scans of a small mapping shows
+// its merges and its first scans long before it ends.
+TEST(Engine, CountersMoveWithinTheScannersBatch) {
+  auto e = NewEngine();
+  constexpr std::size_t kPages = 64;
+  Mapping m(kPages);
+  for (std::size_t i = 0; i < kPages; ++i) m.FillKey(i, i % (kPages / 2));
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  constexpr std::int64_t kScansABatch = 2000;
+  Set(*e, "smart_scan", "0");  // every page counts as scanned, every scan
+  Set(*e, "pages_to_scan", std::to_string(kPages * kScansABatch).c_str());
+  Set(*e, "sleep_millisecs", "10000");
+  const std::int64_t scans0 = Counter(*e, "full_scans");
+  Set(*e, "run", "1");
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  std::int64_t scans = scans0, sharing = 0;
+  while (sharing < std::int64_t{kPages / 2} &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    sharing = Counter(*e, "pages_sharing");
+    scans = Counter(*e, "full_scans");
+  }
+  Set(*e, "run", "0");
+  EXPECT_EQ(sharing, std::int64_t{kPages / 2});
+  // Seen after the second scan, and long before the batch's last.
+  EXPECT_GE(scans, scans0 + 1);
+  EXPECT_LT(scans, scans0 + kScansABatch / 2)
+      << "the merges showed only when the batch ended";
+  for (std::size_t i = 0; i < kPages; ++i)
+    ASSERT_TRUE(m.HoldsKey(i, i % (kPages / 2))) << i;
+}
+
 // A control call pauses the scanner's batch instead of waiting for its
 // end, as kernel KSM holds a process's mmap lock for a page or so at a time,
 // not for pages_to_scan pages. Stats() stands for every call that takes the
