@@ -111,6 +111,7 @@ bool PreadBeatsColdView() {
 
 FrameStore::~FrameStore() {
   // Merged pages keep the file alive through their own mappings.
+  Flush();
   for (std::size_t c = 0; c < nchunks_; ++c) {
     munmap(chunks_[c], ChunkFrames(c) * kPageSize);
   }
@@ -250,11 +251,28 @@ void FrameStore::Release(FrameId frame) {
     ++pinned_;
     return;
   }
-  // PUNCH_HOLE|KEEP_SIZE: frees the page now; offsets keep their meaning.
-  if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                FrameOffset(frame), kPageSize) == 0) {
-    ++punched_;
+  // No page of ours maps the frame now, so neither can a child forked before
+  // the punch: it may wait.
+  if (npending_ == kPendingPunches) Flush();
+  pending_[npending_++] = frame;
+}
+
+void FrameStore::Flush() {
+  // A forked child's copy of the list is the parent's to punch.
+  if (InForkedChild()) npending_ = 0;
+  std::sort(pending_, pending_ + npending_);
+  for (std::size_t i = 0; i < npending_;) {
+    std::size_t j = i + 1;
+    while (j < npending_ && pending_[j] == pending_[j - 1] + 1) ++j;
+    // PUNCH_HOLE|KEEP_SIZE: frees the pages now; offsets keep their meaning.
+    if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  FrameOffset(pending_[i]),
+                  static_cast<off_t>((j - i) * kPageSize)) == 0) {
+      punched_ += j - i;
+    }
+    i = j;
   }
+  npending_ = 0;
 }
 
 }  // namespace samepage::backend

@@ -82,7 +82,13 @@ class FrameStore {
   FrameId Allocate(std::size_t n);
 
   // Frees the frame's memory (hole punch) unless it is pinned (see above).
+  // The punch waits for Flush, or for kPendingPunches more releases: one
+  // punch per run of consecutive frames costs a quarter of one per frame
+  // (docs/performance.md, unmerging).
   void Release(FrameId frame);
+  // Punches the holes of the frames released since the last call.
+  void Flush();
+  static constexpr std::size_t kPendingPunches = 1024;
 
   bool IsAllocated(FrameId frame) const { return frame < next_; }
   // The frame's page in the view. REQUIRES: IsAllocated(frame).
@@ -142,6 +148,11 @@ class FrameStore {
   std::uint64_t in_use_ = 0;
   std::uint64_t pinned_ = 0;
   std::uint64_t punched_ = 0;
+  // Released frames whose holes are not punched yet. An array of this
+  // object's own: Release runs inside merge windows, which must not write
+  // the heap.
+  FrameId pending_[kPendingPunches] = {};
+  std::size_t npending_ = 0;
   // Frames below pin_limit_ may be mapped by a child. Updated at the first
   // Release after each fork, to next_ then (a superset of what existed at
   // the fork: conservative).

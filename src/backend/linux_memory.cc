@@ -2572,6 +2572,8 @@ bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {
 
 void LinuxMemory::ReleaseFrame(FrameId frame) { store_.Release(frame); }
 
+void LinuxMemory::FlushReleasedFrames() { store_.Flush(); }
+
 MemoryStats LinuxMemory::Stats() const {
   MemoryStats s;
   s.frames_in_use = store_.frames_in_use();

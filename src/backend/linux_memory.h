@@ -225,6 +225,7 @@ class LinuxMemory final : public Memory {
                      std::span<MergeResult> results) override;
   [[nodiscard]] bool Unmerge(Addr addr, std::size_t npages) override;
   void ReleaseFrame(FrameId frame) override;
+  void FlushReleasedFrames() override;
   MemoryStats Stats() const override;
 
   // --- Linux specific ---

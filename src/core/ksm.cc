@@ -65,6 +65,21 @@ Clock* RealClock() {
 
 Ksm::Ksm(Memory* memory, Clock* clock) : memory_(memory), clock_(clock) {}
 
+namespace {
+// Frees the memory of the frames an operation released, on every way out
+// of it (Memory::FlushReleasedFrames).
+class FlushReleasedOnReturn {
+ public:
+  explicit FlushReleasedOnReturn(Memory* memory) : memory_(memory) {}
+  ~FlushReleasedOnReturn() { memory_->FlushReleasedFrames(); }
+  FlushReleasedOnReturn(const FlushReleasedOnReturn&) = delete;
+  FlushReleasedOnReturn& operator=(const FlushReleasedOnReturn&) = delete;
+
+ private:
+  Memory* memory_;
+};
+}  // namespace
+
 // ---------------------------------------------------------------------------
 // Ranges
 
@@ -114,6 +129,7 @@ void Ksm::Advise(Addr start, std::size_t npages) {
 }
 
 void Ksm::Forget(Addr start, std::size_t npages) {
+  FlushReleasedOnReturn flush(memory_);
   DropWaitingPlans(start, start + npages * kPageSize);
   ForgetRange(start, npages);
 }
@@ -134,6 +150,7 @@ void Ksm::ForgetRange(Addr start, std::size_t npages) {
 }
 
 bool Ksm::Unadvise(Addr start, std::size_t npages) {
+  FlushReleasedOnReturn flush(memory_);
   const Addr end = start + npages * kPageSize;
   DropWaitingPlans(start, end);
   // Give the memory back first: a frame is released only when nothing maps
@@ -159,6 +176,7 @@ bool Ksm::Unadvise(Addr start, std::size_t npages) {
 }
 
 bool Ksm::UnmergeAll() {
+  FlushReleasedOnReturn flush(memory_);
   DropWaitingPlans(0, ~Addr{0});  // and forgets the pages found gone
   bool ok = true;
   for (auto& [start, r] : ranges_) {
@@ -406,6 +424,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
                            bool carry_runs,
                            const std::function<bool()>& pause) {
   if (ranges_.empty() || pages == 0) return 0;
+  FlushReleasedOnReturn flush(memory_);
   if (!in_scan_) BeginFullScan();
   // Plans carried from earlier batches wait at most kCarryPlans; within one
   // batch a run may grow to kMaxRunPlans.
@@ -511,6 +530,7 @@ void Ksm::ReleaseScratch() {
 }
 
 void Ksm::FinishPlans() {
+  FlushReleasedOnReturn flush(memory_);
   if (!carried_) return;
   carried_ = false;
   ExecutePlans();

@@ -134,6 +134,11 @@ class Memory {
   // it away or was unmerged). The store frees its memory, unless another
   // process (a forked child) may still map it, in which case it is pinned.
   virtual void ReleaseFrame(FrameId frame) = 0;
+  // The memory of frames released may be freed later, in one go (the Linux
+  // store punches a hole per run of consecutive frames); the core calls this
+  // at the end of every operation that may release frames, so that none
+  // waits longer than the operation.
+  virtual void FlushReleasedFrames() {}
 
   virtual MemoryStats Stats() const = 0;
 };

@@ -10,8 +10,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -114,12 +116,42 @@ TEST_F(FrameStoreTest, ReleasePunchesTheFrame) {
   long full = Blocks(store_.fd());
   EXPECT_GE(full, 64 * 8);  // 512-byte blocks
   for (int i = 0; i < 64; ++i) store_.Release(f + i);
+  store_.Flush();
   EXPECT_LE(Blocks(store_.fd()), full - 64 * 8);
   EXPECT_EQ(store_.frames_pinned(), 0u);
   EXPECT_EQ(store_.frames_punched(), 64u);
   EXPECT_EQ(store_.frames_in_use(), 0u);
   // A stale view of a punched frame reads zeros, never other data.
   EXPECT_EQ(static_cast<int>(store_.FrameAddress(f)[100]), 0);
+}
+
+// Releases in any order, more than wait at once, and runs of frames with
+// gaps between them: every frame released is punched, and no other.
+TEST_F(FrameStoreTest, EveryReleasedFrameIsPunchedWhateverTheOrder) {
+  constexpr std::size_t kN = 3 * FrameStore::kPendingPunches;
+  FrameId f = store_.Allocate(kN);
+  ASSERT_NE(f, kNoFrame);
+  for (std::size_t i = 0; i < kN; ++i)
+    std::memset(store_.FrameAddress(f + FrameId(i)), 0x5a, kPageSize);
+  const long full = Blocks(store_.fd());
+  // Every frame but each seventh, in a shuffled order.
+  std::vector<FrameId> order;
+  for (std::size_t i = 0; i < kN; ++i)
+    if (i % 7 != 3) order.push_back(f + FrameId(i));
+  std::mt19937 rng(5);
+  std::shuffle(order.begin(), order.end(), rng);
+  for (FrameId r : order) store_.Release(r);
+  store_.Flush();
+  EXPECT_EQ(store_.frames_punched(), order.size());
+  EXPECT_EQ(Blocks(store_.fd()),
+            full - static_cast<long>(order.size() * kPageSize / 512));
+  for (std::size_t i = 0; i < kN; ++i) {
+    const char want = i % 7 == 3 ? 0x5a : 0;
+    ASSERT_EQ(static_cast<char>(store_.FrameAddress(f + FrameId(i))[7]), want)
+        << i;
+  }
+  store_.Flush();  // nothing left: nothing more punched
+  EXPECT_EQ(store_.frames_punched(), order.size());
 }
 
 TEST(FrameStoreForkTest, FramesAChildMayMapArePinned) {
@@ -191,6 +223,7 @@ TEST(FrameStoreForkTest, FramesAChildMayMapArePinned) {
   ASSERT_NE(later, kNoFrame);
   std::memset(m->frame_store().FrameAddress(later), 1, kPageSize);
   m->ReleaseFrame(later);
+  m->FlushReleasedFrames();
   EXPECT_EQ(m->frame_store().frames_punched(), 1u);
   munmap(pa, kN * kPageSize);
   munmap(pb, kN * kPageSize);

@@ -220,6 +220,7 @@ void FakeMemory::ReleaseFrame(FrameId frame) {
   }
   frame_refs_.erase(it);
   ++released_;
+  ++unflushed_;
 }
 
 MemoryStats FakeMemory::Stats() const {

@@ -58,6 +58,8 @@ class FakeMemory : public Memory {
 
   std::size_t frames_live() const { return frame_refs_.size(); }
   std::size_t frames_released() const { return released_; }
+  // Frames released since the core last called FlushReleasedFrames.
+  std::size_t frames_unflushed() const { return unflushed_; }
   std::size_t pages_mapping_frames() const;
 
   // --- Memory ---
@@ -76,6 +78,7 @@ class FakeMemory : public Memory {
                      std::span<MergeResult> results) override;
   bool Unmerge(Addr addr, std::size_t npages) override;
   void ReleaseFrame(FrameId frame) override;
+  void FlushReleasedFrames() override { unflushed_ = 0; }
   MemoryStats Stats() const override;
 
  private:
@@ -92,6 +95,7 @@ class FakeMemory : public Memory {
   std::map<FrameId, std::size_t> frame_refs_;  // live frames: pages mapping
   std::vector<bool> released_frames_;
   std::size_t released_ = 0;
+  std::size_t unflushed_ = 0;
 };
 
 }  // namespace samepage
