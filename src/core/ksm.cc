@@ -195,6 +195,9 @@ bool Ksm::UnmergeAll() {
     }
   }
   unstable_.clear();
+  deferred_.clear();
+  deferred_pages_ = 0;
+  last_deferred_ = 0;
   in_scan_ = false;
   full_scans_ = 0;  // the kernel's full_scans is the scan sequence, reset here
   return ok;
@@ -210,7 +213,10 @@ bool Ksm::InUnstable(Addr addr, const Item& item) const {
 
 void Ksm::RemoveFromUnstable(Addr addr, Item& item) {
   if (item.state != ItemState::kUnstable) return;
-  if (item.seq == seq_) unstable_.erase(PageKey{addr, item.hash()});
+  if (item.seq == seq_ && unstable_.erase(PageKey{addr, item.hash()}) == 0) {
+    // Waiting for a partner in a run instead (deferred_).
+    (void)EraseDeferred(item.hash(), addr, nullptr);
+  }
   item.state = ItemState::kVolatile;
   --unshared_;
 }
@@ -410,6 +416,9 @@ void Ksm::MaybeFreeNode(NodeId id) {
 void Ksm::BeginFullScan() {
   ++seq_;
   unstable_.clear();
+  deferred_.clear();  // ResolveDeferred emptied it, unless the scan was cut
+  deferred_pages_ = 0;
+  last_deferred_ = 0;
   // Room for as many candidates as the last scan had: no rehash on the way
   // (a rehash looks every entry's item up again).
   unstable_.reserve(unstable_peak_);
@@ -439,7 +448,9 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
     if (it != ranges_.begin() && std::prev(it)->second.end() > cursor_) --it;
     if (it == ranges_.end()) {
       // End of a full scan: merges planned so far refer to this scan's
-      // unstable index, so they run before it is dropped.
+      // unstable index, so they run before it is dropped; so do the pairs
+      // that waited for a partner in a run.
+      ResolveDeferred();
       ExecutePlans();
       ForgetGone();
       ++full_scans_;
@@ -552,7 +563,9 @@ bool Ksm::HoldForRun(Addr next, std::size_t cap) const {
 
 bool Ksm::HoldScattered() const {
   const std::size_t planned = PlanCount();
-  return planned < kMaxScatteredPlans && 2 * scattered_pairs_ > planned &&
+  const std::size_t waiting = deferred_pages_;
+  return planned < kMaxScatteredPlans &&
+         2 * (scattered_pairs_ + waiting) > planned + waiting &&
          memory_->WantsScatteredPairsTogether();
 }
 
@@ -605,6 +618,7 @@ void Ksm::PrefetchLookups(const Item& item) const {
     const HashKey key{item.hash()};
     stable_.prefetch(key);
     unstable_.prefetch(key);
+    if (!deferred_.empty()) deferred_.prefetch(item.hash());
   }
 }
 
@@ -753,6 +767,7 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
 }
 
 void Ksm::PlanJoin(Addr addr, Item& item, NodeId node, bool unhashed) {
+  cont_next_ = 0;  // no pair to continue (Defer sets one after it)
   ++nodes_[node].pending;
   item.state = ItemState::kPending;
   stable_plans_.push_back({addr, &item, node, unhashed});
@@ -761,28 +776,304 @@ void Ksm::PlanJoin(Addr addr, Item& item, NodeId node, bool unhashed) {
 }
 
 bool Ksm::PairWithUnstable(Addr addr, Item& item, std::uint64_t hash, bool unhashed) {
-  auto it = unstable_.find(HashKey{hash});
-  if (it == unstable_.end()) return false;
-  const Addr other_addr = *it & ~kFragmentMask;
-  Item* other = FindItem(other_addr);
-  if (other == nullptr || other_addr == addr) {
+  // The candidates: the index's page of this hash, and the pages of this
+  // hash waiting for a partner in a run (deferred_).
+  // (Its slot is looked up once, and again only after the index changed:
+  // each lookup finds the entry's item, a search of the ranges.)
+  auto it = unstable_.end();
+  auto indexed_now = [&] {
+    it = unstable_.find(HashKey{hash});
+    return it != unstable_.end() ? *it & ~kFragmentMask : Addr{0};
+  };
+  Addr indexed = indexed_now();
+  const DeferredList* waiting = FindDeferred(hash);
+  if (indexed == 0 && waiting == nullptr) return false;
+  // Whether pairing with `other` continues the node sequence of the page
+  // before this one: that page was planned into a node with other's
+  // neighbour, so their frames can follow each other on both sides.
+  auto continues = [&](Addr other) {
+    return other != 0 && addr == cont_next_ &&
+           (other == cont_to_[0] || other == cont_to_[1]);
+  };
+  auto continuing_waiter = [&]() -> Addr {
+    if (waiting == nullptr || addr != cont_next_) return 0;
+    for (const Addr e : *waiting) {
+      const Addr w = e & ~kDeferredUnhashed;
+      if (w == cont_to_[0] || w == cont_to_[1]) return w;
+    }
+    return 0;
+  };
+  if (run_end_ == addr && run_hash_ == hash) {
+    // A run of identical pages goes on (StripeRuns lays it out): the page
+    // before, if it waits, pairs with this one; else as any pair.
+    if (waiting != nullptr &&
+        std::find_if(waiting->begin(), waiting->end(),
+                     [&](Addr e) {
+                       return (e & ~kDeferredUnhashed) + kPageSize == addr;
+                     }) != waiting->end() &&
+        TakeDeferred(addr, item, hash, unhashed, addr - kPageSize)) {
+      return true;
+    }
+    return indexed != 0 && PairWithIndexed(addr, item, hash, unhashed, it);
+  }
+  if (!continues(indexed) && continuing_waiter() == 0 && last_deferred_ != 0 &&
+      last_deferred_ + kPageSize == addr) {
+    // If the page before this one waits with a partner next to one of ours,
+    // it pairs with it after all, and this pair continues theirs (a run
+    // begins). Either way the lists may have changed.
+    (void)UndeferLast(indexed, waiting);
+    indexed = indexed_now();
+    waiting = FindDeferred(hash);
+  }
+  if (!continues(indexed)) {
+    // A waiting page that continues the run pairs with this one.
+    const Addr w = continuing_waiter();
+    if (w != 0 && TakeDeferred(addr, item, hash, unhashed, w)) return true;
+    waiting = FindDeferred(hash);
+    if (memory_->WantsScatteredPairsTogether() &&
+        (indexed == 0 ? waiting != nullptr : indexed + kPageSize != addr)) {
+      // Scattered (a run of identical pages is not: StripeRuns lays it
+      // out): this page waits too, for a later page that pairs with it in
+      // a run, or for the scan's end.
+      Defer(addr, item, hash, unhashed);
+      return true;
+    }
+    if (indexed == 0) return false;
+  }
+  if (!continues(indexed)) ++scattered_pairs_;
+  return PairWithIndexed(addr, item, hash, unhashed, it);
+}
+
+Addr Ksm::JoinIndexed(UnstableSet::iterator it, NodeId node) {
+  const Addr addr = *it & ~kFragmentMask;
+  Item* item = FindItem(addr);
+  if (item == nullptr)
+    InvariantFailure("unstable index entry without its item");
+  unstable_.erase(it);
+  --unshared_;
+  ++nodes_[node].pending;
+  item->state = ItemState::kPending;
+  // Read in this scan (it went into the index with this hash).
+  stable_plans_.push_back({addr, item, node, /*unhashed=*/false});
+  return addr;
+}
+
+bool Ksm::PairWithIndexed(Addr addr, Item& item, std::uint64_t hash,
+                          bool unhashed, UnstableSet::iterator it) {
+  const Addr indexed = *it & ~kFragmentMask;
+  Item* other = FindItem(indexed);
+  if (other == nullptr || indexed == addr) {
     InvariantFailure("unstable index entry without its item");
   }
   unstable_.erase(it);
-  if (pair_plans_.empty() || pair_plans_.back().p + kPageSize != addr ||
-      pair_plans_.back().q + kPageSize != other_addr) {
-    ++scattered_pairs_;
-  }
-  other->state = ItemState::kPending;
   --unshared_;
-  item.state = ItemState::kPending;
-  // The node's hash is the one the other page was found with in this scan.
+  run_node_ = PlanPair(addr, &item, indexed, other, hash, unhashed);
+  NoteRun(addr, hash);
+  SetContinuation(addr, indexed, 0);
+  return true;
+}
+
+void Ksm::SetContinuation(Addr page, Addr a, Addr b) {
+  cont_next_ = page + kPageSize;
+  cont_to_[0] = a != 0 ? a + kPageSize : 0;
+  cont_to_[1] = b != 0 ? b + kPageSize : 0;
+}
+
+const Ksm::DeferredList* Ksm::FindDeferred(std::uint64_t hash) const {
+  if (deferred_.empty()) return nullptr;
+  auto d = deferred_.find(hash);
+  return d != deferred_.end() ? &d->second : nullptr;
+}
+
+bool Ksm::EraseDeferred(std::uint64_t hash, Addr addr, bool* unhashed) {
+  auto d = deferred_.find(hash);
+  if (d == deferred_.end()) return false;
+  DeferredList& list = d->second;
+  for (auto e = list.begin(); e != list.end(); ++e) {
+    if ((*e & ~kDeferredUnhashed) != addr) continue;
+    if (unhashed != nullptr) *unhashed = (*e & kDeferredUnhashed) != 0;
+    list.erase(e);
+    if (list.empty()) deferred_.erase(d);
+    --deferred_pages_;
+    if (last_deferred_ == addr) last_deferred_ = 0;
+    return true;
+  }
+  return false;
+}
+
+void Ksm::Defer(Addr addr, Item& item, std::uint64_t hash, bool unhashed) {
+  item.state = ItemState::kUnstable;
+  item.seq = seq_;
+  ++unshared_;
+  NoteRun(addr, hash);
+  deferred_[hash].push_back(addr | (unhashed ? kDeferredUnhashed : 0));
+  ++deferred_pages_;
+  last_deferred_ = addr;
+  last_deferred_hash_ = hash;
+  cont_next_ = 0;
+}
+
+Ksm::NodeId Ksm::PlanPair(Addr p, Item* p_item, Addr q, Item* q_item,
+                          std::uint64_t hash, bool unhashed) {
+  p_item->state = ItemState::kPending;
+  q_item->state = ItemState::kPending;
+  // The node's hash is the one q was found with in this scan.
   const NodeId fresh = NewNode(hash);
   nodes_[fresh].pending = 2;
-  pair_plans_.push_back({addr, &item, other_addr, other, fresh, unhashed});
+  pair_plans_.push_back({p, p_item, q, q_item, fresh, unhashed});
+  return fresh;
+}
+
+bool Ksm::ReadWaiting(Addr addr, Item* item, std::uint64_t hash) {
+  std::uint64_t now = 0;
+  if (memory_->Hash(addr, &now) && now == hash) return true;
+  // Changed (or unreadable, which its next visit finds): remembered with
+  // its new content, as a visit would have.
+  item->state = ItemState::kVolatile;
+  if (now != 0) item->set_hash(now);
+  return false;
+}
+
+bool Ksm::TakeDeferred(Addr addr, Item& item, std::uint64_t hash, bool unhashed,
+                       Addr waiting) {
+  Item* w = FindItem(waiting);
+  bool waited_unread = false;
+  if (w == nullptr || waiting == addr || w->state != ItemState::kUnstable ||
+      !EraseDeferred(hash, waiting, &waited_unread)) {
+    InvariantFailure("deferred page without its item");
+  }
+  --unshared_;
+  // It becomes the pair's q, whose hash the node takes: read it now.
+  if (waited_unread && !ReadWaiting(waiting, w, hash)) return false;
+  const NodeId fresh = PlanPair(addr, &item, waiting, w, hash, unhashed);
   NoteRun(addr, hash);
   run_node_ = fresh;
+  // The index's page joins their node, as it would have joined the node of
+  // the pair it would have made (the other waiting pages do at the scan's
+  // end, or their own pairs).
+  auto it = unstable_.find(HashKey{hash});
+  if (it != unstable_.end() && nodes_[fresh].load() < knobs_.max_page_sharing) {
+    const Addr other_addr = JoinIndexed(it, fresh);
+    SetContinuation(addr, waiting, other_addr);
+    return true;
+  }
+  SetContinuation(addr, waiting, 0);
   return true;
+}
+
+bool Ksm::UndeferLast(Addr indexed, const DeferredList* waiting) {
+  const Addr p = last_deferred_;
+  const std::uint64_t h = last_deferred_hash_;
+  last_deferred_ = 0;
+  // The candidates of the page before, one page before ours.
+  auto it = unstable_.find(HashKey{h});
+  const Addr prev_indexed = it != unstable_.end() ? *it & ~kFragmentMask : 0;
+  const DeferredList* prev_waiting = FindDeferred(h);
+  auto prev_has = [&](Addr c) {
+    if (c == 0 || c == p) return false;
+    if (c == prev_indexed) return true;
+    if (prev_waiting == nullptr) return false;
+    for (const Addr e : *prev_waiting)
+      if ((e & ~kDeferredUnhashed) == c) return true;
+    return false;
+  };
+  Addr partner = 0;
+  if (indexed != 0 && prev_has(indexed - kPageSize))
+    partner = indexed - kPageSize;
+  if (partner == 0 && waiting != nullptr) {
+    for (const Addr e : *waiting) {
+      const Addr c = (e & ~kDeferredUnhashed) - kPageSize;
+      if (prev_has(c)) {
+        partner = c;
+        break;
+      }
+    }
+  }
+  if (partner == 0) return false;
+  Item* p_item = FindItem(p);
+  Item* q_item = FindItem(partner);
+  bool p_unhashed = false;
+  if (p_item == nullptr || q_item == nullptr ||
+      !EraseDeferred(h, p, &p_unhashed))
+    InvariantFailure("deferred page without its item");
+  if (partner == prev_indexed) {
+    unstable_.erase(it);
+  } else {
+    bool q_unhashed = false;
+    (void)EraseDeferred(h, partner, &q_unhashed);
+    if (q_unhashed && !ReadWaiting(partner, q_item, h)) {
+      // Its partner changed: the page before waits again.
+      --unshared_;
+      Defer(p, *p_item, h, p_unhashed);
+      --unshared_;  // Defer counted it again
+      last_deferred_ = 0;
+      return false;
+    }
+  }
+  unshared_ -= 2;
+  ++scattered_pairs_;  // the run's first pair
+  run_node_ = PlanPair(p, p_item, partner, q_item, h, p_unhashed);
+  SetContinuation(p, partner, 0);
+  if (partner != prev_indexed && prev_indexed != 0 &&
+      nodes_[run_node_].load() < knobs_.max_page_sharing) {
+    // The index's page of that content joins their node, as in
+    // TakeDeferred (other waiting pages find it at the scan's end).
+    (void)JoinIndexed(it, run_node_);
+  }
+  return true;
+}
+
+void Ksm::ResolveDeferred() {
+  last_deferred_ = 0;
+  if (deferred_.empty()) return;
+  std::vector<std::pair<std::uint64_t, DeferredList>> groups(
+      std::make_move_iterator(deferred_.begin()),
+      std::make_move_iterator(deferred_.end()));
+  deferred_.clear();
+  deferred_pages_ = 0;
+  std::sort(groups.begin(), groups.end(), [](const auto& a, const auto& b) {
+    return a.second.front() < b.second.front();
+  });
+  for (const auto& [hash, list] : groups) {
+    NodeId node = kNoNode;
+    for (const Addr entry : list) {
+      const Addr addr = entry & ~kDeferredUnhashed;
+      const bool unhashed = (entry & kDeferredUnhashed) != 0;
+      Item* item = FindItem(addr);
+      if (item == nullptr || item->state != ItemState::kUnstable)
+        InvariantFailure("deferred page without its item");
+      if (node == kNoNode || nodes_[node].load() >= knobs_.max_page_sharing)
+        node = FindStableWithRoom(hash);
+      if (node != kNoNode) {
+        --unshared_;
+        ++nodes_[node].pending;
+        item->state = ItemState::kPending;
+        stable_plans_.push_back({addr, item, node, unhashed});
+        continue;
+      }
+      auto it = unstable_.find(HashKey{hash});
+      if (it != unstable_.end()) {
+        const Addr other_addr = *it & ~kFragmentMask;
+        Item* other = FindItem(other_addr);
+        if (other == nullptr)
+          InvariantFailure("unstable index entry without its item");
+        unstable_.erase(it);
+        unshared_ -= 2;
+        ++scattered_pairs_;
+        node = PlanPair(addr, item, other_addr, other, hash, unhashed);
+        continue;
+      }
+      // Nothing of its content to pair with yet: an entry of the index,
+      // whose pages are read in this scan.
+      if (unhashed && !ReadWaiting(addr, item, hash)) {
+        --unshared_;
+        continue;
+      }
+      unstable_.lazy_emplace(PageKey{addr, hash}, [&](const auto& construct) {
+        construct(MakeEntry(addr, hash));
+      });
+    }
+  }
 }
 
 void Ksm::NoteRun(Addr addr, std::uint64_t hash) {
@@ -1054,6 +1345,16 @@ void Ksm::DropZeroContent() {
 
 void Ksm::ExecutePlans() {
   const bool any = PlanCount() != 0;
+  // Memory takes pages in address order; deferred pairing plans some out
+  // of it (ResolveDeferred, and the partner that joins in TakeDeferred).
+  auto by_p = [](const PairPlan& a, const PairPlan& b) { return a.p < b.p; };
+  auto by_page = [](const StablePlan& a, const StablePlan& b) {
+    return a.page < b.page;
+  };
+  if (!std::is_sorted(pair_plans_.begin(), pair_plans_.end(), by_p))
+    std::sort(pair_plans_.begin(), pair_plans_.end(), by_p);
+  if (!std::is_sorted(stable_plans_.begin(), stable_plans_.end(), by_page))
+    std::sort(stable_plans_.begin(), stable_plans_.end(), by_page);
   StripeRuns();
   // Zero content needs no frame: its pages go back to the zero page, and
   // its nodes only count them, as the kernel's KSM page of zeros would.
@@ -1284,7 +1585,7 @@ void Ksm::CheckInvariants() const {
   for (const StablePlan& p : stable_plans_) planned(p.item, p.node, 1);
   for (const ZeroPlan& p : zero_plans_) planned(p.item, kNoNode, 0);
   std::uint64_t items = 0, zero = 0, unstable = 0, unshared = 0, advised = 0,
-                pending_items = 0;
+                pending_items = 0, deferred = 0;
   std::vector<std::uint32_t> sharers(nodes_.size(), 0);
   Addr prev_end = 0;
   for (const auto& [start, r] : ranges_) {
@@ -1311,6 +1612,12 @@ void Ksm::CheckInvariants() const {
           break;
         case ItemState::kUnstable:
           if (InUnstable(addr, item)) ++unstable;
+          if (item.seq == seq_) {
+            if (const DeferredList* d = FindDeferred(item.hash())) {
+              for (const Addr e : *d)
+                if ((e & ~kDeferredUnhashed) == addr) ++deferred;
+            }
+          }
           ++unshared;
           break;
         case ItemState::kVolatile:
@@ -1328,6 +1635,7 @@ void Ksm::CheckInvariants() const {
   if (zero_pages_ > rmap_items_)
     InvariantFailure("zero pages outside rmap_items");
   if (unstable != unstable_.size()) InvariantFailure("unstable index size");
+  if (deferred != deferred_pages_) InvariantFailure("deferred pages");
   if (unshared != unshared_) InvariantFailure("pages_unshared count");
   for (const UnstableEntry e : unstable_) {
     const Item* item = FindItem(e & ~kFragmentMask);

@@ -20,7 +20,10 @@
 // searched (merging on a hit); a page whose hash changed
 // since the last visit is only remembered; an all-zero page is dropped to the
 // zero page if use_zero_pages; the unstable index is searched (a hit merges
-// the two pages into a new stable node) or the page is inserted.
+// the two pages into a new stable node) or the page is inserted. Unlike the
+// kernel, a hit that would not continue a run of pairs waits for a partner
+// that does until the end of the scan (deferred pairing, see deferred_):
+// the same merges, in runs of frames where copies lie in order.
 //
 // Merges found during a batch are planned and executed together at the end
 // of the batch, so that runs of consecutive pages cost one write-protect and
@@ -41,6 +44,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/container/inlined_vector.h"
 #include "core/knobs.h"
 #include "core/memory.h"
 
@@ -272,6 +276,8 @@ class Ksm {
     bool operator()(HashKey k, UnstableEntry e) const { return (*this)(e, k); }
     bool operator()(PageKey k, UnstableEntry e) const { return (*this)(e, k); }
   };
+  using UnstableSet =
+      absl::flat_hash_set<UnstableEntry, UnstableHash, UnstableEq>;
 
   // Plans collected during a batch, or kept across batches for a run
   // (carried_). Item pointers stay valid while they wait: ranges change only
@@ -340,7 +346,9 @@ class Ksm {
   // more of them one call holds, the more of their pages lie in memory no merge
   // has cut up yet, where one window and one TLB flush serve many of them:
   // scattered pairs took half the merge CPU with plans held to the batch's end
-  // as with flushes every kPlanFlush plans (docs/performance.md). Only where
+  // as with flushes every kPlanFlush plans (docs/performance.md). Pages
+  // waiting in deferred_ count as such pairs: they are planned at the end of
+  // the scan, and the few pairs planned meanwhile wait for them. Only where
   // the backend asks for it (Memory::WantsScatteredPairsTogether).
   bool HoldScattered() const;
   // With plans waiting across batches: drops those touching [start, end)
@@ -378,9 +386,45 @@ class Ksm {
   // Unstable index.
   bool InUnstable(Addr addr, const Item& item) const;
   // Plans a pair of this page and the unstable index's page of this hash,
-  // if there is one.
+  // or a page of it waiting in deferred_, if that continues a run; else
+  // lets this page wait there too (deferred pairing). True if the page was
+  // handled.
   bool PairWithUnstable(Addr addr, Item& item, std::uint64_t hash, bool unhashed);
   void RemoveFromUnstable(Addr addr, Item& item);
+  // The index's page at `it` joins `node` (a stable plan, out of address
+  // order); returns its address.
+  Addr JoinIndexed(UnstableSet::iterator it, NodeId node);
+  // Plans the pair of this page and the index's page at `it`.
+  bool PairWithIndexed(Addr addr, Item& item, std::uint64_t hash, bool unhashed,
+                       UnstableSet::iterator it);
+  // Deferred pairing (deferred_). The pages of a content waiting, if any.
+  using DeferredList = absl::InlinedVector<Addr, 1>;
+  const DeferredList* FindDeferred(std::uint64_t hash) const;
+  // Takes `addr` off its content's list; false if it is not there.
+  bool EraseDeferred(std::uint64_t hash, Addr addr, bool* unhashed);
+  // The waiting page `waiting` of this hash pairs with `addr` (true),
+  // unless it changed (it was waiting unread) or cannot be read, when it
+  // stops waiting (false).
+  bool TakeDeferred(Addr addr, Item& item, std::uint64_t hash, bool unhashed,
+                    Addr waiting);
+  // `addr`, whose partners lie scattered from it, waits in deferred_ (see
+  // PairWithUnstable).
+  void Defer(Addr addr, Item& item, std::uint64_t hash, bool unhashed);
+  // The page deferred just before the one visited pairs with a candidate of
+  // its content one page before a candidate of the visited page's
+  // (`indexed`, `waiting`), after all: a run begins. False if none is.
+  bool UndeferLast(Addr indexed, const DeferredList* waiting);
+  // A waiting page found on the hash of its last visit is read before it
+  // pairs as q; false (and it is remembered with its new hash) if changed.
+  bool ReadWaiting(Addr addr, Item* item, std::uint64_t hash);
+  // End of a full scan: each page still waiting pairs with its partner, or
+  // joins the node its content has by now, as it would have on its visit.
+  void ResolveDeferred();
+  // Plans the pair (p, q) on a new node of this hash; `unhashed` as for
+  // PairPlan (q must have been read in this scan). Deferred pairing plans
+  // some out of address order (ExecutePlans sorts them).
+  NodeId PlanPair(Addr p, Item* p_item, Addr q, Item* q_item,
+                  std::uint64_t hash, bool unhashed);
 
   // Turns an item back into kNew, leaving whatever index it is in.
   void ResetItem(Addr addr, Item& item);
@@ -408,9 +452,38 @@ class Ksm {
   mutable absl::flat_hash_map<std::uint64_t, Chain> dup_chains_;
   // Pages of this full scan waiting for a partner. Every entry's item is
   // kUnstable with this scan's seq and the hash it was inserted with.
-  absl::flat_hash_set<UnstableEntry, UnstableHash, UnstableEq> unstable_{
-      0, UnstableHash{this}, UnstableEq{this}};
+  UnstableSet unstable_{0, UnstableHash{this}, UnstableEq{this}};
   std::size_t unstable_peak_ = 0;  // largest size in the last full scan
+  // Deferred pairing. A page whose partners (the unstable index's page of
+  // its content, pages waiting here) would not continue a run with it
+  // waits here too, in its content's list, instead of pairing with the
+  // first: a later page of its content that pairs with it continues a run
+  // (the same data at a third place, a second guest or buffer holding the
+  // same pages in order; TakeDeferred), or begins one with the page before
+  // (UndeferLast), and the index's page then joins their node. Memory where
+  // a copy lying scattered is scanned first would otherwise pair in one-page
+  // mappings whose frames come from another batch than their neighbours',
+  // cutting the runs the later copies map in (docs/performance.md, the
+  // mixed workload). Pages still waiting at the end of the scan pair or join
+  // then (ResolveDeferred), so the scan merges what the kernel's would. A
+  // waiting page is kUnstable with this scan's seq (pages_unshared, as the
+  // kernel's unstable tree entry it stands for) but not in unstable_. An
+  // address with kDeferredUnhashed set was found on the hash of its last
+  // visit, and is read before it pairs as a pair's q.
+  absl::flat_hash_map<std::uint64_t, DeferredList> deferred_;
+  std::size_t deferred_pages_ = 0;
+  static constexpr Addr kDeferredUnhashed = 1;
+  // The page deferred last, and its content: the next page, pairing one page
+  // further than it with a candidate of that content, begins a run with it
+  // (UndeferLast).
+  Addr last_deferred_ = 0;
+  std::uint64_t last_deferred_hash_ = 0;
+  // The page after the one planned last into a pair's node, and the pages
+  // after that node's other pages: a pair of the two continues a run of
+  // frames on both sides (PairWithUnstable).
+  Addr cont_next_ = 0;
+  Addr cont_to_[2] = {0, 0};
+  void SetContinuation(Addr page, Addr a, Addr b);
 
   std::vector<PairPlan> pair_plans_;
   std::vector<StablePlan> stable_plans_;

@@ -617,6 +617,57 @@ TEST_F(KsmTest, ProgressIsReportedWithinTheBatch) {
   EXPECT_EQ(ended->pages_scanned, 4 * kPairs);
 }
 
+// Deferred pairing: a page whose only partner lies scattered (a copy at a
+// random place, scanned first) waits for a partner in a run, so that two
+// buffers holding the same pages in order pair with each other in runs of
+// frames, and the scattered copies join their nodes. Pairing each page
+// with the first copy found would give the copied pages frames from the
+// batch that found them, the others frames from a later batch: the runs
+// of both buffers cut at every copy.
+TEST_F(KsmTest, ScatteredCopiesDoNotCutTheRunsOfLaterCopies) {
+  constexpr std::size_t kN = 1024;
+  // Pages [0, kN): copies of a random two fifths of the contents, at random
+  // places, the rest unique; [kN, 2 kN) and [2 kN, 3 kN): every content,
+  // in order.
+  std::mt19937 rng(11);
+  std::vector<std::size_t> key(3 * kN);
+  for (std::size_t i = 0; i < kN; ++i) {
+    key[i] = rng() % 5 < 2 ? rng() % kN : 10 * kN + i;
+    key[kN + i] = key[2 * kN + i] = i;
+  }
+  mem_.Map(kBase, 3 * kN);
+  for (std::size_t i = 0; i < 3 * kN; ++i)
+    mem_.WriteBytes(Page(i), KeyBytes(key[i]));
+  ksm_.Advise(kBase, 3 * kN);
+  FullScans(1);
+  // The merging scan a buffer a batch: each batch's merges are done at its
+  // end, as the background scanner's are once they stop waiting.
+  for (int batch = 0; batch < 3; ++batch) {
+    ksm_.ScanBatch(kN);
+    ksm_.CheckInvariants();
+  }
+  FullScans(1);  // the scan's end: pages still waiting pair there
+  std::size_t breaks = 0;
+  for (std::size_t i = kN; i + 1 < 3 * kN; ++i) {
+    if (i + 1 == 2 * kN) continue;
+    ASSERT_TRUE(mem_.MapsFrame(Page(i))) << i;
+    if (mem_.FrameOf(Page(i + 1)) != mem_.FrameOf(Page(i)) + 1) ++breaks;
+  }
+  EXPECT_LE(breaks, 8u) << "the runs are cut where scattered copies are";
+  std::size_t copies = 0;
+  for (std::size_t i = 0; i < kN; ++i) {
+    ASSERT_EQ(mem_.Read(Page(i)), KeyBytes(key[i])) << i;
+    if (key[i] >= kN) continue;
+    ++copies;
+    EXPECT_EQ(mem_.FrameOf(Page(i)), mem_.FrameOf(Page(kN + key[i]))) << i;
+  }
+  for (std::size_t i = kN; i < 3 * kN; ++i)
+    ASSERT_EQ(mem_.Read(Page(i)), KeyBytes(key[i])) << i;
+  // Everything merged, as the kernel's pairing would have.
+  EXPECT_EQ(ksm_.GetCounters().pages_shared, kN);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, kN + copies);
+}
+
 // A page last seen with the hash of a merged content, or of a page waiting
 // in this scan's unstable index, is compared with it without being hashed
 // again: of three copies of a content only the first is read on its second
