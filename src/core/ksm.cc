@@ -831,6 +831,7 @@ bool Ksm::PairWithUnstable(Addr addr, Item& item, std::uint64_t hash, bool unhas
     if (w != 0 && TakeDeferred(addr, item, hash, unhashed, w)) return true;
     waiting = FindDeferred(hash);
     if (memory_->WantsScatteredPairsTogether() &&
+        deferred_pages_ < max_deferred_pages_ &&
         (indexed == 0 ? waiting != nullptr : indexed + kPageSize != addr)) {
       // Scattered (a run of identical pages is not: StripeRuns lays it
       // out): this page waits too, for a later page that pairs with it in

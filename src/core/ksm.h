@@ -124,6 +124,11 @@ class Ksm {
   void FinishPlans();
   // Merges a growing run may keep waiting across batches.
   static constexpr std::size_t kCarryPlans = 8192;
+  // Pages that may wait for a partner in a run at once (deferred pairing,
+  // about 50 bytes each at the end of the scan); past it pages pair as the
+  // kernel's do. Lower for tests.
+  static constexpr std::size_t kMaxDeferredPages = std::size_t{1} << 18;
+  void set_max_deferred_pages(std::size_t n) { max_deferred_pages_ = n; }
 
   // run=2: unmerges every merged page and forgets all rmap items (ranges stay
   // mergeable). False if some page could not be restored.
@@ -472,6 +477,7 @@ class Ksm {
   // visit, and is read before it pairs as a pair's q.
   absl::flat_hash_map<std::uint64_t, DeferredList> deferred_;
   std::size_t deferred_pages_ = 0;
+  std::size_t max_deferred_pages_ = kMaxDeferredPages;
   static constexpr Addr kDeferredUnhashed = 1;
   // The page deferred last, and its content: the next page, pairing one page
   // further than it with a candidate of that content, begins a run with it
