@@ -1158,6 +1158,13 @@ void LinuxMemory::FlushMapped() {
       }
     }
   }
+  if (protection_ == Protection::kUserfaultfd && options_.map_lone_pages) {
+    for (const NewMapping& m : unflushed_) {
+      // Unregistered (its registration failed): EINVAL, and it faults in.
+      if (m.end - m.start == kPageSize)
+        (void)protector_->MapCachePages(m.start, kPageSize);
+    }
+  }
   unflushed_.clear();
   unflushed_pages_ = 0;
 }

@@ -91,6 +91,14 @@ struct LinuxMemoryOptions {
   std::int64_t smaps_expensive_ns = 20'000'000;
   std::int64_t smaps_cost_share = 20;
   std::int64_t smaps_ns_per_mapping = 4'000;
+  // A frame mapped over one page alone (scattered merges: a mapping, a VMA,
+  // of its own) is mapped into the page table at once (UFFDIO_CONTINUE),
+  // which also gives the VMA its anon_vma: its first read then does not
+  // fault and its first write costs what kernel KSM's copy-on-write does,
+  // not about 1 us more (the allocation), for about 2 us of the scanner's
+  // CPU a mapping (docs/performance.md, twentieth session). Runs share one
+  // anon_vma, so their pages are left to fault.
+  bool map_lone_pages = true;
   // Two choices whose cheaper way depends on the machine: how a compare
   // reads a frame likely not read through our view lately
   // (FramesLikelyCold; kMeasured: PreadBeatsColdView, a probe at start),

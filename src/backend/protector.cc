@@ -126,6 +126,13 @@ class UffdProtector final : public Protector {
     return Copy(dst, src, len, UFFDIO_COPY_MODE_DONTWAKE, &err);
   }
 
+  int MapCachePages(Addr start, std::size_t len) override {
+    uffdio_continue c = {};
+    c.range = {start, len};
+    c.mode = UFFDIO_CONTINUE_MODE_DONTWAKE;  // nobody waits on a new mapping
+    return ioctl(fd_, UFFDIO_CONTINUE, &c) == 0 ? 0 : errno;
+  }
+
   bool Unregister(Addr start, std::size_t len) override {
     uffdio_range range = {start, len};
     return ioctl(fd_, UFFDIO_UNREGISTER, &range) == 0;

@@ -93,6 +93,16 @@ class Protector {
     (void)len;
     return 0;
   }
+  // Maps the page cache pages of [start, start + len), a private mapping of
+  // our memfd registered with our descriptor, where no page is mapped yet
+  // (UFFDIO_CONTINUE: read-only, as a read fault would; EEXIST where one
+  // is). The kernel first gives the mapping its anon_vma, which its first
+  // write would otherwise allocate. 0, or an errno.
+  virtual int MapCachePages(Addr start, std::size_t len) {
+    (void)start;
+    (void)len;
+    return EOPNOTSUPP;
+  }
   // Drops our registration of [start, start + len): its pages lose our
   // write-protect bits and any waiter is woken.
   virtual bool Unregister(Addr start, std::size_t len) {
