@@ -90,10 +90,7 @@ class EngineImpl final : public Engine {
  public:
   EngineImpl(const LinuxMemoryOptions& options,
              std::unique_ptr<LinuxMemory> memory)
-      : options_(options),
-        memory_(std::move(memory)),
-        ksm_(std::make_unique<Ksm>(memory_.get(), RealClock())) {
-    ksm_->SetProgressHook([this] { PublishLocked(); });
+      : options_(options), memory_(std::move(memory)), ksm_(NewCore()) {
     RegisterForFork(this);
   }
 
@@ -359,8 +356,7 @@ class EngineImpl final : public Engine {
     // down in the child, and the old core never releases them.
     (void)memory_.release();
     memory_ = std::move(fresh);
-    ksm_ = std::make_unique<Ksm>(memory_.get(), RealClock());
-    ksm_->SetProgressHook([this] { PublishLocked(); });
+    ksm_ = NewCore();
     ksm_->knobs() = knobs;
     for (auto [a, n] : ranges) ksm_->Advise(a, n);
     // The fresh backend excludes what the old one did (its protection may
@@ -450,6 +446,13 @@ class EngineImpl final : public Engine {
     }
     PublishLocked();
     return n;
+  }
+
+  // A core over memory_ that publishes as its batches go on.
+  std::unique_ptr<Ksm> NewCore() {
+    auto core = std::make_unique<Ksm>(memory_.get(), RealClock());
+    core->SetProgressHook([this] { PublishLocked(); });
+    return core;
   }
 
   // With mu_ held: what ReadKnob shows until the next publish (after each

@@ -798,7 +798,7 @@ bool Ksm::PairWithUnstable(Addr addr, Item& item, std::uint64_t hash, bool unhas
   auto continuing_waiter = [&]() -> Addr {
     if (waiting == nullptr || addr != cont_next_) return 0;
     for (const Addr e : *waiting) {
-      const Addr w = e & ~kDeferredUnhashed;
+      const Addr w = WaitingPage(e);
       if (w == cont_to_[0] || w == cont_to_[1]) return w;
     }
     return 0;
@@ -806,11 +806,7 @@ bool Ksm::PairWithUnstable(Addr addr, Item& item, std::uint64_t hash, bool unhas
   if (run_end_ == addr && run_hash_ == hash) {
     // A run of identical pages goes on (StripeRuns lays it out): the page
     // before, if it waits, pairs with this one; else as any pair.
-    if (waiting != nullptr &&
-        std::find_if(waiting->begin(), waiting->end(),
-                     [&](Addr e) {
-                       return (e & ~kDeferredUnhashed) + kPageSize == addr;
-                     }) != waiting->end() &&
+    if (ListHolds(waiting, addr - kPageSize) &&
         TakeDeferred(addr, item, hash, unhashed, addr - kPageSize)) {
       return true;
     }
@@ -851,11 +847,8 @@ Addr Ksm::JoinIndexed(UnstableSet::iterator it, NodeId node) {
   if (item == nullptr)
     InvariantFailure("unstable index entry without its item");
   unstable_.erase(it);
-  --unshared_;
-  ++nodes_[node].pending;
-  item->state = ItemState::kPending;
   // Read in this scan (it went into the index with this hash).
-  stable_plans_.push_back({addr, item, node, /*unhashed=*/false});
+  PlanUnstableJoin(addr, item, node, /*unhashed=*/false);
   return addr;
 }
 
@@ -880,6 +873,24 @@ void Ksm::SetContinuation(Addr page, Addr a, Addr b) {
   cont_to_[1] = b != 0 ? b + kPageSize : 0;
 }
 
+bool Ksm::ListHolds(const DeferredList* list, Addr page) {
+  return list != nullptr &&
+         std::any_of(list->begin(), list->end(),
+                     [&](Addr e) { return WaitingPage(e) == page; });
+}
+
+void Ksm::AddDeferred(std::uint64_t hash, Addr addr, bool unhashed) {
+  deferred_[hash].push_back(addr | (unhashed ? kDeferredUnhashed : 0));
+  ++deferred_pages_;
+}
+
+void Ksm::PlanUnstableJoin(Addr addr, Item* item, NodeId node, bool unhashed) {
+  --unshared_;
+  ++nodes_[node].pending;
+  item->state = ItemState::kPending;
+  stable_plans_.push_back({addr, item, node, unhashed});
+}
+
 const Ksm::DeferredList* Ksm::FindDeferred(std::uint64_t hash) const {
   if (deferred_.empty()) return nullptr;
   auto d = deferred_.find(hash);
@@ -891,8 +902,8 @@ bool Ksm::EraseDeferred(std::uint64_t hash, Addr addr, bool* unhashed) {
   if (d == deferred_.end()) return false;
   DeferredList& list = d->second;
   for (auto e = list.begin(); e != list.end(); ++e) {
-    if ((*e & ~kDeferredUnhashed) != addr) continue;
-    if (unhashed != nullptr) *unhashed = (*e & kDeferredUnhashed) != 0;
+    if (WaitingPage(*e) != addr) continue;
+    if (unhashed != nullptr) *unhashed = WaitsUnread(*e);
     list.erase(e);
     if (list.empty()) deferred_.erase(d);
     --deferred_pages_;
@@ -907,8 +918,7 @@ void Ksm::Defer(Addr addr, Item& item, std::uint64_t hash, bool unhashed) {
   item.seq = seq_;
   ++unshared_;
   NoteRun(addr, hash);
-  deferred_[hash].push_back(addr | (unhashed ? kDeferredUnhashed : 0));
-  ++deferred_pages_;
+  AddDeferred(hash, addr, unhashed);
   last_deferred_ = addr;
   last_deferred_hash_ = hash;
   cont_next_ = 0;
@@ -971,19 +981,15 @@ bool Ksm::UndeferLast(Addr indexed, const DeferredList* waiting) {
   const Addr prev_indexed = it != unstable_.end() ? *it & ~kFragmentMask : 0;
   const DeferredList* prev_waiting = FindDeferred(h);
   auto prev_has = [&](Addr c) {
-    if (c == 0 || c == p) return false;
-    if (c == prev_indexed) return true;
-    if (prev_waiting == nullptr) return false;
-    for (const Addr e : *prev_waiting)
-      if ((e & ~kDeferredUnhashed) == c) return true;
-    return false;
+    return c != 0 && c != p &&
+           (c == prev_indexed || ListHolds(prev_waiting, c));
   };
   Addr partner = 0;
   if (indexed != 0 && prev_has(indexed - kPageSize))
     partner = indexed - kPageSize;
   if (partner == 0 && waiting != nullptr) {
     for (const Addr e : *waiting) {
-      const Addr c = (e & ~kDeferredUnhashed) - kPageSize;
+      const Addr c = WaitingPage(e) - kPageSize;
       if (prev_has(c)) {
         partner = c;
         break;
@@ -1003,11 +1009,10 @@ bool Ksm::UndeferLast(Addr indexed, const DeferredList* waiting) {
     bool q_unhashed = false;
     (void)EraseDeferred(h, partner, &q_unhashed);
     if (q_unhashed && !ReadWaiting(partner, q_item, h)) {
-      // Its partner changed: the page before waits again.
+      // Its partner changed (and leaves the unstable state): the page
+      // before waits again.
       --unshared_;
-      Defer(p, *p_item, h, p_unhashed);
-      --unshared_;  // Defer counted it again
-      last_deferred_ = 0;
+      AddDeferred(h, p, p_unhashed);
       return false;
     }
   }
@@ -1038,18 +1043,15 @@ void Ksm::ResolveDeferred() {
   for (const auto& [hash, list] : groups) {
     NodeId node = kNoNode;
     for (const Addr entry : list) {
-      const Addr addr = entry & ~kDeferredUnhashed;
-      const bool unhashed = (entry & kDeferredUnhashed) != 0;
+      const Addr addr = WaitingPage(entry);
+      const bool unhashed = WaitsUnread(entry);
       Item* item = FindItem(addr);
       if (item == nullptr || item->state != ItemState::kUnstable)
         InvariantFailure("deferred page without its item");
       if (node == kNoNode || nodes_[node].load() >= knobs_.max_page_sharing)
         node = FindStableWithRoom(hash);
       if (node != kNoNode) {
-        --unshared_;
-        ++nodes_[node].pending;
-        item->state = ItemState::kPending;
-        stable_plans_.push_back({addr, item, node, unhashed});
+        PlanUnstableJoin(addr, item, node, unhashed);
         continue;
       }
       auto it = unstable_.find(HashKey{hash});
@@ -1613,12 +1615,8 @@ void Ksm::CheckInvariants() const {
           break;
         case ItemState::kUnstable:
           if (InUnstable(addr, item)) ++unstable;
-          if (item.seq == seq_) {
-            if (const DeferredList* d = FindDeferred(item.hash())) {
-              for (const Addr e : *d)
-                if ((e & ~kDeferredUnhashed) == addr) ++deferred;
-            }
-          }
+          if (item.seq == seq_ && ListHolds(FindDeferred(item.hash()), addr))
+            ++deferred;
           ++unshared;
           break;
         case ItemState::kVolatile:

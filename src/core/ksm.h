@@ -405,6 +405,17 @@ class Ksm {
   // Deferred pairing (deferred_). The pages of a content waiting, if any.
   using DeferredList = absl::InlinedVector<Addr, 1>;
   const DeferredList* FindDeferred(std::uint64_t hash) const;
+  // A list entry's page, and whether it waits unread (kDeferredUnhashed).
+  static Addr WaitingPage(Addr entry) { return entry & ~kDeferredUnhashed; }
+  static bool WaitsUnread(Addr entry) {
+    return (entry & kDeferredUnhashed) != 0;
+  }
+  static bool ListHolds(const DeferredList* list, Addr page);
+  // Puts `addr`, kUnstable already and counted, on its content's list.
+  void AddDeferred(std::uint64_t hash, Addr addr, bool unhashed);
+  // A stable plan made out of address order (ExecutePlans sorts them):
+  // `item` leaves the unstable state for `node`.
+  void PlanUnstableJoin(Addr addr, Item* item, NodeId node, bool unhashed);
   // Takes `addr` off its content's list; false if it is not there.
   bool EraseDeferred(std::uint64_t hash, Addr addr, bool* unhashed);
   // The waiting page `waiting` of this hash pairs with `addr` (true),
