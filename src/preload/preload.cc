@@ -306,7 +306,12 @@ ssize_t Pread(int fd, void* buf, size_t n, off_t off, const void* caller) {
 // (kernel KSM's /proc/<pid>/ksm_stat is the kernel's). Taken out of the
 // environment, so only this process writes the file.
 char g_stat_path[4096];
-// Written by the stat thread and at exit.
+// Written by the stat thread and at exit, under g_stat_lock. Once the
+// exit's write is done (g_stat_final), the thread writes no more: a write
+// it began before the exit's flush of stdio streams would otherwise
+// rename older figures over the final ones.
+pthread_mutex_t g_stat_lock = PTHREAD_MUTEX_INITIALIZER;
+bool g_stat_final = false;
 unsigned long g_stat_peak = 0;
 unsigned long g_stat_peak_sharing = 0;
 
@@ -315,11 +320,18 @@ unsigned long FieldOf(const char* text, const char* field) {
   return p != nullptr ? strtoul(p + strlen(field), nullptr, 10) : 0;
 }
 
-void WriteStatFile() {
+// Returns false once the final write was made.
+bool WriteStatFile(bool final) {
   Inside inside;
+  pthread_mutex_lock(&g_stat_lock);
+  struct Unlock {
+    ~Unlock() { pthread_mutex_unlock(&g_stat_lock); }
+  } unlock;
+  if (g_stat_final) return false;
+  g_stat_final = final;
   char text[2048];
   ssize_t n = samepage_ksm_stat(text, sizeof(text) - 1);
-  if (n < 0) return;
+  if (n < 0) return true;
   text[n] = '\0';
   const unsigned long merging = FieldOf(text, "ksm_merging_pages ");
   if (merging > g_stat_peak) g_stat_peak = merging;
@@ -343,10 +355,11 @@ void WriteStatFile() {
   snprintf(tmp, sizeof(tmp), "%s.tmp", g_stat_path);
   const int fd = RealOpenat(AT_FDCWD, tmp, O_WRONLY | O_CREAT | O_TRUNC |
                                                O_CLOEXEC, 0644);
-  if (fd < 0) return;
+  if (fd < 0) return true;
   const bool ok = RealWrite(fd, text, len) == static_cast<ssize_t>(len);
   RealClose(fd);
   if (ok) rename(tmp, g_stat_path);
+  return true;
 }
 
 void StartStatWriter() {
@@ -364,10 +377,7 @@ void StartStatWriter() {
           [](void*) -> void* {
             ++t_inside;  // everything this thread does bypasses
             pthread_setname_np(pthread_self(), "samepage-stat");
-            for (;;) {
-              WriteStatFile();
-              usleep(500 * 1000);
-            }
+            while (WriteStatFile(/*final=*/false)) usleep(500 * 1000);
             return nullptr;
           },
           nullptr) != 0) {
@@ -376,7 +386,9 @@ void StartStatWriter() {
   pthread_attr_destroy(&attr);
   static pid_t s_owner = owner;
   atexit([] {
-    if (getpid() == s_owner) WriteStatFile();  // not in a forked child
+    // Not in a forked child (whose lock may be held by a thread that was
+    // not copied).
+    if (getpid() == s_owner) (void)WriteStatFile(/*final=*/true);
   });
 }
 
