@@ -56,7 +56,7 @@ int main(void) {
 
   unsigned long reads = 0, lost = 0, merged_seen = 0, samples = 0;
   const double end = now_seconds() + 3;
-  for (unsigned round = 0; now_seconds() < end; ++round) {
+  for (unsigned round = 0; reads_go_on(end, merged_seen); ++round) {
     struct iocb cbs[IN_FLIGHT];
     struct iocb* list[IN_FLIGHT];
     struct iovec iov[IN_FLIGHT][2];

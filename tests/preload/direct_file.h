@@ -94,6 +94,15 @@ UNUSED static void reset_pages(uint8_t* buf, unsigned n, unsigned round,
   nanosleep(&ts, NULL);
 }
 
+/* Whether reads into memory that keeps merging go on: until `end`, and
+ * past it (at most 20 s more) while no buffer page was seen merged. On a
+ * loaded machine ksmd (nice 5) or samepage's scanner may not come by in
+ * the first seconds, and a run without a merge proves nothing. */
+UNUSED static int reads_go_on(double end, unsigned long merged_seen) {
+  const double now = now_seconds();
+  return now < end || (merged_seen == 0 && now < end + 20);
+}
+
 /* The exit status of a test whose buffer pages kept merging between the
  * reads: 0 if no read lost its bytes and some buffer page was seen merged
  * (else the run proved nothing). */

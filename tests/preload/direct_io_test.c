@@ -54,7 +54,7 @@ static struct phase_result run_phase(uint8_t* buf, int mode, double seconds) {
   struct phase_result r = {0, 0, 0, 0};
   const uint8_t fill = mode == 1 ? 0 : 'z';
   const double end = now_seconds() + seconds;
-  for (unsigned i = 0; now_seconds() < end; ++i) {
+  for (unsigned i = 0; reads_go_on(end, r.merged_seen); ++i) {
     uint8_t* p = buf + (size_t)(i % N) * PAGE;
     const unsigned key = (i * 7 + (unsigned)mode) % N;
     memset(p, fill, PAGE);

@@ -147,12 +147,14 @@ int main(int argc, char** argv) {
    * (8 such pages at round 64 in a debug build; on a loaded machine ksmd
    * may not come by for a while): sampled only from the second cycle of
    * resets on and once two full scans have ended since the setup. The
-   * run goes on past its 3 s (bounded) until there are samples. */
+   * run goes on past its 3 s (bounded) until there are samples, or, where
+   * pages keep merging, until one was seen merged. */
   const unsigned long scans_from = read_ulong(KSM_DIR "full_scans") + 2;
   int scanned = 0;
   const double end = now_seconds() + 3, hard_end = end + 30;
-  for (unsigned round = 0; now_seconds() < end || (suspended && samples < 16 &&
-                                                   now_seconds() < hard_end);
+  for (unsigned round = 0;
+       reads_go_on(end, suspended ? 1 : merged_seen) ||
+       (suspended && samples < 16 && now_seconds() < hard_end);
        ++round) {
     unsigned keys[IN_FLIGHT];
     uint8_t* pages[IN_FLIGHT];

@@ -32,7 +32,7 @@ int main(void) {
   uint8_t* buf = merging_buffer(N + RESERVE, N / 2);
   unsigned long reads = 0, lost = 0, efault = 0, merged_seen = 0, samples = 0;
   const double end = now_seconds() + 3;
-  for (unsigned round = 0; now_seconds() < end; ++round) {
+  for (unsigned round = 0; reads_go_on(end, merged_seen); ++round) {
     unsigned keys[IN_FLIGHT];
     uint8_t* pages[IN_FLIGHT];
     reset_pages(buf, N, round, IN_FLIGHT, pages, keys);
