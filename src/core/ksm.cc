@@ -3,6 +3,8 @@
 #include <time.h>
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <cstdio>
 #include <cstdlib>
 
@@ -110,6 +112,9 @@ std::vector<std::pair<Addr, std::size_t>> Ksm::AdvisedRanges() const {
 }
 
 void Ksm::Advise(Addr start, std::size_t npages) {
+  // ZeroedArray's items start as all-zero bytes: that must be Item{}.
+  static_assert(std::bit_cast<std::array<unsigned char, sizeof(Item)>>(
+                    Item{}) == std::array<unsigned char, sizeof(Item)>{});
   const Addr end = start + npages * kPageSize;
   Addr cur = start;
   auto it = ranges_.upper_bound(start);
@@ -117,7 +122,7 @@ void Ksm::Advise(Addr start, std::size_t npages) {
   auto add = [&](Addr from, Addr to) {
     Range r;
     r.start = from;
-    r.items.resize((to - from) >> kPageShift);
+    r.items = ZeroedArray<Item>((to - from) >> kPageShift);
     advised_pages_ += r.items.size();
     ranges_.emplace(from, std::move(r));
   };
@@ -1712,9 +1717,8 @@ void Ksm::SplitRangeAt(std::map<Addr, Range>& ranges, Addr addr) {
   const std::size_t keep = (addr - r.start) >> kPageShift;
   Range tail;
   tail.start = addr;
-  tail.items.assign(r.items.begin() + keep, r.items.end());
-  r.items.resize(keep);
-  r.items.shrink_to_fit();
+  tail.items = r.items.Tail(keep);
+  r.items.Truncate(keep);
   ranges.emplace(addr, std::move(tail));
 }
 

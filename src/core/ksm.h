@@ -47,6 +47,7 @@
 #include "absl/container/inlined_vector.h"
 #include "core/knobs.h"
 #include "core/memory.h"
+#include "core/zeroed_array.h"
 
 namespace samepage {
 
@@ -190,9 +191,11 @@ class Ksm {
   };
   static_assert(sizeof(Item) == kItemBytes);
 
+  // A page never visited keeps an all-zero item (checked in Advise):
+  // ZeroedArray leaves those untouched, so they take no memory.
   struct Range {
     Addr start = 0;
-    std::vector<Item> items;  // one per page
+    ZeroedArray<Item> items;  // one per page
     Addr end() const { return start + items.size() * kPageSize; }
   };
 

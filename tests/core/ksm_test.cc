@@ -15,6 +15,7 @@
 
 #include "core/fake_memory.h"
 #include "core/hash.h"
+#include "core/resident_memory.h"
 
 namespace samepage {
 namespace {
@@ -617,6 +618,27 @@ TEST_F(KsmTest, ProgressIsReportedWithinTheBatch) {
   ASSERT_NE(ended, seen.end());
   EXPECT_EQ(ended->pages_sharing, kPairs);
   EXPECT_EQ(ended->pages_scanned, 4 * kPairs);
+}
+
+// A large reservation advised mergeable (a runtime's heap under merge-any,
+// a virtual machine's memory) takes no memory for its pages until they are
+// visited, as the kernel's rmap items are made only for the pages ksmd
+// finds: 64 GiB advised and split by an unadvise in the middle take less
+// than 8 MiB here, where an item written for every page took 192 MiB.
+TEST_F(KsmTest, AHugeAdvisedRangeTakesNoMemoryForItsUnvisitedPages) {
+  constexpr std::size_t kPages = std::size_t{16} << 20;  // 64 GiB
+  const long before = ResidentKiB();
+  ASSERT_GT(before, 0);
+  ksm_.Advise(kBase, kPages);
+  ASSERT_TRUE(ksm_.Unadvise(Page(kPages / 4), kPages / 2));
+  const long grown = ResidentKiB() - before;
+  EXPECT_LT(grown, 8 * 1024) << "KiB resident for 64 GiB advised";
+  const auto ranges = ksm_.AdvisedRanges();
+  ASSERT_EQ(ranges.size(), 2u);
+  EXPECT_EQ(ranges[0], std::make_pair(kBase, kPages / 4));
+  EXPECT_EQ(ranges[1], std::make_pair(Page(3 * kPages / 4), kPages / 4));
+  EXPECT_EQ(ksm_.GetCounters().rmap_items, 0u);
+  ksm_.CheckInvariants();
 }
 
 // Deferred pairing: a page whose only partner lies scattered (a copy at a

@@ -1,0 +1,71 @@
+// ZeroedArray: zero-initialised elements, sparse copies of a tail, and
+// memory taken only by the elements written.
+
+#include "core/zeroed_array.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+
+#include "core/resident_memory.h"
+
+namespace samepage {
+namespace {
+
+struct Elem {
+  std::uint32_t a = 0;
+  std::uint32_t b = 0;
+};
+
+TEST(ZeroedArray, ElementsStartAsTheirDefault) {
+  ZeroedArray<Elem> v(1000);
+  ASSERT_EQ(v.size(), 1000u);
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    EXPECT_EQ(v[i].a, 0u);
+    EXPECT_EQ(v[i].b, 0u);
+  }
+}
+
+TEST(ZeroedArray, TailAndTruncateKeepTheirHalves) {
+  ZeroedArray<Elem> v(100);
+  for (std::size_t i = 0; i < 100; i += 3) v[i] = {std::uint32_t(i + 1), 7};
+  const ZeroedArray<Elem> tail = v.Tail(40);
+  v.Truncate(40);
+  ASSERT_EQ(v.size(), 40u);
+  ASSERT_EQ(tail.size(), 60u);
+  for (std::size_t i = 0; i < 100; ++i) {
+    const Elem& e = i < 40 ? v[i] : tail[i - 40];
+    const bool written = i % 3 == 0;
+    EXPECT_EQ(e.a, written ? i + 1 : 0u) << i;
+    EXPECT_EQ(e.b, written ? 7u : 0u) << i;
+  }
+  ZeroedArray<Elem> moved = std::move(v);
+  EXPECT_EQ(moved.size(), 40u);
+  EXPECT_EQ(moved[39].a, 40u);
+  EXPECT_EQ(v.size(),
+            0u);  // NOLINT(bugprone-use-after-move): moved-from is empty
+  moved.Truncate(0);
+  EXPECT_EQ(moved.size(), 0u);
+  EXPECT_EQ(v.Tail(0).size(), 0u);
+}
+
+// 32 Mi elements of 8 bytes (256 MiB) with one in every 65,536 written:
+// what is resident is the pages written, for the array and for its tail.
+TEST(ZeroedArray, OnlyTheElementsWrittenTakeMemory) {
+  constexpr std::size_t kCount = std::size_t{32} << 20;
+  const long before = ResidentKiB();
+  ASSERT_GT(before, 0);
+  ZeroedArray<Elem> v(kCount);
+  for (std::size_t i = 0; i < kCount; i += 65536) v[i] = {1, 2};
+  const ZeroedArray<Elem> tail = v.Tail(kCount / 2);
+  v.Truncate(kCount / 2);
+  const long grown = ResidentKiB() - before;
+  EXPECT_LT(grown, 16 * 1024) << "KiB resident after 256 MiB of elements";
+  EXPECT_EQ(tail[0].a, 1u);
+  EXPECT_EQ(tail[65536].b, 2u);
+  EXPECT_EQ(tail[1].a, 0u);
+  EXPECT_EQ(v[kCount / 2 - 65536].a, 1u);
+}
+
+}  // namespace
+}  // namespace samepage
