@@ -366,6 +366,9 @@ class Ksm {
   void ForgetRange(Addr start, std::size_t npages);
   // Frees the per-batch scratch.
   void ReleaseScratch();
+  // Whether the chunk of n pages from item idx of r, just probed into
+  // states_, has nothing a visit would change.
+  bool NothingToVisit(const Range& r, std::size_t idx, std::size_t n) const;
   // stable_node_chains and stable_node_dups without the nodes that only
   // waiting plans have made.
   void UncountWaitingNodes(Counters* c) const;

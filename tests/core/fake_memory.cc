@@ -25,6 +25,14 @@ void FakeMemory::Unmap(Addr addr, std::size_t npages) {
   }
 }
 
+void FakeMemory::Discard(Addr addr, std::size_t npages) {
+  for (std::size_t i = 0; i < npages; ++i) {
+    auto it = pages_.find(addr + i * kPageSize);
+    if (it != pages_.end() && it->second.kind == Page::kAnon)
+      it->second = Page{};
+  }
+}
+
 void FakeMemory::WriteBytes(Addr addr, const PageBytes& bytes) {
   Page& p = pages_.at(addr);
   if (p.kind == Page::kFrame) Unref(p.frame);

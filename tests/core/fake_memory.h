@@ -26,6 +26,10 @@ class FakeMemory : public Memory {
   // --- what an application does ---
   void Map(Addr addr, std::size_t npages);
   void Unmap(Addr addr, std::size_t npages);
+  // madvise(MADV_DONTNEED) on anonymous pages: they read zeros, with no
+  // page of their own. Pages mapping a frame keep it (a private file
+  // mapping reads the file again).
+  void Discard(Addr addr, std::size_t npages);
   // Writes a page filled with `fill` (copy-on-write if it maps a frame).
   void Write(Addr addr, std::uint8_t fill);
   void WriteBytes(Addr addr, const PageBytes& bytes);

@@ -641,6 +641,33 @@ TEST_F(KsmTest, AHugeAdvisedRangeTakesNoMemoryForItsUnvisitedPages) {
   ksm_.CheckInvariants();
 }
 
+// Pages whose memory was discarded since their last visit are forgotten
+// at the next one, as the kernel drops the rmap items of pages it no
+// longer finds, even where whole chunks have nothing in them any more
+// (those go by without a visit of each page only while no item there
+// holds anything). The merged half keeps its frames.
+TEST_F(KsmTest, DiscardedPagesAreForgottenAtTheirNextVisit) {
+  constexpr std::size_t kPages = 2048;  // four chunks of a page table
+  mem_.Map(kBase, kPages);
+  for (std::size_t i = 0; i < kPages; ++i) {
+    mem_.WriteBytes(Page(i), KeyBytes(i < kPages / 2 ? 0 : i));  // half unique
+  }
+  ksm_.Advise(kBase, kPages);
+  FullScans(2);
+  const Counters merged = ksm_.GetCounters();
+  ASSERT_EQ(merged.pages_sharing + merged.pages_shared, kPages / 2);
+  ASSERT_EQ(merged.rmap_items, kPages);
+  mem_.Discard(Page(kPages / 2), kPages / 2);
+  FullScans(1);
+  const Counters after = ksm_.GetCounters();
+  EXPECT_EQ(after.rmap_items, kPages / 2);
+  EXPECT_EQ(after.pages_unshared, 0u);
+  EXPECT_EQ(after.pages_volatile, 0u);
+  EXPECT_EQ(after.pages_sharing, merged.pages_sharing);
+  for (std::size_t i = 0; i < kPages / 2; ++i)
+    ASSERT_TRUE(mem_.MapsFrame(Page(i))) << i;
+}
+
 // Deferred pairing: a page whose only partner lies scattered (a copy at a
 // random place, scanned first) waits for a partner in a run, so that two
 // buffers holding the same pages in order pair with each other in runs of
@@ -1060,7 +1087,7 @@ TEST_P(KsmRandomTest, MatchesModel) {
         model.erase(Page(i + k));
         advised.erase(Page(i + k));  // forgotten when the scanner sees it
       }
-    } else if (op < 95) {
+    } else if (op < 94) {
       const std::size_t m = std::min(n, kPages - i);
       // Remap what was unmapped, fresh and untouched.
       for (std::size_t k = 0; k < m; ++k) {
@@ -1070,6 +1097,15 @@ TEST_P(KsmRandomTest, MatchesModel) {
           ksm.Forget(Page(i + k), 1);  // a new mapping is not mergeable
           advised.erase(Page(i + k));
         }
+      }
+    } else if (op < 95) {
+      // MADV_DONTNEED behind samepage's back: anonymous pages read zeros,
+      // merged ones their frame.
+      const std::size_t m = std::min(n, kPages - i);
+      mem.Discard(Page(i), m);
+      for (std::size_t k = 0; k < m; ++k) {
+        if (model.count(Page(i + k)) && !mem.MapsFrame(Page(i + k)))
+          model[Page(i + k)] = 0;
       }
     } else if (op < 97) {
       ASSERT_TRUE(ksm.UnmergeAll());
