@@ -147,9 +147,10 @@ void Ksm::ForgetRange(Addr start, std::size_t npages) {
   auto it = ranges_.lower_bound(start);
   while (it != ranges_.end() && it->first < end) {
     Range& r = it->second;
-    for (std::size_t i = 0; i < r.items.size(); ++i) {
-      ResetItem(r.start + i * kPageSize, r.items[i]);
-    }
+    // Items never written (kNew, all zero) have nothing to reset.
+    r.items.ForEachNonZero([&](std::size_t i, Item& item) {
+      ResetItem(r.start + i * kPageSize, item);
+    });
     advised_pages_ -= r.items.size();
     it = ranges_.erase(it);
   }
@@ -188,8 +189,7 @@ bool Ksm::UnmergeAll() {
   for (auto& [start, r] : ranges_) {
     const bool restored = memory_->Unmerge(start, r.items.size());
     ok &= restored;
-    for (std::size_t i = 0; i < r.items.size(); ++i) {
-      Item& item = r.items[i];
+    r.items.ForEachNonZero([&](std::size_t i, Item& item) {
       // Where the range could not be given back (ENOMEM) its merged pages
       // still map their frames: they stay merged (run=2 then fails, as in
       // the kernel), and only the unstable index is left behind.
@@ -198,7 +198,7 @@ bool Ksm::UnmergeAll() {
       } else {
         RemoveFromUnstable(start + i * kPageSize, item);
       }
-    }
+    });
   }
   unstable_.clear();
   deferred_.clear();
@@ -536,8 +536,7 @@ bool Ksm::NothingToVisit(const Range& r, std::size_t idx, std::size_t n) const {
                   [](PageState s) { return s != PageState::kAbsent; })) {
     return false;
   }
-  static constexpr unsigned char kZeros[kProbeChunk * sizeof(Item)] = {};
-  return std::memcmp(&r.items[idx], kZeros, n * sizeof(Item)) == 0;
+  return ZeroedArray<Item>::AllZero(&r.items[idx], n);
 }
 
 void Ksm::ReleaseScratch() {
@@ -1613,12 +1612,14 @@ void Ksm::CheckInvariants() const {
     if (start != r.start || start < prev_end) InvariantFailure("ranges overlap");
     prev_end = r.end();
     advised += r.items.size();
-    for (std::size_t i = 0; i < r.items.size(); ++i) {
-      const Item& item = r.items[i];
+    // An item that is all zero bytes is kNew; a kNew item that is not all
+    // zero would be one that scans pass over without a visit, wrongly
+    // (NothingToVisit).
+    r.items.ForEachNonZero([&, start = start](std::size_t i, const Item& item) {
       const Addr addr = start + i * kPageSize;
       switch (item.state) {
         case ItemState::kNew:
-          continue;
+          InvariantFailure("a new item that is not all zero");
         case ItemState::kPending:
           ++pending_items;
           break;
@@ -1641,7 +1642,7 @@ void Ksm::CheckInvariants() const {
           break;
       }
       ++items;
-    }
+    });
   }
   if (pending_items != planned_items) {
     InvariantFailure("pending items without a plan");

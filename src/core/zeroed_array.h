@@ -13,6 +13,7 @@
 #ifndef SAMEPAGE_CORE_ZEROED_ARRAY_H_
 #define SAMEPAGE_CORE_ZEROED_ARRAY_H_
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
@@ -53,15 +54,43 @@ class ZeroedArray {
   T& operator[](std::size_t i) { return data_[i]; }
   const T& operator[](std::size_t i) const { return data_[i]; }
 
-  // A new array holding elements [from, size()) of this one. Only the
-  // elements that are not all zero are written, so the copy of a sparse
+  // A new array holding elements [from, size()) of this one. Only groups
+  // of elements that are not all zero are written, so the copy of a sparse
   // tail stays sparse.
   ZeroedArray Tail(std::size_t from) const {
     ZeroedArray out(from < size_ ? size_ - from : 0);
-    for (std::size_t i = 0; i < out.size_; ++i) {
-      if (!IsZero(data_[from + i])) out.data_[i] = data_[from + i];
+    for (std::size_t i = 0; i < out.size_; i += kGroup) {
+      const std::size_t n = std::min(kGroup, out.size_ - i);
+      if (!AllZero(data_ + from + i, n)) {
+        std::memcpy(static_cast<void*>(out.data_ + i), data_ + from + i,
+                    n * sizeof(T));
+      }
     }
     return out;
+  }
+
+  // Calls f(index, element) for every element that is not all zero bytes,
+  // in order, passing over groups of zeros a memcmp at a time.
+  template <typename F>
+  void ForEachNonZero(F&& f) {
+    VisitNonZero(data_, size_, f);
+  }
+  template <typename F>
+  void ForEachNonZero(F&& f) const {
+    VisitNonZero(static_cast<const T*>(data_), size_, f);
+  }
+
+  // Whether count elements from first are all zero bytes.
+  static bool AllZero(const T* first, std::size_t count) {
+    static constexpr unsigned char kZeros[4096] = {};
+    const auto* b = reinterpret_cast<const unsigned char*>(first);
+    for (std::size_t left = count * sizeof(T); left > 0;) {
+      const std::size_t k = std::min(left, sizeof(kZeros));
+      if (std::memcmp(b, kZeros, k) != 0) return false;
+      b += k;
+      left -= k;
+    }
+    return true;
   }
 
   // Keeps the first `keep` elements (keep <= size()).
@@ -83,12 +112,18 @@ class ZeroedArray {
     if (p == nullptr) throw std::bad_alloc();
     return static_cast<T*>(p);
   }
-  static bool IsZero(const T& v) {
-    const auto* b = reinterpret_cast<const unsigned char*>(&v);
-    for (std::size_t k = 0; k < sizeof(T); ++k) {
-      if (b[k] != 0) return false;
+
+  static constexpr std::size_t kGroup = 1024;  // elements tested at once
+
+  template <typename P, typename F>
+  static void VisitNonZero(P data, std::size_t size, F& f) {
+    for (std::size_t g = 0; g < size; g += kGroup) {
+      const std::size_t end = std::min(size, g + kGroup);
+      if (AllZero(data + g, end - g)) continue;
+      for (std::size_t i = g; i < end; ++i) {
+        if (!AllZero(data + i, 1)) f(i, data[i]);
+      }
     }
-    return true;
   }
 
   T* data_ = nullptr;

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "core/resident_memory.h"
 
@@ -47,6 +48,21 @@ TEST(ZeroedArray, TailAndTruncateKeepTheirHalves) {
   moved.Truncate(0);
   EXPECT_EQ(moved.size(), 0u);
   EXPECT_EQ(v.Tail(0).size(), 0u);
+}
+
+TEST(ZeroedArray, ForEachNonZeroVisitsWhatWasWrittenInOrder) {
+  ZeroedArray<Elem> v(5000);
+  const std::size_t written[] = {0, 1023, 1024, 2500, 4999};
+  for (std::size_t i : written) v[i] = {std::uint32_t(i), 0};
+  v[1024].a = 0;  // written back to zero: not visited
+  std::vector<std::size_t> seen;
+  v.ForEachNonZero([&](std::size_t i, Elem& e) {
+    EXPECT_EQ(e.a, i);
+    seen.push_back(i);
+  });
+  EXPECT_EQ(seen, (std::vector<std::size_t>{1023, 2500, 4999}));
+  EXPECT_TRUE(ZeroedArray<Elem>::AllZero(&v[1024], 1476));
+  EXPECT_FALSE(ZeroedArray<Elem>::AllZero(&v[1024], 1477));
 }
 
 // 32 Mi elements of 8 bytes (256 MiB) with one in every 65,536 written:
