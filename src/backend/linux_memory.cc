@@ -2683,18 +2683,35 @@ std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {
       out.emplace_back(s, t - s);
     }
   };
+  // The first interval of a set starting after a (none: the end of memory).
+  auto next_start = [](const std::vector<Interval>& set, Addr a) {
+    auto it =
+        std::upper_bound(set.begin(), set.end(), a,
+                         [](Addr x, const Interval& i) { return x < i.start; });
+    return it == set.end() ? ~Addr{0} : it->start;
+  };
   for (const MapEntry& e : maps) {
     // touchable_ already leaves out the stacks; subtract the exclusions.
+    // Interval by interval: page by page, a mapping of a terabyte took
+    // seconds.
     if (!Eligible(e) || !IsTouchable(e.start)) continue;
     Addr s = e.start;
     while (s < e.end) {
-      // Skip excluded pages, then take the longest non-excluded stretch.
-      if (IsExcluded(s)) {
-        s += kPageSize;
+      if (const Interval* x = Find(excluded_, s)) {
+        s = x->end;
         continue;
       }
-      Addr t = s + kPageSize;
-      while (t < e.end && !IsExcluded(t) && IsTouchable(t)) t += kPageSize;
+      if (const Interval* x = Find(auto_excluded_, s)) {
+        s = x->end;
+        continue;
+      }
+      const Interval* touchable = Find(touchable_, s);
+      if (touchable == nullptr) {
+        s = next_start(touchable_, s);
+        continue;
+      }
+      const Addr t = std::min({e.end, touchable->end, next_start(excluded_, s),
+                               next_start(auto_excluded_, s)});
       add(s, t);
       s = t;
     }

@@ -2017,6 +2017,32 @@ TEST_P(LinuxMemoryTest, AnonymousRangesCoverHeapButNotStacksOrOurs) {
   EXPECT_FALSE(covered(m->frame_store().chunk_table_start()));
 }
 
+// Exclusions cut the mapping that holds them, to the page; a large
+// mapping is taken whole (interval by interval: 64 GiB of address space).
+TEST_P(LinuxMemoryTest, AnonymousRangesLeaveOutExclusionsToThePage) {
+  auto m = NewMemory();
+  Region r(16);
+  m->Exclude(r.addr(4), 3 * kPageSize);
+  m->Exclude(r.addr(15), kPageSize);
+  constexpr std::size_t kBig = std::size_t{64} << 30;
+  void* big = mmap(nullptr, kBig, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ASSERT_NE(big, MAP_FAILED);
+  const auto ranges = m->AnonymousRanges();
+  munmap(big, kBig);
+  auto covered = [&](Addr a) {
+    for (auto [s, len] : ranges)
+      if (a >= s && a < s + len) return true;
+    return false;
+  };
+  for (std::size_t i = 0; i < 16; ++i) {
+    EXPECT_EQ(covered(r.addr(i)), i < 4 || (i >= 7 && i < 15)) << "page " << i;
+  }
+  const auto b = reinterpret_cast<Addr>(big);
+  EXPECT_TRUE(covered(b));
+  EXPECT_TRUE(covered(b + kBig - kPageSize));
+}
+
 TEST_P(LinuxMemoryTest, ThreadStacksAreLeftOutInMprotectMode) {
   auto m = NewMemory();
   std::atomic<Addr> stack_top{0};
