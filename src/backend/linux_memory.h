@@ -217,6 +217,7 @@ class LinuxMemory final : public Memory {
   // --- Memory ---
   void BeginFullScan() override;
   void Probe(Addr addr, std::span<PageState> states) override;
+  Addr SkipAbsent(Addr from, Addr to) override;
   [[nodiscard]] bool Hash(Addr addr, std::uint64_t* hash) override;
   void MergeIntoFrames(std::span<const Addr> pages,
                        std::span<const FrameId> frames,

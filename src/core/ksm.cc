@@ -15,6 +15,13 @@ namespace {
 
 // Pages probed per Memory::Probe call: one pagemap read covers them all.
 constexpr std::size_t kProbeChunk = 512;
+// The chunk of an address (Ksm::written_chunks_), and where one begins.
+constexpr std::uint64_t ChunkOf(Addr addr) {
+  return (addr >> kPageShift) / kProbeChunk;
+}
+constexpr Addr ChunkStart(std::uint64_t chunk) {
+  return Addr{chunk * kProbeChunk} << kPageShift;
+}
 // Planned merges run once this many are pending (and at every batch end),
 // unless a run of identical pages is still growing (StripeRuns), up to
 // kMaxRunPlans.
@@ -143,6 +150,14 @@ void Ksm::ForgetRange(Addr start, std::size_t npages) {
   const Addr end = start + npages * kPageSize;
   SplitRangeAt(ranges_, start);
   SplitRangeAt(ranges_, end);
+  // Chunks forgotten whole hold no item any more.
+  const std::uint64_t first_whole =
+      ((start >> kPageShift) + kProbeChunk - 1) / kProbeChunk;
+  const std::uint64_t past_whole = ChunkOf(end);
+  if (first_whole < past_whole) {
+    written_chunks_.erase(written_chunks_.lower_bound(first_whole),
+                          written_chunks_.lower_bound(past_whole));
+  }
   auto it = ranges_.lower_bound(start);
   while (it != ranges_.end() && it->first < end) {
     Range& r = it->second;
@@ -472,6 +487,8 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
     }
     Range& r = it->second;
     if (cursor_ < r.start) cursor_ = r.start;
+    cursor_ = PassUnwritten(r);
+    if (cursor_ == r.end()) continue;
     std::size_t idx = (cursor_ - r.start) >> kPageShift;
     // Chunks end at addresses aligned to kProbeChunk pages, so that the
     // plans flushed after a chunk do too: the backend's windows over runs
@@ -482,7 +499,8 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
     const std::size_t n = std::min(r.items.size() - idx, to_boundary);
     states_.resize(n);
     memory_->Probe(cursor_, std::span<PageState>(states_.data(), n));
-    std::size_t i = NothingToVisit(r, idx, n) ? n : 0;
+    const bool nothing = NothingToVisit(r, idx, n);
+    std::size_t i = nothing ? n : 0;
     for (; i < n && scanned < pages; ++i) {
       if (i != 0 && i % kPauseCheck == 0 && scanned != 0 && pause && pause()) break;
       const std::uint64_t before = pages_scanned_;
@@ -498,6 +516,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
         ExecutePlans();
       }
     }
+    NoteWritten(r, idx, i);
     cursor_ += i * kPageSize;
     if (i < n && scanned < pages) break;  // paused
     // Merge while the planned pages are still in the CPU's caches: the
@@ -536,6 +555,30 @@ bool Ksm::NothingToVisit(const Range& r, std::size_t idx, std::size_t n) const {
     return false;
   }
   return ZeroedArray<Item>::AllZero(&r.items[idx], n);
+}
+
+Addr Ksm::PassUnwritten(const Range& r) const {
+  const std::uint64_t chunk = ChunkOf(cursor_);
+  auto next = written_chunks_.lower_bound(chunk);
+  if (next != written_chunks_.end() && *next == chunk) return cursor_;
+  // Up to the next chunk that may hold a written item, every item is all
+  // zero: only a page would give a visit something to do.
+  const Addr limit = next == written_chunks_.end()
+                         ? r.end()
+                         : std::min(r.end(), ChunkStart(*next));
+  return std::clamp(memory_->SkipAbsent(cursor_, limit), cursor_, limit);
+}
+
+void Ksm::NoteWritten(const Range& r, std::size_t idx, std::size_t n) {
+  if (n == 0) return;
+  const std::uint64_t chunk = ChunkOf(cursor_);
+  if (!ZeroedArray<Item>::AllZero(&r.items[idx], n)) {
+    written_chunks_.insert(chunk);
+  } else if (n == kProbeChunk) {
+    // All of the chunk (chunks are aligned, so this range holds it whole),
+    // and none of its items written.
+    written_chunks_.erase(chunk);
+  }
 }
 
 void Ksm::ReleaseScratch() {
@@ -1616,6 +1659,9 @@ void Ksm::CheckInvariants() const {
     // (NothingToVisit).
     r.items.ForEachNonZero([&, start = start](std::size_t i, const Item& item) {
       const Addr addr = start + i * kPageSize;
+      if (!written_chunks_.contains(ChunkOf(addr))) {
+        InvariantFailure("a written item outside written_chunks_");
+      }
       switch (item.state) {
         case ItemState::kNew:
           InvariantFailure("a new item that is not all zero");

@@ -42,6 +42,7 @@
 #include <map>
 #include <vector>
 
+#include "absl/container/btree_set.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/container/inlined_vector.h"
@@ -369,6 +370,12 @@ class Ksm {
   // Whether the chunk of n pages from item idx of r, just probed into
   // states_, has nothing a visit would change.
   bool NothingToVisit(const Range& r, std::size_t idx, std::size_t n) const;
+  // Where the scan of r goes on from the cursor: past the chunks that hold
+  // no written item (written_chunks_) and no page (Memory::SkipAbsent).
+  Addr PassUnwritten(const Range& r) const;
+  // After the visits of items [idx, idx + n) of r, from the cursor: keeps
+  // written_chunks_ covering every item that is not all zero.
+  void NoteWritten(const Range& r, std::size_t idx, std::size_t n);
   // stable_node_chains and stable_node_dups without the nodes that only
   // waiting plans have made.
   void UncountWaitingNodes(Counters* c) const;
@@ -528,6 +535,14 @@ class Ksm {
   std::vector<FrameId> frames_;
   std::vector<MergeResult> results_;
   std::vector<PageState> states_;
+  // The chunks (kProbeChunk pages, by address) that may hold an item that
+  // is not all zero: every such item lies in one (CheckInvariants). Only a
+  // visit writes an item that was all zero, and visits note their chunk.
+  // Between these chunks a scan asks Memory where the next page is instead
+  // of probing every chunk: a sparse reservation of a terabyte is passed in
+  // a few calls. A chunk leaves the set when a visit of all of it leaves
+  // all its items zero, or when it is forgotten whole.
+  absl::btree_set<std::uint64_t> written_chunks_;
 
   // Counters kept incrementally.
   std::uint64_t pages_shared_ = 0;

@@ -93,6 +93,16 @@ class Memory {
   // Fills states[i] for the page at addr + i * kPageSize, i < states.size().
   virtual void Probe(Addr addr, std::span<PageState> states) = 0;
 
+  // An address in [from, to], page-aligned, such that Probe would say
+  // kAbsent of every page in [from, result) now: a sparse reservation's
+  // unused stretches are passed with one question instead of a Probe per
+  // chunk. Stopping early is always allowed; the default passes nothing.
+  // REQUIRES: from and to page-aligned, from <= to.
+  virtual Addr SkipAbsent(Addr from, Addr to) {
+    (void)to;
+    return from;
+  }
+
   // The 64-bit content hash (samepage::HashPage) of one page. False if the
   // page cannot be read (it was unmapped).
   [[nodiscard]] virtual bool Hash(Addr addr, std::uint64_t* hash) = 0;

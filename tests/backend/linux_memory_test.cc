@@ -2043,6 +2043,58 @@ TEST_P(LinuxMemoryTest, AnonymousRangesLeaveOutExclusionsToThePage) {
   EXPECT_TRUE(covered(b + kBig - kPageSize));
 }
 
+// SkipAbsent passes only pages Probe calls kAbsent, and passes them to
+// the first page that has something: a page of the application's, the
+// zero page, an exclusion, a frame of ours (one dropped from the page
+// table too: it reads as the frame), a hole.
+TEST_P(LinuxMemoryTest, SkipAbsentPassesOnlyPagesProbeCallsAbsent) {
+  auto m = NewMemory();
+  Region r(3000), other(4);
+  r.page(700)[0] = 1;
+  volatile unsigned char zero = r.page(1500)[0];  // maps the zero page
+  (void)zero;
+  m->Exclude(r.addr(400), kPageSize);
+  for (std::size_t i = 0; i < 4; ++i) {
+    Fill(r.page(2000 + i), unsigned(i));
+    Fill(other.page(i), unsigned(i));
+  }
+  Rescan(*m);
+  std::vector<FrameId> frames(4);
+  std::vector<MergeResult> res(4);
+  m->MergePairs(Addrs(r, 2000, 4), Addrs(other, 0, 4), frames, res);
+  for (std::size_t i = 0; i < 4; ++i) ASSERT_EQ(res[i], MergeResult::kMerged);
+  ASSERT_EQ(madvise(r.page(2000), 4 * kPageSize, MADV_DONTNEED), 0);
+  ASSERT_EQ(munmap(r.page(2500), kPageSize), 0);
+  const Addr end = r.addr(0) + 3000 * kPageSize;
+  if (m->SkipAbsent(r.addr(0), end) == r.addr(0)) {
+    GTEST_SKIP() << "PAGEMAP_SCAN is not there (Linux 6.7): nothing passed";
+  }
+  auto check = [&](std::size_t from, std::size_t to) {
+    const Addr got = m->SkipAbsent(r.addr(from), end);
+    EXPECT_EQ(got, r.addr(0) + to * kPageSize) << "from page " << from;
+    for (Addr a = r.addr(from); a < got; a += kPageSize) {
+      ASSERT_EQ(ProbeOne(*m, a), PageState::kAbsent)
+          << "page " << (a - r.addr(0)) / kPageSize << " passed";
+    }
+  };
+  check(0, 400);
+  check(401, 700);
+  check(701, 1500);
+  check(1000, 1500);
+  check(1501, 2000);
+  check(2000, 2000);
+  check(2004, 2004);  // a hole the view has not seen: nothing passed
+  check(2501, 3000);
+  Rescan(*m);
+  check(2004, 2500);
+  EXPECT_EQ(m->SkipAbsent(r.addr(0), r.addr(100)), r.addr(100)) << "to";
+  r.page(1000)[0] = 1;
+  EXPECT_EQ(m->SkipAbsent(r.addr(701), end), r.addr(1000)) << "new page";
+  r.Forget();
+  munmap(r.page(0), 2500 * kPageSize);
+  munmap(r.page(2501), 499 * kPageSize);
+}
+
 TEST_P(LinuxMemoryTest, ThreadStacksAreLeftOutInMprotectMode) {
   auto m = NewMemory();
   std::atomic<Addr> stack_top{0};

@@ -85,7 +85,19 @@ void FakeMemory::Unref(FrameId f) {
   --it->second;
 }
 
+Addr FakeMemory::SkipAbsent(Addr from, Addr to) {
+  Addr at = from;
+  for (auto it = pages_.find(from);
+       at < to && it != pages_.end() && it->first == at &&
+       it->second.kind == Page::kAbsent;
+       ++it) {
+    at += kPageSize;
+  }
+  return at;
+}
+
 void FakeMemory::Probe(Addr addr, std::span<PageState> states) {
+  probed_pages += states.size();
   for (std::size_t i = 0; i < states.size(); ++i) {
     auto it = pages_.find(addr + i * kPageSize);
     if (it == pages_.end()) {

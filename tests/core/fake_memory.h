@@ -55,6 +55,8 @@ class FakeMemory : public Memory {
 
   // Hash calls per page, since the start.
   std::map<Addr, std::size_t> hashes;
+  // Pages Probe was asked about, since the start.
+  std::size_t probed_pages = 0;
   // Pairs handed to each MergePairs call, in order.
   std::vector<std::size_t> pair_calls;
   // What WantsScatteredPairsTogether answers.
@@ -68,6 +70,8 @@ class FakeMemory : public Memory {
 
   // --- Memory ---
   void Probe(Addr addr, std::span<PageState> states) override;
+  // Passes mapped absent pages, as Linux's passes empty page tables.
+  Addr SkipAbsent(Addr from, Addr to) override;
   bool Hash(Addr addr, std::uint64_t* hash) override;
   void MergeIntoFrames(std::span<const Addr> pages,
                        std::span<const FrameId> frames,

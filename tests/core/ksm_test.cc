@@ -668,6 +668,41 @@ TEST_F(KsmTest, DiscardedPagesAreForgottenAtTheirNextVisit) {
     ASSERT_TRUE(mem_.MapsFrame(Page(i))) << i;
 }
 
+// A sparse reservation: scans probe only the chunks (512 pages) around the
+// pages in use, and pass the rest, page tables without pages and items
+// never written, in one question to Memory (SkipAbsent). A page that
+// comes into use in a stretch passed so far is found and merged all the
+// same; a chunk whose pages are all gone again is passed from then on.
+TEST_F(KsmTest, ASparseRangeIsProbedOnlyWhereItHasPages) {
+  constexpr std::size_t kChunk = 512, kPages = 64 * kChunk;
+  mem_.Map(kBase, kPages);
+  mem_.Write(Page(5 * kChunk + 3), 0x2a);
+  mem_.Write(Page(40 * kChunk + 100), 0x2a);
+  mem_.Write(Page(60 * kChunk), 0x17);  // unique
+  ksm_.Advise(kBase, kPages);
+  FullScans(2);
+  Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 1u);
+  EXPECT_EQ(c.pages_sharing, 1u);
+  EXPECT_EQ(c.rmap_items, 3u);
+  EXPECT_LE(mem_.probed_pages, 2 * 3 * kChunk) << "two scans of 3 chunks";
+
+  mem_.Write(Page(20 * kChunk + 511), 0x2a);
+  FullScans(2);
+  c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_sharing, 2u) << "the new page joined";
+  EXPECT_TRUE(mem_.MapsFrame(Page(20 * kChunk + 511)));
+
+  mem_.Discard(Page(60 * kChunk), 1);
+  FullScans(1);
+  EXPECT_EQ(ksm_.GetCounters().rmap_items, 3u) << "the unique page forgotten";
+  const std::size_t probed = mem_.probed_pages;
+  FullScans(1);
+  EXPECT_EQ(mem_.probed_pages - probed, 3 * kChunk) << "its chunk passed";
+  for (std::size_t i : {5 * kChunk + 3, 20 * kChunk + 511, 40 * kChunk + 100})
+    EXPECT_EQ(mem_.Read(Page(i))[0], 0x2a) << i;
+}
+
 // Deferred pairing: a page whose only partner lies scattered (a copy at a
 // random place, scanned first) waits for a partner in a run, so that two
 // buffers holding the same pages in order pair with each other in runs of
@@ -1031,15 +1066,19 @@ TEST_P(KsmRandomTest, MatchesModel) {
   if (chains) ksm.knobs().max_page_sharing = 2 + GetParam() % 3;
   const std::size_t max_sharing = ksm.knobs().max_page_sharing;
   constexpr std::size_t kPages = 96;
+  // The pages straddle the end of a chunk of 512 (a page table): the scan
+  // passes stretches with nothing to visit chunk by chunk.
+  const Addr base = kBase + 460 * kPageSize;
+  auto Page = [base](std::size_t i) { return base + i * kPageSize; };
   std::map<Addr, std::uint8_t> model;  // mapped pages -> fill byte (absent=0)
   std::set<Addr> advised;
-  mem.Map(kBase, kPages);
+  mem.Map(base, kPages);
   for (std::size_t i = 0; i < kPages; ++i) model[Page(i)] = 0;
   auto check_contents = [&] {
     for (auto& [a, fill] : model) {
       ASSERT_TRUE(mem.IsMapped(a));
       const PageBytes b = mem.Read(a);
-      ASSERT_EQ(b[0], fill) << "page " << (a - kBase) / kPageSize;
+      ASSERT_EQ(b[0], fill) << "page " << (a - base) / kPageSize;
       ASSERT_EQ(b[kPageSize - 1], fill);
     }
   };
@@ -1144,8 +1183,8 @@ TEST_P(KsmRandomTest, MatchesModel) {
     if (model.count(a) && !mem.IsPresent(a) && model[a] == 0) ++absent_zeros;
     if (!model.count(a) || !mem.IsPresent(a)) continue;
     const std::uint8_t v = model[a];
-    SCOPED_TRACE(::testing::Message() << "page " << (a - kBase) / kPageSize
-                                      << " value " << int(v));
+    SCOPED_TRACE(::testing::Message()
+                 << "page " << (a - base) / kPageSize << " value " << int(v));
     if (zero_pages) {
       EXPECT_NE(v, 0) << "a zero page was not dropped";
     }
