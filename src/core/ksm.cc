@@ -22,6 +22,17 @@ constexpr std::uint64_t ChunkOf(Addr addr) {
 constexpr Addr ChunkStart(std::uint64_t chunk) {
   return Addr{chunk * kProbeChunk} << kPageShift;
 }
+// For ZeroedArray::Tail and ForEachNonZero on the items of the range at
+// `start`: whether items [first, first + count) may hold something, that
+// is lie in one of the written chunks. The rest need not be read (memory
+// never written faults a page at a time when read).
+auto MayHold(const absl::btree_set<std::uint64_t>& written, Addr start) {
+  return [&written, start](std::size_t first, std::size_t count) {
+    auto it = written.lower_bound(ChunkOf(start + first * kPageSize));
+    return it != written.end() &&
+           *it <= ChunkOf(start + (first + count - 1) * kPageSize);
+  };
+}
 // Planned merges run once this many are pending (and at every batch end),
 // unless a run of identical pages is still growing (StripeRuns), up to
 // kMaxRunPlans.
@@ -148,8 +159,20 @@ void Ksm::Forget(Addr start, std::size_t npages) {
 
 void Ksm::ForgetRange(Addr start, std::size_t npages) {
   const Addr end = start + npages * kPageSize;
-  SplitRangeAt(ranges_, start);
-  SplitRangeAt(ranges_, end);
+  SplitRangeAt(start);
+  SplitRangeAt(end);
+  auto it = ranges_.lower_bound(start);
+  while (it != ranges_.end() && it->first < end) {
+    Range& r = it->second;
+    // Items never written (kNew, all zero) have nothing to reset.
+    r.items.ForEachNonZero(
+        [&](std::size_t i, Item& item) {
+          ResetItem(r.start + i * kPageSize, item);
+        },
+        MayHold(written_chunks_, r.start));
+    advised_pages_ -= r.items.size();
+    it = ranges_.erase(it);
+  }
   // Chunks forgotten whole hold no item any more.
   const std::uint64_t first_whole =
       ((start >> kPageShift) + kProbeChunk - 1) / kProbeChunk;
@@ -157,16 +180,6 @@ void Ksm::ForgetRange(Addr start, std::size_t npages) {
   if (first_whole < past_whole) {
     written_chunks_.erase(written_chunks_.lower_bound(first_whole),
                           written_chunks_.lower_bound(past_whole));
-  }
-  auto it = ranges_.lower_bound(start);
-  while (it != ranges_.end() && it->first < end) {
-    Range& r = it->second;
-    // Items never written (kNew, all zero) have nothing to reset.
-    r.items.ForEachNonZero([&](std::size_t i, Item& item) {
-      ResetItem(r.start + i * kPageSize, item);
-    });
-    advised_pages_ -= r.items.size();
-    it = ranges_.erase(it);
   }
 }
 
@@ -203,16 +216,19 @@ bool Ksm::UnmergeAll() {
   for (auto& [start, r] : ranges_) {
     const bool restored = memory_->Unmerge(start, r.items.size());
     ok &= restored;
-    r.items.ForEachNonZero([&](std::size_t i, Item& item) {
-      // Where the range could not be given back (ENOMEM) its merged pages
-      // still map their frames: they stay merged (run=2 then fails, as in
-      // the kernel), and only the unstable index is left behind.
-      if (restored) {
-        ResetItem(start + i * kPageSize, item);
-      } else {
-        RemoveFromUnstable(start + i * kPageSize, item);
-      }
-    });
+    r.items.ForEachNonZero(
+        [&](std::size_t i, Item& item) {
+          // Where the range could not be given back (ENOMEM) its merged
+          // pages still map their frames: they stay merged (run=2 then
+          // fails, as in the kernel), and only the unstable index is left
+          // behind.
+          if (restored) {
+            ResetItem(start + i * kPageSize, item);
+          } else {
+            RemoveFromUnstable(start + i * kPageSize, item);
+          }
+        },
+        MayHold(written_chunks_, start));
   }
   unstable_.clear();
   deferred_.clear();
@@ -1766,19 +1782,18 @@ void Ksm::CheckInvariants() const {
 
 // ---------------------------------------------------------------------------
 
-// Splits the range containing `addr` so that a range starts exactly there.
-void Ksm::SplitRangeAt(std::map<Addr, Range>& ranges, Addr addr) {
-  auto it = ranges.upper_bound(addr);
-  if (it == ranges.begin()) return;
+void Ksm::SplitRangeAt(Addr addr) {
+  auto it = ranges_.upper_bound(addr);
+  if (it == ranges_.begin()) return;
   --it;
   Range& r = it->second;
   if (addr <= r.start || addr >= r.end()) return;
   const std::size_t keep = (addr - r.start) >> kPageShift;
   Range tail;
   tail.start = addr;
-  tail.items = r.items.Tail(keep);
+  tail.items = r.items.Tail(keep, MayHold(written_chunks_, r.start));
   r.items.Truncate(keep);
-  ranges.emplace(addr, std::move(tail));
+  ranges_.emplace(addr, std::move(tail));
 }
 
 }  // namespace samepage

@@ -315,7 +315,8 @@ class Ksm {
     Item* item;
   };
 
-  static void SplitRangeAt(std::map<Addr, Range>& ranges, Addr addr);
+  // Splits the range holding addr so that a range starts there.
+  void SplitRangeAt(Addr addr);
 
   Item* FindItem(Addr addr);
   const Item* FindItem(Addr addr) const;

@@ -56,12 +56,17 @@ class ZeroedArray {
 
   // A new array holding elements [from, size()) of this one. Only groups
   // of elements that are not all zero are written, so the copy of a sparse
-  // tail stays sparse.
-  ZeroedArray Tail(std::size_t from) const {
+  // tail stays sparse. may_hold(first, count) may say that elements
+  // [first, first + count) are all zero without reading them (memory never
+  // written costs a page fault a page to read); it must never say so of
+  // an element that is not.
+  ZeroedArray Tail(std::size_t from) const { return Tail(from, AnyMayHold); }
+  template <typename MayHold>
+  ZeroedArray Tail(std::size_t from, MayHold&& may_hold) const {
     ZeroedArray out(from < size_ ? size_ - from : 0);
     for (std::size_t i = 0; i < out.size_; i += kGroup) {
       const std::size_t n = std::min(kGroup, out.size_ - i);
-      if (!AllZero(data_ + from + i, n)) {
+      if (may_hold(from + i, n) && !AllZero(data_ + from + i, n)) {
         std::memcpy(static_cast<void*>(out.data_ + i), data_ + from + i,
                     n * sizeof(T));
       }
@@ -70,14 +75,19 @@ class ZeroedArray {
   }
 
   // Calls f(index, element) for every element that is not all zero bytes,
-  // in order, passing over groups of zeros a memcmp at a time.
+  // in order, passing over groups of zeros a memcmp at a time, and over
+  // those may_hold (as for Tail) says are zero without reading them.
   template <typename F>
   void ForEachNonZero(F&& f) {
-    VisitNonZero(data_, size_, f);
+    VisitNonZero(data_, size_, f, AnyMayHold);
   }
   template <typename F>
   void ForEachNonZero(F&& f) const {
-    VisitNonZero(static_cast<const T*>(data_), size_, f);
+    VisitNonZero(static_cast<const T*>(data_), size_, f, AnyMayHold);
+  }
+  template <typename F, typename MayHold>
+  void ForEachNonZero(F&& f, MayHold&& may_hold) {
+    VisitNonZero(data_, size_, f, may_hold);
   }
 
   // Whether count elements from first are all zero bytes.
@@ -114,12 +124,13 @@ class ZeroedArray {
   }
 
   static constexpr std::size_t kGroup = 1024;  // elements tested at once
+  static bool AnyMayHold(std::size_t, std::size_t) { return true; }
 
-  template <typename P, typename F>
-  static void VisitNonZero(P data, std::size_t size, F& f) {
+  template <typename P, typename F, typename MayHold>
+  static void VisitNonZero(P data, std::size_t size, F& f, MayHold& may_hold) {
     for (std::size_t g = 0; g < size; g += kGroup) {
       const std::size_t end = std::min(size, g + kGroup);
-      if (AllZero(data + g, end - g)) continue;
+      if (!may_hold(g, end - g) || AllZero(data + g, end - g)) continue;
       for (std::size_t i = g; i < end; ++i) {
         if (!AllZero(data + i, 1)) f(i, data[i]);
       }

@@ -4,6 +4,7 @@
 #include "core/zeroed_array.h"
 
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 
 #include <cstdint>
 #include <vector>
@@ -12,6 +13,12 @@
 
 namespace samepage {
 namespace {
+
+long MinorFaults() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_minflt;
+}
 
 struct Elem {
   std::uint32_t a = 0;
@@ -81,6 +88,38 @@ TEST(ZeroedArray, OnlyTheElementsWrittenTakeMemory) {
   EXPECT_EQ(tail[65536].b, 2u);
   EXPECT_EQ(tail[1].a, 0u);
   EXPECT_EQ(v[kCount / 2 - 65536].a, 1u);
+}
+
+// What may_hold says holds nothing is not read: the elements of an array
+// the caller knows to be untouched stay untouched (no memory, no page
+// faults), and a group it rules out is neither visited nor copied.
+TEST(ZeroedArray, GroupsRuledOutByMayHoldAreNotRead) {
+  constexpr std::size_t kCount = std::size_t{32} << 20;  // 256 MiB
+  ZeroedArray<Elem> v(kCount);
+  v[3] = {1, 1};
+  v[kCount - 1] = {2, 2};
+  const long faults_before = MinorFaults();
+  std::size_t asked = 0;
+  auto ends = [&](std::size_t first, std::size_t count) {
+    asked += count;
+    return first == 0 || first + count == kCount;
+  };
+  std::vector<std::size_t> seen;
+  v.ForEachNonZero([&](std::size_t i, Elem&) { seen.push_back(i); }, ends);
+  const ZeroedArray<Elem> tail = v.Tail(1, ends);
+  // A read of all of it would fault 65,536 times (each page maps the zero
+  // page), taking no memory: faults tell.
+  EXPECT_LT(MinorFaults() - faults_before, 1000)
+      << "page faults reading what may hold something";
+  EXPECT_EQ(asked, 2 * kCount - 1) << "every element asked about";
+  EXPECT_EQ(seen, (std::vector<std::size_t>{3, kCount - 1}));
+  EXPECT_EQ(tail[kCount - 2].a, 2u);
+  // Ruled out, though written: the tail's first group is left zero.
+  EXPECT_EQ(tail[2].a, 0u);
+  std::size_t visited = 0;
+  v.ForEachNonZero([&](std::size_t, Elem&) { ++visited; },
+                   [](std::size_t, std::size_t) { return false; });
+  EXPECT_EQ(visited, 0u);
 }
 
 }  // namespace
