@@ -358,6 +358,44 @@ TEST(Engine, UnmergeableAfterDontneedOfHalfTheRange) {
   EXPECT_EQ(e->Stats().frames_in_use, 0u);
 }
 
+// A sparse reservation (64 GiB, MAP_NORESERVE, a few pages in use): scans
+// pass its empty stretches without probing them chunk by chunk, and still
+// find every page in use, one written after the first scans too; the
+// range is given back whole, contents kept.
+TEST(Engine, ASparseReservationMergesThePagesItUses) {
+  constexpr std::size_t kBytes = std::size_t{64} << 30;
+  auto* base = static_cast<unsigned char*>(
+      mmap(nullptr, kBytes, PROT_READ | PROT_WRITE,
+           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+  ASSERT_NE(base, MAP_FAILED);
+  const std::size_t gib = std::size_t{1} << 30;
+  const std::size_t used[] = {0, 20 * gib + 7 * kPage, 50 * gib, 33 * gib};
+  for (std::size_t i = 0; i < 3; ++i) std::memset(base + used[i], 0x5a, kPage);
+  std::memset(base + 40 * gib, 0x17, kPage);  // unique
+  auto e = NewEngine();
+  ASSERT_TRUE(e->Madvise(base, kBytes, MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 1);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 2);
+  std::memset(base + used[3], 0x5a, kPage);  // in a stretch passed so far
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 3);
+  for (std::size_t at : used) {
+    EXPECT_TRUE(MapsSharedFrame(base + at)) << at / kPage;
+    EXPECT_EQ(base[at + 100], 0x5a) << at / kPage;
+  }
+  EXPECT_FALSE(MapsSharedFrame(base + 40 * gib));
+  ASSERT_TRUE(e->Madvise(base, kBytes, MADV_UNMERGEABLE).ok());
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+  for (std::size_t at : used) {
+    EXPECT_FALSE(MapsSharedFrame(base + at)) << at / kPage;
+    EXPECT_EQ(base[at + kPage - 1], 0x5a) << at / kPage;
+    base[at] = 1;  // writable
+  }
+  EXPECT_EQ(base[40 * gib], 0x17);
+  munmap(base, kBytes);
+}
+
 TEST(Engine, RunTwoUnmergesEverything) {
   auto e = NewEngine();
   Set(*e, "use_zero_pages", "1");
