@@ -173,14 +173,27 @@ void Ksm::ForgetRange(Addr start, std::size_t npages) {
     advised_pages_ -= r.items.size();
     it = ranges_.erase(it);
   }
-  // Chunks forgotten whole hold no item any more.
-  const std::uint64_t first_whole =
-      ((start >> kPageShift) + kProbeChunk - 1) / kProbeChunk;
-  const std::uint64_t past_whole = ChunkOf(end);
-  if (first_whole < past_whole) {
-    written_chunks_.erase(written_chunks_.lower_bound(first_whole),
-                          written_chunks_.lower_bound(past_whole));
+  // Chunks forgotten whole hold no item any more; nor do the chunks at
+  // either end once no range is left in them (a process that maps and
+  // unmaps small buffers at new addresses would otherwise leave one entry
+  // behind for each).
+  if (npages == 0) return;
+  const std::uint64_t first = ChunkOf(start);
+  const std::uint64_t last = ChunkOf(end - 1);
+  if (last > first + 1) {
+    written_chunks_.erase(written_chunks_.lower_bound(first + 1),
+                          written_chunks_.lower_bound(last));
   }
+  for (const std::uint64_t chunk : {first, last}) {
+    if (!AnyRangeIn(ChunkStart(chunk), ChunkStart(chunk + 1)))
+      written_chunks_.erase(chunk);
+  }
+}
+
+bool Ksm::AnyRangeIn(Addr from, Addr to) const {
+  auto it = ranges_.lower_bound(from);
+  if (it != ranges_.end() && it->first < to) return true;
+  return it != ranges_.begin() && std::prev(it)->second.end() > from;
 }
 
 bool Ksm::Unadvise(Addr start, std::size_t npages) {
@@ -1707,6 +1720,11 @@ void Ksm::CheckInvariants() const {
   }
   if (pending_items != planned_items) {
     InvariantFailure("pending items without a plan");
+  }
+  for (const std::uint64_t chunk : written_chunks_) {
+    if (!AnyRangeIn(ChunkStart(chunk), ChunkStart(chunk + 1))) {
+      InvariantFailure("a written chunk left behind by its ranges");
+    }
   }
   if (advised != advised_pages_) InvariantFailure("advised page count");
   if (items != rmap_items_) InvariantFailure("rmap_items count");

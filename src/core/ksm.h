@@ -366,6 +366,8 @@ class Ksm {
   void DropWaitingPlans(Addr start, Addr end);
   // Forget without finishing plans (ForgetGone, once they are done).
   void ForgetRange(Addr start, std::size_t npages);
+  // Whether some range overlaps [from, to).
+  bool AnyRangeIn(Addr from, Addr to) const;
   // Frees the per-batch scratch.
   void ReleaseScratch();
   // Whether the chunk of n pages from item idx of r, just probed into

@@ -703,6 +703,36 @@ TEST_F(KsmTest, ASparseRangeIsProbedOnlyWhereItHasPages) {
     EXPECT_EQ(mem_.Read(Page(i))[0], 0x2a) << i;
 }
 
+// Small ranges come and go at new addresses (buffers mapped, advised and
+// unmapped): each leaves nothing behind in the core, and a range that
+// shares a chunk with another keeps its own entry (CheckInvariants: every
+// written item lies in a noted chunk, every noted chunk holds a range).
+TEST_F(KsmTest, SmallRangesComeAndGoLeavingNothingBehind) {
+  constexpr std::size_t kChunk = 512;
+  for (std::size_t round = 0; round < 8; ++round) {
+    const std::size_t at = round * 3 * kChunk + 100;
+    mem_.Map(Page(at), 4);
+    mem_.Map(Page(at + 8), 4);  // the same chunk
+    for (std::size_t i = 0; i < 4; ++i) {
+      mem_.Write(Page(at + i), 0x31);
+      mem_.Write(Page(at + 8 + i), 0x32);
+    }
+    ksm_.Advise(Page(at), 4);
+    ksm_.Advise(Page(at + 8), 4);
+    FullScans(2);
+    ASSERT_EQ(ksm_.GetCounters().pages_sharing, 6u) << round;
+    mem_.Unmap(Page(at), 4);
+    ksm_.Forget(Page(at), 4);
+    ksm_.CheckInvariants();
+    FullScans(1);
+    EXPECT_EQ(ksm_.GetCounters().rmap_items, 4u) << round;
+    ASSERT_TRUE(ksm_.Unadvise(Page(at + 8), 4));
+    mem_.Unmap(Page(at + 8), 4);
+    ksm_.CheckInvariants();
+    EXPECT_EQ(ksm_.GetCounters().rmap_items, 0u) << round;
+  }
+}
+
 // Deferred pairing: a page whose only partner lies scattered (a copy at a
 // random place, scanned first) waits for a partner in a run, so that two
 // buffers holding the same pages in order pair with each other in runs of
