@@ -396,6 +396,46 @@ TEST(Engine, ASparseReservationMergesThePagesItUses) {
   munmap(base, kBytes);
 }
 
+// A hole unmapped in the middle of a sparse reservation is found as the
+// kernel would find it (its pages leave the advised range, so memory
+// mapped there again is not merged), and the pages past it still merge.
+TEST(Engine, ASparseReservationWithAHoleKeepsMergingPastIt) {
+  constexpr std::size_t kBytes = std::size_t{64} << 30;
+  const std::size_t gib = std::size_t{1} << 30;
+  auto* base = static_cast<unsigned char*>(
+      mmap(nullptr, kBytes, PROT_READ | PROT_WRITE,
+           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+  ASSERT_NE(base, MAP_FAILED);
+  std::memset(base, 0x5a, kPage);
+  std::memset(base + 20 * gib, 0x5a, kPage);
+  auto e = NewEngine();
+  ASSERT_TRUE(e->Madvise(base, kBytes, MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), 1);
+  ASSERT_EQ(munmap(base + 10 * gib, gib), 0);
+  std::memset(base + 45 * gib, 0x5a, kPage);
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 2) << "the page past the hole";
+  ASSERT_EQ(
+      mmap(base + 10 * gib, gib, PROT_READ | PROT_WRITE,
+           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0),
+      base + 10 * gib);
+  std::memset(base + 10 * gib + 5 * kPage, 0x5a, kPage);
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 2) << "new memory is not advised";
+  EXPECT_FALSE(MapsSharedFrame(base + 10 * gib + 5 * kPage));
+  ASSERT_TRUE(e->Madvise(base, 10 * gib, MADV_UNMERGEABLE).ok());
+  ASSERT_TRUE(
+      e->Madvise(base + 11 * gib, kBytes - 11 * gib, MADV_UNMERGEABLE).ok());
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+  for (std::size_t at :
+       {std::size_t{0}, 20 * gib, 45 * gib, 10 * gib + 5 * kPage}) {
+    EXPECT_FALSE(MapsSharedFrame(base + at)) << at / kPage;
+    EXPECT_EQ(base[at + kPage - 1], 0x5a) << at / kPage;
+  }
+  munmap(base, kBytes);
+}
+
 TEST(Engine, RunTwoUnmergesEverything) {
   auto e = NewEngine();
   Set(*e, "use_zero_pages", "1");
