@@ -423,24 +423,36 @@ TEST(Engine, ASparseReservationWithAHoleKeepsMergingPastIt) {
   std::memset(base + 45 * gib, 0x5a, kPage);
   e->RunFullScans(2);
   EXPECT_EQ(Counter(*e, "pages_sharing"), 2) << "the page past the hole";
-  ASSERT_EQ(
-      mmap(base + 10 * gib, gib, PROT_READ | PROT_WRITE,
-           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0),
-      base + 10 * gib);
-  std::memset(base + 10 * gib + 5 * kPage, 0x5a, kPage);
+  // New memory in the hole, where nothing else is mapped yet (malloc may
+  // have put its own mappings there since): never MAP_FIXED over a hole.
+  constexpr std::size_t kSlot = std::size_t{2} << 20;
+  unsigned char* fresh = nullptr;
+  for (std::size_t off = 0; off < gib && fresh == nullptr; off += kSlot) {
+    void* p = mmap(base + 10 * gib + off, kSlot, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (p == base + 10 * gib + off) {
+      fresh = static_cast<unsigned char*>(p);
+    } else if (p != MAP_FAILED) {
+      munmap(p, kSlot);  // before Linux 4.17 the address was only a hint
+    }
+  }
+  ASSERT_NE(fresh, nullptr) << "no free 2 MiB left in the hole";
+  std::memset(fresh + 5 * kPage, 0x5a, kPage);
   e->RunFullScans(2);
   EXPECT_EQ(Counter(*e, "pages_sharing"), 2) << "new memory is not advised";
-  EXPECT_FALSE(MapsSharedFrame(base + 10 * gib + 5 * kPage));
+  EXPECT_FALSE(MapsSharedFrame(fresh + 5 * kPage));
   ASSERT_TRUE(e->Madvise(base, 10 * gib, MADV_UNMERGEABLE).ok());
   ASSERT_TRUE(
       e->Madvise(base + 11 * gib, kBytes - 11 * gib, MADV_UNMERGEABLE).ok());
   EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
-  for (std::size_t at :
-       {std::size_t{0}, 20 * gib, 45 * gib, 10 * gib + 5 * kPage}) {
+  for (std::size_t at : {std::size_t{0}, 20 * gib, 45 * gib}) {
     EXPECT_FALSE(MapsSharedFrame(base + at)) << at / kPage;
     EXPECT_EQ(base[at + kPage - 1], 0x5a) << at / kPage;
   }
-  munmap(base, kBytes);
+  EXPECT_EQ(fresh[6 * kPage - 1], 0x5a);
+  munmap(fresh, kSlot);
+  munmap(base, 10 * gib);  // not the hole: other mappings may be there now
+  munmap(base + 11 * gib, kBytes - 11 * gib);
 }
 
 TEST(Engine, RunTwoUnmergesEverything) {
