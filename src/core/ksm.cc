@@ -517,7 +517,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
     Range& r = it->second;
     if (cursor_ < r.start) cursor_ = r.start;
     cursor_ = PassUnwritten(r);
-    if (cursor_ == r.end()) continue;
+    if (cursor_ >= r.end()) continue;  // past r: the range at the cursor
     std::size_t idx = (cursor_ - r.start) >> kPageShift;
     // Chunks end at addresses aligned to kProbeChunk pages, so that the
     // plans flushed after a chunk do too: the backend's windows over runs
@@ -583,18 +583,25 @@ bool Ksm::NothingToVisit(const Range& r, std::size_t idx, std::size_t n) const {
                   [](PageState s) { return s != PageState::kAbsent; })) {
     return false;
   }
-  return ZeroedArray<Item>::AllZero(&r.items[idx], n);
+  // The chunk is the cursor's; outside written_chunks_ its items are all
+  // zero without a read (memory never written faults when read).
+  return !written_chunks_.contains(ChunkOf(cursor_)) ||
+         ZeroedArray<Item>::AllZero(&r.items[idx], n);
 }
 
 Addr Ksm::PassUnwritten(const Range& r) const {
   const std::uint64_t chunk = ChunkOf(cursor_);
   auto next = written_chunks_.lower_bound(chunk);
   if (next != written_chunks_.end() && *next == chunk) return cursor_;
-  // Up to the next chunk that may hold a written item, every item is all
-  // zero: only a page would give a visit something to do.
+  // Up to the next chunk that may hold a written item every item is all
+  // zero, in this range and in the ranges after it: only a page would give
+  // a visit something to do. Many small ranges go by together.
+  const Addr last_end = std::prev(ranges_.end())->second.end();
   const Addr limit = next == written_chunks_.end()
-                         ? r.end()
-                         : std::min(r.end(), ChunkStart(*next));
+                         ? last_end
+                         : std::min(last_end, ChunkStart(*next));
+  // Within this range and chunk one Probe answers as cheaply.
+  if (limit <= std::min(r.end(), ChunkStart(chunk + 1))) return cursor_;
   return std::clamp(memory_->SkipAbsent(cursor_, limit), cursor_, limit);
 }
 

@@ -370,11 +370,12 @@ class Ksm {
   bool AnyRangeIn(Addr from, Addr to) const;
   // Frees the per-batch scratch.
   void ReleaseScratch();
-  // Whether the chunk of n pages from item idx of r, just probed into
-  // states_, has nothing a visit would change.
+  // Whether the chunk of n pages from item idx of r, at the cursor, just
+  // probed into states_, has nothing a visit would change.
   bool NothingToVisit(const Range& r, std::size_t idx, std::size_t n) const;
-  // Where the scan of r goes on from the cursor: past the chunks that hold
-  // no written item (written_chunks_) and no page (Memory::SkipAbsent).
+  // Where the scan goes on from the cursor, in r: past the chunks that hold
+  // no written item (written_chunks_) and no page (Memory::SkipAbsent), in
+  // r and in the ranges after it (the result may lie past r).
   Addr PassUnwritten(const Range& r) const;
   // After the visits of items [idx, idx + n) of r, from the cursor: keeps
   // written_chunks_ covering every item that is not all zero.

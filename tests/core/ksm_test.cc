@@ -703,6 +703,26 @@ TEST_F(KsmTest, ASparseRangeIsProbedOnlyWhereItHasPages) {
     EXPECT_EQ(mem_.Read(Page(i))[0], 0x2a) << i;
 }
 
+// Many small ranges (every other page advised, as a program advising its
+// buffers one by one) with no page in use are passed together, not probed
+// one by one; a page that comes into use among them is found.
+TEST_F(KsmTest, ManySmallEmptyRangesArePassedTogether) {
+  constexpr std::size_t kPages = 8 * 512;
+  mem_.Map(kBase, kPages);
+  for (std::size_t i = 0; i < kPages; i += 2) ksm_.Advise(Page(i), 1);
+  ASSERT_EQ(ksm_.AdvisedRanges().size(), kPages / 2);
+  FullScans(2);
+  EXPECT_EQ(mem_.probed_pages, 0u) << "nothing to probe";
+  mem_.Write(Page(3000), 0x44);
+  mem_.Write(Page(3002), 0x44);
+  mem_.Write(Page(3001), 0x44);  // not advised
+  FullScans(2);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 1u);
+  EXPECT_EQ(ksm_.GetCounters().rmap_items, 2u);
+  EXPECT_FALSE(mem_.MapsFrame(Page(3001)));
+  EXPECT_LE(mem_.probed_pages, 2 * 2 * 512u) << "one chunk, two scans";
+}
+
 // Small ranges come and go at new addresses (buffers mapped, advised and
 // unmapped): each leaves nothing behind in the core, and a range that
 // shares a chunk with another keeps its own entry (CheckInvariants: every
