@@ -545,7 +545,13 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
         ExecutePlans();
       }
     }
-    NoteWritten(r, idx, i);
+    if (!nothing) {
+      NoteWritten(r, idx, i);
+    } else if (n == kProbeChunk) {
+      // A whole chunk with nothing in it (NothingToVisit read its items if
+      // it was in the set).
+      written_chunks_.erase(ChunkOf(cursor_));
+    }
     cursor_ += i * kPageSize;
     if (i < n && scanned < pages) break;  // paused
     // Merge while the planned pages are still in the CPU's caches: the
