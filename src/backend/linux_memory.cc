@@ -440,10 +440,14 @@ bool LinuxMemory::Covers(const std::vector<Interval>& set, Addr start,
 
 bool LinuxMemory::Overlaps(const std::vector<Interval>& set, Addr start,
                            Addr end) {
-  auto it = std::lower_bound(
-      set.begin(), set.end(), start,
-      [](const Interval& i, Addr a) { return i.end <= a; });
-  return it != set.end() && it->start < end;
+  return NextIntervalStart(set, start) < end;
+}
+
+Addr LinuxMemory::NextIntervalStart(const std::vector<Interval>& set, Addr a) {
+  auto it =
+      std::lower_bound(set.begin(), set.end(), a,
+                       [](const Interval& i, Addr x) { return i.end <= x; });
+  return it == set.end() ? ~Addr{0} : it->start;
 }
 
 bool LinuxMemory::LockViewStale(Addr start, std::size_t len) {
@@ -1087,10 +1091,7 @@ Addr LinuxMemory::SkipAbsent(Addr from, Addr to) {
   Addr limit = std::min(to, touchable->end);
   for (const std::vector<Interval>* set :
        {&excluded_, &auto_excluded_, &frame_mapped_}) {
-    auto it =
-        std::lower_bound(set->begin(), set->end(), from,
-                         [](const Interval& i, Addr a) { return i.end <= a; });
-    if (it != set->end()) limit = std::min(limit, std::max(from, it->start));
+    limit = std::min(limit, std::max(from, NextIntervalStart(*set, from)));
   }
   if (limit <= from || !RangeMapped(from, limit - from)) return from;
   PageRegion region{};
@@ -2743,13 +2744,6 @@ std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {
       out.emplace_back(s, t - s);
     }
   };
-  // The first interval of a set starting after a (none: the end of memory).
-  auto next_start = [](const std::vector<Interval>& set, Addr a) {
-    auto it =
-        std::upper_bound(set.begin(), set.end(), a,
-                         [](Addr x, const Interval& i) { return x < i.start; });
-    return it == set.end() ? ~Addr{0} : it->start;
-  };
   for (const MapEntry& e : maps) {
     // touchable_ already leaves out the stacks; subtract the exclusions.
     // Interval by interval: page by page, a mapping of a terabyte took
@@ -2767,11 +2761,13 @@ std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {
       }
       const Interval* touchable = Find(touchable_, s);
       if (touchable == nullptr) {
-        s = next_start(touchable_, s);
+        s = NextIntervalStart(touchable_, s);
         continue;
       }
-      const Addr t = std::min({e.end, touchable->end, next_start(excluded_, s),
-                               next_start(auto_excluded_, s)});
+      // s lies in no exclusion (above): the next ones start after it.
+      const Addr t =
+          std::min({e.end, touchable->end, NextIntervalStart(excluded_, s),
+                    NextIntervalStart(auto_excluded_, s)});
       add(s, t);
       s = t;
     }

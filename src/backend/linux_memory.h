@@ -337,6 +337,9 @@ class LinuxMemory final : public Memory {
   // again elsewhere (the merges are refused this time). Not in a window.
   bool ViewIntact(const FrameId* frames, std::size_t n);
   static bool Overlaps(const std::vector<Interval>& set, Addr start, Addr end);
+  // The start of the first interval of the set that ends after a (at or
+  // before a if one holds a); ~0 if there is none.
+  static Addr NextIntervalStart(const std::vector<Interval>& set, Addr a);
   // [start, end) lies within one interval of the set.
   static bool Covers(const std::vector<Interval>& set, Addr start, Addr end);
   bool MayReplace(Addr page) const {

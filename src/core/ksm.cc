@@ -584,7 +584,8 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
 bool Ksm::NothingToVisit(const Range& r, std::size_t idx, std::size_t n) const {
   // Pages with no page of their own whose items were never written (all
   // zero: kNew) are visited for nothing: VisitPage leaves both as they are.
-  // The stretches of a sparse reservation go by a chunk at a time.
+  // A chunk PassUnwritten could not pass (a frame mapped near it, an
+  // exclusion, a kernel without PAGEMAP_SCAN) goes by a chunk at a time.
   if (std::any_of(states_.begin(), states_.begin() + n,
                   [](PageState s) { return s != PageState::kAbsent; })) {
     return false;

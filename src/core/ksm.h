@@ -545,7 +545,7 @@ class Ksm {
   // Between these chunks a scan asks Memory where the next page is instead
   // of probing every chunk: a sparse reservation of a terabyte is passed in
   // a few calls. A chunk leaves the set when a visit of all of it leaves
-  // all its items zero, or when it is forgotten whole.
+  // all its items zero, or when no range holds it any more.
   absl::btree_set<std::uint64_t> written_chunks_;
 
   // Counters kept incrementally.

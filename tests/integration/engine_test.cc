@@ -359,78 +359,79 @@ TEST(Engine, UnmergeableAfterDontneedOfHalfTheRange) {
   EXPECT_EQ(e->Stats().frames_in_use, 0u);
 }
 
-// A sparse reservation (64 GiB, MAP_NORESERVE, a few pages in use): scans
-// pass its empty stretches without probing them chunk by chunk, and still
-// find every page in use, one written after the first scans too; the
-// range is given back whole, contents kept.
-TEST(Engine, ASparseReservationMergesThePagesItUses) {
-  constexpr std::size_t kBytes = std::size_t{64} << 30;
-  auto* base = static_cast<unsigned char*>(
-      mmap(nullptr, kBytes, PROT_READ | PROT_WRITE,
-           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-  if (base == MAP_FAILED && errno == ENOMEM) {
-    GTEST_SKIP() << "no 64 GiB reservation here (vm.overcommit_memory 2?)";
+// A sparse reservation: 64 GiB mapped MAP_NORESERVE, a few pages in use.
+// Each test unmaps what it leaves mapped.
+class SparseReservation : public ::testing::Test {
+ protected:
+  static constexpr std::size_t kBytes = std::size_t{64} << 30;
+  static constexpr std::size_t kGiB = std::size_t{1} << 30;
+
+  void SetUp() override {
+    void* p = mmap(nullptr, kBytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED && errno == ENOMEM) {
+      GTEST_SKIP() << "no 64 GiB reservation here (vm.overcommit_memory 2?)";
+    }
+    ASSERT_NE(p, MAP_FAILED);
+    base_ = static_cast<unsigned char*>(p);
   }
-  ASSERT_NE(base, MAP_FAILED);
-  const std::size_t gib = std::size_t{1} << 30;
-  const std::size_t used[] = {0, 20 * gib + 7 * kPage, 50 * gib, 33 * gib};
-  for (std::size_t i = 0; i < 3; ++i) std::memset(base + used[i], 0x5a, kPage);
-  std::memset(base + 40 * gib, 0x17, kPage);  // unique
+
+  unsigned char* base_ = nullptr;
+};
+
+// Scans pass its empty stretches without probing them chunk by chunk, and
+// still find every page in use, one written after the first scans too;
+// the range is given back whole, contents kept.
+TEST_F(SparseReservation, MergesThePagesItUses) {
+  const std::size_t used[] = {0, 20 * kGiB + 7 * kPage, 50 * kGiB, 33 * kGiB};
+  for (std::size_t i = 0; i < 3; ++i) std::memset(base_ + used[i], 0x5a, kPage);
+  std::memset(base_ + 40 * kGiB, 0x17, kPage);  // unique
   auto e = NewEngine();
-  ASSERT_TRUE(e->Madvise(base, kBytes, MADV_MERGEABLE).ok());
+  ASSERT_TRUE(e->Madvise(base_, kBytes, MADV_MERGEABLE).ok());
   e->RunFullScans(2);
   EXPECT_EQ(Counter(*e, "pages_shared"), 1);
   EXPECT_EQ(Counter(*e, "pages_sharing"), 2);
-  std::memset(base + used[3], 0x5a, kPage);  // in a stretch passed so far
+  std::memset(base_ + used[3], 0x5a, kPage);  // in a stretch passed so far
   e->RunFullScans(2);
   EXPECT_EQ(Counter(*e, "pages_sharing"), 3);
   for (std::size_t at : used) {
-    EXPECT_TRUE(MapsSharedFrame(base + at)) << at / kPage;
-    EXPECT_EQ(base[at + 100], 0x5a) << at / kPage;
+    EXPECT_TRUE(MapsSharedFrame(base_ + at)) << at / kPage;
+    EXPECT_EQ(base_[at + 100], 0x5a) << at / kPage;
   }
-  EXPECT_FALSE(MapsSharedFrame(base + 40 * gib));
-  ASSERT_TRUE(e->Madvise(base, kBytes, MADV_UNMERGEABLE).ok());
+  EXPECT_FALSE(MapsSharedFrame(base_ + 40 * kGiB));
+  ASSERT_TRUE(e->Madvise(base_, kBytes, MADV_UNMERGEABLE).ok());
   EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
   for (std::size_t at : used) {
-    EXPECT_FALSE(MapsSharedFrame(base + at)) << at / kPage;
-    EXPECT_EQ(base[at + kPage - 1], 0x5a) << at / kPage;
-    base[at] = 1;  // writable
+    EXPECT_FALSE(MapsSharedFrame(base_ + at)) << at / kPage;
+    EXPECT_EQ(base_[at + kPage - 1], 0x5a) << at / kPage;
+    base_[at] = 1;  // writable
   }
-  EXPECT_EQ(base[40 * gib], 0x17);
-  munmap(base, kBytes);
+  EXPECT_EQ(base_[40 * kGiB], 0x17);
+  munmap(base_, kBytes);
 }
 
-// A hole unmapped in the middle of a sparse reservation is found as the
-// kernel would find it (its pages leave the advised range, so memory
-// mapped there again is not merged), and the pages past it still merge.
-TEST(Engine, ASparseReservationWithAHoleKeepsMergingPastIt) {
-  constexpr std::size_t kBytes = std::size_t{64} << 30;
-  const std::size_t gib = std::size_t{1} << 30;
-  auto* base = static_cast<unsigned char*>(
-      mmap(nullptr, kBytes, PROT_READ | PROT_WRITE,
-           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-  if (base == MAP_FAILED && errno == ENOMEM) {
-    GTEST_SKIP() << "no 64 GiB reservation here (vm.overcommit_memory 2?)";
-  }
-  ASSERT_NE(base, MAP_FAILED);
-  std::memset(base, 0x5a, kPage);
-  std::memset(base + 20 * gib, 0x5a, kPage);
+// A hole unmapped in the middle of it is found as the kernel would find
+// it (its pages leave the advised range, so memory mapped there again is
+// not merged), and the pages past it still merge.
+TEST_F(SparseReservation, WithAHoleKeepsMergingPastIt) {
+  std::memset(base_, 0x5a, kPage);
+  std::memset(base_ + 20 * kGiB, 0x5a, kPage);
   auto e = NewEngine();
-  ASSERT_TRUE(e->Madvise(base, kBytes, MADV_MERGEABLE).ok());
+  ASSERT_TRUE(e->Madvise(base_, kBytes, MADV_MERGEABLE).ok());
   e->RunFullScans(2);
   ASSERT_EQ(Counter(*e, "pages_sharing"), 1);
-  ASSERT_EQ(munmap(base + 10 * gib, gib), 0);
-  std::memset(base + 45 * gib, 0x5a, kPage);
+  ASSERT_EQ(munmap(base_ + 10 * kGiB, kGiB), 0);
+  std::memset(base_ + 45 * kGiB, 0x5a, kPage);
   e->RunFullScans(2);
   EXPECT_EQ(Counter(*e, "pages_sharing"), 2) << "the page past the hole";
   // New memory in the hole, where nothing else is mapped yet (malloc may
   // have put its own mappings there since): never MAP_FIXED over a hole.
   constexpr std::size_t kSlot = std::size_t{2} << 20;
   unsigned char* fresh = nullptr;
-  for (std::size_t off = 0; off < gib && fresh == nullptr; off += kSlot) {
-    void* p = mmap(base + 10 * gib + off, kSlot, PROT_READ | PROT_WRITE,
+  for (std::size_t off = 0; off < kGiB && fresh == nullptr; off += kSlot) {
+    void* p = mmap(base_ + 10 * kGiB + off, kSlot, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-    if (p == base + 10 * gib + off) {
+    if (p == base_ + 10 * kGiB + off) {
       fresh = static_cast<unsigned char*>(p);
     } else if (p != MAP_FAILED) {
       munmap(p, kSlot);  // before Linux 4.17 the address was only a hint
@@ -441,18 +442,18 @@ TEST(Engine, ASparseReservationWithAHoleKeepsMergingPastIt) {
   e->RunFullScans(2);
   EXPECT_EQ(Counter(*e, "pages_sharing"), 2) << "new memory is not advised";
   EXPECT_FALSE(MapsSharedFrame(fresh + 5 * kPage));
-  ASSERT_TRUE(e->Madvise(base, 10 * gib, MADV_UNMERGEABLE).ok());
+  ASSERT_TRUE(e->Madvise(base_, 10 * kGiB, MADV_UNMERGEABLE).ok());
   ASSERT_TRUE(
-      e->Madvise(base + 11 * gib, kBytes - 11 * gib, MADV_UNMERGEABLE).ok());
+      e->Madvise(base_ + 11 * kGiB, kBytes - 11 * kGiB, MADV_UNMERGEABLE).ok());
   EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
-  for (std::size_t at : {std::size_t{0}, 20 * gib, 45 * gib}) {
-    EXPECT_FALSE(MapsSharedFrame(base + at)) << at / kPage;
-    EXPECT_EQ(base[at + kPage - 1], 0x5a) << at / kPage;
+  for (std::size_t at : {std::size_t{0}, 20 * kGiB, 45 * kGiB}) {
+    EXPECT_FALSE(MapsSharedFrame(base_ + at)) << at / kPage;
+    EXPECT_EQ(base_[at + kPage - 1], 0x5a) << at / kPage;
   }
   EXPECT_EQ(fresh[6 * kPage - 1], 0x5a);
   munmap(fresh, kSlot);
-  munmap(base, 10 * gib);  // not the hole: other mappings may be there now
-  munmap(base + 11 * gib, kBytes - 11 * gib);
+  munmap(base_, 10 * kGiB);  // not the hole: other mappings may be there now
+  munmap(base_ + 11 * kGiB, kBytes - 11 * kGiB);
 }
 
 TEST(Engine, RunTwoUnmergesEverything) {
