@@ -120,7 +120,8 @@ class EngineImpl final : public Engine {
     std::vector<std::pair<Addr, std::size_t>> parts;
     // The kernel applies advice to the mapped parts of a range with holes and
     // still returns ENOMEM; so do we.
-    Status st = memory_->MergeableParts(start, rounded, &parts);
+    Status st = memory_->MergeableParts(start, rounded, &parts,
+                                        advice == MADV_MERGEABLE);
     if (!st.ok() && st.code() != ENOMEM) return st;
     if (advice == MADV_MERGEABLE) {
       for (auto [a, bytes] : parts) ksm_->Advise(a, bytes / kPageSize);

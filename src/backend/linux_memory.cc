@@ -18,6 +18,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cinttypes>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -84,18 +85,26 @@ struct PageRegion {
 constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
 constexpr std::uint64_t kPageIsPresent = 1 << 3;
 constexpr std::uint64_t kPageIsSwapped = 1 << 4;
+constexpr std::uint64_t kProcmapVmaReadable = 0x01;
 constexpr std::uint64_t kProcmapVmaWritable = 0x02;
+constexpr std::uint64_t kProcmapVmaExecutable = 0x04;
 constexpr std::uint64_t kProcmapVmaShared = 0x08;
 constexpr std::uint64_t kProcmapCoveringOrNext = 0x10;
 
 // The VMA containing `a` (with kProcmapCoveringOrNext, or the next one
 // after it), from the /proc/self/maps descriptor `fd`. False with errno set
 // (ENOENT: none; ENOTTY: before Linux 6.11).
-bool QueryVma(int fd, Addr a, ProcmapQuery* q, std::uint64_t flags = 0) {
+// With `name`, also the mapping's name into it ("" if none).
+bool QueryVma(int fd, Addr a, ProcmapQuery* q, std::uint64_t flags = 0,
+              std::string* name = nullptr) {
   *q = ProcmapQuery{};
   q->size = sizeof(*q);
   q->query_addr = a;
   q->query_flags = flags;
+  if (name != nullptr) {
+    q->vma_name_addr = reinterpret_cast<std::uintptr_t>(name->data());
+    q->vma_name_size = static_cast<std::uint32_t>(name->size());
+  }
   return ioctl(fd, kProcmapQuery, q) == 0;
 }
 
@@ -829,10 +838,11 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
         // Wholly new memory (none of it mergeable at the last smaps read),
         // whose flags only smaps shows: left alone until the next smaps
         // read rather than read now. Memory becomes mergeable only through
-        // MergeableParts and AnonymousRanges, which read smaps themselves;
-        // reading it for every new mapping (our own metadata and the
-        // scanner's malloc arena among them) walks the page tables of all
-        // memory, at every scan of a process that maps often.
+        // MergeableParts, whose memory a smaps read must see before it is
+        // touched (advised_unread_), and AnonymousRanges, which reads
+        // smaps itself; reading it for every new mapping (our own metadata
+        // and the scanner's malloc arena among them) walks the page tables
+        // of all memory, at every scan of a process that maps often.
         e.flags_unknown = true;
         continue;
       }
@@ -867,6 +877,7 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
   const std::int64_t started = SteadyNanos();
   Status s = ReadMaps(options_.maps_path, maps);
   if (!s.ok()) return s;
+  advised_unread_.clear();  // their flags are in this read
   smaps_took_ = SteadyNanos() - started;
   smaps_mappings_ = maps->size();
   view_mappings_ = maps->size();
@@ -932,6 +943,9 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
       AddInterval(&uffd_registered_, e.start, e.end);
   }
 
+  for (const Interval& x : advised_unread_)
+    AddInterval(&auto_excluded_, x.start, x.end);
+
   // Merges add to it between refreshes; growing it is not for the hot path.
   frame_mapped_.reserve(2 * frame_mapped_.size() + 1024);
 
@@ -985,8 +999,13 @@ void LinuxMemory::BeginFullScan() {
   // A view applied since the last scan began (merge-any's AnonymousRanges
   // reads smaps right at the end of a scan) is this scan's view: reading
   // smaps again would double the cost of the biggest per-scan step.
-  // On failure keep the previous view.
-  if (!view_fresh_) (void)RefreshMaps(/*full=*/false);
+  // On failure keep the previous view. Memory advised since the last
+  // smaps read makes this one a smaps read (Probe would make one anyway).
+  if (!advised_unread_.empty()) {
+    (void)RefreshMaps(/*full=*/true);
+  } else if (!view_fresh_) {
+    (void)RefreshMaps(/*full=*/false);
+  }
   view_fresh_ = false;
 }
 
@@ -1023,6 +1042,12 @@ std::size_t LinuxMemory::ReadPagemap(Addr base, std::size_t n) {
 void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
   RegisterThread();
   std::size_t total = states.size();
+  // Memory advised since the last smaps read is reached: its flags first.
+  // On failure it stays excluded (kAbsent).
+  if (!advised_unread_.empty() &&
+      Overlaps(advised_unread_, addr, addr + total * kPageSize)) {
+    (void)RefreshMaps(/*full=*/true);
+  }
   for (std::size_t done = 0; done < total;) {
     std::size_t n = std::min(kProbeChunk, total - done);
     Addr base = addr + done * kPageSize;
@@ -2684,7 +2709,7 @@ std::string LinuxMemory::DebugString() const {
 // --- ranges for the engine ---
 
 Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
-                                   std::vector<Range>* parts) {
+                                   std::vector<Range>* parts, bool advising) {
   parts->clear();
   // The kernel's madvise(): unaligned start or overflowing length: EINVAL.
   if (addr & (kPageSize - 1)) {
@@ -2701,9 +2726,12 @@ Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
   if (end == addr) return Status::Ok();
   RegisterThread();
   std::vector<MapEntry> maps;
-  Status s = ReadView(&maps, /*full=*/true);
-  if (!s.ok()) return s;
-  (void)ApplyMaps(maps);
+  const bool queried = QueryMappings(addr, end, &maps);
+  if (!queried) {
+    Status s = ReadView(&maps, /*full=*/true);
+    if (!s.ok()) return s;
+    (void)ApplyMaps(maps);
+  }
   Addr cursor = addr;
   bool hole = false;
   for (const MapEntry& e : maps) {
@@ -2721,11 +2749,61 @@ Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
     cursor = t;
   }
   if (cursor < end) hole = true;
+  if (queried && advising) {
+    // Their flags are read before any page of them is touched (Probe).
+    for (auto [start, bytes] : *parts) {
+      AddInterval(&advised_unread_, start, start + bytes);
+      AddInterval(&auto_excluded_, start, start + bytes);
+    }
+  }
   if (hole) {
     return Status::Error(ENOMEM, "madvise: range " + Hex(addr) + "-" +
                                      Hex(end) + " is not fully mapped");
   }
   return Status::Ok();
+}
+
+bool LinuxMemory::QueryMappings(Addr start, Addr end,
+                                std::vector<MapEntry>* maps) const {
+  // Only the real process's maps: tests inject other paths.
+  if (options_.maps_path != LinuxMemoryOptions().maps_path ||
+      !FrameMappingsKnowable()) {
+    return false;
+  }
+  const int fd = QueryFd();
+  if (fd < 0) return false;
+  maps->clear();
+  std::string name(PATH_MAX, '\0');
+  for (Addr a = start; a < end;) {
+    ProcmapQuery q;
+    if (!QueryVma(fd, a, &q, kProcmapCoveringOrNext, &name)) {
+      if (errno == ENOENT) break;  // nothing mapped from a on
+      return false;
+    }
+    if (q.vma_start >= end) break;
+    MapEntry e;
+    e.start = q.vma_start;
+    e.end = q.vma_end;
+    e.read = (q.vma_flags & kProcmapVmaReadable) != 0;
+    e.write = (q.vma_flags & kProcmapVmaWritable) != 0;
+    e.exec = (q.vma_flags & kProcmapVmaExecutable) != 0;
+    e.shared = (q.vma_flags & kProcmapVmaShared) != 0;
+    e.offset = q.vma_offset;
+    e.dev_major = q.dev_major;
+    e.dev_minor = q.dev_minor;
+    e.inode = q.inode;
+    // vma_name_size counts the terminating NUL; 0 for a nameless mapping.
+    e.path.assign(name.data(), q.vma_name_size > 0 ? q.vma_name_size - 1 : 0);
+    // The one VmFlag the query shows: hugetlb memory's page size (it is
+    // file-backed, on hugetlbfs, so not taken anyway).
+    if (q.vma_page_size != kPageSize) {
+      e.vm_flags = "ht";
+      e.has_vm_flags = true;
+    }
+    maps->push_back(std::move(e));
+    a = q.vma_end;
+  }
+  return true;
 }
 
 std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {

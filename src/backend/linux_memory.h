@@ -252,15 +252,22 @@ class LinuxMemory final : public Memory {
   // the engine reads on every discard the application makes.
   std::size_t ScratchResidentPages() const;
 
-  // madvise(MADV_MERGEABLE)'s checks, from a fresh read of the maps:
+  // madvise(MADV_MERGEABLE)'s checks, from the kernel's VMAs now:
   // EINVAL if addr is not page-aligned or len overflows; len is rounded up
   // to pages; ENOMEM if part of the range is unmapped (parts still holds the
   // mapped mergeable pieces, as the kernel still advises those). parts = the
   // private anonymous writable pieces (and our own merged mappings); shared,
-  // file-backed, hugetlb, special and flag-bearing (see proc_maps.h) VMAs
-  // are skipped silently.
+  // file-backed, hugetlb and special VMAs are skipped silently.
+  // The VMAs come from PROCMAP_QUERY (Linux 6.11), a query per VMA of the
+  // range, which shows no VmFlags: the parts are left alone
+  // (advised_unread_) until the first Probe that reaches them reads smaps,
+  // where flag-bearing memory (see proc_maps.h) drops out as kGone. Where
+  // the query does not work, smaps is read here, as the flags then are.
+  // `advising` false (MADV_UNMERGEABLE, which only needs the holes): the
+  // parts are not going to be advised, and need no read.
   [[nodiscard]] Status MergeableParts(Addr addr, std::size_t len,
-                                      std::vector<Range>* parts);
+                                      std::vector<Range>* parts,
+                                      bool advising = true);
 
   // Every private anonymous writable mapping (merge-any mode), minus the
   // excluded ranges and the main stack; in mprotect mode also minus thread
@@ -358,8 +365,9 @@ class LinuxMemory final : public Memory {
   // address: our merges and unmerges only switch pieces of that memory
   // between anonymous and our memfd, keeping the flags. A mapping wholly
   // outside it is new memory: marked flags_unknown, not merged until the
-  // next smaps read (MergeableParts and AnonymousRanges, the only ways
-  // memory becomes mergeable, read smaps). Known memory that grew or was
+  // next smaps read (memory becomes mergeable only through MergeableParts,
+  // whose parts wait for a smaps read, and AnonymousRanges, which reads
+  // smaps). Known memory that grew or was
   // joined with new (brk, mremap in place) makes it read smaps. A flag
   // changed on a whole mapping without a change of
   // layout (madvise DONTFORK, mlock of a whole mapping), or memory unmapped
@@ -375,6 +383,10 @@ class LinuxMemory final : public Memory {
   // flags_deferred and left alone (ApplyMaps: excluded). Reads for `full`
   // and after NoteVmaFlagsChanged() are never put off.
   Status ReadView(std::vector<MapEntry>* maps, bool full);
+  // The VMAs that meet [start, end), from PROCMAP_QUERY, without VmFlags
+  // (but "ht" for hugetlb). False where the query does not work (before
+  // Linux 6.11) or maps_path is not the process's own.
+  bool QueryMappings(Addr start, Addr end, std::vector<MapEntry>* maps) const;
   // Private read-write non-executable memory that is anonymous or ours:
   // what merges and unmerges turn into one another.
   bool MergeableKind(const MapEntry& e) const;
@@ -657,6 +669,12 @@ class LinuxMemory final : public Memory {
     std::string flags;
   };
   std::vector<FlagRun> flag_runs_;
+  // Memory advised (MergeableParts) since the last smaps read, which only
+  // PROCMAP_QUERY looked at: mapped, of mergeable kind, but with VmFlags
+  // not read yet (memory mapped again where other memory was at that read
+  // may carry any flag). Left alone, as auto_excluded_, until the first
+  // Probe that reaches it reads smaps: one read for every madvise since.
+  std::vector<Interval> advised_unread_;
   std::vector<Addr> anon_splits_;  // sorted: starts of split anon mappings
   // Splits we made since (RegisterRestored), unsorted: into anon_splits_
   // at the next ReadView.
