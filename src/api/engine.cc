@@ -433,14 +433,18 @@ class EngineImpl final : public Engine {
     // and from the background scanner at most every kMergeAnySweepNanos
     // (a smaps read of the whole process, milliseconds under the lock: a
     // small process scanned at sleep_millisecs=0 ends hundreds of scans a
-    // second).
+    // second), and no more often than smaps's share of the time allows (a
+    // read walks every page table: 22 ms at 1 GiB present, which took a
+    // fifth of a scanner at full speed every 100 ms).
     if (merge_any_ && ksm_->GetCounters().full_scans != scans) {
       const std::int64_t now =
           std::chrono::duration_cast<std::chrono::nanoseconds>(
               std::chrono::steady_clock::now().time_since_epoch())
               .count();
       const bool background = carry_runs;  // only the scanner thread carries
-      if (!background || now - last_sweep_ >= kMergeAnySweepNanos) {
+      const std::int64_t spacing =
+          std::max(kMergeAnySweepNanos, memory_->SmapsReadSpacing());
+      if (!background || now - last_sweep_ >= spacing) {
         AdviseAllAnonymousLocked();
         last_sweep_ = now;
       }

@@ -274,6 +274,12 @@ class LinuxMemory final : public Memory {
   // stacks (an anonymous rw mapping right above a PROT_NONE guard, as glibc
   // lays them out), whose owners would die on a write fault.
   std::vector<Range> AnonymousRanges();
+  // How far apart reads of smaps that the caller may put off should be, so
+  // that they take at most their share of the time (smaps_cost_share times
+  // what the last read took; 0 before any read).
+  std::int64_t SmapsReadSpacing() const {
+    return options_.smaps_cost_share * smaps_took_;
+  }
 
   // Around an mlockall by the application (the engine's lock held, no
   // window open): shield=true makes samepage's own mappings (the frame view

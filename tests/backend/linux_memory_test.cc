@@ -329,11 +329,13 @@ TEST_P(LinuxMemoryTest, AdviceReadsNoSmapsButFlagsAreReadBeforeATouch) {
   ASSERT_EQ(madvise(b.page(0), 8 * kPageSize, MADV_WIPEONFORK), 0);
   const std::uint64_t reads = m->Stats().smaps_reads;
   std::vector<LinuxMemory::Range> parts;
-  // MADV_UNMERGEABLE's check of the range asks for no read later.
+  // MADV_UNMERGEABLE's check of the range asks for no read later (a Probe
+  // reads smaps only for advice not read yet; a full scan may read it for
+  // other reasons, such as the malloc arena grown in place).
   ASSERT_TRUE(m->MergeableParts(b.addr(0), 8 * kPageSize, &parts,
                                 /*advising=*/false)
                   .ok());
-  m->BeginFullScan();
+  (void)ProbeOne(*m, b.addr(0));
   EXPECT_EQ(m->Stats().smaps_reads, reads) << "unadvice asked for a read";
   for (int round = 0; round < 50; ++round) {
     for (const Region* r : {&a, &b, &c}) {
@@ -358,6 +360,22 @@ TEST_P(LinuxMemoryTest, AdviceReadsNoSmapsButFlagsAreReadBeforeATouch) {
   EXPECT_TRUE(Same(b.page(1), expect));
   EXPECT_TRUE(Same(c.page(1), expect));
   ASSERT_EQ(madvise(b.page(0), 8 * kPageSize, MADV_KEEPONFORK), 0);
+}
+
+// merge-any's sweeps (a smaps read each) are spaced by what a read costs:
+// it walks the page tables of every present page, so 256 MiB more of them
+// must lengthen the spacing several times over.
+TEST_P(LinuxMemoryTest, SmapsReadSpacingGrowsWithWhatAReadWalks) {
+  auto m = NewMemory();
+  ASSERT_TRUE(m->RefreshMaps().ok());
+  const std::int64_t small = m->SmapsReadSpacing();
+  EXPECT_GT(small, 0);
+  constexpr std::size_t kPages = 65536;
+  Region big(kPages);
+  for (std::size_t i = 0; i < kPages; ++i) big.page(i)[0] = 1;
+  ASSERT_TRUE(m->RefreshMaps().ok());
+  EXPECT_GT(m->SmapsReadSpacing(), 3 * small)
+      << "small " << small << " ns, big " << m->SmapsReadSpacing() << " ns";
 }
 
 // smaps reads that count as expensive (all of them), the next one put off
