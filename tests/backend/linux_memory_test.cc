@@ -362,6 +362,30 @@ TEST_P(LinuxMemoryTest, AdviceReadsNoSmapsButFlagsAreReadBeforeATouch) {
   ASSERT_EQ(madvise(b.page(0), 8 * kPageSize, MADV_KEEPONFORK), 0);
 }
 
+// Where PROCMAP_QUERY cannot be used (before Linux 6.11; here, a maps
+// path that is not the process's own by name), madvise reads smaps itself,
+// and its memory is touchable at once.
+TEST_P(LinuxMemoryTest, WithoutTheQueryAdviceReadsSmapsItself) {
+  LinuxMemoryOptions o;
+  g_config.ApplyTo(&o);
+  o.maps_path = "/proc/self/./smaps";
+  std::unique_ptr<LinuxMemory> m;
+  ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
+  Region a(8), b(8);
+  FillAlike(a, b);
+  ASSERT_EQ(madvise(b.page(0), 8 * kPageSize, MADV_WIPEONFORK), 0);
+  const std::uint64_t reads = m->Stats().smaps_reads;
+  std::vector<LinuxMemory::Range> parts;
+  ASSERT_TRUE(m->MergeableParts(a.addr(0), 8 * kPageSize, &parts).ok());
+  ASSERT_EQ(parts.size(), 1u);
+  ASSERT_TRUE(m->MergeableParts(b.addr(0), 8 * kPageSize, &parts).ok());
+  EXPECT_TRUE(parts.empty()) << "wipe-on-fork memory advised";
+  EXPECT_EQ(m->Stats().smaps_reads, reads + 2);
+  EXPECT_EQ(ProbeOne(*m, a.addr(1)), PageState::kAnon);
+  EXPECT_EQ(m->Stats().smaps_reads, reads + 2);
+  ASSERT_EQ(madvise(b.page(0), 8 * kPageSize, MADV_KEEPONFORK), 0);
+}
+
 // merge-any's sweeps (a smaps read each) are spaced by what a read costs:
 // it walks the page tables of every present page, so 256 MiB more of them
 // must lengthen the spacing several times over.
