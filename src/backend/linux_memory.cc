@@ -2765,7 +2765,8 @@ Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
 
 bool LinuxMemory::QueryMappings(Addr start, Addr end,
                                 std::vector<MapEntry>* maps) const {
-  // Only the real process's maps: tests inject other paths.
+  // Only the real process's maps (tests inject other paths), and only
+  // where the query works (what FrameMappingsKnowable finds out).
   if (options_.maps_path != LinuxMemoryOptions().maps_path ||
       !FrameMappingsKnowable()) {
     return false;
