@@ -73,6 +73,12 @@ class Engine {
   // madvise(addr, len, MADV_MERGEABLE | MADV_UNMERGEABLE) with the kernel's
   // checks: EINVAL unaligned addr or bad advice, ENOMEM a hole in the range.
   // Shared, file-backed, hugetlb and special mappings are silently ignored.
+  // Memory whose flags a mapping of ours would lose (wipe-on-fork, sealed,
+  // droppable, registered with the application's userfaultfd) is never
+  // merged: this call asks the kernel only for the mappings of the range
+  // (PROCMAP_QUERY, Linux 6.11; before, it reads smaps), takes such memory
+  // with the rest, and the scanner drops it when it reads the flags
+  // (smaps), before it touches any newly advised memory.
   virtual Status Madvise(void* addr, std::size_t len, int advice) = 0;
   // prctl(PR_SET_MEMORY_MERGE, on) / PR_GET_MEMORY_MERGE.
   virtual Status SetMergeAny(bool on) = 0;
