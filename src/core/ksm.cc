@@ -118,12 +118,24 @@ const Ksm::Item* Ksm::FindItem(Addr addr) const {
 bool Ksm::IsAdvised(Addr addr) const { return FindItem(addr) != nullptr; }
 
 std::vector<std::pair<Addr, std::size_t>> Ksm::AdvisedRanges() const {
+  return AdvisedRanges(0, ~Addr{0} & ~(kPageSize - 1));
+}
+
+std::vector<std::pair<Addr, std::size_t>> Ksm::AdvisedRanges(Addr from,
+                                                             Addr to) const {
   std::vector<std::pair<Addr, std::size_t>> out;
-  for (const auto& [start, r] : ranges_) {
+  auto it = ranges_.upper_bound(from);
+  if (it != ranges_.begin()) --it;  // the one that may hold `from`
+  for (; it != ranges_.end() && it->first < to; ++it) {
+    const Addr start = std::max(from, it->first);
+    const Addr end =
+        std::min(to, it->first + it->second.items.size() * kPageSize);
+    if (start >= end) continue;
+    const std::size_t pages = (end - start) / kPageSize;
     if (!out.empty() && out.back().first + out.back().second * kPageSize == start) {
-      out.back().second += r.items.size();
+      out.back().second += pages;
     } else {
-      out.emplace_back(start, r.items.size());
+      out.emplace_back(start, pages);
     }
   }
   return out;

@@ -89,6 +89,10 @@ class Ksm {
   std::size_t AdvisedPages() const { return advised_pages_; }
   // The advised ranges as (start, npages), adjacent ones joined.
   std::vector<std::pair<Addr, std::size_t>> AdvisedRanges() const;
+  // The same within [from, to) (page-aligned), clipped to it: a lookup,
+  // not a walk of every range.
+  std::vector<std::pair<Addr, std::size_t>> AdvisedRanges(Addr from,
+                                                          Addr to) const;
 
   // Visits up to `pages` present pages from the cursor, merging what it
   // finds; returns the number of pages scanned (pages_scanned grows by it).

@@ -620,6 +620,36 @@ TEST_F(KsmTest, ProgressIsReportedWithinTheBatch) {
   EXPECT_EQ(ended->pages_scanned, 4 * kPairs);
 }
 
+// The advised ranges within a window, as every mapping call asks them: the
+// ranges that meet it, clipped to it, adjacent ones joined; the same as
+// clipping the whole list, for any window.
+TEST_F(KsmTest, AdvisedRangesWithinAWindowAreClippedAndJoined) {
+  ksm_.Advise(kBase, 4);
+  ksm_.Advise(Page(4), 4);  // a range of its own, adjacent: joined
+  ksm_.Advise(Page(10), 2);
+  ksm_.Advise(Page(20), 1);
+  using Ranges = std::vector<std::pair<Addr, std::size_t>>;
+  EXPECT_EQ(ksm_.AdvisedRanges(Page(2), Page(11)),
+            (Ranges{{Page(2), 6}, {Page(10), 1}}));
+  EXPECT_EQ(ksm_.AdvisedRanges(Page(8), Page(10)), Ranges{});
+  EXPECT_EQ(ksm_.AdvisedRanges(Page(20), Page(21)), (Ranges{{Page(20), 1}}));
+  EXPECT_EQ(ksm_.AdvisedRanges(0, Page(1)), (Ranges{{kBase, 1}}));
+  const Ranges all = ksm_.AdvisedRanges();
+  ASSERT_EQ(all, (Ranges{{kBase, 8}, {Page(10), 2}, {Page(20), 1}}));
+  for (std::size_t from = 0; from < 24; ++from) {
+    for (std::size_t to = from; to < 24; ++to) {
+      Ranges clipped;
+      for (auto [a, n] : all) {
+        const Addr s = std::max(Page(from), a);
+        const Addr e = std::min(Page(to), a + n * kPageSize);
+        if (s < e) clipped.emplace_back(s, (e - s) / kPageSize);
+      }
+      EXPECT_EQ(ksm_.AdvisedRanges(Page(from), Page(to)), clipped)
+          << from << ".." << to;
+    }
+  }
+}
+
 // A large reservation advised mergeable (a runtime's heap under merge-any,
 // a virtual machine's memory) takes no memory for its pages until they are
 // visited, as the kernel's rmap items are made only for the pages ksmd
