@@ -75,7 +75,11 @@ class UffdProtector final : public Protector {
     }
     // ENOENT: part of the range is not registered (our own merged mappings,
     // or a VMA born since the last full scan). Undo any prefix; mprotect it.
-    WriteProtect(start, len, false);
+    // Page by page if the range fails as a whole: the kernel stops at the
+    // first VMA that is not registered, and one that a racing remap put in
+    // the prefix since would leave the rest of it protected, its writers
+    // waiting for good.
+    (void)Unprotect(start, len, ProtectMethod::kUffd);
     return fallback_.Protect(start, len, how);
   }
 
