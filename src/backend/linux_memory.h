@@ -199,6 +199,9 @@ class LinuxMemory final : public Memory {
   static constexpr std::size_t kMinPairRun = 8;
   // Pages per Unmerge replacement (one mremap, one new VMA each).
   static constexpr std::size_t kUnmergeChunkPages = 1024;
+  // Unmerge asks PROCMAP_QUERY for the mappings of a range up to this long
+  // (at most a query per page, 0.7 us each), and reads the maps beyond.
+  static constexpr std::size_t kQueriedUnmergePages = 4096;
 
   // Fails if the process state (fault handler), the frame store, pagemap or
   // the maps file cannot be set up, or kUserfaultfd was asked for and the
@@ -407,6 +410,9 @@ class LinuxMemory final : public Memory {
   bool IsAnonSplit(const MapEntry& a, const MapEntry& b) const;
   void NoteAnonSplits(const std::vector<MapEntry>& maps);
   bool RangeMapped(Addr start, std::size_t len) const;
+  // The last smaps read is under kSmapsInterval old and no flag change
+  // was reported since: ReadView would give no fresher flags.
+  bool SmapsReadFresh() const;
   MergeResult ClassifyProtectError(int err, Addr start, std::size_t len) const;
   template <typename Body>
   void InProtectedWindow(Addr base, std::size_t n, std::uint64_t cost,
@@ -700,6 +706,7 @@ class LinuxMemory final : public Memory {
   std::size_t smaps_mappings_ = 0;  // the mappings it showed
   std::size_t view_mappings_ = 0;   // the mappings the last view showed
   std::uint64_t smaps_reads_ = 0;
+  std::uint64_t maps_reads_ = 0;
   static constexpr std::int64_t kSmapsInterval = 2'000'000'000;
   std::vector<Interval> dontfork_;
   std::vector<Interval> dontdump_;

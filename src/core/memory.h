@@ -71,6 +71,7 @@ struct MemoryStats {
                                        // flight into them (pinned)
   std::uint64_t smaps_reads = 0;       // full reads of the mappings' flags
                                        // (a page-table walk of all memory)
+  std::uint64_t maps_reads = 0;        // reads of the plain maps for the view
   // Pages merged by a window that discarded them before mapping their
   // frames (no TLB flush a mapping).
   std::uint64_t discard_first_pages = 0;
