@@ -79,6 +79,8 @@ class UffdProtector final : public Protector {
     // first VMA that is not registered, and one that a racing remap put in
     // the prefix since would leave the rest of it protected, its writers
     // waiting for good.
+    if (after_partial_protect_ != nullptr)
+      after_partial_protect_(after_partial_protect_arg_);
     (void)Unprotect(start, len, ProtectMethod::kUffd);
     return fallback_.Protect(start, len, how);
   }
@@ -187,11 +189,17 @@ class UffdProtector final : public Protector {
     return ioctl(fd_, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
   }
   int fd() const { return fd_; }
+  void SetAfterPartialProtect(void (*hook)(void*), void* arg) {
+    after_partial_protect_ = hook;
+    after_partial_protect_arg_ = arg;
+  }
 
  private:
   int fd_;
   bool kernel_faults_wait_;
   MprotectProtector fallback_;
+  void (*after_partial_protect_)(void*) = nullptr;
+  void* after_partial_protect_arg_ = nullptr;
 };
 
 // Opens a userfaultfd: the syscall (all faults), or user-mode-only when
@@ -278,7 +286,8 @@ std::unique_ptr<Protector> NewMprotectProtector() {
   return std::make_unique<MprotectProtector>();
 }
 
-Status NewUffdProtector(std::unique_ptr<Protector>* out) {
+Status NewUffdProtector(std::unique_ptr<Protector>* out,
+                        void (*after_partial_protect)(void* arg), void* arg) {
   out->reset();
   bool kernel_faults_wait = false;
   int err = 0;
@@ -294,6 +303,7 @@ Status NewUffdProtector(std::unique_ptr<Protector>* out) {
   }
   Status s = RoundTrip(*uffd);
   if (!s.ok()) return s;
+  uffd->SetAfterPartialProtect(after_partial_protect, arg);
   *out = std::move(uffd);
   return Status::Ok();
 }

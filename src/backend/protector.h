@@ -120,7 +120,11 @@ std::unique_ptr<Protector> NewMprotectProtector();
 // Probes userfaultfd write-protection with a real round trip (protect a
 // scratch page, a thread writes to it and blocks, unprotect wakes it, the
 // write lands). Fails with the errno of the step that failed.
-[[nodiscard]] Status NewUffdProtector(std::unique_ptr<Protector>* out);
+// Tests: `after_partial_protect(arg)` runs when a Protect has failed part
+// way, before it undoes what it protected (a racing remap, on cue).
+[[nodiscard]] Status NewUffdProtector(
+    std::unique_ptr<Protector>* out,
+    void (*after_partial_protect)(void* arg) = nullptr, void* arg = nullptr);
 
 }  // namespace samepage::backend
 
