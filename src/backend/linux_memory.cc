@@ -2784,19 +2784,17 @@ Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
 
 bool LinuxMemory::QueryMappings(Addr start, Addr end,
                                 std::vector<MapEntry>* maps) const {
-  // Only the real process's maps (tests inject other paths), and only
-  // where the query works (what FrameMappingsKnowable finds out).
+  // Only the real process's maps (tests inject other paths). Before Linux
+  // 6.11 the first query fails (ENOTTY).
   if (options_.maps_path != LinuxMemoryOptions().maps_path ||
-      !FrameMappingsKnowable()) {
+      maps_query_fd_ < 0) {
     return false;
   }
-  const int fd = QueryFd();
-  if (fd < 0) return false;
   maps->clear();
   std::string name(PATH_MAX, '\0');
   for (Addr a = start; a < end;) {
     ProcmapQuery q;
-    if (!QueryVma(fd, a, &q, kProcmapCoveringOrNext, &name)) {
+    if (!QueryVma(maps_query_fd_, a, &q, kProcmapCoveringOrNext, &name)) {
       if (errno == ENOENT) break;  // nothing mapped from a on
       return false;
     }

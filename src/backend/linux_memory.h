@@ -263,7 +263,8 @@ class LinuxMemory final : public Memory {
   // file-backed, hugetlb and special VMAs are skipped silently.
   // The VMAs come from PROCMAP_QUERY (Linux 6.11), a query per VMA of the
   // range, which shows no VmFlags: the parts are left alone
-  // (advised_unread_) until the first Probe that reaches them reads smaps,
+  // (advised_unread_) until the next full scan, or the first Probe that
+  // reaches them, reads smaps,
   // where flag-bearing memory (see proc_maps.h) drops out as kGone. Where
   // the query does not work, smaps is read here, as the flags then are.
   // `advising` false (MADV_UNMERGEABLE, which only needs the holes): the
@@ -684,8 +685,9 @@ class LinuxMemory final : public Memory {
   // Memory advised (MergeableParts) since the last smaps read, which only
   // PROCMAP_QUERY looked at: mapped, of mergeable kind, but with VmFlags
   // not read yet (memory mapped again where other memory was at that read
-  // may carry any flag). Left alone, as auto_excluded_, until the first
-  // Probe that reaches it reads smaps: one read for every madvise since.
+  // may carry any flag). Left alone, as auto_excluded_, until the next
+  // full scan, or the first Probe that reaches it, reads smaps: one read
+  // for every madvise since.
   std::vector<Interval> advised_unread_;
   std::vector<Addr> anon_splits_;  // sorted: starts of split anon mappings
   // Splits we made since (RegisterRestored), unsorted: into anon_splits_
