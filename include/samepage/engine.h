@@ -133,10 +133,21 @@ class Engine {
   // re-apply the new lock state. Returns what change() returned.
   // *advised (if not null) is set, before change() runs, to whether any
   // engine tracked part of the range. Cheap when no engine exists.
-  // REQUIRES: not called from a thread that holds an engine's lock.
+  // On a thread inside an engine (ThreadInsideEngine), change(arg) runs at
+  // once and nothing else happens: that is an engine's own memory.
   static bool ChangeMapping(void* addr, std::size_t len, MappingChange kind,
                             bool (*change)(void* arg), void* arg,
                             bool* advised = nullptr);
+
+  // For the LD_PRELOAD layer: true on a thread that runs inside an engine,
+  // an engine's scanner thread or one holding an engine's lock for a call.
+  // What such a thread frees, unmaps or remaps is the engine's own memory,
+  // and the interposers must pass its calls straight to the C library
+  // (they would wait for the lock it holds). Not every such call comes
+  // from libsamepage's code: a program that exports libstdc++'s members
+  // (linked in statically, as cc1plus) runs std::string's growth, and so
+  // its frees, in the program's copy.
+  static bool ThreadInsideEngine();
 
   // For the LD_PRELOAD layer: a discarding madvise made from inside the
   // program's allocator (jemalloc, tcmalloc), where ChangeMapping cannot

@@ -79,6 +79,10 @@ using Interval = LinuxMemory::Interval;
 // created later. Guarded by g_engines_mu.
 std::vector<Interval>* g_kernel_written = nullptr;
 std::vector<Interval>* g_kernel_pinned = nullptr;
+// Nonzero on a thread inside an engine (Engine::ThreadInsideEngine): its
+// scanner, for good, or one holding an engine's lock (ControlLock).
+thread_local int tls_inside_engine __attribute__((tls_model("initial-exec"))) =
+    0;
 
 std::size_t PagesIn(const std::vector<Interval>& set) {
   std::size_t bytes = 0;
@@ -495,6 +499,7 @@ class EngineImpl final : public Engine {
   void ScannerLoop() {
     // Named like ksmd's role, so tools can find its CPU time in /proc.
     pthread_setname_np(pthread_self(), "samepage-ksmd");
+    tls_inside_engine = 1;  // for the thread's life
     std::unique_lock<std::mutex> lock(mu_);
     while (!stop_) {
       RebuildAfterForkLocked();
@@ -575,6 +580,7 @@ class EngineImpl final : public Engine {
   class ControlLock {
    public:
     explicit ControlLock(const EngineImpl* e) : e_(e) {
+      ++tls_inside_engine;
       e_->waiters_.fetch_add(1, std::memory_order_acq_rel);
       e_->mu_.lock();
       e_->waiters_.fetch_sub(1, std::memory_order_acq_rel);
@@ -585,6 +591,7 @@ class EngineImpl final : public Engine {
       // a rebuilt core after fork): its caller's next read must see them.
       const_cast<EngineImpl*>(e_)->PublishLocked();
       e_->mu_.unlock();
+      --tls_inside_engine;
     }
     void Yield() {
       e_->mu_.unlock();
@@ -631,6 +638,8 @@ class EngineImpl final : public Engine {
 
 void Engine::VmaFlagsChanged() { backend::NoteVmaFlagsChanged(); }
 
+bool Engine::ThreadInsideEngine() { return tls_inside_engine > 0; }
+
 namespace {
 // The pages [start, end) that [addr, addr + len) touches (end clamped at
 // the top of the address space).
@@ -648,6 +657,15 @@ std::pair<Addr, Addr> PagesOf(void* addr, std::size_t len) {
 bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
                            bool (*change)(void* arg), void* arg,
                            bool* advised) {
+  if (ThreadInsideEngine()) {
+    // The engine's own memory, freed or moved by the engine (its lock
+    // held here, or the scanner's): no window is open over it, and taking
+    // the locks would wait for this very thread.
+    const bool ok = change(arg);
+    if (ok && kind == MappingChange::kFlags) backend::NoteVmaFlagsChanged();
+    if (advised != nullptr) *advised = false;
+    return ok;
+  }
   const auto [start, end] = PagesOf(addr, len);
   std::lock_guard<std::mutex> lock(g_engines_mu);
   bool ok = false;

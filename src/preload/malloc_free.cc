@@ -108,8 +108,10 @@ SAMEPAGE_EXPORT void free(void* p) noexcept {
   }
   void* map = nullptr;
   size_t len = 0;
-  if (Bypass(__builtin_return_address(0)) || !MmappedBlock(p, &map, &len) ||
-      !MaybeAdvised(map, len)) {
+  // Bypass last: it may ask libsamepage (ThreadInsideEngine), and most
+  // blocks are not mapped ones.
+  if (!MmappedBlock(p, &map, &len) || !MaybeAdvised(map, len) ||
+      Bypass(__builtin_return_address(0))) {
     __libc_free(p);
     return;
   }
@@ -132,8 +134,8 @@ SAMEPAGE_EXPORT void* realloc(void* p, size_t size) noexcept {
   }
   void* map = nullptr;
   size_t len = 0;
-  if (p == nullptr || Bypass(__builtin_return_address(0)) ||
-      !MmappedBlock(p, &map, &len) || !MaybeAdvised(map, len)) {
+  if (p == nullptr || !MmappedBlock(p, &map, &len) || !MaybeAdvised(map, len) ||
+      Bypass(__builtin_return_address(0))) {
     return __libc_realloc(p, size);
   }
   // kMove: unmerged and unadvised first (the block may stay in place, or be

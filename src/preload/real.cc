@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "samepage/engine.h"
 #include "samepage/samepage.h"
 
 namespace samepage::preload {
@@ -256,7 +257,8 @@ bool FromAllocator(const void* caller) {
 
 bool Bypass(const void* caller) {
   if (t_inside > 0) return true;
-  return g_samepage_text.Contains(caller) || FromAllocator(caller);
+  return g_samepage_text.Contains(caller) || FromAllocator(caller) ||
+         samepage::Engine::ThreadInsideEngine();
 }
 
 }  // namespace samepage::preload

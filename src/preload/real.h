@@ -10,11 +10,15 @@
 // Bypass: a call must go straight to libc when it comes from samepage
 // itself, because the engine reads /proc/self/smaps and pagemap, drops zero
 // pages with madvise and closes its own descriptors through the same
-// symbols, possibly while holding its lock. Three tests, any suffices:
+// symbols, possibly while holding its lock. Four tests, any suffices:
 //  - the calling thread is inside samepage (Inside, set around every call
 //    the interposers make into libsamepage);
-//  - the caller's return address lies in libsamepage.so (the engine's own
-//    threads: the scanner, and the one restarted in a forked child);
+//  - the caller's return address lies in libsamepage.so;
+//  - the thread is inside an engine (Engine::ThreadInsideEngine): the
+//    engine's own threads (the scanner, and the one restarted in a forked
+//    child), whose frees may come from code outside libsamepage: a program
+//    that exports a static libstdc++ (cc1plus) runs std::string's growth
+//    for libsamepage in its own copy;
 //  - it lies in the program's allocator where that is not libc (jemalloc,
 //    tcmalloc preloaded): it maps, unmaps and madvises from inside malloc
 //    and free, where the engine, which allocates, cannot be entered. Its
