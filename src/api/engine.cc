@@ -514,12 +514,21 @@ class EngineImpl final : public Engine {
       const std::function<bool()> waiting = [this] {
         return waiters_.load(std::memory_order_acquire) > 0;
       };
+      // As ksm_do_scan, a batch also ends where a full scan does: a small
+      // process is scanned once per sleep, not pages_to_scan pages' worth
+      // of times (thousands of full scans a second, at pages_to_scan 5,000
+      // and sleep_millisecs 5, of an idle interpreter).
+      const std::uint64_t scans = ksm_->GetCounters().full_scans;
       for (std::size_t left = k.pages_to_scan; left > 0;) {
-        const std::size_t n = ScanLocked(left, /*stop_at_scan_end=*/false,
+        const std::size_t n = ScanLocked(left, /*stop_at_scan_end=*/true,
                                          /*carry_runs=*/true, waiting);
         left = n >= left ? 0 : left - n;
-        // Done, nothing to scan, or cut short: only the last goes on.
-        if (left == 0 || n == 0 || !waiting()) break;
+        // Done, a full scan ended, nothing to scan, or cut short: only the
+        // last goes on.
+        if (left == 0 || n == 0 || !waiting() ||
+            ksm_->GetCounters().full_scans != scans) {
+          break;
+        }
         lock.unlock();
         HandOff();
         lock.lock();

@@ -1,5 +1,6 @@
 /* The /sys/kernel/mm/ksm counters and /proc/self/ksm_stat through a merge,
- * pages_unshared across full-scan boundaries, copy-on-write,
+ * pages_unshared across full-scan boundaries, a batch ending where a full
+ * scan does, copy-on-write,
  * MADV_UNMERGEABLE, munmap, run=2, and zero pages dropped with
  * use_zero_pages=1, with the exact values kernel KSM shows for them. Runs
  * natively and under `samepage run`, same assertions; every expected figure is
@@ -181,6 +182,22 @@ int main(void) {
   printf("pages_unshared over 4 full scans: lowest %ld\n", low);
   CHECK(read_ulong(KSM_DIR "full_scans") >= scans + 4);
   CHECK(low >= 98);
+
+  /* A batch ends where a full scan does (ksm_do_scan): pages_to_scan far
+   * past the 600 pages is one full scan per sleep_millisecs, not 16. */
+  write_knob("pages_to_scan", "10000");
+  write_knob("sleep_millisecs", "100");
+  scans = read_ulong(KSM_DIR "full_scans");
+  const double began = now_seconds();
+  write_knob("run", "1");
+  sleep_ms(1000);
+  write_knob("run", "0");
+  const unsigned long in_a_second = read_ulong(KSM_DIR "full_scans") - scans;
+  printf("full scans in %.2f s at 10000 pages a 100 ms sleep: %lu\n",
+         now_seconds() - began, in_a_second);
+  CHECK(in_a_second >= 2 && in_a_second <= 15);
+  write_knob("pages_to_scan", "200");
+  write_knob("sleep_millisecs", "0");
 
   /* Copy-on-write: nothing counts it until the pages are visited again;
    * then the written pages, alike, make a node of their own. */
