@@ -424,8 +424,11 @@ class EngineImpl final : public Engine {
                          bool carry_runs = false,
                          const std::function<bool()>& pause = {}) {
     const std::uint64_t scans = ksm_->GetCounters().full_scans;
+    // Only the background scanner carries runs (and keeps recent views).
+    memory_->ReuseRecentViews(carry_runs);
     const std::size_t n =
         ksm_->ScanBatch(pages, stop_at_scan_end, carry_runs, pause);
+    memory_->ReuseRecentViews(false);
 #ifndef NDEBUG
     ksm_->CheckInvariants();  // debug builds: every batch, on real memory
 #endif

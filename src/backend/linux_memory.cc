@@ -466,6 +466,7 @@ bool LinuxMemory::LockViewStale(Addr start, std::size_t len) {
       msync(Ptr(start), len, MS_INVALIDATE) != 0 && errno == EBUSY;
   if (locked_now == Overlaps(locked_, start, start + len)) return false;
   view_fresh_ = false;  // read the maps again at the next full scan,
+  view_read_at_ = 0;    // however recent the view,
   smaps_read_at_ = 0;   // from smaps: the plain maps show no locks
   return true;
 }
@@ -709,18 +710,6 @@ bool LinuxMemory::IsThreadStackLike(const std::vector<MapEntry>& maps,
 
 // --- the maps view and the VMA budget ---
 
-Status LinuxMemory::RefreshMaps(bool full) {
-  std::vector<MapEntry> maps;
-  Status s = ReadView(&maps, full);
-  if (!s.ok()) return s;
-  return ApplyMaps(maps);
-}
-
-bool LinuxMemory::MergeableKind(const MapEntry& e) const {
-  return !e.shared && e.read && e.write && !e.exec &&
-         (IsPrivateAnonymous(e) || IsOurMemfd(e));
-}
-
 namespace {
 std::int64_t SteadyNanos() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -728,6 +717,33 @@ std::int64_t SteadyNanos() {
       .count();
 }
 }  // namespace
+
+Status LinuxMemory::RefreshMaps(bool full) {
+  const std::int64_t started = SteadyNanos();
+  const std::uint64_t epoch = g_vma_flags_epoch.load();
+  std::vector<MapEntry> maps;
+  Status s = ReadView(&maps, full);
+  if (s.ok()) s = ApplyMaps(maps);
+  if (s.ok()) NoteViewApplied(started, epoch);
+  return s;
+}
+
+void LinuxMemory::NoteViewApplied(std::int64_t started, std::uint64_t epoch) {
+  view_read_at_ = SteadyNanos();
+  view_took_ = view_read_at_ - started;
+  view_epoch_ = epoch;
+}
+
+bool LinuxMemory::RecentViewReusable() const {
+  return reuse_recent_views_ && view_read_at_ != 0 &&
+         g_vma_flags_epoch.load() == view_epoch_ &&
+         SteadyNanos() - view_read_at_ < options_.smaps_cost_share * view_took_;
+}
+
+bool LinuxMemory::MergeableKind(const MapEntry& e) const {
+  return !e.shared && e.read && e.write && !e.exec &&
+         (IsPrivateAnonymous(e) || IsOurMemfd(e));
+}
 
 void NoteVmaFlagsChanged() { g_vma_flags_epoch.fetch_add(1); }
 
@@ -1002,9 +1018,12 @@ void LinuxMemory::BeginFullScan() {
   // smaps again would double the cost of the biggest per-scan step.
   // On failure keep the previous view. Memory advised since the last
   // smaps read makes this one a smaps read (Probe would make one anyway).
+  // A view this recent is kept by the background scanner (see
+  // ReuseRecentViews): it is as old as a full scan of a large process's
+  // would be by its end.
   if (!advised_unread_.empty()) {
     (void)RefreshMaps(/*full=*/true);
-  } else if (!view_fresh_) {
+  } else if (!view_fresh_ && !RecentViewReusable()) {
     (void)RefreshMaps(/*full=*/false);
   }
   view_fresh_ = false;
@@ -2830,8 +2849,11 @@ std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {
   std::vector<MapEntry> maps;
   // Full: new mappings are mergeable in this mode, and their flags are
   // only in smaps (ReadView would leave them unmerged for a while).
+  const std::int64_t started = SteadyNanos();
+  const std::uint64_t epoch = g_vma_flags_epoch.load();
   if (!ReadView(&maps, /*full=*/true).ok()) return out;
   view_fresh_ = ApplyMaps(maps).ok();
+  if (view_fresh_) NoteViewApplied(started, epoch);
   auto add = [&](Addr s, Addr t) {
     if (s >= t) return;
     if (!out.empty() && out.back().first + out.back().second == s) {

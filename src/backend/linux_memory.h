@@ -284,6 +284,13 @@ class LinuxMemory final : public Memory {
   std::int64_t SmapsReadSpacing() const {
     return options_.smaps_cost_share * smaps_took_;
   }
+  // For the background scanner (true) only: a full scan may keep the maps
+  // view applied less than smaps_cost_share times what reading it took ago
+  // (no flag change reported since). A small process scanned at a high
+  // rate ends hundreds of full scans a second, and read /proc/self/maps at
+  // each: most of its scanner's time, idle. Scans a caller asks for
+  // (false) read it at each full scan, as before.
+  void ReuseRecentViews(bool reuse) { reuse_recent_views_ = reuse; }
 
   // Around an mlockall by the application (the engine's lock held, no
   // window open): shield=true makes samepage's own mappings (the frame view
@@ -673,6 +680,15 @@ class LinuxMemory final : public Memory {
   // The maps view was applied after the last BeginFullScan: the next one
   // need not read smaps again.
   bool view_fresh_ = false;
+  // The last view applied (RefreshMaps, AnonymousRanges): when, what
+  // reading and applying it took, the flag epoch it saw; and whether a
+  // full scan may keep it a while (ReuseRecentViews).
+  std::int64_t view_read_at_ = 0;
+  std::int64_t view_took_ = 0;
+  std::uint64_t view_epoch_ = 0;
+  bool reuse_recent_views_ = false;
+  bool RecentViewReusable() const;
+  void NoteViewApplied(std::int64_t started, std::uint64_t epoch);
   // From the last smaps read (ReadView): the VmFlags of its mergeable
   // memory as runs of equal flags (our own "uw" left out:
   // uffd_registered_ says where that is).

@@ -414,6 +414,40 @@ std::unique_ptr<LinuxMemory> NewMemoryWithExpensiveSmaps() {
   return m;
 }
 
+// At a full scan the background scanner keeps a view read less than
+// smaps_cost_share times what the read took ago (here: for good); a reported
+// flag change, or a scan a caller asked for, reads it again. Before, a small
+// process scanned at a high rate read /proc/self/maps at every one of its
+// hundreds of full scans a second.
+TEST_P(LinuxMemoryTest, TheScannersBackToBackFullScansKeepARecentView) {
+  auto m = NewMemoryWithExpensiveSmaps();
+  Region a(4);
+  for (std::size_t i = 0; i < 4; ++i) Fill(a.page(i), i);
+  ASSERT_TRUE(m->RefreshMaps().ok());
+  const auto views = [&] {
+    const MemoryStats s = m->Stats();
+    return s.maps_reads + s.smaps_reads;
+  };
+  const auto before = views();
+  m->ReuseRecentViews(true);
+  for (int i = 0; i < 5; ++i) m->BeginFullScan();
+  EXPECT_EQ(views(), before) << "a recent view read again";
+  NoteVmaFlagsChanged();
+  m->BeginFullScan();
+  EXPECT_EQ(views(), before + 1) << "a flag change left unread";
+  m->BeginFullScan();
+  EXPECT_EQ(views(), before + 1);
+  m->ReuseRecentViews(false);
+  m->BeginFullScan();
+  m->BeginFullScan();
+  EXPECT_EQ(views(), before + 3) << "a scan asked for kept the view";
+  // The view still serves: the pages are there to probe.
+  std::vector<PageState> states(4);
+  m->Probe(a.addr(0), states);
+  for (std::size_t i = 0; i < 4; ++i)
+    EXPECT_EQ(states[i], PageState::kAnon) << i;
+}
+
 // Where smaps is expensive, the read that known memory grown in place asks
 // for is put off: that memory is left alone meanwhile (its pages report
 // absent, nothing merges there, its bytes stay and take writes) while the
