@@ -1,5 +1,7 @@
 #include "cli/run.h"
 
+#include <elf.h>
+#include <fcntl.h>
 #include <fmt/core.h>
 #include <limits.h>
 #include <unistd.h>
@@ -9,6 +11,7 @@
 #include <cstring>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "api/default_engine.h"
 #include "api/sysfs_text.h"
@@ -55,6 +58,54 @@ std::string FindPreload() {
     }
   }
   return "";
+}
+
+// The file execvp would run for `name`: a name with a slash as it is, else
+// the first executable one along PATH ("" where there is none: execvp
+// then reports it).
+std::string ResolveProgram(const std::string& name) {
+  if (name.find('/') != std::string::npos) return name;
+  const char* path = getenv("PATH");
+  std::string_view dirs =
+      path != nullptr ? path : "/usr/local/bin:/usr/bin:/bin";
+  while (true) {
+    const std::size_t colon = dirs.find(':');
+    const std::string_view dir = dirs.substr(0, colon);
+    const std::string file =
+        (dir.empty() ? std::string(".") : std::string(dir)) + "/" + name;
+    if (access(file.c_str(), X_OK) == 0) return file;
+    if (colon == std::string_view::npos) return "";
+    dirs.remove_prefix(colon + 1);
+  }
+}
+
+// Why LD_PRELOAD cannot reach the ELF program at `path` ("" if it can, or
+// if it is not an ELF file: a script's interpreter is what runs). Only a
+// dynamically linked program (one with a PT_INTERP header) of our own ELF
+// class loads the preload; any other would talk to kernel KSM itself.
+std::string WhyUnreachable(const std::string& path) {
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return "";
+  Elf64_Ehdr eh;
+  std::string why;
+  const bool elf = pread(fd, &eh, sizeof(eh), 0) == sizeof(eh) &&
+                   std::memcmp(eh.e_ident, ELFMAG, SELFMAG) == 0;
+  if (!elf) {
+    // not ours to judge
+  } else if (eh.e_ident[EI_CLASS] != ELFCLASS64) {
+    why = "is a 32-bit program, and samepage's preload library is 64-bit";
+  } else if (eh.e_phentsize == sizeof(Elf64_Phdr) && eh.e_phnum > 0) {
+    std::vector<Elf64_Phdr> ph(eh.e_phnum);
+    const auto bytes = static_cast<ssize_t>(ph.size() * sizeof(Elf64_Phdr));
+    if (pread(fd, ph.data(), static_cast<std::size_t>(bytes),
+              static_cast<off_t>(eh.e_phoff)) == bytes) {
+      bool interp = false;
+      for (const Elf64_Phdr& h : ph) interp |= h.p_type == PT_INTERP;
+      if (!interp) why = "is statically linked: no dynamic loader runs it";
+    }
+  }
+  close(fd);
+  return why;
 }
 
 // Checks every KNOB=VALUE as the kernel would take it, in order, on a
@@ -151,6 +202,19 @@ int RunProgram(const RunOptions& options) {
     unsetenv("SAMEPAGE_MERGE_ANY");
   }
 
+  // Refused rather than run without samepage: its madvise and its writes to
+  // /sys/kernel/mm/ksm would reach kernel KSM, which `samepage run` is there
+  // to stand in for (and which a root user's writes change for everyone).
+  const std::string program = ResolveProgram(options.command[0]);
+  if (const std::string why = program.empty() ? "" : WhyUnreachable(program);
+      !why.empty()) {
+    fmt::print(stderr,
+               "samepage run: {} {}, so LD_PRELOAD cannot bring samepage "
+               "into it (its KSM calls would go to the kernel's KSM); not "
+               "run\n",
+               options.command[0], why);
+    return 126;
+  }
   std::vector<char*> argv;
   for (const std::string& a : options.command) {
     argv.push_back(const_cast<char*>(a.c_str()));
