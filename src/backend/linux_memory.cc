@@ -252,9 +252,8 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
   using Fill = LinuxMemoryOptions::FrameFill;
   Status s = InitProcessState();
   if (!s.ok()) return s;
-  pread_cold_frames_ = options_.cold_frame_read == Read::kMeasured
-                           ? PreadBeatsColdView()
-                           : options_.cold_frame_read == Read::kPread;
+  pread_cold_frames_ = options_.cold_frame_read == Read::kPread;
+  cold_frame_read_known_ = options_.cold_frame_read != Read::kMeasured;
   fills_ = CheaperOf(options_.frame_fill == Fill::kBounce   ? 0
                      : options_.frame_fill == Fill::kDirect ? 1
                                                             : -1);
@@ -1328,10 +1327,17 @@ void LinuxMemory::AddIntervals(std::vector<Interval>* set,
   adds->clear();
 }
 
+void LinuxMemory::LearnColdFrameRead() {
+  if (cold_frame_read_known_) return;
+  pread_cold_frames_ = PreadBeatsColdView();
+  cold_frame_read_known_ = true;
+}
+
 void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
                                   std::span<const FrameId> frames,
                                   std::span<MergeResult> results) {
   RegisterThread();
+  LearnColdFrameRead();  // outside any window: the probe allocates
   std::size_t n = std::min({pages.size(), frames.size(), results.size()});
   auto ok = [&](std::size_t i) {
     return MayReplace(pages[i]) && store_.IsAllocated(frames[i]);
