@@ -101,7 +101,8 @@ struct LinuxMemoryOptions {
   bool map_lone_pages = true;
   // Two choices whose cheaper way depends on the machine: how a compare
   // reads a frame likely not read through our view lately
-  // (FramesLikelyCold; kMeasured: PreadBeatsColdView, a probe at start),
+  // (FramesLikelyCold; kMeasured: PreadBeatsColdView, a probe at the first
+  // join of frames),
   // and how pages are copied into new frames, through our scratch area or
   // with pwritev straight from the pages (kMeasured: CheaperOf times both
   // on the work). Tests force one.
