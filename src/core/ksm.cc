@@ -38,7 +38,7 @@ auto MayHold(const absl::btree_set<std::uint64_t>& written, Addr start) {
 // kMaxRunPlans.
 constexpr std::size_t kPlanFlush = 256;
 // Pages visited between two questions whether to pause the batch.
-constexpr std::size_t kPauseCheck = 64;
+constexpr std::size_t kPauseCheck = 8;
 constexpr std::size_t kMaxRunPlans = 65536;
 // Plans held while most are scattered pairs (Ksm::HoldScattered).
 constexpr std::size_t kMaxScatteredPlans = 16384;
