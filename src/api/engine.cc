@@ -22,6 +22,7 @@
 #include "samepage/engine.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -478,6 +479,16 @@ class EngineImpl final : public Engine {
   void StartScannerLocked() {
     if (scanner_) return;
     stop_ = false;
+    // Born with every signal blocked (it takes the creating thread's mask):
+    // the program's signals are for the program's threads. A signal sent
+    // to the process may go to any thread that does not block it, and a
+    // program that blocks SIGUSR1 everywhere to take it with sigwaitinfo
+    // was killed when it reached the scanner instead. ScannerLoop unblocks
+    // the faults its guarded reads need.
+    sigset_t all;
+    sigset_t was;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &was);
     try {
       scanner_ = std::make_unique<std::thread>([this] { ScannerLoop(); });
     } catch (const std::system_error&) {
@@ -485,6 +496,7 @@ class EngineImpl final : public Engine {
       // synchronous scans still work.
       scanner_.reset();
     }
+    pthread_sigmask(SIG_SETMASK, &was, nullptr);
   }
 
   void StopScanner() {
@@ -503,6 +515,14 @@ class EngineImpl final : public Engine {
     // Named like ksmd's role, so tools can find its CPU time in /proc.
     pthread_setname_np(pthread_self(), "samepage-ksmd");
     tls_inside_engine = 1;  // for the thread's life
+    // A guarded read that faults (the program unmapped the page) leaves
+    // through samepage's SIGSEGV/SIGBUS handler; blocked, the kernel would
+    // kill the process instead (as it does for any fault it cannot deliver).
+    sigset_t faults;
+    sigemptyset(&faults);
+    sigaddset(&faults, SIGSEGV);
+    sigaddset(&faults, SIGBUS);
+    pthread_sigmask(SIG_UNBLOCK, &faults, nullptr);
     std::unique_lock<std::mutex> lock(mu_);
     while (!stop_) {
       RebuildAfterForkLocked();

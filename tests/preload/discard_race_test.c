@@ -12,11 +12,7 @@ enum { kPages = 64 };
 int main(void) {
   setvbuf(stdout, NULL, _IONBF, 0);
   ksm_setup_or_skip("discard_race_test");
-  unsigned char* p = mmap(NULL, kPages * PAGE, PROT_READ | PROT_WRITE,
-                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  CHECK(p != MAP_FAILED);
-  for (size_t i = 0; i < kPages; ++i) fill_class(p, i, 7);
-  CHECK(madvise(p, kPages * PAGE, MADV_MERGEABLE) == 0);
+  unsigned char* p = map_advised_class(kPages, 7);
   write_knob("pages_to_scan", "10000");
   write_knob("sleep_millisecs", "0");
   write_knob("run", "1");

@@ -17,14 +17,7 @@
 
 #define N 256
 
-static unsigned char* region(int cls) {
-  unsigned char* p = mmap(NULL, N * PAGE, PROT_READ | PROT_WRITE,
-                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  CHECK(p != MAP_FAILED);
-  for (size_t i = 0; i < N; ++i) fill_class(p, i, cls);
-  CHECK(madvise(p, N * PAGE, MADV_MERGEABLE) == 0);
-  return p;
-}
+static unsigned char* region(int cls) { return map_advised_class(N, cls); }
 
 static void check_holds(const unsigned char* p, int cls) {
   for (size_t i = 0; i < N; ++i) CHECK(holds_class(p, i, cls));

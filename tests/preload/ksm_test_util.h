@@ -177,6 +177,17 @@ UNUSED static void fill_class(unsigned char* base, size_t i, int cls) {
   p[(cls * 97) % PAGE] = (unsigned char)(cls + 1);
 }
 
+/* `pages` pages of fresh private anonymous memory, each holding class
+ * `cls`, advised MADV_MERGEABLE. */
+UNUSED static unsigned char* map_advised_class(size_t pages, int cls) {
+  unsigned char* p = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(p != MAP_FAILED);
+  for (size_t i = 0; i < pages; ++i) fill_class(p, i, cls);
+  CHECK(madvise(p, pages * PAGE, MADV_MERGEABLE) == 0);
+  return p;
+}
+
 UNUSED static int holds_class(const unsigned char* base, size_t i, int cls) {
   const unsigned char* p = base + i * PAGE;
   for (size_t b = 0; b < PAGE; ++b) {
