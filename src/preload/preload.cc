@@ -372,6 +372,12 @@ void StartStatWriter() {
   pthread_attr_init(&attr);
   pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
   const pid_t owner = getpid();
+  // Born with every signal blocked, as the scanner: the program's signals
+  // are for the program's threads.
+  sigset_t all;
+  sigset_t was;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &was);
   if (pthread_create(
           &t, &attr,
           [](void*) -> void* {
@@ -383,6 +389,7 @@ void StartStatWriter() {
           nullptr) != 0) {
     Warn("SAMEPAGE_STAT_FILE: ", "cannot start its thread", errno);
   }
+  pthread_sigmask(SIG_SETMASK, &was, nullptr);
   pthread_attr_destroy(&attr);
   static pid_t s_owner = owner;
   atexit([] {
