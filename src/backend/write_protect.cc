@@ -117,6 +117,12 @@ pid_t Gettid() { return static_cast<pid_t>(syscall(SYS_gettid)); }
 // thread has a tid of its own; a child made by a raw fork system call
 // keeps its parent's, which is only compared with its own windows' owner
 // and no live thread of the child can have.
+// SetProgramBlockedFaults: bit 0 SIGSEGV, bit 1 SIGBUS.
+thread_local unsigned char tls_program_blocked
+    __attribute__((tls_model("initial-exec"))) = 0;
+bool ProgramBlocked(int sig) {
+  return (tls_program_blocked & (sig == SIGSEGV ? 1 : 2)) != 0;
+}
 thread_local pid_t tls_window_tid __attribute__((tls_model("initial-exec"))) =
     0;
 
@@ -323,7 +329,12 @@ void Chain(int sig, siginfo_t* info, void* context) {
   const std::uint32_t version = ReadAction(chained, &act);
   const bool sent = info->si_code <= 0;  // by kill(), tgkill(), sigqueue()
   if (act.sa_handler == SIG_IGN && sent) return;  // the kernel discards it
-  if (act.sa_handler == SIG_DFL || act.sa_handler == SIG_IGN) {
+  // Sent while the program blocks it: it would wait, pending, in the
+  // kernel; here it is dropped (rare: a SIGSEGV sent by kill()).
+  if (sent && ProgramBlocked(sig)) return;
+  // A fault the program blocked: the kernel gives it the default action.
+  if (act.sa_handler == SIG_DFL || act.sa_handler == SIG_IGN ||
+      ProgramBlocked(sig)) {
     // A fault cannot be ignored. Returning re-executes the faulting
     // instruction, which now gets the default action (a core dump), with
     // the right address in the dump.
@@ -474,6 +485,16 @@ Status InitProcessState() {
 
 std::pair<Addr, std::size_t> ProcessStateRange() {
   return {reinterpret_cast<Addr>(g_state), kStateSize};
+}
+
+void SetProgramBlockedFaults(bool segv, bool bus) {
+  tls_program_blocked =
+      static_cast<unsigned char>((segv ? 1 : 0) | (bus ? 2 : 0));
+}
+
+void ProgramBlockedFaults(bool* segv, bool* bus) {
+  *segv = (tls_program_blocked & 1) != 0;
+  *bus = (tls_program_blocked & 2) != 0;
 }
 
 int ChainedSigaction(int sig, const struct sigaction* act,

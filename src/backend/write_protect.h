@@ -61,6 +61,15 @@ std::pair<Addr, std::size_t> ProcessStateRange();
 int ChainedSigaction(int sig, const struct sigaction* act,
                      struct sigaction* old);
 
+// Whether the program asked to block SIGSEGV / SIGBUS in the calling
+// thread. The preload keeps both unblocked for samepage's handler (a write
+// that meets an mprotect window faults, and the kernel kills a thread that
+// blocks the fault's signal) and keeps the program's view here: masks it
+// reads back show it, and a fault that is not samepage's gets the kernel's
+// treatment of a blocked fault, the default action. Async-signal-safe.
+void SetProgramBlockedFaults(bool segv, bool bus);
+void ProgramBlockedFaults(bool* segv, bool* bus);
+
 // Held around every window: fork() waits for it (pthread_atfork prepare), so
 // no child is ever born with pages write-protected by a window it cannot
 // close. RAII, not reentrant.

@@ -448,6 +448,7 @@ __attribute__((constructor)) void SamepagePreloadInit() {
   ResolveReal();
   ResolveNextAllocator();
   FindSamepageText();
+  UnblockFaultsAtStart();
   NoteAllocator(!OtherAllocator());
   ApplyProtection();
   StartStatWriter();

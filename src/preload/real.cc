@@ -95,6 +95,8 @@ void ResolveReal() {
   Resolve(&g_real.sigset, "sigset");
   Resolve(&g_real.sigignore, "sigignore");
   Resolve(&g_real.siginterrupt, "siginterrupt");
+  Resolve(&g_real.sigprocmask, "sigprocmask");
+  Resolve(&g_real.pthread_sigmask, "pthread_sigmask");
   --t_inside;
 }
 

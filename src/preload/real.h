@@ -82,6 +82,8 @@ struct RealFunctions {
   sighandler_t (*sigset)(int, sighandler_t) = nullptr;
   int (*sigignore)(int) = nullptr;
   int (*siginterrupt)(int, int) = nullptr;
+  int (*sigprocmask)(int, const sigset_t*, sigset_t*) = nullptr;
+  int (*pthread_sigmask)(int, const sigset_t*, sigset_t*) = nullptr;
 };
 
 // Filled by ResolveReal(); null members mean "use the raw system call".
@@ -145,6 +147,11 @@ bool OtherAllocator();
 // free and realloc, resolved before anything there can free; then which
 // allocator the program has.
 void ResolveNextAllocator();
+
+// Defined in signals.cc, called by the preload's constructor: a program
+// started with SIGSEGV or SIGBUS blocked gets them unblocked, its wish kept
+// (see sigprocmask there).
+void UnblockFaultsAtStart();
 void NoteAllocator(bool glibc);
 
 // Defined in preload.cc. Applies the settings `samepage run` passed in the

@@ -14,6 +14,13 @@
 //   sigset                          SIG_HOLD blocks; else set, then unblock
 //   sigignore                       SIG_IGN
 //   siginterrupt                    clears / sets SA_RESTART
+// And the signal mask: sigprocmask and pthread_sigmask never block SIGSEGV
+// or SIGBUS (nor does a program start with them blocked): a write that
+// meets an mprotect window faults, and the kernel kills a thread that
+// blocks the fault's signal. What the program asked for is kept
+// (backend::SetProgramBlockedFaults): masks it reads back show it, and a
+// fault that is not samepage's gets the default action, as a blocked fault
+// does. A thread the program creates starts with them unblocked.
 // Every other signal, and every call samepage makes itself, goes to libc.
 // samepage reaches the kernel's action through glibc's __sigaction, which
 // is not interposed.
@@ -141,10 +148,91 @@ sighandler_t Sysv(sighandler_t (*const* real)(int, sighandler_t), int sig,
   return f != nullptr ? f(sig, handler) : SIG_ERR;
 }
 
+// sigprocmask or pthread_sigmask (`real`), SIGSEGV and SIGBUS left
+// unblocked and the program's wish for them kept. Returns what `real`
+// returns (-1 and errno, or an error number).
+int Mask(int (*const* real)(int, const sigset_t*, sigset_t*), int how,
+         const sigset_t* set, sigset_t* old, bool returns_error_number) {
+  auto f = Real(real);
+  if (f == nullptr) return returns_error_number ? ENOSYS : -1;
+  bool segv = false;
+  bool bus = false;
+  backend::ProgramBlockedFaults(&segv, &bus);
+  sigset_t copy;
+  const sigset_t* apply = set;
+  bool want_segv = segv;
+  bool want_bus = bus;
+  if (set != nullptr &&
+      (how == SIG_BLOCK || how == SIG_UNBLOCK || how == SIG_SETMASK)) {
+    copy = *set;
+    const bool s = sigismember(&copy, SIGSEGV) == 1;
+    const bool b = sigismember(&copy, SIGBUS) == 1;
+    if (how == SIG_BLOCK) {
+      want_segv = segv || s;
+      want_bus = bus || b;
+    } else if (how == SIG_UNBLOCK) {
+      want_segv = segv && !s;
+      want_bus = bus && !b;
+    } else {
+      want_segv = s;
+      want_bus = b;
+    }
+    if (how != SIG_UNBLOCK) {
+      sigdelset(&copy, SIGSEGV);
+      sigdelset(&copy, SIGBUS);
+    }
+    apply = &copy;
+  }
+  const int r = f(how, apply, old);
+  if (r != 0) return r;
+  if (old != nullptr) {
+    if (segv) sigaddset(old, SIGSEGV);
+    if (bus) sigaddset(old, SIGBUS);
+  }
+  if (apply != set) backend::SetProgramBlockedFaults(want_segv, want_bus);
+  return 0;
+}
+
 }  // namespace
+
+void UnblockFaultsAtStart() {
+  auto f = Real(&g_real.pthread_sigmask);
+  sigset_t now;
+  if (f == nullptr || f(SIG_BLOCK, nullptr, &now) != 0) return;
+  const bool segv = sigismember(&now, SIGSEGV) == 1;
+  const bool bus = sigismember(&now, SIGBUS) == 1;
+  if (!segv && !bus) return;
+  sigset_t faults;
+  sigemptyset(&faults);
+  sigaddset(&faults, SIGSEGV);
+  sigaddset(&faults, SIGBUS);
+  if (f(SIG_UNBLOCK, &faults, nullptr) == 0)
+    backend::SetProgramBlockedFaults(segv, bus);
+}
+
 }  // namespace samepage::preload
 
 using namespace samepage::preload;
+
+SAMEPAGE_EXPORT int sigprocmask(int how, const sigset_t* set,
+                                sigset_t* old) noexcept {
+  if (Bypass(__builtin_return_address(0))) {
+    auto f = Real(&g_real.sigprocmask);
+    return f != nullptr ? f(how, set, old) : -1;
+  }
+  return Mask(&g_real.sigprocmask, how, set, old,
+              /*returns_error_number=*/false);
+}
+
+SAMEPAGE_EXPORT int pthread_sigmask(int how, const sigset_t* set,
+                                    sigset_t* old) noexcept {
+  if (Bypass(__builtin_return_address(0))) {
+    auto f = Real(&g_real.pthread_sigmask);
+    return f != nullptr ? f(how, set, old) : ENOSYS;
+  }
+  return Mask(&g_real.pthread_sigmask, how, set, old,
+              /*returns_error_number=*/true);
+}
 
 SAMEPAGE_EXPORT int sigaction(int sig, const struct sigaction* act,
                               struct sigaction* old) noexcept {

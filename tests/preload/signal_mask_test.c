@@ -11,10 +11,17 @@
  *    SIGSEGV or SIGBUS is killed, with the process, by a read of a page the
  *    program unmapped under it. Checked in /proc/self/task/<tid>/status
  *    (natively there is no such thread).
+ * 3. A thread that blocks every signal writes the merged pages while they
+ *    merge again and again (run it with --protection=mprotect too, where a
+ *    write that meets a window faults): until 2026-12-06 the kernel killed
+ *    the process there (a blocked fault). Its mask reads back as it set it.
+ * 4. A real fault in a thread that blocked SIGSEGV takes the default
+ *    action, not the program's handler, as the kernel gives it.
  * Same assertions natively and under `samepage run`. */
 
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/wait.h>
 
@@ -49,6 +56,28 @@ static int scanner_takes_faults(void) {
   }
   closedir(d);
   return ok;
+}
+
+static unsigned char* g_pages;
+static volatile int g_stop;
+
+static void* blocked_writer(void* arg) {
+  (void)arg;
+  sigset_t all, now;
+  sigfillset(&all);
+  CHECK(pthread_sigmask(SIG_BLOCK, &all, NULL) == 0);
+  CHECK(pthread_sigmask(SIG_BLOCK, NULL, &now) == 0);
+  CHECK(sigismember(&now, SIGSEGV) == 1 && sigismember(&now, SIGBUS) == 1);
+  for (unsigned long k = 0; !g_stop; ++k) {
+    const size_t i = (k * 2654435761UL) % kPages;
+    g_pages[i * PAGE + 2] = 0x44; /* alike: they merge again and again */
+  }
+  return NULL;
+}
+
+static void exit_42(int sig) {
+  (void)sig;
+  _exit(42);
 }
 
 int main(void) {
@@ -95,6 +124,40 @@ int main(void) {
   CHECK(waitpid(child, &status, 0) == child);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   for (size_t i = 0; i < kPages; ++i) CHECK(holds_class(p, i, 3));
+
+  /* 3: writes from a thread that blocks everything, while pages merge. */
+  g_pages = p;
+  write_knob("sleep_millisecs", "0");
+  pthread_t writer;
+  CHECK(pthread_create(&writer, NULL, blocked_writer, NULL) == 0);
+  sleep_ms(1500);
+  g_stop = 1;
+  CHECK(pthread_join(writer, NULL) == 0);
+  for (size_t i = 0; i < kPages; ++i) {
+    CHECK(p[i * PAGE + 2] == 0x44);
+    p[i * PAGE + 2] = 0x5a;
+    CHECK(holds_class(p, i, 3));
+  }
+  printf("a writer with every signal blocked wrote through the merges\n");
+
+  /* 4: a real fault with SIGSEGV blocked ends the process by SIGSEGV. */
+  const pid_t faulty = fork();
+  CHECK(faulty >= 0);
+  if (faulty == 0) {
+    signal(SIGSEGV, exit_42);
+    sigset_t segv;
+    sigemptyset(&segv);
+    sigaddset(&segv, SIGSEGV);
+    sigprocmask(SIG_BLOCK, &segv, NULL);
+    unsigned char* hole =
+        mmap(NULL, PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    *(volatile unsigned char*)hole = 1;
+    _exit(0);
+  }
+  CHECK(waitpid(faulty, &status, 0) == faulty);
+  printf("blocked fault: %s %d\n", WIFSIGNALED(status) ? "signal" : "exit",
+         WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
+  CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV);
   printf("PASS signal_mask_test\n");
   return 0;
 }
