@@ -164,7 +164,7 @@ int Mask(int (*const* real)(int, const sigset_t*, sigset_t*), int how,
   bool want_bus = bus;
   if (set != nullptr &&
       (how == SIG_BLOCK || how == SIG_UNBLOCK || how == SIG_SETMASK)) {
-    copy = *set;
+    copy = *set;  // a bad pointer crashes here, as in glibc's own check
     const bool s = sigismember(&copy, SIGSEGV) == 1;
     const bool b = sigismember(&copy, SIGBUS) == 1;
     if (how == SIG_BLOCK) {
