@@ -1327,17 +1327,18 @@ void LinuxMemory::AddIntervals(std::vector<Interval>* set,
   adds->clear();
 }
 
-void LinuxMemory::LearnColdFrameRead() {
-  if (cold_frame_read_known_) return;
-  pread_cold_frames_ = PreadBeatsColdView();
-  cold_frame_read_known_ = true;
+bool LinuxMemory::PreadColdFrames() {
+  if (!cold_frame_read_known_) {
+    pread_cold_frames_ = PreadBeatsColdView();
+    cold_frame_read_known_ = true;
+  }
+  return pread_cold_frames_;
 }
 
 void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
                                   std::span<const FrameId> frames,
                                   std::span<MergeResult> results) {
   RegisterThread();
-  LearnColdFrameRead();  // outside any window: the probe allocates
   std::size_t n = std::min({pages.size(), frames.size(), results.size()});
   auto ok = [&](std::size_t i) {
     return MayReplace(pages[i]) && store_.IsAllocated(frames[i]);
@@ -1496,11 +1497,12 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
     std::fill(out, out + n, MergeResult::kFailed);
     return;
   }
+  // Outside the window: the first answer runs a probe, which allocates.
+  const bool use_pread = FramesLikelyCold(frames, n) && PreadColdFrames();
   InProtectedWindow(base, n, kWindowCost, local, [&](ProtectMethod how) {
     window_how = how;
     const bool may_replace =
         !LockViewStale(base, n * kPageSize) && !PinnedIoIn(base, n * kPageSize);
-    const bool use_pread = pread_cold_frames_ && FramesLikelyCold(frames, n);
     for (std::size_t k = 0; k < n; ++k) {
       local[k] = may_replace ? CompareWithFrame(base + k * kPageSize, frames[k],
                                                 use_pread)
@@ -1601,7 +1603,7 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
   std::uint64_t added = 0;
   bool taken = false;       // the missing-page registration was made
   bool registered = false;  // and undone by registering for WP only
-  const bool use_pread = pread_cold_frames_ && FramesLikelyCold(frames, n);
+  const bool use_pread = FramesLikelyCold(frames, n) && PreadColdFrames();
   InProtectedWindow(base, span, kWindowCost, local, [&](ProtectMethod how) {
     const bool may_replace = how == ProtectMethod::kUffd &&
                              !LockViewStale(base, len) &&

@@ -718,12 +718,14 @@ class LinuxMemory final : public Memory {
   // pages are copied into frames through the scratch area (way 0) or with
   // pwritev straight from them (way 1). Set by Init from the options.
   bool pread_cold_frames_ = false;
-  // Whether pread_cold_frames_ is settled: kMeasured measures it at the
-  // first MergeIntoFrames (LearnColdFrameRead), not at start, so that a
-  // process that never joins frames (most short-lived ones under
-  // `samepage run`) does not pay for the probe (3 MiB written and read).
+  // Whether pread_cold_frames_ is settled: kMeasured measures it the first
+  // time a compare reads frames likely cold (PreadColdFrames; never inside
+  // a window: the probe allocates), not at start, so that a process that
+  // never does (most short-lived ones under `samepage run`; pairs in runs
+  // read their fresh frames through the copy) does not pay for the probe
+  // (3 MiB written and read).
   bool cold_frame_read_known_ = false;
-  void LearnColdFrameRead();
+  bool PreadColdFrames();
   CheaperOf fills_;
   std::uint64_t smaps_epoch_ = 0;  // NoteVmaFlagsChanged count at that read
   std::int64_t smaps_read_at_ = 0;  // steady clock, nanoseconds
