@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -63,6 +64,12 @@ Default* GetDefault() {
       d->devksm = new DevKsm(d->engine);
     } else {
       d->error = s.ok() ? ENOSYS : s.code();
+      // Said once: every KSM call of the process fails with this errno,
+      // which alone does not say why (ENOENT from madvise, where /proc is
+      // not mounted).
+      std::fprintf(
+          stderr, "samepage: cannot start (%s): KSM calls fail with %s\n",
+          s.ok() ? "no engine" : s.message().c_str(), std::strerror(d->error));
     }
     g_default.store(d, std::memory_order_release);
     return d;

@@ -179,8 +179,17 @@ int RunProgram(const RunOptions& options) {
 
   const std::string preload = FindPreload();
   if (preload.empty()) {
-    fmt::print(stderr, "samepage run: cannot find {} next to {} or in {}\n",
-               SAMEPAGE_PRELOAD_NAME, ExeDir(), SAMEPAGE_FULL_LIBDIR);
+    const std::string dir = ExeDir();
+    if (dir.empty()) {
+      // Where this executable lies comes from /proc/self/exe.
+      fmt::print(stderr,
+                 "samepage run: cannot find {}: /proc/self/exe is not "
+                 "readable (is /proc mounted?), and it is not in {}\n",
+                 SAMEPAGE_PRELOAD_NAME, SAMEPAGE_FULL_LIBDIR);
+    } else {
+      fmt::print(stderr, "samepage run: cannot find {} next to {} or in {}\n",
+                 SAMEPAGE_PRELOAD_NAME, dir, SAMEPAGE_FULL_LIBDIR);
+    }
     return 1;
   }
   std::string ld = preload;
