@@ -91,6 +91,11 @@ std::size_t PagesIn(const std::vector<Interval>& set) {
   return bytes / kPageSize;
 }
 
+// How long a scanner started in a forked child waits before it rebuilds the
+// child's engine (a new backend, the maps read): a child that execs
+// meanwhile never pays for it.
+constexpr std::chrono::milliseconds kForkChildPause{20};
+
 class EngineImpl final : public Engine {
  public:
   EngineImpl(const LinuxMemoryOptions& options,
@@ -334,10 +339,15 @@ class EngineImpl final : public Engine {
     // The scanner thread does not exist here; its handle must not be joined.
     if (scanner_) (void)scanner_.release();
     stop_ = false;
-    // Both happen at the child's first call into samepage (or at exec, where
-    // the preload starts afresh): creating a thread inside a fork handler
-    // can fail (EAGAIN seen under bash), and most children exec at once.
+    // The rebuild happens at the child's first call into samepage, or in
+    // the scanner started here, which first waits kForkChildPause (most
+    // children exec at once: the preload then starts afresh) so that a
+    // child that never calls into samepage still merges, as the kernel's
+    // children do. Where no thread can be made here (EAGAIN was seen under
+    // bash), the first call starts it.
     rebuild_after_fork_ = true;
+    if (ksm_->knobs().run == 1 && (merge_any_ || ksm_->AdvisedPages() != 0))
+      StartScannerLocked();
     mu_.unlock();
   }
 
@@ -524,6 +534,11 @@ class EngineImpl final : public Engine {
     sigaddset(&faults, SIGBUS);
     pthread_sigmask(SIG_UNBLOCK, &faults, nullptr);
     std::unique_lock<std::mutex> lock(mu_);
+    // Started by a fork: a moment first, for the exec that usually follows.
+    if (rebuild_after_fork_) {
+      cv_.wait_for(lock, kForkChildPause,
+                   [this] { return stop_ || !rebuild_after_fork_; });
+    }
     while (!stop_) {
       RebuildAfterForkLocked();
       const Knobs& k = ksm_->knobs();

@@ -1,0 +1,70 @@
+/* A forked child that never calls into samepage still merges its advised
+ * memory, as a child of a kernel KSM process does (VM_MERGEABLE is
+ * inherited). A prefork server's workers are such children. The parent
+ * advises a region and forks; the child fills it with one content and
+ * only reads it from then on; the parent watches the child's Pss
+ * (/proc/PID/smaps_rollup) fall below half of the region. Until
+ * 2026-12-06 samepage restarted merging in a child only at its first call
+ * into samepage, so this child's Pss never fell. Same assertions natively
+ * and under `samepage run`. */
+
+#define _GNU_SOURCE
+#include <signal.h>
+#include <sys/wait.h>
+
+#include "ksm_test_util.h"
+
+enum { kPages = 8192 }; /* 32 MiB */
+
+static long pss_kb(pid_t pid) {
+  char path[64], text[4096];
+  snprintf(path, sizeof(path), "/proc/%d/smaps_rollup", (int)pid);
+  if (read_text(path, text, sizeof(text)) <= 0) return -1;
+  const char* at = strstr(text, "\nPss:");
+  return at != NULL ? strtol(at + 5, NULL, 10) : -1;
+}
+
+int main(void) {
+  setvbuf(stdout, NULL, _IONBF, 0);
+  ksm_setup_or_skip("fork_child_test");
+  unsigned char* p = mmap(NULL, kPages * PAGE, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(p != MAP_FAILED);
+  CHECK(madvise(p, kPages * PAGE, MADV_MERGEABLE) == 0);
+  write_knob("pages_to_scan", "5000");
+  write_knob("sleep_millisecs", "1");
+  write_knob("run", "1");
+  int ready[2];
+  CHECK(pipe(ready) == 0);
+  const pid_t child = fork();
+  CHECK(child >= 0);
+  if (child == 0) {
+    /* No call into samepage from here on: plain memory accesses, a pipe
+     * write and sleeps. */
+    for (size_t i = 0; i < kPages; ++i) memset(p + i * PAGE, 0x3c, PAGE);
+    (void)!write(ready[1], "r", 1);
+    for (;;) {
+      volatile unsigned sum = 0;
+      for (size_t i = 0; i < kPages; ++i) sum += p[i * PAGE + 7];
+      if (sum != 0x3cu * kPages) _exit(3);
+      sleep_ms(50);
+    }
+  }
+  char c;
+  CHECK(read(ready[0], &c, 1) == 1);
+  const long full = pss_kb(child);
+  long pss = full;
+  for (double end = now_seconds() + 20;
+       pss > (long)kPages * 4 / 2 && now_seconds() < end;) {
+    sleep_ms(50);
+    pss = pss_kb(child);
+  }
+  printf("child Pss %ld kB when filled, %ld kB after merging\n", full, pss);
+  int status = 0;
+  CHECK(waitpid(child, &status, WNOHANG) == 0); /* its reads held */
+  CHECK(kill(child, SIGKILL) == 0);
+  CHECK(waitpid(child, &status, 0) == child);
+  CHECK(pss >= 0 && pss <= (long)kPages * 4 / 2);
+  printf("PASS fork_child_test\n");
+  return 0;
+}
