@@ -248,12 +248,9 @@ LinuxMemory::~LinuxMemory() {
 
 Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
   options_ = options;
-  using Read = LinuxMemoryOptions::ColdFrameRead;
   using Fill = LinuxMemoryOptions::FrameFill;
   Status s = InitProcessState();
   if (!s.ok()) return s;
-  pread_cold_frames_ = options_.cold_frame_read == Read::kPread;
-  cold_frame_read_known_ = options_.cold_frame_read != Read::kMeasured;
   fills_ = CheaperOf(options_.frame_fill == Fill::kBounce   ? 0
                      : options_.frame_fill == Fill::kDirect ? 1
                                                             : -1);
@@ -718,19 +715,21 @@ std::int64_t SteadyNanos() {
 }  // namespace
 
 Status LinuxMemory::RefreshMaps(bool full) {
-  const std::int64_t started = SteadyNanos();
-  const std::uint64_t epoch = g_vma_flags_epoch.load();
   std::vector<MapEntry> maps;
-  Status s = ReadView(&maps, full);
-  if (s.ok()) s = ApplyMaps(maps);
-  if (s.ok()) NoteViewApplied(started, epoch);
-  return s;
+  return ReadAndApplyView(full, &maps);
 }
 
-void LinuxMemory::NoteViewApplied(std::int64_t started, std::uint64_t epoch) {
-  view_read_at_ = SteadyNanos();
-  view_took_ = view_read_at_ - started;
-  view_epoch_ = epoch;
+Status LinuxMemory::ReadAndApplyView(bool full, std::vector<MapEntry>* maps) {
+  const std::int64_t started = SteadyNanos();
+  const std::uint64_t epoch = g_vma_flags_epoch.load();
+  Status s = ReadView(maps, full);
+  if (s.ok()) s = ApplyMaps(*maps);
+  if (s.ok()) {
+    view_read_at_ = SteadyNanos();
+    view_took_ = view_read_at_ - started;
+    view_epoch_ = epoch;
+  }
+  return s;
 }
 
 bool LinuxMemory::RecentViewReusable() const {
@@ -1327,12 +1326,17 @@ void LinuxMemory::AddIntervals(std::vector<Interval>* set,
   adds->clear();
 }
 
-bool LinuxMemory::PreadColdFrames() {
-  if (!cold_frame_read_known_) {
-    pread_cold_frames_ = PreadBeatsColdView();
-    cold_frame_read_known_ = true;
+bool LinuxMemory::PreadColdFrames() const {
+  using Read = LinuxMemoryOptions::ColdFrameRead;
+  switch (options_.cold_frame_read) {
+    case Read::kMeasured:
+      return PreadBeatsColdView();  // measured at the first call
+    case Read::kPread:
+      return true;
+    case Read::kView:
+      return false;
   }
-  return pread_cold_frames_;
+  return false;
 }
 
 void LinuxMemory::MergeIntoFrames(std::span<const Addr> pages,
@@ -1456,7 +1460,7 @@ MergeResult LinuxMemory::CompareWithFrame(Addr page, FrameId frame,
   // of scattered pairs took 2.9-3.5 us each that way (joins 6.5-7.7), 2.4
   // with pread (4.2). On a KVM guest the view costs 0.9 us where pread
   // costs 2.2 (C probe, 20,000 frames just written, in random order):
-  // PreadBeatsColdView measured which (pread_cold_frames_).
+  // PreadBeatsColdView measured which (PreadColdFrames).
   const void* bytes = store_.FrameAddress(frame);
   alignas(64) unsigned char copy[kPageSize];
   if (use_pread &&
@@ -2857,11 +2861,8 @@ std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {
   std::vector<MapEntry> maps;
   // Full: new mappings are mergeable in this mode, and their flags are
   // only in smaps (ReadView would leave them unmerged for a while).
-  const std::int64_t started = SteadyNanos();
-  const std::uint64_t epoch = g_vma_flags_epoch.load();
-  if (!ReadView(&maps, /*full=*/true).ok()) return out;
-  view_fresh_ = ApplyMaps(maps).ok();
-  if (view_fresh_) NoteViewApplied(started, epoch);
+  view_fresh_ = ReadAndApplyView(/*full=*/true, &maps).ok();
+  if (!view_fresh_) return out;
   auto add = [&](Addr s, Addr t) {
     if (s >= t) return;
     if (!out.empty() && out.back().first + out.back().second == s) {

@@ -479,7 +479,7 @@ class LinuxMemory final : public Memory {
   MergeResult CompareWithFrame(Addr page, FrameId frame, bool use_pread);
   // Whether the window's frames are likely not read through the view
   // lately (fresh_frames_, or no frame of many pages among them): read
-  // with pread where pread_cold_frames_.
+  // with pread where PreadColdFrames().
   bool FramesLikelyCold(const FrameId* frames, std::size_t n) const;
   // Batches: contiguous pages, at most kMaxRunWindowPages, all MayReplace.
   void MergeBatchIntoFrames(Addr base, std::size_t n, const FrameId* frames,
@@ -689,7 +689,8 @@ class LinuxMemory final : public Memory {
   std::uint64_t view_epoch_ = 0;
   bool reuse_recent_views_ = false;
   bool RecentViewReusable() const;
-  void NoteViewApplied(std::int64_t started, std::uint64_t epoch);
+  // ReadView, then ApplyMaps, noting when and at what cost (the above).
+  Status ReadAndApplyView(bool full, std::vector<MapEntry>* maps);
   // From the last smaps read (ReadView): the VmFlags of its mergeable
   // memory as runs of equal flags (our own "uw" left out:
   // uffd_registered_ says where that is).
@@ -714,18 +715,16 @@ class LinuxMemory final : public Memory {
   // written, which nothing has read through the frame view yet: their
   // windows count as cold (FramesLikelyCold).
   bool fresh_frames_ = false;
-  // Frames likely cold are read with pread (else through the view), and
-  // pages are copied into frames through the scratch area (way 0) or with
+  // Whether frames likely cold are read with pread (else through the
+  // view), from the options. kMeasured: PreadBeatsColdView, measured once
+  // per process at the first such question, not at start, so that a process
+  // that never asks (most short-lived ones under `samepage run`; pairs in
+  // runs read their fresh frames through the copy) does not pay for the
+  // probe (3 MiB written and read). Never inside a window: the probe
+  // allocates.
+  bool PreadColdFrames() const;
+  // Pages are copied into frames through the scratch area (way 0) or with
   // pwritev straight from them (way 1). Set by Init from the options.
-  bool pread_cold_frames_ = false;
-  // Whether pread_cold_frames_ is settled: kMeasured measures it the first
-  // time a compare reads frames likely cold (PreadColdFrames; never inside
-  // a window: the probe allocates), not at start, so that a process that
-  // never does (most short-lived ones under `samepage run`; pairs in runs
-  // read their fresh frames through the copy) does not pay for the probe
-  // (3 MiB written and read).
-  bool cold_frame_read_known_ = false;
-  bool PreadColdFrames();
   CheaperOf fills_;
   std::uint64_t smaps_epoch_ = 0;  // NoteVmaFlagsChanged count at that read
   std::int64_t smaps_read_at_ = 0;  // steady clock, nanoseconds
