@@ -495,10 +495,7 @@ class EngineImpl final : public Engine {
     // program that blocks SIGUSR1 everywhere to take it with sigwaitinfo
     // was killed when it reached the scanner instead. ScannerLoop unblocks
     // the faults its guarded reads need.
-    sigset_t all;
-    sigset_t was;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &was);
+    const backend::AllSignalsBlocked blocked;
     try {
       scanner_ = std::make_unique<std::thread>([this] { ScannerLoop(); });
     } catch (const std::system_error&) {
@@ -506,7 +503,6 @@ class EngineImpl final : public Engine {
       // synchronous scans still work.
       scanner_.reset();
     }
-    pthread_sigmask(SIG_SETMASK, &was, nullptr);
   }
 
   void StopScanner() {

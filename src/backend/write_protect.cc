@@ -242,9 +242,6 @@ class ChainLock {
  public:
   explicit ChainLock(ProcessState* state) : state_(state) {
     const int saved_errno = errno;
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved_mask_);
     const pid_t self = Gettid();
     for (;;) {
       pid_t owner = 0;
@@ -257,18 +254,13 @@ class ChainLock {
     }
     errno = saved_errno;
   }
-  ~ChainLock() {
-    const int saved_errno = errno;
-    state_->chain_lock.store(0);
-    pthread_sigmask(SIG_SETMASK, &saved_mask_, nullptr);
-    errno = saved_errno;
-  }
+  ~ChainLock() { state_->chain_lock.store(0); }
   ChainLock(const ChainLock&) = delete;
   ChainLock& operator=(const ChainLock&) = delete;
 
  private:
   ProcessState* state_;
-  sigset_t saved_mask_;
+  AllSignalsBlocked blocked_;  // from before the lock is taken to after
 };
 
 // Copies the current chained action out; returns its version. Lock-free:
@@ -507,6 +499,15 @@ int ChainedSigaction(int sig, const struct sigaction* act,
   if (old != nullptr) ReadAction(chained, old);
   if (act != nullptr) WriteAction(&chained, KernelForm(*state, *act));
   return 0;
+}
+
+AllSignalsBlocked::AllSignalsBlocked() {
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &was_);
+}
+AllSignalsBlocked::~AllSignalsBlocked() {
+  pthread_sigmask(SIG_SETMASK, &was_, nullptr);
 }
 
 WindowLock::WindowLock() { pthread_mutex_lock(&g_state->window_mutex); }

@@ -70,6 +70,21 @@ int ChainedSigaction(int sig, const struct sigaction* act,
 void SetProgramBlockedFaults(bool segv, bool bus);
 void ProgramBlockedFaults(bool* segv, bool* bus);
 
+// While alive, the calling thread blocks every signal; the mask it had comes
+// back after. A thread started meanwhile is born with them all blocked: one
+// of samepage's own (the scanner, the stat writer) takes none of the
+// program's signals. Async-signal-safe.
+class AllSignalsBlocked {
+ public:
+  AllSignalsBlocked();
+  ~AllSignalsBlocked();
+  AllSignalsBlocked(const AllSignalsBlocked&) = delete;
+  AllSignalsBlocked& operator=(const AllSignalsBlocked&) = delete;
+
+ private:
+  sigset_t was_;
+};
+
 // Held around every window: fork() waits for it (pthread_atfork prepare), so
 // no child is ever born with pages write-protected by a window it cannot
 // close. RAII, not reentrant.

@@ -69,6 +69,7 @@
 
 #include "api/default_engine.h"
 #include "backend/own_fds.h"
+#include "backend/write_protect.h"
 #include "preload/direct_io.h"
 #include "preload/ksm_files.h"
 #include "preload/real.h"
@@ -374,22 +375,21 @@ void StartStatWriter() {
   const pid_t owner = getpid();
   // Born with every signal blocked, as the scanner: the program's signals
   // are for the program's threads.
-  sigset_t all;
-  sigset_t was;
-  sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &was);
-  if (pthread_create(
-          &t, &attr,
-          [](void*) -> void* {
-            ++t_inside;  // everything this thread does bypasses
-            pthread_setname_np(pthread_self(), "samepage-stat");
-            while (WriteStatFile(/*final=*/false)) usleep(500 * 1000);
-            return nullptr;
-          },
-          nullptr) != 0) {
-    Warn("SAMEPAGE_STAT_FILE: ", "cannot start its thread", errno);
+  int err = 0;
+  {
+    const backend::AllSignalsBlocked blocked;
+    err = pthread_create(
+        &t, &attr,
+        [](void*) -> void* {
+          ++t_inside;  // everything this thread does bypasses
+          pthread_setname_np(pthread_self(), "samepage-stat");
+          while (WriteStatFile(/*final=*/false)) usleep(500 * 1000);
+          return nullptr;
+        },
+        nullptr);
   }
-  pthread_sigmask(SIG_SETMASK, &was, nullptr);
+  // pthread_create returns its error; errno is not it.
+  if (err != 0) Warn("SAMEPAGE_STAT_FILE: ", "cannot start its thread", err);
   pthread_attr_destroy(&attr);
   static pid_t s_owner = owner;
   atexit([] {
