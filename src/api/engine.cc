@@ -30,6 +30,7 @@
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <new>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -338,6 +339,12 @@ class EngineImpl final : public Engine {
     pub_mu_.unlock();
     // The scanner thread does not exist here; its handle must not be joined.
     if (scanner_) (void)scanner_.release();
+    // Nor does it wait here, but the copied condition variable says it
+    // does: the child's first notify_all would wait for that waiter to
+    // leave, forever (one forked child in twenty hung so). Made afresh,
+    // not destroyed: glibc's destroy waits for the waiters too. No other
+    // thread exists to use it meanwhile, and mu_ is held.
+    new (&cv_) std::condition_variable();
     stop_ = false;
     // The rebuild happens at the child's first call into samepage, or in
     // the scanner started here, which first waits kForkChildPause (most
