@@ -28,6 +28,7 @@
 
 #include "backend/frame_order.h"
 #include "backend/own_fds.h"
+#include "backend/proc_fs.h"
 #include "backend/write_protect.h"
 
 namespace samepage::backend {
@@ -157,7 +158,8 @@ int QueryFd() {
   // descriptor opened by this process.
   if (g_query_pid.load(std::memory_order_acquire) == self)
     return g_query_fd.load(std::memory_order_relaxed);
-  const int fresh = AdoptOwnFd(open("/proc/self/maps", O_RDONLY | O_CLOEXEC));
+  const int fresh =
+      AdoptOwnFd(OpenProc("/proc/self/maps", O_RDONLY | O_CLOEXEC));
   if (fresh < 0) return -1;
   // A racing caller's descriptor works as well; the old one (a parent's,
   // inherited over fork) is left open rather than closed under a reader.
@@ -261,13 +263,14 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
   for (auto [dev, ino] : options_.adopted_memfds) RememberMemfd(dev, ino);
 
   pagemap_fd_ =
-      AdoptOwnFd(open(options_.pagemap_path.c_str(), O_RDONLY | O_CLOEXEC));
+      AdoptOwnFd(OpenProc(options_.pagemap_path.c_str(), O_RDONLY | O_CLOEXEC));
   if (pagemap_fd_ < 0) {
     int err = errno;
     return SysError(err, "open(" + options_.pagemap_path + ")", 0);
   }
   // For StillProtected in mprotect mode; without it that check is skipped.
-  maps_query_fd_ = AdoptOwnFd(open("/proc/self/maps", O_RDONLY | O_CLOEXEC));
+  maps_query_fd_ =
+      AdoptOwnFd(OpenProc("/proc/self/maps", O_RDONLY | O_CLOEXEC));
 
   switch (options_.protection) {
     case Protection::kMprotect:

@@ -1,5 +1,5 @@
 // Descriptors samepage opens for itself and keeps: the frame store's memfd,
-// pagemap, /proc/self/maps, the userfaultfd.
+// pagemap, /proc/self/maps, the procfs root (proc_fs.h), the userfaultfd.
 //
 // A program may close descriptors it never opened (a daemon's loop over
 // every number, close_range, closefrom) and then open files that get the

@@ -8,6 +8,7 @@
 #include <charconv>
 
 #include "backend/own_fds.h"
+#include "backend/proc_fs.h"
 
 namespace samepage::backend {
 namespace {
@@ -129,7 +130,7 @@ Status ReadProcFile(const std::string& path, std::string* text) {
   text->clear();
   // Ours while open (own_fds.h): a program closing every descriptor must
   // not have us read its file at this number instead.
-  int fd = AdoptOwnFd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  int fd = AdoptOwnFd(OpenProc(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd < 0) {
     int err = errno;
     return Status::Error(err, "open(" + path + ")");

@@ -13,6 +13,7 @@
 #include <string_view>
 
 #include "api/sysfs_text.h"
+#include "backend/proc_fs.h"
 #include "preload/real.h"
 #include "samepage/samepage.h"
 
@@ -174,7 +175,8 @@ Target Classify(int dirfd, const char* path, int* name_index) {
   } else {
     char link[64];
     snprintf(link, sizeof(link), "/proc/self/fd/%d", dirfd);
-    const ssize_t n = readlink(link, dir, sizeof(dir) - 1);
+    const ssize_t n =
+        samepage::backend::ReadlinkProc(link, dir, sizeof(dir) - 1);
     if (n <= 0) return Target::kNone;
     dir[n] = '\0';
   }

@@ -69,6 +69,7 @@
 
 #include "api/default_engine.h"
 #include "backend/own_fds.h"
+#include "backend/proc_fs.h"
 #include "backend/write_protect.h"
 #include "preload/direct_io.h"
 #include "preload/ksm_files.h"
@@ -231,7 +232,9 @@ int Madvise(void* addr, size_t len, int advice, const void* caller) {
 bool IsSelfPidfd(int pidfd) {
   char path[64];
   snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
-  const int fd = RealOpenat(AT_FDCWD, path, O_RDONLY | O_CLOEXEC, 0);
+  const char* rel = nullptr;
+  const int dir = samepage::backend::ProcAt(path, &rel);
+  const int fd = RealOpenat(dir, rel, O_RDONLY | O_CLOEXEC, 0);
   if (fd < 0) return false;
   char buf[1024];
   const ssize_t n = RealRead(fd, buf, sizeof(buf) - 1);
@@ -449,6 +452,8 @@ __attribute__((constructor)) void SamepagePreloadInit() {
   ResolveNextAllocator();
   FindSamepageText();
   UnblockFaultsAtStart();
+  // Kept for a chroot or an unmount of /proc to come (backend/proc_fs.h).
+  (void)samepage::backend::ProcRootFd();
   NoteAllocator(!OtherAllocator());
   ApplyProtection();
   StartStatWriter();
@@ -957,7 +962,8 @@ constexpr std::uint32_t kVhostMaxRegions = 509;
 bool FdIs(int fd, const char* prefix) {
   char link[64], target[128];
   snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
-  const ssize_t n = readlink(link, target, sizeof(target) - 1);
+  const ssize_t n =
+      samepage::backend::ReadlinkProc(link, target, sizeof(target) - 1);
   if (n <= 0) return false;
   target[n] = '\0';
   return strncmp(target, prefix, strlen(prefix)) == 0;

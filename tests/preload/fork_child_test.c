@@ -16,14 +16,6 @@
 
 enum { kPages = 8192 }; /* 32 MiB */
 
-static long pss_kb(pid_t pid) {
-  char path[64], text[4096];
-  snprintf(path, sizeof(path), "/proc/%d/smaps_rollup", (int)pid);
-  if (read_text(path, text, sizeof(text)) <= 0) return -1;
-  const char* at = strstr(text, "\nPss:");
-  return at != NULL ? strtol(at + 5, NULL, 10) : -1;
-}
-
 int main(void) {
   setvbuf(stdout, NULL, _IONBF, 0);
   ksm_setup_or_skip("fork_child_test");

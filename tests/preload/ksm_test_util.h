@@ -79,6 +79,15 @@ UNUSED static ssize_t read_text(const char* path, char* buf, size_t size) {
   return n;
 }
 
+/* Pss of process `pid` in kB (/proc/PID/smaps_rollup); -1 on error. */
+UNUSED static long pss_kb(int pid) {
+  char path[64], text[4096];
+  snprintf(path, sizeof(path), "/proc/%d/smaps_rollup", pid);
+  if (read_text(path, text, sizeof(text)) <= 0) return -1;
+  const char* at = strstr(text, "\nPss:");
+  return at != NULL ? strtol(at + 5, NULL, 10) : -1;
+}
+
 /* echo-like write: 0, or -1 with the errno of open or write. */
 UNUSED static int write_text(const char* path, const char* text) {
   int fd = open(path, O_WRONLY);
