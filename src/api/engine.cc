@@ -345,6 +345,10 @@ class EngineImpl final : public Engine {
     // not destroyed: glibc's destroy waits for the waiters too. No other
     // thread exists to use it meanwhile, and mu_ is held.
     new (&cv_) std::condition_variable();
+    // Callers that were queued for mu_ in the parent are not here either:
+    // counted on, they would have the child's scanner hand the lock over
+    // every few pages, to nobody.
+    waiters_.store(0, std::memory_order_relaxed);
     stop_ = false;
     // The rebuild happens at the child's first call into samepage, or in
     // the scanner started here, which first waits kForkChildPause (most
