@@ -353,12 +353,19 @@ void Chain(int sig, siginfo_t* info, void* context) {
   sigset_t block = act.sa_mask;
   if (!(act.sa_flags & SA_NODEFER)) sigaddset(&block, sig);
   pthread_sigmask(SIG_BLOCK, &block, nullptr);
+  // The mask the handler sets ends with it, as the kernel's sigreturn
+  // ends it; so does the program's view of SIGSEGV and SIGBUS, which the
+  // kernel's mask does not hold. V8's trap handler unblocks SIGSEGV, then
+  // sets back the mask it saved, SIGSEGV blocked by the delivery: kept,
+  // that view gave node's next WebAssembly trap the default action.
+  const unsigned char view = tls_program_blocked;
   errno = saved_errno;
   if (act.sa_flags & SA_SIGINFO) {
     act.sa_sigaction(sig, info, context);
   } else {
     act.sa_handler(sig);
   }
+  tls_program_blocked = view;
 }
 
 void FaultHandler(int sig, siginfo_t* info, void* context) {

@@ -183,13 +183,26 @@ int Mask(int (*const* real)(int, const sigset_t*, sigset_t*), int how,
     }
     apply = &copy;
   }
-  const int r = f(how, apply, old);
+  sigset_t prev;
+  sigset_t* const was = old != nullptr ? old : &prev;
+  const int r = f(how, apply, was);
   if (r != 0) return r;
+  // The kernel blocks SIGSEGV or SIGBUS for a thread only while a handler
+  // runs whose delivery blocked it (this never does): what the handler
+  // asks for them ends with it, as the kernel's sigreturn ends the mask it
+  // sets, so it is not kept as the thread's. (A handler that unblocks them
+  // first is seen as outside; for SIGSEGV and SIGBUS handlers the fault
+  // handler puts the view back when it returns.)
+  const bool in_handler_segv = sigismember(was, SIGSEGV) == 1;
+  const bool in_handler_bus = sigismember(was, SIGBUS) == 1;
   if (old != nullptr) {
     if (segv) sigaddset(old, SIGSEGV);
     if (bus) sigaddset(old, SIGBUS);
   }
-  if (apply != set) backend::SetProgramBlockedFaults(want_segv, want_bus);
+  if (apply != set) {
+    backend::SetProgramBlockedFaults(in_handler_segv ? segv : want_segv,
+                                     in_handler_bus ? bus : want_bus);
+  }
   return 0;
 }
 
