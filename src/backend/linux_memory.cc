@@ -28,6 +28,7 @@
 
 #include "backend/frame_order.h"
 #include "backend/own_fds.h"
+#include "backend/own_memory.h"
 #include "backend/proc_fs.h"
 #include "backend/write_protect.h"
 
@@ -86,6 +87,7 @@ struct PageRegion {
 constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
 constexpr std::uint64_t kPageIsPresent = 1 << 3;
 constexpr std::uint64_t kPageIsSwapped = 1 << 4;
+constexpr std::uint64_t kPageIsPfnZero = 1 << 5;
 constexpr std::uint64_t kProcmapVmaReadable = 0x01;
 constexpr std::uint64_t kProcmapVmaWritable = 0x02;
 constexpr std::uint64_t kProcmapVmaExecutable = 0x04;
@@ -321,6 +323,10 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
   auto [state, state_size] = ProcessStateRange();
   Exclude(state, state_size);
   Exclude(store_.chunk_table_start(), store_.chunk_table_size());
+  // Our tables and locks, written all the time (own_memory.h).
+  for (auto [start, end] :
+       OwnWritableSegments(reinterpret_cast<const void*>(&NoteVmaFlagsChanged)))
+    Exclude(start, end - start);
   RegisterThread();
 
   return RefreshMaps();
@@ -1127,7 +1133,51 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
       }
       states[done + k] = st;
     }
+    LeaveZeroPfnAbsent(base, states.subspan(done, n));
     done += n;
+  }
+}
+
+void LinuxMemory::LeaveZeroPfnAbsent(Addr base, std::span<PageState> states) {
+  // mincore and pagemap both call a page that maps the shared zero page
+  // present. Taken for a page of its own, such a page was hashed, found
+  // zero and dropped again at every full scan (a merge window and a
+  // discard), and the program's next read of it faulted again: a page
+  // dropped once and then only read, samepage's own tables among them,
+  // churned so for ever. Kernel KSM passes the zero page by. PAGEMAP_SCAN
+  // names it (Linux 6.7); before, nothing changes.
+  if (!zero_pfn_scan_works_) return;
+  if (std::find(states.begin(), states.end(), PageState::kAnon) ==
+      states.end()) {
+    return;
+  }
+  const Addr end = base + states.size() * kPageSize;
+  PageRegion regions[16];
+  for (Addr from = base; from < end;) {
+    PmScanArg arg{};
+    arg.size = sizeof(arg);
+    arg.start = from;
+    arg.end = end;
+    arg.vec = reinterpret_cast<std::uintptr_t>(regions);
+    arg.vec_len = std::size(regions);
+    arg.category_anyof_mask = kPageIsPfnZero;
+    arg.return_mask = kPageIsPfnZero;
+    const int found = ioctl(pagemap_fd_, kPagemapScan, &arg);
+    if (found < 0) {
+      // EINVAL or ENOTTY before Linux 6.7; anything else (the range was
+      // unmapped meanwhile) leaves this chunk as it is.
+      if (errno == EINVAL || errno == ENOTTY) zero_pfn_scan_works_ = false;
+      return;
+    }
+    for (int r = 0; r < found; ++r) {
+      for (Addr a = std::max<Addr>(regions[r].start, base);
+           a < std::min<Addr>(regions[r].end, end); a += kPageSize) {
+        PageState& st = states[(a - base) / kPageSize];
+        if (st == PageState::kAnon) st = PageState::kAbsent;
+      }
+    }
+    if (arg.walk_end <= from) return;
+    from = arg.walk_end;
   }
 }
 

@@ -764,6 +764,10 @@ class LinuxMemory final : public Memory {
   std::uint64_t fill_failures_ = 0;        // see MemoryStats
 
   static constexpr std::size_t kProbeChunk = 512;
+  // Probe's states of the pages at `base` that map the shared zero page:
+  // kAnon made kAbsent. zero_pfn_scan_works_: PAGEMAP_SCAN answered.
+  void LeaveZeroPfnAbsent(Addr base, std::span<PageState> states);
+  bool zero_pfn_scan_works_ = true;
   std::uint64_t pagemap_buf_[kProbeChunk];
   unsigned char mincore_buf_[kProbeChunk];
 };

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
+#include <cstring>
+#include <memory>
 
 #include "backend/own_fds.h"
 #include "backend/proc_fs.h"
@@ -135,36 +137,41 @@ Status ReadProcFile(const std::string& path, std::string* text) {
     int err = errno;
     return Status::Error(err, "open(" + path + ")");
   }
-  // Read straight into the string, its room reserved as the last read of
-  // this thread needed: smaps with tens of thousands of mappings runs to
-  // tens of MB, and appending through a small buffer copied it over and
-  // over as it grew. Sized a read at a time, so that only what is read is
-  // zero-filled first: at the size of smaps, each read of the plain maps
-  // wrote 70 MB of zeros at 59,000 mappings.
+  // Read into a buffer sized as the last read of this thread needed
+  // (smaps with tens of thousands of mappings runs to tens of MB, and
+  // growing through small reads copied it over and over), then copied
+  // out. Not a string resized for the read: that zero-fills its room
+  // first, and the pages of the room left unread stayed zero, so that
+  // under merge-any the scanner dropped them at one scan and its next
+  // read wrote them again (64 KiB dropped and faulted back at each full
+  // scan of an idle process). `new char[]` leaves them untouched.
   thread_local std::size_t size_hint = 65536;
+  std::size_t room = size_hint;
+  std::unique_ptr<char[]> buf(new char[room]);
   std::size_t used = 0;
-  text->reserve(size_hint);
   for (;;) {
-    if (text->size() - used < 65536) {
-      text->resize(std::min(std::max(text->capacity(), used + 65536),
-                            used + (1 << 20)));
+    if (room - used < 65536) {
+      const std::size_t bigger = room + std::max<std::size_t>(room, 65536);
+      std::unique_ptr<char[]> grown(new char[bigger]);
+      std::memcpy(grown.get(), buf.get(), used);
+      buf = std::move(grown);
+      room = bigger;
     }
     // At most 1 MiB per call: sysctl files allocate a kernel buffer of the
     // requested size and fail with ENOMEM for large ones.
-    ssize_t n = read(fd, text->data() + used,
-                     std::min<std::size_t>(text->size() - used, 1 << 20));
+    ssize_t n =
+        read(fd, buf.get() + used, std::min<std::size_t>(room - used, 1 << 20));
     if (n < 0) {
       if (errno == EINTR) continue;
       int err = errno;
       CloseOwnFd(fd);
-      text->clear();
       return Status::Error(err, "read(" + path + ")");
     }
     if (n == 0) break;
     used += static_cast<std::size_t>(n);
   }
   CloseOwnFd(fd);
-  text->resize(used);
+  text->assign(buf.get(), used);
   size_hint = std::max<std::size_t>(65536, used + used / 8 + 65536);
   return Status::Ok();
 }

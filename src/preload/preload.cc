@@ -69,6 +69,7 @@
 
 #include "api/default_engine.h"
 #include "backend/own_fds.h"
+#include "backend/own_memory.h"
 #include "backend/proc_fs.h"
 #include "backend/write_protect.h"
 #include "preload/direct_io.h"
@@ -454,6 +455,9 @@ __attribute__((constructor)) void SamepagePreloadInit() {
   UnblockFaultsAtStart();
   // Kept for a chroot or an unmount of /proc to come (backend/proc_fs.h).
   (void)samepage::backend::ProcRootFd();
+  // Our tables are never merged (backend/own_memory.h).
+  samepage::backend::KeepObjectOut(
+      reinterpret_cast<const void*>(&SamepagePreloadInit));
   NoteAllocator(!OtherAllocator());
   ApplyProtection();
   StartStatWriter();

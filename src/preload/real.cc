@@ -6,10 +6,12 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 
+#include "backend/own_memory.h"
 #include "samepage/engine.h"
 #include "samepage/samepage.h"
 
@@ -174,39 +176,18 @@ namespace {
 // false if none, or if it is the main program (whose text is the
 // application's own code: never bypassed).
 bool FindText(const void* symbol, TextRange* range) {
-  Dl_info info;
-  if (symbol == nullptr || dladdr(symbol, &info) == 0) return false;
-  struct Query {
-    std::uintptr_t base;
-    std::uintptr_t lo, hi;
-    bool main_program;
-  } q{reinterpret_cast<std::uintptr_t>(info.dli_fbase), UINTPTR_MAX, 0, false};
-  dl_iterate_phdr(
-      [](struct dl_phdr_info* i, size_t, void* data) -> int {
-        auto* q = static_cast<Query*>(data);
-        bool mine = false;
-        for (int k = 0; k < i->dlpi_phnum; ++k) {
-          const ElfW(Phdr)& ph = i->dlpi_phdr[k];
-          if (ph.p_type != PT_LOAD) continue;
-          const std::uintptr_t a = i->dlpi_addr + ph.p_vaddr;
-          if (a <= q->base && q->base < a + ph.p_memsz) mine = true;
-        }
-        if (!mine && i->dlpi_addr != q->base) return 0;
-        // The executable is listed with an empty name.
-        q->main_program = i->dlpi_name == nullptr || i->dlpi_name[0] == '\0';
-        for (int k = 0; k < i->dlpi_phnum; ++k) {
-          const ElfW(Phdr)& ph = i->dlpi_phdr[k];
-          if (ph.p_type != PT_LOAD || !(ph.p_flags & PF_X)) continue;
-          const std::uintptr_t a = i->dlpi_addr + ph.p_vaddr;
-          if (a < q->lo) q->lo = a;
-          if (a + ph.p_memsz > q->hi) q->hi = a + ph.p_memsz;
-        }
-        return 1;
-      },
-      &q);
-  if (q.main_program || q.lo >= q.hi) return false;
-  range->lo.store(q.lo, std::memory_order_relaxed);
-  range->hi.store(q.hi, std::memory_order_release);
+  backend::LoadSegment segments[16];
+  const int n = backend::LoadSegmentsOf(symbol, segments, 16);
+  std::uintptr_t lo = UINTPTR_MAX;
+  std::uintptr_t hi = 0;
+  for (int k = 0; k < n && k < 16; ++k) {
+    if (!(segments[k].flags & PF_X)) continue;
+    lo = std::min(lo, segments[k].start);
+    hi = std::max(hi, segments[k].end);
+  }
+  if (lo >= hi) return false;
+  range->lo.store(lo, std::memory_order_relaxed);
+  range->hi.store(hi, std::memory_order_release);
   return true;
 }
 

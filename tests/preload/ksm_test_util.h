@@ -187,13 +187,19 @@ UNUSED static void fill_class(unsigned char* base, size_t i, int cls) {
 }
 
 /* `pages` pages of fresh private anonymous memory, each holding class
- * `cls`, advised MADV_MERGEABLE. */
-UNUSED static unsigned char* map_advised_class(size_t pages, int cls) {
+ * `cls`. */
+UNUSED static unsigned char* map_class(size_t pages, int cls) {
   unsigned char* p =
       (unsigned char*)mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   CHECK(p != MAP_FAILED);
   for (size_t i = 0; i < pages; ++i) fill_class(p, i, cls);
+  return p;
+}
+
+/* The same, advised MADV_MERGEABLE. */
+UNUSED static unsigned char* map_advised_class(size_t pages, int cls) {
+  unsigned char* p = map_class(pages, cls);
   CHECK(madvise(p, pages * PAGE, MADV_MERGEABLE) == 0);
   return p;
 }
