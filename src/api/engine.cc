@@ -434,8 +434,9 @@ class EngineImpl final : public Engine {
     return ksm_->AdvisedRanges();
   }
 
-  void AdviseAllAnonymousLocked() {
-    for (auto [a, bytes] : memory_->AnonymousRanges()) {
+  // `background`: the scanner's sweep, which may keep a recent view.
+  void AdviseAllAnonymousLocked(bool background = false) {
+    for (auto [a, bytes] : memory_->AnonymousRanges(background)) {
       ksm_->Advise(a, bytes / kPageSize);
     }
   }
@@ -470,7 +471,7 @@ class EngineImpl final : public Engine {
       const std::int64_t spacing =
           std::max(kMergeAnySweepNanos, memory_->SmapsReadSpacing());
       if (!background || now - last_sweep_ >= spacing) {
-        AdviseAllAnonymousLocked();
+        AdviseAllAnonymousLocked(background);
         last_sweep_ = now;
       }
     }

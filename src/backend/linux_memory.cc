@@ -737,14 +737,22 @@ Status LinuxMemory::ReadAndApplyView(bool full, std::vector<MapEntry>* maps) {
     view_read_at_ = SteadyNanos();
     view_took_ = view_read_at_ - started;
     view_epoch_ = epoch;
+    view_unknown_ =
+        std::any_of(maps->begin(), maps->end(),
+                    [](const MapEntry& e) { return e.flags_unknown; });
   }
   return s;
 }
 
 bool LinuxMemory::RecentViewReusable() const {
-  return reuse_recent_views_ && view_read_at_ != 0 &&
-         g_vma_flags_epoch.load() == view_epoch_ &&
-         SteadyNanos() - view_read_at_ < options_.smaps_cost_share * view_took_;
+  return reuse_recent_views_ && RecentView();
+}
+
+bool LinuxMemory::RecentView() const {
+  return view_read_at_ != 0 && g_vma_flags_epoch.load() == view_epoch_ &&
+         SteadyNanos() - view_read_at_ <
+             std::max(options_.smaps_cost_share * view_took_,
+                      options_.recent_view_ns);
 }
 
 bool LinuxMemory::MergeableKind(const MapEntry& e) const {
@@ -2908,29 +2916,35 @@ bool LinuxMemory::QueryMappings(Addr start, Addr end,
   return true;
 }
 
-std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {
+std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges(
+    bool reuse_recent_view) {
   RegisterThread();
   std::vector<Range> out;
-  std::vector<MapEntry> maps;
-  // Full: new mappings are mergeable in this mode, and their flags are
-  // only in smaps (ReadView would leave them unmerged for a while).
-  view_fresh_ = ReadAndApplyView(/*full=*/true, &maps).ok();
-  if (!view_fresh_) return out;
-  auto add = [&](Addr s, Addr t) {
-    if (s >= t) return;
-    if (!out.empty() && out.back().first + out.back().second == s) {
-      out.back().second += t - s;
-    } else {
-      out.emplace_back(s, t - s);
+  // New mappings are mergeable in this mode, and their flags are only in
+  // smaps (ReadView leaves them unmerged until its next smaps read). But
+  // where the layout shows none (an idle program: every sweep), the plain
+  // maps and the flags known do: a smaps read walks every page table, 4-5
+  // ms in each of an idle PostgreSQL's processes, ten times a second. The
+  // background scanner's sweep keeps a recent view that showed no new
+  // memory, as its full scans do: its full scan had read one moments ago.
+  const bool reuse = reuse_recent_view && !view_unknown_ && RecentView();
+  if (!reuse) {
+    std::vector<MapEntry> maps;
+    view_fresh_ = smaps_read_at_ != 0 &&
+                  ReadAndApplyView(/*full=*/false, &maps).ok() &&
+                  !view_unknown_;
+    if (!view_fresh_) {
+      maps.clear();
+      view_fresh_ = ReadAndApplyView(/*full=*/true, &maps).ok();
     }
-  };
-  for (const MapEntry& e : maps) {
-    // touchable_ already leaves out the stacks; subtract the exclusions.
-    // Interval by interval: page by page, a mapping of a terabyte took
-    // seconds.
-    if (!Eligible(e) || !IsTouchable(e.start)) continue;
-    Addr s = e.start;
-    while (s < e.end) {
+    if (!view_fresh_) return out;
+  }
+  // touchable_ holds the eligible mappings and leaves out the stacks;
+  // subtract the exclusions. Interval by interval: page by page, a
+  // mapping of a terabyte took seconds.
+  for (const Interval& t : touchable_) {
+    Addr s = t.start;
+    while (s < t.end) {
       if (const Interval* x = Find(excluded_, s)) {
         s = x->end;
         continue;
@@ -2939,17 +2953,15 @@ std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {
         s = x->end;
         continue;
       }
-      const Interval* touchable = Find(touchable_, s);
-      if (touchable == nullptr) {
-        s = NextIntervalStart(touchable_, s);
-        continue;
-      }
       // s lies in no exclusion (above): the next ones start after it.
-      const Addr t =
-          std::min({e.end, touchable->end, NextIntervalStart(excluded_, s),
-                    NextIntervalStart(auto_excluded_, s)});
-      add(s, t);
-      s = t;
+      const Addr e = std::min({t.end, NextIntervalStart(excluded_, s),
+                               NextIntervalStart(auto_excluded_, s)});
+      if (!out.empty() && out.back().first + out.back().second == s) {
+        out.back().second += e - s;
+      } else {
+        out.emplace_back(s, e - s);
+      }
+      s = e;
     }
   }
   return out;

@@ -91,6 +91,14 @@ struct LinuxMemoryOptions {
   std::int64_t smaps_expensive_ns = 20'000'000;
   std::int64_t smaps_cost_share = 20;
   std::int64_t smaps_ns_per_mapping = 4'000;
+  // The background scanner's full scans keep a view younger than this
+  // whatever it cost (ReuseRecentViews): an idle process of a few
+  // thousand pages ends a full scan every batch, fifty a second at the
+  // default knobs, and read its maps at each (0.3 ms for 300 mappings: a
+  // twentieth of a core for each of a PostgreSQL server's processes).
+  // Memory mapped meanwhile waits that long more, well within a full scan
+  // of a process at kernel KSM's pace.
+  std::int64_t recent_view_ns = 100'000'000;
   // A frame mapped over one page alone (scattered merges: a mapping, a VMA,
   // of its own) is mapped into the page table at once (UFFDIO_CONTINUE),
   // which also gives the VMA its anon_vma: its first read then does not
@@ -278,7 +286,9 @@ class LinuxMemory final : public Memory {
   // excluded ranges and the main stack; in mprotect mode also minus thread
   // stacks (an anonymous rw mapping right above a PROT_NONE guard, as glibc
   // lays them out), whose owners would die on a write fault.
-  std::vector<Range> AnonymousRanges();
+  // `reuse_recent_view` (the background scanner's sweeps): a view as
+  // recent as RecentViewReusable's serves, if it showed no new memory.
+  std::vector<Range> AnonymousRanges(bool reuse_recent_view = false);
   // How far apart reads of smaps that the caller may put off should be, so
   // that they take at most their share of the time (smaps_cost_share times
   // what the last read took; 0 before any read).
@@ -286,11 +296,11 @@ class LinuxMemory final : public Memory {
     return options_.smaps_cost_share * smaps_took_;
   }
   // For the background scanner (true) only: a full scan may keep the maps
-  // view applied less than smaps_cost_share times what reading it took ago
-  // (no flag change reported since). A small process scanned at a high
-  // rate ends hundreds of full scans a second, and read /proc/self/maps at
-  // each: most of its scanner's time, idle. Scans a caller asks for
-  // (false) read it at each full scan, as before.
+  // view applied less than smaps_cost_share times what reading it took, or
+  // options_.recent_view_ns, ago (no flag change reported since). A small
+  // process scanned at a high rate ends hundreds of full scans a second, and
+  // read /proc/self/maps at each: most of its scanner's time, idle. Scans a
+  // caller asks for (false) read it at each full scan, as before.
   void ReuseRecentViews(bool reuse) { reuse_recent_views_ = reuse; }
 
   // Around an mlockall by the application (the engine's lock held, no
@@ -689,6 +699,12 @@ class LinuxMemory final : public Memory {
   std::uint64_t view_epoch_ = 0;
   bool reuse_recent_views_ = false;
   bool RecentViewReusable() const;
+  // The view is younger than RecentViewReusable allows, no flag change
+  // reported since.
+  bool RecentView() const;
+  // The last view showed memory whose flags it did not know (new memory
+  // seen through the plain maps).
+  bool view_unknown_ = false;
   // ReadView, then ApplyMaps, noting when and at what cost (the above).
   Status ReadAndApplyView(bool full, std::vector<MapEntry>* maps);
   // From the last smaps read (ReadView): the VmFlags of its mergeable

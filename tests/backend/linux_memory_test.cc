@@ -402,6 +402,12 @@ TEST_P(LinuxMemoryTest, SmapsReadSpacingGrowsWithWhatAReadWalks) {
       << "small " << small << " ns, big " << m->SmapsReadSpacing() << " ns";
 }
 
+// Reads of the maps and smaps so far.
+std::uint64_t ViewReads(const LinuxMemory& m) {
+  const MemoryStats s = m.Stats();
+  return s.maps_reads + s.smaps_reads;
+}
+
 // smaps reads that count as expensive (all of them), the next one put off
 // for good unless asked for (full, or NoteVmaFlagsChanged).
 std::unique_ptr<LinuxMemory> NewMemoryWithExpensiveSmaps() {
@@ -424,10 +430,7 @@ TEST_P(LinuxMemoryTest, TheScannersBackToBackFullScansKeepARecentView) {
   Region a(4);
   for (std::size_t i = 0; i < 4; ++i) Fill(a.page(i), i);
   ASSERT_TRUE(m->RefreshMaps().ok());
-  const auto views = [&] {
-    const MemoryStats s = m->Stats();
-    return s.maps_reads + s.smaps_reads;
-  };
+  const auto views = [&] { return ViewReads(*m); };
   const auto before = views();
   m->ReuseRecentViews(true);
   for (int i = 0; i < 5; ++i) m->BeginFullScan();
@@ -446,6 +449,29 @@ TEST_P(LinuxMemoryTest, TheScannersBackToBackFullScansKeepARecentView) {
   m->Probe(a.addr(0), states);
   for (std::size_t i = 0; i < 4; ++i)
     EXPECT_EQ(states[i], PageState::kAnon) << i;
+}
+
+// However cheap the view, the background scanner keeps one younger than
+// options.recent_view_ns: an idle process ends a full scan every batch.
+// (Here an hour, and 20 ms between scans: a view a twentieth of a
+// millisecond's read would otherwise be read again at each.)
+TEST_P(LinuxMemoryTest, TheScannerKeepsEvenACheapViewAWhile) {
+  LinuxMemoryOptions o;
+  g_config.ApplyTo(&o);
+  o.recent_view_ns = std::int64_t{3600} * 1'000'000'000;
+  std::unique_ptr<LinuxMemory> m;
+  ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
+  Region a(4);
+  ASSERT_TRUE(m->RefreshMaps().ok());
+  const auto views = [&] { return ViewReads(*m); };
+  const auto before = views();
+  m->ReuseRecentViews(true);
+  for (int i = 0; i < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    m->BeginFullScan();
+  }
+  m->ReuseRecentViews(false);
+  EXPECT_EQ(views(), before) << "a recent view read again";
 }
 
 // Where smaps is expensive, the read that known memory grown in place asks
@@ -2183,6 +2209,38 @@ TEST_P(LinuxMemoryTest, AnonymousRangesCoverHeapButNotStacksOrOurs) {
   EXPECT_FALSE(covered(reinterpret_cast<Addr>(local)));
   EXPECT_FALSE(covered(reinterpret_cast<Addr>(m.get())));
   EXPECT_FALSE(covered(m->frame_store().chunk_table_start()));
+}
+
+// merge-any's sweep reads smaps (a walk of every page table) only where
+// the layout shows memory it does not know; the background scanner's
+// sweep keeps a view read moments ago. An idle PostgreSQL read smaps ten
+// times a second in each of its processes.
+TEST_P(LinuxMemoryTest, AnonymousRangesReadSmapsOnlyForNewMemory) {
+  auto m = NewMemory();
+  Region r(16);
+  (void)m->AnonymousRanges();
+  const MemoryStats first = m->Stats();
+  (void)m->AnonymousRanges();
+  MemoryStats now = m->Stats();
+  EXPECT_EQ(now.smaps_reads, first.smaps_reads) << "nothing new, smaps read";
+  EXPECT_EQ(now.maps_reads, first.maps_reads + 1);
+  (void)m->AnonymousRanges(/*reuse_recent_view=*/true);
+  EXPECT_EQ(m->Stats().maps_reads, now.maps_reads) << "a recent view read";
+  Region fresh(8);
+  const auto ranges = m->AnonymousRanges(/*reuse_recent_view=*/true);
+  now = m->Stats();
+  EXPECT_EQ(now.smaps_reads, first.smaps_reads) << "the recent view kept";
+  const auto with_fresh = m->AnonymousRanges();
+  EXPECT_EQ(m->Stats().smaps_reads, first.smaps_reads + 1)
+      << "new memory, smaps not read";
+  auto covered = [](const auto& rs, Addr a) {
+    for (auto [s, len] : rs)
+      if (a >= s && a < s + len) return true;
+    return false;
+  };
+  EXPECT_TRUE(covered(with_fresh, fresh.addr(4)));
+  EXPECT_TRUE(covered(with_fresh, r.addr(8)));
+  EXPECT_TRUE(covered(ranges, r.addr(8)));
 }
 
 // Exclusions cut the mapping that holds them, to the page; a large
