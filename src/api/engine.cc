@@ -375,7 +375,7 @@ class EngineImpl final : public Engine {
     LinuxMemoryOptions options = options_;
     options.adopted_memfds = memory_->MemfdLineage();
     std::unique_ptr<LinuxMemory> fresh;
-    if (!LinuxMemory::Create(options, &fresh).ok()) return;
+    if (!LinuxMemory::CreateInChild(options, *memory_, &fresh).ok()) return;
     options_ = options;
     const auto ranges = ksm_->AdvisedRanges();
     const Knobs knobs = ksm_->knobs();

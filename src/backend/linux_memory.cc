@@ -244,6 +244,57 @@ Status LinuxMemory::Create(const LinuxMemoryOptions& options,
   return Status::Ok();
 }
 
+namespace {
+std::int64_t SteadyNanos();  // below, with the maps view
+}  // namespace
+
+Status LinuxMemory::CreateInChild(const LinuxMemoryOptions& options,
+                                  const LinuxMemory& parent,
+                                  std::unique_ptr<LinuxMemory>* memory) {
+  memory->reset();
+  std::unique_ptr<LinuxMemory> m(new LinuxMemory());
+  // Not where memory was advised since the parent's read: the parent
+  // reads smaps before it probes such memory (advised_unread_); the child,
+  // taking it for new memory of unknown flags, would find it gone and
+  // forget it (preload.fork_child_test failed so, once in a few runs).
+  if (parent.smaps_read_at_ != 0 && parent.advised_unread_.empty() &&
+      parent.smaps_epoch_ == g_vma_flags_epoch.load()) {
+    m->inherited_view_ = true;
+    m->flag_runs_ = parent.flag_runs_;
+    // fork() leaves the child's mappings unlocked (VM_LOCKED and
+    // VM_LOCKONFAULT are cleared) and copies no MADV_DONTFORK mapping.
+    for (FlagRun& run : m->flag_runs_) {
+      std::string kept;
+      std::size_t pos = 0;
+      while (pos < run.flags.size()) {
+        std::size_t end = run.flags.find(' ', pos);
+        if (end == std::string::npos) end = run.flags.size();
+        const std::string_view f(run.flags.data() + pos, end - pos);
+        if (f != "lo" && f != "lf" && f != "dc") {
+          if (!kept.empty()) kept += ' ';
+          kept += f;
+        }
+        pos = end + 1;
+      }
+      run.flags = std::move(kept);
+    }
+    m->anon_splits_ = parent.anon_splits_;
+    m->anon_splits_.insert(m->anon_splits_.end(),
+                           parent.anon_splits_made_.begin(),
+                           parent.anon_splits_made_.end());
+    std::sort(m->anon_splits_.begin(), m->anon_splits_.end());
+    m->anon_splits_.erase(
+        std::unique(m->anon_splits_.begin(), m->anon_splits_.end()),
+        m->anon_splits_.end());
+    m->smaps_took_ = parent.smaps_took_;
+    m->smaps_mappings_ = parent.smaps_mappings_;
+  }
+  Status s = m->Init(options);
+  if (!s.ok()) return s;
+  *memory = std::move(m);
+  return Status::Ok();
+}
+
 LinuxMemory::~LinuxMemory() {
   CloseOwnFd(pagemap_fd_);
   CloseOwnFd(maps_query_fd_);
@@ -329,6 +380,15 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
     Exclude(start, end - start);
   RegisterThread();
 
+  if (inherited_view_) {
+    // The parent's read, as if made now: the plain maps show what changed.
+    smaps_read_at_ = SteadyNanos();
+    smaps_epoch_ = g_vma_flags_epoch.load();
+    std::vector<MapEntry> maps;
+    const bool ok = ReadAndApplyView(/*full=*/false, &maps).ok();
+    inherited_view_ = false;
+    if (ok) return Status::Ok();
+  }
   return RefreshMaps();
 }
 
@@ -856,7 +916,10 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
       ReadProcFile(options_.plain_maps_path, &text).ok() &&
       ParseMaps(text, maps).ok()) {
     view_mappings_ = maps->size();
-    const bool read_now = may_read(cost_now(view_mappings_));
+    // A forked child's first view puts off what it would read smaps for
+    // (its own start grew a malloc arena) to its next read.
+    const bool read_now =
+        !inherited_view_ && may_read(cost_now(view_mappings_));
     bool known = true;
     for (MapEntry& e : *maps) {
       if (!MergeableKind(e)) continue;

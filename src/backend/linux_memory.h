@@ -217,6 +217,16 @@ class LinuxMemory final : public Memory {
   // probe failed.
   static Status Create(const LinuxMemoryOptions& options,
                        std::unique_ptr<LinuxMemory>* memory);
+  // Create, in a forked child, taking the first view from the plain maps
+  // and the VmFlags of `parent`'s last smaps read (the parent's backend,
+  // copied by fork; those flags a child does not inherit, the locks, left
+  // out), where no flag change was reported since: a smaps read walks
+  // every page table (4-5 ms in a PostgreSQL backend, whose page tables
+  // include shared_buffers), and the child's layout is the parent's. Not
+  // where memory was advised since the parent's last smaps read.
+  static Status CreateInChild(const LinuxMemoryOptions& options,
+                              const LinuxMemory& parent,
+                              std::unique_ptr<LinuxMemory>* memory);
   ~LinuxMemory() override;
 
   LinuxMemory(const LinuxMemory&) = delete;
@@ -716,6 +726,9 @@ class LinuxMemory final : public Memory {
     std::string flags;
   };
   std::vector<FlagRun> flag_runs_;
+  // Set by CreateInChild for Init's first view: from the plain maps, what
+  // asks for a smaps read put off (ReadView).
+  bool inherited_view_ = false;
   // Memory advised (MergeableParts) since the last smaps read, which only
   // PROCMAP_QUERY looked at: mapped, of mergeable kind, but with VmFlags
   // not read yet (memory mapped again where other memory was at that read
