@@ -42,7 +42,10 @@ int main(void) {
   const long faults = minor_faults() - before;
   printf("minor faults in 1 s asleep: %ld\n", faults);
   for (size_t i = 0; i < kPages; ++i) CHECK(holds_class(p, i, 1));
-  CHECK(faults < 20);
+  /* samepage's scanner allocates as it scans, and its heap comes and goes
+   * (Debug builds check every invariant at each batch: 13-23 faults in some
+   * seconds, 0 in most); the churn this is about made 91-355. */
+  CHECK(faults < 60);
 
   /* Pages of zeros, read again and again once merged. */
   volatile unsigned char* z = mmap(NULL, kPages * PAGE, PROT_READ | PROT_WRITE,
@@ -63,7 +66,7 @@ int main(void) {
   printf("minor faults in 1 s reading %d pages of zeros: %ld\n", kPages,
          read_faults);
   CHECK(sum == 0);
-  CHECK(read_faults < 20);
+  CHECK(read_faults < 60); /* as above; before: 94,208 */
   printf("PASS idle_test\n");
   return 0;
 }
