@@ -261,23 +261,8 @@ Status LinuxMemory::CreateInChild(const LinuxMemoryOptions& options,
       parent.smaps_epoch_ == g_vma_flags_epoch.load()) {
     m->inherited_view_ = true;
     m->flag_runs_ = parent.flag_runs_;
-    // fork() leaves the child's mappings unlocked (VM_LOCKED and
-    // VM_LOCKONFAULT are cleared) and copies no MADV_DONTFORK mapping.
-    for (FlagRun& run : m->flag_runs_) {
-      std::string kept;
-      std::size_t pos = 0;
-      while (pos < run.flags.size()) {
-        std::size_t end = run.flags.find(' ', pos);
-        if (end == std::string::npos) end = run.flags.size();
-        const std::string_view f(run.flags.data() + pos, end - pos);
-        if (f != "lo" && f != "lf" && f != "dc") {
-          if (!kept.empty()) kept += ' ';
-          kept += f;
-        }
-        pos = end + 1;
-      }
-      run.flags = std::move(kept);
-    }
+    for (FlagRun& run : m->flag_runs_)
+      run.flags = FlagsInAForkedChild(run.flags);
     m->anon_splits_ = parent.anon_splits_;
     m->anon_splits_.insert(m->anon_splits_.end(),
                            parent.anon_splits_made_.begin(),

@@ -225,27 +225,42 @@ bool HasUnmergeableVmFlags(const MapEntry& e, bool uffd_wp_is_ours) {
   return !uffd_wp_is_ours && e.HasVmFlag("uw");
 }
 
-std::string FlagsReadBySamepage(std::string_view vm_flags, bool drop_uw) {
-  const auto read = [&](std::string_view f) {
-    if (f == "uw") return !drop_uw;
-    return std::find(std::begin(kUnmergeableFlags), std::end(kUnmergeableFlags), f) !=
-               std::end(kUnmergeableFlags) ||
-           std::find(std::begin(kReappliedFlags), std::end(kReappliedFlags), f) !=
-               std::end(kReappliedFlags);
-  };
+namespace {
+// The flags of `vm_flags` (space-separated) that `keep` accepts, in order.
+template <typename Keep>
+std::string KeptFlags(std::string_view vm_flags, const Keep& keep) {
   std::string out;
   std::size_t pos = 0;
   while (pos < vm_flags.size()) {
     std::size_t end = vm_flags.find(' ', pos);
     if (end == std::string_view::npos) end = vm_flags.size();
     const std::string_view f = vm_flags.substr(pos, end - pos);
-    if (!f.empty() && read(f)) {
+    if (!f.empty() && keep(f)) {
       if (!out.empty()) out += ' ';
       out += f;
     }
     pos = end + 1;
   }
   return out;
+}
+}  // namespace
+
+std::string FlagsReadBySamepage(std::string_view vm_flags, bool drop_uw) {
+  return KeptFlags(vm_flags, [&](std::string_view f) {
+    if (f == "uw") return !drop_uw;
+    return std::find(std::begin(kUnmergeableFlags), std::end(kUnmergeableFlags),
+                     f) != std::end(kUnmergeableFlags) ||
+           std::find(std::begin(kReappliedFlags), std::end(kReappliedFlags),
+                     f) != std::end(kReappliedFlags);
+  });
+}
+
+std::string FlagsInAForkedChild(std::string_view vm_flags) {
+  // fork() clears VM_LOCKED and VM_LOCKONFAULT in the child, and copies no
+  // MADV_DONTFORK mapping.
+  return KeptFlags(vm_flags, [](std::string_view f) {
+    return f != "lo" && f != "lf" && f != "dc";
+  });
 }
 
 }  // namespace samepage::backend

@@ -86,6 +86,10 @@ bool HasUnmergeableVmFlags(const MapEntry& e, bool uffd_wp_is_ours = false);
 // frame mapping) get the same text, so the saved flags form few runs.
 std::string FlagsReadBySamepage(std::string_view vm_flags, bool drop_uw);
 
+// Of flags that FlagsReadBySamepage kept, those a forked child's copy of
+// the mapping still has (not the locks).
+std::string FlagsInAForkedChild(std::string_view vm_flags);
+
 }  // namespace samepage::backend
 
 #endif  // SAMEPAGE_BACKEND_PROC_MAPS_H_

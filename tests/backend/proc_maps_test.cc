@@ -81,6 +81,16 @@ TEST(ProcMapsTest, FlagsReadBySamepageKeepOnlyWhatIsRead) {
   EXPECT_TRUE(HasUnmergeableVmFlags(e));  // what decides survives
 }
 
+// fork() clears the locks in the child and copies no DONTFORK mapping; the
+// rest of what samepage reads stays.
+TEST(ProcMapsTest, AForkedChildKeepsAllButTheLocks) {
+  EXPECT_EQ(FlagsInAForkedChild("lo dd"), "dd");
+  EXPECT_EQ(FlagsInAForkedChild("wf lf"), "wf");
+  EXPECT_EQ(FlagsInAForkedChild("dc"), "");
+  EXPECT_EQ(FlagsInAForkedChild("uw ht"), "uw ht");
+  EXPECT_EQ(FlagsInAForkedChild(""), "");
+}
+
 TEST(ProcMapsTest, RejectsMalformedHeaders) {
   std::vector<MapEntry> e;
   EXPECT_EQ(ParseMaps("1000-2000 rw-x 0 00:00 0\n", &e).code(), EINVAL);
