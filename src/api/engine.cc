@@ -30,10 +30,10 @@
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
-#include <new>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <system_error>
 #include <thread>
 
@@ -434,9 +434,8 @@ class EngineImpl final : public Engine {
     return ksm_->AdvisedRanges();
   }
 
-  // `background`: the scanner's sweep, which may keep a recent view.
-  void AdviseAllAnonymousLocked(bool background = false) {
-    for (auto [a, bytes] : memory_->AnonymousRanges(background)) {
+  void AdviseAllAnonymousLocked() {
+    for (auto [a, bytes] : memory_->AnonymousRanges()) {
       ksm_->Advise(a, bytes / kPageSize);
     }
   }
@@ -447,11 +446,11 @@ class EngineImpl final : public Engine {
                          bool carry_runs = false,
                          const std::function<bool()>& pause = {}) {
     const std::uint64_t scans = ksm_->GetCounters().full_scans;
-    // Only the background scanner carries runs (and keeps recent views).
+    // Only the background scanner carries runs, and keeps recent views
+    // (its full scans and its merge-any sweep below).
     memory_->ReuseRecentViews(carry_runs);
     const std::size_t n =
         ksm_->ScanBatch(pages, stop_at_scan_end, carry_runs, pause);
-    memory_->ReuseRecentViews(false);
 #ifndef NDEBUG
     ksm_->CheckInvariants();  // debug builds: every batch, on real memory
 #endif
@@ -471,10 +470,11 @@ class EngineImpl final : public Engine {
       const std::int64_t spacing =
           std::max(kMergeAnySweepNanos, memory_->SmapsReadSpacing());
       if (!background || now - last_sweep_ >= spacing) {
-        AdviseAllAnonymousLocked(background);
+        AdviseAllAnonymousLocked();
         last_sweep_ = now;
       }
     }
+    memory_->ReuseRecentViews(false);
     PublishLocked();
     return n;
   }

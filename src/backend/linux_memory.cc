@@ -88,6 +88,26 @@ constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
 constexpr std::uint64_t kPageIsPresent = 1 << 3;
 constexpr std::uint64_t kPageIsSwapped = 1 << 4;
 constexpr std::uint64_t kPageIsPfnZero = 1 << 5;
+
+// PAGEMAP_SCAN over [start, end): the pages in any of `categories`, as
+// regions into `out` (max_pages of them at most; 0: no limit). Returns the
+// regions found, or -1 with errno; *walk_end is where the walk stopped.
+int PagemapScan(int pagemap_fd, Addr start, Addr end, std::uint64_t categories,
+                std::span<PageRegion> out, std::uint64_t max_pages,
+                Addr* walk_end) {
+  PmScanArg arg{};
+  arg.size = sizeof(arg);
+  arg.start = start;
+  arg.end = end;
+  arg.vec = reinterpret_cast<std::uintptr_t>(out.data());
+  arg.vec_len = out.size();
+  arg.max_pages = max_pages;
+  arg.category_anyof_mask = categories;
+  arg.return_mask = categories;
+  const int found = ioctl(pagemap_fd, kPagemapScan, &arg);
+  *walk_end = arg.walk_end;
+  return found;
+}
 constexpr std::uint64_t kProcmapVmaReadable = 0x01;
 constexpr std::uint64_t kProcmapVmaWritable = 0x02;
 constexpr std::uint64_t kProcmapVmaExecutable = 0x04;
@@ -264,13 +284,7 @@ Status LinuxMemory::CreateInChild(const LinuxMemoryOptions& options,
     for (FlagRun& run : m->flag_runs_)
       run.flags = FlagsInAForkedChild(run.flags);
     m->anon_splits_ = parent.anon_splits_;
-    m->anon_splits_.insert(m->anon_splits_.end(),
-                           parent.anon_splits_made_.begin(),
-                           parent.anon_splits_made_.end());
-    std::sort(m->anon_splits_.begin(), m->anon_splits_.end());
-    m->anon_splits_.erase(
-        std::unique(m->anon_splits_.begin(), m->anon_splits_.end()),
-        m->anon_splits_.end());
+    m->anon_splits_made_ = parent.anon_splits_made_;  // ReadView merges them
     m->smaps_took_ = parent.smaps_took_;
     m->smaps_mappings_ = parent.smaps_mappings_;
   }
@@ -790,11 +804,8 @@ Status LinuxMemory::ReadAndApplyView(bool full, std::vector<MapEntry>* maps) {
 }
 
 bool LinuxMemory::RecentViewReusable() const {
-  return reuse_recent_views_ && RecentView();
-}
-
-bool LinuxMemory::RecentView() const {
-  return view_read_at_ != 0 && g_vma_flags_epoch.load() == view_epoch_ &&
+  return reuse_recent_views_ && view_read_at_ != 0 &&
+         g_vma_flags_epoch.load() == view_epoch_ &&
          SteadyNanos() - view_read_at_ <
              std::max(options_.smaps_cost_share * view_took_,
                       options_.recent_view_ns);
@@ -895,11 +906,9 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
       expensive(last_cost)
           ? std::max(kSmapsInterval, options_.smaps_cost_share * last_cost)
           : kSmapsInterval;
-  std::string text;
   if (!full && smaps_read_at_ != 0 && !options_.plain_maps_path.empty() &&
       age < interval && epoch == smaps_epoch_ &&
-      ReadProcFile(options_.plain_maps_path, &text).ok() &&
-      ParseMaps(text, maps).ok()) {
+      ReadMaps(options_.plain_maps_path, maps).ok()) {
     view_mappings_ = maps->size();
     // A forked child's first view puts off what it would read smaps for
     // (its own start grew a malloc arena) to its next read.
@@ -1210,15 +1219,9 @@ void LinuxMemory::LeaveZeroPfnAbsent(Addr base, std::span<PageState> states) {
   const Addr end = base + states.size() * kPageSize;
   PageRegion regions[16];
   for (Addr from = base; from < end;) {
-    PmScanArg arg{};
-    arg.size = sizeof(arg);
-    arg.start = from;
-    arg.end = end;
-    arg.vec = reinterpret_cast<std::uintptr_t>(regions);
-    arg.vec_len = std::size(regions);
-    arg.category_anyof_mask = kPageIsPfnZero;
-    arg.return_mask = kPageIsPfnZero;
-    const int found = ioctl(pagemap_fd_, kPagemapScan, &arg);
+    Addr walk_end = 0;
+    const int found = PagemapScan(pagemap_fd_, from, end, kPageIsPfnZero,
+                                  regions, /*max_pages=*/0, &walk_end);
     if (found < 0) {
       // EINVAL or ENOTTY before Linux 6.7; anything else (the range was
       // unmapped meanwhile) leaves this chunk as it is.
@@ -1232,8 +1235,8 @@ void LinuxMemory::LeaveZeroPfnAbsent(Addr base, std::span<PageState> states) {
         if (st == PageState::kAnon) st = PageState::kAbsent;
       }
     }
-    if (arg.walk_end <= from) return;
-    from = arg.walk_end;
+    if (walk_end <= from) return;
+    from = walk_end;
   }
 }
 
@@ -1253,18 +1256,12 @@ Addr LinuxMemory::SkipAbsent(Addr from, Addr to) {
   }
   if (limit <= from || !RangeMapped(from, limit - from)) return from;
   PageRegion region{};
-  PmScanArg arg{};
-  arg.size = sizeof(arg);
-  arg.start = from;
-  arg.end = limit;
-  arg.vec = reinterpret_cast<std::uintptr_t>(&region);
-  arg.vec_len = 1;
-  arg.max_pages = 1;
-  arg.category_anyof_mask = kPageIsPresent | kPageIsSwapped;
-  arg.return_mask = kPageIsPresent | kPageIsSwapped;
-  const int found = ioctl(pagemap_fd_, kPagemapScan, &arg);
+  Addr walk_end = 0;
+  const int found = PagemapScan(
+      pagemap_fd_, from, limit, kPageIsPresent | kPageIsSwapped,
+      std::span<PageRegion>(&region, 1), /*max_pages=*/1, &walk_end);
   if (found < 0) return from;
-  const Addr to_page = found > 0 ? region.start : arg.walk_end;
+  const Addr to_page = found > 0 ? region.start : walk_end;
   return std::clamp(to_page & ~(kPageSize - 1), from, limit);
 }
 
@@ -2964,8 +2961,7 @@ bool LinuxMemory::QueryMappings(Addr start, Addr end,
   return true;
 }
 
-std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges(
-    bool reuse_recent_view) {
+std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {
   RegisterThread();
   std::vector<Range> out;
   // New mappings are mergeable in this mode, and their flags are only in
@@ -2975,8 +2971,7 @@ std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges(
   // ms in each of an idle PostgreSQL's processes, ten times a second. The
   // background scanner's sweep keeps a recent view that showed no new
   // memory, as its full scans do: its full scan had read one moments ago.
-  const bool reuse = reuse_recent_view && !view_unknown_ && RecentView();
-  if (!reuse) {
+  if (view_unknown_ || !RecentViewReusable()) {
     std::vector<MapEntry> maps;
     view_fresh_ = smaps_read_at_ != 0 &&
                   ReadAndApplyView(/*full=*/false, &maps).ok() &&

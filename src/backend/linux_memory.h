@@ -296,18 +296,19 @@ class LinuxMemory final : public Memory {
   // excluded ranges and the main stack; in mprotect mode also minus thread
   // stacks (an anonymous rw mapping right above a PROT_NONE guard, as glibc
   // lays them out), whose owners would die on a write fault.
-  // `reuse_recent_view` (the background scanner's sweeps): a view as
-  // recent as RecentViewReusable's serves, if it showed no new memory.
-  std::vector<Range> AnonymousRanges(bool reuse_recent_view = false);
+  // For the background scanner (ReuseRecentViews) a view as recent as its
+  // full scans keep serves, if it showed no new memory.
+  std::vector<Range> AnonymousRanges();
   // How far apart reads of smaps that the caller may put off should be, so
   // that they take at most their share of the time (smaps_cost_share times
   // what the last read took; 0 before any read).
   std::int64_t SmapsReadSpacing() const {
     return options_.smaps_cost_share * smaps_took_;
   }
-  // For the background scanner (true) only: a full scan may keep the maps
-  // view applied less than smaps_cost_share times what reading it took, or
-  // options_.recent_view_ns, ago (no flag change reported since). A small
+  // For the background scanner (true) only: a full scan, and merge-any's
+  // sweep (AnonymousRanges), may keep the maps view applied less than
+  // smaps_cost_share times what reading it took, or options_.recent_view_ns,
+  // ago (no flag change reported since). A small
   // process scanned at a high rate ends hundreds of full scans a second, and
   // read /proc/self/maps at each: most of its scanner's time, idle. Scans a
   // caller asks for (false) read it at each full scan, as before.
@@ -709,9 +710,6 @@ class LinuxMemory final : public Memory {
   std::uint64_t view_epoch_ = 0;
   bool reuse_recent_views_ = false;
   bool RecentViewReusable() const;
-  // The view is younger than RecentViewReusable allows, no flag change
-  // reported since.
-  bool RecentView() const;
   // The last view showed memory whose flags it did not know (new memory
   // seen through the plain maps).
   bool view_unknown_ = false;

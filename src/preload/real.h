@@ -147,12 +147,12 @@ bool OtherAllocator();
 // free and realloc, resolved before anything there can free; then which
 // allocator the program has.
 void ResolveNextAllocator();
+void NoteAllocator(bool glibc);
 
 // Defined in signals.cc, called by the preload's constructor: a program
 // started with SIGSEGV or SIGBUS blocked gets them unblocked, its wish kept
 // (see sigprocmask there).
 void UnblockFaultsAtStart();
-void NoteAllocator(bool glibc);
 
 // Defined in preload.cc. Applies the settings `samepage run` passed in the
 // environment, once, before the first call into samepage.

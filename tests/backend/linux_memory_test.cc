@@ -2271,10 +2271,12 @@ TEST_P(LinuxMemoryTest, AnonymousRangesReadSmapsOnlyForNewMemory) {
   MemoryStats now = m->Stats();
   EXPECT_EQ(now.smaps_reads, first.smaps_reads) << "nothing new, smaps read";
   EXPECT_EQ(now.maps_reads, first.maps_reads + 1);
-  (void)m->AnonymousRanges(/*reuse_recent_view=*/true);
+  m->ReuseRecentViews(true);  // as the background scanner's sweep
+  (void)m->AnonymousRanges();
   EXPECT_EQ(m->Stats().maps_reads, now.maps_reads) << "a recent view read";
   Region fresh(8);
-  const auto ranges = m->AnonymousRanges(/*reuse_recent_view=*/true);
+  const auto ranges = m->AnonymousRanges();
+  m->ReuseRecentViews(false);
   now = m->Stats();
   EXPECT_EQ(now.smaps_reads, first.smaps_reads) << "the recent view kept";
   const auto with_fresh = m->AnonymousRanges();
