@@ -723,7 +723,11 @@ void Ksm::ForgetGone() {
   gone_.clear();
 }
 
-void Ksm::PrefetchLookups(const Item& item) const {
+// flatten: abseil's prefetch() holds nothing but __builtin_prefetch, which
+// GCC's pure-const analysis takes for no effect at all; called rather than
+// inlined, the call was deleted and this function compiled to a bare
+// return (tests/core/prefetch_compiled_test.sh checks the instructions).
+__attribute__((flatten)) void Ksm::PrefetchLookups(const Item& item) const {
   // A page visited with the hash of its last visit asks both indexes for
   // it before reading the page (VisitPage, step 0): their slots are
   // fetched a few pages ahead, as the hash index misses the caches.
