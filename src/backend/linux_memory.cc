@@ -388,7 +388,41 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
     inherited_view_ = false;
     if (ok) return Status::Ok();
   }
-  return RefreshMaps();
+  return ReadFirstView();
+}
+
+Status LinuxMemory::ReadFirstView() {
+  // Nothing is advised yet: the plain maps, with the flags of every mapping
+  // of mergeable kind unknown. smaps walks the page tables of all memory
+  // (13 ms in the first madvise of a process with 800 MB resident); it is
+  // read when memory is advised, by the scanner before it touches it
+  // (advised_unread_) or by merge-any's sweep (view_unknown_), as the next
+  // read is anyway (smaps_read_at_ stays 0). Not in a forked child's
+  // backend (adopted memfds): its first control call may unmerge pages
+  // that map its parent's frames, before any scan.
+  std::vector<MapEntry> maps;
+  if (!options_.adopted_memfds.empty() || options_.plain_maps_path.empty() ||
+      !ReadMaps(options_.plain_maps_path, &maps).ok()) {
+    return RefreshMaps();
+  }
+  // A missing smaps fails here, as it would at its first read.
+  const int fd = OpenProc(options_.maps_path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    return SysError(err, "open(" + options_.maps_path + ")", 0);
+  }
+  close(fd);
+  ++maps_reads_;
+  view_mappings_ = maps.size();
+  for (MapEntry& e : maps) {
+    if (MergeableKind(e)) e.flags_unknown = true;
+  }
+  Status s = ApplyMaps(maps);
+  if (!s.ok()) return s;
+  view_epoch_ = g_vma_flags_epoch.load();
+  view_unknown_ = true;
+  // view_read_at_ stays 0: no scan keeps this view (RecentViewReusable).
+  return Status::Ok();
 }
 
 void LinuxMemory::RegisterThread() {

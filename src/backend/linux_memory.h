@@ -334,6 +334,8 @@ class LinuxMemory final : public Memory {
  private:
   LinuxMemory() = default;
   Status Init(const LinuxMemoryOptions& options);
+  // Init's view: the plain maps, every mapping's flags unknown.
+  [[nodiscard]] Status ReadFirstView();
 
   void RegisterThread();
   bool RegisterWithProtector(Addr start, std::size_t len);
