@@ -921,12 +921,7 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
   // What a smaps read would cost now: the last one, and its text for each
   // mapping added since (merges add thousands of one-page mappings between
   // two reads, and the last read may have seen a hundred).
-  auto cost_now = [&](std::size_t mappings) {
-    const std::size_t added =
-        mappings > smaps_mappings_ ? mappings - smaps_mappings_ : 0;
-    return smaps_took_ +
-           static_cast<std::int64_t>(added) * options_.smaps_ns_per_mapping;
-  };
+  auto cost_now = [&](std::size_t mappings) { return SmapsCost(mappings); };
   auto expensive = [&](std::int64_t cost) {
     return cost >= options_.smaps_expensive_ns;
   };
@@ -935,11 +930,7 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
     return !expensive(cost) || age >= options_.smaps_cost_share * cost;
   };
   // The periodic read, judged by the mappings the last view showed.
-  const std::int64_t last_cost = cost_now(view_mappings_);
-  const std::int64_t interval =
-      expensive(last_cost)
-          ? std::max(kSmapsInterval, options_.smaps_cost_share * last_cost)
-          : kSmapsInterval;
+  const std::int64_t interval = SmapsInterval();
   if (!full && smaps_read_at_ != 0 && !options_.plain_maps_path.empty() &&
       age < interval && epoch == smaps_epoch_ &&
       ReadMaps(options_.plain_maps_path, maps).ok()) {
@@ -1135,9 +1126,27 @@ void LinuxMemory::BeginFullScan() {
   view_fresh_ = false;
 }
 
+std::int64_t LinuxMemory::SmapsCost(std::size_t mappings) const {
+  const std::size_t added =
+      mappings > smaps_mappings_ ? mappings - smaps_mappings_ : 0;
+  return smaps_took_ +
+         static_cast<std::int64_t>(added) * options_.smaps_ns_per_mapping;
+}
+
+std::int64_t LinuxMemory::SmapsInterval() const {
+  const std::int64_t cost = SmapsCost(view_mappings_);
+  return cost >= options_.smaps_expensive_ns
+             ? std::max(kSmapsInterval, options_.smaps_cost_share * cost)
+             : kSmapsInterval;
+}
+
 bool LinuxMemory::SmapsReadFresh() const {
+  // As long as ReadView keeps to the plain maps: where smaps is expensive
+  // that is longer than kSmapsInterval, and a range unmerged then (each
+  // MADV_DONTNEED of a forked Redis's save, say) would read every mapping
+  // at every call without ever reading smaps.
   return smaps_read_at_ != 0 &&
-         SteadyNanos() - smaps_read_at_ < kSmapsInterval &&
+         SteadyNanos() - smaps_read_at_ < SmapsInterval() &&
          g_vma_flags_epoch.load() == smaps_epoch_;
 }
 

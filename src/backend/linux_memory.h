@@ -442,9 +442,16 @@ class LinuxMemory final : public Memory {
   bool IsAnonSplit(const MapEntry& a, const MapEntry& b) const;
   void NoteAnonSplits(const std::vector<MapEntry>& maps);
   bool RangeMapped(Addr start, std::size_t len) const;
-  // The last smaps read is under kSmapsInterval old and no flag change
-  // was reported since: ReadView would give no fresher flags.
+  // The last smaps read is younger than SmapsInterval() and no flag
+  // change was reported since: ReadView would give no fresher flags.
   bool SmapsReadFresh() const;
+  // What a smaps read would cost now with this many mappings (the last
+  // read's time, and its text for each mapping added since).
+  std::int64_t SmapsCost(std::size_t mappings) const;
+  // How long ReadView keeps to the plain maps between smaps reads:
+  // kSmapsInterval, or smaps_cost_share times the cost where smaps is
+  // expensive.
+  std::int64_t SmapsInterval() const;
   MergeResult ClassifyProtectError(int err, Addr start, std::size_t len) const;
   template <typename Body>
   void InProtectedWindow(Addr base, std::size_t n, std::uint64_t cost,
