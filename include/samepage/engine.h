@@ -110,10 +110,12 @@ class Engine {
 
   // What a call passed to ChangeMapping does to [addr, addr + len).
   enum class MappingChange {
-    kUnmap,    // munmap, mmap MAP_FIXED over it: the old memory is gone
-    kMove,     // mremap away, mprotect: the contents stay
-    kDiscard,  // MADV_DONTNEED, MADV_FREE, MADV_REMOVE: dropped in place
-    kFlags,    // mlock, munlock: the memory stays, its VMA flags change
+    kUnmap,          // munmap, mmap MAP_FIXED over it: the old memory is gone
+    kMove,           // mremap away, mprotect: the contents stay
+    kDiscard,        // MADV_REMOVE, process_madvise: dropped in place
+    kDiscardToZero,  // madvise(MADV_DONTNEED(_LOCKED), MADV_FREE) of an
+                     // aligned range: dropped, reads back zeros (FREE: may)
+    kFlags,          // mlock, munlock: the memory stays, its VMA flags change
   };
 
   // For the LD_PRELOAD layer: `change(arg)` (the real munmap, mremap,
@@ -128,7 +130,11 @@ class Engine {
   // cannot be unmerged (ENOMEM), change() is not run, the range stays as it
   // was and false is returned (the caller fails with ENOMEM). kDiscard: the
   // range is unmerged first, so dropped pages read back zeros as anonymous
-  // memory does, and stays mergeable. kFlags: nothing is unmerged; once
+  // memory does, and stays mergeable. kDiscardToZero: the same, but the
+  // merged pages are not copied back first, only replaced by fresh
+  // anonymous memory (the range must be exactly what the kernel drops: a
+  // page-aligned address; locked memory is unmerged as for kDiscard).
+  // kFlags: nothing is unmerged; once
   // change() has succeeded the engines read the maps again, so merges
   // re-apply the new lock state. Returns what change() returned.
   // *advised (if not null) is set, before change() runs, to whether any

@@ -282,9 +282,16 @@ class EngineImpl final : public Engine {
     if (!advised.empty()) *advised_any = true;
     // Nothing merged here, nor inherited from a parent: a discard has
     // nothing to restore.
+    const bool discard = kind == MappingChange::kDiscard ||
+                         kind == MappingChange::kDiscardToZero;
     const bool discard_restores =
-        kind == MappingChange::kDiscard &&
-        (memory_->Stats().frames_in_use != 0 || !options_.adopted_memfds.empty());
+        discard && (memory_->Stats().frames_in_use != 0 ||
+                    !options_.adopted_memfds.empty());
+    if (discard_restores && kind == MappingChange::kDiscardToZero) {
+      // What the call drops is not copied back first.
+      for (auto [a, n] : advised)
+        memory_->DropFrameMappings(a, a + n * kPageSize);
+    }
     if (kind == MappingChange::kMove || discard_restores) {
       // A part that cannot be given back stays advised and merged
       // (Ksm::Unadvise). A discard then still goes ahead (those pages read

@@ -2861,6 +2861,41 @@ bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {
   return ok;
 }
 
+void LinuxMemory::DropFrameMappings(Addr start, Addr end) {
+  RegisterThread();
+  if (start >= end || !Overlaps(frame_mapped_, start, end)) return;
+  // The flags each replacement takes again (dontfork, dontdump) are those
+  // of the last view, as Unmerge's own small ranges (SmapsReadFresh).
+  // Locked memory anywhere in the range: the call fails there (EINVAL,
+  // but MADV_DONTNEED_LOCKED) and stops, so the pages after it stay as
+  // they are; left to Unmerge, which keeps every byte.
+  std::vector<MapEntry> maps;
+  if (Overlaps(locked_, start, end) || !SmapsReadFresh() ||
+      !QueryMappings(start, end, &maps)) {
+    return;
+  }
+  WindowLock lock;
+  for (const MapEntry& e : maps) {
+    if (e.shared || !IsOurMemfd(e)) continue;
+    const Addr s = std::max(e.start, start);
+    const Addr t = std::min(e.end, end);
+    if (s >= t) continue;
+    const int prot = (e.read ? PROT_READ : 0) | (e.write ? PROT_WRITE : 0) |
+                     (e.exec ? PROT_EXEC : 0);
+    // In place of the frame's pages, as the call would leave anonymous
+    // memory: zeros, allocated when touched. ENOMEM (out of mappings)
+    // leaves it to Unmerge.
+    if (mmap(Ptr(s), t - s, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
+             0) == MAP_FAILED) {
+      continue;
+    }
+    (void)ReapplyVmaFlags(s, t - s, /*lock=*/false);
+    RemoveInterval(&frame_mapped_, s, t);
+    RegisterRestored(s, t - s, prot);
+    dropped_frame_pages_ += (t - s) / kPageSize;
+  }
+}
+
 void LinuxMemory::ReleaseFrame(FrameId frame) { store_.Release(frame); }
 
 void LinuxMemory::FlushReleasedFrames() { store_.Flush(); }
@@ -2881,6 +2916,7 @@ MemoryStats LinuxMemory::Stats() const {
   s.discard_first_pages = discard_first_pages_;
   s.fill_failures = fill_failures_;
   s.unmerge_filled_pages = unmerge_filled_pages_;
+  s.dropped_frame_pages = dropped_frame_pages_;
   return s;
 }
 

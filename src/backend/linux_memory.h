@@ -255,6 +255,12 @@ class LinuxMemory final : public Memory {
   void DropZeroPages(std::span<const Addr> pages,
                      std::span<MergeResult> results) override;
   [[nodiscard]] bool Unmerge(Addr addr, std::size_t npages) override;
+  // Before a discard that leaves [start, end) reading zeros (MADV_DONTNEED,
+  // MADV_DONTNEED_LOCKED, MADV_FREE, under the engine's lock): our frame
+  // mappings there become fresh anonymous memory, without the copy of what
+  // Unmerge would keep and the call drops. A range with locked memory, and
+  // any mapping that cannot be replaced, is left mapped for Unmerge.
+  void DropFrameMappings(Addr start, Addr end);
   void ReleaseFrame(FrameId frame) override;
   void FlushReleasedFrames() override;
   MemoryStats Stats() const override;
@@ -797,6 +803,7 @@ class LinuxMemory final : public Memory {
   std::uint64_t pinned_io_skips_ = 0;  // pages not replaced: I/O in flight
   std::uint64_t discard_first_pages_ = 0;  // see MemoryStats
   std::uint64_t unmerge_filled_pages_ = 0;  // see MemoryStats
+  std::uint64_t dropped_frame_pages_ = 0;   // see MemoryStats
   std::uint64_t fill_failures_ = 0;        // see MemoryStats
 
   static constexpr std::size_t kProbeChunk = 512;

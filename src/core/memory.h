@@ -81,6 +81,9 @@ struct MemoryStats {
   // Pages unmerging had the kernel copy into fresh pages (UFFDIO_COPY)
   // rather than populating them first and copying into them.
   std::uint64_t unmerge_filled_pages = 0;
+  // Merged pages a discard (MADV_DONTNEED) took back to fresh anonymous
+  // memory without copying them first (LinuxMemory::DropFrameMappings).
+  std::uint64_t dropped_frame_pages = 0;
 };
 
 class Memory {

@@ -165,9 +165,18 @@ bool RunDiscard(void* arg) {
 // before they are dropped: they read back zeros, as anonymous memory does.
 ssize_t Discard(void* addr, size_t len, DiscardCall* c) {
   if (!MaybeAdvised(addr, len)) return c->call(c);
+  // madvise over one range the kernel takes as it is (an aligned address:
+  // else EINVAL, and nothing may change), whose pages read back zeros: its
+  // merged pages need no copy first.
+  const bool to_zero =
+      c->iov == nullptr && reinterpret_cast<uintptr_t>(addr) % 4096 == 0 &&
+      (c->advice == MADV_DONTNEED || c->advice == MADV_DONTNEED_LOCKED ||
+       c->advice == MADV_FREE);
   {
     Inside inside;
-    (void)Engine::ChangeMapping(addr, len, Engine::MappingChange::kDiscard,
+    (void)Engine::ChangeMapping(addr, len,
+                                to_zero ? Engine::MappingChange::kDiscardToZero
+                                        : Engine::MappingChange::kDiscard,
                                 RunDiscard, c);
   }
   errno = c->err;

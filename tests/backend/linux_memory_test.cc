@@ -548,6 +548,64 @@ TEST_P(LinuxMemoryTest, SmallUnmergesReadNoMapsWhileTheViewsKeepTheirFlags) {
   for (FrameId f : frames) m->ReleaseFrame(f);
 }
 
+// A discard that leaves its range reading zeros (MADV_DONTNEED) takes
+// merged pages back to fresh anonymous memory without copying them first:
+// they read zeros, are writable pages of their own, and the pages around
+// keep their bytes; a range with locked memory is left to Unmerge.
+TEST_P(LinuxMemoryTest, DroppedFrameMappingsReadZerosWithoutACopy) {
+  if (!FrameMappingsKnowable()) GTEST_SKIP() << "no PROCMAP_QUERY here";
+  auto m = NewMemory();
+  Region a(8), b(8);
+  FillAlike(a, b);
+  Advise(*m, a);
+  Advise(*m, b);
+  m->BeginFullScan();
+  std::vector<FrameId> frames(8);
+  std::vector<MergeResult> res(8);
+  m->MergePairs(Addrs(a, 0, 8), Addrs(b, 0, 8), frames, res);
+  for (std::size_t i = 0; i < 8; ++i) ASSERT_EQ(res[i], MergeResult::kMerged);
+  const std::uint64_t filled = m->Stats().unmerge_filled_pages;
+  m->DropFrameMappings(a.addr(2), a.addr(5));
+  EXPECT_EQ(m->Stats().dropped_frame_pages, 3u);
+  for (std::size_t i = 0; i < 8; ++i) {
+    unsigned char expect[kPageSize];
+    Fill(expect, static_cast<unsigned>(i));
+    const bool dropped = i >= 2 && i < 5;
+    EXPECT_EQ(ProbeOne(*m, a.addr(i)),
+              dropped ? PageState::kAbsent : PageState::kFrame)
+        << i;
+    if (dropped) {
+      EXPECT_EQ(a.page(i)[0], 0) << i;
+      EXPECT_EQ(std::memcmp(a.page(i), a.page(i) + 1, kPageSize - 1), 0) << i;
+    } else {
+      EXPECT_TRUE(Same(a.page(i), expect)) << i;
+    }
+    EXPECT_TRUE(Same(b.page(i), expect)) << i;
+  }
+  // Nothing left to copy back there: Unmerge finds no frame.
+  ASSERT_TRUE(m->Unmerge(a.addr(2), 3));
+  EXPECT_EQ(m->Stats().unmerge_filled_pages, filled);
+  a.page(3)[5] = 9;
+  EXPECT_EQ(a.page(3)[5], 9);
+  EXPECT_EQ(b.page(3)[5], [] {
+    unsigned char e[kPageSize];
+    Fill(e, 3);
+    return e[5];
+  }());
+#if !defined(__SANITIZE_ADDRESS__)  // its runtime makes mlock() a no-op
+  // Locked memory in the range: nothing dropped.
+  ASSERT_EQ(mlock(a.page(6), kPageSize), 0) << std::strerror(errno);
+  ASSERT_TRUE(m->RefreshMaps().ok());
+  m->DropFrameMappings(a.addr(5), a.addr(8));
+  EXPECT_EQ(m->Stats().dropped_frame_pages, 3u);
+  EXPECT_EQ(ProbeOne(*m, a.addr(5)), PageState::kFrame);
+  ASSERT_EQ(munlock(a.page(6), kPageSize), 0);
+#endif
+  ASSERT_TRUE(m->Unmerge(a.addr(0), 8));
+  ASSERT_TRUE(m->Unmerge(b.addr(0), 8));
+  for (FrameId f : frames) m->ReleaseFrame(f);
+}
+
 // However cheap the view, the background scanner keeps one younger than
 // options.recent_view_ns: an idle process ends a full scan every batch.
 // (Here an hour, and 20 ms between scans: a view a twentieth of a

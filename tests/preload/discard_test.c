@@ -1,0 +1,109 @@
+/* Discards of merged memory behave as on anonymous memory, as kernel KSM's
+ * do: MADV_DONTNEED reads back zeros while the pages around keep their
+ * bytes, and a dropped page is writable and its own; an unaligned address
+ * fails with EINVAL and changes nothing; MADV_DONTNEED on locked memory
+ * fails with EINVAL and keeps every byte, MADV_DONTNEED_LOCKED drops it;
+ * MADV_FREE leaves each page as it was or zero. Then a forked child drops
+ * the merged memory it inherited a page at a time, as a Redis save
+ * dismisses each value it has written, and reads zeros there while the
+ * parent keeps its bytes. Same assertions natively. */
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+
+#include "ksm_test_util.h"
+
+#ifndef MADV_DONTNEED_LOCKED
+#define MADV_DONTNEED_LOCKED 24
+#endif
+
+enum { kPages = 64, kChildPages = 2048 };
+
+static void check_all(const unsigned char* p, size_t from, size_t to, int cls) {
+  for (size_t i = from; i < to; ++i) CHECK(holds_class(p, i, cls));
+}
+
+int main(void) {
+  setvbuf(stdout, NULL, _IONBF, 0);
+  ksm_setup_or_skip("discard_test");
+  unsigned char* p = map_advised_class(kPages, 3);
+  write_knob("pages_to_scan", "10000");
+  write_knob("sleep_millisecs", "0");
+  write_knob("run", "1");
+  CHECK(wait_merging(kPages, 30) >= kPages);
+
+  /* An unaligned address: EINVAL, nothing dropped. */
+  errno = 0;
+  CHECK(madvise(p + 5 * PAGE + 1, PAGE, MADV_DONTNEED) == -1 &&
+        errno == EINVAL);
+  check_all(p, 0, kPages, 3);
+
+  /* Zeros where dropped, the rest as it was; a dropped page is its own. */
+  CHECK(madvise(p + 8 * PAGE, 4 * PAGE, MADV_DONTNEED) == 0);
+  for (size_t i = 8; i < 12; ++i) CHECK(is_zero_page(p + i * PAGE));
+  check_all(p, 0, 8, 3);
+  check_all(p, 12, kPages, 3);
+  p[9 * PAGE + 7] = 42;
+  CHECK(p[9 * PAGE + 7] == 42 && p[10 * PAGE + 7] == 0);
+  check_all(p, 12, kPages, 3);
+
+  /* Locked: MADV_DONTNEED refuses it, MADV_DONTNEED_LOCKED drops it. */
+  if (mlock(p + 16 * PAGE, 4 * PAGE) == 0) {
+    errno = 0;
+    CHECK(madvise(p + 16 * PAGE, 4 * PAGE, MADV_DONTNEED) == -1 &&
+          errno == EINVAL);
+    check_all(p, 16, 20, 3);
+    const int r = madvise(p + 16 * PAGE, 4 * PAGE, MADV_DONTNEED_LOCKED);
+    if (r == 0) {
+      for (size_t i = 16; i < 20; ++i) CHECK(is_zero_page(p + i * PAGE));
+    } else {
+      CHECK(errno == EINVAL); /* before Linux 5.18 */
+      check_all(p, 16, 20, 3);
+    }
+    CHECK(munlock(p + 16 * PAGE, 4 * PAGE) == 0);
+  } else {
+    printf("mlock: %s (locked cases not run)\n", strerror(errno));
+  }
+
+  /* MADV_FREE: each page as it was, or zero. */
+  CHECK(madvise(p + 24 * PAGE, 8 * PAGE, MADV_FREE) == 0);
+  for (size_t i = 24; i < 32; ++i) {
+    CHECK(holds_class(p, i, 3) || is_zero_page(p + i * PAGE));
+  }
+  check_all(p, 32, kPages, 3);
+
+  /* A forked child drops what it inherited merged, a page at a time. */
+  unsigned char* q = map_advised_class(kChildPages, 5);
+  CHECK(wait_merging(kPages + kChildPages - 40, 30) >=
+        kPages + kChildPages - 40);
+  const pid_t pid = fork();
+  CHECK(pid >= 0);
+  if (pid == 0) {
+    const double start = now_seconds();
+    for (size_t i = 0; i < kChildPages; ++i) {
+      if (!holds_class(q, i, 5)) _exit(2);
+      if (madvise(q + i * PAGE, PAGE, MADV_DONTNEED) != 0) _exit(3);
+      if (!is_zero_page(q + i * PAGE)) _exit(4);
+    }
+    printf("child: %d drops in %.3f s\n", kChildPages, now_seconds() - start);
+    _exit(0);
+  }
+  int status = 0;
+  for (double end = now_seconds() + 60; waitpid(pid, &status, WNOHANG) == 0;
+       sleep_ms(5)) {
+    if (now_seconds() > end) {
+      kill(pid, SIGKILL);
+      CHECK(waitpid(pid, &status, 0) == pid);
+      CHECK(!"the child did not finish in 60 s");
+    }
+  }
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  check_all(q, 0, kChildPages, 5);
+
+  CHECK(munmap(q, kChildPages * PAGE) == 0);
+  CHECK(munmap(p, kPages * PAGE) == 0);
+  printf("PASS discard_test\n");
+  return 0;
+}
