@@ -321,6 +321,16 @@ struct AdvisedTwins {
   Region a{8}, b{8};
 };
 
+// Merges each page of twins.a with its twin in b; the frames, one a pair.
+std::vector<FrameId> MergeTwins(LinuxMemory& m, const AdvisedTwins& twins) {
+  std::vector<FrameId> frames(8);
+  std::vector<MergeResult> res(8);
+  m.MergePairs(Addrs(twins.a, 0, 8), Addrs(twins.b, 0, 8), frames, res);
+  for (std::size_t i = 0; i < 8; ++i)
+    EXPECT_EQ(res[i], MergeResult::kMerged) << i;
+  return frames;
+}
+
 // A full scan does not walk every page table (smaps) because memory was
 // mapped somewhere: that memory is not mergeable until advised, and advice
 // reads smaps itself. Known memory that grew in place is read again, so
@@ -521,15 +531,10 @@ TEST_P(LinuxMemoryTest, TheScannersBackToBackFullScansKeepARecentView) {
 TEST_P(LinuxMemoryTest, SmallUnmergesReadNoMapsWhileTheViewsKeepTheirFlags) {
   if (!FrameMappingsKnowable()) GTEST_SKIP() << "no PROCMAP_QUERY here";
   auto m = NewMemoryWithExpensiveSmaps();
-  Region a(8), b(8);
-  FillAlike(a, b);
-  Advise(*m, a);
-  Advise(*m, b);
-  m->BeginFullScan();  // smaps
-  std::vector<FrameId> frames(8);
-  std::vector<MergeResult> res(8);
-  m->MergePairs(Addrs(a, 0, 8), Addrs(b, 0, 8), frames, res);
-  for (std::size_t i = 0; i < 8; ++i) ASSERT_EQ(res[i], MergeResult::kMerged);
+  const AdvisedTwins twins(*m);  // smaps read
+  const Region& a = twins.a;
+  const Region& b = twins.b;
+  const std::vector<FrameId> frames = MergeTwins(*m, twins);
   std::this_thread::sleep_for(std::chrono::milliseconds(2100));
   const auto before = ViewReads(*m);
   for (std::size_t i = 0; i < 8; ++i) {
@@ -555,15 +560,10 @@ TEST_P(LinuxMemoryTest, SmallUnmergesReadNoMapsWhileTheViewsKeepTheirFlags) {
 TEST_P(LinuxMemoryTest, DroppedFrameMappingsReadZerosWithoutACopy) {
   if (!FrameMappingsKnowable()) GTEST_SKIP() << "no PROCMAP_QUERY here";
   auto m = NewMemory();
-  Region a(8), b(8);
-  FillAlike(a, b);
-  Advise(*m, a);
-  Advise(*m, b);
-  m->BeginFullScan();
-  std::vector<FrameId> frames(8);
-  std::vector<MergeResult> res(8);
-  m->MergePairs(Addrs(a, 0, 8), Addrs(b, 0, 8), frames, res);
-  for (std::size_t i = 0; i < 8; ++i) ASSERT_EQ(res[i], MergeResult::kMerged);
+  const AdvisedTwins twins(*m);
+  const Region& a = twins.a;
+  const Region& b = twins.b;
+  const std::vector<FrameId> frames = MergeTwins(*m, twins);
   const std::uint64_t filled = m->Stats().unmerge_filled_pages;
   m->DropFrameMappings(a.addr(2), a.addr(5));
   EXPECT_EQ(m->Stats().dropped_frame_pages, 3u);
