@@ -169,7 +169,8 @@ ssize_t Discard(void* addr, size_t len, DiscardCall* c) {
   // else EINVAL, and nothing may change), whose pages read back zeros: its
   // merged pages need no copy first.
   const bool to_zero =
-      c->iov == nullptr && reinterpret_cast<uintptr_t>(addr) % 4096 == 0 &&
+      c->iov == nullptr &&
+      reinterpret_cast<uintptr_t>(addr) % samepage::kPageSize == 0 &&
       (c->advice == MADV_DONTNEED || c->advice == MADV_DONTNEED_LOCKED ||
        c->advice == MADV_FREE);
   {
