@@ -771,6 +771,19 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     ++pages_scanned_;
     return;
   }
+  if (state == PageState::kFrame) {
+    // A frame this core did not merge the page into: one the backend
+    // adopted (a forked child maps its parent's frames, shared with the
+    // parent, as a kernel KSM process's child shares its KSM pages).
+    // Merging it again would copy it into a new frame: a child of a
+    // process with 20,000 merged pairs took another 80 MB of frames. Left
+    // as it is until written; a private copy then merges as any page.
+    if (item.state == ItemState::kUnstable ||
+        item.state == ItemState::kVolatile)
+      ResetItem(addr, item);
+    ++pages_scanned_;
+    return;
+  }
   if (item.state == ItemState::kZero) {
     // Written since it was dropped: an ordinary page again (if it is still
     // all zeros, the unstable path below drops it once more).

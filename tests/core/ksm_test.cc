@@ -59,6 +59,54 @@ class KsmTest : public ::testing::Test {
   Ksm ksm_;
 };
 
+// A core given memory whose pages already map frames it did not merge
+// them into (a forked child's rebuilt core: the pages map its parent's
+// frames, shared with the parent) leaves them so: merging them again
+// copied each content into a frame of its own, doubling what the merged
+// memory took while the child lived. Written, a page is a private copy
+// and merges as any page.
+TEST_F(KsmTest, PagesMappingFramesItDidNotMergeAreLeftShared) {
+  ksm_.knobs().smart_scan = false;
+  Setup(8, [](std::size_t i) -> std::uint8_t { return 10 + i % 4; });
+  FullScans(2);
+  ASSERT_EQ(ksm_.GetCounters().pages_sharing, 4u);
+  ASSERT_EQ(mem_.frames_live(), 4u);
+  std::vector<FrameId> frames;
+  for (std::size_t i = 0; i < 8; ++i) frames.push_back(mem_.FrameOf(Page(i)));
+  Ksm child(&mem_, &clock_);
+  child.knobs().smart_scan = false;
+  child.Advise(kBase, 8);
+  const std::map<Addr, std::size_t> hashed = mem_.hashes;
+  auto child_scans = [&](int n) {
+    const std::uint64_t target = child.GetCounters().full_scans + n;
+    for (int guard = 0; child.GetCounters().full_scans < target; ++guard) {
+      ASSERT_LT(guard, 1000);
+      child.ScanBatch(100, /*stop_at_scan_end=*/true);
+      child.CheckInvariants();
+    }
+  };
+  child_scans(3);
+  // Not even read: the backend's merge would copy each into a new frame
+  // (this fake refuses frame-mapped pages instead).
+  EXPECT_EQ(mem_.hashes, hashed);
+  EXPECT_EQ(mem_.frames_live(), 4u) << "merged again into frames of its own";
+  for (std::size_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(mem_.FrameOf(Page(i)), frames[i]) << i;
+    EXPECT_EQ(mem_.Read(Page(i))[0], 10 + i % 4) << i;
+  }
+  EXPECT_EQ(child.GetCounters().pages_sharing, 0u);
+  // Pages 0 and 1 written alike: private copies, merged by the child.
+  mem_.Write(Page(0), 0x77);
+  mem_.Write(Page(1), 0x77);
+  child_scans(2);
+  ASSERT_TRUE(mem_.MapsFrame(Page(0)));
+  EXPECT_EQ(mem_.FrameOf(Page(0)), mem_.FrameOf(Page(1)));
+  EXPECT_NE(mem_.FrameOf(Page(0)), frames[0]);
+  EXPECT_EQ(child.GetCounters().pages_sharing, 1u);
+  EXPECT_EQ(mem_.Read(Page(4))[0], 10);
+  EXPECT_TRUE(child.UnmergeAll());
+}
+
 TEST_F(KsmTest, TenIdenticalPagesMergeIntoOne) {
   Setup(10, [](std::size_t) { return 0x2a; });
   FullScans(1);

@@ -90,15 +90,7 @@ int main(void) {
     printf("child: %d drops in %.3f s\n", kChildPages, now_seconds() - start);
     _exit(0);
   }
-  int status = 0;
-  for (double end = now_seconds() + 60; waitpid(pid, &status, WNOHANG) == 0;
-       sleep_ms(5)) {
-    if (now_seconds() > end) {
-      kill(pid, SIGKILL);
-      CHECK(waitpid(pid, &status, 0) == pid);
-      CHECK(!"the child did not finish in 60 s");
-    }
-  }
+  const int status = wait_child(pid, 60);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   check_all(q, 0, kChildPages, 5);
 

@@ -42,21 +42,12 @@ static void check_victim(int fd) {
   CHECK(pread(fd, buf, sizeof(buf), 0) == 5 && memcmp(buf, "hello", 5) == 0);
 }
 
+static void keep_fd(int fd, void* arg) { *(int*)arg = fd; }
+
 /* A descriptor naming samepage's memfd, or -1 (natively: none). */
 static int samepage_memfd(void) {
-  DIR* d = opendir("/proc/self/fd");
-  CHECK(d != NULL);
   int found = -1;
-  struct dirent* e;
-  while ((e = readdir(d)) != NULL) {
-    char link[300], target[256];
-    snprintf(link, sizeof(link), "/proc/self/fd/%s", e->d_name);
-    const ssize_t n = readlink(link, target, sizeof(target) - 1);
-    if (n <= 0) continue;
-    target[n] = '\0';
-    if (strstr(target, "memfd:samepage") != NULL) found = atoi(e->d_name);
-  }
-  closedir(d);
+  (void)for_each_samepage_memfd(keep_fd, &found);
   return found;
 }
 

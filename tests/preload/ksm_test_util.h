@@ -8,12 +8,16 @@
 #ifndef SAMEPAGE_TESTS_PRELOAD_KSM_TEST_UTIL_H_
 #define SAMEPAGE_TESTS_PRELOAD_KSM_TEST_UTIL_H_
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -239,6 +243,43 @@ UNUSED static long ksm_stat_value(const char* key) {
   }
   fprintf(stderr, "ksm_stat has no %s:\n%s", key, buf);
   exit(1);
+}
+
+/* Calls fn(fd, arg) for each descriptor of this process naming one of
+ * samepage's memfds (natively: none); returns how many there were. */
+UNUSED static int for_each_samepage_memfd(void (*fn)(int fd, void* arg),
+                                          void* arg) {
+  DIR* d = opendir("/proc/self/fd");
+  CHECK(d != NULL);
+  int found = 0;
+  struct dirent* e;
+  while ((e = readdir(d)) != NULL) {
+    char link[300], target[256];
+    snprintf(link, sizeof(link), "/proc/self/fd/%s", e->d_name);
+    const ssize_t n = readlink(link, target, sizeof(target) - 1);
+    if (n <= 0) continue;
+    target[n] = '\0';
+    if (strstr(target, "memfd:samepage") == NULL) continue;
+    ++found;
+    fn(atoi(e->d_name), arg);
+  }
+  closedir(d);
+  return found;
+}
+
+/* Waits for child `pid` at most `seconds` (then kills it, by its pid, and
+ * fails); returns its wait status. */
+UNUSED static int wait_child(pid_t pid, double seconds) {
+  int status = 0;
+  for (double end = now_seconds() + seconds;
+       waitpid(pid, &status, WNOHANG) == 0; sleep_ms(5)) {
+    if (now_seconds() > end) {
+      kill(pid, SIGKILL);
+      CHECK(waitpid(pid, &status, 0) == pid);
+      CHECK(!"the child did not finish in time");
+    }
+  }
+  return status;
 }
 
 #endif /* SAMEPAGE_TESTS_PRELOAD_KSM_TEST_UTIL_H_ */
