@@ -89,6 +89,12 @@ constexpr std::uint64_t kPageIsPresent = 1 << 3;
 constexpr std::uint64_t kPageIsSwapped = 1 << 4;
 constexpr std::uint64_t kPageIsPfnZero = 1 << 5;
 
+// The PROT_ bits of a mapping's permissions.
+int ProtOf(const MapEntry& e) {
+  return (e.read ? PROT_READ : 0) | (e.write ? PROT_WRITE : 0) |
+         (e.exec ? PROT_EXEC : 0);
+}
+
 // PAGEMAP_SCAN over [start, end): the pages in any of `categories`, as
 // regions into `out` (max_pages of them at most; 0: no limit). Returns the
 // regions found, or -1 with errno; *walk_end is where the walk stopped.
@@ -400,6 +406,8 @@ Status LinuxMemory::ReadFirstView() {
   // read is anyway (smaps_read_at_ stays 0). Not in a forked child's
   // backend (adopted memfds): its first control call may unmerge pages
   // that map its parent's frames, before any scan.
+  const std::int64_t started = SteadyNanos();
+  const std::uint64_t epoch = g_vma_flags_epoch.load();
   std::vector<MapEntry> maps;
   if (!options_.adopted_memfds.empty() || options_.plain_maps_path.empty() ||
       !ReadMaps(options_.plain_maps_path, &maps).ok()) {
@@ -417,12 +425,9 @@ Status LinuxMemory::ReadFirstView() {
   for (MapEntry& e : maps) {
     if (MergeableKind(e)) e.flags_unknown = true;
   }
-  Status s = ApplyMaps(maps);
-  if (!s.ok()) return s;
-  view_epoch_ = g_vma_flags_epoch.load();
-  view_unknown_ = true;
-  // view_read_at_ stays 0: no scan keeps this view (RecentViewReusable).
-  return Status::Ok();
+  Status s = ApplyView(maps, started, epoch);
+  view_read_at_ = 0;  // no scan keeps this view (RecentViewReusable)
+  return s;
 }
 
 void LinuxMemory::RegisterThread() {
@@ -825,15 +830,20 @@ Status LinuxMemory::ReadAndApplyView(bool full, std::vector<MapEntry>* maps) {
   const std::int64_t started = SteadyNanos();
   const std::uint64_t epoch = g_vma_flags_epoch.load();
   Status s = ReadView(maps, full);
-  if (s.ok()) s = ApplyMaps(*maps);
-  if (s.ok()) {
-    view_read_at_ = SteadyNanos();
-    view_took_ = view_read_at_ - started;
-    view_epoch_ = epoch;
-    view_unknown_ =
-        std::any_of(maps->begin(), maps->end(),
-                    [](const MapEntry& e) { return e.flags_unknown; });
-  }
+  if (s.ok()) s = ApplyView(*maps, started, epoch);
+  return s;
+}
+
+Status LinuxMemory::ApplyView(const std::vector<MapEntry>& maps,
+                              std::int64_t started, std::uint64_t epoch) {
+  Status s = ApplyMaps(maps);
+  if (!s.ok()) return s;
+  view_read_at_ = SteadyNanos();
+  view_took_ = view_read_at_ - started;
+  view_epoch_ = epoch;
+  view_unknown_ = std::any_of(maps.begin(), maps.end(), [](const MapEntry& e) {
+    return e.flags_unknown;
+  });
   return s;
 }
 
@@ -2816,10 +2826,6 @@ bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {
   // that cannot be (a mapping of it not registered for write-protection,
   // say) goes a mapping at a time.
   bool ok = true;
-  auto prot_of = [](const MapEntry& e) {
-    return (e.read ? PROT_READ : 0) | (e.write ? PROT_WRITE : 0) |
-           (e.exec ? PROT_EXEC : 0);
-  };
   auto ours = [&](const MapEntry& e) {
     return e.end > addr && e.start < end && !e.shared && IsOurMemfd(e);
   };
@@ -2831,9 +2837,9 @@ bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {
       ++i;
       continue;
     }
-    const int prot = prot_of(maps[i]);
+    const int prot = ProtOf(maps[i]);
     std::size_t j = i + 1;  // the group: maps [i, j)
-    while (j < maps.size() && ours(maps[j]) && prot_of(maps[j]) == prot &&
+    while (j < maps.size() && ours(maps[j]) && ProtOf(maps[j]) == prot &&
            maps[j].start == maps[j - 1].end) {
       ++j;
     }
@@ -2880,8 +2886,7 @@ void LinuxMemory::DropFrameMappings(Addr start, Addr end) {
     const Addr s = std::max(e.start, start);
     const Addr t = std::min(e.end, end);
     if (s >= t) continue;
-    const int prot = (e.read ? PROT_READ : 0) | (e.write ? PROT_WRITE : 0) |
-                     (e.exec ? PROT_EXEC : 0);
+    const int prot = ProtOf(e);
     // In place of the frame's pages, as the call would leave anonymous
     // memory: zeros, allocated when touched. ENOMEM (out of mappings)
     // leaves it to Unmerge.

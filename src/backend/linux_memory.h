@@ -730,6 +730,10 @@ class LinuxMemory final : public Memory {
   bool view_unknown_ = false;
   // ReadView, then ApplyMaps, noting when and at what cost (the above).
   Status ReadAndApplyView(bool full, std::vector<MapEntry>* maps);
+  // Applies a view read since `started` at flags epoch `epoch`, and keeps
+  // when, what it took and whether it showed memory of unknown flags.
+  Status ApplyView(const std::vector<MapEntry>& maps, std::int64_t started,
+                   std::uint64_t epoch);
   // From the last smaps read (ReadView): the VmFlags of its mergeable
   // memory as runs of equal flags (our own "uw" left out:
   // uffd_registered_ says where that is).

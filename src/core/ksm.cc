@@ -778,9 +778,7 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     // Merging it again would copy it into a new frame: a child of a
     // process with 20,000 merged pairs took another 80 MB of frames. Left
     // as it is until written; a private copy then merges as any page.
-    if (item.state == ItemState::kUnstable ||
-        item.state == ItemState::kVolatile)
-      ResetItem(addr, item);
+    ResetItem(addr, item);  // kNew, kVolatile or kUnstable here
     ++pages_scanned_;
     return;
   }
