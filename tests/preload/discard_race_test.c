@@ -13,9 +13,7 @@ int main(void) {
   setvbuf(stdout, NULL, _IONBF, 0);
   ksm_setup_or_skip("discard_race_test");
   unsigned char* p = map_advised_class(kPages, 7);
-  write_knob("pages_to_scan", "10000");
-  write_knob("sleep_millisecs", "0");
-  write_knob("run", "1");
+  scan_at_full_speed();
   CHECK(wait_merging(kPages / 2, 30) >= kPages / 2);
   /* ~1.5 s: rewrite a page (it merges again while identical to the rest),
    * drop it, check zeros. */

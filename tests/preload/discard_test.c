@@ -29,9 +29,7 @@ int main(void) {
   setvbuf(stdout, NULL, _IONBF, 0);
   ksm_setup_or_skip("discard_test");
   unsigned char* p = map_advised_class(kPages, 3);
-  write_knob("pages_to_scan", "10000");
-  write_knob("sleep_millisecs", "0");
-  write_knob("run", "1");
+  scan_at_full_speed();
   CHECK(wait_merging(kPages, 30) >= kPages);
 
   /* An unaligned address: EINVAL, nothing dropped. */

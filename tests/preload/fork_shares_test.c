@@ -41,9 +41,7 @@ int main(void) {
     memcpy(p + i * PAGE, &v, sizeof(v));
   }
   CHECK(madvise(p, 2 * kPairs * PAGE, MADV_MERGEABLE) == 0);
-  write_knob("pages_to_scan", "10000");
-  write_knob("sleep_millisecs", "0");
-  write_knob("run", "1");
+  scan_at_full_speed();
   CHECK(wait_merging(2 * kPairs, 30) >= 2 * kPairs);
   const long parent_kib = frame_memfd_kib();
   printf("parent: %lu pages merged, %ld KiB of frames\n", merging_pages(),

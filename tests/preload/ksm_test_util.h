@@ -168,6 +168,13 @@ UNUSED static void ksm_setup_or_skip(const char* test) {
   write_knob("use_zero_pages", "0");
 }
 
+/* run=1 with every page scanned at once: pages_to_scan 10000, no sleep. */
+UNUSED static void scan_at_full_speed(void) {
+  write_knob("pages_to_scan", "10000");
+  write_knob("sleep_millisecs", "0");
+  write_knob("run", "1");
+}
+
 /* This process's merged pages, from /proc/self/ksm_merging_pages. */
 UNUSED static unsigned long merging_pages(void) {
   return read_ulong("/proc/self/ksm_merging_pages");

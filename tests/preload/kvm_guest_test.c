@@ -49,9 +49,7 @@ int main(int argc, char** argv) {
     return SKIP_CODE;
   }
   ksm_setup_or_skip("kvm_guest_test");
-  write_knob("pages_to_scan", "10000");
-  write_knob("sleep_millisecs", "0");
-  write_knob("run", "1");
+  scan_at_full_speed();
 
   uint8_t* mem = mmap(NULL, MEM, PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

@@ -175,9 +175,7 @@ int main(void) {
   ksm_setup_or_skip("mapping_test");
   int pagemap = open("/proc/self/pagemap", O_RDONLY);
   CHECK(pagemap >= 0);
-  write_knob("pages_to_scan", "10000");
-  write_knob("sleep_millisecs", "0");
-  write_knob("run", "1");
+  scan_at_full_speed();
   /* Background work for the scanner: distinct pages it keeps visiting, so
    * that its batches also cover the regions below at realistic speed. */
   enum { kBackground = 4096 };
