@@ -292,16 +292,20 @@ class EngineImpl final : public Engine {
       for (auto [a, n] : advised)
         memory_->DropFrameMappings(a, a + n * kPageSize);
     }
-    if (kind == MappingChange::kMove || discard_restores) {
+    if (discard_restores) {
+      // Given back where they are: they stay advised (Ksm::Unmerge). A
+      // part that cannot be given back stays merged, and the discard still
+      // goes ahead (those pages read their frames again instead of zeros).
+      for (auto [a, n] : advised) (void)ksm_->Unmerge(a, n);
+    } else if (kind == MappingChange::kMove) {
       // A part that cannot be given back stays advised and merged
-      // (Ksm::Unadvise). A discard then still goes ahead (those pages read
-      // their frames again instead of zeros); a move must not: the moved
-      // pages would still map frames whose pages the engine would find
-      // gone from the old address and release. It fails with ENOMEM, as
-      // mremap and mprotect may.
+      // (Ksm::Unadvise). A move must not go ahead then: the moved pages
+      // would still map frames whose pages the engine would find gone
+      // from the old address and release. It fails with ENOMEM, as mremap
+      // and mprotect may.
       bool restored = true;
       for (auto [a, n] : advised) restored &= ksm_->Unadvise(a, n);
-      if (!restored && kind == MappingChange::kMove) {
+      if (!restored) {
         for (auto [a, n] : advised) ksm_->Advise(a, n);
         *ok = false;
         return;
@@ -321,7 +325,7 @@ class EngineImpl final : public Engine {
       (void)memory_->RefreshMaps();  // on failure the next window finds out
     } else if (kind == MappingChange::kUnmap && *ok) {
       for (auto [a, n] : advised) ksm_->Forget(a, n);
-    } else if ((kind == MappingChange::kMove && !*ok) || discard_restores) {
+    } else if (kind == MappingChange::kMove && !*ok) {
       for (auto [a, n] : advised) ksm_->Advise(a, n);
     }
   }

@@ -125,14 +125,14 @@ constexpr std::uint64_t kProcmapCoveringOrNext = 0x10;
 // (ENOENT: none; ENOTTY: before Linux 6.11).
 // With `name`, also the mapping's name into it ("" if none).
 bool QueryVma(int fd, Addr a, ProcmapQuery* q, std::uint64_t flags = 0,
-              std::string* name = nullptr) {
+              std::span<char> name = {}) {
   *q = ProcmapQuery{};
   q->size = sizeof(*q);
   q->query_addr = a;
   q->query_flags = flags;
-  if (name != nullptr) {
-    q->vma_name_addr = reinterpret_cast<std::uintptr_t>(name->data());
-    q->vma_name_size = static_cast<std::uint32_t>(name->size());
+  if (!name.empty()) {
+    q->vma_name_addr = reinterpret_cast<std::uintptr_t>(name.data());
+    q->vma_name_size = static_cast<std::uint32_t>(name.size());
   }
   return ioctl(fd, kProcmapQuery, q) == 0;
 }
@@ -3007,15 +3007,18 @@ bool LinuxMemory::QueryMappings(Addr start, Addr end,
                                 std::vector<MapEntry>* maps) const {
   // Only the real process's maps (tests inject other paths). Before Linux
   // 6.11 the first query fails (ENOTTY).
-  if (options_.maps_path != LinuxMemoryOptions().maps_path ||
+  if (options_.maps_path != LinuxMemoryOptions::kOwnSmaps ||
       maps_query_fd_ < 0) {
     return false;
   }
   maps->clear();
-  std::string name(PATH_MAX, '\0');
+  // On the stack: a small unmerge asks here at every call (MADV_DONTNEED
+  // of merged memory), and a std::string of PATH_MAX made for each showed
+  // in its profile.
+  char name[PATH_MAX];
   for (Addr a = start; a < end;) {
     ProcmapQuery q;
-    if (!QueryVma(maps_query_fd_, a, &q, kProcmapCoveringOrNext, &name)) {
+    if (!QueryVma(maps_query_fd_, a, &q, kProcmapCoveringOrNext, name)) {
       if (errno == ENOENT) break;  // nothing mapped from a on
       return false;
     }
@@ -3032,7 +3035,7 @@ bool LinuxMemory::QueryMappings(Addr start, Addr end,
     e.dev_minor = q.dev_minor;
     e.inode = q.inode;
     // vma_name_size counts the terminating NUL; 0 for a nameless mapping.
-    e.path.assign(name.data(), q.vma_name_size > 0 ? q.vma_name_size - 1 : 0);
+    e.path.assign(name, q.vma_name_size > 0 ? q.vma_name_size - 1 : 0);
     // The one VmFlag the query shows: hugetlb memory's page size (it is
     // file-backed, on hugetlbfs, so not taken anyway).
     if (q.vma_page_size != kPageSize) {

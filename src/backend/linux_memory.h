@@ -76,7 +76,8 @@ struct LinuxMemoryOptions {
   // minus the mappings the process holds and a safety margin.
   std::size_t vma_budget = 0;
   // Injectable procfs paths (tests exercise the error paths).
-  std::string maps_path = "/proc/self/smaps";
+  static constexpr const char* kOwnSmaps = "/proc/self/smaps";
+  std::string maps_path = kOwnSmaps;
   // The same without per-VMA statistics and VmFlags: read instead of smaps
   // at a full scan when the layout, seen through it, is what the last smaps
   // read showed up to our own merges (see ReadView). "" always reads smaps.

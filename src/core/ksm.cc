@@ -234,6 +234,32 @@ bool Ksm::Unadvise(Addr start, std::size_t npages) {
   return ok;
 }
 
+bool Ksm::Unmerge(Addr start, std::size_t npages) {
+  FlushReleasedOnReturn flush(memory_);
+  const Addr end = start + npages * kPageSize;
+  DropWaitingPlans(start, end);
+  bool ok = true;
+  auto it = ranges_.upper_bound(start);
+  if (it != ranges_.begin()) --it;
+  for (; it != ranges_.end() && it->first < end; ++it) {
+    Range& r = it->second;
+    const Addr from = std::max(start, r.start);
+    const Addr to = std::min(end, r.end());
+    if (from >= to) continue;
+    if (!memory_->Unmerge(from, (to - from) >> kPageShift)) {
+      ok = false;
+      continue;
+    }
+    r.items.ForEachNonZeroIn((from - r.start) >> kPageShift,
+                             (to - r.start) >> kPageShift,
+                             [&](std::size_t i, Item& item) {
+                               ResetItem(r.start + i * kPageSize, item);
+                             },
+                             MayHold(written_chunks_, r.start));
+  }
+  return ok;
+}
+
 bool Ksm::UnmergeAll() {
   FlushReleasedOnReturn flush(memory_);
   DropWaitingPlans(0, ~Addr{0});  // and forgets the pages found gone
@@ -1852,11 +1878,29 @@ void Ksm::SplitRangeAt(Addr addr) {
   Range& r = it->second;
   if (addr <= r.start || addr >= r.end()) return;
   const std::size_t keep = (addr - r.start) >> kPageShift;
-  Range tail;
-  tail.start = addr;
-  tail.items = r.items.Tail(keep, MayHold(written_chunks_, r.start));
-  r.items.Truncate(keep);
-  ranges_.emplace(addr, std::move(tail));
+  const auto may_hold = MayHold(written_chunks_, r.start);
+  if (keep > r.items.size() - keep) {
+    Range tail;
+    tail.start = addr;
+    tail.items = r.items.Tail(keep, may_hold);
+    r.items.Truncate(keep);
+    ranges_.emplace(addr, std::move(tail));
+    return;
+  }
+  // The head is the smaller part: it is copied, and the range's own items
+  // become the tail's. Copying the tail instead made a program that gives
+  // back a large range a page at a time from its start (a forked child
+  // dropping what it has written, munmap of an arena in address order)
+  // copy what was left of the range at every call.
+  Range head;
+  head.start = r.start;
+  head.items = r.items.Head(keep, may_hold);
+  r.items.DropHead(keep, may_hold);
+  auto node = ranges_.extract(it);
+  node.key() = addr;
+  node.mapped().start = addr;
+  ranges_.insert(std::move(node));
+  ranges_.emplace(head.start, std::move(head));
 }
 
 }  // namespace samepage

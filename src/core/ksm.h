@@ -81,6 +81,14 @@ class Ksm {
   // memory again) and stops tracking it. False if Memory could not restore
   // some page (it is still readable, and no longer tracked).
   [[nodiscard]] bool Unadvise(Addr start, std::size_t npages);
+  // Unmerges every page of the range as Unadvise does and forgets what was
+  // known of them (a MADV_DONTNEED is about to drop them), but they stay
+  // mergeable, and the range's bookkeeping is neither cut nor copied: a
+  // program dropping many small pieces of one range in turn (a forked
+  // child dismissing what it has written) costs what each piece holds.
+  // False if Memory could not restore some page: that part stays merged
+  // and tracked, as in Unadvise.
+  [[nodiscard]] bool Unmerge(Addr start, std::size_t npages);
   // Stops tracking a range without touching it (the application unmapped it,
   // or mapped something new there): merges waiting for its pages are
   // dropped, not done.

@@ -39,16 +39,18 @@ class ZeroedArray {
   ZeroedArray& operator=(const ZeroedArray&) = delete;
   ZeroedArray(ZeroedArray&& o) noexcept
       : data_(std::exchange(o.data_, nullptr)),
-        size_(std::exchange(o.size_, 0)) {}
+        size_(std::exchange(o.size_, 0)),
+        dropped_(std::exchange(o.dropped_, 0)) {}
   ZeroedArray& operator=(ZeroedArray&& o) noexcept {
     if (this != &o) {
-      std::free(data_);
+      Free();
       data_ = std::exchange(o.data_, nullptr);
       size_ = std::exchange(o.size_, 0);
+      dropped_ = std::exchange(o.dropped_, 0);
     }
     return *this;
   }
-  ~ZeroedArray() { std::free(data_); }
+  ~ZeroedArray() { Free(); }
 
   std::size_t size() const { return size_; }
   T& operator[](std::size_t i) { return data_[i]; }
@@ -63,15 +65,12 @@ class ZeroedArray {
   ZeroedArray Tail(std::size_t from) const { return Tail(from, AnyMayHold); }
   template <typename MayHold>
   ZeroedArray Tail(std::size_t from, MayHold&& may_hold) const {
-    ZeroedArray out(from < size_ ? size_ - from : 0);
-    for (std::size_t i = 0; i < out.size_; i += kGroup) {
-      const std::size_t n = std::min(kGroup, out.size_ - i);
-      if (may_hold(from + i, n) && !AllZero(data_ + from + i, n)) {
-        std::memcpy(static_cast<void*>(out.data_ + i), data_ + from + i,
-                    n * sizeof(T));
-      }
-    }
-    return out;
+    return Copy(from, from < size_ ? size_ - from : 0, may_hold);
+  }
+  // A new array holding elements [0, count) of this one, copied as Tail's.
+  template <typename MayHold>
+  ZeroedArray Head(std::size_t count, MayHold&& may_hold) const {
+    return Copy(0, std::min(count, size_), may_hold);
   }
 
   // Calls f(index, element) for every element that is not all zero bytes,
@@ -88,6 +87,20 @@ class ZeroedArray {
   template <typename F, typename MayHold>
   void ForEachNonZero(F&& f, MayHold&& may_hold) {
     VisitNonZero(data_, size_, f, may_hold);
+  }
+
+  // ForEachNonZero over elements [first, last) only (indexes, to f and to
+  // may_hold, are the array's own).
+  template <typename F, typename MayHold>
+  void ForEachNonZeroIn(std::size_t first, std::size_t last, F&& f,
+                        MayHold&& may_hold) {
+    last = std::min(last, size_);
+    if (first >= last) return;
+    auto at = [&](std::size_t i, T& e) { f(first + i, e); };
+    auto held = [&](std::size_t i, std::size_t n) {
+      return may_hold(first + i, n);
+    };
+    VisitNonZero(data_ + first, last - first, at, held);
   }
 
   // Whether count elements from first are all zero bytes.
@@ -107,15 +120,57 @@ class ZeroedArray {
   void Truncate(std::size_t keep) {
     if (keep >= size_) return;
     if (keep == 0) {
-      std::free(data_);
+      Free();
       data_ = nullptr;
-    } else if (void* p = std::realloc(data_, keep * sizeof(T))) {
-      data_ = static_cast<T*>(p);  // else the larger block is kept
+      dropped_ = 0;
+    } else if (void* p = std::realloc(data_ - dropped_,
+                                      (dropped_ + keep) * sizeof(T))) {
+      data_ = static_cast<T*>(p) + dropped_;  // else the larger block is kept
     }
     size_ = keep;
   }
 
+  // Keeps elements [count, size()) (count <= size()) without copying them:
+  // the block still holds the dropped ones until they outnumber the kept,
+  // then the kept move to a block of their own (copied as Tail's), so a
+  // range cut off a page at a time from its front costs a copy of each
+  // element about once, not once per cut.
+  template <typename MayHold>
+  void DropHead(std::size_t count, MayHold&& may_hold) {
+    if (count == 0) return;
+    if (count >= size_) {
+      Truncate(0);
+      return;
+    }
+    if (dropped_ + count > size_ - count) {
+      *this = Tail(count, may_hold);
+      return;
+    }
+    data_ += count;
+    dropped_ += count;
+    size_ -= count;
+  }
+
  private:
+  void Free() {
+    if (data_ != nullptr) std::free(data_ - dropped_);
+  }
+
+  // Elements [from, from + n) as a new array; groups may_hold says are
+  // zero, or that are, are left as calloc made them.
+  template <typename MayHold>
+  ZeroedArray Copy(std::size_t from, std::size_t n, MayHold& may_hold) const {
+    ZeroedArray out(n);
+    for (std::size_t i = 0; i < n; i += kGroup) {
+      const std::size_t k = std::min(kGroup, n - i);
+      if (may_hold(from + i, k) && !AllZero(data_ + from + i, k)) {
+        std::memcpy(static_cast<void*>(out.data_ + i), data_ + from + i,
+                    k * sizeof(T));
+      }
+    }
+    return out;
+  }
+
   static T* Allocate(std::size_t n) {
     if (n == 0) return nullptr;
     void* p = std::calloc(n, sizeof(T));
@@ -137,8 +192,9 @@ class ZeroedArray {
     }
   }
 
-  T* data_ = nullptr;
+  T* data_ = nullptr;  // element 0; the block starts dropped_ before it
   std::size_t size_ = 0;
+  std::size_t dropped_ = 0;  // elements DropHead left at the block's start
 };
 
 }  // namespace samepage

@@ -43,6 +43,14 @@ class KsmTest : public ::testing::Test {
     ksm_.Advise(kBase, n);
   }
 
+  // Setup with page i equal to page i + n/2 (byte 1 + i % (n/2), n <= 510),
+  // merged by two full scans.
+  void SetupMergedPairs(std::size_t n) {
+    Setup(n, [n](std::size_t i) { return 1 + i % (n / 2); });
+    FullScans(2);
+    ASSERT_EQ(ksm_.GetCounters().pages_sharing, n / 2);
+  }
+
   void FullScans(int n) {
     const std::uint64_t target = ksm_.GetCounters().full_scans + n;
     for (int guard = 0; ksm_.GetCounters().full_scans < target; ++guard) {
@@ -1022,6 +1030,68 @@ TEST_F(KsmTest, UnadviseGivesBackPlainPagesWithTheirContents) {
   EXPECT_EQ(ksm_.AdvisedPages(), 4u);
   EXPECT_FALSE(ksm_.IsAdvised(Page(0)));
   EXPECT_TRUE(ksm_.IsAdvised(Page(4)));
+}
+
+// A range given back a page at a time from its start (a forked child
+// dropping what it wrote, an arena unmapped in address order): each cut
+// keeps the rest of the range's items where they are, and every page left
+// stays merged with its partner, counted, until its own turn.
+TEST_F(KsmTest, ARangeGivenBackFromItsStartKeepsTheRestMerged) {
+  constexpr std::size_t kPages = 256;
+  SetupMergedPairs(kPages);
+  for (std::size_t i = 0; i < kPages / 2; ++i) {
+    if (i % 2 == 0) {
+      ASSERT_TRUE(ksm_.Unadvise(Page(i), 1));
+    } else {
+      mem_.Unmap(Page(i), 1);
+      ksm_.Forget(Page(i), 1);
+    }
+    ksm_.CheckInvariants();
+    ASSERT_EQ(ksm_.AdvisedPages(), kPages - 1 - i);
+    // The partners of the pages given back lost their sharers.
+    ASSERT_EQ(ksm_.GetCounters().pages_sharing, kPages / 2 - 1 - i) << i;
+    ASSERT_TRUE(mem_.MapsFrame(Page(i + 1))) << i;
+  }
+  for (std::size_t i = kPages / 2; i < kPages; ++i)
+    EXPECT_EQ(mem_.Read(Page(i))[0], 1 + i % (kPages / 2)) << i;
+  FullScans(1);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 0u);
+}
+
+// Unmerge (a MADV_DONTNEED of merged memory is about to drop the pages):
+// each page given back is plain memory with its bytes and stays advised,
+// the range is not cut, and the next scans merge the pages again. A part
+// that cannot be given back stays merged and tracked.
+TEST_F(KsmTest, UnmergedPagesStayAdvisedInTheirRange) {
+  constexpr std::size_t kPages = 256;
+  SetupMergedPairs(kPages);
+  for (std::size_t i = 0; i < kPages / 2; ++i) {
+    ASSERT_TRUE(ksm_.Unmerge(Page(i), 1));
+    ksm_.CheckInvariants();
+    ASSERT_FALSE(mem_.MapsFrame(Page(i))) << i;
+    ASSERT_EQ(mem_.Read(Page(i))[0], 1 + i) << i;
+    ASSERT_TRUE(ksm_.IsAdvised(Page(i))) << i;
+    ASSERT_EQ(ksm_.GetCounters().pages_sharing, kPages / 2 - 1 - i) << i;
+  }
+  EXPECT_EQ(ksm_.AdvisedRanges().size(), 1u);
+  EXPECT_EQ(ksm_.AdvisedPages(), kPages);
+  FullScans(2);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, kPages / 2);
+  mem_.unmerge_fails_from = Page(4);
+  mem_.unmerge_fails_to = Page(8);
+  EXPECT_FALSE(ksm_.Unmerge(Page(0), 8));
+  ksm_.CheckInvariants();
+  std::size_t given_back = 0;
+  for (std::size_t i = 0; i < 8; ++i) {
+    EXPECT_TRUE(mem_.MapsFrame(Page(i)) || i < 4) << i;
+    given_back += mem_.MapsFrame(Page(i)) ? 0 : 1;
+    EXPECT_EQ(mem_.Read(Page(i))[0], 1 + i) << i;
+  }
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, kPages / 2 - given_back);
+  mem_.unmerge_fails_to = 0;
+  EXPECT_TRUE(ksm_.Unmerge(Page(0), 8));
+  ksm_.CheckInvariants();
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, kPages / 2 - 8);
 }
 
 // A range whose merged pages cannot be given back (ENOMEM from the

@@ -57,6 +57,41 @@ TEST(ZeroedArray, TailAndTruncateKeepTheirHalves) {
   EXPECT_EQ(v.Tail(0).size(), 0u);
 }
 
+// A head copied off and dropped: the tail's elements stay where they are
+// (no copy) while the dropped ones do not outnumber them; past that the
+// tail moves to a block of its own. Each way the elements keep their
+// values, and the array shrinks, moves and empties as any other.
+TEST(ZeroedArray, HeadAndDropHeadKeepTheirHalves) {
+  ZeroedArray<Elem> v(100);
+  for (std::size_t i = 0; i < 100; ++i) v[i] = {std::uint32_t(i + 1), 9};
+  auto any = [](std::size_t, std::size_t) { return true; };
+  const ZeroedArray<Elem> head = v.Head(10, any);
+  ASSERT_EQ(head.size(), 10u);
+  EXPECT_EQ(head[9].a, 10u);
+  const Elem* eleventh = &v[10];
+  v.DropHead(10, any);
+  ASSERT_EQ(v.size(), 90u);
+  EXPECT_EQ(&v[0], eleventh) << "the tail was copied";
+  EXPECT_EQ(v[0].a, 11u);
+  v.DropHead(30, any);  // 40 dropped, 60 kept: still in place
+  EXPECT_EQ(&v[0], eleventh + 30);
+  EXPECT_EQ(v[59].a, 100u);
+  v.DropHead(20, any);  // 60 dropped would outnumber 40 kept: moved
+  ASSERT_EQ(v.size(), 40u);
+  for (std::size_t i = 0; i < 40; ++i) ASSERT_EQ(v[i].a, i + 61) << i;
+  v.DropHead(5, any);  // in place again, in the new block
+  v.Truncate(30);
+  ASSERT_EQ(v.size(), 30u);
+  EXPECT_EQ(v[0].a, 66u);
+  EXPECT_EQ(v[29].a, 95u);
+  ZeroedArray<Elem> moved = std::move(v);
+  EXPECT_EQ(moved[29].b, 9u);
+  const ZeroedArray<Elem> tail = moved.Tail(20);
+  EXPECT_EQ(tail[0].a, 86u);
+  moved.DropHead(30, any);
+  EXPECT_EQ(moved.size(), 0u);
+}
+
 TEST(ZeroedArray, ForEachNonZeroVisitsWhatWasWrittenInOrder) {
   ZeroedArray<Elem> v(5000);
   const std::size_t written[] = {0, 1023, 1024, 2500, 4999};
