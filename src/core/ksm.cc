@@ -14,7 +14,7 @@ namespace samepage {
 namespace {
 
 // Pages probed per Memory::Probe call: one pagemap read covers them all.
-constexpr std::size_t kProbeChunk = 512;
+constexpr std::size_t kProbeChunk = Ksm::kProbeChunkPages;
 // The chunk of an address (Ksm::written_chunks_), and where one begins.
 constexpr std::uint64_t ChunkOf(Addr addr) {
   return (addr >> kPageShift) / kProbeChunk;
@@ -561,11 +561,16 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
     // plans flushed after a chunk do too: the backend's windows over runs
     // then cover whole page tables (512 pages on x86-64), whose discard or
     // remap costs less per page (docs/performance.md, zero pages).
-    const std::size_t to_boundary =
-        kProbeChunk - ((cursor_ >> kPageShift) % kProbeChunk);
+    // Where probes are slow, a chunk goes in aligned pieces (probe_pages_).
+    const std::size_t probe = probe_pages_;
+    const std::size_t to_boundary = probe - ((cursor_ >> kPageShift) % probe);
     const std::size_t n = std::min(r.items.size() - idx, to_boundary);
+    const bool chunk_end = idx + n == r.items.size() ||
+                           ((cursor_ >> kPageShift) + n) % kProbeChunk == 0;
     states_.resize(n);
+    const std::uint64_t probe_start = clock_->NowNanos();
     memory_->Probe(cursor_, std::span<PageState>(states_.data(), n));
+    AdaptProbePages(n, clock_->NowNanos() - probe_start);
     const bool nothing = NothingToVisit(r, idx, n);
     std::size_t i = nothing ? n : 0;
     for (; i < n && scanned < pages; ++i) {
@@ -596,7 +601,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
     // merge reads each of them again under write-protection. A run of
     // identical pages that reaches the cursor is let grow first: the longer
     // it is, the fewer mappings it takes (StripeRuns).
-    if (PlanCount() >= kPlanFlush && !HoldForRun(cursor_, cap) &&
+    if (chunk_end && PlanCount() >= kPlanFlush && !HoldForRun(cursor_, cap) &&
         !HoldScattered()) {
       ExecutePlans();
     }
@@ -617,6 +622,21 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
   ForgetGone();
   ReleaseScratch();
   return scanned;
+}
+
+void Ksm::AdaptProbePages(std::size_t n, std::uint64_t nanos) {
+  // A probe is one step of the scanner's, and a control call that waits
+  // for the engine's lock (each MADV_DONTNEED of merged memory, munmap,
+  // a knob write) waits for it. Over memory cut into a mapping per merged
+  // page a chunk's probe walks hundreds of VMAs: 0.3-0.4 ms on the KVM
+  // guest, where a chunk of plain memory takes a few microseconds. Chunks
+  // go in eighths then, until a piece is cheap again.
+  if (n == kProbeChunk && nanos > kSlowProbeNanos) {
+    probe_pages_ = kProbeChunk / 8;
+  } else if (probe_pages_ != kProbeChunk && n == probe_pages_ &&
+             nanos * (kProbeChunk / n) < kSlowProbeNanos / 2) {
+    probe_pages_ = kProbeChunk;
+  }
 }
 
 bool Ksm::NothingToVisit(const Range& r, std::size_t idx, std::size_t n) const {

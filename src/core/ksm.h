@@ -142,6 +142,11 @@ class Ksm {
   // about 50 bytes each at the end of the scan); past it pages pair as the
   // kernel's do. Lower for tests.
   static constexpr std::size_t kMaxDeferredPages = std::size_t{1} << 18;
+  // Pages a probe asks about (Memory::Probe): an aligned chunk of this
+  // many, or an eighth of it while a chunk's probe takes longer than
+  // kSlowProbeNanos.
+  static constexpr std::size_t kProbeChunkPages = 512;
+  static constexpr std::uint64_t kSlowProbeNanos = 50'000;
   void set_max_deferred_pages(std::size_t n) { max_deferred_pages_ = n; }
 
   // run=2: unmerges every merged page and forgets all rmap items (ranges stay
@@ -345,6 +350,8 @@ class Ksm {
   // frames, page i of a run on frame i mod F (ExecutePlans, first).
   void StripeRuns();
   void ForgetGone();  // drops the pages found gone in this batch
+  // After a probe of n pages that took `nanos`: the size of the next ones.
+  void AdaptProbePages(std::size_t n, std::uint64_t nanos);
   void BeginFullScan();
   void ExecutePlans();
   // Zero content (a node whose hash is the zero page's): its plans drop
@@ -551,6 +558,7 @@ class Ksm {
   std::vector<FrameId> frames_;
   std::vector<MergeResult> results_;
   std::vector<PageState> states_;
+  std::size_t probe_pages_ = kProbeChunkPages;  // AdaptProbePages
   // The chunks (kProbeChunk pages, by address) that may hold an item that
   // is not all zero: every such item lies in one (CheckInvariants). Only a
   // visit writes an item that was all zero, and visits note their chunk.

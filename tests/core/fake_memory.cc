@@ -98,6 +98,7 @@ Addr FakeMemory::SkipAbsent(Addr from, Addr to) {
 
 void FakeMemory::Probe(Addr addr, std::span<PageState> states) {
   probed_pages += states.size();
+  if (on_probe) on_probe(addr, states.size());
   for (std::size_t i = 0; i < states.size(); ++i) {
     auto it = pages_.find(addr + i * kPageSize);
     if (it == pages_.end()) {

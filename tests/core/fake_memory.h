@@ -57,6 +57,9 @@ class FakeMemory : public Memory {
   std::map<Addr, std::size_t> hashes;
   // Pages Probe was asked about, since the start.
   std::size_t probed_pages = 0;
+  // Called at each Probe with its start and pages (a test may advance its
+  // clock, as a slow probe would).
+  std::function<void(Addr, std::size_t)> on_probe;
   // Pairs handed to each MergePairs call, in order.
   std::vector<std::size_t> pair_calls;
   // What WantsScatteredPairsTogether answers.

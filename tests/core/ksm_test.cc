@@ -1032,6 +1032,40 @@ TEST_F(KsmTest, UnadviseGivesBackPlainPagesWithTheirContents) {
   EXPECT_TRUE(ksm_.IsAdvised(Page(4)));
 }
 
+// A control call waits for the scanner's current step, and a probe is
+// one: where a chunk's probe is slow (memory cut into a mapping per
+// merged page), the next go in aligned eighths, until one is cheap again.
+// Merging goes on as before.
+TEST_F(KsmTest, SlowProbesGoInSmallerPieces) {
+  constexpr std::size_t kPages = 4096;
+  Setup(kPages, [](std::size_t i) { return 1 + i % 100; });
+  std::vector<std::size_t> sizes;
+  bool slow = true;
+  mem_.on_probe = [&](Addr addr, std::size_t n) {
+    // Within one piece: none crosses a boundary of its size.
+    const std::size_t piece = n <= Ksm::kProbeChunkPages / 8
+                                  ? Ksm::kProbeChunkPages / 8
+                                  : Ksm::kProbeChunkPages;
+    EXPECT_LE((addr / kPageSize) % piece + n, piece);
+    sizes.push_back(n);
+    clock_.now += slow ? 8 * Ksm::kSlowProbeNanos : 1000;
+  };
+  ksm_.ScanBatch(2048);
+  ASSERT_GE(sizes.size(), 2u);
+  EXPECT_GT(sizes[0], Ksm::kProbeChunkPages / 8);
+  for (std::size_t k = 1; k < sizes.size(); ++k)
+    EXPECT_LE(sizes[k], Ksm::kProbeChunkPages / 8) << k;
+  slow = false;
+  sizes.clear();
+  ksm_.ScanBatch(2048);
+  ASSERT_GE(sizes.size(), 2u);
+  EXPECT_LE(sizes[0], Ksm::kProbeChunkPages / 8);
+  EXPECT_EQ(sizes.back(), Ksm::kProbeChunkPages);
+  slow = true;
+  FullScans(2);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, kPages - 100);
+}
+
 // A range given back a page at a time from its start (a forked child
 // dropping what it wrote, an arena unmapped in address order): each cut
 // keeps the rest of the range's items where they are, and every page left
