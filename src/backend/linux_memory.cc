@@ -1320,6 +1320,9 @@ Addr LinuxMemory::SkipAbsent(Addr from, Addr to) {
 
 bool LinuxMemory::Hash(Addr addr, std::uint64_t* hash) {
   if (!IsTouchable(addr)) return false;
+  // The scan visits pages in address order: the next one is likely read
+  // next (PrefetchPage).
+  PrefetchPage(Ptr(addr + kPageSize));
   return GuardedHash(Ptr(addr), hash);
 }
 
@@ -2567,6 +2570,8 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n, MergeResult* o
     const bool pinned = PinnedIoIn(base, end - base);
     for (std::size_t k = 0; k < span; ++k) {
       bool zero = false;
+      if (k + 1 < span && asked[k + 1])
+        PrefetchPage(Ptr(base + (k + 1) * kPageSize));
       if (!asked[k]) {
         local[k] = MergeResult::kDiffers;  // not asked for: only unprotected
       } else if (!GuardedIsZero(Ptr(base + k * kPageSize), kPageSize, &zero)) {

@@ -143,6 +143,17 @@ std::uint64_t ForkSequence();
 // a process that was forked after that.
 std::uint64_t ChildGeneration();
 
+// Asks the CPU to load the page at p into its caches (never faults: an
+// address that is not mapped is passed by). Each page read starts a
+// hardware prefetcher's stream over again (they do not cross a page): a
+// scan of pages in address order that asks for the next page while it
+// reads one checked zero pages 30% faster on an Intel Xeon KVM guest
+// (C probe, 100,000 cold pages: 450-475 against 300-340 ns a page).
+inline void PrefetchPage(const void* p) {
+  const auto* b = static_cast<const char*>(p);
+  for (std::size_t off = 0; off < 4096; off += 64) __builtin_prefetch(b + off);
+}
+
 // Guarded reads of application memory. False if the read faulted.
 [[nodiscard]] bool GuardedHash(const void* page, std::uint64_t* hash);
 [[nodiscard]] bool GuardedEqual(const void* a, const void* b, std::size_t n,

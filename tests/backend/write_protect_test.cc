@@ -140,6 +140,31 @@ TEST(WriteProtectTest, IsZeroFindsANonZeroByteAnywhere) {
   }
 }
 
+// A page of zeros is hashed by a zero check (GuardedHash): its hash is
+// still XXH3's of the page, and a page with one byte that is not zero,
+// wherever it is, gets XXH3's hash of its own bytes.
+TEST(WriteProtectTest, HashOfAZeroPageIsXxh3sWithoutHashing) {
+  ASSERT_TRUE(InitProcessState().ok());
+  unsigned char* p = MapPages(1);
+  std::memset(p, 0, kPageSize);
+  std::uint64_t h = 0;
+  ASSERT_TRUE(GuardedHash(p, &h));
+  EXPECT_EQ(h, HashPage(p));
+  EXPECT_EQ(h, ZeroPageHash());
+  for (std::size_t i = 0; i < kPageSize; i += 97) {
+    p[i] = 1;
+    ASSERT_TRUE(GuardedHash(p, &h));
+    ASSERT_EQ(h, HashPage(p)) << "byte " << i;
+    ASSERT_NE(h, ZeroPageHash()) << "byte " << i;
+    p[i] = 0;
+  }
+  p[kPageSize - 1] = 0x80;
+  ASSERT_TRUE(GuardedHash(p, &h));
+  EXPECT_EQ(h, HashPage(p));
+  EXPECT_NE(h, ZeroPageHash());
+  munmap(p, kPageSize);
+}
+
 TEST(WriteProtectTest, SigbusOnTruncatedFileIsCaught) {
   ASSERT_TRUE(InitProcessState().ok());
   int fd = memfd_create("t", MFD_CLOEXEC);
