@@ -630,11 +630,14 @@ void Ksm::AdaptProbePages(std::size_t n, std::uint64_t nanos) {
   // a knob write) waits for it. Over memory cut into a mapping per merged
   // page a chunk's probe walks hundreds of VMAs: 0.3-0.4 ms on the KVM
   // guest, where a chunk of plain memory takes a few microseconds. Chunks
-  // go in eighths then, until a piece is cheap again.
+  // go in eighths then, until a piece is cheap again: one whose cost, times
+  // eight, is under the limit (a piece of memory with frames mapped but
+  // not cut up, 2-3 us, goes back to whole chunks; a host's hiccup in one
+  // probe costs a piece or two).
   if (n == kProbeChunk && nanos > kSlowProbeNanos) {
     probe_pages_ = kProbeChunk / 8;
   } else if (probe_pages_ != kProbeChunk && n == probe_pages_ &&
-             nanos * (kProbeChunk / n) < kSlowProbeNanos / 2) {
+             nanos * (kProbeChunk / n) < kSlowProbeNanos) {
     probe_pages_ = kProbeChunk;
   }
 }
