@@ -287,16 +287,16 @@ class EngineImpl final : public Engine {
     const bool discard_restores =
         discard && (memory_->Stats().frames_in_use != 0 ||
                     !options_.adopted_memfds.empty());
-    if (discard_restores && kind == MappingChange::kDiscardToZero) {
-      // What the call drops is not copied back first.
-      for (auto [a, n] : advised)
-        memory_->DropFrameMappings(a, a + n * kPageSize);
-    }
     if (discard_restores) {
-      // Given back where they are: they stay advised (Ksm::Unmerge). A
-      // part that cannot be given back stays merged, and the discard still
-      // goes ahead (those pages read their frames again instead of zeros).
-      for (auto [a, n] : advised) (void)ksm_->Unmerge(a, n);
+      // Given back where they are: they stay advised (Ksm::Unmerge); what a
+      // discard to zero drops is not copied back first. A part that cannot
+      // be given back stays merged, and the discard still goes ahead (those
+      // pages read their frames again instead of zeros).
+      for (auto [a, n] : advised) {
+        if (kind == MappingChange::kDiscardToZero)
+          memory_->DropFrameMappings(a, a + n * kPageSize);
+        (void)ksm_->Unmerge(a, n);
+      }
     } else if (kind == MappingChange::kMove) {
       // A part that cannot be given back stays advised and merged
       // (Ksm::Unadvise). A move must not go ahead then: the moved pages

@@ -208,15 +208,9 @@ bool Ksm::AnyRangeIn(Addr from, Addr to) const {
   return it != ranges_.begin() && std::prev(it)->second.end() > from;
 }
 
-bool Ksm::Unadvise(Addr start, std::size_t npages) {
-  FlushReleasedOnReturn flush(memory_);
-  const Addr end = start + npages * kPageSize;
+template <typename F>
+bool Ksm::UnmergeEach(Addr start, Addr end, F&& restored) {
   DropWaitingPlans(start, end);
-  // Give the memory back first: a frame is released only when nothing maps
-  // it. A part that cannot be given back (ENOMEM) stays advised and merged,
-  // as the kernel's madvise(MADV_UNMERGEABLE) fails leaving it mergeable:
-  // forgetting it would release frames its pages still map.
-  std::vector<std::pair<Addr, std::size_t>> restored;
   bool ok = true;
   auto it = ranges_.upper_bound(start);
   if (it != ranges_.begin()) --it;
@@ -225,39 +219,40 @@ bool Ksm::Unadvise(Addr start, std::size_t npages) {
     const Addr to = std::min(end, it->second.end());
     if (from >= to) continue;
     if (memory_->Unmerge(from, (to - from) >> kPageShift)) {
-      restored.emplace_back(from, (to - from) >> kPageShift);
+      restored(it->second, from, to);
     } else {
       ok = false;
     }
   }
+  return ok;
+}
+
+bool Ksm::Unadvise(Addr start, std::size_t npages) {
+  FlushReleasedOnReturn flush(memory_);
+  // Give the memory back first: a frame is released only when nothing maps
+  // it. A part that cannot be given back (ENOMEM) stays advised and merged,
+  // as the kernel's madvise(MADV_UNMERGEABLE) fails leaving it mergeable:
+  // forgetting it would release frames its pages still map.
+  std::vector<std::pair<Addr, std::size_t>> restored;
+  const bool ok = UnmergeEach(
+      start, start + npages * kPageSize, [&](Range&, Addr from, Addr to) {
+        restored.emplace_back(from, (to - from) >> kPageShift);
+      });
   for (auto [from, n] : restored) ForgetRange(from, n);
   return ok;
 }
 
 bool Ksm::Unmerge(Addr start, std::size_t npages) {
   FlushReleasedOnReturn flush(memory_);
-  const Addr end = start + npages * kPageSize;
-  DropWaitingPlans(start, end);
-  bool ok = true;
-  auto it = ranges_.upper_bound(start);
-  if (it != ranges_.begin()) --it;
-  for (; it != ranges_.end() && it->first < end; ++it) {
-    Range& r = it->second;
-    const Addr from = std::max(start, r.start);
-    const Addr to = std::min(end, r.end());
-    if (from >= to) continue;
-    if (!memory_->Unmerge(from, (to - from) >> kPageShift)) {
-      ok = false;
-      continue;
-    }
-    r.items.ForEachNonZeroIn((from - r.start) >> kPageShift,
-                             (to - r.start) >> kPageShift,
-                             [&](std::size_t i, Item& item) {
-                               ResetItem(r.start + i * kPageSize, item);
-                             },
-                             MayHold(written_chunks_, r.start));
-  }
-  return ok;
+  return UnmergeEach(
+      start, start + npages * kPageSize, [&](Range& r, Addr from, Addr to) {
+        r.items.ForEachNonZeroIn((from - r.start) >> kPageShift,
+                                 (to - r.start) >> kPageShift,
+                                 [&](std::size_t i, Item& item) {
+                                   ResetItem(r.start + i * kPageSize, item);
+                                 },
+                                 MayHold(written_chunks_, r.start));
+      });
 }
 
 bool Ksm::UnmergeAll() {

@@ -383,6 +383,12 @@ class Ksm {
   // With plans waiting across batches: drops those touching [start, end)
   // (their pages stay as they are) and does the rest (FinishPlans).
   void DropWaitingPlans(Addr start, Addr end);
+  // Unadvise's and Unmerge's walk: drops the plans waiting on [start, end),
+  // has Memory give back each advised part of it, and calls
+  // restored(range, from, to) for each part given back. False if some part
+  // could not be.
+  template <typename F>
+  bool UnmergeEach(Addr start, Addr end, F&& restored);
   // Forget without finishing plans (ForgetGone, once they are done).
   void ForgetRange(Addr start, std::size_t npages);
   // Whether some range overlaps [from, to).
