@@ -1286,14 +1286,29 @@ void Ksm::StripeRuns() {
   std::vector<Planned> pages;
   pages.reserve(2 * pair_plans_.size() + stable_plans_.size());
   for (const PairPlan& p : pair_plans_) {
-    pages.push_back({p.p, p.p_item, p.node, p.unhashed});
-    pages.push_back({p.q, p.q_item, p.node, false});
+    const Planned pp{p.p, p.p_item, p.node, p.unhashed};
+    const Planned qq{p.q, p.q_item, p.node, false};
+    pages.push_back(p.q < p.p ? qq : pp);
+    pages.push_back(p.q < p.p ? pp : qq);
   }
+  const std::size_t npairs = pages.size();
   for (const StablePlan& p : stable_plans_) {
     pages.push_back({p.page, p.item, p.node, p.unhashed});
   }
-  std::sort(pages.begin(), pages.end(),
-            [](const Planned& a, const Planned& b) { return a.addr < b.addr; });
+  // In address order. Stable plans are already (ExecutePlans sorts them),
+  // and so, as a rule, are the pairs' pages where a run of identical pages
+  // is planned (its first pair, then the rest joining their node): a sort
+  // of all 25,600 plans took 3.5% of the merge CPU of 100 MiB of identical
+  // pages; a check and a merge of the two parts take a pass each.
+  auto by_addr = [](const Planned& a, const Planned& b) {
+    return a.addr < b.addr;
+  };
+  const auto mid = pages.begin() + static_cast<std::ptrdiff_t>(npairs);
+  if (!std::is_sorted(pages.begin(), mid, by_addr))
+    std::sort(pages.begin(), mid, by_addr);
+  if (!std::is_sorted(mid, pages.end(), by_addr))
+    std::sort(mid, pages.end(), by_addr);
+  std::inplace_merge(pages.begin(), mid, pages.end(), by_addr);
   struct Run {
     std::size_t begin, end;     // in pages
     std::vector<NodeId> nodes;  // the new layout: page k on nodes[k % F]
