@@ -22,7 +22,8 @@ std::uint64_t HashPageAvx2(const void* page, std::size_t n);
 std::uint64_t HashPageAvx512(const void* page, std::size_t n);
 // Whether the CPU has AVX-512 (F and BW) and the kernel saves its state.
 bool CpuHasAvx512();
-// Whether HashPage uses HashPageAvx512: CpuHasAvx512() unless the
+// Whether HashPage uses HashPageAvx512: CpuHasAvx512() and AVX512_VBMI2
+// (a CPU that keeps its clock with 512-bit vectors), unless the
 // environment has SAMEPAGE_NO_AVX512 (to measure the AVX2 build).
 bool HashUsesAvx512();
 }  // namespace internal

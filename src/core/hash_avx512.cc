@@ -1,6 +1,7 @@
 // XXH3-64 of one page built for AVX-512 (this file alone is compiled with
 // -mavx512f -mavx512bw; HashPage calls it only where the CPU and the
-// kernel support AVX-512). XXH3's result does not depend on the vector
+// kernel support AVX-512, on CPUs that keep their clock with it:
+// internal::HashUsesAvx512). XXH3's result does not depend on the vector
 // width it was built for.
 //
 // Nothing here may be an inline or template function from a shared
