@@ -460,10 +460,16 @@ TEST_P(LinuxMemoryTest, WithoutTheQueryAdviceReadsSmapsItself) {
 TEST_P(LinuxMemoryTest, SmapsReadSpacingGrowsWithWhatAReadWalks) {
   auto m = NewMemory();
   // The backend's first smaps read (its creation reads the plain maps)
-  // sizes its buffer and warms up: not the one measured.
+  // sizes its buffer and warms up: not the one measured. The small
+  // process's spacing is the least of five reads: one read slowed down by
+  // the host (or the test running beside this one) took 67.8 ms of
+  // spacing against the big one's 101 in a CI run.
   ASSERT_TRUE(m->RefreshMaps().ok());
-  ASSERT_TRUE(m->RefreshMaps().ok());
-  const std::int64_t small = m->SmapsReadSpacing();
+  std::int64_t small = std::numeric_limits<std::int64_t>::max();
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(m->RefreshMaps().ok());
+    small = std::min(small, m->SmapsReadSpacing());
+  }
   EXPECT_GT(small, 0);
   constexpr std::size_t kPages = 65536;
   Region big(kPages);
