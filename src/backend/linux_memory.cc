@@ -1946,8 +1946,17 @@ void LinuxMemory::FillFromFrames(Addr at, std::size_t len, FrameId first) {
 void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
                              std::span<FrameId> frames,
                              std::span<MergeResult> results) {
+  MergePairsExpecting(p, q, frames, results, {});
+}
+
+void LinuxMemory::MergePairsExpecting(std::span<const Addr> p,
+                                      std::span<const Addr> q,
+                                      std::span<FrameId> frames,
+                                      std::span<MergeResult> results,
+                                      std::span<const std::uint64_t> expected) {
   RegisterThread();
   std::size_t n = std::min({p.size(), q.size(), frames.size(), results.size()});
+  if (!expected.empty()) n = std::min(n, expected.size());
   auto ok = [&](std::size_t i) { return MayReplace(p[i]) && MayReplace(q[i]); };
   // Pairs in short runs, or none, join frames in address order where
   // discard-first windows take their mappings without a flush each.
@@ -1983,12 +1992,25 @@ void LinuxMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
       partner_runs += joins ? 0 : 1;
       ++j;
     }
-    MergePairBatch(p[i], &q[i], j - i, &frames[i], &results[i]);
+    MergePairBatch(p[i], &q[i], j - i, &frames[i], &results[i],
+                   expected.empty() ? nullptr : &expected[i]);
     if (unflushed_pages_ >= kMaxWindowPages) FlushMapped();
     i = j;
   }
   FlushMapped();
   CommitMapped();
+  // A scattered pair expected unchanged is checked by a read of p first: a
+  // pair whose p changed since its last visit is not merged.
+  if (!expected.empty()) {
+    std::erase_if(scattered, [&](std::size_t k) {
+      std::uint64_t h = 0;
+      if (expected[k] == 0 || (Hash(p[k], &h) && h == expected[k]))
+        return false;
+      results[k] = MergeResult::kDiffers;
+      frames[k] = kNoFrame;
+      return true;
+    });
+  }
   if (!scattered.empty()) MergeScatteredPairs(p, q, scattered, frames, results);
 }
 
@@ -2167,7 +2189,8 @@ void LinuxMemory::CheckWindowStateExcluded(
 }
 
 void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
-                                 FrameId* frames_out, MergeResult* out) {
+                                 FrameId* frames_out, MergeResult* out,
+                                 const std::uint64_t* expected) {
   // Everything written inside the windows is on our stack or in *this.
   struct PartnerRun {
     std::size_t begin,
@@ -2266,6 +2289,15 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
           qgone[k] = !Readable(q[k]);
           local[k] = MergeResult::kGone;
         } else {
+          // A pair neither of whose pages was read since its last visit
+          // merges only if unchanged since: p, just compared (in the
+          // cache) and still protected, hashes to what both had then.
+          std::uint64_t h = 0;
+          if (equal && expected != nullptr && expected[k] != 0 &&
+              (!GuardedHash(Ptr(pbase + k * kPageSize), &h) ||
+               h != expected[k])) {
+            equal = false;
+          }
           local[k] = equal ? MergeResult::kMerged : MergeResult::kDiffers;
         }
       }

@@ -248,6 +248,12 @@ class LinuxMemory final : public Memory {
   void MergePairs(std::span<const Addr> p, std::span<const Addr> q,
                   std::span<FrameId> frames,
                   std::span<MergeResult> results) override;
+  // Pairs in runs are checked in MergePairBatch's compare loop, from the
+  // cache; a scattered pair's p is read first.
+  void MergePairsExpecting(std::span<const Addr> p, std::span<const Addr> q,
+                           std::span<FrameId> frames,
+                           std::span<MergeResult> results,
+                           std::span<const std::uint64_t> expected) override;
   // Where windows are discard-first (MergeScatteredPairs).
   bool WantsScatteredPairsTogether() const override {
     return protection_ == Protection::kUserfaultfd &&
@@ -547,8 +553,9 @@ class LinuxMemory final : public Memory {
   bool ForgetMissing(Addr start, std::size_t len);
   // Pairs: p contiguous, each q[k] anywhere; the q form at most
   // kMaxPartnerRuns runs of consecutive pages (a window each).
+  // expected (may be null): as for MergePairsExpecting.
   void MergePairBatch(Addr pbase, const Addr* q, std::size_t n, FrameId* frames,
-                      MergeResult* results);
+                      MergeResult* results, const std::uint64_t* expected);
   // The pairs `which` (indices into p, q, frames and results, p ascending)
   // in address order: each pair's p is copied into a new frame (frames in
   // OrderPairFrames' order, so that neighbours in memory take neighbouring

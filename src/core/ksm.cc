@@ -281,6 +281,7 @@ bool Ksm::UnmergeAll() {
   deferred_pages_ = 0;
   last_deferred_ = 0;
   in_scan_ = false;
+  unread_in_scan_ = false;
   full_scans_ = 0;  // the kernel's full_scans is the scan sequence, reset here
   return ok;
 }
@@ -289,12 +290,12 @@ bool Ksm::UnmergeAll() {
 // Item bookkeeping
 
 bool Ksm::InUnstable(Addr addr, const Item& item) const {
-  if (item.state != ItemState::kUnstable || item.seq != seq_) return false;
+  if (!Indexed(item.state) || item.seq != seq_) return false;
   return unstable_.contains(PageKey{addr, item.hash()});
 }
 
 void Ksm::RemoveFromUnstable(Addr addr, Item& item) {
-  if (item.state != ItemState::kUnstable) return;
+  if (!Indexed(item.state)) return;
   if (item.seq == seq_ && unstable_.erase(PageKey{addr, item.hash()}) == 0) {
     // Waiting for a partner in a run instead (deferred_).
     (void)EraseDeferred(item.hash(), addr, nullptr);
@@ -303,11 +304,77 @@ void Ksm::RemoveFromUnstable(Addr addr, Item& item) {
   --unshared_;
 }
 
+void Ksm::InsertUnread(Addr addr, Item& item) {
+  const std::uint64_t hash = item.hash();
+  item.state = ItemState::kUnread;
+  item.seq = seq_;
+  ++unshared_;
+  unread_in_scan_ = true;
+  NoteRun(addr, hash);
+  unstable_.lazy_emplace(PageKey{addr, hash}, [&](const auto& construct) {
+    construct(MakeEntry(addr, hash));
+  });
+  unstable_peak_ = std::max(unstable_peak_, unstable_.size());
+}
+
+bool Ksm::ReadIndexed(Addr addr, Item& item) {
+  std::uint64_t now = 0;
+  if (memory_->Hash(addr, &now) && now == item.hash()) {
+    item.state = ItemState::kUnstable;  // read in this scan
+    return true;
+  }
+  // Changed since its last visit (or unreadable, which its next visit
+  // finds): it leaves the index, remembered with its new content as a
+  // visit would have.
+  RemoveFromUnstable(addr, item);
+  if (now != 0) item.set_hash(now);
+  return false;
+}
+
+std::size_t Ksm::VerifyUnread(std::size_t budget,
+                              const std::function<bool()>& pause) {
+  // A chunk of items at a time, in address order (each read prefetches
+  // the next page), until the budget is spent: the batch that ends a scan
+  // reads no more pages than any other.
+  std::size_t read = 0;
+  while (unread_in_scan_ && read < budget) {
+    if (read != 0 && pause && pause()) break;
+    auto it = ranges_.upper_bound(verify_cursor_);
+    if (it != ranges_.begin() && std::prev(it)->second.end() > verify_cursor_)
+      --it;
+    if (it == ranges_.end()) {
+      unread_in_scan_ = false;
+      verify_cursor_ = 0;
+      break;
+    }
+    Range& r = it->second;
+    if (verify_cursor_ < r.start) verify_cursor_ = r.start;
+    const std::size_t first = (verify_cursor_ - r.start) >> kPageShift;
+    const std::size_t last = std::min(r.items.size(), first + kProbeChunk);
+    std::size_t stop = last;  // where the budget ran out
+    r.items.ForEachNonZeroIn(
+        first, last,
+        [&, start = r.start](std::size_t i, Item& item) {
+          if (item.state != ItemState::kUnread || item.seq != seq_) return;
+          if (read == budget) {
+            stop = std::min(stop, i);
+            return;
+          }
+          ++read;
+          (void)ReadIndexed(start + i * kPageSize, item);
+        },
+        MayHold(written_chunks_, r.start));
+    verify_cursor_ = r.start + stop * kPageSize;
+  }
+  return read;
+}
+
 void Ksm::ResetItem(Addr addr, Item& item) {
   switch (item.state) {
     case ItemState::kNew:
       return;
     case ItemState::kUnstable:
+    case ItemState::kUnread:
       RemoveFromUnstable(addr, item);
       break;
     case ItemState::kStable:
@@ -501,6 +568,8 @@ void Ksm::BeginFullScan() {
   deferred_.clear();  // ResolveDeferred emptied it, unless the scan was cut
   deferred_pages_ = 0;
   last_deferred_ = 0;
+  unread_in_scan_ = false;  // VerifyUnread finished, unless the scan was cut
+  verify_cursor_ = 0;
   // Room for as many candidates as the last scan had: no rehash on the way
   // (a rehash looks every entry's item up again).
   unstable_.reserve(unstable_peak_);
@@ -529,6 +598,12 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
     auto it = ranges_.upper_bound(cursor_);
     if (it != ranges_.begin() && std::prev(it)->second.end() > cursor_) --it;
     if (it == ranges_.end()) {
+      // The pages that entered the index unread are read first, within
+      // this batch's budget (a large process's could be gigabytes).
+      if (unread_in_scan_) {
+        scanned += VerifyUnread(pages - scanned, pause);
+        if (unread_in_scan_) break;  // goes on in the next batch
+      }
       // End of a full scan: merges planned so far refer to this scan's
       // unstable index, so they run before it is dropped; so do the pairs
       // that waited for a partner in a run.
@@ -695,6 +770,7 @@ void Ksm::ReleaseScratch() {
   std::vector<Addr>().swap(gone_);
   std::vector<FrameId>().swap(frames_);
   std::vector<MergeResult>().swap(results_);
+  std::vector<std::uint64_t>().swap(hashes_);
   std::vector<PageState>().swap(states_);
 }
 
@@ -775,8 +851,7 @@ __attribute__((flatten)) void Ksm::PrefetchLookups(const Item& item) const {
   // A page visited with the hash of its last visit asks both indexes for
   // it before reading the page (VisitPage, step 0): their slots are
   // fetched a few pages ahead, as the hash index misses the caches.
-  if (item.state == ItemState::kVolatile ||
-      item.state == ItemState::kUnstable) {
+  if (item.state == ItemState::kVolatile || Indexed(item.state)) {
     const HashKey key{item.hash()};
     stable_.prefetch(key);
     unstable_.prefetch(key);
@@ -853,8 +928,8 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   ++pages_scanned_;
   // The hash of the last visit, if it holds one (not a page just copied
   // away from a merge).
-  const bool last_hash = item.state == ItemState::kVolatile ||
-                         item.state == ItemState::kUnstable;
+  const bool last_hash =
+      item.state == ItemState::kVolatile || Indexed(item.state);
   if (item.state == ItemState::kStable) {
     // The page was copied away (written to): it leaves its stable node, and
     // its next visit takes it as changed.
@@ -888,6 +963,8 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   //    left alone this visit, only fails it. The node takes its hash from
   //    the other page, hashed in this scan.
   const std::uint64_t item_hash_before = item.hash();
+  // Changed (or new) at its last visit, not yet found unchanged.
+  const bool was_volatile = item.state == ItemState::kVolatile;
   if (last_hash) {
     RemoveFromUnstable(addr, item);
     const NodeId node = FindStableWithRoom(item.hash());
@@ -896,6 +973,22 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
       return;
     }
     if (PairWithUnstable(addr, item, item.hash(), /*unhashed=*/true)) return;
+    // A page new or changed at its last visit, with nothing of that
+    // content to pair with yet, waits in the unstable index on its last
+    // visit's hash, unread. A later page of that content pairs with it and
+    // the pair's merge reads it, checking that both are unchanged since
+    // (the first copies of pages in runs: read once in the first scan, not
+    // again in the second); the pages no merge read are read at the
+    // scan's end (VerifyUnread), where those changed since their last
+    // visit leave the index, as the kernel's checksum rule would have kept
+    // them out. Pages found unchanged at their last visit (unique pages
+    // from the second scan on) are read here: their reads at the scan's
+    // end took longer than at their visits (unique pages, 3 of 12
+    // alternating runs faster).
+    if (was_volatile) {
+      InsertUnread(addr, item);
+      return;
+    }
   }
   std::uint64_t hash = 0;
   if (!memory_->Hash(addr, &hash)) {
@@ -1020,8 +1113,10 @@ Addr Ksm::JoinIndexed(UnstableSet::iterator it, NodeId node) {
   if (item == nullptr)
     InvariantFailure("unstable index entry without its item");
   unstable_.erase(it);
-  // Read in this scan (it went into the index with this hash).
-  PlanUnstableJoin(addr, item, node, /*unhashed=*/false);
+  // Read in this scan (it went into the index with this hash), unless it
+  // went in unread: then the compare with the node's frame decides, and a
+  // failed one takes its new hash.
+  PlanUnstableJoin(addr, item, node, item->state == ItemState::kUnread);
   return addr;
 }
 
@@ -1034,7 +1129,10 @@ bool Ksm::PairWithIndexed(Addr addr, Item& item, std::uint64_t hash,
   }
   unstable_.erase(it);
   --unshared_;
-  run_node_ = PlanPair(addr, &item, indexed, other, hash, unhashed);
+  // Neither page read in this scan: the node's hash is a guess until the
+  // merged content confirms it (ExecutePlans).
+  run_node_ = PlanPair(addr, &item, indexed, other, hash, unhashed,
+                       unhashed && other->state == ItemState::kUnread);
   NoteRun(addr, hash);
   SetContinuation(addr, indexed, 0);
   return true;
@@ -1098,13 +1196,16 @@ void Ksm::Defer(Addr addr, Item& item, std::uint64_t hash, bool unhashed) {
 }
 
 Ksm::NodeId Ksm::PlanPair(Addr p, Item* p_item, Addr q, Item* q_item,
-                          std::uint64_t hash, bool unhashed) {
+                          std::uint64_t hash, bool unhashed, bool unread_pair) {
+  const bool q_unread = q_item->state == ItemState::kUnread;
   p_item->state = ItemState::kPending;
   q_item->state = ItemState::kPending;
-  // The node's hash is the one q was found with in this scan.
+  // The node's hash is the one p or q was read with in this scan, or if
+  // neither was (unread_pair), their last visits'.
   const NodeId fresh = NewNode(hash);
   nodes_[fresh].pending = 2;
-  pair_plans_.push_back({p, p_item, q, q_item, fresh, unhashed});
+  pair_plans_.push_back(
+      {p, p_item, q, q_item, fresh, unhashed, q_unread, unread_pair});
   return fresh;
 }
 
@@ -1191,7 +1292,8 @@ bool Ksm::UndeferLast(Addr indexed, const DeferredList* waiting) {
   }
   unshared_ -= 2;
   ++scattered_pairs_;  // the run's first pair
-  run_node_ = PlanPair(p, p_item, partner, q_item, h, p_unhashed);
+  run_node_ = PlanPair(p, p_item, partner, q_item, h, p_unhashed,
+                       p_unhashed && q_item->state == ItemState::kUnread);
   SetContinuation(p, partner, 0);
   if (partner != prev_indexed && prev_indexed != 0 &&
       nodes_[run_node_].load() < knobs_.max_page_sharing) {
@@ -1233,6 +1335,9 @@ void Ksm::ResolveDeferred() {
         Item* other = FindItem(other_addr);
         if (other == nullptr)
           InvariantFailure("unstable index entry without its item");
+        // VerifyUnread has read every page that went in unread.
+        if (other->state == ItemState::kUnread)
+          InvariantFailure("an unread index page at the scan's end");
         unstable_.erase(it);
         unshared_ -= 2;
         ++scattered_pairs_;
@@ -1287,7 +1392,7 @@ void Ksm::StripeRuns() {
   pages.reserve(2 * pair_plans_.size() + stable_plans_.size());
   for (const PairPlan& p : pair_plans_) {
     const Planned pp{p.p, p.p_item, p.node, p.unhashed};
-    const Planned qq{p.q, p.q_item, p.node, false};
+    const Planned qq{p.q, p.q_item, p.node, p.q_unread};
     pages.push_back(p.q < p.p ? qq : pp);
     pages.push_back(p.q < p.p ? pp : qq);
   }
@@ -1513,6 +1618,7 @@ void Ksm::DropZeroContent() {
       fail(plan.p_item, plan.node);
       plan.q_item->state = ItemState::kVolatile;
       if (plan.unhashed) TakeNewHash(plan.p, *plan.p_item);
+      if (plan.q_unread) TakeNewHash(plan.q, *plan.q_item);
     }
   }
   for (std::size_t i = 0; i < stable_plans_.size(); ++i) {
@@ -1562,7 +1668,22 @@ void Ksm::ExecutePlans() {
       addr_a_[i] = pair_plans_[i].p;
       addr_b_[i] = pair_plans_[i].q;
     }
-    memory_->MergePairs(addr_a_, addr_b_, frames_, results_);
+    // Pairs neither of whose pages was read in this scan merge only if
+    // their content still has the hash both had at their last visits.
+    const bool expect =
+        std::any_of(pair_plans_.begin(), pair_plans_.end(),
+                    [](const PairPlan& plan) { return plan.unread_pair; });
+    if (expect) {
+      hashes_.resize(n);
+      for (std::size_t i = 0; i < n; ++i) {
+        hashes_[i] =
+            pair_plans_[i].unread_pair ? nodes_[pair_plans_[i].node].hash() : 0;
+      }
+      memory_->MergePairsExpecting(addr_a_, addr_b_, frames_, results_,
+                                   hashes_);
+    } else {
+      memory_->MergePairs(addr_a_, addr_b_, frames_, results_);
+    }
     for (std::size_t i = 0; i < n; ++i) {
       PairPlan& plan = pair_plans_[i];
       Node& node = nodes_[plan.node];
@@ -1582,6 +1703,7 @@ void Ksm::ExecutePlans() {
         ++merge_failures_;
         ForgetBestDup(plan.node);  // its load went down
         if (plan.unhashed) TakeNewHash(plan.p, *plan.p_item);
+        if (plan.q_unread) TakeNewHash(plan.q, *plan.q_item);
       }
     }
   }
@@ -1811,6 +1933,7 @@ void Ksm::CheckInvariants() const {
           ++zero;
           break;
         case ItemState::kUnstable:
+        case ItemState::kUnread:
           if (InUnstable(addr, item)) ++unstable;
           if (item.seq == seq_ && ListHolds(FindDeferred(item.hash()), addr))
             ++deferred;
@@ -1840,8 +1963,8 @@ void Ksm::CheckInvariants() const {
   if (unshared != unshared_) InvariantFailure("pages_unshared count");
   for (const UnstableEntry e : unstable_) {
     const Item* item = FindItem(e & ~kFragmentMask);
-    if (item == nullptr || item->state != ItemState::kUnstable ||
-        item->seq != seq_ || MakeEntry(e & ~kFragmentMask, item->hash()) != e) {
+    if (item == nullptr || !Indexed(item->state) || item->seq != seq_ ||
+        MakeEntry(e & ~kFragmentMask, item->hash()) != e) {
       InvariantFailure("unstable index entry without its item");
     }
   }

@@ -179,7 +179,15 @@ class Ksm {
     kStable,    // merged into stable node `node`
     kZero,      // dropped to the zero page (use_zero_pages)
     kPending,   // part of a merge planned in this batch
+    kUnread,    // in the unstable index on the hash of its last visit, not
+                // read in this scan (valid only if seq == scan seq): read
+                // at the scan's end (VerifyUnread) if no merge came first
   };
+  // Whether an item of this state has an entry in the unstable index (if
+  // its seq is this scan's).
+  static bool Indexed(ItemState s) {
+    return s == ItemState::kUnstable || s == ItemState::kUnread;
+  }
 
   // A 64-bit hash kept as two halves, so that the structs holding it need
   // only 4-byte alignment (Item: 12 bytes, Node: 20).
@@ -320,6 +328,10 @@ class Ksm {
     Item* q_item;
     NodeId node;
     bool unhashed = false;
+    bool q_unread = false;  // q was in the index unread (kUnread)
+    // Neither page was read in this scan: the node's hash is their last
+    // visits', and the merge checks the content still has it.
+    bool unread_pair = false;
   };
   struct StablePlan {
     Addr page;
@@ -438,6 +450,16 @@ class Ksm {
   // handled.
   bool PairWithUnstable(Addr addr, Item& item, std::uint64_t hash, bool unhashed);
   void RemoveFromUnstable(Addr addr, Item& item);
+  // A page whose last visit's hash finds nothing to pair with enters the
+  // unstable index on that hash without being read (kUnread).
+  void InsertUnread(Addr addr, Item& item);
+  // Reads a kUnread page of the index: true if it still has its hash (it
+  // stays, kUnstable), else it leaves the index with its new hash.
+  bool ReadIndexed(Addr addr, Item& item);
+  // At the scan's end: reads the kUnread pages no merge read, at most
+  // `budget` of them; returns how many it read.
+  std::size_t VerifyUnread(std::size_t budget,
+                           const std::function<bool()>& pause);
   // The index's page at `it` joins `node` (a stable plan, out of address
   // order); returns its address.
   Addr JoinIndexed(UnstableSet::iterator it, NodeId node);
@@ -479,10 +501,11 @@ class Ksm {
   // joins the node its content has by now, as it would have on its visit.
   void ResolveDeferred();
   // Plans the pair (p, q) on a new node of this hash; `unhashed` as for
-  // PairPlan (q must have been read in this scan). Deferred pairing plans
+  // PairPlan (q was read in this scan, unless `unread_pair`: neither was,
+  // and the merge checks the content still has `hash`). Deferred pairing plans
   // some out of address order (ExecutePlans sorts them).
   NodeId PlanPair(Addr p, Item* p_item, Addr q, Item* q_item,
-                  std::uint64_t hash, bool unhashed);
+                  std::uint64_t hash, bool unhashed, bool unread_pair = false);
 
   // Turns an item back into kNew, leaving whatever index it is in.
   void ResetItem(Addr addr, Item& item);
@@ -498,6 +521,10 @@ class Ksm {
   std::size_t advised_pages_ = 0;
   Addr cursor_ = 0;        // next address to visit
   bool in_scan_ = false;   // a full scan has begun
+  // Pages entered the unstable index unread in this scan (InsertUnread):
+  // VerifyUnread reads them, from verify_cursor_, before the scan ends.
+  bool unread_in_scan_ = false;
+  Addr verify_cursor_ = 0;
   std::uint8_t seq_ = 0;   // full-scan sequence number
 
   // A deque: grows without copying and without a doubled capacity.
@@ -509,7 +536,8 @@ class Ksm {
                                                             StableEq{this}};
   mutable absl::flat_hash_map<std::uint64_t, Chain> dup_chains_;
   // Pages of this full scan waiting for a partner. Every entry's item is
-  // kUnstable with this scan's seq and the hash it was inserted with.
+  // kUnstable or kUnread with this scan's seq and the hash it was inserted
+  // with.
   UnstableSet unstable_{0, UnstableHash{this}, UnstableEq{this}};
   std::size_t unstable_peak_ = 0;  // largest size in the last full scan
   // Deferred pairing. A page whose partners (the unstable index's page of
@@ -563,6 +591,7 @@ class Ksm {
   std::vector<Addr> addr_a_, addr_b_;
   std::vector<FrameId> frames_;
   std::vector<MergeResult> results_;
+  std::vector<std::uint64_t> hashes_;  // expected of unread pairs
   std::vector<PageState> states_;
   std::size_t probe_pages_ = kProbeChunkPages;  // AdaptProbePages
   // The chunks (kProbeChunk pages, by address) that may hold an item that
@@ -579,9 +608,9 @@ class Ksm {
   std::uint64_t pages_sharing_ = 0;
   std::uint64_t rmap_items_ = 0;
   std::uint64_t zero_pages_ = 0;
-  // Items in kUnstable state, this scan's and the last one's (the kernel's
-  // ksm_pages_unshared: an entry of the last scan's unstable tree counts
-  // until its page is visited again).
+  // Items in kUnstable or kUnread state, this scan's and the last one's
+  // (the kernel's ksm_pages_unshared: an entry of the last scan's unstable
+  // tree counts until its page is visited again).
   std::uint64_t unshared_ = 0;
   std::uint64_t pages_scanned_ = 0;
   std::uint64_t pages_skipped_ = 0;

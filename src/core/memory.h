@@ -24,6 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <vector>
 
 namespace samepage {
 
@@ -128,6 +129,23 @@ class Memory {
                           std::span<FrameId> frames,
                           std::span<MergeResult> results) = 0;
 
+  // MergePairs, where a pair with expected[i] != 0 merges only if its
+  // content still has that hash (HashPage): neither page was read since
+  // its last visit, and the kernel merges only pages unchanged between two
+  // visits. Otherwise results[i] is kDiffers. The backend checks it where
+  // it has the content at hand, write-protected; this default reads each
+  // such p first.
+  virtual void MergePairsExpecting(std::span<const Addr> p,
+                                   std::span<const Addr> q,
+                                   std::span<FrameId> frames,
+                                   std::span<MergeResult> results,
+                                   std::span<const std::uint64_t> expected) {
+    MergePairsWhere(p, q, frames, results, [&](std::size_t i) {
+      std::uint64_t h = 0;
+      return expected[i] == 0 || (Hash(p[i], &h) && h == expected[i]);
+    });
+  }
+
   // Whether MergePairs gains from many pairs whose pages lie scattered
   // coming in one call (it merges them in address order): the core then
   // lets such pairs wait for each other (Ksm::HoldScattered).
@@ -155,6 +173,34 @@ class Memory {
   virtual void FlushReleasedFrames() {}
 
   virtual MemoryStats Stats() const = 0;
+
+ protected:
+  // MergePairs of the pairs i for which unchanged(i) holds (p stays
+  // ascending); the others are kDiffers.
+  template <typename F>
+  void MergePairsWhere(std::span<const Addr> p, std::span<const Addr> q,
+                       std::span<FrameId> frames,
+                       std::span<MergeResult> results, F&& unchanged) {
+    std::vector<Addr> pp, qq;
+    std::vector<std::size_t> at;
+    for (std::size_t i = 0; i < p.size(); ++i) {
+      if (!unchanged(i)) {
+        frames[i] = kNoFrame;
+        results[i] = MergeResult::kDiffers;
+        continue;
+      }
+      pp.push_back(p[i]);
+      qq.push_back(q[i]);
+      at.push_back(i);
+    }
+    std::vector<FrameId> ff(at.size(), kNoFrame);
+    std::vector<MergeResult> rr(at.size(), MergeResult::kFailed);
+    MergePairs(pp, qq, ff, rr);
+    for (std::size_t k = 0; k < at.size(); ++k) {
+      frames[at[k]] = ff[k];
+      results[at[k]] = rr[k];
+    }
+  }
 };
 
 }  // namespace samepage

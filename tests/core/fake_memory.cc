@@ -198,6 +198,23 @@ void FakeMemory::MergePairs(std::span<const Addr> p, std::span<const Addr> q,
   }
 }
 
+void FakeMemory::MergePairsExpecting(std::span<const Addr> p,
+                                     std::span<const Addr> q,
+                                     std::span<FrameId> frames,
+                                     std::span<MergeResult> results,
+                                     std::span<const std::uint64_t> expected) {
+  if (!checks_expected_in_compare) {
+    Memory::MergePairsExpecting(p, q, frames, results, expected);
+    return;
+  }
+  // The check on p's content as the compare has it, not a read (Hash).
+  MergePairsWhere(p, q, frames, results, [&](std::size_t i) {
+    auto it = pages_.find(p[i]);
+    return expected[i] == 0 || it == pages_.end() ||
+           HashPage(Content(it->second).data()) == expected[i];
+  });
+}
+
 void FakeMemory::DropZeroPages(std::span<const Addr> pages,
                                std::span<MergeResult> results) {
   for (std::size_t i = 0; i < pages.size(); ++i) {

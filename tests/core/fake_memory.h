@@ -64,6 +64,10 @@ class FakeMemory : public Memory {
   std::vector<std::size_t> pair_calls;
   // What WantsScatteredPairsTogether answers.
   bool scattered_together = true;
+  // Whether MergePairsExpecting checks the expected hashes on the contents
+  // it compares (as LinuxMemory does for pairs in runs), or leaves it to
+  // Memory's default, which reads each p first (Hash, counted in hashes).
+  bool checks_expected_in_compare = true;
 
   std::size_t frames_live() const { return frame_refs_.size(); }
   std::size_t frames_released() const { return released_; }
@@ -82,6 +86,10 @@ class FakeMemory : public Memory {
   void MergePairs(std::span<const Addr> p, std::span<const Addr> q,
                   std::span<FrameId> frames,
                   std::span<MergeResult> results) override;
+  void MergePairsExpecting(std::span<const Addr> p, std::span<const Addr> q,
+                           std::span<FrameId> frames,
+                           std::span<MergeResult> results,
+                           std::span<const std::uint64_t> expected) override;
   bool WantsScatteredPairsTogether() const override {
     return scattered_together;
   }
