@@ -2003,9 +2003,7 @@ void LinuxMemory::MergePairsExpecting(std::span<const Addr> p,
   // pair whose p changed since its last visit is not merged.
   if (!expected.empty()) {
     std::erase_if(scattered, [&](std::size_t k) {
-      std::uint64_t h = 0;
-      if (expected[k] == 0 || (Hash(p[k], &h) && h == expected[k]))
-        return false;
+      if (Unchanged(p[k], expected[k])) return false;
       results[k] = MergeResult::kDiffers;
       frames[k] = kNoFrame;
       return true;

@@ -103,6 +103,12 @@ class FlushReleasedOnReturn {
 // ---------------------------------------------------------------------------
 // Ranges
 
+std::map<Addr, Ksm::Range>::iterator Ksm::RangeFrom(Addr addr) {
+  auto it = ranges_.upper_bound(addr);
+  if (it != ranges_.begin() && std::prev(it)->second.end() > addr) --it;
+  return it;
+}
+
 Ksm::Item* Ksm::FindItem(Addr addr) {
   auto it = ranges_.upper_bound(addr);
   if (it == ranges_.begin()) return nullptr;
@@ -317,18 +323,17 @@ void Ksm::InsertUnread(Addr addr, Item& item) {
   unstable_peak_ = std::max(unstable_peak_, unstable_.size());
 }
 
-bool Ksm::ReadIndexed(Addr addr, Item& item) {
+void Ksm::ReadIndexed(Addr addr, Item& item) {
   std::uint64_t now = 0;
   if (memory_->Hash(addr, &now) && now == item.hash()) {
     item.state = ItemState::kUnstable;  // read in this scan
-    return true;
+    return;
   }
   // Changed since its last visit (or unreadable, which its next visit
   // finds): it leaves the index, remembered with its new content as a
   // visit would have.
   RemoveFromUnstable(addr, item);
   if (now != 0) item.set_hash(now);
-  return false;
 }
 
 std::size_t Ksm::VerifyUnread(std::size_t budget,
@@ -339,9 +344,7 @@ std::size_t Ksm::VerifyUnread(std::size_t budget,
   std::size_t read = 0;
   while (unread_in_scan_ && read < budget) {
     if (read != 0 && pause && pause()) break;
-    auto it = ranges_.upper_bound(verify_cursor_);
-    if (it != ranges_.begin() && std::prev(it)->second.end() > verify_cursor_)
-      --it;
+    auto it = RangeFrom(verify_cursor_);
     if (it == ranges_.end()) {
       unread_in_scan_ = false;
       verify_cursor_ = 0;
@@ -361,7 +364,7 @@ std::size_t Ksm::VerifyUnread(std::size_t budget,
             return;
           }
           ++read;
-          (void)ReadIndexed(start + i * kPageSize, item);
+          ReadIndexed(start + i * kPageSize, item);
         },
         MayHold(written_chunks_, r.start));
     verify_cursor_ = r.start + stop * kPageSize;
@@ -595,8 +598,7 @@ std::size_t Ksm::ScanBatch(std::size_t pages, bool stop_at_scan_end,
   while (scanned < pages) {
     // Asked before a chunk's probe, which a pause would waste.
     if (scanned != 0 && pause && pause()) break;
-    auto it = ranges_.upper_bound(cursor_);
-    if (it != ranges_.begin() && std::prev(it)->second.end() > cursor_) --it;
+    auto it = RangeFrom(cursor_);
     if (it == ranges_.end()) {
       // The pages that entered the index unread are read first, within
       // this batch's budget (a large process's could be gigabytes).
@@ -770,7 +772,7 @@ void Ksm::ReleaseScratch() {
   std::vector<Addr>().swap(gone_);
   std::vector<FrameId>().swap(frames_);
   std::vector<MergeResult>().swap(results_);
-  std::vector<std::uint64_t>().swap(hashes_);
+  std::vector<std::uint64_t>().swap(expected_);
   std::vector<PageState>().swap(states_);
 }
 
@@ -1129,8 +1131,8 @@ bool Ksm::PairWithIndexed(Addr addr, Item& item, std::uint64_t hash,
   }
   unstable_.erase(it);
   --unshared_;
-  // Neither page read in this scan: the node's hash is a guess until the
-  // merged content confirms it (ExecutePlans).
+  // Neither page read in this scan: the merge checks that their content
+  // still has the hash (ExecutePlans).
   run_node_ = PlanPair(addr, &item, indexed, other, hash, unhashed,
                        unhashed && other->state == ItemState::kUnread);
   NoteRun(addr, hash);
@@ -1674,13 +1676,13 @@ void Ksm::ExecutePlans() {
         std::any_of(pair_plans_.begin(), pair_plans_.end(),
                     [](const PairPlan& plan) { return plan.unread_pair; });
     if (expect) {
-      hashes_.resize(n);
+      expected_.resize(n);
       for (std::size_t i = 0; i < n; ++i) {
-        hashes_[i] =
+        expected_[i] =
             pair_plans_[i].unread_pair ? nodes_[pair_plans_[i].node].hash() : 0;
       }
       memory_->MergePairsExpecting(addr_a_, addr_b_, frames_, results_,
-                                   hashes_);
+                                   expected_);
     } else {
       memory_->MergePairs(addr_a_, addr_b_, frames_, results_);
     }

@@ -347,6 +347,8 @@ class Ksm {
   // Splits the range holding addr so that a range starts there.
   void SplitRangeAt(Addr addr);
 
+  // The range holding addr, or the first one after it (ranges_.end()).
+  std::map<Addr, Range>::iterator RangeFrom(Addr addr);
   Item* FindItem(Addr addr);
   const Item* FindItem(Addr addr) const;
 
@@ -453,9 +455,9 @@ class Ksm {
   // A page whose last visit's hash finds nothing to pair with enters the
   // unstable index on that hash without being read (kUnread).
   void InsertUnread(Addr addr, Item& item);
-  // Reads a kUnread page of the index: true if it still has its hash (it
-  // stays, kUnstable), else it leaves the index with its new hash.
-  bool ReadIndexed(Addr addr, Item& item);
+  // Reads a kUnread page of the index: if it still has its hash it stays
+  // (kUnstable), else it leaves the index with its new hash.
+  void ReadIndexed(Addr addr, Item& item);
   // At the scan's end: reads the kUnread pages no merge read, at most
   // `budget` of them; returns how many it read.
   std::size_t VerifyUnread(std::size_t budget,
@@ -591,7 +593,7 @@ class Ksm {
   std::vector<Addr> addr_a_, addr_b_;
   std::vector<FrameId> frames_;
   std::vector<MergeResult> results_;
-  std::vector<std::uint64_t> hashes_;  // expected of unread pairs
+  std::vector<std::uint64_t> expected_;  // MergePairsExpecting's
   std::vector<PageState> states_;
   std::size_t probe_pages_ = kProbeChunkPages;  // AdaptProbePages
   // The chunks (kProbeChunk pages, by address) that may hold an item that

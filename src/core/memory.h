@@ -141,8 +141,7 @@ class Memory {
                                    std::span<MergeResult> results,
                                    std::span<const std::uint64_t> expected) {
     MergePairsWhere(p, q, frames, results, [&](std::size_t i) {
-      std::uint64_t h = 0;
-      return expected[i] == 0 || (Hash(p[i], &h) && h == expected[i]);
+      return Unchanged(p[i], expected[i]);
     });
   }
 
@@ -175,6 +174,12 @@ class Memory {
   virtual MemoryStats Stats() const = 0;
 
  protected:
+  // Whether the page still has the hash `expected` (read by Hash); true
+  // where nothing is expected (0).
+  bool Unchanged(Addr page, std::uint64_t expected) {
+    std::uint64_t h = 0;
+    return expected == 0 || (Hash(page, &h) && h == expected);
+  }
   // MergePairs of the pairs i for which unchanged(i) holds (p stays
   // ascending); the others are kDiffers.
   template <typename F>
