@@ -1727,6 +1727,62 @@ TEST_P(LinuxMemoryTest, LonePageMappingsAreMappedAtOnce) {
   }
 }
 
+// MergePairsExpecting (pairs neither of whose pages the scan read): a pair
+// merges only if its content still has the hash it is expected to, in runs
+// (checked in the compare loop) and scattered (p read first); a pair whose
+// content changed since is left as it was, intact and writable.
+TEST_P(LinuxMemoryTest, PairsExpectedUnchangedMergeOnlyIfTheyAre) {
+  auto m = NewMemory();
+  Region r(48);
+  // Pairs in a run: pages 0-7 with 16-23. Scattered: 30 with 41, 33 with
+  // 38, 35 with 44, 36 with 47.
+  std::vector<Addr> p, q;
+  for (std::size_t i = 0; i < 8; ++i) {
+    p.push_back(r.addr(i));
+    q.push_back(r.addr(16 + i));
+  }
+  const std::pair<std::size_t, std::size_t> scattered[] = {
+      {30, 41}, {33, 38}, {35, 44}, {36, 47}};
+  for (auto [a, b] : scattered) {
+    p.push_back(r.addr(a));
+    q.push_back(r.addr(b));
+  }
+  const std::size_t n = p.size();
+  std::vector<std::uint64_t> expected(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    auto* a = reinterpret_cast<unsigned char*>(p[i]);
+    auto* b = reinterpret_cast<unsigned char*>(q[i]);
+    Fill(a, 100 + static_cast<unsigned>(i));
+    Fill(b, 100 + static_cast<unsigned>(i));
+    // Every third pair expected to hold other content (it changed since
+    // its last visit: pairs 0 and 3 in the run, 9 scattered), one in five
+    // expecting nothing.
+    expected[i] = i % 5 == 1 ? 0 : HashPage(a) + (i % 3 == 0 ? 1 : 0);
+  }
+  Rescan(*m);
+  std::vector<FrameId> frames(n);
+  std::vector<MergeResult> res(n);
+  m->MergePairsExpecting(p, q, frames, res, expected);
+  unsigned char want[kPageSize];
+  for (std::size_t i = 0; i < n; ++i) {
+    Fill(want, 100 + static_cast<unsigned>(i));
+    const bool changed = i % 5 != 1 && i % 3 == 0;
+    EXPECT_EQ(res[i], changed ? MergeResult::kDiffers : MergeResult::kMerged)
+        << i;
+    for (Addr a : {p[i], q[i]}) {
+      auto* page = reinterpret_cast<unsigned char*>(a);
+      EXPECT_TRUE(Same(page, want)) << i;
+      EXPECT_EQ(ProbeOne(*m, a) == PageState::kFrame, !changed) << i;
+    }
+    if (changed) {
+      auto* page = reinterpret_cast<unsigned char*>(p[i]);
+      page[5] ^= 0xff;  // writable, and only its own copy changes
+      EXPECT_FALSE(Same(page, want)) << i;
+      EXPECT_TRUE(Same(reinterpret_cast<unsigned char*>(q[i]), want)) << i;
+    }
+  }
+}
+
 TEST_P(LinuxMemoryTest, RandomPairsTakeAboutOneMappingAPair) {
   if (GetParam().protection != Protection::kUserfaultfd)
     GTEST_SKIP() << "pairs are laid out so in discard-first windows only";
