@@ -261,31 +261,58 @@ void BM_LinuxMemory_Probe(benchmark::State& state) {
 }
 BENCHMARK(BM_LinuxMemory_Probe)->Arg(0);
 
-// Pages hashed in address order, as a scan reads them: 16 MiB (from the
-// last-level cache) and 512 MiB (from memory, past this machine's 300 MiB
-// of L3). SAMEPAGE_NO_AVX512=1 measures the AVX2 build of XXH3.
-void BM_LinuxMemory_Hash(benchmark::State& state) {
+// Hashes `pages` pages from a in address order, as a scan reads them:
+// with Hash, or with HashFirstVisit (a first visit: pages of zeros are
+// taken for zeros from a sample of their lines).
+void HashInOrder(benchmark::State& state, unsigned char* a, std::size_t pages,
+                 bool first_visit) {
   auto m = NewMemory(state);
   if (!m) return;
-  const auto pages = static_cast<std::size_t>(state.range(0));
-  unsigned char* a = Map(pages, 5);
   (void)m->RefreshMaps();  // new memory: as madvise would
   m->BeginFullScan();
   std::uint64_t h = 0;
+  bool guessed = false;
   for (auto _ : state) {
     for (std::size_t i = 0; i < pages; ++i) {
-      if (!m->Hash(reinterpret_cast<Addr>(a + i * kPageSize), &h))
+      const Addr page = reinterpret_cast<Addr>(a + i * kPageSize);
+      if (!(first_visit ? m->HashFirstVisit(page, &h, &guessed)
+                        : m->Hash(page, &h))) {
         state.SkipWithError("hash failed");
+      }
     }
     benchmark::DoNotOptimize(h);
   }
   state.SetItemsProcessed(
       static_cast<std::int64_t>(state.iterations() * pages));
+}
+
+// Pages hashed in address order: 16 MiB (from the last-level cache) and
+// 512 MiB (from memory, past this machine's 300 MiB of L3).
+// SAMEPAGE_NO_AVX512=1 measures the AVX2 build of XXH3.
+void BM_LinuxMemory_Hash(benchmark::State& state) {
+  const auto pages = static_cast<std::size_t>(state.range(0));
+  unsigned char* a = Map(pages, 5);
+  HashInOrder(state, a, pages, /*first_visit=*/false);
   munmap(a, pages * kPageSize);
 }
 BENCHMARK(BM_LinuxMemory_Hash)
     ->Arg(kPages)
     ->Arg(131072)
+    ->Unit(benchmark::kMillisecond);
+
+// 512 MiB of pages of zeros (written, so present), as a first full scan
+// reads free memory: read in full (range(1) = 0, Hash) or at their first
+// visit (1, HashFirstVisit: an eighth of each page sampled).
+void BM_LinuxMemory_FirstVisitOfZeroPages(benchmark::State& state) {
+  const auto pages = static_cast<std::size_t>(state.range(0));
+  unsigned char* a = Map(pages, 1);
+  std::memset(a, 0, pages * kPageSize);
+  HashInOrder(state, a, pages, /*first_visit=*/state.range(1) != 0);
+  munmap(a, pages * kPageSize);
+}
+BENCHMARK(BM_LinuxMemory_FirstVisitOfZeroPages)
+    ->Args({131072, 0})
+    ->Args({131072, 1})
     ->Unit(benchmark::kMillisecond);
 
 // A write to a merged page: the kernel's copy-on-write.

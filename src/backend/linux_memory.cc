@@ -1329,6 +1329,12 @@ bool LinuxMemory::Hash(Addr addr, std::uint64_t* hash) {
   return GuardedHash(Ptr(addr), hash);
 }
 
+bool LinuxMemory::HashFirstVisit(Addr addr, std::uint64_t* hash,
+                                 bool* guessed) {
+  if (!IsTouchable(addr)) return false;
+  return GuardedHashFirstVisit(Ptr(addr), Ptr(addr + kPageSize), hash, guessed);
+}
+
 // --- merging ---
 
 void LinuxMemory::UnprotectRest(Addr start, std::size_t n,

@@ -242,6 +242,8 @@ class LinuxMemory final : public Memory {
   void Probe(Addr addr, std::span<PageState> states) override;
   Addr SkipAbsent(Addr from, Addr to) override;
   [[nodiscard]] bool Hash(Addr addr, std::uint64_t* hash) override;
+  [[nodiscard]] bool HashFirstVisit(Addr addr, std::uint64_t* hash,
+                                    bool* guessed) override;
   void MergeIntoFrames(std::span<const Addr> pages,
                        std::span<const FrameId> frames,
                        std::span<MergeResult> results) override;

@@ -714,6 +714,31 @@ bool GuardedHash(const void* page, std::uint64_t* hash) {
   return true;
 }
 
+bool GuardedHashFirstVisit(const void* page, const void* next,
+                           std::uint64_t* hash, bool* guessed) {
+  std::uint64_t h = 0;
+  bool g = false;
+  const std::uint64_t zero_hash = ZeroPageHash();  // made outside the guard
+  if (!RunGuarded([&] {
+        const void* p = Readable(page, kPageSize, 0);
+        if (SampledLinesZero(p)) {
+          // Pages of zeros come in runs (free memory): the next one is
+          // likely sampled too.
+          PrefetchSampledLines(next);
+          g = true;
+          h = zero_hash;
+          return;
+        }
+        PrefetchPage(next);
+        h = ZeroBytes(p, kPageSize) ? zero_hash : HashPage(p);
+      })) {
+    return false;
+  }
+  *hash = h;
+  *guessed = g;
+  return true;
+}
+
 bool GuardedEqual(const void* a, const void* b, std::size_t n, bool* equal) {
   int r = 1;
   if (!RunGuarded([&] {

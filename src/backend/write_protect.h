@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "core/hash.h"
 #include "core/memory.h"
 #include "samepage/status.h"
 
@@ -160,8 +161,21 @@ inline void PrefetchPage(const void* p) {
     __builtin_prefetch(b + off, /*rw=*/0, /*locality=*/2);
 }
 
+// PrefetchPage for the lines SampledLinesZero reads.
+inline void PrefetchSampledLines(const void* p) {
+  const auto* b = static_cast<const char*>(p);
+  for (std::size_t l = 0; l < kZeroSampleLines; ++l)
+    __builtin_prefetch(b + l * kZeroSampleStride, /*rw=*/0, /*locality=*/2);
+}
+
 // Guarded reads of application memory. False if the read faulted.
 [[nodiscard]] bool GuardedHash(const void* page, std::uint64_t* hash);
+// GuardedHash for a page's first visit (Memory::HashFirstVisit): a page
+// whose sampled lines are all zero is taken for zeros, unread beyond them
+// (*guessed). `next` (the page likely read next) is prefetched: its
+// sampled lines after a page taken for zeros, all of it after any other.
+[[nodiscard]] bool GuardedHashFirstVisit(const void* page, const void* next,
+                                         std::uint64_t* hash, bool* guessed);
 [[nodiscard]] bool GuardedEqual(const void* a, const void* b, std::size_t n,
                                 bool* equal);
 [[nodiscard]] bool GuardedIsZero(const void* p, std::size_t n, bool* zero);

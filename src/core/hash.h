@@ -37,6 +37,28 @@ inline std::uint64_t HashPage(const void* page) {
 // The hash of a page of zeros, computed once.
 std::uint64_t ZeroPageHash();
 
+// A page seen for the first time may be taken for a page of zeros from a
+// sample of its cache lines (Memory::HashFirstVisit): eight lines, 576
+// bytes apart, the first and the last among them (an eighth of the page).
+inline constexpr std::size_t kZeroSampleLines = 8;
+inline constexpr std::size_t kZeroSampleStride = 576;
+
+// Whether the sampled lines of the page at p are all zero: true of every
+// page of zeros, and of some pages with bytes elsewhere.
+inline bool SampledLinesZero(const void* p) {
+  using V = std::uint64_t __attribute__((vector_size(32), aligned(8)));
+  const auto* b = static_cast<const unsigned char*>(p);
+  V acc{};
+  for (std::size_t l = 0; l < kZeroSampleLines; ++l) {
+    V v0, v1;
+    __builtin_memcpy(&v0, b + l * kZeroSampleStride, 32);
+    __builtin_memcpy(&v1, b + l * kZeroSampleStride + 32, 32);
+    acc |= v0 | v1;
+  }
+  return (acc[0] | acc[1] | acc[2] | acc[3]) == 0;
+}
+static_assert((kZeroSampleLines - 1) * kZeroSampleStride + 64 == kPageSize);
+
 }  // namespace samepage
 
 #endif  // SAMEPAGE_CORE_HASH_H_

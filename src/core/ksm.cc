@@ -992,8 +992,17 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
       return;
     }
   }
+  // A page seen for the first time may be taken for zeros from a sample
+  // of its lines (Memory::HashFirstVisit): `guessed`, as a hash of an
+  // earlier visit would be, it is merged or dropped only after a full
+  // compare, and a failed merge takes its real hash. Its next visit with
+  // use_zero_pages drops it unread (above), or it pairs unread (last_hash).
   std::uint64_t hash = 0;
-  if (!memory_->Hash(addr, &hash)) {
+  bool guessed = false;
+  const bool hashed = item.state == ItemState::kNew
+                          ? memory_->HashFirstVisit(addr, &hash, &guessed)
+                          : memory_->Hash(addr, &hash);
+  if (!hashed) {
     ResetItem(addr, item);
     return;
   }
@@ -1007,7 +1016,7 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   const NodeId node = asked ? kNoNode : FindStableWithRoom(hash);
   if (node != kNoNode) {
     item.set_hash(hash);
-    PlanJoin(addr, item, node, /*unhashed=*/false);
+    PlanJoin(addr, item, node, /*unhashed=*/guessed);
     return;
   }
   // 2. A page whose content changed since the last visit is only remembered.

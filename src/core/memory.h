@@ -112,6 +112,19 @@ class Memory {
   // page cannot be read (it was unmapped).
   [[nodiscard]] virtual bool Hash(Addr addr, std::uint64_t* hash) = 0;
 
+  // Hash, for a page's first visit. A backend may take a page whose
+  // sampled lines are all zero (SampledLinesZero) for a page of zeros
+  // without reading the rest: *hash = ZeroPageHash() and *guessed = true.
+  // The core merges or drops a page on such a hash only after a full
+  // compare under write-protection, as it does on any hash of a visit
+  // before (a page of zeros, the usual case, is read once in full instead
+  // of twice). The default reads the page: *guessed = false.
+  [[nodiscard]] virtual bool HashFirstVisit(Addr addr, std::uint64_t* hash,
+                                            bool* guessed) {
+    *guessed = false;
+    return Hash(addr, hash);
+  }
+
   // For each i: write-protect pages[i], compare it in full with frames[i],
   // and if equal map frames[i] over it (copy-on-write). `pages` is sorted
   // ascending; consecutive pages with consecutive frames are remapped with one

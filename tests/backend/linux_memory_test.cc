@@ -2318,6 +2318,43 @@ TEST_P(LinuxMemoryTest, DerivedBudgetIsBelowMaxMapCount) {
   EXPECT_LT(st.vma_budget, 65530u);
 }
 
+// A first visit takes a page for zeros from its sampled lines (an eighth
+// of it): the zero page's hash, marked as a guess. A byte in any sampled
+// line makes it read in full; a byte between them does not.
+TEST_P(LinuxMemoryTest, FirstVisitTakesPagesForZerosFromSampledLines) {
+  auto m = NewMemory();
+  constexpr std::size_t kSampled = kZeroSampleLines;
+  Region r(kSampled + 4);
+  std::memset(r.page(0), 0, kPageSize);  // zeros
+  std::memset(r.page(1), 0, kPageSize);
+  r.page(1)[100] = 3;  // between the sampled lines
+  for (std::size_t l = 0; l < kSampled; ++l) {
+    std::memset(r.page(2 + l), 0, kPageSize);
+    r.page(2 + l)[l * kZeroSampleStride + 63] = 1;  // a line's last byte
+  }
+  Fill(r.page(kSampled + 2), 0x44);
+  // Page kSampled + 3 never touched: it reads zeros from the zero page.
+  Advise(*m, r);
+  m->BeginFullScan();
+  for (std::size_t i = 0; i < kSampled + 4; ++i) {
+    SCOPED_TRACE(i);
+    std::uint64_t h = 0;
+    bool guessed = true;
+    ASSERT_TRUE(m->HashFirstVisit(r.addr(i), &h, &guessed));
+    const bool zeros_sampled = i <= 1 || i == kSampled + 3;
+    EXPECT_EQ(guessed, zeros_sampled);
+    EXPECT_EQ(h, zeros_sampled ? ZeroPageHash() : HashPage(r.page(i)));
+    std::uint64_t full = 0;
+    ASSERT_TRUE(m->Hash(r.addr(i), &full));
+    EXPECT_EQ(full, HashPage(r.page(i)));
+  }
+  std::uint64_t h = 0;
+  bool guessed = false;
+  ASSERT_EQ(munmap(r.page(0), kPageSize), 0);
+  m->BeginFullScan();
+  EXPECT_FALSE(m->HashFirstVisit(r.addr(0), &h, &guessed));
+}
+
 TEST_P(LinuxMemoryTest, ProbeAndHashReportUnmappedPagesAsGone) {
   auto m = NewMemory();
   Region r(4);

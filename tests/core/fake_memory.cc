@@ -127,6 +127,18 @@ bool FakeMemory::Hash(Addr addr, std::uint64_t* hash) {
   return true;
 }
 
+bool FakeMemory::HashFirstVisit(Addr addr, std::uint64_t* hash, bool* guessed) {
+  auto it = pages_.find(addr);
+  if (!guesses_zero_from_samples || it == pages_.end() ||
+      !SampledLinesZero(Content(it->second).data())) {
+    return Memory::HashFirstVisit(addr, hash, guessed);
+  }
+  ++hashes[addr];
+  *hash = ZeroPageHash();
+  *guessed = true;
+  return true;
+}
+
 void FakeMemory::MergeIntoFrames(std::span<const Addr> pages,
                                  std::span<const FrameId> frames,
                                  std::span<MergeResult> results) {

@@ -68,6 +68,10 @@ class FakeMemory : public Memory {
   // it compares (as LinuxMemory does for pairs in runs), or leaves it to
   // Memory's default, which reads each p first (Hash, counted in hashes).
   bool checks_expected_in_compare = true;
+  // Whether HashFirstVisit takes a page whose sampled lines are all zero
+  // (SampledLinesZero) for zeros, as LinuxMemory does, or reads it
+  // (Memory's default). Counted in hashes either way.
+  bool guesses_zero_from_samples = true;
 
   std::size_t frames_live() const { return frame_refs_.size(); }
   std::size_t frames_released() const { return released_; }
@@ -80,6 +84,7 @@ class FakeMemory : public Memory {
   // Passes mapped absent pages, as Linux's passes empty page tables.
   Addr SkipAbsent(Addr from, Addr to) override;
   bool Hash(Addr addr, std::uint64_t* hash) override;
+  bool HashFirstVisit(Addr addr, std::uint64_t* hash, bool* guessed) override;
   void MergeIntoFrames(std::span<const Addr> pages,
                        std::span<const FrameId> frames,
                        std::span<MergeResult> results) override;

@@ -218,6 +218,41 @@ TEST_F(KsmTest, PagesThatStopBeingZeroStillMergeWithUseZeroPages) {
   EXPECT_EQ(c.ksm_zero_pages, 0u);
 }
 
+// A first visit takes a page whose sampled lines are zero for zeros
+// (FakeMemory guesses as LinuxMemory does). Such a page with bytes
+// between the sampled lines, from the start or written after that visit,
+// is never dropped: it merges with its twin once hashed in full, a scan
+// later than a page read in full at its first visit.
+TEST_F(KsmTest, BytesPastTheSampledLinesKeepAPageFromTheZeroPage) {
+  ASSERT_TRUE(mem_.guesses_zero_from_samples);
+  ksm_.knobs().use_zero_pages = true;
+  PageBytes sparse{};
+  sparse[100] = 7;  // not in a sampled line
+  ASSERT_TRUE(SampledLinesZero(sparse.data()));
+  // Pages 0..3 zeros; 4 and 5 sparse from the start; 1 and 3 written
+  // sparse after the first visit.
+  Setup(6, [](std::size_t) { return 0; });
+  mem_.WriteBytes(Page(4), sparse);
+  mem_.WriteBytes(Page(5), sparse);
+  FullScans(1);
+  mem_.WriteBytes(Page(1), sparse);
+  mem_.WriteBytes(Page(3), sparse);
+  for (int scan = 0; scan < 2; ++scan) {
+    FullScans(1);
+    EXPECT_EQ(ksm_.GetCounters().ksm_zero_pages, 2u);
+    for (std::size_t i : {1, 3, 4, 5}) {
+      EXPECT_TRUE(mem_.IsPresent(Page(i))) << i;
+      EXPECT_EQ(mem_.Read(Page(i)), sparse) << i;
+    }
+    EXPECT_EQ(mem_.Read(Page(0)), PageBytes{});
+    EXPECT_EQ(mem_.Read(Page(2)), PageBytes{});
+  }
+  const Counters c = ksm_.GetCounters();
+  EXPECT_EQ(c.pages_shared, 1u);
+  EXPECT_EQ(c.pages_sharing, 3u);
+  for (std::size_t i : {1, 3, 4, 5}) EXPECT_TRUE(mem_.MapsFrame(Page(i))) << i;
+}
+
 TEST_F(KsmTest, MaxPageSharingBuildsChainsOfDups) {
   Setup(600, [](std::size_t) { return 0x55; });
   FullScans(2);
@@ -720,7 +755,7 @@ std::vector<std::size_t> TwinKeys(std::size_t n, bool shuffled) {
 PageBytes KeyBytes(std::size_t key) {
   PageBytes b{};
   std::memcpy(b.data(), &key, sizeof key);
-  b[100] = 1;  // never the zero page
+  b[kPageSize - 1] = 1;  // never zeros, nor taken for zeros from a sample
   return b;
 }
 

@@ -285,6 +285,80 @@ TEST(Engine, ZeroPagesWithUseZeroPagesNeedNoFrame) {
   EXPECT_TRUE(m.Holds(4, 0));
 }
 
+// A page's first visit reads an eighth of it to take it for zeros
+// (SampledLinesZero); a page with bytes only between the sampled lines is
+// taken for zeros too, and must then be neither dropped nor lost: its
+// compare at the next visit finds the bytes, and it merges with its twin
+// a scan later than a page read in full would. Both use_zero_pages
+// settings: a drop, or a node of zero content.
+TEST(Engine, PagesTakenForZerosFromASampleAreComparedInFull) {
+  for (const char* use_zero_pages : {"1", "0"}) {
+    SCOPED_TRACE(std::string("use_zero_pages=") + use_zero_pages);
+    auto e = NewEngine();
+    Set(*e, "use_zero_pages", use_zero_pages);
+    constexpr std::size_t kPages = 1024;
+    Mapping m(kPages);
+    // Pages 4k, 4k+1: zeros; 4k+2 and 4k+3: twins whose only byte, k + 1,
+    // lies at offset 100 (not sampled); 4k + 4... alike for every k.
+    auto sparse = [](std::size_t i) { return i % 4 >= 2; };
+    auto value = [](std::size_t i) {
+      return static_cast<unsigned char>(1 + (i / 4) % 200);
+    };
+    m.FillAll(0);
+    for (std::size_t i = 0; i < kPages; ++i) {
+      if (sparse(i)) m.page(i)[100] = value(i);
+    }
+    auto intact = [&] {
+      for (std::size_t i = 0; i < kPages; ++i) {
+        for (std::size_t b = 0; b < kPage; ++b) {
+          const unsigned char want = sparse(i) && b == 100 ? value(i) : 0;
+          if (m.page(i)[b] != want) {
+            ADD_FAILURE() << "page " << i << " byte " << b;
+            return false;
+          }
+        }
+      }
+      return true;
+    };
+    ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+    e->RunFullScans(2);
+    ASSERT_TRUE(intact());
+    const std::int64_t zeros = kPages / 2;
+    if (use_zero_pages[0] == '1') {
+      EXPECT_EQ(Counter(*e, "ksm_zero_pages"), zeros);
+    } else {
+      EXPECT_EQ(Counter(*e, "pages_shared") + Counter(*e, "pages_sharing"),
+                zeros);
+    }
+    e->RunFullScans(1);  // the twins, hashed in full at their second visit
+    ASSERT_TRUE(intact());
+    // 256 twins of 200 values (twins of a value alike: 56 values have 4).
+    const std::int64_t sparse_merged = kPages / 2;
+    if (use_zero_pages[0] == '1') {
+      EXPECT_EQ(Counter(*e, "ksm_zero_pages"), zeros);
+      EXPECT_EQ(Counter(*e, "pages_shared") + Counter(*e, "pages_sharing"),
+                sparse_merged);
+    } else {
+      EXPECT_EQ(Counter(*e, "pages_shared") + Counter(*e, "pages_sharing"),
+                zeros + sparse_merged);
+    }
+    // A KSM page per value of the twins (and, at use_zero_pages=0, two or
+    // three of zeros, as their merges filled them).
+    if (use_zero_pages[0] == '1') {
+      EXPECT_EQ(Counter(*e, "pages_shared"), 200);
+    } else {
+      EXPECT_GE(Counter(*e, "pages_shared"), 200 + 2);
+      EXPECT_LE(Counter(*e, "pages_shared"), 200 + 3);
+    }
+    m.page(2)[100] = 77;  // copy-on-write, the rest unchanged
+    m.page(0)[5] = 9;
+    EXPECT_EQ(m.page(2)[100], 77);
+    EXPECT_EQ(m.page(0)[5], 9);
+    EXPECT_EQ(m.page(3)[100], value(3));
+    EXPECT_EQ(m.page(1)[5], 0);
+  }
+}
+
 TEST(Engine, MaxPageSharingSplitsIntoChains) {
   auto e = NewEngine();
   Mapping m(600);
