@@ -45,15 +45,24 @@ int main(void) {
     last = now;
   }
   /* Nothing from here on but sleeping: no allocation, no system call
-   * that writes memory. */
-  const long before = minor_faults();
-  sleep_ms(1000);
-  const long faults = minor_faults() - before;
-  printf("minor faults in 1 s asleep: %ld\n", faults);
+   * that writes memory. The quietest of three seconds: the churn this is
+   * about comes back at every scan, where a look for new mappings (every
+   * 100 ms under merge-any) may now and then find its buffers given back
+   * to the system and fault them in again (Debug builds beside other
+   * tests: 193-289 faults in one second of three runs in ten, the next
+   * seconds quiet). */
+  long faults = -1;
+  for (int second = 0; second < 3; ++second) {
+    const long before = minor_faults();
+    sleep_ms(1000);
+    const long in_second = minor_faults() - before;
+    printf("minor faults in 1 s asleep: %ld\n", in_second);
+    if (faults < 0 || in_second < faults) faults = in_second;
+  }
   for (size_t i = 0; i < kPages; ++i) CHECK(holds_class(p, i, 1));
   /* samepage's scanner allocates as it scans, and its heap comes and goes
    * (Debug builds check every invariant at each batch: 13-23 faults in some
-   * seconds, 0 in most); the churn this is about made 91-355. */
+   * seconds, 0 in most); the churn this is about made 91-355 in each. */
   CHECK(faults < 60);
 
   /* Pages of zeros, read again and again once merged. */
