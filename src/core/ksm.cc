@@ -993,10 +993,11 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     }
   }
   // A page seen for the first time may be taken for zeros from a sample
-  // of its lines (Memory::HashFirstVisit): `guessed`, as a hash of an
-  // earlier visit would be, it is merged or dropped only after a full
-  // compare, and a failed merge takes its real hash. Its next visit with
-  // use_zero_pages drops it unread (above), or it pairs unread (last_hash).
+  // of its lines (Memory::HashFirstVisit). Such a `guessed` hash is taken
+  // as the hash of an earlier visit is: the page is merged or dropped
+  // only after a full compare, and a failed merge takes its real hash.
+  // Its next visit drops it unread with use_zero_pages (above), or pairs
+  // it unread (last_hash).
   std::uint64_t hash = 0;
   bool guessed = false;
   const bool hashed = item.state == ItemState::kNew
