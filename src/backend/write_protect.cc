@@ -695,19 +695,21 @@ bool ZeroBytes(const void* p, std::size_t n) {
   return acc == 0;
 }
 
+// The hash of the readable page at p. A page of zeros has the zero page's
+// hash (zero_hash): known, and the check reads the page faster than XXH3
+// does (free memory is mostly zeros). Any other page is passed by after
+// its first bytes, which XXH3 then finds in the cache.
+std::uint64_t HashReadable(const void* p, std::uint64_t zero_hash) {
+  return ZeroBytes(p, kPageSize) ? zero_hash : HashPage(p);
+}
+
 }  // namespace
 
 bool GuardedHash(const void* page, std::uint64_t* hash) {
   std::uint64_t h = 0;
-  // A page of zeros has the zero page's hash: known, and the check reads
-  // the page faster than XXH3 does (free memory is mostly zeros). Any
-  // other page is passed by after its first bytes, which XXH3 then finds
-  // in the cache.
   const std::uint64_t zero_hash = ZeroPageHash();  // made outside the guard
-  if (!RunGuarded([&] {
-        const void* p = Readable(page, kPageSize, 0);
-        h = ZeroBytes(p, kPageSize) ? zero_hash : HashPage(p);
-      })) {
+  if (!RunGuarded(
+          [&] { h = HashReadable(Readable(page, kPageSize, 0), zero_hash); })) {
     return false;
   }
   *hash = h;
@@ -730,7 +732,7 @@ bool GuardedHashFirstVisit(const void* page, const void* next,
           return;
         }
         PrefetchPage(next);
-        h = ZeroBytes(p, kPageSize) ? zero_hash : HashPage(p);
+        h = HashReadable(p, zero_hash);
       })) {
     return false;
   }

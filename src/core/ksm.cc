@@ -998,16 +998,15 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   // only after a full compare, and a failed merge takes its real hash.
   // Its next visit drops it unread with use_zero_pages (above), or pairs
   // it unread (last_hash).
+  const bool had_hash = item.state != ItemState::kNew;
   std::uint64_t hash = 0;
   bool guessed = false;
-  const bool hashed = item.state == ItemState::kNew
-                          ? memory_->HashFirstVisit(addr, &hash, &guessed)
-                          : memory_->Hash(addr, &hash);
+  const bool hashed = had_hash ? memory_->Hash(addr, &hash)
+                               : memory_->HashFirstVisit(addr, &hash, &guessed);
   if (!hashed) {
     ResetItem(addr, item);
     return;
   }
-  const bool had_hash = item.state != ItemState::kNew;
   if (!had_hash) ++rmap_items_;
   // A page in the unstable index left it above (last_hash), where both
   // indexes were asked already if the hash is still the last visit's.
