@@ -370,8 +370,14 @@ TEST_P(RaceTest, WriterNeverLosesAnIncrementWithScatteredPartners) {
   ASSERT_NO_FATAL_FAILURE(Rescan());
   Pairs pairs(Addrs(a, kN), PartnerAddrs(b, kN, partner));
   std::uint64_t merges = 0, loops = 0;
-  auto end = Clock::now() + std::chrono::seconds(1);
-  while (Clock::now() < end) {
+  // A pair merges only if the writer is held up between the copy of its p
+  // and the window's compare (else one of its pages moved on): with
+  // userfaultfd 0-280 merges a second, none in some seconds. A second at
+  // least, and on until the first merge (at most 10 s), so that the
+  // writes checked below raced merges.
+  const auto start = Clock::now();
+  while (Clock::now() < start + std::chrono::seconds(1) ||
+         (merges == 0 && Clock::now() < start + std::chrono::seconds(10))) {
     merges += pairs.Merge(*m_);
     for (MergeResult r : pairs.res) {
       ASSERT_TRUE(r == MergeResult::kMerged || r == MergeResult::kDiffers)
