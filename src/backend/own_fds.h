@@ -35,6 +35,13 @@ bool IsOwnFd(int fd);
 // Up to `max` of them into out[], ascending; returns how many.
 int CopyOwnFds(int* out, int max);
 
+// Not descriptors: the numbers by which Linux 6.14 and later let the
+// pidfd calls (process_madvise among them) name the calling thread and
+// its process without one (PIDFD_SELF_THREAD, PIDFD_SELF_THREAD_GROUP in
+// <linux/pidfd.h>). Older kernels answer EBADF.
+inline constexpr int kPidfdSelfThread = -10000;
+inline constexpr int kPidfdSelfThreadGroup = -10001;
+
 }  // namespace samepage::backend
 
 #endif  // SAMEPAGE_BACKEND_OWN_FDS_H_

@@ -86,6 +86,9 @@ namespace {
 #ifndef MADV_DONTNEED_LOCKED
 #define MADV_DONTNEED_LOCKED 24
 #endif
+#ifndef MADV_GUARD_INSTALL
+#define MADV_GUARD_INSTALL 102  // Linux 6.13
+#endif
 
 // The bounding box [lo, hi) of every range ever advised (never shrinks).
 std::atomic<bool> g_advised{false};
@@ -132,9 +135,15 @@ void ApplyProtection() {
   }
 }
 
+// Advice that drops the pages of the range. MADV_GUARD_INSTALL drops them
+// for guard markers, and once the markers are removed the pages read back
+// zeros: merged, they would read their frames' bytes. (Its pages are
+// copied back first, as MADV_REMOVE's: a kernel before 6.13 refuses it
+// with EINVAL, and the pages must then still hold their bytes.)
 bool IsDiscard(int advice) {
   return advice == MADV_DONTNEED || advice == MADV_FREE ||
-         advice == MADV_REMOVE || advice == MADV_DONTNEED_LOCKED;
+         advice == MADV_REMOVE || advice == MADV_DONTNEED_LOCKED ||
+         advice == MADV_GUARD_INSTALL;
 }
 
 // A discarding madvise or process_madvise, run by Discard inside
@@ -239,8 +248,23 @@ int Madvise(void* addr, size_t len, int advice, const void* caller) {
   return r;
 }
 
-// True if pidfd refers to this process (its fdinfo says "Pid:\t<us>").
+ssize_t RealProcessMadvise(int pidfd, const struct iovec* iov, size_t n,
+                           int advice, unsigned int flags);
+
+// True if pidfd refers to this process: Linux 6.14's names for the calling
+// thread and its process (PIDFD_SELF_THREAD, PIDFD_SELF_THREAD_GROUP,
+// where the kernel takes them), or a pidfd whose fdinfo says
+// "Pid:\t<us>".
 bool IsSelfPidfd(int pidfd) {
+  if (pidfd == samepage::backend::kPidfdSelfThread ||
+      pidfd == samepage::backend::kPidfdSelfThreadGroup) {
+    // Asked once: a call with no ranges fails (EBADF) only where the
+    // kernel knows no such names.
+    static const bool named =
+        RealProcessMadvise(samepage::backend::kPidfdSelfThreadGroup, nullptr, 0,
+                           MADV_COLD, 0) == 0;
+    return named;
+  }
   char path[64];
   snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
   const char* rel = nullptr;

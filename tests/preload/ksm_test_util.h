@@ -224,6 +224,12 @@ UNUSED static int holds_class(const unsigned char* base, size_t i, int cls) {
   return 1;
 }
 
+/* Checks that pages [from, to) of `base` hold class `cls`. */
+UNUSED static void check_pages_hold(const unsigned char* base, size_t from,
+                                    size_t to, int cls) {
+  for (size_t i = from; i < to; ++i) CHECK(holds_class(base, i, cls));
+}
+
 UNUSED static int is_zero_page(const unsigned char* p) {
   for (size_t b = 0; b < PAGE; ++b) {
     if (p[b] != 0) return 0;
