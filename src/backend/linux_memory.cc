@@ -1721,19 +1721,28 @@ namespace {
 
 // MADV_DONTNEED over many ranges with one process_madvise, which takes any
 // advice for the calling process on this machine's Linux (6.18; older
-// kernels answer EINVAL). The pidfd is opened for the call and closed
-// again: one kept open could be closed by the program and its number
-// reused, or outlive a fork(). False unless every range was discarded;
-// the callers then discard each range with madvise, which is harmless
-// twice for the pages they pass (zero pages, or pages equal to the frames
-// that replace them, protected and filled back if a discard fails).
+// kernels answer EINVAL). The process is named by PIDFD_SELF_THREAD_GROUP
+// (Linux 6.14: no descriptor, so nothing the program could close or a
+// fork could carry into a child, and one system call instead of five);
+// before 6.14 by a pidfd opened for the call and closed again, for those
+// reasons. False unless every range was discarded; the callers then
+// discard each range with madvise, which is harmless twice for the pages
+// they pass (zero pages, or pages equal to the frames that replace them,
+// protected and filled back if a discard fails).
 bool DiscardAtOnce(const iovec* iov, std::size_t n) {
   if (n < 2) return false;
+  std::size_t total = 0;
+  for (std::size_t k = 0; k < n; ++k) total += iov[k].iov_len;
+  static std::atomic<bool> self_named{true};
+  if (self_named.load(std::memory_order_relaxed)) {
+    const long done = syscall(SYS_process_madvise, kPidfdSelfThreadGroup, iov,
+                              n, MADV_DONTNEED, 0);
+    if (done >= 0 || errno != EBADF) return done == static_cast<long>(total);
+    self_named.store(false, std::memory_order_relaxed);
+  }
   const int self =
       AdoptOwnFd(static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0)));
   if (self < 0) return false;
-  std::size_t total = 0;
-  for (std::size_t k = 0; k < n; ++k) total += iov[k].iov_len;
   const long done =
       syscall(SYS_process_madvise, self, iov, n, MADV_DONTNEED, 0);
   CloseOwnFd(self);
