@@ -212,8 +212,8 @@ bool IsPrivateAnonymous(const MapEntry& e) {
 }
 
 namespace {
-constexpr std::string_view kUnmergeableFlags[] = {
-    "wf", "ht", "io", "pf", "sl", "um", "ui", "dr"};
+constexpr std::string_view kUnmergeableFlags[] = {"wf", "ht", "io", "pf",
+                                                  "sl", "um", "ui", "dp"};
 // Flags LinuxMemory applies again to the mappings it puts in place.
 constexpr std::string_view kReappliedFlags[] = {"lo", "lf", "dc", "dd"};
 }  // namespace

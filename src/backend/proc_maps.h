@@ -71,7 +71,7 @@ bool IsPrivateAnonymous(const MapEntry& e);
 
 // VmFlags (smaps) that mean we must not replace the mapping, because the
 // replacement would lose the property: MADV_WIPEONFORK (wf), hugetlb (ht),
-// I/O or PFN maps (io, pf), sealed (sl), droppable (dr), registered with the
+// I/O or PFN maps (io, pf), sealed (sl), droppable (dp), registered with the
 // application's userfaultfd (uw, um, ui).
 // mlock (lo, lf), MADV_DONTFORK (dc) and MADV_DONTDUMP (dd) are not here:
 // LinuxMemory applies them again to every mapping it puts in place (QEMU

@@ -73,12 +73,17 @@ TEST(ProcMapsTest, FlagsReadBySamepageKeepOnlyWhatIsRead) {
   EXPECT_EQ(FlagsReadBySamepage("rd wr mr mw me nr", false), "");
   EXPECT_EQ(FlagsReadBySamepage("rd wr mr mw me dc ac dd lo mg uw", false), "dc dd lo uw");
   EXPECT_EQ(FlagsReadBySamepage("rd wr mr mw me dc ac dd lo mg uw", true), "dc dd lo");
-  EXPECT_EQ(FlagsReadBySamepage("rd wr wf ht io pf sl um ui dr lf", true),
-            "wf ht io pf sl um ui dr lf");
+  EXPECT_EQ(FlagsReadBySamepage("rd wr wf ht io pf sl um ui dp lf", true),
+            "wf ht io pf sl um ui dp lf");
   MapEntry e;
   e.vm_flags = FlagsReadBySamepage("rd wr mr mw me ac wf", false);
   e.has_vm_flags = true;
   EXPECT_TRUE(HasUnmergeableVmFlags(e));  // what decides survives
+  // MAP_DROPPABLE (Linux 6.11) shows as "dp", as /proc/PID/smaps names it;
+  // kernel KSM leaves such memory alone too.
+  e.vm_flags = FlagsReadBySamepage("rd wr mr mw me nr dp", false);
+  EXPECT_EQ(e.vm_flags, "dp");
+  EXPECT_TRUE(HasUnmergeableVmFlags(e));
 }
 
 // fork() clears the locks in the child and copies no DONTFORK mapping; the
