@@ -110,12 +110,14 @@ class Engine {
 
   // What a call passed to ChangeMapping does to [addr, addr + len).
   enum class MappingChange {
-    kUnmap,          // munmap, mmap MAP_FIXED over it: the old memory is gone
-    kMove,           // mremap away, mprotect: the contents stay
-    kDiscard,        // MADV_REMOVE, process_madvise: dropped in place
-    kDiscardToZero,  // madvise(MADV_DONTNEED(_LOCKED), MADV_FREE) of an
-                     // aligned range: dropped, reads back zeros (FREE: may)
-    kFlags,          // mlock, munlock: the memory stays, its VMA flags change
+    kUnmap,           // munmap, mmap MAP_FIXED over it: the old memory is gone
+    kMove,            // mremap away, mprotect: the contents stay
+    kDiscard,         // MADV_REMOVE, process_madvise: dropped in place
+    kDiscardToZero,   // madvise(MADV_DONTNEED(_LOCKED), MADV_FREE) of an
+                      // aligned range: dropped, reads back zeros (FREE: may)
+    kFlags,           // mlock, munlock: the memory stays, its VMA flags change
+    kAnonymousFlags,  // madvise(MADV_WIPEONFORK): a flag the kernel gives
+                      // private anonymous memory only
   };
 
   // For the LD_PRELOAD layer: `change(arg)` (the real munmap, mremap,
@@ -136,7 +138,11 @@ class Engine {
   // page-aligned address; locked memory is unmerged as for kDiscard).
   // kFlags: nothing is unmerged; once
   // change() has succeeded the engines read the maps again, so merges
-  // re-apply the new lock state. Returns what change() returned.
+  // re-apply the new lock state. kAnonymousFlags: unmerged first as for
+  // kDiscard (merged pages are mappings of frames, which the kernel
+  // refuses the flag with EINVAL), and the maps read again as for kFlags
+  // (a VMA with the flag is not merged again). Returns what change()
+  // returned.
   // *advised (if not null) is set, before change() runs, to whether any
   // engine tracked part of the range. Cheap when no engine exists.
   // On a thread inside an engine (ThreadInsideEngine), change(arg) runs at

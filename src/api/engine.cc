@@ -283,7 +283,10 @@ class EngineImpl final : public Engine {
     // Nothing merged here, nor inherited from a parent: a discard has
     // nothing to restore.
     const bool discard = kind == MappingChange::kDiscard ||
-                         kind == MappingChange::kDiscardToZero;
+                         kind == MappingChange::kDiscardToZero ||
+                         kind == MappingChange::kAnonymousFlags;
+    const bool flags =
+        kind == MappingChange::kFlags || kind == MappingChange::kAnonymousFlags;
     const bool discard_restores =
         discard && (memory_->Stats().frames_in_use != 0 ||
                     !options_.adopted_memfds.empty());
@@ -320,8 +323,9 @@ class EngineImpl final : public Engine {
     if (whole) memory_->ShieldOwnMappings(true);
     inner();
     if (whole) memory_->ShieldOwnMappings(false);
-    if (kind == MappingChange::kFlags && *ok && !advised.empty()) {
-      // From smaps (NoteVmaFlagsChanged): the plain maps show no locks.
+    if (flags && *ok && !advised.empty()) {
+      // From smaps (NoteVmaFlagsChanged): the plain maps show no locks and
+      // no wipe-on-fork.
       (void)memory_->RefreshMaps();  // on failure the next window finds out
     } else if (kind == MappingChange::kUnmap && *ok) {
       for (auto [a, n] : advised) ksm_->Forget(a, n);
@@ -724,6 +728,11 @@ void Engine::VmaFlagsChanged() { backend::NoteVmaFlagsChanged(); }
 bool Engine::ThreadInsideEngine() { return tls_inside_engine > 0; }
 
 namespace {
+bool ChangesFlags(Engine::MappingChange kind) {
+  return kind == Engine::MappingChange::kFlags ||
+         kind == Engine::MappingChange::kAnonymousFlags;
+}
+
 // The pages [start, end) that [addr, addr + len) touches (end clamped at
 // the top of the address space).
 std::pair<Addr, Addr> PagesOf(void* addr, std::size_t len) {
@@ -745,7 +754,7 @@ bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
     // held here, or the scanner's): no window is open over it, and taking
     // the locks would wait for this very thread.
     const bool ok = change(arg);
-    if (ok && kind == MappingChange::kFlags) backend::NoteVmaFlagsChanged();
+    if (ok && ChangesFlags(kind)) backend::NoteVmaFlagsChanged();
     if (advised != nullptr) *advised = false;
     return ok;
   }
@@ -768,7 +777,7 @@ bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
       }
       // Before the engines refresh their views (on the way out): flags
       // are only in smaps.
-      if (ok && kind == MappingChange::kFlags) backend::NoteVmaFlagsChanged();
+      if (ok && ChangesFlags(kind)) backend::NoteVmaFlagsChanged();
       return;
     }
     engines[i]->ChangeMappingStep(start, end, kind,

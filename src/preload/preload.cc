@@ -241,6 +241,18 @@ int Madvise(void* addr, size_t len, int advice, const void* caller) {
     DiscardCall c = MadviseCall(addr, len, advice);
     return static_cast<int>(Discard(addr, len, &c));
   }
+  if (advice == MADV_WIPEONFORK && MaybeAdvised(addr, len)) {
+    // Merged pages map frames, which the kernel refuses the flag (EINVAL):
+    // given back first, and the range not merged again once flagged.
+    DiscardCall c = MadviseCall(addr, len, advice);
+    {
+      Inside inside;
+      (void)Engine::ChangeMapping(
+          addr, len, Engine::MappingChange::kAnonymousFlags, RunDiscard, &c);
+    }
+    errno = c.err;
+    return static_cast<int>(c.result);
+  }
   const int r = RealMadvise(addr, len, advice);
   // DONTFORK, DONTDUMP, WIPEONFORK ... change VmFlags, perhaps of a whole
   // mapping: the engines must read them before replacing a page there.
@@ -518,7 +530,10 @@ SAMEPAGE_EXPORT int madvise(void* addr, size_t len, int advice) noexcept {
 SAMEPAGE_EXPORT ssize_t process_madvise(int pidfd, const struct iovec* iov,
                                         size_t n, int advice,
                                         unsigned int flags) noexcept {
-  const bool ksm = advice == MADV_MERGEABLE || advice == MADV_UNMERGEABLE;
+  // MADV_WIPEONFORK goes range by range through madvise, as the KSM
+  // advice does (merged pages are given back first there).
+  const bool ksm = advice == MADV_MERGEABLE || advice == MADV_UNMERGEABLE ||
+                   advice == MADV_WIPEONFORK;
   if (Bypass(__builtin_return_address(0)) ||
       !(ksm || IsDiscard(advice)) || !IsSelfPidfd(pidfd)) {
     const ssize_t r = RealProcessMadvise(pidfd, iov, n, advice, flags);
