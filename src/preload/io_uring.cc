@@ -22,8 +22,11 @@
 // Not covered (docs/limitations.md item 18): rings set up, and buffers
 // registered, with a raw system call or a static liburing.
 //
-// syscall() itself is passed on as glibc's is: the raw system call, -1 and
-// errno on an error (x86-64).
+// syscall() itself: the memory calls by number (madvise, process_madvise,
+// mmap, munmap, mremap, mprotect, mseal, the lock calls, prctl's
+// PR_SET/GET_MEMORY_MERGE) go where their libc functions go
+// (memory_calls.h); everything else is passed on as glibc's is: the raw
+// system call, -1 and errno on an error (x86-64).
 //
 // Thread safety: any thread; async-signal-safe except the first call of a
 // liburing function (dlsym).
@@ -40,6 +43,7 @@
 
 #include "backend/write_protect.h"
 #include "preload/direct_io.h"
+#include "preload/memory_calls.h"
 #include "preload/real.h"
 #include "samepage/engine.h"
 
@@ -125,6 +129,20 @@ SAMEPAGE_EXPORT long syscall(long number, ...) noexcept {
              a3 = va_arg(ap, long), a4 = va_arg(ap, long),
              a5 = va_arg(ap, long), a6 = va_arg(ap, long);
   va_end(ap);
+  // The memory calls by number go where their libc functions go
+  // (memory_calls.h). Those pass the system call on with syscall() when
+  // libc's function is not there yet, and the lock calls always do: such
+  // a nested call goes straight to the kernel.
+  static __thread int t_nested __attribute__((tls_model("initial-exec")));
+  if (t_nested == 0) {
+    const long args[6] = {a1, a2, a3, a4, a5, a6};
+    long r = 0;
+    ++t_nested;
+    const bool ours = samepage::preload::MemorySyscall(
+        number, args, __builtin_return_address(0), &r);
+    --t_nested;
+    if (ours) return r;
+  }
   // Before the ring exists, so before any read it makes.
   if (number == SYS_io_uring_setup) samepage::preload::SetupSeen();
   if (number == SYS_io_uring_register) {

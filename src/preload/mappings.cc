@@ -14,6 +14,8 @@
 //                                       first, so samepage never makes it
 //                                       writable again (it merges only
 //                                       writable private anonymous memory);
+//   mseal                               the same: sealed, it could never be
+//                                       given back;
 //   mlock, mlock2, munlock, mlockall,   nothing is unmerged; the engines
 //   munlockall                          read the maps again afterwards, so
 //                                       every merge re-applies the lock
@@ -27,6 +29,9 @@
 // (MaybeAdvised, two atomic loads) goes straight to libc, so a program that
 // never advises memory pays nothing.
 //
+// The same calls by number through syscall() come here too (MemorySyscall,
+// memory_calls.h).
+//
 // Thread safety: as the libc calls; any thread, any time.
 
 #include <errno.h>
@@ -37,6 +42,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "preload/memory_calls.h"
 #include "preload/real.h"
 #include "samepage/engine.h"
 #include "samepage/samepage.h"
@@ -48,6 +54,9 @@
 #endif
 #ifndef MREMAP_DONTUNMAP
 #define MREMAP_DONTUNMAP 4
+#endif
+#ifndef SYS_mseal
+#define SYS_mseal 462  // Linux 6.10, the same number on every architecture
 #endif
 
 namespace samepage::preload {
@@ -166,13 +175,49 @@ bool Change(void* addr, size_t len, bool keep_contents, bool (*fn)(void*),
       addr, len, keep_contents ? Kind::kMove : Kind::kUnmap, fn, call, advised);
 }
 
+// The lock calls are plain system calls in glibc too. A lock state change
+// over advised memory waits for merge windows there, then the engines see
+// it: a merge in flight would otherwise put an unlocked (or locked)
+// mapping over memory the program has just locked (or unlocked).
+int LockChange(void* addr, size_t len, LockCall* c, const void* caller) {
+  auto run = [](void* p) {
+    auto* c = static_cast<LockCall*>(p);
+    c->result = syscall(c->nr, c->a, c->b, c->c);
+    c->err = errno;
+    return c->result == 0;
+  };
+  if (Bypass(caller) || !MaybeAdvised(addr, len)) {
+    run(c);
+  } else {
+    Inside inside;
+    samepage::Engine::ChangeMapping(
+        addr, len, samepage::Engine::MappingChange::kFlags, run, c);
+  }
+  errno = c->err;
+  return static_cast<int>(c->result);
+}
+
+long Arg(const void* p) {
+  return static_cast<long>(reinterpret_cast<uintptr_t>(p));
+}
+
+// An mseal call (flags: none defined yet, 0).
+struct MsealCall {
+  void* addr;
+  size_t len;
+  unsigned long flags;
+  int result;
+  int err;
+};
+
+int RealMseal(void* addr, size_t len, unsigned long flags) {
+  return static_cast<int>(syscall(SYS_mseal, addr, len, flags));
+}
+
 }  // namespace
-}  // namespace samepage::preload
 
-using namespace samepage::preload;
-
-SAMEPAGE_EXPORT int munmap(void* addr, size_t len) noexcept {
-  if (Bypass(__builtin_return_address(0)) || !MaybeAdvised(addr, len)) {
+int Munmap(void* addr, size_t len, const void* caller) {
+  if (Bypass(caller) || !MaybeAdvised(addr, len)) {
     return RealMunmap(addr, len);
   }
   MunmapCall c{addr, len, -1, 0};
@@ -187,8 +232,6 @@ SAMEPAGE_EXPORT int munmap(void* addr, size_t len) noexcept {
   errno = c.err;
   return c.result;
 }
-
-namespace {
 
 void* Mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off,
            const void* caller) {
@@ -211,31 +254,12 @@ void* Mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off,
   return c.result;
 }
 
-}  // namespace
-
-SAMEPAGE_EXPORT void* mmap(void* addr, size_t len, int prot, int flags,
-                           int fd, off_t off) noexcept {
-  return Mmap(addr, len, prot, flags, fd, off, __builtin_return_address(0));
-}
-
-SAMEPAGE_EXPORT void* mmap64(void* addr, size_t len, int prot, int flags,
-                             int fd, off_t off) noexcept {
-  return Mmap(addr, len, prot, flags, fd, off, __builtin_return_address(0));
-}
-
-SAMEPAGE_EXPORT void* mremap(void* old, size_t old_len, size_t new_len,
-                             int flags, ...) noexcept {
-  void* new_addr = nullptr;
-  if (flags & MREMAP_FIXED) {
-    va_list ap;
-    va_start(ap, flags);
-    new_addr = va_arg(ap, void*);
-    va_end(ap);
-  }
+void* Mremap(void* old, size_t old_len, size_t new_len, int flags,
+             void* new_addr, const void* caller) {
   const bool fixed = (flags & MREMAP_FIXED) != 0;
   const bool source = MaybeAdvised(old, old_len);
   const bool target = fixed && MaybeAdvised(new_addr, new_len);
-  if (Bypass(__builtin_return_address(0)) || (!source && !target)) {
+  if (Bypass(caller) || (!source && !target)) {
     return RealMremap(old, old_len, new_len, flags, new_addr);
   }
   if (target) {
@@ -265,35 +289,132 @@ SAMEPAGE_EXPORT void* mremap(void* old, size_t old_len, size_t new_len,
   return c.result;
 }
 
-namespace {
-
-// The lock calls are plain system calls in glibc too. A lock state change
-// over advised memory waits for merge windows there, then the engines see
-// it: a merge in flight would otherwise put an unlocked (or locked)
-// mapping over memory the program has just locked (or unlocked).
-int LockChange(void* addr, size_t len, LockCall* c, const void* caller) {
-  auto run = [](void* p) {
-    auto* c = static_cast<LockCall*>(p);
-    c->result = syscall(c->nr, c->a, c->b, c->c);
-    c->err = errno;
-    return c->result == 0;
-  };
-  if (Bypass(caller) || !MaybeAdvised(addr, len)) {
-    run(c);
-  } else {
-    Inside inside;
-    samepage::Engine::ChangeMapping(
-        addr, len, samepage::Engine::MappingChange::kFlags, run, c);
+int Mprotect(void* addr, size_t len, int prot, const void* caller) {
+  // Read+write keeps a range mergeable; anything else unmerges it first.
+  if (prot == (PROT_READ | PROT_WRITE) || Bypass(caller) ||
+      !MaybeAdvised(addr, len)) {
+    return RealMprotect(addr, len, prot);
   }
-  errno = c->err;
-  return static_cast<int>(c->result);
+  MprotectCall c{addr, len, prot, -1, ENOMEM};  // as in mremap
+  Change(
+      addr, len, /*keep_contents=*/true,
+      [](void* p) {
+        auto* c = static_cast<MprotectCall*>(p);
+        c->result = RealMprotect(c->addr, c->len, c->prot);
+        c->err = errno;
+        return c->result == 0;
+      },
+      &c);
+  errno = c.err;
+  return c.result;
 }
 
-long Arg(const void* p) {
-  return static_cast<long>(reinterpret_cast<uintptr_t>(p));
+int Mseal(void* addr, size_t len, unsigned long flags, const void* caller) {
+  if (Bypass(caller) || !MaybeAdvised(addr, len)) {
+    return RealMseal(addr, len, flags);
+  }
+  // Unmerged and unadvised first, as for mprotect; where that cannot be
+  // done the call fails with ENOMEM and nothing is sealed.
+  MsealCall c{addr, len, flags, -1, ENOMEM};
+  Change(
+      addr, len, /*keep_contents=*/true,
+      [](void* p) {
+        auto* c = static_cast<MsealCall*>(p);
+        c->result = RealMseal(c->addr, c->len, c->flags);
+        c->err = errno;
+        return c->result == 0;
+      },
+      &c);
+  errno = c.err;
+  return c.result;
 }
 
-}  // namespace
+bool MemorySyscall(long nr, const long* a, const void* caller, long* result) {
+  auto ptr = [&](int i) { return reinterpret_cast<void*>(a[i]); };
+  auto size = [&](int i) { return static_cast<size_t>(a[i]); };
+  auto lock = [&](void* addr, size_t len) {
+    LockCall c{nr, a[0], a[1], a[2], -1, 0};
+    return LockChange(addr, len, &c, caller);
+  };
+  switch (nr) {
+    case SYS_madvise:
+      *result = Madvise(ptr(0), size(1), static_cast<int>(a[2]), caller);
+      return true;
+    case SYS_process_madvise:
+      *result = ProcessMadvise(
+          static_cast<int>(a[0]), static_cast<const struct iovec*>(ptr(1)),
+          size(2), static_cast<int>(a[3]), static_cast<unsigned>(a[4]), caller);
+      return true;
+    case SYS_prctl:
+      if (a[0] != SAMEPAGE_PR_SET_MEMORY_MERGE &&
+          a[0] != SAMEPAGE_PR_GET_MEMORY_MERGE) {
+        return false;
+      }
+      *result = Prctl(static_cast<int>(a[0]), a[1], a[2], a[3], a[4], caller);
+      return true;
+    case SYS_munmap:
+      *result = Munmap(ptr(0), size(1), caller);
+      return true;
+    case SYS_mmap:
+      *result = Arg(Mmap(ptr(0), size(1), static_cast<int>(a[2]),
+                         static_cast<int>(a[3]), static_cast<int>(a[4]),
+                         static_cast<off_t>(a[5]), caller));
+      return true;
+    case SYS_mremap:
+      *result = Arg(Mremap(ptr(0), size(1), size(2), static_cast<int>(a[3]),
+                           ptr(4), caller));
+      return true;
+    case SYS_mprotect:
+      *result = Mprotect(ptr(0), size(1), static_cast<int>(a[2]), caller);
+      return true;
+    case SYS_mseal:
+      *result =
+          Mseal(ptr(0), size(1), static_cast<unsigned long>(a[2]), caller);
+      return true;
+    case SYS_mlock:
+    case SYS_mlock2:
+    case SYS_munlock:
+      *result = lock(ptr(0), size(1));
+      return true;
+    case SYS_mlockall:
+    case SYS_munlockall:
+      *result = lock(nullptr, SIZE_MAX);
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace samepage::preload
+
+using namespace samepage::preload;
+
+SAMEPAGE_EXPORT int munmap(void* addr, size_t len) noexcept {
+  return Munmap(addr, len, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT void* mmap(void* addr, size_t len, int prot, int flags, int fd,
+                           off_t off) noexcept {
+  return Mmap(addr, len, prot, flags, fd, off, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT void* mmap64(void* addr, size_t len, int prot, int flags,
+                             int fd, off_t off) noexcept {
+  return Mmap(addr, len, prot, flags, fd, off, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT void* mremap(void* old, size_t old_len, size_t new_len,
+                             int flags, ...) noexcept {
+  void* new_addr = nullptr;
+  if (flags & MREMAP_FIXED) {
+    va_list ap;
+    va_start(ap, flags);
+    new_addr = va_arg(ap, void*);
+    va_end(ap);
+  }
+  return Mremap(old, old_len, new_len, flags, new_addr,
+                __builtin_return_address(0));
+}
 
 SAMEPAGE_EXPORT int mlock(const void* addr, size_t len) noexcept {
   LockCall c{SYS_mlock, Arg(addr), static_cast<long>(len), 0, -1, 0};
@@ -326,20 +447,10 @@ SAMEPAGE_EXPORT int munlockall(void) noexcept {
 }
 
 SAMEPAGE_EXPORT int mprotect(void* addr, size_t len, int prot) noexcept {
-  // Read+write keeps a range mergeable; anything else unmerges it first.
-  if (prot == (PROT_READ | PROT_WRITE) ||
-      Bypass(__builtin_return_address(0)) || !MaybeAdvised(addr, len)) {
-    return RealMprotect(addr, len, prot);
-  }
-  MprotectCall c{addr, len, prot, -1, ENOMEM};  // as in mremap
-  Change(addr, len, /*keep_contents=*/true,
-         [](void* p) {
-           auto* c = static_cast<MprotectCall*>(p);
-           c->result = RealMprotect(c->addr, c->len, c->prot);
-           c->err = errno;
-           return c->result == 0;
-         },
-         &c);
-  errno = c.err;
-  return c.result;
+  return Mprotect(addr, len, prot, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT int mseal(void* addr, size_t len,
+                          unsigned long flags) noexcept {
+  return Mseal(addr, len, flags, __builtin_return_address(0));
 }

@@ -74,6 +74,7 @@
 #include "backend/write_protect.h"
 #include "preload/direct_io.h"
 #include "preload/ksm_files.h"
+#include "preload/memory_calls.h"
 #include "preload/real.h"
 #include "samepage/engine.h"
 #include "samepage/samepage.h"
@@ -223,6 +224,8 @@ int AllocatorDiscard(DiscardCall* c) {
   return static_cast<int>(c->result);
 }
 
+}  // namespace
+
 int Madvise(void* addr, size_t len, int advice, const void* caller) {
   if (IsDiscard(advice) && FromAllocator(caller)) {
     DiscardCall c = MadviseCall(addr, len, advice);
@@ -259,6 +262,8 @@ int Madvise(void* addr, size_t len, int advice, const void* caller) {
   samepage::Engine::VmaFlagsChanged();
   return r;
 }
+
+namespace {
 
 ssize_t RealProcessMadvise(int pidfd, const struct iovec* iov, size_t n,
                            int advice, unsigned int flags);
@@ -480,6 +485,83 @@ void EnsureStarted() {
   });
 }
 
+ssize_t ProcessMadvise(int pidfd, const struct iovec* iov, size_t n, int advice,
+                       unsigned int flags, const void* caller) {
+  // MADV_WIPEONFORK goes range by range through madvise, as the KSM
+  // advice does (merged pages are given back first there).
+  const bool ksm = advice == MADV_MERGEABLE || advice == MADV_UNMERGEABLE ||
+                   advice == MADV_WIPEONFORK;
+  if (Bypass(caller) || !(ksm || IsDiscard(advice)) || !IsSelfPidfd(pidfd)) {
+    const ssize_t r = RealProcessMadvise(pidfd, iov, n, advice, flags);
+    samepage::Engine::VmaFlagsChanged();  // as in madvise()
+    return r;
+  }
+  if (!ksm) {
+    // One call over the span of all vectors (merged pages between them are
+    // unmerged too, and merge again later).
+    uintptr_t lo = UINTPTR_MAX, hi = 0;
+    for (size_t i = 0; i < n && iov != nullptr; ++i) {
+      const auto b = reinterpret_cast<uintptr_t>(iov[i].iov_base);
+      if (iov[i].iov_len == 0 || b + iov[i].iov_len < b) continue;
+      lo = b < lo ? b : lo;
+      hi = b + iov[i].iov_len > hi ? b + iov[i].iov_len : hi;
+    }
+    DiscardCall c{};
+    c.call = [](DiscardCall* d) {
+      return RealProcessMadvise(d->pidfd, d->iov, d->n, d->advice, d->flags);
+    };
+    c.pidfd = pidfd;
+    c.iov = iov;
+    c.n = n;
+    c.advice = advice;
+    c.flags = flags;
+    if (lo >= hi) return c.call(&c);
+    return Discard(reinterpret_cast<void*>(lo), hi - lo, &c);
+  }
+  // mm/madvise.c: flags must be 0, at most UIO_MAXIOV vectors; the ranges
+  // are advised in order and the bytes advised before an error returned.
+  if (flags != 0 || n > IOV_MAX) {
+    errno = EINVAL;
+    return -1;
+  }
+  ssize_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (Madvise(iov[i].iov_base, iov[i].iov_len, advice, nullptr) != 0) {
+      return total > 0 ? total : -1;
+    }
+    total += static_cast<ssize_t>(iov[i].iov_len);
+  }
+  return total;
+}
+
+int Prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
+          unsigned long a5, const void* caller) {
+  if ((option == SAMEPAGE_PR_SET_MEMORY_MERGE ||
+       option == SAMEPAGE_PR_GET_MEMORY_MERGE) &&
+      !Bypass(caller)) {
+    int r;
+    {
+      Inside inside;
+      EnsureStarted();
+      r = samepage_prctl(option, a2, a3, a4, a5);
+    }
+    if (r == 0 && option == SAMEPAGE_PR_SET_MEMORY_MERGE) {
+      // Kept over exec, as the kernel keeps MMF_VM_MERGE_ANY.
+      const int saved = errno;
+      if (a2 != 0) {
+        NoteAdvised();
+        setenv("SAMEPAGE_MERGE_ANY", "1", 1);
+      } else {
+        unsetenv("SAMEPAGE_MERGE_ANY");
+      }
+      errno = saved;
+    }
+    return r;
+  }
+  if (g_real.prctl != nullptr) return g_real.prctl(option, a2, a3, a4, a5);
+  return static_cast<int>(syscall(SYS_prctl, option, a2, a3, a4, a5));
+}
+
 }  // namespace samepage::preload
 
 using namespace samepage::preload;
@@ -530,52 +612,8 @@ SAMEPAGE_EXPORT int madvise(void* addr, size_t len, int advice) noexcept {
 SAMEPAGE_EXPORT ssize_t process_madvise(int pidfd, const struct iovec* iov,
                                         size_t n, int advice,
                                         unsigned int flags) noexcept {
-  // MADV_WIPEONFORK goes range by range through madvise, as the KSM
-  // advice does (merged pages are given back first there).
-  const bool ksm = advice == MADV_MERGEABLE || advice == MADV_UNMERGEABLE ||
-                   advice == MADV_WIPEONFORK;
-  if (Bypass(__builtin_return_address(0)) ||
-      !(ksm || IsDiscard(advice)) || !IsSelfPidfd(pidfd)) {
-    const ssize_t r = RealProcessMadvise(pidfd, iov, n, advice, flags);
-    samepage::Engine::VmaFlagsChanged();  // as in madvise()
-    return r;
-  }
-  if (!ksm) {
-    // One call over the span of all vectors (merged pages between them are
-    // unmerged too, and merge again later).
-    uintptr_t lo = UINTPTR_MAX, hi = 0;
-    for (size_t i = 0; i < n && iov != nullptr; ++i) {
-      const auto b = reinterpret_cast<uintptr_t>(iov[i].iov_base);
-      if (iov[i].iov_len == 0 || b + iov[i].iov_len < b) continue;
-      lo = b < lo ? b : lo;
-      hi = b + iov[i].iov_len > hi ? b + iov[i].iov_len : hi;
-    }
-    DiscardCall c{};
-    c.call = [](DiscardCall* d) {
-      return RealProcessMadvise(d->pidfd, d->iov, d->n, d->advice, d->flags);
-    };
-    c.pidfd = pidfd;
-    c.iov = iov;
-    c.n = n;
-    c.advice = advice;
-    c.flags = flags;
-    if (lo >= hi) return c.call(&c);
-    return Discard(reinterpret_cast<void*>(lo), hi - lo, &c);
-  }
-  // mm/madvise.c: flags must be 0, at most UIO_MAXIOV vectors; the ranges
-  // are advised in order and the bytes advised before an error returned.
-  if (flags != 0 || n > IOV_MAX) {
-    errno = EINVAL;
-    return -1;
-  }
-  ssize_t total = 0;
-  for (size_t i = 0; i < n; ++i) {
-    if (Madvise(iov[i].iov_base, iov[i].iov_len, advice, nullptr) != 0) {
-      return total > 0 ? total : -1;
-    }
-    total += static_cast<ssize_t>(iov[i].iov_len);
-  }
-  return total;
+  return ProcessMadvise(pidfd, iov, n, advice, flags,
+                        __builtin_return_address(0));
 }
 
 // --- prctl ---
@@ -589,30 +627,7 @@ SAMEPAGE_EXPORT int prctl(int option, ...) noexcept {
   const unsigned long a4 = va_arg(ap, unsigned long);
   const unsigned long a5 = va_arg(ap, unsigned long);
   va_end(ap);
-  if ((option == SAMEPAGE_PR_SET_MEMORY_MERGE ||
-       option == SAMEPAGE_PR_GET_MEMORY_MERGE) &&
-      !Bypass(__builtin_return_address(0))) {
-    int r;
-    {
-      Inside inside;
-      EnsureStarted();
-      r = samepage_prctl(option, a2, a3, a4, a5);
-    }
-    if (r == 0 && option == SAMEPAGE_PR_SET_MEMORY_MERGE) {
-      // Kept over exec, as the kernel keeps MMF_VM_MERGE_ANY.
-      const int saved = errno;
-      if (a2 != 0) {
-        NoteAdvised();
-        setenv("SAMEPAGE_MERGE_ANY", "1", 1);
-      } else {
-        unsetenv("SAMEPAGE_MERGE_ANY");
-      }
-      errno = saved;
-    }
-    return r;
-  }
-  if (g_real.prctl != nullptr) return g_real.prctl(option, a2, a3, a4, a5);
-  return static_cast<int>(syscall(SYS_prctl, option, a2, a3, a4, a5));
+  return Prctl(option, a2, a3, a4, a5, __builtin_return_address(0));
 }
 
 // --- open family ---

@@ -189,6 +189,15 @@ UNUSED static unsigned long wait_merging(unsigned long want, double seconds) {
   return n;
 }
 
+/* Waits (at most 30 s) for `n` more full scans; fails if they do not come. */
+UNUSED static void wait_full_scans(unsigned long n) {
+  const unsigned long scans = read_ulong(KSM_DIR "full_scans");
+  const double end = now_seconds() + 30;
+  while (read_ulong(KSM_DIR "full_scans") < scans + n && now_seconds() < end)
+    sleep_ms(10);
+  CHECK(read_ulong(KSM_DIR "full_scans") >= scans + n);
+}
+
 /* Fills page i of `base` with the content of class `cls` (a 1-in-4096
  * marker at a class-dependent offset, so classes differ in one byte). */
 UNUSED static void fill_class(unsigned char* base, size_t i, int cls) {

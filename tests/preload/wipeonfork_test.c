@@ -39,15 +39,6 @@ static void child_sees(const unsigned char* p, int cls, int wiped) {
   check_pages_hold(p, 0, kPages, cls);
 }
 
-/* Waits (at most 30 s) for two more full scans. */
-static void two_full_scans(void) {
-  const unsigned long scans = read_ulong(KSM_DIR "full_scans");
-  const double end = now_seconds() + 30;
-  while (read_ulong(KSM_DIR "full_scans") < scans + 2 && now_seconds() < end)
-    sleep_ms(10);
-  CHECK(read_ulong(KSM_DIR "full_scans") >= scans + 2);
-}
-
 int main(void) {
   setvbuf(stdout, NULL, _IONBF, 0);
   ksm_setup_or_skip("wipeonfork_test");
@@ -67,7 +58,7 @@ int main(void) {
   child_sees(q, 3, 1);
 
   /* Scanned on: still wiped in a child. */
-  two_full_scans();
+  wait_full_scans(2);
   child_sees(p, 3, 1);
   child_sees(q, 3, 1);
 

@@ -1,0 +1,52 @@
+// The memory calls the preload interposes, with the caller's return address
+// (for Bypass, real.h) passed in: the exported functions pass their own
+// caller, and syscall(2) the program's when it is asked for one of these
+// calls by number (MemorySyscall). A program calls mseal that way where
+// its C library has no wrapper (glibc before 2.41, Debian 12's 2.36), and
+// process_madvise before glibc 2.36; without this a merged page would
+// meet the kernel's call as a mapping of a frame (a discard reading the
+// frame's bytes back instead of zeros, a sealed range samepage could no
+// longer give back).
+//
+// Each returns what the C library's function returns (-1 and errno on
+// failure; mmap and mremap MAP_FAILED).
+//
+// Thread safety: as the libc calls; any thread, any time.
+
+#ifndef SAMEPAGE_PRELOAD_MEMORY_CALLS_H_
+#define SAMEPAGE_PRELOAD_MEMORY_CALLS_H_
+
+#include <stddef.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+namespace samepage::preload {
+
+// preload.cc
+int Madvise(void* addr, size_t len, int advice, const void* caller);
+ssize_t ProcessMadvise(int pidfd, const struct iovec* iov, size_t n, int advice,
+                       unsigned int flags, const void* caller);
+int Prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
+          unsigned long a5, const void* caller);
+
+// mappings.cc
+int Munmap(void* addr, size_t len, const void* caller);
+void* Mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off,
+           const void* caller);
+void* Mremap(void* old, size_t old_len, size_t new_len, int flags,
+             void* new_addr, const void* caller);
+int Mprotect(void* addr, size_t len, int prot, const void* caller);
+// mseal (Linux 6.10): a sealed range cannot be unmapped, moved, reprotected
+// or replaced, so samepage could never give its merged pages back (and
+// never merges sealed memory): it is unmerged and unadvised first.
+int Mseal(void* addr, size_t len, unsigned long flags, const void* caller);
+
+// System call `nr` with arguments a[0..5], where it is one of the calls
+// above or the lock calls (mlock, mlock2, munlock, mlockall, munlockall):
+// run through them, *result set as syscall(2) returns it; true. False for
+// any other call (nothing done).
+bool MemorySyscall(long nr, const long* a, const void* caller, long* result);
+
+}  // namespace samepage::preload
+
+#endif  // SAMEPAGE_PRELOAD_MEMORY_CALLS_H_
