@@ -102,6 +102,7 @@ Status ParseMaps(std::string_view text, std::vector<MapEntry>* entries) {
   entries->clear();
   std::size_t pos = 0;
   int line_no = 0;
+  std::uint64_t protection_key = 0;  // of the last header's mapping
   while (pos < text.size()) {
     std::size_t nl = text.find('\n', pos);
     if (nl == std::string_view::npos) nl = text.size();
@@ -117,12 +118,22 @@ Status ParseMaps(std::string_view text, std::vector<MapEntry>* entries) {
                                          std::string(line));
       }
       entries->push_back(std::move(e));
+      protection_key = 0;
     } else if (line.starts_with("VmFlags:") && !entries->empty()) {
       std::string_view flags = line.substr(8);
       while (!flags.empty() && flags.front() == ' ') flags.remove_prefix(1);
       while (!flags.empty() && flags.back() == ' ') flags.remove_suffix(1);
       entries->back().vm_flags.assign(flags);
       entries->back().has_vm_flags = true;
+      if (protection_key != 0) entries->back().vm_flags += " pk";
+    } else if (line.starts_with("ProtectionKey:") && !entries->empty()) {
+      // Before VmFlags in smaps; "pk" stands for a key other than 0.
+      std::size_t at = 14;
+      SkipSpaces(line, &at);
+      if (!ParseDec(line, &at, &protection_key)) protection_key = 0;
+      MapEntry& last = entries->back();
+      if (protection_key != 0 && last.has_vm_flags && !last.HasVmFlag("pk"))
+        last.vm_flags += " pk";
     }
   }
   return Status::Ok();
@@ -212,7 +223,7 @@ bool IsPrivateAnonymous(const MapEntry& e) {
 }
 
 namespace {
-constexpr std::string_view kUnmergeableFlags[] = {"wf", "ht", "io", "pf",
+constexpr std::string_view kUnmergeableFlags[] = {"pk", "wf", "ht", "io", "pf",
                                                   "sl", "um", "ui", "dp"};
 // Flags LinuxMemory applies again to the mappings it puts in place.
 constexpr std::string_view kReappliedFlags[] = {"lo", "lf", "dc", "dd"};

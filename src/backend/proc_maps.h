@@ -47,7 +47,8 @@ struct MapEntry {
 };
 
 // Parses maps or smaps text. Lines that are not mapping headers (the smaps
-// "Key: value" lines) are skipped except VmFlags. EINVAL on malformed header.
+// "Key: value" lines) are skipped except VmFlags and ProtectionKey (a key
+// other than 0 adds "pk" to the VmFlags). EINVAL on malformed header.
 [[nodiscard]] Status ParseMaps(std::string_view text,
                                std::vector<MapEntry>* entries);
 
@@ -72,7 +73,9 @@ bool IsPrivateAnonymous(const MapEntry& e);
 // VmFlags (smaps) that mean we must not replace the mapping, because the
 // replacement would lose the property: MADV_WIPEONFORK (wf), hugetlb (ht),
 // I/O or PFN maps (io, pf), sealed (sl), droppable (dp), registered with the
-// application's userfaultfd (uw, um, ui).
+// application's userfaultfd (uw, um, ui), a memory protection key other
+// than 0 (pk: not a kernel flag, ParseMaps adds it for smaps' ProtectionKey
+// line).
 // mlock (lo, lf), MADV_DONTFORK (dc) and MADV_DONTDUMP (dd) are not here:
 // LinuxMemory applies them again to every mapping it puts in place (QEMU
 // marks guest RAM DONTFORK; kernel KSM merges locked memory too).

@@ -23,8 +23,8 @@
 // registered, with a raw system call or a static liburing.
 //
 // syscall() itself: the memory calls by number (madvise, process_madvise,
-// mmap, munmap, mremap, mprotect, mseal, the lock calls, prctl's
-// PR_SET/GET_MEMORY_MERGE) go where their libc functions go
+// mmap, munmap, mremap, mprotect, pkey_mprotect, mseal, the lock calls,
+// prctl's PR_SET/GET_MEMORY_MERGE) go where their libc functions go
 // (memory_calls.h); everything else is passed on as glibc's is: the raw
 // system call, -1 and errno on an error (x86-64).
 //
@@ -103,19 +103,6 @@ void BeforeRegister(unsigned op, const void* arg, unsigned nr_args) {
   }
 }
 
-long RawSyscall(long n, long a1, long a2, long a3, long a4, long a5, long a6) {
-  long ret;
-  register long r10 __asm__("r10") = a4;
-  register long r8 __asm__("r8") = a5;
-  register long r9 __asm__("r9") = a6;
-  __asm__ volatile("syscall"
-                   : "=a"(ret)
-                   : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8),
-                     "r"(r9)
-                   : "rcx", "r11", "memory");
-  return ret;
-}
-
 }  // namespace
 }  // namespace samepage::preload
 
@@ -130,9 +117,9 @@ SAMEPAGE_EXPORT long syscall(long number, ...) noexcept {
              a5 = va_arg(ap, long), a6 = va_arg(ap, long);
   va_end(ap);
   // The memory calls by number go where their libc functions go
-  // (memory_calls.h). Those pass the system call on with syscall() when
-  // libc's function is not there yet, and the lock calls always do: such
-  // a nested call goes straight to the kernel.
+  // (memory_calls.h). They make their own system calls with DirectSyscall
+  // (real.h), never through here; should one arrive here all the same
+  // (from a signal handler, say), it goes straight to the kernel.
   static __thread int t_nested __attribute__((tls_model("initial-exec")));
   if (t_nested == 0) {
     const long args[6] = {a1, a2, a3, a4, a5, a6};
@@ -150,12 +137,7 @@ SAMEPAGE_EXPORT long syscall(long number, ...) noexcept {
                                       reinterpret_cast<const void*>(a3),
                                       static_cast<unsigned>(a4));
   }
-  const long r = samepage::preload::RawSyscall(number, a1, a2, a3, a4, a5, a6);
-  if (r < 0 && r > -4096) {
-    errno = static_cast<int>(-r);
-    return -1;
-  }
-  return r;
+  return samepage::preload::DirectSyscall6(number, a1, a2, a3, a4, a5, a6);
 }
 
 // liburing (int-returning, -errno on failure). The structures are opaque

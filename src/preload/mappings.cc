@@ -16,6 +16,10 @@
 //                                       writable private anonymous memory);
 //   mseal                               the same: sealed, it could never be
 //                                       given back;
+//   pkey_mprotect with a key (1 and up)  the same, whatever the protection:
+//                                       samepage's mappings would lose the
+//                                       key (memory with a key is never
+//                                       merged);
 //   mlock, mlock2, munlock, mlockall,   nothing is unmerged; the engines
 //   munlockall                          read the maps again afterwards, so
 //                                       every merge re-applies the lock
@@ -102,9 +106,16 @@ struct MprotectCall {
   void* addr;
   size_t len;
   int prot;
+  int pkey;  // -1: mprotect
   int result;
   int err;
 };
+
+int RealPkeyMprotect(void* addr, size_t len, int prot, int pkey) {
+  if (pkey == -1) return RealMprotect(addr, len, prot);
+  return static_cast<int>(
+      DirectSyscall(SYS_pkey_mprotect, addr, len, prot, pkey));
+}
 
 // A merged range spans one mapping per run of merged pages; even once
 // unmerged, the kernel does not join the restored pages with their
@@ -182,7 +193,7 @@ bool Change(void* addr, size_t len, bool keep_contents, bool (*fn)(void*),
 int LockChange(void* addr, size_t len, LockCall* c, const void* caller) {
   auto run = [](void* p) {
     auto* c = static_cast<LockCall*>(p);
-    c->result = syscall(c->nr, c->a, c->b, c->c);
+    c->result = DirectSyscall(c->nr, c->a, c->b, c->c);
     c->err = errno;
     return c->result == 0;
   };
@@ -211,7 +222,7 @@ struct MsealCall {
 };
 
 int RealMseal(void* addr, size_t len, unsigned long flags) {
-  return static_cast<int>(syscall(SYS_mseal, addr, len, flags));
+  return static_cast<int>(DirectSyscall(SYS_mseal, addr, len, flags));
 }
 
 }  // namespace
@@ -290,17 +301,25 @@ void* Mremap(void* old, size_t old_len, size_t new_len, int flags,
 }
 
 int Mprotect(void* addr, size_t len, int prot, const void* caller) {
-  // Read+write keeps a range mergeable; anything else unmerges it first.
-  if (prot == (PROT_READ | PROT_WRITE) || Bypass(caller) ||
+  return PkeyMprotect(addr, len, prot, -1, caller);
+}
+
+int PkeyMprotect(void* addr, size_t len, int prot, int pkey,
+                 const void* caller) {
+  // Read+write under the default key keeps a range mergeable; anything
+  // else unmerges it first. (A key of its own, 1 and up, would be lost
+  // where samepage maps a frame or gives a page back: such memory is not
+  // merged, "pk" in proc_maps.h.)
+  if ((prot == (PROT_READ | PROT_WRITE) && pkey <= 0) || Bypass(caller) ||
       !MaybeAdvised(addr, len)) {
-    return RealMprotect(addr, len, prot);
+    return RealPkeyMprotect(addr, len, prot, pkey);
   }
-  MprotectCall c{addr, len, prot, -1, ENOMEM};  // as in mremap
+  MprotectCall c{addr, len, prot, pkey, -1, ENOMEM};  // as in mremap
   Change(
       addr, len, /*keep_contents=*/true,
       [](void* p) {
         auto* c = static_cast<MprotectCall*>(p);
-        c->result = RealMprotect(c->addr, c->len, c->prot);
+        c->result = RealPkeyMprotect(c->addr, c->len, c->prot, c->pkey);
         c->err = errno;
         return c->result == 0;
       },
@@ -366,6 +385,10 @@ bool MemorySyscall(long nr, const long* a, const void* caller, long* result) {
       return true;
     case SYS_mprotect:
       *result = Mprotect(ptr(0), size(1), static_cast<int>(a[2]), caller);
+      return true;
+    case SYS_pkey_mprotect:
+      *result = PkeyMprotect(ptr(0), size(1), static_cast<int>(a[2]),
+                             static_cast<int>(a[3]), caller);
       return true;
     case SYS_mseal:
       *result =
@@ -453,4 +476,9 @@ SAMEPAGE_EXPORT int mprotect(void* addr, size_t len, int prot) noexcept {
 SAMEPAGE_EXPORT int mseal(void* addr, size_t len,
                           unsigned long flags) noexcept {
   return Mseal(addr, len, flags, __builtin_return_address(0));
+}
+
+SAMEPAGE_EXPORT int pkey_mprotect(void* addr, size_t len, int prot,
+                                  int pkey) noexcept {
+  return PkeyMprotect(addr, len, prot, pkey, __builtin_return_address(0));
 }

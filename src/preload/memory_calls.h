@@ -36,6 +36,9 @@ void* Mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off,
 void* Mremap(void* old, size_t old_len, size_t new_len, int flags,
              void* new_addr, const void* caller);
 int Mprotect(void* addr, size_t len, int prot, const void* caller);
+// pkey_mprotect; pkey -1 is mprotect's way.
+int PkeyMprotect(void* addr, size_t len, int prot, int pkey,
+                 const void* caller);
 // mseal (Linux 6.10): a sealed range cannot be unmapped, moved, reprotected
 // or replaced, so samepage could never give its merged pages back (and
 // never merges sealed memory): it is unmerged and unadvised first.

@@ -303,7 +303,7 @@ ssize_t RealProcessMadvise(int pidfd, const struct iovec* iov, size_t n,
   if (g_real.process_madvise != nullptr) {
     return g_real.process_madvise(pidfd, iov, n, advice, flags);
   }
-  return syscall(SYS_process_madvise, pidfd, iov, n, advice, flags);
+  return DirectSyscall(SYS_process_madvise, pidfd, iov, n, advice, flags);
 }
 
 int OpenAt(int dirfd, const char* path, int flags, mode_t mode,
@@ -559,7 +559,7 @@ int Prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
     return r;
   }
   if (g_real.prctl != nullptr) return g_real.prctl(option, a2, a3, a4, a5);
-  return static_cast<int>(syscall(SYS_prctl, option, a2, a3, a4, a5));
+  return static_cast<int>(DirectSyscall(SYS_prctl, option, a2, a3, a4, a5));
 }
 
 }  // namespace samepage::preload

@@ -1,8 +1,10 @@
 #include "preload/real.h"
 
 #include <dlfcn.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <link.h>
+#include <stdarg.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -109,51 +111,85 @@ void* NextSymbol(const char* name) {
   return p;
 }
 
+long RawSyscall(long n, long a1, long a2, long a3, long a4, long a5, long a6) {
+  long ret;
+  register long r10 __asm__("r10") = a4;
+  register long r8 __asm__("r8") = a5;
+  register long r9 __asm__("r9") = a6;
+  __asm__ volatile("syscall"
+                   : "=a"(ret)
+                   : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8),
+                     "r"(r9)
+                   : "rcx", "r11", "memory");
+  return ret;
+}
+
+long DirectSyscall6(long n, long a1, long a2, long a3, long a4, long a5,
+                    long a6) {
+  const long r = RawSyscall(n, a1, a2, a3, a4, a5, a6);
+  if (r < 0 && r > -4096) {
+    errno = static_cast<int>(-r);
+    return -1;
+  }
+  return r;
+}
+
+long DirectSyscall(long n, ...) {
+  va_list ap;
+  va_start(ap, n);
+  // As glibc's syscall(): always six arguments, whatever was passed.
+  const long a1 = va_arg(ap, long), a2 = va_arg(ap, long),
+             a3 = va_arg(ap, long), a4 = va_arg(ap, long),
+             a5 = va_arg(ap, long), a6 = va_arg(ap, long);
+  va_end(ap);
+  return DirectSyscall6(n, a1, a2, a3, a4, a5, a6);
+}
+
 int RealOpenat(int dirfd, const char* path, int flags, mode_t mode) {
   if (auto f = Load(&g_real.openat)) return f(dirfd, path, flags, mode);
-  return static_cast<int>(syscall(SYS_openat, dirfd, path, flags, mode));
+  return static_cast<int>(DirectSyscall(SYS_openat, dirfd, path, flags, mode));
 }
 
 ssize_t RealRead(int fd, void* buf, size_t n) {
   if (auto f = Load(&g_real.read)) return f(fd, buf, n);
-  return syscall(SYS_read, fd, buf, n);
+  return DirectSyscall(SYS_read, fd, buf, n);
 }
 
 ssize_t RealWrite(int fd, const void* buf, size_t n) {
   if (auto f = Load(&g_real.write)) return f(fd, buf, n);
-  return syscall(SYS_write, fd, buf, n);
+  return DirectSyscall(SYS_write, fd, buf, n);
 }
 
 ssize_t RealPread(int fd, void* buf, size_t n, off_t off) {
   if (auto f = Load(&g_real.pread)) return f(fd, buf, n, off);
-  return syscall(SYS_pread64, fd, buf, n, off);
+  return DirectSyscall(SYS_pread64, fd, buf, n, off);
 }
 
 ssize_t RealPwrite(int fd, const void* buf, size_t n, off_t off) {
   if (auto f = Load(&g_real.pwrite)) return f(fd, buf, n, off);
-  return syscall(SYS_pwrite64, fd, buf, n, off);
+  return DirectSyscall(SYS_pwrite64, fd, buf, n, off);
 }
 
 int RealClose(int fd) {
   if (auto f = Load(&g_real.close)) return f(fd);
-  return static_cast<int>(syscall(SYS_close, fd));
+  return static_cast<int>(DirectSyscall(SYS_close, fd));
 }
 
 int RealMadvise(void* addr, size_t len, int advice) {
   if (auto f = Load(&g_real.madvise)) return f(addr, len, advice);
-  return static_cast<int>(syscall(SYS_madvise, addr, len, advice));
+  return static_cast<int>(DirectSyscall(SYS_madvise, addr, len, advice));
 }
 
 void* RealMmap(void* addr, size_t len, int prot, int flags, int fd,
                off_t off) {
   if (auto f = Load(&g_real.mmap)) return f(addr, len, prot, flags, fd, off);
   return reinterpret_cast<void*>(
-      syscall(SYS_mmap, addr, len, prot, flags, fd, off));
+      DirectSyscall(SYS_mmap, addr, len, prot, flags, fd, off));
 }
 
 int RealMunmap(void* addr, size_t len) {
   if (auto f = Load(&g_real.munmap)) return f(addr, len);
-  return static_cast<int>(syscall(SYS_munmap, addr, len));
+  return static_cast<int>(DirectSyscall(SYS_munmap, addr, len));
 }
 
 void* RealMremap(void* old, size_t old_len, size_t new_len, int flags,
@@ -162,12 +198,12 @@ void* RealMremap(void* old, size_t old_len, size_t new_len, int flags,
     return f(old, old_len, new_len, flags, new_addr);
   }
   return reinterpret_cast<void*>(
-      syscall(SYS_mremap, old, old_len, new_len, flags, new_addr));
+      DirectSyscall(SYS_mremap, old, old_len, new_len, flags, new_addr));
 }
 
 int RealMprotect(void* addr, size_t len, int prot) {
   if (auto f = Load(&g_real.mprotect)) return f(addr, len, prot);
-  return static_cast<int>(syscall(SYS_mprotect, addr, len, prot));
+  return static_cast<int>(DirectSyscall(SYS_mprotect, addr, len, prot));
 }
 
 namespace {

@@ -88,6 +88,15 @@ struct RealFunctions {
 
 // Filled by ResolveReal(); null members mean "use the raw system call".
 extern RealFunctions g_real;
+// A system call made directly (x86-64), never through the preload's own
+// syscall(), which sends the memory calls to the interposers: the kernel's
+// value as it is (-errno on failure) ...
+long RawSyscall(long n, long a1, long a2, long a3, long a4, long a5, long a6);
+// ... or as glibc's syscall() returns it (-1 and errno on failure).
+long DirectSyscall(long n, ...);
+long DirectSyscall6(long n, long a1, long a2, long a3, long a4, long a5,
+                    long a6);
+
 void ResolveReal();
 
 // Pass-through helpers: the libc function, or the system call before it is

@@ -66,6 +66,32 @@ TEST(ProcMapsTest, UffdWriteProtectFlagIsOnlyFineWhenOurs) {
   EXPECT_TRUE(HasUnmergeableVmFlags(e[1], /*uffd_wp_is_ours=*/true));
 }
 
+// smaps shows a memory protection key (pkey_mprotect) on a line of its own,
+// before VmFlags: a key other than 0 adds "pk", and keeps the mapping
+// unmerged (a mapping samepage puts in place would have key 0).
+TEST(ProcMapsTest, AProtectionKeyOtherThanZeroKeepsAMappingUnmerged) {
+  std::vector<MapEntry> e;
+  ASSERT_TRUE(ParseMaps("1000-2000 rw-p 0 00:00 0\n"
+                        "Size:                  4 kB\n"
+                        "ProtectionKey:         1\n"
+                        "VmFlags: rd wr mr mw me ac\n"
+                        "2000-3000 rw-p 0 00:00 0\n"
+                        "ProtectionKey:         0\n"
+                        "VmFlags: rd wr mr mw me ac\n"
+                        "3000-4000 rw-p 0 00:00 0\n"
+                        "VmFlags: rd wr mr mw me ac\n"
+                        "ProtectionKey:        15\n",
+                        &e)
+                  .ok());
+  ASSERT_EQ(e.size(), 3u);
+  EXPECT_TRUE(e[0].HasVmFlag("pk"));
+  EXPECT_TRUE(HasUnmergeableVmFlags(e[0]));
+  EXPECT_FALSE(e[1].HasVmFlag("pk"));
+  EXPECT_FALSE(HasUnmergeableVmFlags(e[1]));
+  EXPECT_TRUE(HasUnmergeableVmFlags(e[2]));  // whichever line comes first
+  EXPECT_EQ(FlagsReadBySamepage(e[0].vm_flags, false), "pk");
+}
+
 // The saved flags keep what samepage reads and nothing else, so that an
 // anonymous page ("ac") and a frame mapping ("nr") beside it form one run.
 TEST(ProcMapsTest, FlagsReadBySamepageKeepOnlyWhatIsRead) {
