@@ -111,7 +111,10 @@ class Engine {
   // What a call passed to ChangeMapping does to [addr, addr + len).
   enum class MappingChange {
     kUnmap,           // munmap, mmap MAP_FIXED over it: the old memory is gone
-    kMove,            // mremap away, mprotect: the contents stay
+    kMove,            // mremap away, mseal: the contents stay
+    kReprotect,       // mprotect, pkey_mprotect to a protection (or key)
+                      // samepage does not merge: as kMove, and the advice
+                      // waits for Reprotected
     kDiscard,         // MADV_REMOVE, process_madvise: dropped in place
     kDiscardToZero,   // madvise(MADV_DONTNEED(_LOCKED), MADV_FREE) of an
                       // aligned range: dropped, reads back zeros (FREE: may)
@@ -136,6 +139,9 @@ class Engine {
   // merged pages are not copied back first, only replaced by fresh
   // anonymous memory (the range must be exactly what the kernel drops: a
   // page-aligned address; locked memory is unmerged as for kDiscard).
+  // kReprotect: as kMove, and once change() has succeeded the advised
+  // parts wait, advice suspended, until Reprotected() is called over them
+  // (the kernel keeps VM_MERGEABLE through an mprotect).
   // kFlags: nothing is unmerged; once
   // change() has succeeded the engines read the maps again, so merges
   // re-apply the new lock state. kAnonymousFlags: unmerged first as for
@@ -212,6 +218,13 @@ class Engine {
   // read /proc/self/smaps at most that often while the layout stays the
   // same). Cheap; async-signal-safe.
   static void VmaFlagsChanged();
+
+  // For the LD_PRELOAD layer: [addr, addr + len) was made readable and
+  // writable again (mprotect, pkey_mprotect with the default key). Advice
+  // a kReprotect change suspended there is taken up again: merging goes on
+  // there, as under kernel KSM, whose VM_MERGEABLE an mprotect keeps.
+  // REQUIRES: not called from a thread that holds an engine's lock.
+  static void Reprotected(void* addr, std::size_t len);
 };
 
 }  // namespace samepage

@@ -131,11 +131,17 @@ class EngineImpl final : public Engine {
     std::vector<std::pair<Addr, std::size_t>> parts;
     // The kernel applies advice to the mapped parts of a range with holes and
     // still returns ENOMEM; so do we.
-    Status st = memory_->MergeableParts(start, rounded, &parts,
-                                        advice == MADV_MERGEABLE);
+    std::vector<std::pair<Addr, std::size_t>> not_writable;
+    Status st = memory_->MergeableParts(
+        start, rounded, &parts, advice == MADV_MERGEABLE, &not_writable);
     if (!st.ok() && st.code() != ENOMEM) return st;
+    // Advice given or taken away again ends a suspension (kReprotect).
+    LinuxMemory::RemoveInterval(&suspended_, start, start + rounded);
     if (advice == MADV_MERGEABLE) {
       for (auto [a, bytes] : parts) ksm_->Advise(a, bytes / kPageSize);
+      // Merged once mprotect makes them read+write (Reprotected).
+      for (auto [a, bytes] : not_writable)
+        LinuxMemory::AddInterval(&suspended_, a, a + bytes);
     } else if (!ksm_->Unadvise(start, rounded / kPageSize)) {
       return Status::Error(ENOMEM, "madvise(MADV_UNMERGEABLE): could not "
                                    "restore every merged page");
@@ -155,6 +161,7 @@ class EngineImpl final : public Engine {
     }
     // Like ksm_disable_merge_any(): everything is unmerged and unmarked.
     merge_any_ = false;
+    suspended_.clear();
     bool ok = true;
     for (auto [a, n] : AdvisedRangesLocked()) ok &= ksm_->Unadvise(a, n);
     if (!ok) {
@@ -300,7 +307,8 @@ class EngineImpl final : public Engine {
           memory_->DropFrameMappings(a, a + n * kPageSize);
         (void)ksm_->Unmerge(a, n);
       }
-    } else if (kind == MappingChange::kMove) {
+    } else if (kind == MappingChange::kMove ||
+               kind == MappingChange::kReprotect) {
       // A part that cannot be given back stays advised and merged
       // (Ksm::Unadvise). A move must not go ahead then: the moved pages
       // would still map frames whose pages the engine would find gone
@@ -329,9 +337,39 @@ class EngineImpl final : public Engine {
       (void)memory_->RefreshMaps();  // on failure the next window finds out
     } else if (kind == MappingChange::kUnmap && *ok) {
       for (auto [a, n] : advised) ksm_->Forget(a, n);
-    } else if (kind == MappingChange::kMove && !*ok) {
+      LinuxMemory::RemoveInterval(&suspended_, start, end);
+    } else if ((kind == MappingChange::kMove ||
+                kind == MappingChange::kReprotect) &&
+               !*ok) {
       for (auto [a, n] : advised) ksm_->Advise(a, n);
+    } else if (kind == MappingChange::kMove && *ok) {
+      LinuxMemory::RemoveInterval(&suspended_, start, end);
+    } else if (kind == MappingChange::kReprotect && *ok) {
+      for (auto [a, n] : advised)
+        LinuxMemory::AddInterval(&suspended_, a, a + n * kPageSize);
     }
+  }
+
+  // Advice suspended over [start, end) by kReprotect, taken up again.
+  void ResumeAdvice(Addr start, Addr end) {
+    ControlLock lock(this);
+    ResumeLocked(start, end);
+  }
+
+  void ResumeLocked(Addr start, Addr end) {
+    std::vector<Interval> parts;
+    for (const Interval& i : suspended_) {
+      const Addr lo = std::max(i.start, start), hi = std::min(i.end, end);
+      if (lo < hi) parts.push_back({lo, hi});
+    }
+    if (parts.empty()) return;
+    LinuxMemory::RemoveInterval(&suspended_, start, end);
+    for (const Interval& p : parts) {
+      std::vector<std::pair<Addr, std::size_t>> mergeable;
+      (void)memory_->MergeableParts(p.start, p.end - p.start, &mergeable);
+      for (auto [a, bytes] : mergeable) ksm_->Advise(a, bytes / kPageSize);
+    }
+    cv_.notify_all();
   }
 
   // --- fork ---
@@ -713,6 +751,9 @@ class EngineImpl final : public Engine {
   std::unique_ptr<LinuxMemory> memory_;  // guarded by mu_
   std::unique_ptr<Ksm> ksm_;             // guarded by mu_
   bool merge_any_ = false;               // guarded by mu_
+  // Advised parts reprotected away from R+W (kReprotect): advised again at
+  // Reprotected. Guarded by mu_.
+  std::vector<Interval> suspended_;
   // Ranges kept out for Engine::KernelWrites and KernelPins, sorted,
   // disjoint.
   std::vector<Interval> kept_out_;       // guarded by mu_
@@ -786,6 +827,14 @@ bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
   };
   step(step, 0);
   return ok;
+}
+
+void Engine::Reprotected(void* addr, std::size_t len) {
+  if (ThreadInsideEngine() || len == 0) return;
+  const auto [start, end] = PagesOf(addr, len);
+  std::lock_guard<std::mutex> lock(g_engines_mu);
+  if (g_engines == nullptr) return;
+  for (EngineImpl* e : *g_engines) e->ResumeAdvice(start, end);
 }
 
 namespace {

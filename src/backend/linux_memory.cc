@@ -3019,8 +3019,10 @@ std::string LinuxMemory::DebugString() const {
 // --- ranges for the engine ---
 
 Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
-                                   std::vector<Range>* parts, bool advising) {
+                                   std::vector<Range>* parts, bool advising,
+                                   std::vector<Range>* not_writable) {
   parts->clear();
+  if (not_writable != nullptr) not_writable->clear();
   // The kernel's madvise(): unaligned start or overflowing length: EINVAL.
   if (addr & (kPageSize - 1)) {
     return Status::Error(EINVAL, "madvise: unaligned address " + Hex(addr));
@@ -3055,6 +3057,9 @@ Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
       } else {
         parts->emplace_back(s0, t - s0);
       }
+    } else if (not_writable != nullptr && IsPrivateAnonymous(e) &&
+               !IsSpecialMapping(e) && (!e.read || !e.write || e.exec)) {
+      not_writable->emplace_back(s0, t - s0);
     }
     cursor = t;
   }

@@ -164,6 +164,8 @@ class LinuxMemory final : public Memory {
   // Adds [start, end) to a sorted set of disjoint intervals, joining the
   // ones it overlaps or touches.
   static void AddInterval(std::vector<Interval>* set, Addr start, Addr end);
+  // Takes [start, end) out of such a set, cutting the intervals it meets.
+  static void RemoveInterval(std::vector<Interval>* set, Addr start, Addr end);
 
   // Pages per write-protect window: bounds how long a writer may wait.
   static constexpr std::size_t kMaxWindowPages = 128;
@@ -303,9 +305,12 @@ class LinuxMemory final : public Memory {
   // the query does not work, smaps is read here, as the flags then are.
   // `advising` false (MADV_UNMERGEABLE, which only needs the holes): the
   // parts are not going to be advised, and need no read.
-  [[nodiscard]] Status MergeableParts(Addr addr, std::size_t len,
-                                      std::vector<Range>* parts,
-                                      bool advising = true);
+  // not_writable (may be null): the private anonymous pieces that are not
+  // read+write (or are executable), which the kernel would advise too and
+  // samepage merges once mprotect makes them read+write.
+  [[nodiscard]] Status MergeableParts(
+      Addr addr, std::size_t len, std::vector<Range>* parts,
+      bool advising = true, std::vector<Range>* not_writable = nullptr);
 
   // Every private anonymous writable mapping (merge-any mode), minus the
   // excluded ranges and the main stack; in mprotect mode also minus thread
@@ -354,7 +359,6 @@ class LinuxMemory final : public Memory {
 
   void RegisterThread();
   bool RegisterWithProtector(Addr start, std::size_t len);
-  static void RemoveInterval(std::vector<Interval>* set, Addr start, Addr end);
   // The interval of the set holding page, or nullptr.
   static const Interval* Find(const std::vector<Interval>& set, Addr page);
   static bool Contains(const std::vector<Interval>& set, Addr page);

@@ -14,6 +14,9 @@
 //                                       first, so samepage never makes it
 //                                       writable again (it merges only
 //                                       writable private anonymous memory);
+//                                       mprotect back to R+W takes the
+//                                       advice up again, as the kernel
+//                                       keeps VM_MERGEABLE throughout;
 //   mseal                               the same: sealed, it could never be
 //                                       given back;
 //   pkey_mprotect with a key (1 and up)  the same, whatever the protection:
@@ -309,21 +312,33 @@ int PkeyMprotect(void* addr, size_t len, int prot, int pkey,
   // Read+write under the default key keeps a range mergeable; anything
   // else unmerges it first. (A key of its own, 1 and up, would be lost
   // where samepage maps a frame or gives a page back: such memory is not
-  // merged, "pk" in proc_maps.h.)
-  if ((prot == (PROT_READ | PROT_WRITE) && pkey <= 0) || Bypass(caller) ||
-      !MaybeAdvised(addr, len)) {
-    return RealPkeyMprotect(addr, len, prot, pkey);
+  // merged, "pk" in proc_maps.h.) The kernel keeps VM_MERGEABLE through
+  // it all: the advice waits, and is taken up again once the range is
+  // read+write again (Engine::Reprotected).
+  const bool mergeable = prot == (PROT_READ | PROT_WRITE) && pkey <= 0;
+  if (mergeable || Bypass(caller) || !MaybeAdvised(addr, len)) {
+    const int r = RealPkeyMprotect(addr, len, prot, pkey);
+    if (r == 0 && mergeable && !Bypass(caller) && MaybeAdvised(addr, len)) {
+      const int saved = errno;
+      Inside inside;
+      samepage::Engine::Reprotected(addr, len);
+      errno = saved;
+    }
+    return r;
   }
   MprotectCall c{addr, len, prot, pkey, -1, ENOMEM};  // as in mremap
-  Change(
-      addr, len, /*keep_contents=*/true,
-      [](void* p) {
-        auto* c = static_cast<MprotectCall*>(p);
-        c->result = RealPkeyMprotect(c->addr, c->len, c->prot, c->pkey);
-        c->err = errno;
-        return c->result == 0;
-      },
-      &c);
+  {
+    Inside inside;
+    samepage::Engine::ChangeMapping(
+        addr, len, samepage::Engine::MappingChange::kReprotect,
+        [](void* p) {
+          auto* c = static_cast<MprotectCall*>(p);
+          c->result = RealPkeyMprotect(c->addr, c->len, c->prot, c->pkey);
+          c->err = errno;
+          return c->result == 0;
+        },
+        &c);
+  }
   errno = c.err;
   return c.result;
 }
