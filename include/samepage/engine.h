@@ -141,7 +141,8 @@ class Engine {
   // page-aligned address; locked memory is unmerged as for kDiscard).
   // kReprotect: as kMove, and once change() has succeeded the advised
   // parts wait, advice suspended, until Reprotected() is called over them
-  // (the kernel keeps VM_MERGEABLE through an mprotect).
+  // (the kernel keeps VM_MERGEABLE through an mprotect); a kMove leaves
+  // the suspended parts to Moved().
   // kFlags: nothing is unmerged; once
   // change() has succeeded the engines read the maps again, so merges
   // re-apply the new lock state. kAnonymousFlags: unmerged first as for
@@ -225,6 +226,14 @@ class Engine {
   // there, as under kernel KSM, whose VM_MERGEABLE an mprotect keeps.
   // REQUIRES: not called from a thread that holds an engine's lock.
   static void Reprotected(void* addr, std::size_t len);
+
+  // For the LD_PRELOAD layer: mremap moved [from, from + from_len) to
+  // [to, to + to_len) (the source kept, empty, with MREMAP_DONTUNMAP):
+  // advice suspended there (kReprotect) moves with it, as VM_MERGEABLE
+  // does. True if any did. REQUIRES: not called from a thread that holds
+  // an engine's lock.
+  static bool Moved(void* from, std::size_t from_len, void* to,
+                    std::size_t to_len, bool source_kept);
 };
 
 }  // namespace samepage

@@ -342,8 +342,6 @@ class EngineImpl final : public Engine {
                 kind == MappingChange::kReprotect) &&
                !*ok) {
       for (auto [a, n] : advised) ksm_->Advise(a, n);
-    } else if (kind == MappingChange::kMove && *ok) {
-      LinuxMemory::RemoveInterval(&suspended_, start, end);
     } else if (kind == MappingChange::kReprotect && *ok) {
       for (auto [a, n] : advised)
         LinuxMemory::AddInterval(&suspended_, a, a + n * kPageSize);
@@ -354,6 +352,27 @@ class EngineImpl final : public Engine {
   void ResumeAdvice(Addr start, Addr end) {
     ControlLock lock(this);
     ResumeLocked(start, end);
+  }
+
+  // Suspended advice over [from, from_end) moved by `delta` bytes, cut at
+  // to_end (Engine::Moved).
+  bool MoveSuspended(Addr from, Addr from_end, std::int64_t delta, Addr to_end,
+                     bool source_kept) {
+    ControlLock lock(this);
+    std::vector<Interval> parts;
+    for (const Interval& i : suspended_) {
+      const Addr lo = std::max(i.start, from), hi = std::min(i.end, from_end);
+      if (lo < hi) parts.push_back({lo, hi});
+    }
+    if (!source_kept) LinuxMemory::RemoveInterval(&suspended_, from, from_end);
+    bool any = false;
+    for (const Interval& p : parts) {
+      const Addr lo = p.start + delta;
+      const Addr hi = std::min<Addr>(p.end + delta, to_end);
+      if (lo < hi) LinuxMemory::AddInterval(&suspended_, lo, hi);
+      any |= lo < hi;
+    }
+    return any;
   }
 
   void ResumeLocked(Addr start, Addr end) {
@@ -827,6 +846,20 @@ bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
   };
   step(step, 0);
   return ok;
+}
+
+bool Engine::Moved(void* from, std::size_t from_len, void* to,
+                   std::size_t to_len, bool source_kept) {
+  if (ThreadInsideEngine() || from_len == 0) return false;
+  const auto [start, end] = PagesOf(from, from_len);
+  const auto [to_start, to_end] = PagesOf(to, to_len);
+  const auto delta = static_cast<std::int64_t>(to_start - start);
+  std::lock_guard<std::mutex> lock(g_engines_mu);
+  if (g_engines == nullptr) return false;
+  bool any = false;
+  for (EngineImpl* e : *g_engines)
+    any |= e->MoveSuspended(start, end, delta, to_end, source_kept);
+  return any;
 }
 
 void Engine::Reprotected(void* addr, std::size_t len) {

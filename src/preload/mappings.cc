@@ -289,6 +289,15 @@ void* Mremap(void* old, size_t old_len, size_t new_len, int flags,
                new_addr, MAP_FAILED, ENOMEM,  false};
   const bool ok = Change(old, old_len, /*keep_contents=*/true, DoMremap, &c,
                          &c.advised);
+  if (ok) {
+    // Advice mprotect suspended there (read-only memory) moves too; its new
+    // place is then advised memory for the fast paths (Reprotected).
+    Inside inside;
+    if (samepage::Engine::Moved(old, old_len, c.result, new_len,
+                                (flags & MREMAP_DONTUNMAP) != 0)) {
+      NoteAdvisedRange(c.result, new_len);
+    }
+  }
   if (ok && c.advised) {
     // VM_MERGEABLE moves with the mapping (and stays on a DONTUNMAP source).
     Inside inside;

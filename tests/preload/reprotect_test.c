@@ -2,7 +2,8 @@
  * memory made read-only (or PROT_NONE) keeps its bytes, and once it is
  * read+write again it merges again, without another MADV_MERGEABLE. The
  * advice ends as the kernel's does: MADV_UNMERGEABLE while read-only, or
- * munmap (a new mapping there is not merged). Memory advised while
+ * munmap (a new mapping there is not merged); mremap moves it. Memory
+ * advised while
  * PROT_NONE merges once it is read+write. Until 2026-12-06 samepage
  * dropped the advice at the first mprotect (and never took it for memory
  * that was not read+write), and the memory never merged (again). A
@@ -30,14 +31,15 @@ int main(void) {
   ksm_setup_or_skip("reprotect_test");
   unsigned char* p = map_advised_class(kPages, 3);
   unsigned char* other = map_advised_class(kPages, 4);
+  unsigned char* m = map_advised_class(kPages, 6);
   scan_at_full_speed();
-  CHECK(wait_merging(2 * kPages, 30) >= 2 * kPages);
+  CHECK(wait_merging(3 * kPages, 30) >= 3 * kPages);
 
   /* Read-only, then read+write again: merged again. */
   CHECK(mprotect(p, kPages * PAGE, PROT_READ) == 0);
   check_pages_hold(p, 0, kPages, 3);
   CHECK(mprotect(p, kPages * PAGE, PROT_READ | PROT_WRITE) == 0);
-  CHECK(wait_merging_exactly(2 * kPages) == 2 * kPages);
+  CHECK(wait_merging_exactly(3 * kPages) == 3 * kPages);
   p[3 * PAGE] = 1; /* writable, and its own */
   CHECK(p[3 * PAGE] == 1 && holds_class(p, 4, 3));
   p[3 * PAGE] = 0x5a;
@@ -46,9 +48,22 @@ int main(void) {
   /* The same through PROT_NONE, half of the range. */
   CHECK(mprotect(p, kPages / 2 * PAGE, PROT_NONE) == 0);
   CHECK(mprotect(p, kPages / 2 * PAGE, PROT_READ | PROT_WRITE) == 0);
-  CHECK(wait_merging_exactly(2 * kPages) == 2 * kPages);
+  CHECK(wait_merging_exactly(3 * kPages) == 3 * kPages);
   check_pages_hold(p, 0, kPages, 3);
   printf("PROT_NONE and back: merged again\n");
+
+  /* Moved while read-only: the advice moves with it. */
+  CHECK(mprotect(m, kPages * PAGE, PROT_READ) == 0);
+  unsigned char* moved = (unsigned char*)mremap(
+      m, kPages * PAGE, 2 * kPages * PAGE, MREMAP_MAYMOVE);
+  CHECK(moved != MAP_FAILED);
+  check_pages_hold(moved, 0, kPages, 6);
+  CHECK(mprotect(moved, kPages * PAGE, PROT_READ | PROT_WRITE) == 0);
+  CHECK(wait_merging_exactly(3 * kPages) == 3 * kPages);
+  check_pages_hold(moved, 0, kPages, 6);
+  CHECK(munmap(moved, 2 * kPages * PAGE) == 0);
+  CHECK(wait_merging_exactly(2 * kPages) == 2 * kPages);
+  printf("moved while read-only: merged again\n");
 
   /* MADV_UNMERGEABLE while read-only ends the advice. */
   CHECK(mprotect(p, kPages * PAGE, PROT_READ) == 0);
