@@ -86,6 +86,29 @@ std::vector<Interval>* g_kernel_pinned = nullptr;
 thread_local int tls_inside_engine __attribute__((tls_model("initial-exec"))) =
     0;
 
+// The bounding box of every range whose advice was ever suspended
+// (kReprotect; never shrinks): Engine::Reprotected and Engine::Moved pass
+// by any other range without a lock, so an mprotect to read+write (a JIT
+// flipping its code pages, malloc growing an arena) costs nothing more.
+std::atomic<Addr> g_suspended_lo{~Addr{0}};
+std::atomic<Addr> g_suspended_hi{0};
+
+// Adds [start, end) to an engine's suspended set, and to the box.
+void Suspend(std::vector<Interval>* set, Addr start, Addr end) {
+  LinuxMemory::AddInterval(set, start, end);
+  Addr cur = g_suspended_lo.load(std::memory_order_relaxed);
+  while (start < cur && !g_suspended_lo.compare_exchange_weak(cur, start)) {
+  }
+  cur = g_suspended_hi.load(std::memory_order_relaxed);
+  while (end > cur && !g_suspended_hi.compare_exchange_weak(cur, end)) {
+  }
+}
+
+bool MaybeSuspended(Addr start, Addr end) {
+  return start < g_suspended_hi.load(std::memory_order_acquire) &&
+         end > g_suspended_lo.load(std::memory_order_acquire);
+}
+
 std::size_t PagesIn(const std::vector<Interval>& set) {
   std::size_t bytes = 0;
   for (const Interval& i : set) bytes += i.end - i.start;
@@ -140,8 +163,7 @@ class EngineImpl final : public Engine {
     if (advice == MADV_MERGEABLE) {
       for (auto [a, bytes] : parts) ksm_->Advise(a, bytes / kPageSize);
       // Merged once mprotect makes them read+write (Reprotected).
-      for (auto [a, bytes] : not_writable)
-        LinuxMemory::AddInterval(&suspended_, a, a + bytes);
+      for (auto [a, bytes] : not_writable) Suspend(&suspended_, a, a + bytes);
     } else if (!ksm_->Unadvise(start, rounded / kPageSize)) {
       return Status::Error(ENOMEM, "madvise(MADV_UNMERGEABLE): could not "
                                    "restore every merged page");
@@ -343,8 +365,7 @@ class EngineImpl final : public Engine {
                !*ok) {
       for (auto [a, n] : advised) ksm_->Advise(a, n);
     } else if (kind == MappingChange::kReprotect && *ok) {
-      for (auto [a, n] : advised)
-        LinuxMemory::AddInterval(&suspended_, a, a + n * kPageSize);
+      for (auto [a, n] : advised) Suspend(&suspended_, a, a + n * kPageSize);
     }
   }
 
@@ -369,7 +390,7 @@ class EngineImpl final : public Engine {
     for (const Interval& p : parts) {
       const Addr lo = p.start + delta;
       const Addr hi = std::min<Addr>(p.end + delta, to_end);
-      if (lo < hi) LinuxMemory::AddInterval(&suspended_, lo, hi);
+      if (lo < hi) Suspend(&suspended_, lo, hi);
       any |= lo < hi;
     }
     return any;
@@ -852,6 +873,7 @@ bool Engine::Moved(void* from, std::size_t from_len, void* to,
                    std::size_t to_len, bool source_kept) {
   if (ThreadInsideEngine() || from_len == 0) return false;
   const auto [start, end] = PagesOf(from, from_len);
+  if (!MaybeSuspended(start, end)) return false;
   const auto [to_start, to_end] = PagesOf(to, to_len);
   const auto delta = static_cast<std::int64_t>(to_start - start);
   std::lock_guard<std::mutex> lock(g_engines_mu);
@@ -865,6 +887,7 @@ bool Engine::Moved(void* from, std::size_t from_len, void* to,
 void Engine::Reprotected(void* addr, std::size_t len) {
   if (ThreadInsideEngine() || len == 0) return;
   const auto [start, end] = PagesOf(addr, len);
+  if (!MaybeSuspended(start, end)) return;
   std::lock_guard<std::mutex> lock(g_engines_mu);
   if (g_engines == nullptr) return;
   for (EngineImpl* e : *g_engines) e->ResumeAdvice(start, end);
