@@ -316,6 +316,9 @@ class EngineImpl final : public Engine {
                          kind == MappingChange::kAnonymousFlags;
     const bool flags =
         kind == MappingChange::kFlags || kind == MappingChange::kAnonymousFlags;
+    // Given back and unadvised first; advised again if change() fails.
+    const bool moves =
+        kind == MappingChange::kMove || kind == MappingChange::kReprotect;
     const bool discard_restores =
         discard && (memory_->Stats().frames_in_use != 0 ||
                     !options_.adopted_memfds.empty());
@@ -329,8 +332,7 @@ class EngineImpl final : public Engine {
           memory_->DropFrameMappings(a, a + n * kPageSize);
         (void)ksm_->Unmerge(a, n);
       }
-    } else if (kind == MappingChange::kMove ||
-               kind == MappingChange::kReprotect) {
+    } else if (moves) {
       // A part that cannot be given back stays advised and merged
       // (Ksm::Unadvise). A move must not go ahead then: the moved pages
       // would still map frames whose pages the engine would find gone
@@ -360,9 +362,7 @@ class EngineImpl final : public Engine {
     } else if (kind == MappingChange::kUnmap && *ok) {
       for (auto [a, n] : advised) ksm_->Forget(a, n);
       LinuxMemory::RemoveInterval(&suspended_, start, end);
-    } else if ((kind == MappingChange::kMove ||
-                kind == MappingChange::kReprotect) &&
-               !*ok) {
+    } else if (moves && !*ok) {
       for (auto [a, n] : advised) ksm_->Advise(a, n);
     } else if (kind == MappingChange::kReprotect && *ok) {
       for (auto [a, n] : advised) Suspend(&suspended_, a, a + n * kPageSize);
@@ -372,7 +372,15 @@ class EngineImpl final : public Engine {
   // Advice suspended over [start, end) by kReprotect, taken up again.
   void ResumeAdvice(Addr start, Addr end) {
     ControlLock lock(this);
-    ResumeLocked(start, end);
+    const std::vector<Interval> parts = SuspendedWithinLocked(start, end);
+    if (parts.empty()) return;
+    LinuxMemory::RemoveInterval(&suspended_, start, end);
+    for (const Interval& p : parts) {
+      std::vector<std::pair<Addr, std::size_t>> mergeable;
+      (void)memory_->MergeableParts(p.start, p.end - p.start, &mergeable);
+      for (auto [a, bytes] : mergeable) ksm_->Advise(a, bytes / kPageSize);
+    }
+    cv_.notify_all();
   }
 
   // Suspended advice over [from, from_end) moved by `delta` bytes, cut at
@@ -380,11 +388,7 @@ class EngineImpl final : public Engine {
   bool MoveSuspended(Addr from, Addr from_end, std::int64_t delta, Addr to_end,
                      bool source_kept) {
     ControlLock lock(this);
-    std::vector<Interval> parts;
-    for (const Interval& i : suspended_) {
-      const Addr lo = std::max(i.start, from), hi = std::min(i.end, from_end);
-      if (lo < hi) parts.push_back({lo, hi});
-    }
+    const std::vector<Interval> parts = SuspendedWithinLocked(from, from_end);
     if (!source_kept) LinuxMemory::RemoveInterval(&suspended_, from, from_end);
     bool any = false;
     for (const Interval& p : parts) {
@@ -396,20 +400,14 @@ class EngineImpl final : public Engine {
     return any;
   }
 
-  void ResumeLocked(Addr start, Addr end) {
+  // The parts of the suspended set within [start, end).
+  std::vector<Interval> SuspendedWithinLocked(Addr start, Addr end) const {
     std::vector<Interval> parts;
     for (const Interval& i : suspended_) {
       const Addr lo = std::max(i.start, start), hi = std::min(i.end, end);
       if (lo < hi) parts.push_back({lo, hi});
     }
-    if (parts.empty()) return;
-    LinuxMemory::RemoveInterval(&suspended_, start, end);
-    for (const Interval& p : parts) {
-      std::vector<std::pair<Addr, std::size_t>> mergeable;
-      (void)memory_->MergeableParts(p.start, p.end - p.start, &mergeable);
-      for (auto [a, bytes] : mergeable) ksm_->Advise(a, bytes / kPageSize);
-    }
-    cv_.notify_all();
+    return parts;
   }
 
   // --- fork ---

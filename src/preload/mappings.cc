@@ -290,22 +290,21 @@ void* Mremap(void* old, size_t old_len, size_t new_len, int flags,
   const bool ok = Change(old, old_len, /*keep_contents=*/true, DoMremap, &c,
                          &c.advised);
   if (ok) {
+    Inside inside;
     // Advice mprotect suspended there (read-only memory) moves too; its new
     // place is then advised memory for the fast paths (Reprotected).
-    Inside inside;
     if (samepage::Engine::Moved(old, old_len, c.result, new_len,
                                 (flags & MREMAP_DONTUNMAP) != 0)) {
       NoteAdvisedRange(c.result, new_len);
     }
-  }
-  if (ok && c.advised) {
     // VM_MERGEABLE moves with the mapping (and stays on a DONTUNMAP source).
-    Inside inside;
-    if (samepage_madvise(c.result, new_len, MADV_MERGEABLE) == 0) {
-      NoteAdvisedRange(c.result, new_len);
-    }
-    if (flags & MREMAP_DONTUNMAP) {
-      (void)samepage_madvise(old, old_len, MADV_MERGEABLE);
+    if (c.advised) {
+      if (samepage_madvise(c.result, new_len, MADV_MERGEABLE) == 0) {
+        NoteAdvisedRange(c.result, new_len);
+      }
+      if (flags & MREMAP_DONTUNMAP) {
+        (void)samepage_madvise(old, old_len, MADV_MERGEABLE);
+      }
     }
   }
   errno = c.err;
