@@ -137,6 +137,47 @@ bool QueryVma(int fd, Addr a, ProcmapQuery* q, std::uint64_t flags = 0,
   return ioctl(fd, kProcmapQuery, q) == 0;
 }
 
+// The mappings over [start, end) by PROCMAP_QUERY on `fd`; false with
+// errno if a query fails (ENOTTY: before Linux 6.11).
+bool QueryMappingsOf(int fd, Addr start, Addr end,
+                     std::vector<MapEntry>* maps) {
+  maps->clear();
+  // On the stack: a small unmerge asks here at every call (MADV_DONTNEED
+  // of merged memory), and a std::string of PATH_MAX made for each showed
+  // in its profile.
+  char name[PATH_MAX];
+  for (Addr a = start; a < end;) {
+    ProcmapQuery q;
+    if (!QueryVma(fd, a, &q, kProcmapCoveringOrNext, name)) {
+      if (errno == ENOENT) break;  // nothing mapped from a on
+      return false;
+    }
+    if (q.vma_start >= end) break;
+    MapEntry e;
+    e.start = q.vma_start;
+    e.end = q.vma_end;
+    e.read = (q.vma_flags & kProcmapVmaReadable) != 0;
+    e.write = (q.vma_flags & kProcmapVmaWritable) != 0;
+    e.exec = (q.vma_flags & kProcmapVmaExecutable) != 0;
+    e.shared = (q.vma_flags & kProcmapVmaShared) != 0;
+    e.offset = q.vma_offset;
+    e.dev_major = q.dev_major;
+    e.dev_minor = q.dev_minor;
+    e.inode = q.inode;
+    // vma_name_size counts the terminating NUL; 0 for a nameless mapping.
+    e.path.assign(name, q.vma_name_size > 0 ? q.vma_name_size - 1 : 0);
+    // The one VmFlag the query shows: hugetlb memory's page size (it is
+    // file-backed, on hugetlbfs, so not taken anyway).
+    if (q.vma_page_size != kPageSize) {
+      e.vm_flags = "ht";
+      e.has_vm_flags = true;
+    }
+    maps->push_back(std::move(e));
+    a = q.vma_end;
+  }
+  return true;
+}
+
 // Every frame store of this process and its ancestors, as (dev, inode),
 // for ZeroFrameMappedPages, which may not take locks or allocate: slots are
 // written once each, then published by the count.
@@ -892,6 +933,110 @@ void ZeroFrameMappedPages(Addr start, Addr end) {
     }
     a = q.vma_end;
   }
+}
+
+namespace {
+
+// The mappings over [start, end), from PROCMAP_QUERY or, before Linux
+// 6.11, from /proc/self/maps.
+bool MappingsOver(Addr start, Addr end, std::vector<MapEntry>* maps) {
+  const int fd = QueryFd();
+  if (fd >= 0 && FrameMappingsKnowable()) {
+    return QueryMappingsOf(fd, start, end, maps);
+  }
+  maps->clear();
+  std::vector<MapEntry> all;
+  if (!ReadMaps("/proc/self/maps", &all).ok()) return false;
+  for (MapEntry& e : all) {
+    if (e.end > start && e.start < end) maps->push_back(std::move(e));
+  }
+  return true;
+}
+
+// A piece of a range moved by MremapPieces: [start, end) of the range,
+// and where it went.
+struct MovedPiece {
+  Addr start, end, to;
+};
+
+}  // namespace
+
+void* MremapPieces(Addr old, std::size_t old_len, std::size_t new_len,
+                   int flags, Addr new_addr) {
+  old_len = RoundUp(old_len);
+  new_len = RoundUp(new_len);
+  const Addr end = old + old_len;
+  std::vector<MapEntry> maps;
+  bool pieces = old_len != 0 && end > old && MappingsOver(old, end, &maps) &&
+                maps.size() > 1;
+  for (std::size_t i = 0; pieces && i < maps.size(); ++i) {
+    const MapEntry& e = maps[i];
+    const MapEntry& first = maps.front();
+    pieces = IsPrivateAnonymous(e) && ProtOf(e) == ProtOf(first) &&
+             e.path == first.path &&
+             (i == 0 ? e.start <= old : e.start == maps[i - 1].end);
+  }
+  if (!pieces || maps.back().end < end) {
+    errno = EFAULT;
+    return MAP_FAILED;
+  }
+  const bool fixed = (flags & MREMAP_FIXED) != 0;
+  const bool grows = new_len > old_len;
+  if (!fixed && !grows) {
+    // In place: the kernel shrinks before it looks at the mappings, so
+    // only an unchanged size (or a DONTUNMAP move) comes here.
+    if (!(flags & MREMAP_DONTUNMAP)) return Ptr(old);
+  }
+  if (!fixed && grows && maps.back().end == end) {
+    // Grown in place where the last piece can grow, as the kernel tries
+    // first.
+    const Addr last = std::max(maps.back().start, old);
+    if (mremap(Ptr(last), end - last, end - last + (new_len - old_len), 0) !=
+        MAP_FAILED) {
+      return Ptr(old);
+    }
+  }
+  if (!fixed && !(flags & MREMAP_MAYMOVE)) {
+    errno = ENOMEM;  // what mremap says when it cannot grow in place
+    return MAP_FAILED;
+  }
+  // A shrinking move drops the tail first, as the kernel does.
+  const Addr keep_end = old + std::min(old_len, new_len);
+  if (keep_end < end && munmap(Ptr(keep_end), end - keep_end) != 0) {
+    return MAP_FAILED;
+  }
+  // The target: the caller's, or room the kernel finds, held by an
+  // inaccessible reservation that the pieces replace one by one.
+  Addr to = new_addr;
+  if (!fixed) {
+    void* room = mmap(nullptr, new_len, PROT_NONE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (room == MAP_FAILED) return MAP_FAILED;
+    to = reinterpret_cast<Addr>(room);
+  }
+  const int move = MREMAP_MAYMOVE | MREMAP_FIXED | (flags & MREMAP_DONTUNMAP);
+  std::vector<MovedPiece> moved;
+  for (const MapEntry& e : maps) {
+    const Addr s = std::max(e.start, old), t = std::min(e.end, keep_end);
+    if (s >= t) continue;
+    const Addr at = to + (s - old);
+    const std::size_t grown = t == keep_end ? to + new_len - at : t - s;
+    if (mremap(Ptr(s), t - s, grown, move, Ptr(at)) != MAP_FAILED) {
+      moved.push_back({s, t, at});
+      continue;
+    }
+    // Back where they were, in the reverse order; the reservation left
+    // (never a hole another thread may have mapped since) is given back.
+    const int err = errno;
+    for (auto m = moved.rbegin(); m != moved.rend(); ++m) {
+      (void)mremap(Ptr(m->to), m->end - m->start, m->end - m->start,
+                   MREMAP_MAYMOVE | MREMAP_FIXED, Ptr(m->start));
+    }
+    if (!fixed) (void)munmap(Ptr(at), to + new_len - at);
+    errno = err;
+    return MAP_FAILED;
+  }
+  return Ptr(to);
 }
 
 // Adjacent anonymous mappings of mergeable kind: a split of anonymous
@@ -3086,41 +3231,7 @@ bool LinuxMemory::QueryMappings(Addr start, Addr end,
       maps_query_fd_ < 0) {
     return false;
   }
-  maps->clear();
-  // On the stack: a small unmerge asks here at every call (MADV_DONTNEED
-  // of merged memory), and a std::string of PATH_MAX made for each showed
-  // in its profile.
-  char name[PATH_MAX];
-  for (Addr a = start; a < end;) {
-    ProcmapQuery q;
-    if (!QueryVma(maps_query_fd_, a, &q, kProcmapCoveringOrNext, name)) {
-      if (errno == ENOENT) break;  // nothing mapped from a on
-      return false;
-    }
-    if (q.vma_start >= end) break;
-    MapEntry e;
-    e.start = q.vma_start;
-    e.end = q.vma_end;
-    e.read = (q.vma_flags & kProcmapVmaReadable) != 0;
-    e.write = (q.vma_flags & kProcmapVmaWritable) != 0;
-    e.exec = (q.vma_flags & kProcmapVmaExecutable) != 0;
-    e.shared = (q.vma_flags & kProcmapVmaShared) != 0;
-    e.offset = q.vma_offset;
-    e.dev_major = q.dev_major;
-    e.dev_minor = q.dev_minor;
-    e.inode = q.inode;
-    // vma_name_size counts the terminating NUL; 0 for a nameless mapping.
-    e.path.assign(name, q.vma_name_size > 0 ? q.vma_name_size - 1 : 0);
-    // The one VmFlag the query shows: hugetlb memory's page size (it is
-    // file-backed, on hugetlbfs, so not taken anyway).
-    if (q.vma_page_size != kPageSize) {
-      e.vm_flags = "ht";
-      e.has_vm_flags = true;
-    }
-    maps->push_back(std::move(e));
-    a = q.vma_end;
-  }
-  return true;
+  return QueryMappingsOf(maps_query_fd_, start, end, maps);
 }
 
 std::vector<LinuxMemory::Range> LinuxMemory::AnonymousRanges() {

@@ -153,6 +153,20 @@ bool FrameMappingsKnowable();
 // allocation, no lock.
 void ZeroFrameMappedPages(Addr start, Addr end);
 
+// mremap(old, old_len, new_len, flags, new_addr) for a range the kernel
+// refused with EFAULT because it spans several mappings, where they are
+// pieces of what could be one private anonymous mapping (contiguous, the
+// same protection and name): a merge puts a mapping in place per run of
+// merged pages, and the anonymous copies that give them back are not
+// joined with their neighbours again, so a program's one mapping may have
+// become many. Each piece is moved with mremap in turn, keeping its own
+// flags (locked, dontfork...), the last one grown as asked; what was moved
+// goes back if a later piece cannot. Returns the new address, or
+// MAP_FAILED with errno: EFAULT where the range is not such pieces (or
+// has a hole), as the call said.
+void* MremapPieces(Addr old, std::size_t old_len, std::size_t new_len,
+                   int flags, Addr new_addr);
+
 class LinuxMemory final : public Memory {
  public:
   using Protection = LinuxMemoryOptions::Protection;

@@ -49,6 +49,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "backend/linux_memory.h"
 #include "preload/memory_calls.h"
 #include "preload/real.h"
 #include "samepage/engine.h"
@@ -120,60 +121,17 @@ int RealPkeyMprotect(void* addr, size_t len, int prot, int pkey) {
       DirectSyscall(SYS_pkey_mprotect, addr, len, prot, pkey));
 }
 
-// A merged range spans one mapping per run of merged pages; even once
-// unmerged, the kernel does not join the restored pages with their
-// neighbours (limitations.md, "VMA budget"). mremap refuses a range that
-// spans several mappings (EFAULT), where the program had one anonymous
-// mapping. So, for an advised range only, do what mremap would: new
-// anonymous memory, the contents copied, the old range unmapped.
-void* EmulateMremap(const MremapCall& c) {
-  const size_t keep = c.old_len < c.new_len ? c.old_len : c.new_len;
-  const auto old = reinterpret_cast<uintptr_t>(c.old);
-  if (c.new_len <= c.old_len && !(c.flags & MREMAP_FIXED)) {
-    // Shrinking in place: drop the tail.
-    if (c.new_len < c.old_len &&
-        RealMunmap(reinterpret_cast<void*>(old + c.new_len),
-                   c.old_len - c.new_len) != 0) {
-      return MAP_FAILED;
-    }
-    return c.old;
-  }
-  if (!(c.flags & MREMAP_MAYMOVE)) {
-    // Growing in place: only into a free range right after the mapping.
-    void* tail = RealMmap(reinterpret_cast<void*>(old + c.old_len),
-                          c.new_len - c.old_len, PROT_READ | PROT_WRITE,
-                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-                          -1, 0);
-    if (tail == MAP_FAILED) {
-      errno = ENOMEM;  // what mremap says when it cannot grow in place
-      return MAP_FAILED;
-    }
-    return c.old;
-  }
-  int flags = MAP_PRIVATE | MAP_ANONYMOUS;
-  if (c.flags & MREMAP_FIXED) flags |= MAP_FIXED;
-  void* to = RealMmap((c.flags & MREMAP_FIXED) ? c.new_addr : nullptr,
-                      c.new_len, PROT_READ | PROT_WRITE, flags, -1, 0);
-  if (to == MAP_FAILED) return MAP_FAILED;
-  memcpy(to, c.old, keep);
-  if (c.flags & MREMAP_DONTUNMAP) {
-    // The source stays mapped and reads as fresh anonymous memory.
-    (void)RealMadvise(c.old, c.old_len, MADV_DONTNEED);
-  } else {
-    (void)RealMunmap(c.old, c.old_len);
-  }
-  return to;
-}
-
 bool DoMremap(void* p) {
   auto* c = static_cast<MremapCall*>(p);
   c->result = RealMremap(c->old, c->old_len, c->new_len, c->flags, c->new_addr);
-  // EFAULT also means a hole in the range: emulate only over advised memory
-  // that is wholly mapped (msync MS_ASYNC: ENOMEM on a hole, else a no-op).
   c->err = errno;
-  if (c->result == MAP_FAILED && c->err == EFAULT && c->advised &&
-      c->old_len != 0 && msync(c->old, c->old_len, MS_ASYNC) == 0) {
-    c->result = EmulateMremap(*c);
+  // A range that spans several mappings (EFAULT) may be one anonymous
+  // mapping of the program's that merges made into many: moved piece by
+  // piece (backend::MremapPieces). EFAULT stays where it is not.
+  if (c->result == MAP_FAILED && c->err == EFAULT) {
+    c->result = backend::MremapPieces(reinterpret_cast<uintptr_t>(c->old),
+                                      c->old_len, c->new_len, c->flags,
+                                      reinterpret_cast<uintptr_t>(c->new_addr));
     c->err = c->result == MAP_FAILED ? errno : 0;
   }
   return c->result != MAP_FAILED;
