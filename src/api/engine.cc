@@ -52,6 +52,15 @@ using backend::LinuxMemoryOptions;
 constexpr std::size_t kSyncScanBatch = 1 << 16;
 // merge-any's look for new mappings, from the background scanner.
 constexpr std::int64_t kMergeAnySweepNanos = 100'000'000;
+// How often advice held over memory samepage leaves out is checked against
+// the mappings (PruneSuspendedLocked), while nothing else is advised.
+constexpr std::int64_t kPruneHeldNanos = 100'000'000;
+
+std::int64_t MonotonicNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 // The last page of the address space: where a range that runs to the end
 // (mlockall's) ends, rounded.
 constexpr Addr kLastPage = ~Addr{0} & ~(kPageSize - 1);
@@ -366,6 +375,7 @@ class EngineImpl final : public Engine {
       for (auto [a, n] : advised) ksm_->Advise(a, n);
     } else if (kind == MappingChange::kReprotect && *ok) {
       for (auto [a, n] : advised) Suspend(&suspended_, a, a + n * kPageSize);
+      cv_.notify_all();  // the scanner counts its full scans on
     }
   }
 
@@ -553,10 +563,7 @@ class EngineImpl final : public Engine {
     // read walks every page table: 22 ms at 1 GiB present, which took a
     // fifth of a scanner at full speed every 100 ms).
     if (merge_any_ && ksm_->GetCounters().full_scans != scans) {
-      const std::int64_t now =
-          std::chrono::duration_cast<std::chrono::nanoseconds>(
-              std::chrono::steady_clock::now().time_since_epoch())
-              .count();
+      const std::int64_t now = MonotonicNanos();
       const bool background = carry_runs;  // only the scanner thread carries
       const std::int64_t spacing =
           std::max(kMergeAnySweepNanos, memory_->SmapsReadSpacing());
@@ -574,7 +581,39 @@ class EngineImpl final : public Engine {
   std::unique_ptr<Ksm> NewCore() {
     auto core = std::make_unique<Ksm>(memory_.get(), RealClock());
     core->SetProgressHook([this] { PublishLocked(); });
+    core->SetGoneHook(
+        [this](Addr a, std::size_t n) { HoldLeftOutLocked(a, n); });
     return core;
+  }
+
+  // Pages a scan found gone: what of them is still mapped memory samepage
+  // leaves out (made read-only, given MADV_WIPEONFORK, a protection key,
+  // sealed...) keeps its advice in the suspended set, as the kernel keeps
+  // VM_MERGEABLE there and ksmd goes on visiting the process (its
+  // full_scans count on). Not under merge-any, which advises everything.
+  void HoldLeftOutLocked(Addr start, std::size_t npages) {
+    if (merge_any_) return;
+    std::vector<std::pair<Addr, std::size_t>> held;
+    memory_->AdvisableParts(start, start + npages * kPageSize,
+                            /*left_out=*/true, &held);
+    for (auto [a, bytes] : held) Suspend(&suspended_, a, a + bytes);
+  }
+
+  // Suspended advice over memory unmapped since (library mode: munmap is
+  // not seen) is dropped, as the kernel's VM_MERGEABLE goes with the
+  // mapping. At most every kPruneHeldNanos.
+  void PruneSuspendedLocked() {
+    const std::int64_t now = MonotonicNanos();
+    if (now - last_prune_ < kPruneHeldNanos) return;
+    last_prune_ = now;
+    std::vector<Interval> kept;
+    for (const Interval& i : suspended_) {
+      std::vector<std::pair<Addr, std::size_t>> mapped;
+      memory_->AdvisableParts(i.start, i.end, /*left_out=*/false, &mapped);
+      for (auto [a, bytes] : mapped)
+        LinuxMemory::AddInterval(&kept, a, a + bytes);
+    }
+    suspended_ = std::move(kept);
   }
 
   // With mu_ held: what ReadKnob shows until the next publish (after each
@@ -641,6 +680,17 @@ class EngineImpl final : public Engine {
     while (!stop_) {
       RebuildAfterForkLocked();
       const Knobs& k = ksm_->knobs();
+      if (k.run == 1 && ksm_->AdvisedPages() == 0 && !suspended_.empty()) {
+        // Advice only where samepage merges nothing (read-only memory,
+        // flags its mappings would lose): ksmd still visits such a
+        // process, and counts its full scans. One a sleep, at least a
+        // millisecond apart (ksmd at sleep_millisecs 0 would take a core).
+        PruneSuspendedLocked();
+        if (!suspended_.empty()) ksm_->CountEmptyFullScan();
+        cv_.wait_for(lock, std::chrono::milliseconds(
+                               std::max<std::uint32_t>(k.sleep_millisecs, 1)));
+        continue;
+      }
       if (k.run != 1 || ksm_->AdvisedPages() == 0) {
         cv_.wait(lock);
         continue;
@@ -792,6 +842,7 @@ class EngineImpl final : public Engine {
   // Advised parts reprotected away from R+W (kReprotect): advised again at
   // Reprotected. Guarded by mu_.
   std::vector<Interval> suspended_;
+  std::int64_t last_prune_ = 0;  // PruneSuspendedLocked
   // Ranges kept out for Engine::KernelWrites and KernelPins, sorted,
   // disjoint.
   std::vector<Interval> kept_out_;       // guarded by mu_

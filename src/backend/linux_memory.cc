@@ -3223,6 +3223,35 @@ Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
   return Status::Ok();
 }
 
+void LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
+                                 std::vector<Range>* parts) {
+  parts->clear();
+  std::vector<MapEntry> maps;
+  if (!QueryMappings(start, end, &maps)) {
+    maps.clear();
+    if (!ReadMaps(options_.plain_maps_path, &maps).ok()) return;
+  }
+  std::vector<Interval> held;
+  for (const MapEntry& e : maps) {
+    const Addr s = std::max(e.start, start), t = std::min(e.end, end);
+    if (s < t && IsPrivateAnonymous(e) && !IsSpecialMapping(e))
+      AddInterval(&held, s, t);
+  }
+  if (left_out) {
+    for (const Interval& i : touchable_) {
+      const Addr s = std::max(i.start, start), t = std::min(i.end, end);
+      if (s >= t) continue;
+      // Merged there unless excluded.
+      std::vector<Interval> merged{{s, t}};
+      for (const auto* x : {&excluded_, &auto_excluded_}) {
+        for (const Interval& e : *x) RemoveInterval(&merged, e.start, e.end);
+      }
+      for (const Interval& m : merged) RemoveInterval(&held, m.start, m.end);
+    }
+  }
+  for (const Interval& i : held) parts->emplace_back(i.start, i.end - i.start);
+}
+
 bool LinuxMemory::QueryMappings(Addr start, Addr end,
                                 std::vector<MapEntry>* maps) const {
   // Only the real process's maps (tests inject other paths). Before Linux

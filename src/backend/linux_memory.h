@@ -326,6 +326,14 @@ class LinuxMemory final : public Memory {
       Addr addr, std::size_t len, std::vector<Range>* parts,
       bool advising = true, std::vector<Range>* not_writable = nullptr);
 
+  // The parts of [start, end) mapped as private anonymous memory, of any
+  // protection (not [vdso] and the like): memory the kernel would keep
+  // advised. With left_out, only what samepage does not merge there by the
+  // last view (not read+write, or with flags its mappings would lose, a
+  // stack, excluded). Empty where the maps cannot be read.
+  void AdvisableParts(Addr start, Addr end, bool left_out,
+                      std::vector<Range>* parts);
+
   // Every private anonymous writable mapping (merge-any mode), minus the
   // excluded ranges and the main stack; in mprotect mode also minus thread
   // stacks (an anonymous rw mapping right above a PROT_NONE guard, as glibc

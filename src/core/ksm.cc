@@ -840,9 +840,16 @@ void Ksm::ForgetGone() {
     std::size_t j = i + 1;
     while (j < gone_.size() && gone_[j] == gone_[j - 1] + kPageSize) ++j;
     ForgetRange(gone_[i], j - i);
+    if (gone_hook_) gone_hook_(gone_[i], j - i);
     i = j;
   }
   gone_.clear();
+}
+
+void Ksm::CountEmptyFullScan() {
+  if (!ranges_.empty()) return;
+  ++full_scans_;
+  if (progress_) progress_();
 }
 
 // flatten: abseil's prefetch() holds nothing but __builtin_prefetch, which

@@ -132,6 +132,17 @@ class Ksm {
   void SetProgressHook(std::function<void()> hook) {
     progress_ = std::move(hook);
   }
+  // Called, with the caller's lock held, for each run of pages a scan
+  // forgets because it found them gone (unmapped, or no longer memory the
+  // backend merges), as they leave the advised ranges.
+  void SetGoneHook(std::function<void(Addr, std::size_t)> hook) {
+    gone_hook_ = std::move(hook);
+  }
+  // Counts a full scan over no advised page, as ksmd counts its passes over
+  // a process whose VM_MERGEABLE memory holds nothing it tracks (advice
+  // given to memory the backend cannot merge). Nothing else changes; a
+  // no-op while any page is advised.
+  void CountEmptyFullScan();
   // Does the merges that a batch left waiting for a run (carry_runs). The
   // range calls below do it themselves; callers that change knobs call it
   // first.
@@ -518,6 +529,7 @@ class Ksm {
   Clock* const clock_;
   Knobs knobs_;
   std::function<void()> progress_;  // SetProgressHook
+  std::function<void(Addr, std::size_t)> gone_hook_;  // SetGoneHook
 
   std::map<Addr, Range> ranges_;  // keyed by start; non-overlapping
   std::size_t advised_pages_ = 0;
