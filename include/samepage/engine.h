@@ -234,6 +234,17 @@ class Engine {
   // an engine's lock.
   static bool Moved(void* from, std::size_t from_len, void* to,
                     std::size_t to_len, bool source_kept);
+
+  // For the LD_PRELOAD layer: around a fork that bypasses fork() and its
+  // pthread_atfork handlers (a clone or fork system call made directly,
+  // or glibc's clone(), without CLONE_VM), samepage's handlers, as fork()
+  // would run them: no merge window is open across it, and every frame
+  // that exists then is pinned, so that the parent never frees one the
+  // child maps. AfterRawFork(true) in the child, first thing (no scanner
+  // starts there until its first call into samepage); AfterRawFork(false)
+  // in the parent, whether the call succeeded or not. errno is kept.
+  static void BeforeRawFork();
+  static void AfterRawFork(bool in_child);
 };
 
 }  // namespace samepage

@@ -433,7 +433,7 @@ class EngineImpl final : public Engine {
     pub_mu_.unlock();
     mu_.unlock();
   }
-  void AfterForkChild() {
+  void AfterForkChild(bool start_scanner) {
     // The parent's values: the child reads its own once its engine is
     // rebuilt (the first control call publishes them).
     pub_valid_.store(false, std::memory_order_release);
@@ -456,10 +456,14 @@ class EngineImpl final : public Engine {
     // children exec at once: the preload then starts afresh) so that a
     // child that never calls into samepage still merges, as the kernel's
     // children do. Where no thread can be made here (EAGAIN was seen under
-    // bash), the first call starts it.
+    // bash), or where the fork was a system call made directly (the C
+    // library's state is the parent's, and may hold a lock thread creation
+    // needs), the first call starts it.
     rebuild_after_fork_ = true;
-    if (ksm_->knobs().run == 1 && (merge_any_ || ksm_->AdvisedPages() != 0))
+    if (start_scanner && ksm_->knobs().run == 1 &&
+        (merge_any_ || ksm_->AdvisedPages() != 0)) {
       StartScannerLocked();
+    }
     mu_.unlock();
   }
 
@@ -735,22 +739,33 @@ class EngineImpl final : public Engine {
     }
   }
 
+ public:
+  // Every engine's fork handlers (g_engines_mu held from the first to the
+  // second): pthread_atfork's, and Engine::RawFork's.
+  static void AllBeforeFork() {
+    g_engines_mu.lock();
+    if (g_engines == nullptr) return;
+    for (EngineImpl* e : *g_engines) e->BeforeFork();
+  }
+  static void AllAfterForkParent() {
+    if (g_engines != nullptr) {
+      for (EngineImpl* e : *g_engines) e->AfterForkParent();
+    }
+    g_engines_mu.unlock();
+  }
+  static void AllAfterForkChild(bool start_scanner) {
+    if (g_engines != nullptr) {
+      for (EngineImpl* e : *g_engines) e->AfterForkChild(start_scanner);
+    }
+    g_engines_mu.unlock();
+  }
+
+ private:
   static void RegisterForFork(EngineImpl* e) {
     static std::once_flag once;
     std::call_once(once, [] {
-      pthread_atfork(
-          [] {
-            g_engines_mu.lock();
-            for (EngineImpl* e : *g_engines) e->BeforeFork();
-          },
-          [] {
-            for (EngineImpl* e : *g_engines) e->AfterForkParent();
-            g_engines_mu.unlock();
-          },
-          [] {
-            for (EngineImpl* e : *g_engines) e->AfterForkChild();
-            g_engines_mu.unlock();
-          });
+      pthread_atfork(AllBeforeFork, AllAfterForkParent,
+                     [] { AllAfterForkChild(/*start_scanner=*/true); });
     });
     std::lock_guard<std::mutex> lock(g_engines_mu);
     if (g_engines == nullptr) g_engines = new std::vector<EngineImpl*>();
@@ -916,6 +931,26 @@ bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
   };
   step(step, 0);
   return ok;
+}
+
+void Engine::BeforeRawFork() {
+  // As fork() runs them: the engines' prepare handler was registered after
+  // the backend's, so it runs first (the engines' locks, then the window
+  // lock, as everywhere); parent and child handlers in the other order.
+  EngineImpl::AllBeforeFork();
+  backend::RawForkPrepare();
+}
+
+void Engine::AfterRawFork(bool in_child) {
+  const int err = errno;
+  if (in_child) {
+    backend::RawForkChild();
+    EngineImpl::AllAfterForkChild(/*start_scanner=*/false);
+  } else {
+    backend::RawForkParent();
+    EngineImpl::AllAfterForkParent();
+  }
+  errno = err;
 }
 
 bool Engine::Moved(void* from, std::size_t from_len, void* to,

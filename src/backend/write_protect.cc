@@ -385,6 +385,9 @@ void FaultHandler(int sig, siginfo_t* info, void* context) {
   Chain(sig, info, context);
 }
 
+// Set once pthread_atfork took the handlers below (RawFork*).
+std::atomic<bool> g_fork_handlers{false};
+
 void ForkPrepare() {
   pthread_mutex_lock(&g_state->window_mutex);
   g_state->fork_seq.fetch_add(1);
@@ -459,6 +462,7 @@ void InitOnce() {
     g_init_status = Status::Error(err, "pthread_atfork");
     return;
   }
+  g_fork_handlers.store(true, std::memory_order_release);
 }
 
 template <typename F>
@@ -611,6 +615,16 @@ bool RegisteredIoOverlaps(Addr start, Addr end) {
 
 std::uint64_t ProtectFaults() {
   return g_state ? g_state->protect_faults.load(std::memory_order_relaxed) : 0;
+}
+
+void RawForkPrepare() {
+  if (g_fork_handlers.load(std::memory_order_acquire)) ForkPrepare();
+}
+void RawForkParent() {
+  if (g_fork_handlers.load(std::memory_order_acquire)) ForkParent();
+}
+void RawForkChild() {
+  if (g_fork_handlers.load(std::memory_order_acquire)) ForkChild();
 }
 
 std::uint64_t ForkSequence() { return g_state ? g_state->fork_seq.load() : 0; }

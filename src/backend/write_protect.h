@@ -140,6 +140,14 @@ std::uint64_t ProtectFaults();
 // Incremented in the fork prepare and parent handlers: odd while a fork is
 // in progress.
 std::uint64_t ForkSequence();
+// The handlers InitProcessState gives pthread_atfork, for a fork that does
+// not go through fork() and so runs none (a clone or fork system call made
+// directly): the window lock is taken for it and the fork counted, so that
+// frames a child may map are pinned. No-ops before InitProcessState
+// succeeded.
+void RawForkPrepare();
+void RawForkParent();
+void RawForkChild();
 // Incremented in every forked child: differs from the value seen at start in
 // a process that was forked after that.
 std::uint64_t ChildGeneration();

@@ -385,7 +385,7 @@ bool MemorySyscall(long nr, const long* a, const void* caller, long* result) {
       *result = lock(nullptr, SIZE_MAX);
       return true;
     default:
-      return false;
+      return ForkSyscall(nr, a, result);
   }
 }
 

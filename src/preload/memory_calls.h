@@ -50,6 +50,13 @@ int Mseal(void* addr, size_t len, unsigned long flags, const void* caller);
 // any other call (nothing done).
 bool MemorySyscall(long nr, const long* a, const void* caller, long* result);
 
+// raw_fork.cc: system call `nr` with arguments a[0..5], where it is a fork
+// (clone or clone3 without CLONE_VM and without a new stack, fork): run
+// with samepage's fork handlers around it, *result set as syscall(2)
+// returns it (in the parent and in the child); true. False for any other
+// call (nothing done).
+bool ForkSyscall(long nr, const long* a, long* result);
+
 }  // namespace samepage::preload
 
 #endif  // SAMEPAGE_PRELOAD_MEMORY_CALLS_H_
