@@ -121,6 +121,9 @@ class Engine {
     kFlags,           // mlock, munlock: the memory stays, its VMA flags change
     kAnonymousFlags,  // madvise(MADV_WIPEONFORK): a flag the kernel gives
                       // private anonymous memory only
+    kUserfaultfd,     // ioctl(UFFDIO_REGISTER) of the application's own
+                      // userfaultfd: as kAnonymousFlags, and samepage's
+                      // own registration leaves the range first
   };
 
   // For the LD_PRELOAD layer: `change(arg)` (the real munmap, mremap,
@@ -148,7 +151,11 @@ class Engine {
   // re-apply the new lock state. kAnonymousFlags: unmerged first as for
   // kDiscard (merged pages are mappings of frames, which the kernel
   // refuses the flag with EINVAL), and the maps read again as for kFlags
-  // (a VMA with the flag is not merged again). Returns what change()
+  // (a VMA with the flag is not merged again). kUserfaultfd: as
+  // kAnonymousFlags, and the engines' own userfaultfd registration (for
+  // write-protection, over all the memory they may merge) leaves the range
+  // before change() runs: a VMA takes one userfaultfd, and the kernel
+  // would refuse the application's with EBUSY. Returns what change()
   // returned.
   // *advised (if not null) is set, before change() runs, to whether any
   // engine tracked part of the range. Cheap when no engine exists.

@@ -53,8 +53,15 @@ constexpr std::size_t kSyncScanBatch = 1 << 16;
 // merge-any's look for new mappings, from the background scanner.
 constexpr std::int64_t kMergeAnySweepNanos = 100'000'000;
 // How often advice held over memory samepage leaves out is checked against
-// the mappings (PruneSuspendedLocked), while nothing else is advised.
+// the mappings (RecheckSuspendedLocked), while nothing else is advised.
 constexpr std::int64_t kPruneHeldNanos = 100'000'000;
+
+// Changes the engines must read the maps again after (VmFlags).
+bool ChangesFlags(Engine::MappingChange kind) {
+  return kind == Engine::MappingChange::kFlags ||
+         kind == Engine::MappingChange::kAnonymousFlags ||
+         kind == Engine::MappingChange::kUserfaultfd;
+}
 
 std::int64_t MonotonicNanos() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -322,9 +329,9 @@ class EngineImpl final : public Engine {
     // nothing to restore.
     const bool discard = kind == MappingChange::kDiscard ||
                          kind == MappingChange::kDiscardToZero ||
-                         kind == MappingChange::kAnonymousFlags;
-    const bool flags =
-        kind == MappingChange::kFlags || kind == MappingChange::kAnonymousFlags;
+                         kind == MappingChange::kAnonymousFlags ||
+                         kind == MappingChange::kUserfaultfd;
+    const bool flags = ChangesFlags(kind);
     // Given back and unadvised first; advised again if change() fails.
     const bool moves =
         kind == MappingChange::kMove || kind == MappingChange::kReprotect;
@@ -359,6 +366,10 @@ class EngineImpl final : public Engine {
     // mappings are locked as the program's are, but MCL_CURRENT would also
     // populate them (the frame view: a page for every offset of a 64 MiB
     // chunk), so they are inaccessible meanwhile.
+    // The application's userfaultfd takes the range: ours leaves it (the
+    // maps read afterwards show its flags, and keep ours away).
+    if (kind == MappingChange::kUserfaultfd)
+      memory_->YieldToUserfaultfd(start, end);
     const bool whole =
         kind == MappingChange::kFlags && start == 0 && end == kLastPage;
     if (whole) memory_->ShieldOwnMappings(true);
@@ -587,7 +598,33 @@ class EngineImpl final : public Engine {
     core->SetProgressHook([this] { PublishLocked(); });
     core->SetGoneHook(
         [this](Addr a, std::size_t n) { HoldLeftOutLocked(a, n); });
+    core->SetScanStartHook([this] { ResumeEligibleLocked(); });
     return core;
+  }
+
+  // As a full scan begins (its view just read): suspended advice over
+  // memory samepage merges again (the program's userfaultfd unregistered
+  // it, MADV_KEEPONFORK, an mprotect to read+write not seen in library
+  // mode) is taken up again, as the kernel's VM_MERGEABLE never stopped.
+  void ResumeEligibleLocked() {
+    if (suspended_.empty()) return;
+    const std::vector<Interval> parts = suspended_;
+    for (const Interval& p : parts) {
+      // Eligible by the view (which knows the VmFlags, but may be as old
+      // as a full scan), and by the maps as they are now (protection and
+      // layout: an mprotect since; their flags are read again before a
+      // page of them is touched).
+      std::vector<std::pair<Addr, std::size_t>> eligible;
+      memory_->EligibleParts(p.start, p.end, &eligible);
+      for (auto [a, bytes] : eligible) {
+        std::vector<std::pair<Addr, std::size_t>> mergeable;
+        (void)memory_->MergeableParts(a, bytes, &mergeable);
+        for (auto [m, len] : mergeable) {
+          LinuxMemory::RemoveInterval(&suspended_, m, m + len);
+          ksm_->Advise(m, len / kPageSize);
+        }
+      }
+    }
   }
 
   // Pages a scan found gone: what of them is still mapped memory samepage
@@ -603,13 +640,16 @@ class EngineImpl final : public Engine {
     for (auto [a, bytes] : held) Suspend(&suspended_, a, a + bytes);
   }
 
-  // Suspended advice over memory unmapped since (library mode: munmap is
-  // not seen) is dropped, as the kernel's VM_MERGEABLE goes with the
-  // mapping. At most every kPruneHeldNanos.
-  void PruneSuspendedLocked() {
+  // While suspended advice is all there is (no full scan reads the maps):
+  // at most every kPruneHeldNanos, the view read again, and the advice
+  // over memory unmapped since (library mode: munmap is not seen) dropped,
+  // as the kernel's VM_MERGEABLE goes with the mapping, and over memory
+  // samepage merges again taken up (ResumeEligibleLocked).
+  void RecheckSuspendedLocked() {
     const std::int64_t now = MonotonicNanos();
     if (now - last_prune_ < kPruneHeldNanos) return;
     last_prune_ = now;
+    (void)memory_->RefreshMaps();  // on failure, the view before
     std::vector<Interval> kept;
     for (const Interval& i : suspended_) {
       std::vector<std::pair<Addr, std::size_t>> mapped;
@@ -618,6 +658,7 @@ class EngineImpl final : public Engine {
         LinuxMemory::AddInterval(&kept, a, a + bytes);
     }
     suspended_ = std::move(kept);
+    ResumeEligibleLocked();
   }
 
   // With mu_ held: what ReadKnob shows until the next publish (after each
@@ -689,7 +730,8 @@ class EngineImpl final : public Engine {
         // flags its mappings would lose): ksmd still visits such a
         // process, and counts its full scans. One a sleep, at least a
         // millisecond apart (ksmd at sleep_millisecs 0 would take a core).
-        PruneSuspendedLocked();
+        RecheckSuspendedLocked();
+        if (ksm_->AdvisedPages() != 0) continue;  // merging again
         if (!suspended_.empty()) ksm_->CountEmptyFullScan();
         cv_.wait_for(lock, std::chrono::milliseconds(
                                std::max<std::uint32_t>(k.sleep_millisecs, 1)));
@@ -857,7 +899,7 @@ class EngineImpl final : public Engine {
   // Advised parts reprotected away from R+W (kReprotect): advised again at
   // Reprotected. Guarded by mu_.
   std::vector<Interval> suspended_;
-  std::int64_t last_prune_ = 0;  // PruneSuspendedLocked
+  std::int64_t last_prune_ = 0;  // RecheckSuspendedLocked
   // Ranges kept out for Engine::KernelWrites and KernelPins, sorted,
   // disjoint.
   std::vector<Interval> kept_out_;       // guarded by mu_
@@ -873,10 +915,6 @@ void Engine::VmaFlagsChanged() { backend::NoteVmaFlagsChanged(); }
 bool Engine::ThreadInsideEngine() { return tls_inside_engine > 0; }
 
 namespace {
-bool ChangesFlags(Engine::MappingChange kind) {
-  return kind == Engine::MappingChange::kFlags ||
-         kind == Engine::MappingChange::kAnonymousFlags;
-}
 
 // The pages [start, end) that [addr, addr + len) touches (end clamped at
 // the top of the address space).

@@ -1177,6 +1177,7 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
   touchable_.clear();
   touchable_hit_ = Interval{0, 0};
   auto_excluded_.clear();
+  flag_excluded_.clear();
   frame_mapped_.clear();
   dontfork_.clear();
   dontdump_.clear();
@@ -1197,7 +1198,16 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
       AddInterval(&auto_excluded_, e.start, e.end);
       continue;
     }
-    if (!Eligible(e)) continue;
+    if (!Eligible(e)) {
+      // Read+write private anonymous memory the kernel would merge, left
+      // out for flags a replacement would lose (AdvisableParts).
+      if (!e.shared && e.read && e.write && !e.exec && e.has_vm_flags &&
+          !e.flags_unknown && IsPrivateAnonymous(e) && !IsSpecialMapping(e) &&
+          !e.HasVmFlag("dp")) {
+        AddInterval(&flag_excluded_, e.start, e.end);
+      }
+      continue;
+    }
     AddInterval(&touchable_, e.start, e.end);
     if (e.HasVmFlag("dc")) AddInterval(&dontfork_, e.start, e.end);
     if (e.HasVmFlag("dd")) AddInterval(&dontdump_, e.start, e.end);
@@ -3223,6 +3233,15 @@ Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
   return Status::Ok();
 }
 
+void LinuxMemory::YieldToUserfaultfd(Addr start, Addr end) {
+  RegisterThread();
+  if (protection_ != Protection::kUserfaultfd) return;
+  ForEachOverlap(uffd_registered_, start, end, [this](Addr from, Addr to) {
+    return protector_->Unregister(from, to - from);
+  });
+  RemoveInterval(&uffd_registered_, start, end);
+}
+
 void LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
                                  std::vector<Range>* parts) {
   parts->clear();
@@ -3237,19 +3256,31 @@ void LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
     if (s < t && IsPrivateAnonymous(e) && !IsSpecialMapping(e))
       AddInterval(&held, s, t);
   }
-  if (left_out) {
-    for (const Interval& i : touchable_) {
-      const Addr s = std::max(i.start, start), t = std::min(i.end, end);
-      if (s >= t) continue;
-      // Merged there unless excluded.
-      std::vector<Interval> merged{{s, t}};
-      for (const auto* x : {&excluded_, &auto_excluded_}) {
-        for (const Interval& e : *x) RemoveInterval(&merged, e.start, e.end);
-      }
-      for (const Interval& m : merged) RemoveInterval(&held, m.start, m.end);
+  for (const Interval& i : held) {
+    if (!left_out) {
+      parts->emplace_back(i.start, i.end - i.start);
+      continue;
+    }
+    for (const Interval& x : flag_excluded_) {
+      const Addr s = std::max(i.start, x.start), t = std::min(i.end, x.end);
+      if (s < t) parts->emplace_back(s, t - s);
     }
   }
-  for (const Interval& i : held) parts->emplace_back(i.start, i.end - i.start);
+}
+
+void LinuxMemory::EligibleParts(Addr start, Addr end,
+                                std::vector<Range>* parts) const {
+  parts->clear();
+  for (const Interval& i : touchable_) {
+    const Addr s = std::max(i.start, start), t = std::min(i.end, end);
+    if (s >= t) continue;
+    std::vector<Interval> merged{{s, t}};
+    for (const auto* x : {&excluded_, &auto_excluded_}) {
+      for (const Interval& e : *x) RemoveInterval(&merged, e.start, e.end);
+    }
+    for (const Interval& m : merged)
+      parts->emplace_back(m.start, m.end - m.start);
+  }
 }
 
 bool LinuxMemory::QueryMappings(Addr start, Addr end,

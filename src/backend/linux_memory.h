@@ -326,13 +326,23 @@ class LinuxMemory final : public Memory {
       Addr addr, std::size_t len, std::vector<Range>* parts,
       bool advising = true, std::vector<Range>* not_writable = nullptr);
 
+  // The application is about to register [start, end) with a userfaultfd
+  // of its own: our registration (write-protection) leaves it, as a VMA
+  // takes one userfaultfd. Not registered again while the maps show the
+  // application's (ApplyMaps: not Eligible).
+  void YieldToUserfaultfd(Addr start, Addr end);
+
   // The parts of [start, end) mapped as private anonymous memory, of any
   // protection (not [vdso] and the like): memory the kernel would keep
-  // advised. With left_out, only what samepage does not merge there by the
-  // last view (not read+write, or with flags its mappings would lose, a
-  // stack, excluded). Empty where the maps cannot be read.
+  // advised. With left_out, only the read+write parts the last view shows
+  // samepage leaving out for their flags (wipe-on-fork, a protection key,
+  // sealed, the program's own userfaultfd), which the kernel merges.
+  // Empty where the maps cannot be read.
   void AdvisableParts(Addr start, Addr end, bool left_out,
                       std::vector<Range>* parts);
+  // The parts of [start, end) samepage merges by the last view (eligible
+  // mappings, not excluded).
+  void EligibleParts(Addr start, Addr end, std::vector<Range>* parts) const;
 
   // Every private anonymous writable mapping (merge-any mode), minus the
   // excluded ranges and the main stack; in mprotect mode also minus thread
@@ -740,6 +750,9 @@ class LinuxMemory final : public Memory {
   std::vector<Interval> touchable_;  // sorted, coalesced
   mutable Interval touchable_hit_ = {0, 0};  // IsTouchable's last answer
   std::vector<Interval> auto_excluded_;
+  // Read+write private anonymous mappings left out for their VmFlags, by
+  // the last view (ApplyMaps; AdvisableParts).
+  std::vector<Interval> flag_excluded_;
   std::vector<Interval> excluded_;  // ours, thread stacks/TLS, Exclude()
   // Where our memfd is mapped (merged pages, absent or not, and their
   // private copies): from the maps plus our own merges and unmerges since.

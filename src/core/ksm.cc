@@ -578,6 +578,7 @@ void Ksm::BeginFullScan() {
   unstable_.reserve(unstable_peak_);
   unstable_peak_ = 0;
   memory_->BeginFullScan();
+  if (scan_start_hook_) scan_start_hook_();
   cursor_ = ranges_.empty() ? 0 : ranges_.begin()->first;
   in_scan_ = true;
   scan_start_nanos_ = clock_->NowNanos();

@@ -138,6 +138,12 @@ class Ksm {
   void SetGoneHook(std::function<void(Addr, std::size_t)> hook) {
     gone_hook_ = std::move(hook);
   }
+  // Called, with the caller's lock held, as each full scan begins, once the
+  // backend has read its view of the memory (Memory::BeginFullScan) and
+  // before any page is visited: the hook may Advise more.
+  void SetScanStartHook(std::function<void()> hook) {
+    scan_start_hook_ = std::move(hook);
+  }
   // Counts a full scan over no advised page, as ksmd counts its passes over
   // a process whose VM_MERGEABLE memory holds nothing it tracks (advice
   // given to memory the backend cannot merge). Nothing else changes; a
@@ -530,6 +536,7 @@ class Ksm {
   Knobs knobs_;
   std::function<void()> progress_;  // SetProgressHook
   std::function<void(Addr, std::size_t)> gone_hook_;  // SetGoneHook
+  std::function<void()> scan_start_hook_;             // SetScanStartHook
 
   std::map<Addr, Range> ranges_;  // keyed by start; non-overlapping
   std::size_t advised_pages_ = 0;

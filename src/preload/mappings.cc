@@ -384,6 +384,10 @@ bool MemorySyscall(long nr, const long* a, const void* caller, long* result) {
     case SYS_munlockall:
       *result = lock(nullptr, SIZE_MAX);
       return true;
+    case SYS_ioctl:
+      return UserfaultfdIoctl(static_cast<int>(a[0]),
+                              static_cast<unsigned long>(a[1]), ptr(2), caller,
+                              result);
     default:
       return ForkSyscall(nr, a, result);
   }

@@ -29,6 +29,12 @@ ssize_t ProcessMadvise(int pidfd, const struct iovec* iov, size_t n, int advice,
 int Prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
           unsigned long a5, const void* caller);
 
+// ioctl(UFFDIO_REGISTER) of the application's own userfaultfd: true and
+// *result set if `request` is that (the engines' registration leaves the
+// range first); false for any other request (nothing done).
+bool UserfaultfdIoctl(int fd, unsigned long request, void* arg,
+                      const void* caller, long* result);
+
 // mappings.cc
 int Munmap(void* addr, size_t len, const void* caller);
 void* Mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off,

@@ -50,6 +50,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1084,7 +1085,75 @@ void NoteKernelWriter(int fd, unsigned long request, const void* arg) {
   }
 }
 
+int RealIoctl(int fd, unsigned long request, void* arg) {
+  if (g_real.ioctl != nullptr) return g_real.ioctl(fd, request, arg);
+  return static_cast<int>(DirectSyscall(SYS_ioctl, fd, request, arg));
+}
+
+constexpr unsigned long kUffdioRegister = UFFDIO_REGISTER;
+constexpr unsigned long kUffdioUnregister = UFFDIO_UNREGISTER;
+
+struct UffdRegisterCall {
+  int fd;
+  void* arg;
+  int result;
+  int err;
+};
+
+// The application registers memory with a userfaultfd of its own. The
+// engines register all the memory they may merge with theirs (for
+// write-protection), and a VMA takes one userfaultfd: the kernel would
+// refuse the application's with EBUSY (until 2026-12-06 it did, over any
+// private anonymous memory of a process with an engine). Their
+// registration leaves the range first, its merged pages are given back
+// (the application's faults and copies are then on anonymous memory, as
+// natively), and the maps read afterwards keep the engines away
+// (limitations.md, item 8).
+int UffdRegister(int fd, void* arg) {
+  struct uffdio_range range;
+  if (!CopyFromUser(&range, arg, sizeof(range)) || range.len == 0 ||
+      range.start + range.len < range.start ||
+      !FdIs(fd, "anon_inode:[userfaultfd]")) {
+    return RealIoctl(fd, kUffdioRegister, arg);
+  }
+  UffdRegisterCall c{fd, arg, -1, 0};
+  {
+    Inside inside;
+    (void)samepage::Engine::ChangeMapping(
+        reinterpret_cast<void*>(range.start), range.len,
+        samepage::Engine::MappingChange::kUserfaultfd,
+        [](void* p) {
+          auto* c = static_cast<UffdRegisterCall*>(p);
+          c->result = RealIoctl(c->fd, kUffdioRegister, c->arg);
+          c->err = errno;
+          return c->result == 0;
+        },
+        &c);
+  }
+  errno = c.err;
+  return c.result;
+}
+
 }  // namespace
+
+bool samepage::preload::UserfaultfdIoctl(int fd, unsigned long request,
+                                         void* arg, const void* caller,
+                                         long* result) {
+  if (Bypass(caller)) return false;
+  if (request == kUffdioRegister) {
+    *result = UffdRegister(fd, arg);
+    return true;
+  }
+  if (request == kUffdioUnregister) {
+    // The range's VmFlags change (merged again, by the engines' next view).
+    *result = RealIoctl(fd, request, arg);
+    const int err = errno;
+    samepage::Engine::VmaFlagsChanged();
+    errno = err;
+    return true;
+  }
+  return false;
+}
 
 // --- the 2008 /dev/ksm ---
 
@@ -1110,6 +1179,9 @@ SAMEPAGE_EXPORT int ioctl(int fd, unsigned long request, ...) noexcept {
       return r;
     }
   }
-  if (g_real.ioctl != nullptr) return g_real.ioctl(fd, request, arg);
-  return static_cast<int>(syscall(SYS_ioctl, fd, request, arg));
+  long r = 0;
+  if (UserfaultfdIoctl(fd, request, arg, __builtin_return_address(0), &r)) {
+    return static_cast<int>(r);
+  }
+  return RealIoctl(fd, request, arg);
 }
