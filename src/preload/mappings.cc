@@ -71,6 +71,9 @@ namespace samepage::preload {
 namespace {
 
 constexpr uintptr_t kPage = 4096;
+// prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, ...) (Linux 5.17).
+constexpr long kPrSetVma = 0x53564d41;
+constexpr long kPrSetVmaAnonName = 0;
 
 struct MunmapCall {
   void* addr;
@@ -347,7 +350,8 @@ bool MemorySyscall(long nr, const long* a, const void* caller, long* result) {
       return true;
     case SYS_prctl:
       if (a[0] != SAMEPAGE_PR_SET_MEMORY_MERGE &&
-          a[0] != SAMEPAGE_PR_GET_MEMORY_MERGE) {
+          a[0] != SAMEPAGE_PR_GET_MEMORY_MERGE &&
+          !(a[0] == kPrSetVma && a[1] == kPrSetVmaAnonName)) {
         return false;
       }
       *result = Prctl(static_cast<int>(a[0]), a[1], a[2], a[3], a[4], caller);

@@ -535,6 +535,28 @@ ssize_t ProcessMadvise(int pidfd, const struct iovec* iov, size_t n, int advice,
   return total;
 }
 
+namespace {
+
+#ifndef PR_SET_VMA
+#define PR_SET_VMA 0x53564d41  // Linux 5.17
+#define PR_SET_VMA_ANON_NAME 0
+#endif
+
+int RealPrctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
+              unsigned long a5) {
+  if (g_real.prctl != nullptr) return g_real.prctl(option, a2, a3, a4, a5);
+  return static_cast<int>(DirectSyscall(SYS_prctl, option, a2, a3, a4, a5));
+}
+
+struct PrctlCall {
+  int option;
+  unsigned long a2, a3, a4, a5;
+  int result;
+  int err;
+};
+
+}  // namespace
+
 int Prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
           unsigned long a5, const void* caller) {
   if ((option == SAMEPAGE_PR_SET_MEMORY_MERGE ||
@@ -559,8 +581,30 @@ int Prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
     }
     return r;
   }
-  if (g_real.prctl != nullptr) return g_real.prctl(option, a2, a3, a4, a5);
-  return static_cast<int>(DirectSyscall(SYS_prctl, option, a2, a3, a4, a5));
+  if (option == PR_SET_VMA && a2 == PR_SET_VMA_ANON_NAME && !Bypass(caller) &&
+      MaybeAdvised(reinterpret_cast<void*>(a3), a4)) {
+    // A name for anonymous memory: merged pages map frames, which the
+    // kernel refuses one (EINVAL), so they are given back first (until
+    // 2026-12-06 the call failed). They merge again later, as a mapping of
+    // a frame, nameless while merged (limitations.md, item 2).
+    PrctlCall c{option, a2, a3, a4, a5, -1, 0};
+    {
+      Inside inside;
+      (void)Engine::ChangeMapping(
+          reinterpret_cast<void*>(a3), a4,
+          Engine::MappingChange::kAnonymousFlags,
+          [](void* p) {
+            auto* c = static_cast<PrctlCall*>(p);
+            c->result = RealPrctl(c->option, c->a2, c->a3, c->a4, c->a5);
+            c->err = errno;
+            return c->result == 0;
+          },
+          &c);
+    }
+    errno = c.err;
+    return c.result;
+  }
+  return RealPrctl(option, a2, a3, a4, a5);
 }
 
 }  // namespace samepage::preload
