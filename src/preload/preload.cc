@@ -1183,6 +1183,9 @@ int UffdRegister(int fd, void* arg) {
 bool samepage::preload::UserfaultfdIoctl(int fd, unsigned long request,
                                          void* arg, const void* caller,
                                          long* result) {
+  // Every ioctl comes here, the engines' own userfaultfd calls among them:
+  // the request first.
+  if (request != kUffdioRegister && request != kUffdioUnregister) return false;
   if (Bypass(caller)) return false;
   if (request == kUffdioRegister) {
     *result = UffdRegister(fd, arg);
