@@ -250,6 +250,11 @@ class Engine {
   // child maps. AfterRawFork(true) in the child, first thing (no scanner
   // starts there until its first call into samepage); AfterRawFork(false)
   // in the parent, whether the call succeeded or not. errno is kept.
+  // For the LD_PRELOAD layer, before a seccomp filter that would refuse
+  // samepage's system calls goes in: every engine gives its merged pages
+  // back and stops, as `run` set to 2 does.
+  static void StopAll();
+
   static void BeforeRawFork();
   static void AfterRawFork(bool in_child);
 };

@@ -971,6 +971,13 @@ bool Engine::ChangeMapping(void* addr, std::size_t len, MappingChange kind,
   return ok;
 }
 
+void Engine::StopAll() {
+  if (ThreadInsideEngine()) return;
+  std::lock_guard<std::mutex> lock(g_engines_mu);
+  if (g_engines == nullptr) return;
+  for (EngineImpl* e : *g_engines) (void)e->WriteKnob("run", "2");
+}
+
 void Engine::BeforeRawFork() {
   // As fork() runs them: the engines' prepare handler was registered after
   // the backend's, so it runs first (the engines' locks, then the window

@@ -42,10 +42,12 @@
 // Thread safety: as the libc calls; any thread, any time.
 
 #include <errno.h>
+#include <linux/seccomp.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -339,6 +341,16 @@ bool MemorySyscall(long nr, const long* a, const void* caller, long* result) {
     LockCall c{nr, a[0], a[1], a[2], -1, 0};
     return LockChange(addr, len, &c, caller);
   };
+  if ((nr == SYS_prctl && a[0] == PR_SET_SECCOMP &&
+       (a[1] == SECCOMP_MODE_STRICT || a[1] == SECCOMP_MODE_FILTER)) ||
+      (nr == SYS_seccomp &&
+       (a[0] == SECCOMP_SET_MODE_STRICT || a[0] == SECCOMP_SET_MODE_FILTER))) {
+    // Then the call itself, as it was.
+    const bool strict = nr == SYS_prctl ? a[1] == SECCOMP_MODE_STRICT
+                                        : a[0] == SECCOMP_SET_MODE_STRICT;
+    if (!Bypass(caller)) BeforeSeccomp(strict, ptr(2));  // the program
+    return false;
+  }
   switch (nr) {
     case SYS_madvise:
       *result = Madvise(ptr(0), size(1), static_cast<int>(a[2]), caller);

@@ -56,6 +56,11 @@ int Mseal(void* addr, size_t len, unsigned long flags, const void* caller);
 // any other call (nothing done).
 bool MemorySyscall(long nr, const long* a, const void* caller, long* result);
 
+// seccomp.cc: before the program installs a seccomp filter (prog: its
+// struct sock_fprog) or strict mode, samepage steps aside for good if the
+// filter would refuse a system call samepage makes (Retire, real.h).
+void BeforeSeccomp(bool strict, const void* prog);
+
 // raw_fork.cc: system call `nr` with arguments a[0..5], where it is a fork
 // (clone or clone3 without CLONE_VM and without a new stack, fork): run
 // with samepage's fork handlers around it, *result set as syscall(2)

@@ -50,6 +50,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/seccomp.h>
 #include <linux/userfaultfd.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -228,7 +229,7 @@ int AllocatorDiscard(DiscardCall* c) {
 }  // namespace
 
 int Madvise(void* addr, size_t len, int advice, const void* caller) {
-  if (IsDiscard(advice) && FromAllocator(caller)) {
+  if (IsDiscard(advice) && FromAllocator(caller) && !Retired()) {
     DiscardCall c = MadviseCall(addr, len, advice);
     return AllocatorDiscard(&c);
   }
@@ -559,6 +560,11 @@ struct PrctlCall {
 
 int Prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
           unsigned long a5, const void* caller) {
+  if (option == PR_SET_SECCOMP &&
+      (a2 == SECCOMP_MODE_STRICT || a2 == SECCOMP_MODE_FILTER) &&
+      !Bypass(caller)) {
+    BeforeSeccomp(a2 == SECCOMP_MODE_STRICT, reinterpret_cast<void*>(a3));
+  }
   if ((option == SAMEPAGE_PR_SET_MEMORY_MERGE ||
        option == SAMEPAGE_PR_GET_MEMORY_MERGE) &&
       !Bypass(caller)) {

@@ -274,8 +274,16 @@ bool FromAllocator(const void* caller) {
   return g_allocator_text.Contains(caller);
 }
 
+namespace {
+std::atomic<bool> g_retired{false};
+}  // namespace
+
+void Retire() { g_retired.store(true, std::memory_order_release); }
+
+bool Retired() { return g_retired.load(std::memory_order_acquire); }
+
 bool Bypass(const void* caller) {
-  if (t_inside > 0) return true;
+  if (t_inside > 0 || Retired()) return true;
   return g_samepage_text.Contains(caller) || FromAllocator(caller) ||
          samepage::Engine::ThreadInsideEngine();
 }

@@ -144,8 +144,13 @@ class Inside {
 // allocator are mapped (done by the constructor): Bypass and FromAllocator
 // read them.
 void FindSamepageText();
-// True if a call with this return address must bypass the interposers.
+// True if a call with this return address must bypass the interposers
+// (and every call, once Retired).
 bool Bypass(const void* caller);
+// samepage steps aside in this process for good (seccomp.cc): every
+// interposer passes its call straight on from then on.
+void Retire();
+bool Retired();
 // True if the return address lies in the program's allocator (one that is
 // not libc's).
 bool FromAllocator(const void* caller);
