@@ -348,7 +348,10 @@ bool MemorySyscall(long nr, const long* a, const void* caller, long* result) {
     // Then the call itself, as it was.
     const bool strict = nr == SYS_prctl ? a[1] == SECCOMP_MODE_STRICT
                                         : a[0] == SECCOMP_SET_MODE_STRICT;
-    if (!Bypass(caller)) BeforeSeccomp(strict, ptr(2));  // the program
+    // libseccomp probes for the call with strict mode and flags the kernel
+    // refuses (EINVAL): only a call that can take effect counts.
+    const bool probe = nr == SYS_seccomp && strict && (a[1] != 0 || a[2] != 0);
+    if (!probe && !Bypass(caller)) BeforeSeccomp(strict, ptr(2));
     return false;
   }
   switch (nr) {

@@ -2,7 +2,11 @@
 # A virtual machine monitor against KSM: QEMU (TCG) boots a small guest with
 # mem-merge=on; the guest fills 64 MiB with identical pages and prints a
 # marker every second. Passes if the guest runs to the end and at least
-# 12,000 of those 16,384 pages merged (peak).
+# 12,000 of those 16,384 pages merged (peak). QEMU runs under the seccomp
+# sandbox libvirt gives it by default (-sandbox on,obsolete=deny,...) where
+# it was built with one: samepage must let such a filter in and go on
+# merging (until 2026-12-06 there was no such check; a filter that
+# refused one of samepage's calls would have killed QEMU).
 #
 #   qemu_guest_test.sh samepage SAMEPAGE   under `SAMEPAGE run`; the peak is
 #                                          the preload's peak_merging_pages
@@ -111,6 +115,10 @@ chmod +x "$work/root/init"
 guest=("$qemu" -machine pc,mem-merge=on,accel=tcg -m 256 -kernel "$kernel"
        -initrd "$work/initrd.gz" -append "console=ttyS0 quiet panic=-1"
        -nographic -no-reboot)
+if "$qemu" -help 2>/dev/null | grep -q -- '^-sandbox'; then
+  guest+=(-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny)
+  echo "QEMU under its seccomp sandbox"
+fi
 
 if [ "$mode" = native ]; then
   for knob in pages_to_scan sleep_millisecs run; do
