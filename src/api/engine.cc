@@ -607,7 +607,8 @@ class EngineImpl final : public Engine {
   // it, MADV_KEEPONFORK, an mprotect to read+write not seen in library
   // mode) is taken up again, as the kernel's VM_MERGEABLE never stopped.
   void ResumeEligibleLocked() {
-    if (suspended_.empty()) return;
+    // merge-any advises all such memory again at its sweeps.
+    if (suspended_.empty() || merge_any_) return;
     const std::vector<Interval> parts = suspended_;
     for (const Interval& p : parts) {
       // Eligible by the view (which knows the VmFlags, but may be as old

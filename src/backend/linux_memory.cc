@@ -3271,12 +3271,26 @@ void LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
 void LinuxMemory::EligibleParts(Addr start, Addr end,
                                 std::vector<Range>* parts) const {
   parts->clear();
-  for (const Interval& i : touchable_) {
-    const Addr s = std::max(i.start, start), t = std::min(i.end, end);
+  // The sets are sorted and disjoint: only the intervals that meet
+  // [start, end) (one per merged page under scattered merges: tens of
+  // thousands in all).
+  auto meeting = [&](const std::vector<Interval>& set) {
+    auto it =
+        std::lower_bound(set.begin(), set.end(), start,
+                         [](const Interval& i, Addr a) { return i.end <= a; });
+    return std::pair{
+        it, std::lower_bound(it, set.end(), end, [](const Interval& i, Addr a) {
+          return i.start < a;
+        })};
+  };
+  const auto [first, last] = meeting(touchable_);
+  for (auto i = first; i != last; ++i) {
+    const Addr s = std::max(i->start, start), t = std::min(i->end, end);
     if (s >= t) continue;
     std::vector<Interval> merged{{s, t}};
     for (const auto* x : {&excluded_, &auto_excluded_}) {
-      for (const Interval& e : *x) RemoveInterval(&merged, e.start, e.end);
+      const auto [xf, xl] = meeting(*x);
+      for (auto e = xf; e != xl; ++e) RemoveInterval(&merged, e->start, e->end);
     }
     for (const Interval& m : merged)
       parts->emplace_back(m.start, m.end - m.start);

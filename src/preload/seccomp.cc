@@ -138,6 +138,7 @@ const Call kCalls[] = {
     {SYS_mmap, {0, 0, PROT_READ, MAP_PRIVATE | MAP_FIXED}},
     {SYS_mmap, {0, 0, kRw, MAP_PRIVATE | MAP_FIXED}},
     {SYS_mmap, {0, 0, PROT_READ, MAP_PRIVATE | MAP_FIXED | MAP_LOCKED}},
+    {SYS_mmap, {0, 0, kRw, kPrivAnon | MAP_STACK, kNoFd}},  // threads
     {SYS_mmap, {0, 0, kRw, MAP_SHARED}},
     {SYS_mmap, {0, 0, PROT_NONE, MAP_SHARED}},
     {SYS_munmap},
@@ -183,6 +184,8 @@ const Call kCalls[] = {
     {SYS_futex},
     {SYS_rt_sigprocmask},
     {SYS_rt_sigaction},
+    {SYS_rt_sigreturn},  // from samepage's SIGSEGV/SIGBUS handler
+    {SYS_restart_syscall},
     {SYS_sigaltstack},
     {SYS_tgkill},
     {SYS_getpid},
