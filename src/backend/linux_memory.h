@@ -831,6 +831,8 @@ class LinuxMemory final : public Memory {
   static constexpr std::int64_t kSmapsInterval = 2'000'000'000;
   std::vector<Interval> dontfork_;
   std::vector<Interval> dontdump_;
+  std::vector<Interval> hugepage_;    // MADV_HUGEPAGE ("hg")
+  std::vector<Interval> nohugepage_;  // MADV_NOHUGEPAGE ("nh")
   // Where the application locked memory (smaps "lo"): every mapping we put
   // there is locked again.
   std::vector<Interval> locked_;

@@ -226,7 +226,8 @@ namespace {
 constexpr std::string_view kUnmergeableFlags[] = {"pk", "wf", "ht", "io", "pf",
                                                   "sl", "um", "ui", "dp"};
 // Flags LinuxMemory applies again to the mappings it puts in place.
-constexpr std::string_view kReappliedFlags[] = {"lo", "lf", "dc", "dd"};
+constexpr std::string_view kReappliedFlags[] = {"lo", "lf", "dc",
+                                                "dd", "hg", "nh"};
 }  // namespace
 
 bool HasUnmergeableVmFlags(const MapEntry& e, bool uffd_wp_is_ours) {
