@@ -362,14 +362,14 @@ class EngineImpl final : public Engine {
         return;
       }
     }
-    // mlockall and munlockall (the whole address space): samepage's own
-    // mappings are locked as the program's are, but MCL_CURRENT would also
-    // populate them (the frame view: a page for every offset of a 64 MiB
-    // chunk), so they are inaccessible meanwhile.
     // The application's userfaultfd takes the range: ours leaves it (the
     // maps read afterwards show its flags, and keep ours away).
     if (kind == MappingChange::kUserfaultfd)
       memory_->YieldToUserfaultfd(start, end);
+    // mlockall and munlockall (the whole address space): samepage's own
+    // mappings are locked as the program's are, but MCL_CURRENT would also
+    // populate them (the frame view: a page for every offset of a 64 MiB
+    // chunk), so they are inaccessible meanwhile.
     const bool whole =
         kind == MappingChange::kFlags && start == 0 && end == kLastPage;
     if (whole) memory_->ShieldOwnMappings(true);
@@ -784,7 +784,8 @@ class EngineImpl final : public Engine {
 
  public:
   // Every engine's fork handlers (g_engines_mu held from the first to the
-  // second): pthread_atfork's, and Engine::RawFork's.
+  // second): pthread_atfork's, and Engine::BeforeRawFork's and
+  // AfterRawFork's.
   static void AllBeforeFork() {
     g_engines_mu.lock();
     if (g_engines == nullptr) return;
