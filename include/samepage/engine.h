@@ -242,6 +242,11 @@ class Engine {
   static bool Moved(void* from, std::size_t from_len, void* to,
                     std::size_t to_len, bool source_kept);
 
+  // For the LD_PRELOAD layer, before a seccomp filter that would refuse
+  // samepage's system calls goes in: every engine gives its merged pages
+  // back and stops, as `run` set to 2 does.
+  static void StopAll();
+
   // For the LD_PRELOAD layer: around a fork that bypasses fork() and its
   // pthread_atfork handlers (a clone or fork system call made directly,
   // or glibc's clone(), without CLONE_VM), samepage's handlers, as fork()
@@ -250,11 +255,6 @@ class Engine {
   // child maps. AfterRawFork(true) in the child, first thing (no scanner
   // starts there until its first call into samepage); AfterRawFork(false)
   // in the parent, whether the call succeeded or not. errno is kept.
-  // For the LD_PRELOAD layer, before a seccomp filter that would refuse
-  // samepage's system calls goes in: every engine gives its merged pages
-  // back and stops, as `run` set to 2 does.
-  static void StopAll();
-
   static void BeforeRawFork();
   static void AfterRawFork(bool in_child);
 };

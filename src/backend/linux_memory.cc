@@ -178,6 +178,19 @@ bool QueryMappingsOf(int fd, Addr start, Addr end,
   return true;
 }
 
+// The mappings over [start, end) from a maps file (where PROCMAP_QUERY
+// does not serve: before Linux 6.11, or maps injected by tests).
+bool ReadMappingsOver(const std::string& path, Addr start, Addr end,
+                      std::vector<MapEntry>* maps) {
+  maps->clear();
+  std::vector<MapEntry> all;
+  if (!ReadMaps(path, &all).ok()) return false;
+  for (MapEntry& e : all) {
+    if (e.end > start && e.start < end) maps->push_back(std::move(e));
+  }
+  return true;
+}
+
 // Every frame store of this process and its ancestors, as (dev, inode),
 // for ZeroFrameMappedPages, which may not take locks or allocate: slots are
 // written once each, then published by the count.
@@ -948,13 +961,7 @@ bool MappingsOver(Addr start, Addr end, std::vector<MapEntry>* maps) {
   if (fd >= 0 && FrameMappingsKnowable()) {
     return QueryMappingsOf(fd, start, end, maps);
   }
-  maps->clear();
-  std::vector<MapEntry> all;
-  if (!ReadMaps("/proc/self/maps", &all).ok()) return false;
-  for (MapEntry& e : all) {
-    if (e.end > start && e.start < end) maps->push_back(std::move(e));
-  }
-  return true;
+  return ReadMappingsOver("/proc/self/maps", start, end, maps);
 }
 
 // A piece of a range moved by MremapPieces: [start, end) of the range,
@@ -1207,9 +1214,8 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
     if (!Eligible(e)) {
       // Read+write private anonymous memory the kernel would merge, left
       // out for flags a replacement would lose (AdvisableParts).
-      if (!e.shared && e.read && e.write && !e.exec && e.has_vm_flags &&
-          !e.flags_unknown && IsPrivateAnonymous(e) && !IsSpecialMapping(e) &&
-          !e.HasVmFlag("dp")) {
+      if (MergeableKind(e) && IsPrivateAnonymous(e) && e.has_vm_flags &&
+          !e.flags_unknown && !e.HasVmFlag("dp")) {
         AddInterval(&flag_excluded_, e.start, e.end);
       }
       continue;
@@ -3221,7 +3227,7 @@ Status LinuxMemory::MergeableParts(Addr addr, std::size_t len,
         parts->emplace_back(s0, t - s0);
       }
     } else if (not_writable != nullptr && IsPrivateAnonymous(e) &&
-               !IsSpecialMapping(e) && (!e.read || !e.write || e.exec)) {
+               (!e.read || !e.write || e.exec)) {
       not_writable->emplace_back(s0, t - s0);
     }
     cursor = t;
@@ -3254,15 +3260,14 @@ void LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
                                  std::vector<Range>* parts) {
   parts->clear();
   std::vector<MapEntry> maps;
-  if (!QueryMappings(start, end, &maps)) {
-    maps.clear();
-    if (!ReadMaps(options_.plain_maps_path, &maps).ok()) return;
+  if (!QueryMappings(start, end, &maps) &&
+      !ReadMappingsOver(options_.plain_maps_path, start, end, &maps)) {
+    return;
   }
   std::vector<Interval> held;
   for (const MapEntry& e : maps) {
     const Addr s = std::max(e.start, start), t = std::min(e.end, end);
-    if (s < t && IsPrivateAnonymous(e) && !IsSpecialMapping(e))
-      AddInterval(&held, s, t);
+    if (s < t && IsPrivateAnonymous(e)) AddInterval(&held, s, t);
   }
   for (const Interval& i : held) {
     if (!left_out) {

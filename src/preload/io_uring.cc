@@ -109,12 +109,10 @@ void BeforeRegister(unsigned op, const void* arg, unsigned nr_args) {
 #define SAMEPAGE_EXPORT extern "C" __attribute__((visibility("default")))
 
 SAMEPAGE_EXPORT long syscall(long number, ...) noexcept {
+  long a[6];
   va_list ap;
   va_start(ap, number);
-  // As glibc's: always six arguments, whatever was passed.
-  const long a1 = va_arg(ap, long), a2 = va_arg(ap, long),
-             a3 = va_arg(ap, long), a4 = va_arg(ap, long),
-             a5 = va_arg(ap, long), a6 = va_arg(ap, long);
+  samepage::preload::SyscallArgs(ap, a);
   va_end(ap);
   // The memory calls by number go where their libc functions go
   // (memory_calls.h). They make their own system calls with DirectSyscall
@@ -122,22 +120,22 @@ SAMEPAGE_EXPORT long syscall(long number, ...) noexcept {
   // (from a signal handler, say), it goes straight to the kernel.
   static __thread int t_nested __attribute__((tls_model("initial-exec")));
   if (t_nested == 0) {
-    const long args[6] = {a1, a2, a3, a4, a5, a6};
     long r = 0;
     ++t_nested;
     const bool ours = samepage::preload::MemorySyscall(
-        number, args, __builtin_return_address(0), &r);
+        number, a, __builtin_return_address(0), &r);
     --t_nested;
     if (ours) return r;
   }
   // Before the ring exists, so before any read it makes.
   if (number == SYS_io_uring_setup) samepage::preload::SetupSeen();
   if (number == SYS_io_uring_register) {
-    samepage::preload::BeforeRegister(static_cast<unsigned>(a2),
-                                      reinterpret_cast<const void*>(a3),
-                                      static_cast<unsigned>(a4));
+    samepage::preload::BeforeRegister(static_cast<unsigned>(a[1]),
+                                      reinterpret_cast<const void*>(a[2]),
+                                      static_cast<unsigned>(a[3]));
   }
-  return samepage::preload::DirectSyscall6(number, a1, a2, a3, a4, a5, a6);
+  return samepage::preload::DirectSyscall6(number, a[0], a[1], a[2], a[3], a[4],
+                                           a[5]);
 }
 
 // liburing (int-returning, -errno on failure). The structures are opaque

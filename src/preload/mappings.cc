@@ -73,9 +73,6 @@ namespace samepage::preload {
 namespace {
 
 constexpr uintptr_t kPage = 4096;
-// prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, ...) (Linux 5.17).
-constexpr long kPrSetVma = 0x53564d41;
-constexpr long kPrSetVmaAnonName = 0;
 
 struct MunmapCall {
   void* addr;
@@ -287,9 +284,10 @@ int PkeyMprotect(void* addr, size_t len, int prot, int pkey,
   // it all: the advice waits, and is taken up again once the range is
   // read+write again (Engine::Reprotected).
   const bool mergeable = prot == (PROT_READ | PROT_WRITE) && pkey <= 0;
-  if (mergeable || Bypass(caller) || !MaybeAdvised(addr, len)) {
+  const bool ours = !Bypass(caller) && MaybeAdvised(addr, len);
+  if (mergeable || !ours) {
     const int r = RealPkeyMprotect(addr, len, prot, pkey);
-    if (r == 0 && mergeable && !Bypass(caller) && MaybeAdvised(addr, len)) {
+    if (r == 0 && mergeable && ours) {
       const int saved = errno;
       Inside inside;
       samepage::Engine::Reprotected(addr, len);
@@ -366,7 +364,7 @@ bool MemorySyscall(long nr, const long* a, const void* caller, long* result) {
     case SYS_prctl:
       if (a[0] != SAMEPAGE_PR_SET_MEMORY_MERGE &&
           a[0] != SAMEPAGE_PR_GET_MEMORY_MERGE &&
-          !(a[0] == kPrSetVma && a[1] == kPrSetVmaAnonName)) {
+          !(a[0] == PR_SET_VMA && a[1] == PR_SET_VMA_ANON_NAME)) {
         return false;
       }
       *result = Prctl(static_cast<int>(a[0]), a[1], a[2], a[3], a[4], caller);

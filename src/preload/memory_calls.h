@@ -17,8 +17,14 @@
 #define SAMEPAGE_PRELOAD_MEMORY_CALLS_H_
 
 #include <stddef.h>
+#include <sys/prctl.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+
+#ifndef PR_SET_VMA
+#define PR_SET_VMA 0x53564d41  // Linux 5.17 (Prctl, MemorySyscall)
+#define PR_SET_VMA_ANON_NAME 0
+#endif
 
 namespace samepage::preload {
 

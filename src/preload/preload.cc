@@ -538,11 +538,6 @@ ssize_t ProcessMadvise(int pidfd, const struct iovec* iov, size_t n, int advice,
 
 namespace {
 
-#ifndef PR_SET_VMA
-#define PR_SET_VMA 0x53564d41  // Linux 5.17
-#define PR_SET_VMA_ANON_NAME 0
-#endif
-
 int RealPrctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
               unsigned long a5) {
   if (g_real.prctl != nullptr) return g_real.prctl(option, a2, a3, a4, a5);

@@ -135,14 +135,12 @@ long DirectSyscall6(long n, long a1, long a2, long a3, long a4, long a5,
 }
 
 long DirectSyscall(long n, ...) {
+  long a[6];
   va_list ap;
   va_start(ap, n);
-  // As glibc's syscall(): always six arguments, whatever was passed.
-  const long a1 = va_arg(ap, long), a2 = va_arg(ap, long),
-             a3 = va_arg(ap, long), a4 = va_arg(ap, long),
-             a5 = va_arg(ap, long), a6 = va_arg(ap, long);
+  SyscallArgs(ap, a);
   va_end(ap);
-  return DirectSyscall6(n, a1, a2, a3, a4, a5, a6);
+  return DirectSyscall6(n, a[0], a[1], a[2], a[3], a[4], a[5]);
 }
 
 int RealOpenat(int dirfd, const char* path, int flags, mode_t mode) {

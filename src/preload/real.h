@@ -31,6 +31,7 @@
 #define SAMEPAGE_PRELOAD_REAL_H_
 
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -94,6 +95,11 @@ extern RealFunctions g_real;
 long RawSyscall(long n, long a1, long a2, long a3, long a4, long a5, long a6);
 // ... or as glibc's syscall() returns it (-1 and errno on failure).
 long DirectSyscall(long n, ...);
+// The six arguments of a variadic system call, read as glibc's syscall()
+// reads them: all six, whatever was passed.
+inline void SyscallArgs(va_list ap, long a[6]) {
+  for (int i = 0; i < 6; ++i) a[i] = va_arg(ap, long);
+}
 long DirectSyscall6(long n, long a1, long a2, long a3, long a4, long a5,
                     long a6);
 
