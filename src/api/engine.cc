@@ -1067,6 +1067,12 @@ bool Engine::DiscardWithoutAllocating(void* addr, std::size_t len,
   return true;
 }
 
+bool Engine::OutsideWindows(bool (*change)(void* arg), void* arg) {
+  if (backend::ProcessStateRange().first == 0) return change(arg);  // no engine
+  backend::WindowLock window;
+  return change(arg);
+}
+
 Status Engine::Create(const EngineOptions& options,
                       std::unique_ptr<Engine>* engine) {
   const LinuxMemoryOptions backend_options = ToBackendOptions(options);

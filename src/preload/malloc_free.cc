@@ -18,8 +18,16 @@
 // it is comes from the loaded objects (real.cc, OtherAllocatorsMalloc), not
 // from &malloc: in a non-PIE executable (Debian's python3) that is the
 // program's PLT slot, and glibc's own malloc was taken for another one.
-// Arena memory (small blocks) is not covered: glibc trims arenas with an
-// internal madvise(MADV_DONTNEED) (docs/limitations.md item 5).
+//
+// Blocks from the heap or an arena: a free that leaves 64 KiB or more of
+// free memory in one piece (glibc's FASTBIN_CONSOLIDATION_THRESHOLD) may
+// trim, the main heap with an internal brk, an arena with an internal
+// madvise(MADV_DONTNEED) or munmap. Trimmed, then grown again at the same
+// addresses by the next malloc, heap memory under a merge window was
+// replaced by the frame (calloc returned the old block's bytes: tests/
+// preload/heap_trim_test.c, most runs of 5 s). Such frees, reallocs and
+// malloc_trim run outside merge windows (Engine::OutsideWindows); the
+// engines need not know more, since a window checks the pages it replaces.
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -79,11 +87,55 @@ bool MmappedBlock(void* mem, void** map, size_t* len) {
   return true;
 }
 
+// Whether free(mem), or a realloc that frees it, may trim memory: the
+// block and its neighbours (a free one before it, whatever follows it:
+// the top chunk, a free chunk, a block in use) reach glibc's 64 KiB
+// consolidation threshold, past which free trims the heap or arena. An
+// over-estimate is harmless (the free waits for a window), a miss is not.
+// A header that is not a sane chunk's is left to glibc to report. *from:
+// the lowest address a trim could reach (the top chunk lies above).
+bool MayTrim(void* mem, const void** from) {
+  constexpr size_t kConsolidation = 64 * 1024;
+  constexpr size_t kPrevInUse = 1;
+  const size_t* header = static_cast<const size_t*>(mem);
+  const size_t size = header[-1] & ~static_cast<size_t>(7);
+  if (size < 4 * sizeof(size_t) || size % (2 * sizeof(size_t)) != 0 ||
+      reinterpret_cast<uintptr_t>(mem) > UINTPTR_MAX - size) {
+    return false;
+  }
+  size_t total = size;
+  size_t before = 2 * sizeof(size_t);  // the chunk's header
+  if (!(header[-1] & kPrevInUse)) {
+    total += header[-2];
+    before += header[-2];
+  }
+  if (before > reinterpret_cast<uintptr_t>(mem)) return false;
+  *from = static_cast<const char*>(mem) - before;
+  if (total >= kConsolidation) return true;
+  // The next chunk's size word: the last word of this chunk's span.
+  const size_t next =
+      *reinterpret_cast<const size_t*>(static_cast<const char*>(mem) + size -
+                                       sizeof(size_t)) &
+      ~static_cast<size_t>(7);
+  return total + next >= kConsolidation;
+}
+
+bool RunFree(void* mem) {
+  __libc_free(mem);
+  return true;
+}
+
 struct ReallocCall {
   void* old;
   size_t size;
   void* result;
 };
+
+bool RunRealloc(void* arg) {
+  auto* c = static_cast<ReallocCall*>(arg);
+  c->result = __libc_realloc(c->old, c->size);
+  return c->result != nullptr || c->size == 0;
+}
 
 }  // namespace
 
@@ -110,19 +162,24 @@ SAMEPAGE_EXPORT void free(void* p) noexcept {
   size_t len = 0;
   // Bypass last: it may ask libsamepage (ThreadInsideEngine), and most
   // blocks are not mapped ones.
-  if (!MmappedBlock(p, &map, &len) || !MaybeAdvised(map, len) ||
-      Bypass(__builtin_return_address(0))) {
+  if (!MmappedBlock(p, &map, &len)) {
+    const void* from = nullptr;
+    if (MaybeAdvised(nullptr, SIZE_MAX) && MayTrim(p, &from) &&
+        MaybeAdvised(from, SIZE_MAX) && !Bypass(__builtin_return_address(0))) {
+      Inside inside;
+      (void)samepage::Engine::OutsideWindows(RunFree, p);
+    } else {
+      __libc_free(p);
+    }
+    return;
+  }
+  if (!MaybeAdvised(map, len) || Bypass(__builtin_return_address(0))) {
     __libc_free(p);
     return;
   }
   Inside inside;
   (void)samepage::Engine::ChangeMapping(
-      map, len, samepage::Engine::MappingChange::kUnmap,
-      [](void* arg) {
-        __libc_free(arg);
-        return true;
-      },
-      p);
+      map, len, samepage::Engine::MappingChange::kUnmap, RunFree, p);
 }
 
 SAMEPAGE_EXPORT void* realloc(void* p, size_t size) noexcept {
@@ -134,8 +191,20 @@ SAMEPAGE_EXPORT void* realloc(void* p, size_t size) noexcept {
   }
   void* map = nullptr;
   size_t len = 0;
-  if (p == nullptr || !MmappedBlock(p, &map, &len) || !MaybeAdvised(map, len) ||
-      Bypass(__builtin_return_address(0))) {
+  if (p == nullptr) return __libc_realloc(p, size);
+  if (!MmappedBlock(p, &map, &len)) {
+    // Shrunk, the rest is freed; moved, the old block is: either may trim.
+    const void* from = nullptr;
+    if (!MaybeAdvised(nullptr, SIZE_MAX) || !MayTrim(p, &from) ||
+        !MaybeAdvised(from, SIZE_MAX) || Bypass(__builtin_return_address(0))) {
+      return __libc_realloc(p, size);
+    }
+    ReallocCall c{p, size, nullptr};
+    Inside inside;
+    (void)samepage::Engine::OutsideWindows(RunRealloc, &c);
+    return c.result;
+  }
+  if (!MaybeAdvised(map, len) || Bypass(__builtin_return_address(0))) {
     return __libc_realloc(p, size);
   }
   // kMove: unmerged and unadvised first (the block may stay in place, or be
@@ -143,11 +212,29 @@ SAMEPAGE_EXPORT void* realloc(void* p, size_t size) noexcept {
   ReallocCall c{p, size, nullptr};
   Inside inside;
   (void)samepage::Engine::ChangeMapping(
-      map, len, samepage::Engine::MappingChange::kMove,
+      map, len, samepage::Engine::MappingChange::kMove, RunRealloc, &c);
+  return c.result;
+}
+
+// malloc_trim trims the heap and every arena (brk, madvise MADV_DONTNEED):
+// outside merge windows, as a free that trims.
+SAMEPAGE_EXPORT int malloc_trim(size_t pad) noexcept {
+  static std::atomic<int (*)(size_t)> next{nullptr};
+  auto real = Next(&next, "malloc_trim");
+  if (real == nullptr) return 0;
+  if (!GlibcAllocator() || Bypass(__builtin_return_address(0)))
+    return real(pad);
+  struct Call {
+    int (*real)(size_t);
+    size_t pad;
+    int result;
+  } c{real, pad, 0};
+  Inside inside;
+  (void)samepage::Engine::OutsideWindows(
       [](void* arg) {
-        auto* c = static_cast<ReallocCall*>(arg);
-        c->result = __libc_realloc(c->old, c->size);
-        return c->result != nullptr || c->size == 0;
+        auto* c = static_cast<Call*>(arg);
+        c->result = c->real(c->pad);
+        return true;
       },
       &c);
   return c.result;
