@@ -375,6 +375,9 @@ std::size_t Ksm::VerifyUnread(std::size_t budget,
 void Ksm::ResetItem(Addr addr, Item& item) {
   switch (item.state) {
     case ItemState::kNew:
+      // Not counted, but a visit may have aged it (smart scan) before its
+      // page turned out to be gone: all zero again.
+      item = Item{};
       return;
     case ItemState::kUnstable:
     case ItemState::kUnread:

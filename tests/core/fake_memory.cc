@@ -120,6 +120,7 @@ void FakeMemory::Probe(Addr addr, std::span<PageState> states) {
 }
 
 bool FakeMemory::Hash(Addr addr, std::uint64_t* hash) {
+  if (before_read) before_read(addr);
   auto it = pages_.find(addr);
   if (it == pages_.end()) return false;
   ++hashes[addr];
@@ -128,6 +129,7 @@ bool FakeMemory::Hash(Addr addr, std::uint64_t* hash) {
 }
 
 bool FakeMemory::HashFirstVisit(Addr addr, std::uint64_t* hash, bool* guessed) {
+  if (before_read) before_read(addr);
   auto it = pages_.find(addr);
   if (!guesses_zero_from_samples || it == pages_.end() ||
       !SampledLinesZero(Content(it->second).data())) {

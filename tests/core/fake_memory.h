@@ -45,6 +45,10 @@ class FakeMemory : public Memory {
   // Called (once per page) right before a merge compares a page; lets a test
   // write to it "concurrently".
   std::function<void(Addr)> before_compare;
+  // Called before a visit reads a page (Hash, HashFirstVisit): a test may
+  // unmap it there, as a thread of the program may between the probe that
+  // found the page and the read.
+  std::function<void(Addr)> before_read;
   // Merges allowed before kNoBudget is returned (simulates the VMA budget).
   std::size_t merge_budget = SIZE_MAX;
   // Unmerge gives back no page of a range overlapping [unmerge_fails_from,
