@@ -657,8 +657,10 @@ class LinuxMemory final : public Memory {
   template <typename SourceOf>
   void CopyPagesIntoFrames(SourceOf source_of, std::size_t n, FrameId first,
                            bool* copied);
-  // Makes [start, start + len) writable again except pages marked kGone or
-  // kMerged in results (one entry per page).
+  // Makes [start, start + len) writable again except pages marked kMerged
+  // (if skip_merged) in results (one entry per page); of pages marked
+  // kGone, only what is still registered with our userfaultfd, and their
+  // waiting writers are woken.
   void UnprotectRest(Addr start, std::size_t n, const MergeResult* results,
                      bool skip_merged, ProtectMethod how);
   // After a userfaultfd unprotect of [start, start + len) failed: clears
