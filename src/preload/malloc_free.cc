@@ -35,6 +35,7 @@
 #include <stdlib.h>
 
 #include <atomic>
+#include <type_traits>
 
 #include "preload/real.h"
 #include "samepage/engine.h"
@@ -137,11 +138,56 @@ bool RunRealloc(void* arg) {
   return c->result != nullptr || c->size == 0;
 }
 
+// The next posix_memalign, aligned_alloc, memalign, valloc and pvalloc.
+std::atomic<int (*)(void**, size_t, size_t)> g_next_posix_memalign{nullptr};
+std::atomic<void* (*)(size_t, size_t)> g_next_aligned_alloc{nullptr};
+std::atomic<void* (*)(size_t, size_t)> g_next_memalign{nullptr};
+std::atomic<void* (*)(size_t)> g_next_valloc{nullptr};
+std::atomic<void* (*)(size_t)> g_next_pvalloc{nullptr};
+
+// Runs call() outside merge windows where glibc's malloc may trim memory
+// samepage may merge: glibc gives back the room before and after an
+// aligned block with an internal free, which may trim as free does.
+template <typename Call>
+void MayTrimInside(const void* caller, Call&& call) {
+  if (!GlibcAllocator() || !MaybeAdvised(nullptr, SIZE_MAX) || Bypass(caller)) {
+    call();
+    return;
+  }
+  Inside inside;
+  (void)samepage::Engine::OutsideWindows(
+      [](void* arg) {
+        (*static_cast<std::remove_reference_t<Call>*>(arg))();
+        return true;
+      },
+      &call);
+}
+
+// aligned_alloc, memalign, valloc and pvalloc: the next one, run by
+// MayTrimInside.
+template <typename... A>
+void* Allocate(std::atomic<void* (*)(A...)>* slot, const char* name,
+               const void* caller, A... args) {
+  auto next = Next(slot, name);
+  if (next == nullptr) {
+    errno = ENOMEM;
+    return nullptr;
+  }
+  void* r = nullptr;
+  MayTrimInside(caller, [&] { r = next(args...); });
+  return r;
+}
+
 }  // namespace
 
 void ResolveNextAllocator() {
   (void)Next(&g_next_free, "free");
   (void)Next(&g_next_realloc, "realloc");
+  (void)Next(&g_next_posix_memalign, "posix_memalign");
+  (void)Next(&g_next_aligned_alloc, "aligned_alloc");
+  (void)Next(&g_next_memalign, "memalign");
+  (void)Next(&g_next_valloc, "valloc");
+  (void)Next(&g_next_pvalloc, "pvalloc");
 }
 
 void NoteAllocator(bool glibc) {
@@ -216,26 +262,41 @@ SAMEPAGE_EXPORT void* realloc(void* p, size_t size) noexcept {
   return c.result;
 }
 
-// malloc_trim trims the heap and every arena (brk, madvise MADV_DONTNEED):
-// outside merge windows, as a free that trims.
+// malloc_trim trims the heap and every arena (brk, madvise MADV_DONTNEED).
 SAMEPAGE_EXPORT int malloc_trim(size_t pad) noexcept {
-  static std::atomic<int (*)(size_t)> next{nullptr};
-  auto real = Next(&next, "malloc_trim");
-  if (real == nullptr) return 0;
-  if (!GlibcAllocator() || Bypass(__builtin_return_address(0)))
-    return real(pad);
-  struct Call {
-    int (*real)(size_t);
-    size_t pad;
-    int result;
-  } c{real, pad, 0};
-  Inside inside;
-  (void)samepage::Engine::OutsideWindows(
-      [](void* arg) {
-        auto* c = static_cast<Call*>(arg);
-        c->result = c->real(c->pad);
-        return true;
-      },
-      &c);
-  return c.result;
+  static std::atomic<int (*)(size_t)> next_trim{nullptr};
+  auto next = Next(&next_trim, "malloc_trim");
+  if (next == nullptr) return 0;
+  int r = 0;
+  MayTrimInside(__builtin_return_address(0), [&] { r = next(pad); });
+  return r;
+}
+
+SAMEPAGE_EXPORT int posix_memalign(void** out, size_t align,
+                                   size_t size) noexcept {
+  auto next = Next(&g_next_posix_memalign, "posix_memalign");
+  if (next == nullptr) return ENOMEM;
+  int r = ENOMEM;
+  MayTrimInside(__builtin_return_address(0),
+                [&] { r = next(out, align, size); });
+  return r;
+}
+
+SAMEPAGE_EXPORT void* aligned_alloc(size_t align, size_t size) noexcept {
+  return Allocate(&g_next_aligned_alloc, "aligned_alloc",
+                  __builtin_return_address(0), align, size);
+}
+
+SAMEPAGE_EXPORT void* memalign(size_t align, size_t size) noexcept {
+  return Allocate(&g_next_memalign, "memalign", __builtin_return_address(0),
+                  align, size);
+}
+
+SAMEPAGE_EXPORT void* valloc(size_t size) noexcept {
+  return Allocate(&g_next_valloc, "valloc", __builtin_return_address(0), size);
+}
+
+SAMEPAGE_EXPORT void* pvalloc(size_t size) noexcept {
+  return Allocate(&g_next_pvalloc, "pvalloc", __builtin_return_address(0),
+                  size);
 }
