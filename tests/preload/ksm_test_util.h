@@ -136,8 +136,21 @@ UNUSED static void restore_ksm(void) {
   write_knob("run", "0");
 }
 
+static pid_t g_saved_by; /* the process that saved them */
+
+/* A signal that ends the test (its output piped into `head`, ^C, a
+ * timeout's SIGTERM) restores the knobs too, in the process that saved
+ * them, then ends it as the signal would have: atexit handlers do not run
+ * then, and a native run left the kernel scanning at full speed. */
+UNUSED static void restore_ksm_and_die(int sig) {
+  if (getpid() == g_saved_by) restore_ksm();
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
 /* Skips (exit 77) unless the KSM files are writable here; saves the knobs
- * and arranges for their restoration at exit. */
+ * and arranges for their restoration at exit, or at a signal that ends the
+ * test. */
 UNUSED static void ksm_setup_or_skip(const char* test) {
   int fd = open(KSM_DIR "run", O_WRONLY);
   if (fd < 0) {
@@ -165,6 +178,14 @@ UNUSED static void ksm_setup_or_skip(const char* test) {
     g_saved[i].saved = 1;
   }
   atexit(restore_ksm);
+  g_saved_by = getpid();
+  const int ending[] = {SIGHUP, SIGINT, SIGPIPE, SIGTERM};
+  for (size_t i = 0; i < sizeof(ending) / sizeof(ending[0]); ++i) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = restore_ksm_and_die;
+    CHECK(sigaction(ending[i], &sa, NULL) == 0);
+  }
   write_knob("use_zero_pages", "0");
 }
 
