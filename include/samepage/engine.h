@@ -196,12 +196,12 @@ class Engine {
   // anywhere in the process, and none opening until it returns; returns
   // what change() returned. For calls that may unmap or discard memory the
   // engines track at addresses nobody can name beforehand: glibc's free,
-  // realloc and malloc_trim shrink the heap with an internal brk and trim
-  // arenas with an internal madvise(MADV_DONTNEED). Between a window's
-  // check that its pages are still there and the mapping of a frame over
-  // them, such a trim followed by the heap's growth at the same addresses
-  // would have the frame replace the program's new memory. Nothing else
-  // happens: pages that change() unmaps are found gone at their next visit
+  // realloc, malloc_trim and aligned allocations shrink the heap with an
+  // internal brk and trim arenas with an internal madvise(MADV_DONTNEED).
+  // Between a window's check that its pages are still there and the mapping of
+  // a frame over them, such a trim followed by the heap's growth at the same
+  // addresses would have the frame replace the program's new memory. Nothing
+  // else happens: pages that change() unmaps are found gone at their next visit
   // (a window checks every page it replaces), those it discards read their
   // frame again (malloc hands them out as garbage, calloc clears them).
   // Allocates nothing; never call it inside an engine.

@@ -1509,42 +1509,33 @@ bool LinuxMemory::HashFirstVisit(Addr addr, std::uint64_t* hash,
 void LinuxMemory::UnprotectRest(Addr start, std::size_t n,
                                 const MergeResult* results, bool skip_merged,
                                 ProtectMethod how) {
+  // Each page is left (merged), gone, or to unprotect; runs of one kind.
+  enum Kind { kLeave, kGone, kRest };
+  auto kind = [&](std::size_t i) {
+    if (skip_merged && results[i] == MergeResult::kMerged) return kLeave;
+    return results[i] == MergeResult::kGone ? kGone : kRest;
+  };
   std::size_t k = 0;
   while (k < n) {
-    if (skip_merged && results[k] == MergeResult::kMerged) {
-      ++k;
-      continue;
-    }
-    // A run of pages gone, or of pages to unprotect.
-    const bool gone = results[k] == MergeResult::kGone;
-    auto same = [&](std::size_t i) {
-      if (gone) return results[i] == MergeResult::kGone;
-      return results[i] != MergeResult::kGone &&
-             !(skip_merged && results[i] == MergeResult::kMerged);
-    };
+    const Kind run = kind(k);
     std::size_t e = k + 1;
-    while (e < n && same(e)) ++e;
+    while (e < n && kind(e) == run) ++e;
     const Addr at = start + k * kPageSize;
     const std::size_t len = (e - k) * kPageSize;
-    if (gone) {
-      // Unmapped, discarded or replaced under the window by a call samepage
-      // does not see (glibc's own): what still carries our write-protection
-      // (pages the call left, the markers of never-touched ones) is
-      // cleared, and writers that faulted on it are woken. Nothing reads
-      // the faults: they would wait for good (a thread of
-      // tests/preload/heap_trim_test.c did, once in some 40 runs). A
-      // userfaultfd touches only VMAs registered with it; mprotect would
-      // change whatever is mapped there now, so there the pages are left
-      // (their writers wait for the window, not for the page).
-      if (how == ProtectMethod::kUffd) {
-        if (!protector_->Unprotect(at, len, how)) ClearStrayProtection(at, len);
-        protector_->Replaced(at, len, how);
-      }
-    } else if (!protector_->Unprotect(at, len, how) &&
-               how == ProtectMethod::kUffd) {
-      ClearStrayProtection(at, len);
-    }
     k = e;
+    // Pages gone under the window (unmapped, discarded or replaced by a
+    // call samepage does not see, such as glibc's own): what still carries
+    // our write-protection (pages the call left, the markers of
+    // never-touched ones) is cleared, and writers that faulted on them are
+    // woken, since nothing reads the faults. A userfaultfd touches only
+    // VMAs registered with it; mprotect would change whatever is mapped
+    // there now, so under it gone pages are left (their writers wait for
+    // the window, not for the page).
+    if (run == kLeave || (run == kGone && how != ProtectMethod::kUffd))
+      continue;
+    if (!protector_->Unprotect(at, len, how) && how == ProtectMethod::kUffd)
+      ClearStrayProtection(at, len);
+    if (run == kGone) protector_->Replaced(at, len, how);
   }
 }
 

@@ -25,9 +25,10 @@
 // madvise(MADV_DONTNEED) or munmap. Trimmed, then grown again at the same
 // addresses by the next malloc, heap memory under a merge window was
 // replaced by the frame (calloc returned the old block's bytes: tests/
-// preload/heap_trim_test.c, most runs of 5 s). Such frees, reallocs and
-// malloc_trim run outside merge windows (Engine::OutsideWindows); the
-// engines need not know more, since a window checks the pages it replaces.
+// preload/heap_trim_test.c, most runs of 4 s). Such frees and reallocs,
+// malloc_trim and the aligned allocations (which free the room around the
+// block) run outside merge windows (Engine::OutsideWindows); the engines
+// need not know more, since a window checks the pages it replaces.
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -121,6 +122,14 @@ bool MayTrim(void* mem, const void** from) {
   return total + next >= kConsolidation;
 }
 
+// Whether free(mem) or realloc(mem, ...) from `caller` must run outside
+// merge windows: it may trim memory samepage may be merging.
+bool TrimMayMeetWindows(void* mem, const void* caller) {
+  const void* from = nullptr;
+  return MaybeAdvised(nullptr, SIZE_MAX) && MayTrim(mem, &from) &&
+         MaybeAdvised(from, SIZE_MAX) && !Bypass(caller);
+}
+
 bool RunFree(void* mem) {
   __libc_free(mem);
   return true;
@@ -209,9 +218,7 @@ SAMEPAGE_EXPORT void free(void* p) noexcept {
   // Bypass last: it may ask libsamepage (ThreadInsideEngine), and most
   // blocks are not mapped ones.
   if (!MmappedBlock(p, &map, &len)) {
-    const void* from = nullptr;
-    if (MaybeAdvised(nullptr, SIZE_MAX) && MayTrim(p, &from) &&
-        MaybeAdvised(from, SIZE_MAX) && !Bypass(__builtin_return_address(0))) {
+    if (TrimMayMeetWindows(p, __builtin_return_address(0))) {
       Inside inside;
       (void)samepage::Engine::OutsideWindows(RunFree, p);
     } else {
@@ -240,11 +247,8 @@ SAMEPAGE_EXPORT void* realloc(void* p, size_t size) noexcept {
   if (p == nullptr) return __libc_realloc(p, size);
   if (!MmappedBlock(p, &map, &len)) {
     // Shrunk, the rest is freed; moved, the old block is: either may trim.
-    const void* from = nullptr;
-    if (!MaybeAdvised(nullptr, SIZE_MAX) || !MayTrim(p, &from) ||
-        !MaybeAdvised(from, SIZE_MAX) || Bypass(__builtin_return_address(0))) {
+    if (!TrimMayMeetWindows(p, __builtin_return_address(0)))
       return __libc_realloc(p, size);
-    }
     ReallocCall c{p, size, nullptr};
     Inside inside;
     (void)samepage::Engine::OutsideWindows(RunRealloc, &c);

@@ -1192,15 +1192,13 @@ bool samepage::preload::UserfaultfdIoctl(int fd, unsigned long request,
     *result = UffdRegister(fd, arg);
     return true;
   }
-  if (request == kUffdioUnregister) {
-    // The range's VmFlags change (merged again, by the engines' next view).
-    *result = RealIoctl(fd, request, arg);
-    const int err = errno;
-    samepage::Engine::VmaFlagsChanged();
-    errno = err;
-    return true;
-  }
-  return false;
+  // UFFDIO_UNREGISTER: the range's VmFlags change (merged again, by the
+  // engines' next view).
+  *result = RealIoctl(fd, request, arg);
+  const int err = errno;
+  samepage::Engine::VmaFlagsChanged();
+  errno = err;
+  return true;
 }
 
 // --- the 2008 /dev/ksm ---

@@ -152,20 +152,12 @@ int main(void) {
   write_knob("sleep_millisecs", "0");
   write_knob("run", "1");
   /* Memory that stays: something merges for sure while the threads churn. */
-  unsigned char* keep = mmap(NULL, 256 * PAGE, PROT_READ | PROT_WRITE,
-                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  CHECK(keep != MAP_FAILED);
-  memset(keep, 0x6b, 256 * PAGE);
+  unsigned char* keep = map_class(256, 1);
   pthread_t arena;
   CHECK(pthread_create(&arena, NULL, churn, (void*)(uintptr_t)1) == 0);
   churn((void*)(uintptr_t)0);
   CHECK(pthread_join(arena, NULL) == 0);
-  const double end = now_seconds() + 10;
-  unsigned long merged = 0;
-  while ((merged = read_ulong("/proc/self/ksm_merging_pages")) == 0 &&
-         now_seconds() < end) {
-    sleep_ms(10);
-  }
+  const unsigned long merged = wait_merging(1, 10);
   printf(
       "%lu rounds on the heap (%lu trimmed it), %lu in an arena; "
       "%lu pages merged after\n",
@@ -175,7 +167,7 @@ int main(void) {
   CHECK(mapped_above_break() == 0);
   CHECK(g_trims[0] > 0); /* the heap was trimmed: the test tested something */
   CHECK(merged > 0);
-  CHECK(first_not(keep, 256 * PAGE, 0x6b) < 0);
+  check_pages_hold(keep, 0, 256, 1);
   CHECK(prctl(PR_SET_MEMORY_MERGE, 0, 0, 0, 0) == 0);
   CHECK(munmap(keep, 256 * PAGE) == 0);
   printf("PASS heap_trim_test\n");

@@ -104,10 +104,7 @@ int main(void) {
   write_knob("sleep_millisecs", "0");
   write_knob("run", "1");
   /* Memory that stays: something merges for sure while the threads churn. */
-  unsigned char* keep = mmap(NULL, 256 * PAGE, PROT_READ | PROT_WRITE,
-                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  CHECK(keep != MAP_FAILED);
-  memset(keep, 0x6b, 256 * PAGE);
+  unsigned char* keep = map_class(256, 1);
   pthread_t t[kThreads];
   for (unsigned i = 0; i < kThreads; ++i)
     CHECK(pthread_create(&t[i], NULL, worker, (void*)(uintptr_t)i) == 0);
@@ -123,7 +120,7 @@ int main(void) {
          g_rounds, peak);
   CHECK(!g_failed);
   CHECK(peak > 0);
-  for (size_t i = 0; i < 256 * PAGE; ++i) CHECK(keep[i] == 0x6b);
+  check_pages_hold(keep, 0, 256, 1);
   CHECK(prctl(PR_SET_MEMORY_MERGE, 0, 0, 0, 0) == 0);
   CHECK(munmap(keep, 256 * PAGE) == 0);
   printf("PASS malloc_test\n");
