@@ -74,47 +74,12 @@ namespace {
 
 constexpr uintptr_t kPage = 4096;
 
-struct MunmapCall {
-  void* addr;
-  size_t len;
-  int result;
-  int err;
-};
-
-struct MmapCall {
-  void* addr;
-  size_t len;
-  int prot, flags, fd;
-  off_t off;
-  void* result;
-  int err;
-};
-
-struct MremapCall {
-  void* old;
-  size_t old_len, new_len;
-  int flags;
-  void* new_addr;
-  void* result;
-  int err;
-  bool advised;  // set by Engine::ChangeMapping before the call
-};
+using Kind = Engine::MappingChange;
 
 // mlock and friends: the system call and its arguments.
 struct LockCall {
   long nr;  // SYS_mlock, SYS_mlock2, SYS_munlock, SYS_mlockall, ...
   long a, b, c;
-  long result;
-  int err;
-};
-
-struct MprotectCall {
-  void* addr;
-  size_t len;
-  int prot;
-  int pkey;  // -1: mprotect
-  int result;
-  int err;
 };
 
 int RealPkeyMprotect(void* addr, size_t len, int prot, int pkey) {
@@ -123,66 +88,34 @@ int RealPkeyMprotect(void* addr, size_t len, int prot, int pkey) {
       DirectSyscall(SYS_pkey_mprotect, addr, len, prot, pkey));
 }
 
-bool DoMremap(void* p) {
-  auto* c = static_cast<MremapCall*>(p);
-  c->result = RealMremap(c->old, c->old_len, c->new_len, c->flags, c->new_addr);
-  c->err = errno;
+void* MoveMapping(void* old, size_t old_len, size_t new_len, int flags,
+                  void* new_addr) {
+  void* const result = RealMremap(old, old_len, new_len, flags, new_addr);
   // A range that spans several mappings (EFAULT) may be one anonymous
   // mapping of the program's that merges made into many: moved piece by
   // piece (backend::MremapPieces). EFAULT stays where it is not.
-  if (c->result == MAP_FAILED && c->err == EFAULT) {
-    c->result = backend::MremapPieces(reinterpret_cast<uintptr_t>(c->old),
-                                      c->old_len, c->new_len, c->flags,
-                                      reinterpret_cast<uintptr_t>(c->new_addr));
-    c->err = c->result == MAP_FAILED ? errno : 0;
-  }
-  return c->result != MAP_FAILED;
-}
-
-// Reprotect or unmap [addr, addr + len) of an advised range through the
-// engine; see Engine::ChangeMapping.
-bool Change(void* addr, size_t len, bool keep_contents, bool (*fn)(void*),
-            void* call, bool* advised = nullptr) {
-  Inside inside;
-  using Kind = samepage::Engine::MappingChange;
-  return samepage::Engine::ChangeMapping(
-      addr, len, keep_contents ? Kind::kMove : Kind::kUnmap, fn, call, advised);
+  if (result != MAP_FAILED || errno != EFAULT) return result;
+  return backend::MremapPieces(reinterpret_cast<uintptr_t>(old), old_len,
+                               new_len, flags,
+                               reinterpret_cast<uintptr_t>(new_addr));
 }
 
 // The lock calls are plain system calls in glibc too. A lock state change
 // over advised memory waits for merge windows there, then the engines see
 // it: a merge in flight would otherwise put an unlocked (or locked)
 // mapping over memory the program has just locked (or unlocked).
-int LockChange(void* addr, size_t len, LockCall* c, const void* caller) {
-  auto run = [](void* p) {
-    auto* c = static_cast<LockCall*>(p);
-    c->result = DirectSyscall(c->nr, c->a, c->b, c->c);
-    c->err = errno;
-    return c->result == 0;
-  };
+int LockChange(void* addr, size_t len, const LockCall& c, const void* caller) {
+  auto run = [&] { return DirectSyscall(c.nr, c.a, c.b, c.c); };
   if (Bypass(caller) || !MaybeAdvised(addr, len)) {
-    run(c);
-  } else {
-    Inside inside;
-    samepage::Engine::ChangeMapping(
-        addr, len, samepage::Engine::MappingChange::kFlags, run, c);
+    return static_cast<int>(run());
   }
-  errno = c->err;
-  return static_cast<int>(c->result);
+  return static_cast<int>(
+      ChangeThroughEngines(addr, len, Kind::kFlags, -1L, run));
 }
 
 long Arg(const void* p) {
   return static_cast<long>(reinterpret_cast<uintptr_t>(p));
 }
-
-// An mseal call (flags: none defined yet, 0).
-struct MsealCall {
-  void* addr;
-  size_t len;
-  unsigned long flags;
-  int result;
-  int err;
-};
 
 int RealMseal(void* addr, size_t len, unsigned long flags) {
   return static_cast<int>(DirectSyscall(SYS_mseal, addr, len, flags));
@@ -194,17 +127,8 @@ int Munmap(void* addr, size_t len, const void* caller) {
   if (Bypass(caller) || !MaybeAdvised(addr, len)) {
     return RealMunmap(addr, len);
   }
-  MunmapCall c{addr, len, -1, 0};
-  Change(addr, len, /*keep_contents=*/false,
-         [](void* p) {
-           auto* c = static_cast<MunmapCall*>(p);
-           c->result = RealMunmap(c->addr, c->len);
-           c->err = errno;
-           return c->result == 0;
-         },
-         &c);
-  errno = c.err;
-  return c.result;
+  return ChangeThroughEngines(addr, len, Kind::kUnmap, -1,
+                              [&] { return RealMunmap(addr, len); });
 }
 
 void* Mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off,
@@ -214,18 +138,9 @@ void* Mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off,
   if (!replaces || Bypass(caller) || !MaybeAdvised(addr, len)) {
     return RealMmap(addr, len, prot, flags, fd, off);
   }
-  MmapCall c{addr, len, prot, flags, fd, off, MAP_FAILED, 0};
-  Change(addr, len, /*keep_contents=*/false,
-         [](void* p) {
-           auto* c = static_cast<MmapCall*>(p);
-           c->result = RealMmap(c->addr, c->len, c->prot, c->flags, c->fd,
-                                c->off);
-           c->err = errno;
-           return c->result != MAP_FAILED;
-         },
-         &c);
-  errno = c.err;
-  return c.result;
+  return ChangeThroughEngines(addr, len, Kind::kUnmap, MAP_FAILED, [&] {
+    return RealMmap(addr, len, prot, flags, fd, off);
+  });
 }
 
 void* Mremap(void* old, size_t old_len, size_t new_len, int flags,
@@ -239,36 +154,35 @@ void* Mremap(void* old, size_t old_len, size_t new_len, int flags,
   if (target) {
     // The target is about to be unmapped by the kernel: unmerge and unadvise
     // it first (a no-op change), so the engine tracks nothing there.
-    Change(new_addr, new_len, /*keep_contents=*/true,
-           [](void*) { return true; }, nullptr);
+    (void)ChangeThroughEngines(new_addr, new_len, Kind::kMove, false,
+                               [] { return true; });
   }
   if (!source) return RealMremap(old, old_len, new_len, flags, new_addr);
-  // err: what the caller sees if the engines refuse the move (a range they
-  // cannot unmerge), where the real call never runs.
-  MremapCall c{old,      old_len,    new_len, flags,
-               new_addr, MAP_FAILED, ENOMEM,  false};
-  const bool ok = Change(old, old_len, /*keep_contents=*/true, DoMremap, &c,
-                         &c.advised);
-  if (ok) {
-    Inside inside;
-    // Advice mprotect suspended there (read-only memory) moves too; its new
-    // place is then advised memory for the fast paths (Reprotected).
-    if (samepage::Engine::Moved(old, old_len, c.result, new_len,
-                                (flags & MREMAP_DONTUNMAP) != 0)) {
-      NoteAdvisedRange(c.result, new_len);
+  bool advised = false;
+  void* const moved = ChangeThroughEngines(
+      old, old_len, Kind::kMove, MAP_FAILED,
+      [&] { return MoveMapping(old, old_len, new_len, flags, new_addr); },
+      &advised);
+  if (moved == MAP_FAILED) return moved;
+  const int err = errno;
+  Inside inside;
+  // Advice mprotect suspended there (read-only memory) moves too; its new
+  // place is then advised memory for the fast paths (Reprotected).
+  if (samepage::Engine::Moved(old, old_len, moved, new_len,
+                              (flags & MREMAP_DONTUNMAP) != 0)) {
+    NoteAdvisedRange(moved, new_len);
+  }
+  // VM_MERGEABLE moves with the mapping (and stays on a DONTUNMAP source).
+  if (advised) {
+    if (samepage_madvise(moved, new_len, MADV_MERGEABLE) == 0) {
+      NoteAdvisedRange(moved, new_len);
     }
-    // VM_MERGEABLE moves with the mapping (and stays on a DONTUNMAP source).
-    if (c.advised) {
-      if (samepage_madvise(c.result, new_len, MADV_MERGEABLE) == 0) {
-        NoteAdvisedRange(c.result, new_len);
-      }
-      if (flags & MREMAP_DONTUNMAP) {
-        (void)samepage_madvise(old, old_len, MADV_MERGEABLE);
-      }
+    if (flags & MREMAP_DONTUNMAP) {
+      (void)samepage_madvise(old, old_len, MADV_MERGEABLE);
     }
   }
-  errno = c.err;
-  return c.result;
+  errno = err;
+  return moved;
 }
 
 int Mprotect(void* addr, size_t len, int prot, const void* caller) {
@@ -295,21 +209,9 @@ int PkeyMprotect(void* addr, size_t len, int prot, int pkey,
     }
     return r;
   }
-  MprotectCall c{addr, len, prot, pkey, -1, ENOMEM};  // as in mremap
-  {
-    Inside inside;
-    samepage::Engine::ChangeMapping(
-        addr, len, samepage::Engine::MappingChange::kReprotect,
-        [](void* p) {
-          auto* c = static_cast<MprotectCall*>(p);
-          c->result = RealPkeyMprotect(c->addr, c->len, c->prot, c->pkey);
-          c->err = errno;
-          return c->result == 0;
-        },
-        &c);
-  }
-  errno = c.err;
-  return c.result;
+  return ChangeThroughEngines(addr, len, Kind::kReprotect, -1, [&] {
+    return RealPkeyMprotect(addr, len, prot, pkey);
+  });
 }
 
 int Mseal(void* addr, size_t len, unsigned long flags, const void* caller) {
@@ -318,26 +220,16 @@ int Mseal(void* addr, size_t len, unsigned long flags, const void* caller) {
   }
   // Unmerged and unadvised first, as for mprotect; where that cannot be
   // done the call fails with ENOMEM and nothing is sealed.
-  MsealCall c{addr, len, flags, -1, ENOMEM};
-  Change(
-      addr, len, /*keep_contents=*/true,
-      [](void* p) {
-        auto* c = static_cast<MsealCall*>(p);
-        c->result = RealMseal(c->addr, c->len, c->flags);
-        c->err = errno;
-        return c->result == 0;
-      },
-      &c);
-  errno = c.err;
-  return c.result;
+  return ChangeThroughEngines(addr, len, Kind::kMove, -1,
+                              [&] { return RealMseal(addr, len, flags); });
 }
 
 bool MemorySyscall(long nr, const long* a, const void* caller, long* result) {
   auto ptr = [&](int i) { return reinterpret_cast<void*>(a[i]); };
   auto size = [&](int i) { return static_cast<size_t>(a[i]); };
   auto lock = [&](void* addr, size_t len) {
-    LockCall c{nr, a[0], a[1], a[2], -1, 0};
-    return LockChange(addr, len, &c, caller);
+    LockCall c{nr, a[0], a[1], a[2]};
+    return LockChange(addr, len, c, caller);
   };
   if ((nr == SYS_prctl && a[0] == PR_SET_SECCOMP &&
        (a[1] == SECCOMP_MODE_STRICT || a[1] == SECCOMP_MODE_FILTER)) ||
@@ -442,33 +334,33 @@ SAMEPAGE_EXPORT void* mremap(void* old, size_t old_len, size_t new_len,
 }
 
 SAMEPAGE_EXPORT int mlock(const void* addr, size_t len) noexcept {
-  LockCall c{SYS_mlock, Arg(addr), static_cast<long>(len), 0, -1, 0};
-  return LockChange(const_cast<void*>(addr), len, &c,
+  LockCall c{SYS_mlock, Arg(addr), static_cast<long>(len), 0};
+  return LockChange(const_cast<void*>(addr), len, c,
                     __builtin_return_address(0));
 }
 
 SAMEPAGE_EXPORT int mlock2(const void* addr, size_t len,
                            unsigned int flags) noexcept {
   LockCall c{SYS_mlock2, Arg(addr), static_cast<long>(len),
-             static_cast<long>(flags), -1, 0};
-  return LockChange(const_cast<void*>(addr), len, &c,
+             static_cast<long>(flags)};
+  return LockChange(const_cast<void*>(addr), len, c,
                     __builtin_return_address(0));
 }
 
 SAMEPAGE_EXPORT int munlock(const void* addr, size_t len) noexcept {
-  LockCall c{SYS_munlock, Arg(addr), static_cast<long>(len), 0, -1, 0};
-  return LockChange(const_cast<void*>(addr), len, &c,
+  LockCall c{SYS_munlock, Arg(addr), static_cast<long>(len), 0};
+  return LockChange(const_cast<void*>(addr), len, c,
                     __builtin_return_address(0));
 }
 
 SAMEPAGE_EXPORT int mlockall(int flags) noexcept {
-  LockCall c{SYS_mlockall, flags, 0, 0, -1, 0};
-  return LockChange(nullptr, SIZE_MAX, &c, __builtin_return_address(0));
+  LockCall c{SYS_mlockall, flags, 0, 0};
+  return LockChange(nullptr, SIZE_MAX, c, __builtin_return_address(0));
 }
 
 SAMEPAGE_EXPORT int munlockall(void) noexcept {
-  LockCall c{SYS_munlockall, 0, 0, 0, -1, 0};
-  return LockChange(nullptr, SIZE_MAX, &c, __builtin_return_address(0));
+  LockCall c{SYS_munlockall, 0, 0, 0};
+  return LockChange(nullptr, SIZE_MAX, c, __builtin_return_address(0));
 }
 
 SAMEPAGE_EXPORT int mprotect(void* addr, size_t len, int prot) noexcept {

@@ -16,10 +16,14 @@
 #ifndef SAMEPAGE_PRELOAD_MEMORY_CALLS_H_
 #define SAMEPAGE_PRELOAD_MEMORY_CALLS_H_
 
+#include <errno.h>
 #include <stddef.h>
 #include <sys/prctl.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+
+#include "preload/real.h"
+#include "samepage/engine.h"
 
 #ifndef PR_SET_VMA
 #define PR_SET_VMA 0x53564d41  // Linux 5.17 (Prctl, MemorySyscall)
@@ -66,6 +70,37 @@ bool MemorySyscall(long nr, const long* a, const void* caller, long* result);
 // struct sock_fprog) or strict mode, samepage steps aside for good if the
 // filter would refuse a system call samepage makes (Retire, real.h).
 void BeforeSeccomp(bool strict, const void* prog);
+
+// For the interposers: runs `call` (the real call, which returns `failed`
+// and sets errno when it fails) as the change of [addr, addr + len)
+// through Engine::ChangeMapping (see there for `kind` and `advised`), and
+// returns what it returned, with errno as it left it. Where the engines
+// refuse the change (a range they cannot unmerge), `call` never runs: the
+// caller sees `failed` and ENOMEM.
+template <typename T, typename Call>
+T ChangeThroughEngines(void* addr, size_t len, Engine::MappingChange kind,
+                       T failed, Call call, bool* advised = nullptr) {
+  struct State {
+    Call& call;
+    T failed, result;
+    int err;
+  };
+  State s{call, failed, failed, ENOMEM};
+  {
+    Inside inside;
+    (void)Engine::ChangeMapping(
+        addr, len, kind,
+        [](void* p) {
+          auto* s = static_cast<State*>(p);
+          s->result = s->call();
+          s->err = errno;
+          return s->result != s->failed;
+        },
+        &s, advised);
+  }
+  errno = s.err;
+  return s.result;
+}
 
 // raw_fork.cc: system call `nr` with arguments a[0..5], where it is a fork
 // (clone or clone3 without CLONE_VM and without a new stack, fork): run

@@ -149,8 +149,8 @@ bool IsDiscard(int advice) {
          advice == MADV_GUARD_INSTALL;
 }
 
-// A discarding madvise or process_madvise, run by Discard inside
-// Engine::ChangeMapping.
+// A discarding madvise or process_madvise: run by Discard through the
+// engines, or by AllocatorDiscard (RunDiscard) under the window lock.
 struct DiscardCall {
   ssize_t (*call)(DiscardCall*);
   void* addr;
@@ -185,15 +185,10 @@ ssize_t Discard(void* addr, size_t len, DiscardCall* c) {
       reinterpret_cast<uintptr_t>(addr) % samepage::kPageSize == 0 &&
       (c->advice == MADV_DONTNEED || c->advice == MADV_DONTNEED_LOCKED ||
        c->advice == MADV_FREE);
-  {
-    Inside inside;
-    (void)Engine::ChangeMapping(addr, len,
-                                to_zero ? Engine::MappingChange::kDiscardToZero
-                                        : Engine::MappingChange::kDiscard,
-                                RunDiscard, c);
-  }
-  errno = c->err;
-  return c->result;
+  return ChangeThroughEngines(addr, len,
+                              to_zero ? Engine::MappingChange::kDiscardToZero
+                                      : Engine::MappingChange::kDiscard,
+                              ssize_t{-1}, [c] { return c->call(c); });
 }
 
 // The real madvise, as a DiscardCall.
@@ -249,14 +244,9 @@ int Madvise(void* addr, size_t len, int advice, const void* caller) {
   if (advice == MADV_WIPEONFORK && MaybeAdvised(addr, len)) {
     // Merged pages map frames, which the kernel refuses the flag (EINVAL):
     // given back first, and the range not merged again once flagged.
-    DiscardCall c = MadviseCall(addr, len, advice);
-    {
-      Inside inside;
-      (void)Engine::ChangeMapping(
-          addr, len, Engine::MappingChange::kAnonymousFlags, RunDiscard, &c);
-    }
-    errno = c.err;
-    return static_cast<int>(c.result);
+    return ChangeThroughEngines(addr, len,
+                                Engine::MappingChange::kAnonymousFlags, -1,
+                                [&] { return RealMadvise(addr, len, advice); });
   }
   const int r = RealMadvise(addr, len, advice);
   // DONTFORK, DONTDUMP, WIPEONFORK ... change VmFlags, perhaps of a whole
@@ -544,13 +534,6 @@ int RealPrctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
   return static_cast<int>(DirectSyscall(SYS_prctl, option, a2, a3, a4, a5));
 }
 
-struct PrctlCall {
-  int option;
-  unsigned long a2, a3, a4, a5;
-  int result;
-  int err;
-};
-
 }  // namespace
 
 int Prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
@@ -588,22 +571,9 @@ int Prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
     // kernel refuses one (EINVAL), so they are given back first (until
     // 2026-12-06 the call failed). They merge again later, as a mapping of
     // a frame, nameless while merged (limitations.md, item 2).
-    PrctlCall c{option, a2, a3, a4, a5, -1, 0};
-    {
-      Inside inside;
-      (void)Engine::ChangeMapping(
-          reinterpret_cast<void*>(a3), a4,
-          Engine::MappingChange::kAnonymousFlags,
-          [](void* p) {
-            auto* c = static_cast<PrctlCall*>(p);
-            c->result = RealPrctl(c->option, c->a2, c->a3, c->a4, c->a5);
-            c->err = errno;
-            return c->result == 0;
-          },
-          &c);
-    }
-    errno = c.err;
-    return c.result;
+    return ChangeThroughEngines(
+        reinterpret_cast<void*>(a3), a4, Engine::MappingChange::kAnonymousFlags,
+        -1, [&] { return RealPrctl(option, a2, a3, a4, a5); });
   }
   return RealPrctl(option, a2, a3, a4, a5);
 }
@@ -1138,13 +1108,6 @@ int RealIoctl(int fd, unsigned long request, void* arg) {
 constexpr unsigned long kUffdioRegister = UFFDIO_REGISTER;
 constexpr unsigned long kUffdioUnregister = UFFDIO_UNREGISTER;
 
-struct UffdRegisterCall {
-  int fd;
-  void* arg;
-  int result;
-  int err;
-};
-
 // The application registers memory with a userfaultfd of its own. The
 // engines register all the memory they may merge with theirs (for
 // write-protection), and a VMA takes one userfaultfd: the kernel would
@@ -1161,22 +1124,10 @@ int UffdRegister(int fd, void* arg) {
       !FdIs(fd, "anon_inode:[userfaultfd]")) {
     return RealIoctl(fd, kUffdioRegister, arg);
   }
-  UffdRegisterCall c{fd, arg, -1, 0};
-  {
-    Inside inside;
-    (void)samepage::Engine::ChangeMapping(
-        reinterpret_cast<void*>(range.start), range.len,
-        samepage::Engine::MappingChange::kUserfaultfd,
-        [](void* p) {
-          auto* c = static_cast<UffdRegisterCall*>(p);
-          c->result = RealIoctl(c->fd, kUffdioRegister, c->arg);
-          c->err = errno;
-          return c->result == 0;
-        },
-        &c);
-  }
-  errno = c.err;
-  return c.result;
+  return ChangeThroughEngines(
+      reinterpret_cast<void*>(range.start), range.len,
+      samepage::Engine::MappingChange::kUserfaultfd, -1,
+      [&] { return RealIoctl(fd, kUffdioRegister, arg); });
 }
 
 }  // namespace
