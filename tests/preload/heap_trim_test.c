@@ -42,7 +42,7 @@ static void report(unsigned id, unsigned long round, const char* what,
 
 /* The start of a mapping within 16 MiB above the program break, or 0:
  * natively nothing is there, and the heap can grow back. Read without
- * stdio, whose buffers glibc frees with calls no interposer sees. */
+ * stdio, so that the check takes no block from the heap it looks at. */
 static unsigned long mapped_above_break(void) {
   static char text[1 << 20];
   const unsigned long brk = (unsigned long)sbrk(0);
