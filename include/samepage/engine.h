@@ -207,6 +207,16 @@ class Engine {
   // Allocates nothing; never call it inside an engine.
   static bool OutsideWindows(bool (*change)(void* arg), void* arg);
 
+  // For the LD_PRELOAD layer: the calling thread is about to exit (a
+  // thread-specific data destructor). glibc then frees the thread's malloc
+  // cache with internal calls, which may trim the heap as free does, and
+  // drops the unused part of its stack: from now until the thread is gone
+  // (at most 100 ms) no merge window opens anywhere in the process; merges
+  // due meanwhile are tried again later, and giving merged memory back
+  // waits. Waits for the windows open now. Allocates nothing. A no-op on
+  // a thread inside an engine or where no engine was ever made.
+  static void ThreadExiting();
+
   // For the LD_PRELOAD layer: the kernel is about to write into
   // [addr, addr + len) for the application outside the system calls it
   // makes, through the page tables, faulting pages in for writing as a

@@ -1073,6 +1073,11 @@ bool Engine::OutsideWindows(bool (*change)(void* arg), void* arg) {
   return change(arg);
 }
 
+void Engine::ThreadExiting() {
+  if (ThreadInsideEngine()) return;
+  backend::NoteThreadExiting();  // a no-op without the process state
+}
+
 Status Engine::Create(const EngineOptions& options,
                       std::unique_ptr<Engine>* engine) {
   const LinuxMemoryOptions backend_options = ToBackendOptions(options);

@@ -1777,7 +1777,8 @@ void LinuxMemory::InProtectedWindow(Addr base, std::size_t n,
     return;
   }
   WindowLock lock;
-  const int slot = OpenWindow(base, base + len);
+  // Not while a thread exits (NoteThreadExiting): tried again later.
+  const int slot = ThreadsExiting() ? -1 : OpenWindow(base, base + len);
   if (slot < 0) {
     std::fill(local, local + n, MergeResult::kFailed);
     return;
@@ -2434,7 +2435,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
     std::fill(local, local + n, MergeResult::kFailed);
   } else {
     WindowLock lock;
-    const int pslot = OpenWindow(pbase, pbase + len);
+    const int pslot = ThreadsExiting() ? -1 : OpenWindow(pbase, pbase + len);
     bool slots = pslot >= 0;
     for (std::size_t r = 0; slots && r < nruns; ++r) {
       runs[r].slot = OpenWindow(runs[r].at, runs[r].at + runs[r].bytes());
@@ -2999,7 +3000,7 @@ bool LinuxMemory::CopyIntoScratch(Addr src, std::size_t len) {
 bool LinuxMemory::RestoreAnonymous(Addr start, std::size_t len, int prot) {
   bool ok = false;
   {
-    WindowLock lock;
+    WindowLock lock(WindowLock::kAfterExits);
     int slot = OpenWindow(start, start + len);
     if (slot < 0) return false;
     ProtectMethod how = ProtectMethod::kNone;

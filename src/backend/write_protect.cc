@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -34,6 +35,14 @@ struct WindowSlot {
   std::atomic<Addr> start{0};
   std::atomic<Addr> end{0};
   std::atomic<pid_t> owner{0};  // tid of the merging thread
+};
+
+// Threads on their way out (NoteThreadExiting): kernel tid (0: free) and
+// when they registered. Written under the window lock only.
+constexpr int kMaxExiting = 64;
+struct ExitingSlot {
+  std::atomic<pid_t> tid{0};
+  std::atomic<std::int64_t> since{0};
 };
 
 // Direct I/O in flight into [start, end) (BeginPinnedIo).
@@ -81,6 +90,8 @@ struct ProcessState {
   std::atomic<pid_t> chain_lock{0};
   ChainedAction chained[2];  // SIGSEGV, SIGBUS
   IoSlot io_slots[kMaxPinnedIo];
+  ExitingSlot exiting[kMaxExiting];
+  std::atomic<std::uint32_t> exiting_count{0};  // slots with a tid
   std::atomic<std::uint32_t> io_in_flight{0};  // slots claimed + overflow
   std::atomic<std::uint32_t> io_overflow{0};   // I/O with no slot: all busy
   // What libc adds to an action on its way to the kernel (x86-64 glibc:
@@ -408,6 +419,9 @@ void ForkChild() {
   for (IoSlot& slot : g_state->io_slots) slot.busy.store(0);
   g_state->io_overflow.store(0);
   g_state->io_in_flight.store(0);
+  // Nor are its exiting threads: the child has none of them.
+  for (ExitingSlot& slot : g_state->exiting) slot.tid.store(0);
+  g_state->exiting_count.store(0);
   pthread_mutex_unlock(&g_state->window_mutex);
 }
 
@@ -521,7 +535,26 @@ AllSignalsBlocked::~AllSignalsBlocked() {
   pthread_sigmask(SIG_SETMASK, &was_, nullptr);
 }
 
+namespace {
+
+std::int64_t MonotonicNanos() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+
+}  // namespace
+
 WindowLock::WindowLock() { pthread_mutex_lock(&g_state->window_mutex); }
+WindowLock::WindowLock(AfterExits) {
+  const std::int64_t until = MonotonicNanos() + kExitingWaitNs;
+  pthread_mutex_lock(&g_state->window_mutex);
+  while (ThreadsExiting() && MonotonicNanos() < until) {
+    pthread_mutex_unlock(&g_state->window_mutex);
+    usleep(100);
+    pthread_mutex_lock(&g_state->window_mutex);
+  }
+}
 WindowLock::~WindowLock() { pthread_mutex_unlock(&g_state->window_mutex); }
 
 int OpenWindow(Addr start, Addr end) {
@@ -548,6 +581,52 @@ void CloseWindow(int slot_index) {
   // seq_cst pairs with the waiter's waiters++ then seq load.
   if (slot.waiters.load() != 0) FutexWakeAll(&slot.seq);
   slot.busy.store(0);
+}
+
+void NoteThreadExiting() {
+  if (g_state == nullptr) return;
+  const int saved_errno = errno;
+  const auto tid = static_cast<pid_t>(syscall(SYS_gettid));
+  // All slots taken (64 threads exiting at once): they free up as those
+  // threads go, or at kExitingWaitNs.
+  for (int attempt = 0; attempt < 2000; ++attempt) {
+    {
+      WindowLock lock;
+      (void)ThreadsExiting();  // frees the slots of threads gone
+      for (ExitingSlot& slot : g_state->exiting) {
+        if (slot.tid.load() != 0) continue;
+        slot.since.store(MonotonicNanos());
+        slot.tid.store(tid);
+        g_state->exiting_count.fetch_add(1);
+        errno = saved_errno;
+        return;
+      }
+    }
+    usleep(100);
+  }
+  errno = saved_errno;
+}
+
+bool ThreadsExiting() {
+  if (g_state->exiting_count.load() == 0) return false;
+  const int saved_errno = errno;
+  const pid_t pid = getpid();
+  const std::int64_t now = MonotonicNanos();
+  bool any = false;
+  for (ExitingSlot& slot : g_state->exiting) {
+    const pid_t tid = slot.tid.load();
+    if (tid == 0) continue;
+    // Signal 0 only asks whether the thread still exists.
+    const bool gone = syscall(SYS_tgkill, pid, tid, 0) != 0 && errno == ESRCH;
+    if (gone || now - slot.since.load() > kExitingWaitNs) {
+      slot.tid.store(0);
+      g_state->exiting_count.fetch_sub(1);
+      continue;
+    }
+    any = true;
+  }
+  errno = saved_errno;
+  return any;
 }
 
 // Not in the process state: it may be set before any engine exists.

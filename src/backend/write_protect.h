@@ -92,6 +92,11 @@ class AllSignalsBlocked {
 class WindowLock {
  public:
   WindowLock();
+  // Taken once no thread is exiting (ThreadsExiting), for a window that
+  // must not fail (giving merged memory back): it waits for them, the lock
+  // not held meanwhile, at most kExitingWaitNs.
+  enum AfterExits { kAfterExits };
+  explicit WindowLock(AfterExits);
   ~WindowLock();
   WindowLock(const WindowLock&) = delete;
   WindowLock& operator=(const WindowLock&) = delete;
@@ -100,6 +105,21 @@ class WindowLock {
 // Registers an open window over [start, end). Returns its slot, or -1 if
 // every slot is busy. REQUIRES: InitProcessState() succeeded.
 int OpenWindow(Addr start, Addr end);
+
+// A thread on its way out may still give memory back with calls nobody
+// sees: glibc frees an exiting thread's malloc cache (tcache) with internal
+// calls, which can trim the heap (brk) or an arena (MADV_DONTNEED) under a
+// merge window. The thread calls this first (Engine::ThreadExiting): it
+// waits for the window lock, so for any window open, and registers; until
+// it is gone (or kExitingWaitNs have passed: a thread stuck in its exit
+// does not stop merging for good) no window opens (ThreadsExiting).
+// A no-op before InitProcessState.
+inline constexpr std::int64_t kExitingWaitNs = 100'000'000;
+void NoteThreadExiting();
+// REQUIRES: the window lock. True while a thread registered with
+// NoteThreadExiting may still be running; forgets those gone, and those
+// registered more than kExitingWaitNs ago.
+bool ThreadsExiting();
 // Closes the window and wakes the threads waiting on it.
 void CloseWindow(int slot);
 

@@ -28,12 +28,18 @@
 // preload/heap_trim_test.c, most runs of 4 s). Such frees and reallocs,
 // malloc_trim and the aligned allocations (which free the room around the
 // block) run outside merge windows (Engine::OutsideWindows); the engines
-// need not know more, since a window checks the pages it replaces.
+// need not know more, since a window checks the pages it replaces. At
+// thread exit glibc frees the thread's malloc cache with internal calls,
+// which may trim too: a thread that ever freed keeps windows closed from
+// its thread-specific data destructors until it is gone
+// (Engine::ThreadExiting).
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <type_traits>
@@ -74,6 +80,35 @@ F Next(std::atomic<F>* slot, const char* name) {
 
 bool GlibcAllocator() {
   return g_glibc_allocator.load(std::memory_order_relaxed) == 1;
+}
+
+// A thread that has freed holds blocks in its malloc cache (tcache), which
+// glibc frees at thread exit with internal calls (tcache_thread_shutdown
+// calls __libc_free) that may trim the heap: the thread's first free sets
+// this key, whose destructor runs before that (start_thread runs the
+// thread-specific data destructors first) and keeps merge windows closed
+// until the thread is gone (Engine::ThreadExiting).
+pthread_key_t g_exit_key;
+std::atomic<bool> g_exit_key_made{false};
+__thread bool t_exit_key_set __attribute__((tls_model("initial-exec"))) = false;
+
+void ThreadExits(void*) {
+  // The main thread's pthread_exit leaves the process running with its
+  // tid still in use (the group leader stays until the last thread): not
+  // waited for.
+  if (!MaybeAdvised(nullptr, SIZE_MAX) || gettid() == getpid()) return;
+  Inside inside;
+  samepage::Engine::ThreadExiting();
+}
+
+// On a thread's first free once the key is made (cheap after: one
+// thread-local load).
+void NoteFreeingThread() {
+  if (!g_exit_key_made.load(std::memory_order_acquire)) return;
+  t_exit_key_set = true;
+  // A key below PTHREAD_KEY_2NDLEVEL_SIZE (32, as made at start) takes no
+  // allocation to set.
+  (void)pthread_setspecific(g_exit_key, reinterpret_cast<void*>(1));
 }
 
 // glibc's chunk header (malloc/malloc.c): the word before the user pointer
@@ -201,6 +236,8 @@ void ResolveNextAllocator() {
 
 void NoteAllocator(bool glibc) {
   g_glibc_allocator.store(glibc ? 1 : 0, std::memory_order_relaxed);
+  if (glibc && pthread_key_create(&g_exit_key, ThreadExits) == 0)
+    g_exit_key_made.store(true, std::memory_order_release);
 }
 
 }  // namespace samepage::preload
@@ -213,6 +250,7 @@ SAMEPAGE_EXPORT void free(void* p) noexcept {
     if (auto next = Next(&g_next_free, "free")) next(p);
     return;
   }
+  if (!t_exit_key_set) NoteFreeingThread();
   void* map = nullptr;
   size_t len = 0;
   // Bypass last: it may ask libsamepage (ThreadInsideEngine), and most

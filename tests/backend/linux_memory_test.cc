@@ -890,6 +890,100 @@ struct ScatteredPairs {
 // on write; the pair that differs and the pair whose partner was unmapped
 // behind the view's back are left as they were, and nothing is mapped where
 // the application unmapped.
+// A thread on its way out (NoteThreadExiting, from Engine::ThreadExiting)
+// may still trim the heap with calls nobody sees (glibc frees its malloc
+// cache at thread exit): while it runs, no merge window opens (pairs in
+// runs and scattered pairs are left as they are, to be tried again), and
+// giving merged memory back waits for it rather than failing. Once it is
+// gone, merging goes on; a registration older than kExitingWaitNs holds
+// nothing back.
+TEST_P(LinuxMemoryTest, NoWindowOpensWhileAThreadExits) {
+  using std::chrono::milliseconds;
+  auto m = NewMemory();
+  Region a(2), b(2);
+  ScatteredPairs scattered(4);
+  FillAlike(a, b);
+  Rescan(*m);
+  // A thread that registers, then stays until told to go (at most 10 s).
+  std::atomic<int> stage{0};
+  auto exiting = [&stage](int go) {
+    return std::thread([&stage, go] {
+      NoteThreadExiting();
+      stage.store(go - 1);
+      const auto end =
+          std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (stage.load() != go && std::chrono::steady_clock::now() < end)
+        std::this_thread::sleep_for(milliseconds(1));
+    });
+  };
+  auto wait_for = [&stage](int want) {
+    const auto end =
+        std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (stage.load() != want && std::chrono::steady_clock::now() < end)
+      std::this_thread::sleep_for(milliseconds(1));
+    ASSERT_EQ(stage.load(), want);
+  };
+  std::vector<FrameId> frames(4);
+  std::vector<MergeResult> res(4);
+  auto merge = [&] {
+    m->MergePairs(Addrs(a, 0, 2), Addrs(b, 0, 2), std::span(frames).first(2),
+                  std::span(res).first(2));
+    const MergeResult runs = res[0];
+    EXPECT_EQ(res[1], runs);
+    m->MergePairs(scattered.p(), scattered.q(), frames, res);
+    for (std::size_t i = 1; i < 4; ++i) EXPECT_EQ(res[i], res[0]) << i;
+    return std::make_pair(runs, res[0]);
+  };
+
+  std::thread t = exiting(2);
+  wait_for(1);
+  EXPECT_EQ(merge(),
+            std::make_pair(MergeResult::kFailed, MergeResult::kFailed));
+  EXPECT_EQ(ProbeOne(*m, a.addr(0)), PageState::kAnon);
+  EXPECT_EQ(ProbeOne(*m, scattered.q()[0]), PageState::kAnon);
+  EXPECT_EQ(m->Stats().frames_in_use, 0u);
+  stage.store(2);
+  t.join();
+  EXPECT_EQ(merge(),
+            std::make_pair(MergeResult::kMerged, MergeResult::kMerged));
+  EXPECT_EQ(ProbeOne(*m, a.addr(0)), PageState::kFrame);
+  EXPECT_EQ(ProbeOne(*m, scattered.q()[0]), PageState::kFrame);
+
+  // Giving a page back waits until the thread is gone.
+  t = exiting(4);
+  wait_for(3);
+  std::thread release([&stage] {
+    std::this_thread::sleep_for(milliseconds(30));
+    stage.store(4);
+  });
+  const auto before = std::chrono::steady_clock::now();
+  EXPECT_TRUE(m->Unmerge(a.addr(0), 2));
+  EXPECT_GE(std::chrono::steady_clock::now() - before, milliseconds(20));
+  release.join();
+  t.join();
+  EXPECT_EQ(ProbeOne(*m, a.addr(0)), PageState::kAnon);
+  unsigned char expect[kPageSize];
+  for (unsigned i = 0; i < 2; ++i) {
+    Fill(expect, i);
+    EXPECT_TRUE(Same(a.page(i), expect)) << i;
+  }
+
+  // A thread that does not go within kExitingWaitNs holds nothing back.
+  Region c(1), d(1);
+  Fill(c.page(0), 7);
+  Fill(d.page(0), 7);
+  Rescan(*m);
+  t = exiting(6);
+  wait_for(5);
+  std::this_thread::sleep_for(std::chrono::nanoseconds(kExitingWaitNs) +
+                              milliseconds(20));
+  m->MergePairs(Addrs(c, 0, 1), Addrs(d, 0, 1), std::span(frames).first(1),
+                std::span(res).first(1));
+  EXPECT_EQ(res[0], MergeResult::kMerged);
+  stage.store(6);
+  t.join();
+}
+
 TEST_P(LinuxMemoryTest, MergePairsWithScatteredPartners) {
   constexpr std::size_t kN = 20;
   constexpr std::size_t kDiffering = 5, kUnmapped = 9;

@@ -25,49 +25,11 @@ enum { kSeconds = 4 };
 static volatile int g_failed;
 static unsigned long g_rounds[2], g_trims[2];
 
-/* -1 if every byte of [p, p + n) is `want`, else the first that is not. */
-static long first_not(const unsigned char* p, size_t n, unsigned char want) {
-  for (size_t i = 0; i < n; ++i) {
-    if (p[i] != want) return (long)i;
-  }
-  return -1;
-}
-
 static void report(unsigned id, unsigned long round, const char* what,
                    const unsigned char* p, long at, int want) {
   fprintf(stderr, "thread %u round %lu: %s byte %ld is %d, want %d\n", id,
           round, what, at, p[at], want);
   g_failed = 1;
-}
-
-/* The start of a mapping within 16 MiB above the program break, or 0:
- * natively nothing is there, and the heap can grow back. Read without
- * stdio, so that the check takes no block from the heap it looks at. */
-static unsigned long mapped_above_break(void) {
-  static char text[1 << 20];
-  const unsigned long brk = (unsigned long)sbrk(0);
-  const int fd = open("/proc/self/maps", O_RDONLY);
-  CHECK(fd >= 0);
-  size_t len = 0;
-  ssize_t n;
-  while (len < sizeof text - 1 &&
-         (n = read(fd, text + len, sizeof text - 1 - len)) > 0) {
-    len += (size_t)n;
-  }
-  close(fd);
-  text[len] = '\0';
-  for (char* line = text; line != NULL && *line != '\0';) {
-    char* next = strchr(line, '\n');
-    if (next != NULL) *next++ = '\0';
-    unsigned long lo = 0, hi = 0;
-    if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo >= brk &&
-        lo < brk + (16ul << 20)) {
-      fprintf(stderr, "mapped above the break (%#lx): %s\n", brk, line);
-      return lo;
-    }
-    line = next;
-  }
-  return 0;
 }
 
 /* id 0 runs on the main thread (the brk heap), id 1 on its own (an arena). */
@@ -129,7 +91,7 @@ static void* churn(void* arg) {
     if (id == 0 && sbrk(0) < top) ++g_trims[id];
     if (at >= 0) break;
     if (id == 0 && round % 7 == 0) malloc_trim(0);
-    if (id == 0 && round % 64 == 0 && mapped_above_break() != 0) {
+    if (id == 0 && round % 64 == 0 && mapped_above_break(0) != 0) {
       g_failed = 1;
       break;
     }
@@ -142,15 +104,8 @@ static void* churn(void* arg) {
 int main(void) {
   setvbuf(stdout, NULL, _IONBF, 0);
   ksm_setup_or_skip("heap_trim_test");
-  /* Blocks from the heap and the arena, never mapped on their own; a free
-   * that leaves 16 pages at the top trims them. */
-  CHECK(mallopt(M_MMAP_THRESHOLD, 8 << 20) == 1);
-  CHECK(mallopt(M_TRIM_THRESHOLD, 16 * PAGE) == 1);
-  CHECK(mallopt(M_TOP_PAD, 0) == 1);
-  CHECK(prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) == 0);
-  write_knob("pages_to_scan", "5000");
-  write_knob("sleep_millisecs", "0");
-  write_knob("run", "1");
+  /* Blocks from the heap and the arena. */
+  merge_any_trimming_heap();
   /* Memory that stays: something merges for sure while the threads churn. */
   unsigned char* keep = map_class(256, 1);
   pthread_t arena;
@@ -164,7 +119,7 @@ int main(void) {
       g_rounds[0], g_trims[0], g_rounds[1], merged);
   CHECK(!g_failed);
   /* A frame left where the heap was trimmed keeps it from growing back. */
-  CHECK(mapped_above_break() == 0);
+  CHECK(mapped_above_break(0) == 0);
   CHECK(g_trims[0] > 0); /* the heap was trimmed: the test tested something */
   CHECK(merged > 0);
   check_pages_hold(keep, 0, 256, 1);

@@ -11,11 +11,13 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -252,6 +254,62 @@ UNUSED static int holds_class(const unsigned char* base, size_t i, int cls) {
     if (p[b] != want) return 0;
   }
   return 1;
+}
+
+/* -1 if every byte of [p, p + n) is `want`, else the first that is not. */
+UNUSED static long first_not(const unsigned char* p, size_t n,
+                             unsigned char want) {
+  for (size_t i = 0; i < n; ++i) {
+    if (p[i] != want) return (long)i;
+  }
+  return -1;
+}
+
+/* The start of a mapping within 16 MiB above the program break, or 0:
+ * natively nothing is there, and the heap can grow back. With
+ * `heap_grows` (other threads malloc meanwhile, and the heap may grow past
+ * the break read first) only mappings other than the heap's count. Read
+ * without stdio, so that the check takes no block from the heap it looks
+ * at. */
+UNUSED static unsigned long mapped_above_break(int heap_grows) {
+  static char text[1 << 20];
+  const unsigned long brk = (unsigned long)sbrk(0);
+  const int fd = open("/proc/self/maps", O_RDONLY);
+  CHECK(fd >= 0);
+  size_t len = 0;
+  ssize_t n;
+  while (len < sizeof text - 1 &&
+         (n = read(fd, text + len, sizeof text - 1 - len)) > 0) {
+    len += (size_t)n;
+  }
+  close(fd);
+  text[len] = '\0';
+  for (char* line = text; line != NULL && *line != '\0';) {
+    char* next = strchr(line, '\n');
+    if (next != NULL) *next++ = '\0';
+    unsigned long lo = 0, hi = 0;
+    if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo >= brk &&
+        lo < brk + (16ul << 20) &&
+        !(heap_grows && strstr(line, "[heap]") != NULL)) {
+      fprintf(stderr, "mapped above the break (%#lx): %s\n", brk, line);
+      return lo;
+    }
+    line = next;
+  }
+  return 0;
+}
+
+/* Merge-any at full scan speed, with malloc blocks never mapped on their
+ * own and a free that leaves 16 pages at the top of the heap (or an arena)
+ * trimming them: the tests of glibc's heap trims. */
+UNUSED static void merge_any_trimming_heap(void) {
+  CHECK(mallopt(M_MMAP_THRESHOLD, 8 << 20) == 1);
+  CHECK(mallopt(M_TRIM_THRESHOLD, 16 * PAGE) == 1);
+  CHECK(mallopt(M_TOP_PAD, 0) == 1);
+  CHECK(prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) == 0);
+  write_knob("pages_to_scan", "5000");
+  write_knob("sleep_millisecs", "0");
+  write_knob("run", "1");
 }
 
 /* Checks that pages [from, to) of `base` hold class `cls`. */
