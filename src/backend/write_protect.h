@@ -105,6 +105,8 @@ class WindowLock {
 // Registers an open window over [start, end). Returns its slot, or -1 if
 // every slot is busy. REQUIRES: InitProcessState() succeeded.
 int OpenWindow(Addr start, Addr end);
+// Closes the window and wakes the threads waiting on it.
+void CloseWindow(int slot);
 
 // A thread on its way out may still give memory back with calls nobody
 // sees: glibc frees an exiting thread's malloc cache (tcache) with internal
@@ -120,8 +122,6 @@ void NoteThreadExiting();
 // NoteThreadExiting may still be running; forgets those gone, and those
 // registered more than kExitingWaitNs ago.
 bool ThreadsExiting();
-// Closes the window and wakes the threads waiting on it.
-void CloseWindow(int slot);
 
 // Direct I/O (O_DIRECT reads) pins the pages it reads into for its whole
 // duration, and the device writes to the pinned pages, not through the
