@@ -884,12 +884,6 @@ struct ScatteredPairs {
   Region a, b;
 };
 
-// Page i of a run pairs with a page of another region, far from the
-// partners of i - 1 and i + 1 (reversed, every other page): more partner
-// windows than one batch holds. Every equal pair shares a frame and copies
-// on write; the pair that differs and the pair whose partner was unmapped
-// behind the view's back are left as they were, and nothing is mapped where
-// the application unmapped.
 // A thread on its way out (NoteThreadExiting, from Engine::ThreadExiting)
 // may still trim the heap with calls nobody sees (glibc frees its malloc
 // cache at thread exit): while it runs, no merge window opens (pairs in
@@ -984,6 +978,12 @@ TEST_P(LinuxMemoryTest, NoWindowOpensWhileAThreadExits) {
   t.join();
 }
 
+// Page i of a run pairs with a page of another region, far from the
+// partners of i - 1 and i + 1 (reversed, every other page): more partner
+// windows than one batch holds. Every equal pair shares a frame and copies
+// on write; the pair that differs and the pair whose partner was unmapped
+// behind the view's back are left as they were, and nothing is mapped where
+// the application unmapped.
 TEST_P(LinuxMemoryTest, MergePairsWithScatteredPartners) {
   constexpr std::size_t kN = 20;
   constexpr std::size_t kDiffering = 5, kUnmapped = 9;
