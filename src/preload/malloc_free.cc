@@ -95,8 +95,10 @@ __thread bool t_exit_key_set __attribute__((tls_model("initial-exec"))) = false;
 void ThreadExits(void*) {
   // The main thread's pthread_exit leaves the process running with its
   // tid still in use (the group leader stays until the last thread): not
-  // waited for.
-  if (!MaybeAdvised(nullptr, SIZE_MAX) || gettid() == getpid()) return;
+  // waited for. Nor anything once samepage stepped aside (a seccomp filter
+  // may refuse the calls this makes).
+  if (Retired() || !MaybeAdvised(nullptr, SIZE_MAX) || gettid() == getpid())
+    return;
   Inside inside;
   samepage::Engine::ThreadExiting();
 }
