@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -900,9 +901,11 @@ TEST_P(LinuxMemoryTest, NoWindowOpensWhileAThreadExits) {
   Rescan(*m);
   // A thread that registers, then stays until told to go (at most 10 s).
   std::atomic<int> stage{0};
-  auto exiting = [&stage](int go) {
-    return std::thread([&stage, go] {
+  std::atomic<pid_t> tid{0};
+  auto exiting = [&stage, &tid](int go) {
+    return std::thread([&stage, &tid, go] {
       NoteThreadExiting();
+      tid.store(static_cast<pid_t>(syscall(SYS_gettid)));
       stage.store(go - 1);
       const auto end =
           std::chrono::steady_clock::now() + std::chrono::seconds(10);
@@ -916,6 +919,16 @@ TEST_P(LinuxMemoryTest, NoWindowOpensWhileAThreadExits) {
     while (stage.load() != want && std::chrono::steady_clock::now() < end)
       std::this_thread::sleep_for(milliseconds(1));
     ASSERT_EQ(stage.load(), want);
+  };
+  // Joined, a thread may still be on its way out of the kernel (its tid
+  // cleared, the task not yet gone), where windows still wait for it.
+  auto join = [&tid](std::thread& t) {
+    t.join();
+    const auto end =
+        std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (syscall(SYS_tgkill, getpid(), tid.load(), 0) == 0 &&
+           std::chrono::steady_clock::now() < end)
+      std::this_thread::sleep_for(milliseconds(1));
   };
   std::vector<FrameId> frames(4);
   std::vector<MergeResult> res(4);
@@ -937,25 +950,25 @@ TEST_P(LinuxMemoryTest, NoWindowOpensWhileAThreadExits) {
   EXPECT_EQ(ProbeOne(*m, scattered.q()[0]), PageState::kAnon);
   EXPECT_EQ(m->Stats().frames_in_use, 0u);
   stage.store(2);
-  t.join();
+  join(t);
   EXPECT_EQ(merge(),
             std::make_pair(MergeResult::kMerged, MergeResult::kMerged));
   EXPECT_EQ(ProbeOne(*m, a.addr(0)), PageState::kFrame);
   EXPECT_EQ(ProbeOne(*m, scattered.q()[0]), PageState::kFrame);
 
   // Giving a page back waits until the thread is gone: it goes once told
-  // to, 10 ms on (well within kExitingWaitNs), so an unmerge that returns
+  // to, 5 ms on (well within kExitingWaitNs), so an unmerge that returns
   // before that did not wait.
   t = exiting(4);
   wait_for(3);
   std::thread release([&stage] {
-    std::this_thread::sleep_for(milliseconds(10));
+    std::this_thread::sleep_for(milliseconds(5));
     stage.store(4);
   });
   EXPECT_TRUE(m->Unmerge(a.addr(0), 2));
   EXPECT_EQ(stage.load(), 4) << "given back while the thread was there";
   release.join();
-  t.join();
+  join(t);
   EXPECT_EQ(ProbeOne(*m, a.addr(0)), PageState::kAnon);
   unsigned char expect[kPageSize];
   for (unsigned i = 0; i < 2; ++i) {
@@ -976,7 +989,7 @@ TEST_P(LinuxMemoryTest, NoWindowOpensWhileAThreadExits) {
                 std::span(res).first(1));
   EXPECT_EQ(res[0], MergeResult::kMerged);
   stage.store(6);
-  t.join();
+  join(t);
 }
 
 // Page i of a run pairs with a page of another region, far from the
