@@ -1777,8 +1777,7 @@ void LinuxMemory::InProtectedWindow(Addr base, std::size_t n,
     return;
   }
   WindowLock lock;
-  // Not while a thread exits (NoteThreadExiting): tried again later.
-  const int slot = ThreadsExiting() ? -1 : OpenWindow(base, base + len);
+  const int slot = OpenMergeWindow(base, base + len);
   if (slot < 0) {
     std::fill(local, local + n, MergeResult::kFailed);
     return;
@@ -2435,7 +2434,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
     std::fill(local, local + n, MergeResult::kFailed);
   } else {
     WindowLock lock;
-    const int pslot = ThreadsExiting() ? -1 : OpenWindow(pbase, pbase + len);
+    const int pslot = OpenMergeWindow(pbase, pbase + len);
     bool slots = pslot >= 0;
     for (std::size_t r = 0; slots && r < nruns; ++r) {
       runs[r].slot = OpenWindow(runs[r].at, runs[r].at + runs[r].bytes());

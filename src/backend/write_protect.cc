@@ -607,6 +607,10 @@ void NoteThreadExiting() {
   errno = saved_errno;
 }
 
+int OpenMergeWindow(Addr start, Addr end) {
+  return ThreadsExiting() ? -1 : OpenWindow(start, end);
+}
+
 bool ThreadsExiting() {
   if (g_state->exiting_count.load() == 0) return false;
   const int saved_errno = errno;

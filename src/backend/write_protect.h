@@ -122,6 +122,10 @@ void NoteThreadExiting();
 // NoteThreadExiting may still be running; forgets those gone, and those
 // registered more than kExitingWaitNs ago.
 bool ThreadsExiting();
+// A window that merges (replaces pages with frames): as OpenWindow, but -1
+// while a thread exits (ThreadsExiting); its merges are tried again later.
+// REQUIRES: the window lock.
+int OpenMergeWindow(Addr start, Addr end);
 
 // Direct I/O (O_DIRECT reads) pins the pages it reads into for its whole
 // duration, and the device writes to the pinned pages, not through the
