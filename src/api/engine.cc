@@ -1060,8 +1060,10 @@ bool Engine::DiscardWithoutAllocating(void* addr, std::size_t len,
   }
   // Not g_engines_mu, nor an engine's lock: the caller may be the scanner,
   // holding its engine's lock, in a malloc it called. Windows never
-  // allocate, so the window lock is never held by the caller.
-  backend::WindowLock window;
+  // allocate, so the window lock is never held by the caller. Shared: a
+  // fork may hold it, waiting in the allocator's fork handler for a lock
+  // the caller holds.
+  backend::WindowsClosed windows_closed;
   *result = change(arg);
   if (*result && zero_fill) backend::ZeroFrameMappedPages(start, end);
   return true;

@@ -239,7 +239,7 @@ void FrameStore::Release(FrameId frame) {
   // fork that starts from here on cannot give a child a mapping of it; a
   // fork that started earlier is visible in the sequence.
   std::uint64_t seq = ForkSequence();
-  if (seq & 1) {  // fork in progress
+  if (ForkInProgress(seq)) {
     ++pinned_;
     return;
   }

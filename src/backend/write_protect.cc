@@ -80,7 +80,10 @@ struct ChainedAction {
 // mapping, excluded from merging, because merge-any mode would otherwise
 // write-protect our own .bss while we write to it.
 struct ProcessState {
-  pthread_mutex_t window_mutex = PTHREAD_MUTEX_INITIALIZER;
+  // Windows hold it exclusively (WindowLock), the rest shared
+  // (WindowsClosed). glibc's default kind prefers readers: a reader joins
+  // readers even while a writer waits.
+  pthread_rwlock_t window_lock = PTHREAD_RWLOCK_INITIALIZER;
   WindowSlot slots[kMaxWindows];
   std::atomic<std::uint64_t> protect_faults{0};
   std::atomic<std::uint64_t> windows_closed{0};
@@ -399,19 +402,23 @@ void FaultHandler(int sig, siginfo_t* info, void* context) {
 // Set once pthread_atfork took the handlers below (RawFork*).
 std::atomic<bool> g_fork_handlers{false};
 
+constexpr std::uint64_t kForkStarted = std::uint64_t{1} << 32;
+
 void ForkPrepare() {
-  pthread_mutex_lock(&g_state->window_mutex);
-  g_state->fork_seq.fetch_add(1);
+  pthread_rwlock_rdlock(&g_state->window_lock);
+  g_state->fork_seq.fetch_add(kForkStarted + 1);
 }
 
 void ForkParent() {
-  g_state->fork_seq.fetch_add(1);
-  pthread_mutex_unlock(&g_state->window_mutex);
+  g_state->fork_seq.fetch_sub(1);
+  pthread_rwlock_unlock(&g_state->window_lock);
 }
 
 void ForkChild() {
   tls_window_tid = 0;
-  g_state->fork_seq.fetch_add(1);
+  // Other threads' forks and discards in progress are not the child's: it
+  // has one thread, and a lock no thread of it holds.
+  g_state->fork_seq.store(g_state->fork_seq.load() & ~(kForkStarted - 1));
   g_state->child_gen.fetch_add(1);
   // The parent's direct I/O in flight is not the child's: its other threads
   // are gone, and fork copied the pinned pages for the child rather than
@@ -422,7 +429,7 @@ void ForkChild() {
   // Nor are its exiting threads: the child has none of them.
   for (ExitingSlot& slot : g_state->exiting) slot.tid.store(0);
   g_state->exiting_count.store(0);
-  pthread_mutex_unlock(&g_state->window_mutex);
+  pthread_rwlock_init(&g_state->window_lock, nullptr);
 }
 
 Status g_init_status;
@@ -545,17 +552,22 @@ std::int64_t MonotonicNanos() {
 
 }  // namespace
 
-WindowLock::WindowLock() { pthread_mutex_lock(&g_state->window_mutex); }
+WindowLock::WindowLock() { pthread_rwlock_wrlock(&g_state->window_lock); }
 WindowLock::WindowLock(AfterExits) {
   const std::int64_t until = MonotonicNanos() + kExitingWaitNs;
-  pthread_mutex_lock(&g_state->window_mutex);
+  pthread_rwlock_wrlock(&g_state->window_lock);
   while (ThreadsExiting() && MonotonicNanos() < until) {
-    pthread_mutex_unlock(&g_state->window_mutex);
+    pthread_rwlock_unlock(&g_state->window_lock);
     usleep(100);
-    pthread_mutex_lock(&g_state->window_mutex);
+    pthread_rwlock_wrlock(&g_state->window_lock);
   }
 }
-WindowLock::~WindowLock() { pthread_mutex_unlock(&g_state->window_mutex); }
+WindowLock::~WindowLock() { pthread_rwlock_unlock(&g_state->window_lock); }
+
+WindowsClosed::WindowsClosed() { pthread_rwlock_rdlock(&g_state->window_lock); }
+WindowsClosed::~WindowsClosed() {
+  pthread_rwlock_unlock(&g_state->window_lock);
+}
 
 int OpenWindow(Addr start, Addr end) {
   const pid_t self = WindowOwnerTid();

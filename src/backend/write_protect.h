@@ -86,9 +86,9 @@ class AllSignalsBlocked {
   sigset_t was_;
 };
 
-// Held around every window: fork() waits for it (pthread_atfork prepare), so
-// no child is ever born with pages write-protected by a window it cannot
-// close. RAII, not reentrant.
+// Held around every window, alone: fork() waits for it (pthread_atfork
+// prepare takes WindowsClosed), so no child is ever born with pages
+// write-protected by a window it cannot close. RAII, not reentrant.
 class WindowLock {
  public:
   WindowLock();
@@ -100,6 +100,23 @@ class WindowLock {
   ~WindowLock();
   WindowLock(const WindowLock&) = delete;
   WindowLock& operator=(const WindowLock&) = delete;
+};
+
+// Held by a change that needs only that no window be open while it runs:
+// fork() (its prepare handler to its parent handler) and a discard from
+// inside another allocator (Engine::DiscardWithoutAllocating). Any number
+// hold it at once, and a holder never waits for a window that waits for
+// another holder (readers first): fork's prepare handlers run ours before
+// an allocator's (registered earlier), which take locks that a thread
+// discarding from inside the allocator holds, and with one lock for all,
+// such a fork deadlocked (jemalloc with background threads, every run of
+// preload.fork_allocator_test.samepage_jemalloc). RAII.
+class WindowsClosed {
+ public:
+  WindowsClosed();
+  ~WindowsClosed();
+  WindowsClosed(const WindowsClosed&) = delete;
+  WindowsClosed& operator=(const WindowsClosed&) = delete;
 };
 
 // Registers an open window over [start, end). Returns its slot, or -1 if
@@ -161,9 +178,13 @@ bool PinningIoInUse();
 
 // Writes that waited on a window, since process start.
 std::uint64_t ProtectFaults();
-// Incremented in the fork prepare and parent handlers: odd while a fork is
-// in progress.
+// Forks started since process start (high 32 bits) and forks in progress
+// (low 32: the prepare handler ran, the parent handler not yet): changes
+// at both ends of every fork.
 std::uint64_t ForkSequence();
+inline bool ForkInProgress(std::uint64_t fork_sequence) {
+  return (fork_sequence & 0xffff'ffffu) != 0;
+}
 // The handlers InitProcessState gives pthread_atfork, for a fork that does
 // not go through fork() and so runs none (a clone or fork system call made
 // directly): the window lock is taken for it and the fork counted, so that
