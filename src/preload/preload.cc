@@ -483,9 +483,16 @@ ssize_t ProcessMadvise(int pidfd, const struct iovec* iov, size_t n, int advice,
   // advice does (merged pages are given back first there).
   const bool ksm = advice == MADV_MERGEABLE || advice == MADV_UNMERGEABLE ||
                    advice == MADV_WIPEONFORK;
-  if (Bypass(caller) || !(ksm || IsDiscard(advice)) || !IsSelfPidfd(pidfd)) {
+  const bool bypass = Bypass(caller);
+  if (bypass || !(ksm || IsDiscard(advice)) || !IsSelfPidfd(pidfd)) {
     const ssize_t r = RealProcessMadvise(pidfd, iov, n, advice, flags);
-    samepage::Engine::VmaFlagsChanged();  // as in madvise()
+    // DONTFORK, DONTDUMP ... of our own memory change VmFlags, as in
+    // madvise(); discards and samepage's own calls change none. Counted
+    // for those too until 2026-12-07, the scanner's discards of scattered
+    // pages made every smaps read look stale: each MADV_DONTNEED of a
+    // forked Redis's save (unmerging 4 pages) read 49 MB of smaps.
+    if (!bypass && !IsDiscard(advice) && IsSelfPidfd(pidfd))
+      samepage::Engine::VmaFlagsChanged();
     return r;
   }
   if (!ksm) {
