@@ -494,14 +494,18 @@ class EngineImpl final : public Engine {
 
  private:
   // How long a full scan takes: the last one measured by the scanner, else
-  // what the knobs make of the advised pages (a sleep per batch).
+  // what the knobs make of the advised pages (a sleep per batch), a day at
+  // most (knobs such as one page every 2^32 ms would overflow the clock).
   std::chrono::nanoseconds FullScanPeriodLocked() const {
     if (last_scan_period_.count() > 0) return last_scan_period_;
+    constexpr std::uint64_t kMaxMs = 24ull * 3600 * 1000;
     const Knobs& k = ksm_->knobs();
-    const std::size_t batch = std::max<std::size_t>(k.pages_to_scan, 1);
-    const std::size_t batches = (ksm_->AdvisedPages() + batch - 1) / batch;
-    return std::chrono::milliseconds(std::uint64_t{batches} *
-                                     k.sleep_millisecs);
+    const std::uint64_t batch = std::max<std::uint64_t>(k.pages_to_scan, 1);
+    const std::uint64_t batches = (ksm_->AdvisedPages() + batch - 1) / batch;
+    const std::uint64_t sleep = k.sleep_millisecs;
+    const std::uint64_t ms =
+        sleep != 0 && batches > kMaxMs / sleep ? kMaxMs : batches * sleep;
+    return std::chrono::milliseconds(std::min(ms, kMaxMs));
   }
 
   // In a forked child the backend's frame store is shared with the parent and
