@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake pkg-config libxxhash-dev libabsl-dev
           libfmt-dev libcli11-dev libgtest-dev libgmock-dev googletest
-          libbenchmark-dev libjemalloc2 libtcmalloc-minimal4 libaio1 libpcap-dev
+          libbenchmark-dev libjemalloc2 libtcmalloc-minimal4 libmimalloc2.0
+          libaio1 libpcap-dev
           qemu-system-x86 busybox-static cpio file)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
