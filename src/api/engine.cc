@@ -63,11 +63,6 @@ bool ChangesFlags(Engine::MappingChange kind) {
          kind == Engine::MappingChange::kUserfaultfd;
 }
 
-std::int64_t MonotonicNanos() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 // The last page of the address space: where a range that runs to the end
 // (mlockall's) ends, rounded.
 constexpr Addr kLastPage = ~Addr{0} & ~(kPageSize - 1);
@@ -503,9 +498,8 @@ class EngineImpl final : public Engine {
     const std::uint64_t batch = std::max<std::uint64_t>(k.pages_to_scan, 1);
     const std::uint64_t batches = (ksm_->AdvisedPages() + batch - 1) / batch;
     const std::uint64_t sleep = k.sleep_millisecs;
-    const std::uint64_t ms =
-        sleep != 0 && batches > kMaxMs / sleep ? kMaxMs : batches * sleep;
-    return std::chrono::milliseconds(std::min(ms, kMaxMs));
+    return std::chrono::milliseconds(
+        sleep != 0 && batches > kMaxMs / sleep ? kMaxMs : batches * sleep);
   }
 
   // In a forked child the backend's frame store is shared with the parent and
@@ -607,7 +601,7 @@ class EngineImpl final : public Engine {
     // read walks every page table: 22 ms at 1 GiB present, which took a
     // fifth of a scanner at full speed every 100 ms).
     if (merge_any_ && ksm_->GetCounters().full_scans != scans) {
-      const std::int64_t now = MonotonicNanos();
+      const std::int64_t now = backend::MonotonicNanos();
       const bool background = carry_runs;  // only the scanner thread carries
       const std::int64_t spacing =
           std::max(kMergeAnySweepNanos, memory_->SmapsReadSpacing());
@@ -676,7 +670,7 @@ class EngineImpl final : public Engine {
   // as the kernel's VM_MERGEABLE goes with the mapping, and over memory
   // samepage merges again taken up (ResumeEligibleLocked).
   void RecheckSuspendedLocked() {
-    const std::int64_t now = MonotonicNanos();
+    const std::int64_t now = backend::MonotonicNanos();
     if (now - last_prune_ < kPruneHeldNanos) return;
     last_prune_ = now;
     (void)memory_->RefreshMaps();  // on failure, the view before

@@ -41,12 +41,6 @@ void ShieldMapping(void* p, std::size_t len, bool shield) {
 
 namespace {
 
-std::int64_t MonotonicNanos() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
-}
-
 bool MeasurePreadBeatsColdView() {
   constexpr std::size_t kPages = 128;  // per way and round
   constexpr std::size_t kRounds = 3;

@@ -324,10 +324,6 @@ Status LinuxMemory::Create(const LinuxMemoryOptions& options,
   return Status::Ok();
 }
 
-namespace {
-std::int64_t SteadyNanos();  // below, with the maps view
-}  // namespace
-
 Status LinuxMemory::CreateInChild(const LinuxMemoryOptions& options,
                                   const LinuxMemory& parent,
                                   std::unique_ptr<LinuxMemory>* memory) {
@@ -441,7 +437,7 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
 
   if (inherited_view_) {
     // The parent's read, as if made now: the plain maps show what changed.
-    smaps_read_at_ = SteadyNanos();
+    smaps_read_at_ = MonotonicNanos();
     smaps_epoch_ = g_vma_flags_epoch.load();
     std::vector<MapEntry> maps;
     const bool ok = ReadAndApplyView(/*full=*/false, &maps).ok();
@@ -460,7 +456,7 @@ Status LinuxMemory::ReadFirstView() {
   // read is anyway (smaps_read_at_ stays 0). Not in a forked child's
   // backend (adopted memfds): its first control call may unmerge pages
   // that map its parent's frames, before any scan.
-  const std::int64_t started = SteadyNanos();
+  const std::int64_t started = MonotonicNanos();
   const std::uint64_t epoch = g_vma_flags_epoch.load();
   std::vector<MapEntry> maps;
   if (!options_.adopted_memfds.empty() || options_.plain_maps_path.empty() ||
@@ -872,21 +868,13 @@ bool LinuxMemory::IsThreadStackLike(const std::vector<MapEntry>& maps,
 
 // --- the maps view and the VMA budget ---
 
-namespace {
-std::int64_t SteadyNanos() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-}  // namespace
-
 Status LinuxMemory::RefreshMaps(bool full) {
   std::vector<MapEntry> maps;
   return ReadAndApplyView(full, &maps);
 }
 
 Status LinuxMemory::ReadAndApplyView(bool full, std::vector<MapEntry>* maps) {
-  const std::int64_t started = SteadyNanos();
+  const std::int64_t started = MonotonicNanos();
   const std::uint64_t epoch = g_vma_flags_epoch.load();
   Status s = ReadView(maps, full);
   if (s.ok()) s = ApplyView(*maps, started, epoch);
@@ -897,7 +885,7 @@ Status LinuxMemory::ApplyView(const std::vector<MapEntry>& maps,
                               std::int64_t started, std::uint64_t epoch) {
   Status s = ApplyMaps(maps);
   if (!s.ok()) return s;
-  view_read_at_ = SteadyNanos();
+  view_read_at_ = MonotonicNanos();
   view_took_ = view_read_at_ - started;
   view_epoch_ = epoch;
   view_unknown_ = std::any_of(maps.begin(), maps.end(), [](const MapEntry& e) {
@@ -909,7 +897,7 @@ Status LinuxMemory::ApplyView(const std::vector<MapEntry>& maps,
 bool LinuxMemory::RecentViewReusable() const {
   return reuse_recent_views_ && view_read_at_ != 0 &&
          g_vma_flags_epoch.load() == view_epoch_ &&
-         SteadyNanos() - view_read_at_ <
+         MonotonicNanos() - view_read_at_ <
              std::max(options_.smaps_cost_share * view_took_,
                       options_.recent_view_ns);
 }
@@ -1083,7 +1071,7 @@ void LinuxMemory::NoteAnonSplits(const std::vector<MapEntry>& maps) {
 }
 
 Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
-  const std::int64_t now = SteadyNanos();
+  const std::int64_t now = MonotonicNanos();
   const std::uint64_t epoch = g_vma_flags_epoch.load();
   const std::int64_t age = now - smaps_read_at_;
   // What a smaps read would cost now: the last one, and its text for each
@@ -1156,11 +1144,11 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
       return Status::Ok();
   }
   maps->clear();
-  const std::int64_t started = SteadyNanos();
+  const std::int64_t started = MonotonicNanos();
   Status s = ReadMaps(options_.maps_path, maps);
   if (!s.ok()) return s;
   advised_unread_.clear();  // their flags are in this read
-  smaps_took_ = SteadyNanos() - started;
+  smaps_took_ = MonotonicNanos() - started;
   smaps_mappings_ = maps->size();
   view_mappings_ = maps->size();
   flag_runs_.clear();
@@ -1328,7 +1316,7 @@ bool LinuxMemory::SmapsReadFresh() const {
   // MADV_DONTNEED of a forked Redis's save, say) would read every mapping
   // at every call without ever reading smaps.
   return smaps_read_at_ != 0 &&
-         SteadyNanos() - smaps_read_at_ < SmapsInterval() &&
+         MonotonicNanos() - smaps_read_at_ < SmapsInterval() &&
          g_vma_flags_epoch.load() == smaps_epoch_;
 }
 
@@ -2660,7 +2648,7 @@ void LinuxMemory::CopyPagesIntoFrames(SourceOf source_of, std::size_t n,
     bool* ok = copied + at;
     bool written[kBouncePages] = {};  // copied straight
     const int way = fills_.Pick();
-    const std::int64_t start = SteadyNanos();
+    const std::int64_t start = MonotonicNanos();
     if (way == 1) {
       // One pwritev for the chunk, a vector per run of sources.
       iovec iov[kBouncePages];
@@ -2713,7 +2701,7 @@ void LinuxMemory::CopyPagesIntoFrames(SourceOf source_of, std::size_t n,
       }
       k = e;
     }
-    fills_.Record(way, SteadyNanos() - start, m);
+    fills_.Record(way, MonotonicNanos() - start, m);
   }
 }
 

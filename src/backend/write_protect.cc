@@ -542,15 +542,11 @@ AllSignalsBlocked::~AllSignalsBlocked() {
   pthread_sigmask(SIG_SETMASK, &was_, nullptr);
 }
 
-namespace {
-
 std::int64_t MonotonicNanos() {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
-
-}  // namespace
 
 WindowLock::WindowLock() { pthread_rwlock_wrlock(&g_state->window_lock); }
 WindowLock::WindowLock(AfterExits) {

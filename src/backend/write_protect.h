@@ -176,6 +176,9 @@ bool RegisteredIoOverlaps(Addr start, Addr end);
 void NotePinningIoInUse();
 bool PinningIoInUse();
 
+// CLOCK_MONOTONIC in nanoseconds. Async-signal-safe.
+std::int64_t MonotonicNanos();
+
 // Writes that waited on a window, since process start.
 std::uint64_t ProtectFaults();
 // Forks started since process start (high 32 bits) and forks in progress

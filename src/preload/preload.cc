@@ -483,16 +483,15 @@ ssize_t ProcessMadvise(int pidfd, const struct iovec* iov, size_t n, int advice,
   // advice does (merged pages are given back first there).
   const bool ksm = advice == MADV_MERGEABLE || advice == MADV_UNMERGEABLE ||
                    advice == MADV_WIPEONFORK;
-  const bool bypass = Bypass(caller);
-  if (bypass || !(ksm || IsDiscard(advice)) || !IsSelfPidfd(pidfd)) {
+  const bool ours = !Bypass(caller) && IsSelfPidfd(pidfd);
+  if (!ours || !(ksm || IsDiscard(advice))) {
     const ssize_t r = RealProcessMadvise(pidfd, iov, n, advice, flags);
     // DONTFORK, DONTDUMP ... of our own memory change VmFlags, as in
     // madvise(); discards and samepage's own calls change none. Counted
     // for those too until 2026-12-07, the scanner's discards of scattered
     // pages made every smaps read look stale: each MADV_DONTNEED of a
     // forked Redis's save (unmerging 4 pages) read 49 MB of smaps.
-    if (!bypass && !IsDiscard(advice) && IsSelfPidfd(pidfd))
-      samepage::Engine::VmaFlagsChanged();
+    if (ours && !IsDiscard(advice)) samepage::Engine::VmaFlagsChanged();
     return r;
   }
   if (!ksm) {
