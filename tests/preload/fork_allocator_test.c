@@ -54,23 +54,10 @@ static void* worker(void* arg) {
   return (void*)(uintptr_t)round;
 }
 
-/* A hung run fails with a message rather than at ctest's timeout; the
- * knobs are restored as for any ending signal (a second alarm ends the
- * run if that hangs too). */
-static void watchdog(int sig) {
-  static const char msg[] =
-      "fork_allocator_test: no progress in 60 s (deadlock?)\n";
-  signal(SIGALRM, SIG_DFL);
-  alarm(10);
-  (void)!write(2, msg, sizeof(msg) - 1);
-  restore_ksm_and_die(sig);
-}
-
 int main(void) {
   setvbuf(stdout, NULL, _IONBF, 0);
   ksm_setup_or_skip("fork_allocator_test");
-  signal(SIGALRM, watchdog);
-  alarm(kWatchdogSeconds);
+  start_watchdog("fork_allocator_test", kWatchdogSeconds);
   CHECK(prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) == 0);
   write_knob("pages_to_scan", "5000");
   write_knob("sleep_millisecs", "0");
@@ -106,7 +93,7 @@ int main(void) {
     CHECK(pthread_join(t[i], &r) == 0);
     rounds += (unsigned long)(uintptr_t)r;
   }
-  alarm(0);
+  stop_watchdog();
   printf("%lu forks beside %lu blocks allocated, filled and freed\n", forks,
          rounds);
   CHECK(!g_failed);

@@ -83,6 +83,7 @@ static void* spawner(void* arg) {
 int main(void) {
   setvbuf(stdout, NULL, _IONBF, 0);
   ksm_setup_or_skip("thread_exit_trim_test");
+  start_watchdog("thread_exit_trim_test", 60);
   /* One heap for every thread. */
   CHECK(mallopt(M_ARENA_MAX, 1) == 1);
   merge_any_trimming_heap();
@@ -119,6 +120,7 @@ int main(void) {
   CHECK(mapped_above_break(0) == 0);
   CHECK(g_exit_trims > 0); /* the test tested something */
   CHECK(prctl(PR_SET_MEMORY_MERGE, 0, 0, 0, 0) == 0);
+  stop_watchdog();
   printf("PASS thread_exit_trim_test\n");
   return 0;
 }
