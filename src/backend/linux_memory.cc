@@ -1545,11 +1545,17 @@ void LinuxMemory::ClearStrayProtection(Addr start, std::size_t len) {
   }
 }
 
-void LinuxMemory::NoteMapped(Addr start, Addr end, ProtectMethod how,
-                             bool registered) {
-  unflushed_.push_back(NewMapping{
-      start, end, how == ProtectMethod::kUffd && !registered, registered});
+void LinuxMemory::NoteMapped(Addr start, Addr end, bool registered) {
+  unflushed_.push_back(NewMapping{start, end, registered});
   unflushed_pages_ += (end - start) / kPageSize;
+}
+
+void LinuxMemory::WakeReplaced(Addr start, Addr end) {
+  // Waking writers on unrelated pages of the span is harmless: they fault
+  // again and wait again. Under mprotect writers wait for the window in
+  // our handler, which its close wakes.
+  if (start < end && protection_ == Protection::kUserfaultfd)
+    protector_->Replaced(start, end - start, ProtectMethod::kUffd);
 }
 
 bool LinuxMemory::SpanReplaceable(Addr start, Addr end) const {
@@ -1565,11 +1571,6 @@ bool LinuxMemory::DiscardFirstCovers(Addr from, Addr page) const {
 
 void LinuxMemory::FlushMapped() {
   if (unflushed_.empty()) return;
-  // Writers that faulted on a replaced page's old, write-protected PTE sleep
-  // in the kernel until woken. One UFFDIO_WAKE over the span wakes them all;
-  // it may also wake writers waiting on unrelated pages of the span, which
-  // then fault again and wait again: harmless.
-  Addr wake_lo = UINTPTR_MAX, wake_hi = 0;
   Addr lo = UINTPTR_MAX, hi = 0;
   std::size_t to_register = 0;  // mappings not registered yet
   for (const NewMapping& m : unflushed_) {
@@ -1580,13 +1581,7 @@ void LinuxMemory::FlushMapped() {
       hi = std::max(hi, m.end);
       ++to_register;
     }
-    if (m.wake) {
-      wake_lo = std::min(wake_lo, m.start);
-      wake_hi = std::max(wake_hi, m.end);
-    }
   }
-  if (wake_lo < wake_hi)
-    protector_->Replaced(wake_lo, wake_hi - wake_lo, ProtectMethod::kUffd);
   for (const NewMapping& m : unflushed_)
     new_frame_mapped_.push_back(Interval{m.start, m.end});
   if (protection_ == Protection::kUserfaultfd && to_register != 0) {
@@ -1764,20 +1759,28 @@ void LinuxMemory::InProtectedWindow(Addr base, std::size_t n,
     std::fill(local, local + n, MergeResult::kNoBudget);
     return;
   }
-  WindowLock lock;
-  const int slot = OpenMergeWindow(base, base + len);
-  if (slot < 0) {
-    std::fill(local, local + n, MergeResult::kFailed);
-    return;
+  int err = 0;
+  {
+    WindowLock lock;
+    const int slot = OpenMergeWindow(base, base + len);
+    if (slot < 0) {
+      std::fill(local, local + n, MergeResult::kFailed);
+      return;
+    }
+    ProtectMethod how;
+    err = protector_->Protect(base, len, &how);
+    if (err == 0) body(how);
+    CloseWindow(slot);
   }
-  ProtectMethod how;
-  const int err = protector_->Protect(base, len, &how);
-  if (err != 0) {
+  // Only once the window is closed: ClassifyProtectError allocates (it
+  // reads the maps), and a writer that faulted in the window may hold
+  // malloc's lock while it waits for the window to close. Inside the
+  // window that deadlocked (preload.thread_exit_trim_test under load: a
+  // heap trim unmapped part of a window's range, Protect failed with
+  // ENOMEM, the scanner waited in malloc for a thread that waited in our
+  // fault handler).
+  if (err != 0)
     std::fill(local, local + n, ClassifyProtectError(err, base, len));
-  } else {
-    body(how);
-  }
-  CloseWindow(slot);
 }
 
 // Results leave backend-owned memory only after the window closed.
@@ -1832,7 +1835,6 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
   MergeResult local[kMaxRunWindowPages];
   Interval mapped[kMaxRunWindowPages];
   std::size_t nmapped = 0;
-  ProtectMethod window_how = ProtectMethod::kNone;
   constexpr std::uint64_t kWindowCost = 2;  // mprotect splits the VMA
   std::uint64_t added = 0;
   if (!LockRoomFor(base, n * kPageSize)) {
@@ -1842,7 +1844,6 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
   // Outside the window: the first answer runs a probe, which allocates.
   const bool use_pread = FramesLikelyCold(frames, n) && PreadColdFrames();
   InProtectedWindow(base, n, kWindowCost, local, [&](ProtectMethod how) {
-    window_how = how;
     const bool may_replace =
         !LockViewStale(base, n * kPageSize) && !PinnedIoIn(base, n * kPageSize);
     for (std::size_t k = 0; k < n; ++k) {
@@ -1868,19 +1869,21 @@ void LinuxMemory::MergeBatchIntoFrames(Addr base, std::size_t n,
       } else {
         r = MapFrames(at, (e - k) * kPageSize, frames[k], how);
         if (r == MergeResult::kMerged) {
-          // Waking writers and registering the new VMA wait for the
-          // flush: one call each per window instead of per mapping.
+          // Registering the new VMA waits for the flush: one call per
+          // window instead of per mapping.
           mapped[nmapped++] = Interval{at, at + (e - k) * kPageSize};
           added += cost;
         }
       }
       std::fill(local + k, local + e, r);
     });
+    if (nmapped != 0 && how == ProtectMethod::kUffd)
+      WakeReplaced(mapped[0].start, mapped[nmapped - 1].end);
     UnprotectRest(base, n, local, /*skip_merged=*/true, how);
   });
   vmas_used_ += added;
   for (std::size_t i = 0; i < nmapped; ++i)
-    NoteMapped(mapped[i].start, mapped[i].end, window_how);
+    NoteMapped(mapped[i].start, mapped[i].end);
   CopyOutResults(local, n, out);
 }
 
@@ -2090,7 +2093,7 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
   for (std::size_t r = 0; r < nruns; ++r) {
     if (!mapped[r]) continue;
     const Addr at = reinterpret_cast<Addr>(runs[r].iov_base);
-    NoteMapped(at, at + runs[r].iov_len, ProtectMethod::kUffd, registered);
+    NoteMapped(at, at + runs[r].iov_len, registered);
     discard_first_pages_ += runs[r].iov_len / kPageSize;
   }
   if (!registered) RemoveInterval(&uffd_registered_, base, end);
@@ -2433,7 +2436,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
     if (!slots) {
       std::fill(local, local + n, MergeResult::kFailed);
     } else if ((perr = protector_->Protect(pbase, len, &phow)) != 0) {
-      std::fill(local, local + n, ClassifyProtectError(perr, pbase, len));
+      // Classified once the windows are closed (below).
     } else {
       // A partner run that cannot be protected leaves its pairs as they
       // are; the other runs go on.
@@ -2517,7 +2520,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
           const MergeResult qres =
               MapFrames(q[a], piece, f + static_cast<FrameId>(a), qhow);
           if (qres == MergeResult::kMerged) {
-            // Woken and registered at the flush (see NoteMapped).
+            // Woken below, registered at the flush (see NoteMapped).
             mapped_how[nmapped] = qhow;
             mapped[nmapped++] = Interval{q[a], q[a] + piece};
             continue;
@@ -2563,6 +2566,15 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
         }
         return side;
       };
+      // Before the windows close (WakeReplaced): one call over all the
+      // new mappings, however far apart.
+      Addr wake_lo = UINTPTR_MAX, wake_hi = 0;
+      for (std::size_t i = 0; i < nmapped; ++i) {
+        if (mapped_how[i] != ProtectMethod::kUffd) continue;
+        wake_lo = std::min(wake_lo, mapped[i].start);
+        wake_hi = std::max(wake_hi, mapped[i].end);
+      }
+      WakeReplaced(wake_lo, wake_hi);
       UnprotectRest(pbase, n, side_of(pgone), /*skip_merged=*/true, phow);
       side_of(qgone);
       for (std::size_t r = 0; r < nruns; ++r) {
@@ -2575,7 +2587,10 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
       if (runs[r].slot >= 0) CloseWindow(runs[r].slot);
     }
     if (pslot >= 0) CloseWindow(pslot);
-    // Nothing is protected now: ClassifyProtectError may read the maps.
+    // No window is open now: ClassifyProtectError may read the maps (it
+    // allocates; see InProtectedWindow).
+    if (perr != 0)
+      std::fill(local, local + n, ClassifyProtectError(perr, pbase, len));
     for (std::size_t r = 0; slots && perr == 0 && r < nruns; ++r) {
       if (runs[r].err == 0) continue;
       std::fill(local + runs[r].begin, local + runs[r].end,
@@ -2589,7 +2604,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
                      kReadWrite);
   }
   for (std::size_t i = 0; i < nmapped; ++i)
-    NoteMapped(mapped[i].start, mapped[i].end, mapped_how[i]);
+    NoteMapped(mapped[i].start, mapped[i].end);
   for (std::size_t k = 0; k < n; ++k) {
     if (local[k] == MergeResult::kNoBudget) ++budget_skips_;
     out[k] = local[k];
@@ -2771,7 +2786,6 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n,
   // mapping, where MADV_DONTNEED would bring back the frame's bytes) map
   // the zero frame instead: a frame never written, shared by all of them.
   bool remapped[kMaxZeroWindowPages] = {};
-  ProtectMethod window_how = ProtectMethod::kNone;
   constexpr std::uint64_t kWindowCost = 2;
   std::uint64_t added = 0;
   // Decided before the window: nothing in it may allocate.
@@ -2787,7 +2801,6 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n,
     zero_frame_ = store_.Allocate(1);
   }
   InProtectedWindow(base, span, kWindowCost, local, [&](ProtectMethod how) {
-    window_how = how;
     protected_window = true;
     // Before the check of the bytes: a read whose direct I/O ended after
     // the check could have changed them (its registration gone by now).
@@ -2875,8 +2888,9 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n,
     // The pages not asked for keep their protection: cleared here, in one
     // call over the span (a dropped anonymous page keeps no write-protect
     // marker on Linux 6.18, and the call over it costs a few microseconds
-    // of the window's ~250). The remapped ones are new VMAs, woken and
-    // registered at the flush.
+    // of the window's ~250). The remapped ones are new VMAs: their
+    // writers are woken here (as gone pages), and they are registered at
+    // the flush.
     MergeResult rest[kMaxZeroWindowPages];
     for (std::size_t k = 0; k < span; ++k)
       rest[k] = remapped[k] ? MergeResult::kGone : local[k];
@@ -2886,7 +2900,7 @@ bool LinuxMemory::DropZeroBatch(const Addr* pages, std::size_t n,
   for (std::size_t k = 0; k < span; ++k) {
     if (remapped[k]) {
       const Addr pg = base + k * kPageSize;
-      NoteMapped(pg, pg + kPageSize, window_how);
+      NoteMapped(pg, pg + kPageSize);
     }
   }
   MergeResult mine[kMaxZeroWindowPages];

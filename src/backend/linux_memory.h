@@ -510,17 +510,23 @@ class LinuxMemory final : public Memory {
   void CopyOutResults(const MergeResult* local, std::size_t n,
                       MergeResult* out);
   // Frame mappings made by merges: recorded after their window closed,
-  // woken (UFFDIO_WAKE) and registered with userfaultfd per flush rather
-  // than per mapping, and added to the interval sets once per call.
+  // registered with userfaultfd per flush rather than per mapping, and
+  // added to the interval sets once per call. Writers that faulted on the
+  // pages they replaced are woken by their window, before it closes
+  // (WakeReplaced).
   struct NewMapping {
     Addr start;
     Addr end;
-    bool wake;  // protected with userfaultfd: writers may wait on old PTEs
-    bool registered;  // with userfaultfd already, woken already
+    bool registered;  // with userfaultfd already
   };
-  void NoteMapped(Addr start, Addr end, ProtectMethod how,
-                  bool registered = false);
-  // Wakes and registers what NoteMapped recorded since the last flush.
+  void NoteMapped(Addr start, Addr end, bool registered = false);
+  // Wakes the writers that faulted on write-protected pages of
+  // [start, end) that a window replaced with new mappings: they sleep in
+  // the kernel on the old PTEs until woken, and may hold a lock (malloc's)
+  // that whoever takes the window lock next, or the merging thread itself,
+  // waits for. Before the window closes, then. One call over the span.
+  void WakeReplaced(Addr start, Addr end);
+  // Registers what NoteMapped recorded since the last flush.
   // REQUIRES: no window open.
   void FlushMapped();
   // Records the flushed mappings in frame_mapped_ and uffd_registered_.

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cerrno>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <new>
@@ -565,6 +566,12 @@ WindowsClosed::~WindowsClosed() {
   pthread_rwlock_unlock(&g_state->window_lock);
 }
 
+// Windows this thread has open: an allocation then may wait for malloc's
+// lock, held by a writer that faulted in the window and waits for it to
+// close (debug builds check it: the wrappers at the end of this file).
+static thread_local int tls_windows_open
+    __attribute__((tls_model("initial-exec"))) = 0;
+
 int OpenWindow(Addr start, Addr end) {
   const pid_t self = WindowOwnerTid();
   for (int i = 0; i < kMaxWindows; ++i) {
@@ -575,6 +582,7 @@ int OpenWindow(Addr start, Addr end) {
     slot.end.store(end);
     slot.owner.store(self);
     slot.seq.fetch_add(1);  // odd: open
+    ++tls_windows_open;
     return i;
   }
   return -1;
@@ -589,6 +597,7 @@ void CloseWindow(int slot_index) {
   // seq_cst pairs with the waiter's waiters++ then seq load.
   if (slot.waiters.load() != 0) FutexWakeAll(&slot.seq);
   slot.busy.store(0);
+  --tls_windows_open;
 }
 
 void NoteThreadExiting() {
@@ -892,3 +901,43 @@ bool CopyFromUser(void* dst, const void* src, std::size_t n) {
 }
 
 }  // namespace samepage::backend
+
+#ifndef NDEBUG
+// Debug builds: samepage's own calls of operator new and delete and of free
+// (renamed to these by the linker's --wrap, CMakeLists.txt; the program's
+// are left alone) abort on a thread with a window open. Nothing inside a
+// window may allocate: a thread of the program that holds malloc's lock
+// may be writing into the window's pages, waiting for it to close
+// (ClassifyProtectError did, until 2026-12-07). Nor free: a free may trim
+// the heap under the window, whose frame then lands above the break.
+namespace {
+void CheckNoWindowOpen(const char* what) {
+  if (samepage::backend::tls_windows_open > 0) {
+    samepage::backend::WriteStderr("samepage: ");
+    samepage::backend::WriteStderr(what);
+    samepage::backend::WriteStderr(" inside a merge window\n");
+    std::abort();
+  }
+}
+}  // namespace
+extern "C" void* __real__Znwm(std::size_t size);
+extern "C" void* __wrap__Znwm(std::size_t size) {
+  CheckNoWindowOpen("allocation");
+  return __real__Znwm(size);
+}
+extern "C" void __real__ZdlPv(void* p);
+extern "C" void __wrap__ZdlPv(void* p) {
+  if (p != nullptr) CheckNoWindowOpen("delete");
+  __real__ZdlPv(p);
+}
+extern "C" void __real__ZdlPvm(void* p, std::size_t size);
+extern "C" void __wrap__ZdlPvm(void* p, std::size_t size) {
+  if (p != nullptr) CheckNoWindowOpen("delete");
+  __real__ZdlPvm(p, size);
+}
+extern "C" void __real_free(void* p);
+extern "C" void __wrap_free(void* p) {
+  if (p != nullptr) CheckNoWindowOpen("free");
+  __real_free(p);
+}
+#endif

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -19,12 +20,34 @@
 #include "backend/linux_memory.h"
 #include "backend/memory_configs.h"
 #include "backend/proc_maps.h"
+#include "backend/write_protect.h"
 
 namespace samepage::backend {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 using Protection = LinuxMemoryOptions::Protection;
+
+// n pages whose middle is a page table's boundary (2 MiB): runs of pages
+// end there, so merging all of them takes a window on each side.
+unsigned char* MapPagesAcrossATable(std::size_t n) {
+  constexpr std::size_t kTable = 512 * kPageSize;
+  void* p = mmap(nullptr, 2 * kTable, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  EXPECT_NE(p, MAP_FAILED);
+  const auto at = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t boundary = (at + kTable) & ~(kTable - 1);
+  auto* base = reinterpret_cast<unsigned char*>(boundary - n / 2 * kPageSize);
+  // A page of hole on each side, as MapPages leaves.
+  munmap(p, static_cast<std::size_t>(base - kPageSize -
+                                     static_cast<unsigned char*>(p)));
+  unsigned char* end = base + n * kPageSize + kPageSize;
+  munmap(end, static_cast<std::size_t>(static_cast<unsigned char*>(p) +
+                                       2 * kTable - end));
+  munmap(base - kPageSize, kPageSize);
+  munmap(base + n * kPageSize, kPageSize);
+  return base;
+}
 
 unsigned char* MapPages(std::size_t n) {
   // One page of hole on each side: never joins an excluded neighbour.
@@ -179,11 +202,14 @@ std::size_t Scattered64(std::size_t i) { return (i * 37 + 11) % 64; }
 // writer leaves alone never read otherwise, through the CPU and through
 // write(2) (the kernel reading the page): with userfaultfd for all faults
 // that system call must never fail, a page being merged included.
+// With `held`, the writer holds it around each round of writes (as
+// malloc's writes into the heap hold the arena's lock).
 void WriterRace(LinuxMemory& m, std::size_t (*of)(std::size_t),
-                std::size_t kN = 64) {
+                std::size_t kN = 64, std::mutex* held = nullptr) {
   unsigned char* a = MapPages(kN);
   unsigned char* b = MapPages(kN);
-  unsigned char* c = MapPages(kN);
+  // With `held`, c takes two windows (see the test that passes it).
+  unsigned char* c = held != nullptr ? MapPagesAcrossATable(kN) : MapPages(kN);
   auto content = [](std::size_t i, std::size_t k) {
     return static_cast<unsigned char>(i * 31 + k);
   };
@@ -200,6 +226,8 @@ void WriterRace(LinuxMemory& m, std::size_t (*of)(std::size_t),
   std::thread writer([&] {
     std::size_t i = 0;
     while (!stop.load(std::memory_order_relaxed)) {
+      std::unique_lock<std::mutex> lock;
+      if (held != nullptr) lock = std::unique_lock<std::mutex>(*held);
       for (unsigned char* page :
            {a + i * kPageSize, b + i * kPageSize, c + c_of[i] * kPageSize}) {
         auto* counter = reinterpret_cast<volatile std::uint64_t*>(page);
@@ -316,6 +344,46 @@ TEST_P(RaceTest, WriterNeverLosesAnIncrementJoiningScatteredFrames) {
   if (m_->SyscallWritesWait()) {
     EXPECT_GT(m_->Stats().discard_first_pages, 0u);
   }
+}
+
+// A writer that faults in a window while it holds a lock must be woken
+// before the window lock is free again: a thread that takes the window
+// lock and then that lock (glibc's free outside windows, then the arena's
+// lock) would wait for the writer, and the merging thread, at its next
+// window, for that thread. Until 2026-12-07 the writers of pages a window
+// had replaced with frames slept until the end of the merge call
+// (preload.thread_exit_trim_test hung so beside a QEMU guest, a few runs
+// in a hundred; this test, every run). A hang ends the test (abort)
+// rather than ctest's timeout.
+TEST_P(RaceTest, WriterHoldingALockIsWokenBeforeTheNextWindow) {
+  std::mutex held;
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> rounds{0};
+  std::thread locker([&] {
+    while (!stop.load()) {
+      {
+        WindowLock window;
+        std::lock_guard<std::mutex> lock(held);
+      }
+      ++rounds;
+      std::this_thread::yield();
+    }
+  });
+  std::thread watchdog([&] {
+    const auto end =
+        std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (!stop.load() && std::chrono::steady_clock::now() < end)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    if (!stop.load()) {
+      std::fprintf(stderr, "no progress in 60 s: deadlock\n");
+      std::abort();
+    }
+  });
+  for (auto of : {Same, Scattered64}) WriterRace(*m_, of, 64, &held);
+  stop.store(true);
+  locker.join();
+  watchdog.join();
+  EXPECT_GT(rounds.load(), 0u);
 }
 
 // c's page i holds a's page of its block of 100 turned by half a block:

@@ -184,19 +184,24 @@ TEST(WriteProtectTest, WriterWaitsForTheWindowAndItsWriteLands) {
   p[0] = 1;
   std::uint64_t faults_before = ProtectFaults();
   std::atomic<int> stage{0};
+  // Started before the window: a thread with a window open must not
+  // allocate (debug builds abort).
+  std::atomic<bool> go{false};
+  std::thread writer([&] {
+    while (!go.load()) std::this_thread::yield();
+    stage = 1;
+    p[0] = 2;  // faults, waits in the handler
+    stage = 2;
+  });
   int slot;
   {
     WindowLock lock;
     slot = OpenWindow(reinterpret_cast<Addr>(p),
                       reinterpret_cast<Addr>(p) + kPageSize);
-    ASSERT_GE(slot, 0);
-    ASSERT_EQ(mprotect(p, kPageSize, PROT_READ), 0);
+    EXPECT_GE(slot, 0);
+    EXPECT_EQ(mprotect(p, kPageSize, PROT_READ), 0);
   }
-  std::thread writer([&] {
-    stage = 1;
-    p[0] = 2;  // faults, waits in the handler
-    stage = 2;
-  });
+  go.store(true);
   // The writer must be parked in the handler, not done.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
   while (WindowWaiters(slot) == 0 &&
@@ -375,6 +380,13 @@ void SetAfterInstallThenFault() {
   sigaction(SIGSEGV, nullptr, &k);
   if (k.sa_sigaction == ExitHandler) _exit(4);
   unsigned char* p = MapPages(1);
+  // Started before the window: a thread with a window open must not
+  // allocate (debug builds abort).
+  std::atomic<bool> go{false};
+  std::thread writer([p, &go] {
+    while (!go.load()) std::this_thread::yield();
+    p[0] = 7;
+  });
   int slot;
   {
     WindowLock lock;
@@ -382,7 +394,7 @@ void SetAfterInstallThenFault() {
                       reinterpret_cast<Addr>(p) + kPageSize);
     mprotect(p, kPageSize, PROT_READ);
   }
-  std::thread writer([p] { p[0] = 7; });
+  go.store(true);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
   while (WindowWaiters(slot) == 0) {
     if (std::chrono::steady_clock::now() > deadline) _exit(6);
