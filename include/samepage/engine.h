@@ -211,10 +211,11 @@ class Engine {
   // thread-specific data destructor). glibc then frees the thread's malloc
   // cache with internal calls, which may trim the heap as free does, and
   // drops the unused part of its stack: from now until the thread is gone
-  // (at most 100 ms) no merge window opens anywhere in the process; merges
-  // due meanwhile are tried again later, and giving merged memory back
-  // waits. Waits for the windows open now. Allocates nothing. A no-op on
-  // a thread inside an engine or where no engine was ever made.
+  // (at most 5 s: a thread stuck in its exit does not stop merging for
+  // good) no merge window opens anywhere in the process; merges due
+  // meanwhile are tried again later, and giving merged memory back waits
+  // (at most 100 ms). Waits for the windows open now. Allocates nothing. A
+  // no-op on a thread inside an engine or where no engine was ever made.
   static void ThreadExiting();
 
   // For the LD_PRELOAD layer: the kernel is about to write into

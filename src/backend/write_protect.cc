@@ -40,7 +40,7 @@ struct WindowSlot {
 
 // Threads on their way out (NoteThreadExiting): kernel tid (0: free) and
 // when they registered. Written under the window lock only.
-constexpr int kMaxExiting = 64;
+constexpr int kMaxExiting = 256;
 struct ExitingSlot {
   std::atomic<pid_t> tid{0};
   std::atomic<std::int64_t> since{0};
@@ -604,8 +604,8 @@ void NoteThreadExiting() {
   if (g_state == nullptr) return;
   const int saved_errno = errno;
   const auto tid = static_cast<pid_t>(syscall(SYS_gettid));
-  // All slots taken (64 threads exiting at once): they free up as those
-  // threads go, or at kExitingWaitNs.
+  // All slots taken (256 threads exiting at once): they free up as those
+  // threads go.
   for (int attempt = 0; attempt < 2000; ++attempt) {
     {
       WindowLock lock;
@@ -639,7 +639,7 @@ bool ThreadsExiting() {
     if (tid == 0) continue;
     // Signal 0 only asks whether the thread still exists.
     const bool gone = syscall(SYS_tgkill, pid, tid, 0) != 0 && errno == ESRCH;
-    if (gone || now - slot.since.load() > kExitingWaitNs) {
+    if (gone || now - slot.since.load() > kExitingGiveUpNs) {
       slot.tid.store(0);
       g_state->exiting_count.fetch_sub(1);
       continue;

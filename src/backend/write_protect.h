@@ -94,7 +94,10 @@ class WindowLock {
   WindowLock();
   // Taken once no thread is exiting (ThreadsExiting), for a window that
   // must not fail (giving merged memory back): it waits for them, the lock
-  // not held meanwhile, at most kExitingWaitNs.
+  // not held meanwhile, at most kExitingWaitNs (its caller holds the
+  // engines' locks, which the exiting thread's own later destructors may
+  // want; a heap trim inside such a window leaves anonymous memory above
+  // the break, never a frame).
   enum AfterExits { kAfterExits };
   explicit WindowLock(AfterExits);
   ~WindowLock();
@@ -130,14 +133,17 @@ void CloseWindow(int slot);
 // calls, which can trim the heap (brk) or an arena (MADV_DONTNEED) under a
 // merge window. The thread calls this first (Engine::ThreadExiting): it
 // waits for the window lock, so for any window open, and registers; until
-// it is gone (or kExitingWaitNs have passed: a thread stuck in its exit
-// does not stop merging for good) no window opens (ThreadsExiting).
+// it is gone (or kExitingGiveUpNs have passed: a thread stuck in its exit
+// does not stop merging for good) no merge window opens (ThreadsExiting).
+// (A bound of 100 ms, the first one, a thread preempted under load
+// between its destructors and its end can outlast.)
 // A no-op before InitProcessState.
+inline constexpr std::int64_t kExitingGiveUpNs = 5'000'000'000;
 inline constexpr std::int64_t kExitingWaitNs = 100'000'000;
 void NoteThreadExiting();
 // REQUIRES: the window lock. True while a thread registered with
 // NoteThreadExiting may still be running; forgets those gone, and those
-// registered more than kExitingWaitNs ago.
+// registered more than kExitingGiveUpNs ago.
 bool ThreadsExiting();
 // A window that merges (replaces pages with frames): as OpenWindow, but -1
 // while a thread exits (ThreadsExiting); its merges are tried again later.

@@ -890,8 +890,8 @@ struct ScatteredPairs {
 // cache at thread exit): while it runs, no merge window opens (pairs in
 // runs and scattered pairs are left as they are, to be tried again), and
 // giving merged memory back waits for it rather than failing. Once it is
-// gone, merging goes on; a registration older than kExitingWaitNs holds
-// nothing back.
+// gone, merging goes on; giving back waits at most kExitingWaitNs, and a
+// registration older than kExitingGiveUpNs holds nothing back.
 TEST_P(LinuxMemoryTest, NoWindowOpensWhileAThreadExits) {
   using std::chrono::milliseconds;
   auto m = NewMemory();
@@ -976,18 +976,41 @@ TEST_P(LinuxMemoryTest, NoWindowOpensWhileAThreadExits) {
     EXPECT_TRUE(Same(a.page(i), expect)) << i;
   }
 
-  // A thread that does not go within kExitingWaitNs holds nothing back.
-  Region c(1), d(1);
+  // A thread that stays longer than giving back waits (kExitingWaitNs)
+  // still holds merges back: a heap trim of its own may come at any time
+  // before it is gone (a thread preempted under load). Giving back no
+  // longer waits for it.
+  Region c(1), d(1), e(1), f(1);
   Fill(c.page(0), 7);
   Fill(d.page(0), 7);
+  Fill(e.page(0), 8);
+  Fill(f.page(0), 8);
   Rescan(*m);
+  auto merge_one = [&](Region& p, Region& q) {
+    m->MergePairs(Addrs(p, 0, 1), Addrs(q, 0, 1), std::span(frames).first(1),
+                  std::span(res).first(1));
+    return res[0];
+  };
+  ASSERT_EQ(merge_one(c, d), MergeResult::kMerged);
   t = exiting(6);
   wait_for(5);
+  const auto registered = std::chrono::steady_clock::now();
   std::this_thread::sleep_for(std::chrono::nanoseconds(kExitingWaitNs) +
-                              milliseconds(20));
-  m->MergePairs(Addrs(c, 0, 1), Addrs(d, 0, 1), std::span(frames).first(1),
-                std::span(res).first(1));
-  EXPECT_EQ(res[0], MergeResult::kMerged);
+                              milliseconds(200));
+  EXPECT_EQ(merge_one(e, f), MergeResult::kFailed);
+  EXPECT_EQ(ProbeOne(*m, e.addr(0)), PageState::kAnon);
+  const auto unmerge_start = std::chrono::steady_clock::now();
+  EXPECT_TRUE(m->Unmerge(c.addr(0), 1));
+  EXPECT_LT(std::chrono::steady_clock::now() - unmerge_start,
+            std::chrono::nanoseconds(kExitingGiveUpNs) / 2);
+  EXPECT_EQ(ProbeOne(*m, c.addr(0)), PageState::kAnon);
+  Fill(expect, 7);
+  EXPECT_TRUE(Same(c.page(0), expect));
+  // A thread stuck in its exit for kExitingGiveUpNs holds nothing back.
+  std::this_thread::sleep_until(registered +
+                                std::chrono::nanoseconds(kExitingGiveUpNs) +
+                                milliseconds(20));
+  EXPECT_EQ(merge_one(e, f), MergeResult::kMerged);
   stage.store(6);
   join(t);
 }
