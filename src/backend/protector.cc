@@ -94,6 +94,10 @@ class UffdProtector final : public Protector {
     for (Addr a = start; a < start + len; a += kPageSize) {
       if (WriteProtect(a, kPageSize, false) != 0) ok = false;
     }
+    // A page that failed (unmapped, or mapped anew, by a call samepage does
+    // not see: another allocator's munmap) is not woken by the call, and
+    // its writer, asleep on the old PTE, would wait for good.
+    if (!ok) Replaced(start, len, ProtectMethod::kUffd);
     return ok;
   }
 

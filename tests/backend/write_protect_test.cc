@@ -11,11 +11,13 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -277,6 +279,66 @@ TEST(WriteProtectTest, APartialProtectionIsUndonePastARemapInside) {
   EXPECT_EQ(p[2 * kPageSize], 3);
   (void)protector->Unregister(start, 3 * kPageSize);
   munmap(p, 3 * kPageSize);
+}
+
+// A writer asleep on a write-protected page that a call samepage does not
+// see unmaps and maps anew (another allocator's munmap and mmap) is not
+// woken by clearing the protection, which fails there: the new mapping is
+// not registered. Unprotect wakes the whole range when any page fails;
+// before 2026-12-07 such a writer slept for good.
+TEST(WriteProtectTest, AWriterAsleepOnAPageMappedAnewIsWokenByTheUnprotect) {
+  std::unique_ptr<Protector> protector;
+  Status s = NewUffdProtector(&protector);
+  if (!s.ok())
+    GTEST_SKIP() << "no userfaultfd write-protection: " << s.ToString();
+  unsigned char* p = MapPages(2);
+  p[0] = 1;
+  p[kPageSize] = 2;
+  const Addr start = reinterpret_cast<Addr>(p);
+  ASSERT_TRUE(protector->RegisterRange(start, 2 * kPageSize));
+  ProtectMethod how = ProtectMethod::kNone;
+  ASSERT_EQ(protector->Protect(start, 2 * kPageSize, &how), 0);
+  ASSERT_EQ(how, ProtectMethod::kUffd);
+  std::atomic<pid_t> tid{0};
+  std::atomic<bool> done{false};
+  std::thread writer([&] {
+    tid.store(static_cast<pid_t>(syscall(SYS_gettid)));
+    *reinterpret_cast<volatile unsigned char*>(p) = 7;  // sleeps
+    done.store(true);
+  });
+  // Until the writer sleeps on the page (at most 5 s).
+  auto asleep = [&] {
+    char path[64], wchan[64] = {};
+    std::snprintf(path, sizeof(path), "/proc/self/task/%d/wchan", tid.load());
+    const int fd = open(path, O_RDONLY);
+    if (fd < 0) return false;
+    const ssize_t n = read(fd, wchan, sizeof(wchan) - 1);
+    close(fd);
+    return n > 0 && std::strstr(wchan, "userfault") != nullptr;
+  };
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while ((tid.load() == 0 || !asleep()) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_TRUE(asleep()) << "the writer did not fault";
+  ASSERT_EQ(munmap(p, kPageSize), 0);
+  ASSERT_EQ(mmap(p, kPageSize, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0),
+            p);
+  EXPECT_FALSE(protector->Unprotect(start, 2 * kPageSize, how));
+  const auto woken_by =
+      std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!done.load() && std::chrono::steady_clock::now() < woken_by)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_TRUE(done.load()) << "the writer still sleeps on the old page";
+  protector->Replaced(start, 2 * kPageSize, ProtectMethod::kUffd);  // if not
+  writer.join();
+  EXPECT_EQ(p[0], 7);
+  EXPECT_EQ(p[kPageSize], 2);
+  (void)protector->Unregister(start, 2 * kPageSize);
+  munmap(p, 2 * kPageSize);
 }
 
 // --- chaining: faults that are not ours reach the previous handler ---
