@@ -276,7 +276,7 @@ UNUSED static void watchdog_run_gdb(void) {
 
 UNUSED static void watchdog_fired(int sig) {
   signal(SIGALRM, SIG_DFL);
-  alarm(40); /* the dump and the knobs' restore are bounded too */
+  alarm(25); /* the dump and the knobs' restore are bounded too */
   watchdog_puts(g_watchdog_test);
   watchdog_puts(": no progress in ");
   watchdog_put_ulong(g_watchdog_seconds);
@@ -300,7 +300,8 @@ UNUSED static void stop_watchdog(void) { alarm(0); }
 
 /* Skips (exit 77) unless the KSM files are writable here; saves the knobs
  * and arranges for their restoration at exit, or at a signal that ends the
- * test. */
+ * test; starts a watchdog of 90 s (these tests take seconds; ctest ends
+ * them at 120 s, and the watchdog's dump then has 25 s). */
 UNUSED static void ksm_setup_or_skip(const char* test) {
   int fd = open(KSM_DIR "run", O_WRONLY);
   if (fd < 0) {
@@ -337,6 +338,7 @@ UNUSED static void ksm_setup_or_skip(const char* test) {
     CHECK(sigaction(ending[i], &sa, NULL) == 0);
   }
   write_knob("use_zero_pages", "0");
+  start_watchdog(test, 90);
 }
 
 /* run=1 with every page scanned at once: pages_to_scan 10000, no sleep. */
