@@ -1515,15 +1515,15 @@ void LinuxMemory::UnprotectRest(Addr start, std::size_t n,
     // call samepage does not see, such as glibc's own): what still carries
     // our write-protection (pages the call left, the markers of
     // never-touched ones) is cleared, and writers that faulted on them are
-    // woken, since nothing reads the faults. A userfaultfd touches only
-    // VMAs registered with it; mprotect would change whatever is mapped
-    // there now, so under it gone pages are left (their writers wait for
-    // the window, not for the page).
+    // woken, since nothing reads the faults (Unprotect wakes the range,
+    // whether or not every page of it could be cleared). A userfaultfd
+    // touches only VMAs registered with it; mprotect would change whatever
+    // is mapped there now, so under it gone pages are left (their writers
+    // wait for the window, not for the page).
     if (run == kLeave || (run == kGone && how != ProtectMethod::kUffd))
       continue;
     if (!protector_->Unprotect(at, len, how) && how == ProtectMethod::kUffd)
       ClearStrayProtection(at, len);
-    if (run == kGone) protector_->Replaced(at, len, how);
   }
 }
 
@@ -1552,9 +1552,9 @@ void LinuxMemory::NoteMapped(Addr start, Addr end, bool registered) {
 
 void LinuxMemory::WakeReplaced(Addr start, Addr end) {
   // Waking writers on unrelated pages of the span is harmless: they fault
-  // again and wait again. Under mprotect writers wait for the window in
-  // our handler, which its close wakes.
-  if (start < end && protection_ == Protection::kUserfaultfd)
+  // again and wait again. (Under mprotect writers wait for the window in
+  // our handler, which its close wakes: callers pass userfaultfd spans.)
+  if (start < end)
     protector_->Replaced(start, end - start, ProtectMethod::kUffd);
 }
 

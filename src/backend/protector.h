@@ -39,8 +39,9 @@ class Protector {
   // Write-protects [start, start + len). Returns 0 or an errno; on error no
   // page of the range is left protected.
   virtual int Protect(Addr start, std::size_t len, ProtectMethod* how) = 0;
-  // Makes [start, start + len) writable again and wakes waiting writers.
-  // False if some page could not be restored (it was unmapped).
+  // Makes [start, start + len) writable again and wakes waiting writers,
+  // those of pages it could not restore too. False if some page could not
+  // be restored (it was unmapped, or mapped anew).
   virtual bool Unprotect(Addr start, std::size_t len, ProtectMethod how) = 0;
   // [start, start + len) of a protected range was replaced by a new mapping:
   // wake the writers blocked on the old one so they retry.

@@ -161,15 +161,20 @@ UNUSED static void watchdog_puts(const char* s) {
   (void)!write(2, s, strlen(s));
 }
 
-UNUSED static void watchdog_put_ulong(unsigned long v) {
-  char digits[24];
-  int n = sizeof(digits);
+/* v in decimal, written at the end of digits[24]; returns its start. */
+UNUSED static char* watchdog_decimal(unsigned long v, char digits[24]) {
+  int n = 24;
   digits[--n] = '\0';
   do {
     digits[--n] = (char)('0' + v % 10);
     v /= 10;
   } while (v != 0 && n > 0);
-  watchdog_puts(&digits[n]);
+  return &digits[n];
+}
+
+UNUSED static void watchdog_put_ulong(unsigned long v) {
+  char digits[24];
+  watchdog_puts(watchdog_decimal(v, digits));
 }
 
 /* Copies /proc/self/task/<tid>/<what> to stderr under a heading. */
@@ -247,16 +252,13 @@ UNUSED static void watchdog_dump_mappings(void) {
 UNUSED static void watchdog_run_gdb(void) {
   static const char gdb[] = "/usr/bin/gdb";
   if (access(gdb, X_OK) != 0) return;
-  char pid[24];
-  int n = sizeof(pid);
-  pid[--n] = '\0';
-  for (unsigned long v = (unsigned long)getpid(); v != 0 && n > 0; v /= 10)
-    pid[--n] = (char)('0' + v % 10);
+  char digits[24];
+  char* pid = watchdog_decimal((unsigned long)getpid(), digits);
   char* const argv[] = {(char*)"gdb",
                         (char*)"-nx",
                         (char*)"-batch",
                         (char*)"-p",
-                        &pid[n],
+                        pid,
                         (char*)"-ex",
                         (char*)"thread apply all bt",
                         (char*)"-ex",
