@@ -207,6 +207,20 @@ class Engine {
   // Allocates nothing; never call it inside an engine.
   static bool OutsideWindows(bool (*change)(void* arg), void* arg);
 
+  // For the LD_PRELOAD layer: an munmap, a replacing mmap, an mremap or an
+  // mprotect made from inside the program's allocator (mimalloc unmaps its
+  // segments; an allocator may map over memory it reserved). Runs
+  // `change(arg)` with no merge window open anywhere in the process, as
+  // OutsideWindows, but alongside other such calls and fork(), whose
+  // handlers take the allocator's locks the caller may hold (the discards'
+  // lock, DiscardWithoutAllocating). Without it, such an unmap and a new
+  // mapping at the same address, made between a window's check of its
+  // pages and its mapping of a frame, had the program's new memory replaced
+  // by the frame. The engines learn of the change as of any unmap they do
+  // not see: a page gone, or written, at its next visit. Allocates nothing;
+  // returns what change() returned.
+  static bool AllocatorChange(bool (*change)(void* arg), void* arg);
+
   // For the LD_PRELOAD layer: the calling thread is about to exit (a
   // thread-specific data destructor). glibc then frees the thread's malloc
   // cache with internal calls, which may trim the heap as free does, and

@@ -30,6 +30,7 @@
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -81,6 +82,11 @@ LinuxMemoryOptions ToBackendOptions(const EngineOptions& o) {
       break;
   }
   b.vma_budget = o.vma_budget;
+#ifndef NDEBUG
+  // Tests of races with a preempted scanner (preload.allocator_remap_test).
+  if (const char* us = std::getenv("SAMEPAGE_DEBUG_MAP_DELAY_US"))
+    b.map_delay_us = std::strtoll(us, nullptr, 10);
+#endif
   return b;
 }
 
@@ -1107,6 +1113,13 @@ bool Engine::DiscardWithoutAllocating(void* addr, std::size_t len,
 bool Engine::OutsideWindows(bool (*change)(void* arg), void* arg) {
   if (backend::ProcessStateRange().first == 0) return change(arg);  // no engine
   backend::WindowLock window;
+  return change(arg);
+}
+
+bool Engine::AllocatorChange(bool (*change)(void* arg), void* arg) {
+  if (backend::ProcessStateRange().first == 0) return change(arg);  // no engine
+  backend::WindowsClosed
+      windows_closed;  // shared: see DiscardWithoutAllocating
   return change(arg);
 }
 

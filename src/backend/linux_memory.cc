@@ -758,6 +758,8 @@ bool LinuxMemory::AnonymousVmas(Addr at, std::size_t len, Addr* last_end) {
 MergeResult LinuxMemory::MapFrames(Addr at, std::size_t len, FrameId first,
                                    ProtectMethod how) {
   if (!StillProtected(at, len, how)) return MergeResult::kGone;
+  if (options_.map_delay_us > 0)
+    usleep(static_cast<useconds_t>(options_.map_delay_us));
   // A locked private mapping made writable (or mapped writable while
   // mlockall(MCL_FUTURE) is in force) is populated with write faults: every
   // frame would be copied at once. Locked memory is mapped read-only first.

@@ -130,6 +130,11 @@ struct LinuxMemoryOptions {
   // copy that replaces it; a non-zero errno fails that replacement (the
   // pages stay mapped to their frames, as after a failed copy or mremap).
   int (*fail_unmerge_copy)(Addr at, std::size_t len) = nullptr;
+  // Tests: microseconds each merge sleeps between its last check that its
+  // pages are still there (StillProtected) and the mapping of their frames,
+  // as a scanner preempted there would. Debug builds set it from
+  // SAMEPAGE_DEBUG_MAP_DELAY_US (Engine::Create).
+  std::int64_t map_delay_us = 0;
   // Frame stores of ancestors (a forked child's parent), as (dev, inode):
   // their private mappings count as merged pages of ours for probing,
   // merging over and unmerging, but their frames are never allocated or

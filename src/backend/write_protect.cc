@@ -549,7 +549,18 @@ std::int64_t MonotonicNanos() {
   return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
 
-WindowLock::WindowLock() { pthread_rwlock_wrlock(&g_state->window_lock); }
+// Whether this thread holds the window lock alone (WindowLock): a call it
+// then makes from inside another allocator (the engine allocating while it
+// changes a mapping) takes WindowsClosed, which must not wait for the
+// thread itself. (glibc's rdlock returns EDEADLK to the writer, and the
+// unlock that followed released the writer's lock.)
+static thread_local int tls_window_lock_held
+    __attribute__((tls_model("initial-exec"))) = 0;
+
+WindowLock::WindowLock() {
+  pthread_rwlock_wrlock(&g_state->window_lock);
+  ++tls_window_lock_held;
+}
 WindowLock::WindowLock(AfterExits) {
   const std::int64_t until = MonotonicNanos() + kExitingWaitNs;
   pthread_rwlock_wrlock(&g_state->window_lock);
@@ -558,12 +569,18 @@ WindowLock::WindowLock(AfterExits) {
     usleep(100);
     pthread_rwlock_wrlock(&g_state->window_lock);
   }
+  ++tls_window_lock_held;
 }
-WindowLock::~WindowLock() { pthread_rwlock_unlock(&g_state->window_lock); }
-
-WindowsClosed::WindowsClosed() { pthread_rwlock_rdlock(&g_state->window_lock); }
-WindowsClosed::~WindowsClosed() {
+WindowLock::~WindowLock() {
+  --tls_window_lock_held;
   pthread_rwlock_unlock(&g_state->window_lock);
+}
+
+WindowsClosed::WindowsClosed() : taken_(tls_window_lock_held == 0) {
+  if (taken_) pthread_rwlock_rdlock(&g_state->window_lock);
+}
+WindowsClosed::~WindowsClosed() {
+  if (taken_) pthread_rwlock_unlock(&g_state->window_lock);
 }
 
 // Windows this thread has open: an allocation then may wait for malloc's

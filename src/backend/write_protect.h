@@ -120,6 +120,11 @@ class WindowsClosed {
   ~WindowsClosed();
   WindowsClosed(const WindowsClosed&) = delete;
   WindowsClosed& operator=(const WindowsClosed&) = delete;
+
+ private:
+  // False on a thread that holds WindowLock: no window opens meanwhile
+  // anyway, and waiting would wait for the thread itself.
+  bool taken_;
 };
 
 // Registers an open window over [start, end). Returns its slot, or -1 if

@@ -32,6 +32,10 @@
 // the kernel changes it (the scanner never waits on application threads
 // while it holds those locks, so this cannot deadlock).
 //
+// The same calls made from inside another allocator (jemalloc, tcmalloc,
+// mimalloc) cannot enter the engines, which allocate: they run with no
+// merge window open instead (Engine::AllocatorChange), as its discards do.
+//
 // Fast path: a range outside the bounding box of everything ever advised
 // (MaybeAdvised, two atomic loads) goes straight to libc, so a program that
 // never advises memory pays nothing.
@@ -121,9 +125,38 @@ int RealMseal(void* addr, size_t len, unsigned long flags) {
   return static_cast<int>(DirectSyscall(SYS_mseal, addr, len, flags));
 }
 
+// A call from inside the program's own allocator (mimalloc unmaps its
+// segments) over memory that may be merged: it cannot go through the
+// engines, which allocate, but it must not run while a merge window is
+// open (Engine::AllocatorChange).
+bool FromAllocatorOver(const void* caller, const void* addr, size_t len) {
+  return FromAllocator(caller) && !Retired() && MaybeAdvised(addr, len);
+}
+
+template <typename R, typename Call>
+R AllocatorCall(const Call& call) {
+  struct Ctx {
+    const Call* call;
+    R result;
+    int err;
+  } ctx{&call, R{}, 0};
+  (void)Engine::AllocatorChange(
+      [](void* arg) {
+        auto* c = static_cast<Ctx*>(arg);
+        c->result = (*c->call)();
+        c->err = errno;
+        return true;
+      },
+      &ctx);
+  errno = ctx.err;
+  return ctx.result;
+}
+
 }  // namespace
 
 int Munmap(void* addr, size_t len, const void* caller) {
+  if (FromAllocatorOver(caller, addr, len))
+    return AllocatorCall<int>([&] { return RealMunmap(addr, len); });
   if (Bypass(caller) || !MaybeAdvised(addr, len)) {
     return RealMunmap(addr, len);
   }
@@ -135,6 +168,10 @@ void* Mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off,
            const void* caller) {
   // Only MAP_FIXED replaces what was there; MAP_FIXED_NOREPLACE never does.
   const bool replaces = (flags & MAP_FIXED) && !(flags & MAP_FIXED_NOREPLACE);
+  if (replaces && FromAllocatorOver(caller, addr, len)) {
+    return AllocatorCall<void*>(
+        [&] { return RealMmap(addr, len, prot, flags, fd, off); });
+  }
   if (!replaces || Bypass(caller) || !MaybeAdvised(addr, len)) {
     return RealMmap(addr, len, prot, flags, fd, off);
   }
@@ -148,6 +185,10 @@ void* Mremap(void* old, size_t old_len, size_t new_len, int flags,
   const bool fixed = (flags & MREMAP_FIXED) != 0;
   const bool source = MaybeAdvised(old, old_len);
   const bool target = fixed && MaybeAdvised(new_addr, new_len);
+  if ((source || target) && FromAllocator(caller) && !Retired()) {
+    return AllocatorCall<void*>(
+        [&] { return RealMremap(old, old_len, new_len, flags, new_addr); });
+  }
   if (Bypass(caller) || (!source && !target)) {
     return RealMremap(old, old_len, new_len, flags, new_addr);
   }
@@ -198,6 +239,10 @@ int PkeyMprotect(void* addr, size_t len, int prot, int pkey,
   // it all: the advice waits, and is taken up again once the range is
   // read+write again (Engine::Reprotected).
   const bool mergeable = prot == (PROT_READ | PROT_WRITE) && pkey <= 0;
+  if (FromAllocatorOver(caller, addr, len)) {
+    return AllocatorCall<int>(
+        [&] { return RealPkeyMprotect(addr, len, prot, pkey); });
+  }
   const bool ours = !Bypass(caller) && MaybeAdvised(addr, len);
   if (mergeable || !ours) {
     const int r = RealPkeyMprotect(addr, len, prot, pkey);
