@@ -33,8 +33,10 @@
 // while it holds those locks, so this cannot deadlock).
 //
 // The same calls made from inside another allocator (jemalloc, tcmalloc,
-// mimalloc) cannot enter the engines, which allocate: they run with no
-// merge window open instead (Engine::AllocatorChange), as its discards do.
+// mimalloc), or from anywhere in an executable that provides malloc itself
+// (MayBeInsideAllocator), cannot enter the engines, which allocate: they
+// run with no merge window open instead (Engine::AllocatorChange), as the
+// allocator's discards do.
 //
 // Fast path: a range outside the bounding box of everything ever advised
 // (MaybeAdvised, two atomic loads) goes straight to libc, so a program that
@@ -126,11 +128,11 @@ int RealMseal(void* addr, size_t len, unsigned long flags) {
 }
 
 // A call from inside the program's own allocator (mimalloc unmaps its
-// segments) over memory that may be merged: it cannot go through the
-// engines, which allocate, but it must not run while a merge window is
-// open (Engine::AllocatorChange).
+// segments), or perhaps so (MayBeInsideAllocator), over memory that may be
+// merged: it cannot go through the engines, which allocate, but it must
+// not run while a merge window is open (Engine::AllocatorChange).
 bool FromAllocatorOver(const void* caller, const void* addr, size_t len) {
-  return FromAllocator(caller) && !Retired() && MaybeAdvised(addr, len);
+  return MayBeInsideAllocator(caller) && !Retired() && MaybeAdvised(addr, len);
 }
 
 template <typename R, typename Call>
@@ -185,7 +187,7 @@ void* Mremap(void* old, size_t old_len, size_t new_len, int flags,
   const bool fixed = (flags & MREMAP_FIXED) != 0;
   const bool source = MaybeAdvised(old, old_len);
   const bool target = fixed && MaybeAdvised(new_addr, new_len);
-  if ((source || target) && FromAllocator(caller) && !Retired()) {
+  if ((source || target) && MayBeInsideAllocator(caller) && !Retired()) {
     return AllocatorCall<void*>(
         [&] { return RealMremap(old, old_len, new_len, flags, new_addr); });
   }

@@ -224,7 +224,7 @@ int AllocatorDiscard(DiscardCall* c) {
 }  // namespace
 
 int Madvise(void* addr, size_t len, int advice, const void* caller) {
-  if (IsDiscard(advice) && FromAllocator(caller) && !Retired()) {
+  if (IsDiscard(advice) && MayBeInsideAllocator(caller) && !Retired()) {
     DiscardCall c = MadviseCall(addr, len, advice);
     return AllocatorDiscard(&c);
   }

@@ -38,6 +38,10 @@ struct TextRange {
 };
 TextRange g_samepage_text;
 TextRange g_allocator_text;
+// The executable's text, where the executable provides malloc itself (an
+// allocator linked into it): its allocator's calls cannot be told from
+// the rest of the program's there.
+TextRange g_program_allocator_text;
 
 template <typename F>
 void Resolve(F* slot, const char* name) {
@@ -257,19 +261,66 @@ void* OtherAllocatorsMalloc() {
   return nullptr;
 }
 
+// Records the executable mappings of the main program if it defines
+// malloc itself (a definition in its dynamic symbol table: an allocator
+// linked into the executable, which replaces glibc's for every object).
+// dlsym answers a non-PIE program's PLT slot for a malloc it only calls;
+// that symbol is undefined (SHN_UNDEF).
+bool FindProgramAllocatorText(TextRange* range) {
+  void* const m = dlsym(RTLD_DEFAULT, "malloc");
+  Dl_info info;
+  void* entry = nullptr;
+  if (m == nullptr || dladdr1(m, &info, &entry, RTLD_DL_SYMENT) == 0 ||
+      entry == nullptr ||
+      static_cast<const ElfW(Sym)*>(entry)->st_shndx == SHN_UNDEF) {
+    return false;
+  }
+  backend::LoadSegment none[1];
+  if (backend::LoadSegmentsOf(m, none, 1) != -1) return false;  // not main
+  struct Text {
+    std::uintptr_t lo = UINTPTR_MAX;
+    std::uintptr_t hi = 0;
+  } text;
+  dl_iterate_phdr(
+      [](struct dl_phdr_info* i, size_t, void* data) -> int {
+        auto* t = static_cast<Text*>(data);
+        // The main program comes first, listed with an empty name.
+        for (int k = 0; k < i->dlpi_phnum; ++k) {
+          const ElfW(Phdr)& ph = i->dlpi_phdr[k];
+          if (ph.p_type != PT_LOAD || !(ph.p_flags & PF_X)) continue;
+          const std::uintptr_t a = i->dlpi_addr + ph.p_vaddr;
+          t->lo = std::min(t->lo, a);
+          t->hi = std::max(t->hi, a + ph.p_memsz);
+        }
+        return 1;
+      },
+      &text);
+  if (text.lo >= text.hi) return false;
+  range->lo.store(text.lo, std::memory_order_relaxed);
+  range->hi.store(text.hi, std::memory_order_release);
+  return true;
+}
+
 }  // namespace
 
 void FindSamepageText() {
   (void)FindText(reinterpret_cast<void*>(&samepage_madvise), &g_samepage_text);
-  (void)FindText(OtherAllocatorsMalloc(), &g_allocator_text);
+  if (!FindProgramAllocatorText(&g_program_allocator_text))
+    (void)FindText(OtherAllocatorsMalloc(), &g_allocator_text);
 }
 
 bool OtherAllocator() {
-  return g_allocator_text.hi.load(std::memory_order_acquire) != 0;
+  return g_allocator_text.hi.load(std::memory_order_acquire) != 0 ||
+         g_program_allocator_text.hi.load(std::memory_order_acquire) != 0;
 }
 
 bool FromAllocator(const void* caller) {
   return g_allocator_text.Contains(caller);
+}
+
+bool MayBeInsideAllocator(const void* caller) {
+  return g_allocator_text.Contains(caller) ||
+         g_program_allocator_text.Contains(caller);
 }
 
 namespace {

@@ -160,6 +160,13 @@ bool Retired();
 // True if the return address lies in the program's allocator (one that is
 // not libc's).
 bool FromAllocator(const void* caller);
+// True if the return address lies in the program's allocator, or in an
+// executable that provides malloc itself, whose allocator's code cannot be
+// told from the rest of the program's: its calls that unmap, replace,
+// move, reprotect or discard memory then take the allocator's way, which
+// never enters the engines (they allocate: from inside that malloc they
+// waited for its lock, held by the same thread, for good).
+bool MayBeInsideAllocator(const void* caller);
 // True once FindSamepageText found an allocator other than glibc's.
 bool OtherAllocator();
 
