@@ -127,33 +127,6 @@ int RealMseal(void* addr, size_t len, unsigned long flags) {
   return static_cast<int>(DirectSyscall(SYS_mseal, addr, len, flags));
 }
 
-// A call from inside the program's own allocator (mimalloc unmaps its
-// segments), or perhaps so (MayBeInsideAllocator), over memory that may be
-// merged: it cannot go through the engines, which allocate, but it must
-// not run while a merge window is open (Engine::AllocatorChange).
-bool FromAllocatorOver(const void* caller, const void* addr, size_t len) {
-  return MayBeInsideAllocator(caller) && !Retired() && MaybeAdvised(addr, len);
-}
-
-template <typename R, typename Call>
-R AllocatorCall(const Call& call) {
-  struct Ctx {
-    const Call* call;
-    R result;
-    int err;
-  } ctx{&call, R{}, 0};
-  (void)Engine::AllocatorChange(
-      [](void* arg) {
-        auto* c = static_cast<Ctx*>(arg);
-        c->result = (*c->call)();
-        c->err = errno;
-        return true;
-      },
-      &ctx);
-  errno = ctx.err;
-  return ctx.result;
-}
-
 }  // namespace
 
 int Munmap(void* addr, size_t len, const void* caller) {
@@ -262,6 +235,8 @@ int PkeyMprotect(void* addr, size_t len, int prot, int pkey,
 }
 
 int Mseal(void* addr, size_t len, unsigned long flags, const void* caller) {
+  if (FromAllocatorOver(caller, addr, len))
+    return AllocatorCall<int>([&] { return RealMseal(addr, len, flags); });
   if (Bypass(caller) || !MaybeAdvised(addr, len)) {
     return RealMseal(addr, len, flags);
   }

@@ -102,6 +102,37 @@ T ChangeThroughEngines(void* addr, size_t len, Engine::MappingChange kind,
   return s.result;
 }
 
+// True for a call from inside the program's own allocator (mimalloc unmaps
+// its segments), or perhaps so (MayBeInsideAllocator, real.h), over memory
+// that may be merged: it cannot go through the engines, which allocate,
+// but it must not run while a merge window is open: AllocatorCall.
+inline bool FromAllocatorOver(const void* caller, const void* addr,
+                              size_t len) {
+  return MayBeInsideAllocator(caller) && !Retired() && MaybeAdvised(addr, len);
+}
+
+// Runs `call` (the real call) with no merge window open in the process
+// (Engine::AllocatorChange) and returns what it returned, with errno as it
+// left it.
+template <typename R, typename Call>
+R AllocatorCall(const Call& call) {
+  struct Ctx {
+    const Call* call;
+    R result;
+    int err;
+  } ctx{&call, R{}, 0};
+  (void)Engine::AllocatorChange(
+      [](void* arg) {
+        auto* c = static_cast<Ctx*>(arg);
+        c->result = (*c->call)();
+        c->err = errno;
+        return true;
+      },
+      &ctx);
+  errno = ctx.err;
+  return ctx.result;
+}
+
 // raw_fork.cc: system call `nr` with arguments a[0..5], where it is a fork
 // (clone or clone3 without CLONE_VM and without a new stack, fork): run
 // with samepage's fork handlers around it, *result set as syscall(2)

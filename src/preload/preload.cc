@@ -571,6 +571,13 @@ int Prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
     }
     return r;
   }
+  if (option == PR_SET_VMA && a2 == PR_SET_VMA_ANON_NAME &&
+      FromAllocatorOver(caller, reinterpret_cast<void*>(a3), a4)) {
+    // An allocator naming its memory (the kernel refuses a name to merged
+    // pages, EINVAL, as in library mode).
+    return AllocatorCall<int>(
+        [&] { return RealPrctl(option, a2, a3, a4, a5); });
+  }
   if (option == PR_SET_VMA && a2 == PR_SET_VMA_ANON_NAME && !Bypass(caller) &&
       MaybeAdvised(reinterpret_cast<void*>(a3), a4)) {
     // A name for anonymous memory: merged pages map frames, which the

@@ -78,16 +78,23 @@ int main(void) {
     for (size_t i = 0; i < kPages; ++i) sum += z[i * PAGE];
     sleep_ms(10);
   }
-  const long reading = minor_faults();
-  for (double end = now_seconds() + 1; now_seconds() < end;) {
-    for (size_t i = 0; i < kPages; ++i) sum += z[i * PAGE];
-    sleep_ms(10);
+  /* The quietest of three seconds, as above: the scanner's own churn
+   * came in one second of a CI Debug run (176 faults; 0 and 57 in the
+   * seconds asleep before it). */
+  long read_faults = -1;
+  for (int second = 0; second < 3; ++second) {
+    const long reading = minor_faults();
+    for (double end = now_seconds() + 1; now_seconds() < end;) {
+      for (size_t i = 0; i < kPages; ++i) sum += z[i * PAGE];
+      sleep_ms(10);
+    }
+    const long in_second = minor_faults() - reading;
+    printf("minor faults in 1 s reading %d pages of zeros: %ld\n", kPages,
+           in_second);
+    if (read_faults < 0 || in_second < read_faults) read_faults = in_second;
   }
-  const long read_faults = minor_faults() - reading;
-  printf("minor faults in 1 s reading %d pages of zeros: %ld\n", kPages,
-         read_faults);
   CHECK(sum == 0);
-  CHECK(read_faults < 60); /* as above; before: 94,208 */
+  CHECK(read_faults < 60); /* as above; before: 94,208 a second */
   printf("PASS idle_test\n");
   return 0;
 }
