@@ -252,6 +252,7 @@ int QueryFd() {
 
 std::atomic<std::uint64_t> g_next_instance{1};
 std::atomic<std::uint64_t> g_vma_flags_epoch{0};
+std::atomic<std::uint64_t> g_unseen_reprotects{0};
 thread_local std::uint64_t tls_registered_instance
     __attribute__((tls_model("initial-exec")));
 
@@ -458,6 +459,7 @@ Status LinuxMemory::ReadFirstView() {
   // that map its parent's frames, before any scan.
   const std::int64_t started = MonotonicNanos();
   const std::uint64_t epoch = g_vma_flags_epoch.load();
+  const std::uint64_t unseen = g_unseen_reprotects.load();
   std::vector<MapEntry> maps;
   if (!options_.adopted_memfds.empty() || options_.plain_maps_path.empty() ||
       !ReadMaps(options_.plain_maps_path, &maps).ok()) {
@@ -475,7 +477,7 @@ Status LinuxMemory::ReadFirstView() {
   for (MapEntry& e : maps) {
     if (MergeableKind(e)) e.flags_unknown = true;
   }
-  Status s = ApplyView(maps, started, epoch);
+  Status s = ApplyView(maps, started, epoch, unseen);
   view_read_at_ = 0;  // no scan keeps this view (RecentViewReusable)
   return s;
 }
@@ -878,18 +880,21 @@ Status LinuxMemory::RefreshMaps(bool full) {
 Status LinuxMemory::ReadAndApplyView(bool full, std::vector<MapEntry>* maps) {
   const std::int64_t started = MonotonicNanos();
   const std::uint64_t epoch = g_vma_flags_epoch.load();
+  const std::uint64_t unseen = g_unseen_reprotects.load();
   Status s = ReadView(maps, full);
-  if (s.ok()) s = ApplyView(*maps, started, epoch);
+  if (s.ok()) s = ApplyView(*maps, started, epoch, unseen);
   return s;
 }
 
 Status LinuxMemory::ApplyView(const std::vector<MapEntry>& maps,
-                              std::int64_t started, std::uint64_t epoch) {
+                              std::int64_t started, std::uint64_t epoch,
+                              std::uint64_t unseen) {
   Status s = ApplyMaps(maps);
   if (!s.ok()) return s;
   view_read_at_ = MonotonicNanos();
   view_took_ = view_read_at_ - started;
   view_epoch_ = epoch;
+  view_unseen_ = unseen;
   view_unknown_ = std::any_of(maps.begin(), maps.end(), [](const MapEntry& e) {
     return e.flags_unknown;
   });
@@ -910,6 +915,16 @@ bool LinuxMemory::MergeableKind(const MapEntry& e) const {
 }
 
 void NoteVmaFlagsChanged() { g_vma_flags_epoch.fetch_add(1); }
+
+void NoteUnseenReprotect() { g_unseen_reprotects.fetch_add(1); }
+
+int LinuxMemory::OpenMergeWindowSeen(Addr start, Addr end) {
+  // The count only grows under the window lock's shared hold, which this
+  // caller's exclusive hold excludes: no reprotect comes between this
+  // check and the window's close.
+  if (g_unseen_reprotects.load() != view_unseen_) return -1;
+  return OpenMergeWindow(start, end);
+}
 
 bool FrameMappingsKnowable() {
   int works = g_query_works.load(std::memory_order_acquire);
@@ -1360,6 +1375,10 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
   if (!advised_unread_.empty() &&
       Overlaps(advised_unread_, addr, addr + total * kPageSize)) {
     (void)RefreshMaps(/*full=*/true);
+  } else if (g_unseen_reprotects.load() != view_unseen_) {
+    // Memory made read-only unseen: merge windows wait for a view that
+    // shows it (OpenMergeWindowSeen).
+    (void)RefreshMaps(/*full=*/false);
   }
   for (std::size_t done = 0; done < total;) {
     std::size_t n = std::min(kProbeChunk, total - done);
@@ -1764,7 +1783,7 @@ void LinuxMemory::InProtectedWindow(Addr base, std::size_t n,
   int err = 0;
   {
     WindowLock lock;
-    const int slot = OpenMergeWindow(base, base + len);
+    const int slot = OpenMergeWindowSeen(base, base + len);
     if (slot < 0) {
       std::fill(local, local + n, MergeResult::kFailed);
       return;
@@ -2427,7 +2446,7 @@ void LinuxMemory::MergePairBatch(Addr pbase, const Addr* q, std::size_t n,
     std::fill(local, local + n, MergeResult::kFailed);
   } else {
     WindowLock lock;
-    const int pslot = OpenMergeWindow(pbase, pbase + len);
+    const int pslot = OpenMergeWindowSeen(pbase, pbase + len);
     bool slots = pslot >= 0;
     for (std::size_t r = 0; slots && r < nruns; ++r) {
       runs[r].slot = OpenWindow(runs[r].at, runs[r].at + runs[r].bytes());

@@ -147,6 +147,15 @@ struct LinuxMemoryOptions {
 // view is read from smaps.
 void NoteVmaFlagsChanged();
 
+// Tells every LinuxMemory that memory may have been made read-only (or
+// given a protection key) by a call the engines did not see: another
+// allocator's mprotect (preload, Engine::AllocatorChange), made with no
+// window open. Merges planned on a view read before it would map frames
+// read+write over that memory (and without PROT_EXEC): merge windows do
+// not open until the view is read again, which the next Probe does.
+// Allocates nothing.
+void NoteUnseenReprotect();
+
 // For discards made from inside the program's allocator (preload), where
 // nothing may allocate or take an engine's lock. True if the kernel tells
 // which mappings are frames (PROCMAP_QUERY, Linux 6.11).
@@ -785,6 +794,11 @@ class LinuxMemory final : public Memory {
   std::int64_t view_read_at_ = 0;
   std::int64_t view_took_ = 0;
   std::uint64_t view_epoch_ = 0;
+  // NoteUnseenReprotect's count when the last view was read.
+  std::uint64_t view_unseen_ = 0;
+  // A merge window, opened only if no unseen reprotect came since the
+  // view (else -1, as for a busy slot). REQUIRES: the window lock.
+  int OpenMergeWindowSeen(Addr start, Addr end);
   bool reuse_recent_views_ = false;
   bool RecentViewReusable() const;
   // The last view showed memory whose flags it did not know (new memory
@@ -795,7 +809,7 @@ class LinuxMemory final : public Memory {
   // Applies a view read since `started` at flags epoch `epoch`, and keeps
   // when, what it took and whether it showed memory of unknown flags.
   Status ApplyView(const std::vector<MapEntry>& maps, std::int64_t started,
-                   std::uint64_t epoch);
+                   std::uint64_t epoch, std::uint64_t unseen);
   // From the last smaps read (ReadView): the VmFlags of its mergeable
   // memory as runs of equal flags (our own "uw" left out:
   // uffd_registered_ says where that is).

@@ -215,8 +215,17 @@ int PkeyMprotect(void* addr, size_t len, int prot, int pkey,
   // read+write again (Engine::Reprotected).
   const bool mergeable = prot == (PROT_READ | PROT_WRITE) && pkey <= 0;
   if (FromAllocatorOver(caller, addr, len)) {
-    return AllocatorCall<int>(
-        [&] { return RealPkeyMprotect(addr, len, prot, pkey); });
+    return AllocatorCall<int>([&] {
+      const int r = RealPkeyMprotect(addr, len, prot, pkey);
+      // Readable but not writable, or a key: a merge planned before would
+      // map frames read+write there (PROT_NONE fails the read every merge
+      // makes under protection). Told before any window can open.
+      if (r == 0 && (pkey > 0 || ((prot & (PROT_READ | PROT_EXEC)) != 0 &&
+                                  (prot & PROT_WRITE) == 0))) {
+        backend::NoteUnseenReprotect();
+      }
+      return r;
+    });
   }
   const bool ours = !Bypass(caller) && MaybeAdvised(addr, len);
   if (mergeable || !ours) {

@@ -30,3 +30,11 @@ __attribute__((visibility("default"))) int fake_allocator_remap(void* p,
   memset(q, fill, len);
   return 0;
 }
+
+/* An allocator's mprotect of memory it holds (a guard, or read-only data):
+ * 0, or -1 with errno. */
+__attribute__((visibility("default"))) int fake_allocator_protect(void* p,
+                                                                  size_t len,
+                                                                  int prot) {
+  return mprotect(p, len, prot);
+}
