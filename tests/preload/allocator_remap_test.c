@@ -23,15 +23,6 @@
 int fake_allocator_remap(void* p, size_t len, int over, int fill);
 int fake_allocator_protect(void* p, size_t len, int prot);
 
-/* Whether the page at p maps one of samepage's frames (pagemap bit 61, a
- * file page; never for kernel KSM's anonymous pages). */
-static int maps_frame(int pagemap, const void* p) {
-  uint64_t e = 0;
-  CHECK(pread(pagemap, &e, sizeof(e), (off_t)((uintptr_t)p / PAGE) * 8) ==
-        (ssize_t)sizeof(e));
-  return (e >> 63) & 1 && (e >> 61) & 1;
-}
-
 /* The permissions of the mapping at p in /proc/self/maps ("rw-p" ...), or
  * "" if none holds it. */
 static const char* perms_at(const void* p) {
@@ -114,10 +105,12 @@ int main(void) {
   for (unsigned round = 0; now_seconds() < end2; ++round, ++rounds) {
     unsigned char* r = map_advised_class(kBigPages, 1);
     for (double until = now_seconds() + 0.2;
-         !maps_frame(pagemap, r) && now_seconds() < until;) {
+         !maps_shared_frame(pagemap, r) && now_seconds() < until;) {
     }
     const size_t i = 600 + round % 8;
-    if (maps_frame(pagemap, r) && !maps_frame(pagemap, r + i * PAGE)) ++caught;
+    if (maps_shared_frame(pagemap, r) &&
+        !maps_shared_frame(pagemap, r + i * PAGE))
+      ++caught;
     CHECK(fake_allocator_protect(r + i * PAGE, PAGE, PROT_READ) == 0);
     sleep_ms(50); /* past the windows under way */
     const char* perms = perms_at(r + i * PAGE);

@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <malloc.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -371,6 +372,17 @@ UNUSED static void wait_full_scans(unsigned long n) {
   while (read_ulong(KSM_DIR "full_scans") < scans + n && now_seconds() < end)
     sleep_ms(10);
   CHECK(read_ulong(KSM_DIR "full_scans") >= scans + n);
+}
+
+/* Bit 61 of /proc/self/pagemap (with 63, present): a file page or shared
+ * anonymous page. A private anonymous page the program wrote never has it;
+ * a page samepage merged (a private mapping of its memfd frame) does.
+ * Kernel KSM pages are anonymous: the bit stays clear there. */
+UNUSED static int maps_shared_frame(int pagemap, const void* p) {
+  uint64_t e = 0;
+  off_t off = (off_t)((uintptr_t)p / PAGE) * 8;
+  CHECK(pread(pagemap, &e, sizeof(e), off) == (ssize_t)sizeof(e));
+  return (e >> 63) & 1 && (e >> 61) & 1;
 }
 
 /* Fills page i of `base` with the content of class `cls` (a 1-in-4096

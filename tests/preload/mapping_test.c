@@ -18,17 +18,6 @@
 
 enum { kPages = 64 };
 
-/* Bit 61 of /proc/self/pagemap: a file page or shared anonymous page. A
- * private anonymous page the program wrote never has it; a page samepage
- * merged (a private mapping of its memfd frame) does. Kernel KSM pages are
- * anonymous: the bit stays clear there, and the content checks decide. */
-static int maps_shared_frame(int pagemap, const void* p) {
-  uint64_t e = 0;
-  off_t off = (off_t)((uintptr_t)p / PAGE) * 8;
-  CHECK(pread(pagemap, &e, sizeof(e), off) == (ssize_t)sizeof(e));
-  return (e >> 63) & 1 && (e >> 61) & 1;
-}
-
 static void fill_all(unsigned char* p, size_t pages, int cls) {
   for (size_t i = 0; i < pages; ++i) fill_class(p, i, cls);
 }
