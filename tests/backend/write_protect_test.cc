@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -626,6 +627,56 @@ TEST(WriteProtectTest, ChainedActionReadWhileReplaced) {
   EXPECT_EQ(g_chain_calls, rounds);
   EXPECT_GT(swaps.load(), 0);
   ASSERT_EQ(ChainedSigaction(SIGSEGV, &saved, nullptr), 0);
+}
+
+// A thread that holds the window lock alone and then takes a share of it
+// (the engine allocating inside ChangeMapping, through another allocator
+// that discards or unmaps: Engine::AllocatorChange) neither waits for
+// itself nor lets go of its hold. glibc's rdlock answers EDEADLK to the
+// writer, and WindowsClosed's unlock then released the writer's lock:
+// another thread's share came through at once (until 2026-12-07).
+TEST(WriteProtectTest, ASharedHoldOnTheWindowLocksHolderKeepsItsHold) {
+  ASSERT_TRUE(InitProcessState().ok());
+  std::atomic<bool> other_in{false};
+  std::thread other;
+  {
+    WindowLock lock;
+    { WindowsClosed nested; }  // returns at once, holding nothing more
+    other = std::thread([&] {
+      WindowsClosed share;
+      other_in.store(true);
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    EXPECT_FALSE(other_in.load()) << "the window lock was let go";
+  }
+  other.join();
+  EXPECT_TRUE(other_in.load());
+}
+
+// Debug builds abort on samepage's own allocation, delete or free on a
+// thread with a window open (write_protect.cc, the linker's --wrap): a
+// writer of the window's pages may hold malloc's lock while it waits.
+TEST(WriteProtectTest, DebugBuildsAbortOnAnAllocationInsideAWindow) {
+#ifdef NDEBUG
+  GTEST_SKIP() << "the check is compiled into Debug builds only";
+#else
+  ASSERT_TRUE(InitProcessState().ok());
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  unsigned char* p = MapPages(1);
+  const Addr a = reinterpret_cast<Addr>(p);
+  EXPECT_DEATH(
+      {
+        WindowLock lock;
+        if (OpenWindow(a, a + kPageSize) < 0) std::abort();
+        auto* v = new std::vector<int>(16);
+        std::printf("%zu\n", v->size());
+      },
+      "allocation inside a merge window");
+  // Outside a window the same allocation is fine.
+  auto v = std::make_unique<std::vector<int> >(16);
+  EXPECT_EQ(v->size(), 16u);
+  munmap(p, kPageSize);
+#endif
 }
 
 }  // namespace
