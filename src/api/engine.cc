@@ -1118,8 +1118,9 @@ bool Engine::OutsideWindows(bool (*change)(void* arg), void* arg) {
 
 bool Engine::AllocatorChange(bool (*change)(void* arg), void* arg) {
   if (backend::ProcessStateRange().first == 0) return change(arg);  // no engine
-  backend::WindowsClosed
-      windows_closed;  // shared: see DiscardWithoutAllocating
+  // Shared, as DiscardWithoutAllocating's: the caller may hold the
+  // allocator's locks, which fork's handlers take while fork holds it.
+  backend::WindowsClosed windows_closed;
   return change(arg);
 }
 

@@ -24,7 +24,39 @@ void AddSegmentsOf(const void* addr, Segments* out) {
   }
 }
 
+// Up to `max` PT_LOAD segments of the object `i` into out[]; returns how
+// many there are.
+int CopyLoadSegments(const struct dl_phdr_info* i, LoadSegment* out, int max) {
+  int found = 0;
+  for (int k = 0; k < i->dlpi_phnum; ++k) {
+    const ElfW(Phdr)& ph = i->dlpi_phdr[k];
+    if (ph.p_type != PT_LOAD) continue;
+    if (found < max) {
+      const std::uintptr_t a = i->dlpi_addr + ph.p_vaddr;
+      out[found] = LoadSegment{a, a + ph.p_memsz, ph.p_flags};
+    }
+    ++found;
+  }
+  return found;
+}
 }  // namespace
+
+int MainProgramSegments(LoadSegment* out, int max) {
+  struct Query {
+    LoadSegment* out;
+    int max;
+    int found;
+  } q{out, max, 0};
+  // The main program comes first.
+  dl_iterate_phdr(
+      [](struct dl_phdr_info* i, size_t, void* data) -> int {
+        auto* q = static_cast<Query*>(data);
+        q->found = CopyLoadSegments(i, q->out, q->max);
+        return 1;
+      },
+      &q);
+  return q.found;
+}
 
 int LoadSegmentsOf(const void* addr, LoadSegment* out, int max) {
   Dl_info info;
@@ -51,15 +83,7 @@ int LoadSegmentsOf(const void* addr, LoadSegment* out, int max) {
           q->found = -1;
           return 1;
         }
-        for (int k = 0; k < i->dlpi_phnum; ++k) {
-          const ElfW(Phdr)& ph = i->dlpi_phdr[k];
-          if (ph.p_type != PT_LOAD) continue;
-          if (q->found < q->max) {
-            const std::uintptr_t a = i->dlpi_addr + ph.p_vaddr;
-            q->out[q->found] = LoadSegment{a, a + ph.p_memsz, ph.p_flags};
-          }
-          ++q->found;
-        }
+        q->found = CopyLoadSegments(i, q->out, q->max);
         return 1;
       },
       &q);

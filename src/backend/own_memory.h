@@ -34,6 +34,8 @@ struct LoadSegment {
 // -1 for the main program. No allocation: the preload's constructor uses
 // it before the allocator is known.
 int LoadSegmentsOf(const void* addr, LoadSegment* out, int max);
+// The same for the main program. No allocation.
+int MainProgramSegments(LoadSegment* out, int max);
 
 // Registers the shared object that holds `addr` (the preload registers
 // itself from its constructor). At most a few; extra ones are ignored.

@@ -210,15 +210,14 @@ int RealMprotect(void* addr, size_t len, int prot) {
 
 namespace {
 
-// Records the executable mappings of the shared object that holds `symbol`;
-// false if none, or if it is the main program (whose text is the
-// application's own code: never bypassed).
-bool FindText(const void* symbol, TextRange* range) {
-  backend::LoadSegment segments[16];
-  const int n = backend::LoadSegmentsOf(symbol, segments, 16);
+constexpr int kMaxSegments = 16;
+
+// Records the span of the executable ones among segments[0..n) (n may
+// count more than were stored, or be -1); false if there are none.
+bool RecordText(const backend::LoadSegment* segments, int n, TextRange* range) {
   std::uintptr_t lo = UINTPTR_MAX;
   std::uintptr_t hi = 0;
-  for (int k = 0; k < n && k < 16; ++k) {
+  for (int k = 0; k < n && k < kMaxSegments; ++k) {
     if (!(segments[k].flags & PF_X)) continue;
     lo = std::min(lo, segments[k].start);
     hi = std::max(hi, segments[k].end);
@@ -227,6 +226,15 @@ bool FindText(const void* symbol, TextRange* range) {
   range->lo.store(lo, std::memory_order_relaxed);
   range->hi.store(hi, std::memory_order_release);
   return true;
+}
+
+// Records the executable mappings of the shared object that holds `symbol`;
+// false if none, or if it is the main program (whose text is the
+// application's own code: never bypassed).
+bool FindText(const void* symbol, TextRange* range) {
+  backend::LoadSegment segments[kMaxSegments];
+  return RecordText(
+      segments, backend::LoadSegmentsOf(symbol, segments, kMaxSegments), range);
 }
 
 // The malloc of the first loaded shared object that defines one itself,
@@ -275,30 +283,11 @@ bool FindProgramAllocatorText(TextRange* range) {
       static_cast<const ElfW(Sym)*>(entry)->st_shndx == SHN_UNDEF) {
     return false;
   }
-  backend::LoadSegment none[1];
-  if (backend::LoadSegmentsOf(m, none, 1) != -1) return false;  // not main
-  struct Text {
-    std::uintptr_t lo = UINTPTR_MAX;
-    std::uintptr_t hi = 0;
-  } text;
-  dl_iterate_phdr(
-      [](struct dl_phdr_info* i, size_t, void* data) -> int {
-        auto* t = static_cast<Text*>(data);
-        // The main program comes first, listed with an empty name.
-        for (int k = 0; k < i->dlpi_phnum; ++k) {
-          const ElfW(Phdr)& ph = i->dlpi_phdr[k];
-          if (ph.p_type != PT_LOAD || !(ph.p_flags & PF_X)) continue;
-          const std::uintptr_t a = i->dlpi_addr + ph.p_vaddr;
-          t->lo = std::min(t->lo, a);
-          t->hi = std::max(t->hi, a + ph.p_memsz);
-        }
-        return 1;
-      },
-      &text);
-  if (text.lo >= text.hi) return false;
-  range->lo.store(text.lo, std::memory_order_relaxed);
-  range->hi.store(text.hi, std::memory_order_release);
-  return true;
+  backend::LoadSegment segments[kMaxSegments];
+  if (backend::LoadSegmentsOf(m, segments, kMaxSegments) != -1)
+    return false;  // not the main program's
+  return RecordText(
+      segments, backend::MainProgramSegments(segments, kMaxSegments), range);
 }
 
 }  // namespace
