@@ -25,6 +25,33 @@ static long minor_faults(void) {
   return ru.ru_minflt;
 }
 
+/* The fewest minor faults in one of three seconds, each spent in
+ * `second` (which returns after about a second), each printed with
+ * `what`. */
+static long quietest_second(void (*second)(void), const char* what) {
+  long fewest = -1;
+  for (int k = 0; k < 3; ++k) {
+    const long before = minor_faults();
+    second();
+    const long in_second = minor_faults() - before;
+    printf("minor faults in 1 s %s: %ld\n", what, in_second);
+    if (fewest < 0 || in_second < fewest) fewest = in_second;
+  }
+  return fewest;
+}
+
+static void asleep(void) { sleep_ms(1000); }
+
+static volatile unsigned char* g_zeros;
+static unsigned g_sum;
+
+static void reading_zeros(void) {
+  for (double end = now_seconds() + 1; now_seconds() < end;) {
+    for (size_t i = 0; i < kPages; ++i) g_sum += g_zeros[i * PAGE];
+    sleep_ms(10);
+  }
+}
+
 int main(void) {
   setvbuf(stdout, NULL, _IONBF, 0);
   ksm_setup_or_skip("idle_test");
@@ -51,14 +78,7 @@ int main(void) {
    * to the system and fault them in again (Debug builds beside other
    * tests: 193-289 faults in one second of three runs in ten, the next
    * seconds quiet). */
-  long faults = -1;
-  for (int second = 0; second < 3; ++second) {
-    const long before = minor_faults();
-    sleep_ms(1000);
-    const long in_second = minor_faults() - before;
-    printf("minor faults in 1 s asleep: %ld\n", in_second);
-    if (faults < 0 || in_second < faults) faults = in_second;
-  }
+  const long faults = quietest_second(asleep, "asleep");
   for (size_t i = 0; i < kPages; ++i) CHECK(holds_class(p, i, 1));
   /* samepage's scanner allocates as it scans, and its heap comes and goes
    * (Debug builds check every invariant at each batch: 13-23 faults in some
@@ -70,30 +90,20 @@ int main(void) {
                                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   CHECK(z != MAP_FAILED);
   memset((void*)z, 0, kPages * PAGE); /* present, each a page of its own */
+  g_zeros = z;
   /* Merged before the count starts (a slow build may still be merging
    * them 0.5 s on, and the first read of each dropped page faults once). */
   CHECK(wait_merging(2 * kPages - 16, 30) >= 2 * kPages - 16);
-  unsigned sum = 0;
   for (double end = now_seconds() + 0.5; now_seconds() < end;) {
-    for (size_t i = 0; i < kPages; ++i) sum += z[i * PAGE];
+    for (size_t i = 0; i < kPages; ++i) g_sum += z[i * PAGE];
     sleep_ms(10);
   }
   /* The quietest of three seconds, as above: the scanner's own churn
    * came in one second of a CI Debug run (176 faults; 0 and 57 in the
    * seconds asleep before it). */
-  long read_faults = -1;
-  for (int second = 0; second < 3; ++second) {
-    const long reading = minor_faults();
-    for (double end = now_seconds() + 1; now_seconds() < end;) {
-      for (size_t i = 0; i < kPages; ++i) sum += z[i * PAGE];
-      sleep_ms(10);
-    }
-    const long in_second = minor_faults() - reading;
-    printf("minor faults in 1 s reading %d pages of zeros: %ld\n", kPages,
-           in_second);
-    if (read_faults < 0 || in_second < read_faults) read_faults = in_second;
-  }
-  CHECK(sum == 0);
+  const long read_faults =
+      quietest_second(reading_zeros, "reading the pages of zeros");
+  CHECK(g_sum == 0);
   CHECK(read_faults < 60); /* as above; before: 94,208 a second */
   printf("PASS idle_test\n");
   return 0;
