@@ -1371,7 +1371,7 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
   RegisterThread();
   std::size_t total = states.size();
   // Memory advised since the last smaps read is reached: its flags first.
-  // On failure it stays excluded (kAbsent).
+  // On failure it stays excluded (kExcluded).
   if (!advised_unread_.empty() &&
       Overlaps(advised_unread_, addr, addr + total * kPageSize)) {
     (void)RefreshMaps(/*full=*/true);
@@ -1413,7 +1413,7 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
       Addr page = base + k * kPageSize;
       PageState st;
       if (!clean && IsExcluded(page)) {
-        st = PageState::kAbsent;
+        st = PageState::kExcluded;
       } else if ((!clean && !IsTouchable(page)) ||
                  (!all_mapped && !RangeMapped(page, kPageSize))) {
         st = PageState::kGone;
@@ -1433,7 +1433,59 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
       states[done + k] = st;
     }
     LeaveZeroPfnAbsent(base, states.subspan(done, n));
+    if (frames_here)
+      ForgetReplacedFrameMappings(base, states.subspan(done, n), valid);
     done += n;
+  }
+}
+
+void LinuxMemory::ForgetReplacedFrameMappings(Addr base,
+                                              std::span<PageState> states,
+                                              std::size_t valid) {
+  if (maps_query_fd_ < 0) return;  // before Linux 6.11: cannot tell cheaply
+  const std::size_t n = states.size();
+  // A page the view has in a frame mapping with no page of its own there
+  // (called kFrame), or mapping the zero page (kAbsent though present),
+  // which a mapping of a file never does.
+  auto in_question = [&](std::size_t k) {
+    const Addr page = base + k * kPageSize;
+    if (!Contains(frame_mapped_, page)) return false;
+    const bool present = k < valid && (pagemap_buf_[k] & kPmPresent) != 0;
+    return (states[k] == PageState::kFrame && !present) ||
+           (states[k] == PageState::kAbsent && present);
+  };
+  std::size_t k = 0;
+  while (k < n && !in_question(k)) ++k;
+  if (k == n) return;
+  // mincore reports an absent page of a file mapping as in core when the
+  // file's page is in the page cache, as a frame is; an absent page of
+  // anonymous memory as not. It fails on a hole: every page asked about.
+  const bool in_core_known =
+      mincore(Ptr(base), n * kPageSize, mincore_buf_) == 0;
+  for (; k < n; ++k) {
+    if (!in_question(k)) continue;
+    if (in_core_known && (mincore_buf_[k] & 1) &&
+        states[k] == PageState::kFrame) {
+      continue;
+    }
+    const Addr page = base + k * kPageSize;
+    ProcmapQuery q;
+    if (!QueryVma(maps_query_fd_, page, &q) || q.vma_start > page) continue;
+    // Within this chunk: the rest of the mapping is looked at when its
+    // pages are probed.
+    const Addr from = std::max<Addr>(q.vma_start, base);
+    const Addr vma_end = std::min<Addr>(q.vma_end, base + n * kPageSize);
+    const bool anonymous = q.inode == 0 && q.dev_major == 0 &&
+                           q.dev_minor == 0 &&
+                           (q.vma_flags & kProcmapVmaShared) == 0;
+    if (anonymous) {
+      for (std::size_t j = (from - base) / kPageSize;
+           base + j * kPageSize < vma_end; ++j) {
+        if (states[j] == PageState::kFrame) states[j] = PageState::kAbsent;
+      }
+      RemoveInterval(&frame_mapped_, from, vma_end);
+    }
+    k = (vma_end - base) / kPageSize - 1;  // the loop's ++k: past the VMA
   }
 }
 

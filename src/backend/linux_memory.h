@@ -11,7 +11,7 @@
 // Also owns: the cached view of /proc/self/(s)maps (which pages we may touch
 // at all), /proc/self/pagemap probing, the VMA budget, and the exclusions
 // (our own memory, the main stack, the stacks and TLS of threads that call
-// in, anything passed to Exclude): excluded pages report kAbsent and are
+// in, anything passed to Exclude): excluded pages report kExcluded and are
 // never protected, because write-protecting a thread's own stack kills it.
 //
 // Thread safety: like every Memory, called by one thread at a time (the
@@ -892,6 +892,19 @@ class LinuxMemory final : public Memory {
   // Probe's states of the pages at `base` that map the shared zero page:
   // kAnon made kAbsent. zero_pfn_scan_works_: PAGEMAP_SCAN answered.
   void LeaveZeroPfnAbsent(Addr base, std::span<PageState> states);
+  // Probe's states of the pages at `base` (pagemap_buf_ holds the entries
+  // of the first `valid`) where the view has one of our frame mappings: a page
+  // with nothing of its own there, or the zero page, whose mapping is now
+  // anonymous memory (unmapped and mapped anew by a call samepage did not
+  // see: library mode, raw system calls) is kGone, as a new mapping is not
+  // mergeable, and the mapping leaves frame_mapped_. Taken for the frame
+  // (an absent page of a frame mapping reads as its frame), such pages
+  // kept their stable nodes, counted as merged, and the frames they no
+  // longer mapped, for as long as they were not written. Asks mincore
+  // first (a frame page is in the page cache), then PROCMAP_QUERY (Linux
+  // 6.11; before it, nothing changes) for the rest.
+  void ForgetReplacedFrameMappings(Addr base, std::span<PageState> states,
+                                   std::size_t valid);
   bool zero_pfn_scan_works_ = true;
   std::uint64_t pagemap_buf_[kProbeChunk];
   unsigned char mincore_buf_[kProbeChunk];

@@ -723,8 +723,9 @@ bool Ksm::NothingToVisit(const Range& r, std::size_t idx, std::size_t n) const {
   // zero: kNew) are visited for nothing: VisitPage leaves both as they are.
   // A chunk PassUnwritten could not pass (a frame mapped near it, an
   // exclusion, a kernel without PAGEMAP_SCAN) goes by a chunk at a time.
-  if (std::any_of(states_.begin(), states_.begin() + n,
-                  [](PageState s) { return s != PageState::kAbsent; })) {
+  if (std::any_of(states_.begin(), states_.begin() + n, [](PageState s) {
+        return s != PageState::kAbsent && s != PageState::kExcluded;
+      })) {
     return false;
   }
   // The chunk is the cursor's; outside written_chunks_ its items are all
@@ -881,12 +882,27 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     gone_.push_back(addr);
     return;
   }
-  if (state == PageState::kAbsent) {
-    // A merged page whose mapping was dropped still maps its frame; a zero
-    // page stays zero. Anything else no longer has a page to track.
+  if (state == PageState::kExcluded) {
+    // Left as it is: a merged page keeps its frame (the engine unmerges
+    // memory before excluding it; what it could not unmerge stays merged),
+    // a zero page stays zero. Anything else no longer has a page to track.
     if (item.state != ItemState::kStable && item.state != ItemState::kZero) {
       ResetItem(addr, item);
     }
+    return;
+  }
+  if (state == PageState::kAbsent) {
+    // A zero page stays zero, as does a page of a node of zero content
+    // without a frame (merged with use_zero_pages=0: it reads the zero
+    // page). Any other merged page no longer maps its frame (an absent
+    // page of a frame's mapping is kFrame): its memory was mapped anew by
+    // a call samepage did not see (library mode, a raw system call), and
+    // the frame must not be counted, nor kept, for it. Anything else no
+    // longer has a page to track.
+    const bool reads_its_node = item.state == ItemState::kZero ||
+                                (item.state == ItemState::kStable &&
+                                 nodes_[item.node()].frame == kZeroFrame);
+    if (!reads_its_node) ResetItem(addr, item);
     return;
   }
   if (item.state == ItemState::kPending) {

@@ -42,9 +42,13 @@ inline constexpr FrameId kNoFrame = UINT32_MAX;
 enum class PageState : std::uint8_t {
   kGone,    // not mapped any more, or no longer memory we may merge: forget it
   kAbsent,  // mapped, but no page of its own: never touched, dropped, or
-            // mapping the shared zero page (which costs no memory)
-  kAnon,    // a present private anonymous page of its own
-  kFrame,   // a present page that is one of our frames (not yet copied away)
+            // mapping the shared zero page (which costs no memory); not
+            // one of our frames (an absent page of a frame's mapping,
+            // which reads as the frame, is kFrame)
+  kExcluded,  // memory to leave as it is (samepage's own, a thread's stack,
+              // Exclude()): never read, protected or replaced
+  kAnon,      // a present private anonymous page of its own
+  kFrame,     // a present page that is one of our frames (not yet copied away)
 };
 
 // Why a page was not merged; one entry per page of a merge request.

@@ -638,7 +638,7 @@ TEST_P(LinuxMemoryTest, TheScannerKeepsEvenACheapViewAWhile) {
 
 // Where smaps is expensive, the read that known memory grown in place asks
 // for is put off: that memory is left alone meanwhile (its pages report
-// absent, nothing merges there, its bytes stay and take writes) while the
+// excluded, nothing merges there, its bytes stay and take writes) while the
 // rest merges, and it merges again once smaps is read.
 void ExpectGrownMemoryToWaitForSmaps(LinuxMemory& m) {
   const AdvisedTwins twins(m);
@@ -650,7 +650,7 @@ void ExpectGrownMemoryToWaitForSmaps(LinuxMemory& m) {
   const std::uint64_t reads = m.Stats().smaps_reads;
   m.BeginFullScan();
   EXPECT_EQ(m.Stats().smaps_reads, reads) << "read at once";
-  EXPECT_EQ(ProbeOne(m, b.addr(3)), PageState::kAbsent);
+  EXPECT_EQ(ProbeOne(m, b.addr(3)), PageState::kExcluded);
   EXPECT_FALSE(MergePair(m, a.addr(3), b.addr(3)));
   unsigned char expect[kPageSize];
   Fill(expect, 3);
@@ -698,8 +698,8 @@ TEST_P(LinuxMemoryTest, AnUnknownSplitWaitsForAnExpensiveSmapsRead) {
   ASSERT_EQ(madvise(b.page(4), 4 * kPageSize, MADV_DONTFORK), 0);
   m->BeginFullScan();
   EXPECT_EQ(m->Stats().smaps_reads, reads) << "read at once";
-  EXPECT_EQ(ProbeOne(*m, b.addr(2)), PageState::kAbsent);
-  EXPECT_EQ(ProbeOne(*m, b.addr(5)), PageState::kAbsent);
+  EXPECT_EQ(ProbeOne(*m, b.addr(2)), PageState::kExcluded);
+  EXPECT_EQ(ProbeOne(*m, b.addr(5)), PageState::kExcluded);
   EXPECT_FALSE(MergePair(*m, a.addr(2), b.addr(2)));
 
   NoteVmaFlagsChanged();
@@ -2562,14 +2562,14 @@ TEST_P(LinuxMemoryTest, MergeWithStaleViewOfUnmappedPageReportsGone) {
   a.page(0)[0] ^= 1;
 }
 
-TEST_P(LinuxMemoryTest, ExcludedPagesAreAbsentAndNeverProtected) {
+TEST_P(LinuxMemoryTest, ExcludedPagesAreLeftAloneAndNeverProtected) {
   auto m = NewMemory();
   Region a(2), b(2);
   Fill(a.page(0), 1);
   Fill(b.page(0), 1);
   Rescan(*m);
   m->Exclude(a.addr(0), kPageSize);
-  EXPECT_EQ(ProbeOne(*m, a.addr(0)), PageState::kAbsent);
+  EXPECT_EQ(ProbeOne(*m, a.addr(0)), PageState::kExcluded);
   FrameId f;
   MergeResult r;
   Addr p = a.addr(0), q = b.addr(0);
@@ -2580,7 +2580,7 @@ TEST_P(LinuxMemoryTest, ExcludedPagesAreAbsentAndNeverProtected) {
   unsigned char local[2 * kPageSize];
   Addr stack_page =
       (reinterpret_cast<Addr>(local) + kPageSize) & ~(kPageSize - 1);
-  EXPECT_EQ(ProbeOne(*m, stack_page), PageState::kAbsent);
+  EXPECT_EQ(ProbeOne(*m, stack_page), PageState::kExcluded);
 }
 
 TEST_P(LinuxMemoryTest, MergeablePartsFollowsMadviseRules) {
@@ -2778,7 +2778,7 @@ TEST_P(LinuxMemoryTest, ThreadStacksAreLeftOutInMprotectMode) {
   t.join();
   if (m->protection() == Protection::kMprotect) {
     EXPECT_FALSE(covered);
-    EXPECT_EQ(st, PageState::kAbsent);
+    EXPECT_EQ(st, PageState::kExcluded);
   } else {
     EXPECT_TRUE(covered);  // a blocked writer is fine under userfaultfd
   }

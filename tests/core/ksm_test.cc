@@ -927,6 +927,41 @@ TEST_F(KsmTest, DiscardedPagesAreForgottenAtTheirNextVisit) {
     ASSERT_TRUE(mem_.MapsFrame(Page(i))) << i;
 }
 
+// Merged pages whose memory was unmapped and mapped anew behind the core's
+// back (absent again: no page of their own, no frame) leave their stable
+// nodes at their next visit, and a node left with no page gives its frame
+// back; the frames of the pages still merged stay.
+TEST_F(KsmTest, MergedPagesMappedAnewLeaveTheirNodes) {
+  constexpr std::size_t kPages = 1024;
+  mem_.Map(kBase, kPages);
+  for (std::size_t i = 0; i < kPages; ++i)
+    mem_.WriteBytes(Page(i), KeyBytes(i % (kPages / 2)));  // pairs in runs
+  ksm_.Advise(kBase, kPages);
+  FullScans(2);
+  ASSERT_EQ(ksm_.GetCounters().pages_shared, kPages / 2);
+  ASSERT_EQ(mem_.frames_live(), kPages / 2);
+  // Both pages of the first 100 pairs, and one page of the next 100.
+  for (Addr at : {Page(0), Page(kPages / 2)}) {
+    mem_.Unmap(at, 100);
+    mem_.Map(at, 100);
+  }
+  mem_.Unmap(Page(100), 100);
+  mem_.Map(Page(100), 100);
+  FullScans(1);
+  ksm_.CheckInvariants();
+  const Counters c = ksm_.GetCounters();
+  // A node left with one page stays, as a KSM page mapped once does.
+  EXPECT_EQ(c.pages_shared, kPages / 2 - 100);
+  EXPECT_EQ(c.pages_sharing, kPages / 2 - 200);
+  EXPECT_EQ(mem_.frames_live(), kPages / 2 - 100);
+  for (std::size_t i = 100; i < kPages / 2; ++i) {
+    if (i >= 200) {
+      ASSERT_TRUE(mem_.MapsFrame(Page(i))) << i;
+    }
+    ASSERT_TRUE(mem_.MapsFrame(Page(i + kPages / 2))) << i;
+  }
+}
+
 // A page unmapped between the probe that found it and its first read (a
 // thread of the program unmapped it meanwhile: glibc's heap trimmed under
 // the scanner) leaves its item as it was before the visit, all zero, though

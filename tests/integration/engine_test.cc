@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -1700,6 +1701,105 @@ TEST(Engine, UnmappedMemoryIsNoticedNotRead) {
   EXPECT_EQ(Counter(*e, "pages_shared"), 0);
   EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
   EXPECT_EQ(e->Stats().frames_in_use, 0u);
+}
+
+// Library mode sees no munmap: memory unmapped and mapped anew at the same
+// place, where merged pages were, is anonymous memory the program owns.
+// Its pages must not be counted as merged, nor keep frames, whether they
+// are left untouched, only read (the zero page), or written; they read
+// zeros; unmerging everything leaves them alone; advised and filled anew
+// they merge again.
+TEST(Engine, MemoryMappedAnewWhereMergedPagesWereIsNotCountedMerged) {
+  enum Use { kUntouched, kRead, kOneWritten, kAdvisedAgain };
+  for (Use use : {kUntouched, kRead, kOneWritten, kAdvisedAgain}) {
+    SCOPED_TRACE(use);
+    auto e = NewEngine();
+    constexpr std::size_t kPages = 64;
+    void* p = mmap(nullptr, kPages * kPage, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(p, MAP_FAILED);
+    std::memset(p, 4, kPages * kPage);
+    ASSERT_TRUE(e->Madvise(p, kPages * kPage, MADV_MERGEABLE).ok());
+    e->RunFullScans(2);
+    ASSERT_EQ(Counter(*e, "pages_sharing"), 63);
+    ASSERT_EQ(munmap(p, kPages * kPage), 0);
+    ASSERT_EQ(mmap(p, kPages * kPage, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0),
+              p);
+    auto* b = static_cast<volatile unsigned char*>(p);
+    if (use == kRead) {
+      unsigned sum = 0;
+      for (std::size_t i = 0; i < kPages; ++i) sum += b[i * kPage];
+      EXPECT_EQ(sum, 0u);
+    }
+    if (use == kOneWritten) b[5 * kPage + 1] = 7;
+    if (use == kAdvisedAgain) {
+      ASSERT_TRUE(e->Madvise(p, kPages * kPage, MADV_MERGEABLE).ok());
+      std::memset(p, 6, kPages * kPage);
+    }
+    e->RunFullScans(2);
+    if (use == kAdvisedAgain) {
+      EXPECT_EQ(Counter(*e, "pages_shared"), 1);
+      EXPECT_EQ(Counter(*e, "pages_sharing"), 63);
+      EXPECT_EQ(e->Stats().frames_in_use, 1u);
+    } else {
+      EXPECT_EQ(Counter(*e, "pages_shared"), 0);
+      EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+      EXPECT_EQ(e->Stats().frames_in_use, 0u);
+    }
+    Set(*e, "run", "2");
+    EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+    for (std::size_t i = 0; i < kPages * kPage; ++i) {
+      const unsigned char want = use == kAdvisedAgain                       ? 6
+                                 : use == kOneWritten && i == 5 * kPage + 1 ? 7
+                                                                            : 0;
+      ASSERT_EQ(b[i], want) << i;
+    }
+    b[9 * kPage] = 3;  // still the program's own, writable memory
+    EXPECT_EQ(b[9 * kPage], 3);
+    ASSERT_EQ(munmap(p, kPages * kPage), 0);
+  }
+}
+
+bool KernelAtLeast(int major, int minor) {
+  utsname u{};
+  int ma = 0, mi = 0;
+  return uname(&u) == 0 && std::sscanf(u.release, "%d.%d", &ma, &mi) == 2 &&
+         (ma > major || (ma == major && mi >= minor));
+}
+
+// The same, mapped anew in the middle of a full scan, after the scan read
+// the maps: the pages leave the counts as the scan reaches them (the maps
+// view still has the frame mapping there; PROCMAP_QUERY, Linux 6.11, says
+// what is mapped now), not at some later reading of the maps.
+TEST(Engine, MemoryMappedAnewMidScanLeavesTheCountsAtItsVisit) {
+  if (!KernelAtLeast(6, 11)) GTEST_SKIP() << "no PROCMAP_QUERY before 6.11";
+  auto e = NewEngine();
+  constexpr std::size_t kPages = 2048;
+  Mapping m(kPages);
+  m.FillAll(4);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  const std::int64_t merged =
+      Counter(*e, "pages_shared") + Counter(*e, "pages_sharing");
+  ASSERT_EQ(merged, static_cast<std::int64_t>(kPages));
+  const std::int64_t scans = Counter(*e, "full_scans");
+  e->ScanNow(512);  // a new full scan begins: the maps are read
+  constexpr std::size_t kFirst = 1024, kCount = 64;
+  ASSERT_EQ(munmap(m.page(kFirst), kCount * kPage), 0);
+  ASSERT_EQ(mmap(m.page(kFirst), kCount * kPage, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0),
+            m.page(kFirst));
+  // The full scan that read the maps before the change ends, and no other
+  // begins.
+  for (int i = 0; i < 1000 && Counter(*e, "full_scans") == scans; ++i)
+    e->ScanNow(64);
+  ASSERT_EQ(Counter(*e, "full_scans"), scans + 1);
+  EXPECT_EQ(Counter(*e, "pages_shared") + Counter(*e, "pages_sharing"),
+            merged - static_cast<std::int64_t>(kCount));
+  for (std::size_t i = 0; i < kPages; ++i) {
+    ASSERT_TRUE(m.Holds(i, i >= kFirst && i < kFirst + kCount ? 0 : 4)) << i;
+  }
 }
 
 }  // namespace
