@@ -179,7 +179,14 @@ class EngineImpl final : public Engine {
     // Advice given or taken away again ends a suspension (kReprotect).
     LinuxMemory::RemoveInterval(&suspended_, start, start + rounded);
     if (advice == MADV_MERGEABLE) {
-      for (auto [a, bytes] : parts) ksm_->Advise(a, bytes / kPageSize);
+      bool all = true;
+      for (auto [a, bytes] : parts) all &= ksm_->Advise(a, bytes / kPageSize);
+      if (!all) {
+        // As the kernel's when it cannot allocate: the rest is advised.
+        st = Status::Error(ENOMEM,
+                           "madvise(MADV_MERGEABLE): no memory for "
+                           "the range's metadata");
+      }
       // Merged once mprotect makes them read+write (Reprotected).
       for (auto [a, bytes] : not_writable) Suspend(&suspended_, a, a + bytes);
     } else if (!ksm_->Unadvise(start, rounded / kPageSize)) {
@@ -579,9 +586,12 @@ class EngineImpl final : public Engine {
     return ksm_->AdvisedRanges();
   }
 
+  // Memory whose metadata cannot be allocated is left unadvised, and tried
+  // again at the next sweep (as ksmd goes on where it cannot allocate an
+  // rmap item).
   void AdviseAllAnonymousLocked() {
     for (auto [a, bytes] : memory_->AnonymousRanges()) {
-      ksm_->Advise(a, bytes / kPageSize);
+      (void)ksm_->Advise(a, bytes / kPageSize);
     }
   }
 

@@ -7,6 +7,7 @@
 #include <bit>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 
 #include "core/hash.h"
 
@@ -147,7 +148,7 @@ std::vector<std::pair<Addr, std::size_t>> Ksm::AdvisedRanges(Addr from,
   return out;
 }
 
-void Ksm::Advise(Addr start, std::size_t npages) {
+bool Ksm::Advise(Addr start, std::size_t npages) {
   // ZeroedArray's items start as all-zero bytes: that must be Item{}.
   static_assert(std::bit_cast<std::array<unsigned char, sizeof(Item)>>(
                     Item{}) == std::array<unsigned char, sizeof(Item)>{});
@@ -155,18 +156,25 @@ void Ksm::Advise(Addr start, std::size_t npages) {
   Addr cur = start;
   auto it = ranges_.upper_bound(start);
   if (it != ranges_.begin() && std::prev(it)->second.end() > start) --it;
+  bool all = true;
   auto add = [&](Addr from, Addr to) {
     Range r;
     r.start = from;
-    r.items = ZeroedArray<Item>((to - from) >> kPageShift);
-    advised_pages_ += r.items.size();
-    ranges_.emplace(from, std::move(r));
+    try {
+      r.items = ZeroedArray<Item>((to - from) >> kPageShift);
+      ranges_.emplace(from, std::move(r));
+    } catch (const std::bad_alloc&) {
+      all = false;
+      return;
+    }
+    advised_pages_ += (to - from) >> kPageShift;
   };
   for (; it != ranges_.end() && it->first < end; ++it) {
     if (it->first > cur) add(cur, it->first);
     cur = std::max(cur, it->second.end());
   }
   if (cur < end) add(cur, end);
+  return all;
 }
 
 void Ksm::Forget(Addr start, std::size_t npages) {

@@ -75,8 +75,10 @@ class Ksm {
   Ksm& operator=(const Ksm&) = delete;
 
   // Marks [start, start + npages pages) mergeable. Pages already mergeable
-  // stay as they are.
-  void Advise(Addr start, std::size_t npages);
+  // stay as they are. False if there was no memory for the items of some
+  // part of it (which stays unadvised; the parts before it are advised),
+  // as the kernel's madvise may fail with ENOMEM.
+  bool Advise(Addr start, std::size_t npages);
   // Unmerges every page of the range (contents kept, ordinary anonymous
   // memory again) and stops tracking it. False if Memory could not restore
   // some page (it is still readable, and no longer tracked).

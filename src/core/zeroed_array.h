@@ -9,12 +9,24 @@
 // advised mergeable (a runtime's heap reservation under merge-any) cost
 // 3 GiB of resident memory and 5.7 s before one page was scanned, where the
 // kernel allocates its rmap items only for the pages it finds.
+//
+// Arrays of kMapBytes or more are mapped on their own with MAP_NORESERVE:
+// calloc's mapping of 48 GB, the items of a 16 TiB reservation (a
+// sanitizer's shadow, a runtime's heap) advised mergeable, is refused on
+// a 24 GiB machine by the kernel's overcommit heuristic, though almost
+// none of it is ever written; madvise and prctl(PR_SET_MEMORY_MERGE) then
+// failed (the program aborted on the std::bad_alloc until 2026-12-07),
+// where the kernel's succeed.
 
 #ifndef SAMEPAGE_CORE_ZEROED_ARRAY_H_
 #define SAMEPAGE_CORE_ZEROED_ARRAY_H_
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -34,22 +46,27 @@ class ZeroedArray {
  public:
   ZeroedArray() = default;
   // n values of T{}. Throws std::bad_alloc as a vector would.
-  explicit ZeroedArray(std::size_t n) : data_(Allocate(n)), size_(n) {}
+  explicit ZeroedArray(std::size_t n) : size_(n) { Allocate(n); }
   ZeroedArray(const ZeroedArray&) = delete;
   ZeroedArray& operator=(const ZeroedArray&) = delete;
   ZeroedArray(ZeroedArray&& o) noexcept
       : data_(std::exchange(o.data_, nullptr)),
         size_(std::exchange(o.size_, 0)),
-        dropped_(std::exchange(o.dropped_, 0)) {}
+        dropped_(std::exchange(o.dropped_, 0)),
+        mapped_bytes_(std::exchange(o.mapped_bytes_, 0)) {}
   ZeroedArray& operator=(ZeroedArray&& o) noexcept {
     if (this != &o) {
       Free();
       data_ = std::exchange(o.data_, nullptr);
       size_ = std::exchange(o.size_, 0);
       dropped_ = std::exchange(o.dropped_, 0);
+      mapped_bytes_ = std::exchange(o.mapped_bytes_, 0);
     }
     return *this;
   }
+
+  // Arrays this large or larger are mapped on their own (see the top).
+  static constexpr std::size_t kMapBytes = std::size_t{64} << 20;
   ~ZeroedArray() { Free(); }
 
   std::size_t size() const { return size_; }
@@ -123,6 +140,14 @@ class ZeroedArray {
       Free();
       data_ = nullptr;
       dropped_ = 0;
+      mapped_bytes_ = 0;
+    } else if (mapped_bytes_ != 0) {
+      // The whole pages past the kept elements go back.
+      const std::size_t len = PageRound((dropped_ + keep) * sizeof(T));
+      if (len < mapped_bytes_) {
+        auto* block = reinterpret_cast<unsigned char*>(data_ - dropped_);
+        if (munmap(block + len, mapped_bytes_ - len) == 0) mapped_bytes_ = len;
+      }
     } else if (void* p = std::realloc(data_ - dropped_,
                                       (dropped_ + keep) * sizeof(T))) {
       data_ = static_cast<T*>(p) + dropped_;  // else the larger block is kept
@@ -153,7 +178,18 @@ class ZeroedArray {
 
  private:
   void Free() {
-    if (data_ != nullptr) std::free(data_ - dropped_);
+    if (data_ == nullptr) return;
+    if (mapped_bytes_ != 0) {
+      munmap(data_ - dropped_, mapped_bytes_);
+    } else {
+      std::free(data_ - dropped_);
+    }
+  }
+
+  static std::size_t PageRound(std::size_t bytes) {
+    static const std::size_t page =
+        static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+    return (bytes + page - 1) / page * page;
   }
 
   // Elements [from, from + n) as a new array; groups may_hold says are
@@ -171,11 +207,22 @@ class ZeroedArray {
     return out;
   }
 
-  static T* Allocate(std::size_t n) {
-    if (n == 0) return nullptr;
+  // Sets data_ (and mapped_bytes_) to n zeroed elements; nullptr for none.
+  void Allocate(std::size_t n) {
+    if (n == 0) return;
+    if (n > SIZE_MAX / sizeof(T)) throw std::bad_alloc();
+    if (n * sizeof(T) >= kMapBytes) {
+      const std::size_t len = PageRound(n * sizeof(T));
+      void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) throw std::bad_alloc();
+      data_ = static_cast<T*>(p);
+      mapped_bytes_ = len;
+      return;
+    }
     void* p = std::calloc(n, sizeof(T));
     if (p == nullptr) throw std::bad_alloc();
-    return static_cast<T*>(p);
+    data_ = static_cast<T*>(p);
   }
 
   static constexpr std::size_t kGroup = 1024;  // elements tested at once
@@ -195,6 +242,7 @@ class ZeroedArray {
   T* data_ = nullptr;  // element 0; the block starts dropped_ before it
   std::size_t size_ = 0;
   std::size_t dropped_ = 0;  // elements DropHead left at the block's start
+  std::size_t mapped_bytes_ = 0;  // the block's length if mapped, else 0
 };
 
 }  // namespace samepage

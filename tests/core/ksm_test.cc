@@ -900,6 +900,20 @@ TEST_F(KsmTest, AHugeAdvisedRangeTakesNoMemoryForItsUnvisitedPages) {
   ksm_.CheckInvariants();
 }
 
+// Advice over more pages than items can be allocated for (here more than
+// the address space holds) fails, as the kernel's madvise may with ENOMEM,
+// and leaves that part unadvised; advice that fits still works.
+TEST_F(KsmTest, AdviceWithNoRoomForItsItemsFailsAndChangesNothing) {
+  EXPECT_FALSE(ksm_.Advise(kBase, std::size_t{1} << 48));
+  EXPECT_TRUE(ksm_.AdvisedRanges().empty());
+  ksm_.CheckInvariants();
+  mem_.Map(kBase, 16);
+  for (std::size_t i = 0; i < 16; ++i) mem_.Write(Page(i), 9);
+  EXPECT_TRUE(ksm_.Advise(kBase, 16));
+  FullScans(2);
+  EXPECT_EQ(ksm_.GetCounters().pages_sharing, 15u);
+}
+
 // Pages whose memory was discarded since their last visit are forgotten
 // at the next one, as the kernel drops the rmap items of pages it no
 // longer finds, even where whole chunks have nothing in them any more

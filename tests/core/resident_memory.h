@@ -1,5 +1,5 @@
-// This process's resident memory, for tests that check what a structure
-// leaves untouched.
+// This process's memory (resident, virtual), for tests that check what a
+// structure leaves untouched.
 
 #ifndef SAMEPAGE_TESTS_CORE_RESIDENT_MEMORY_H_
 #define SAMEPAGE_TESTS_CORE_RESIDENT_MEMORY_H_
@@ -10,19 +10,24 @@
 
 namespace samepage {
 
-// VmRSS in KiB; -1 if /proc/self/status cannot be read.
-inline long ResidentKiB() {
+// A "Vm...:" line of /proc/self/status (field with its colon, "VmRSS:"),
+// in KiB; -1 if it cannot be read.
+inline long StatusKiB(const char* field) {
   std::FILE* f = std::fopen("/proc/self/status", "r");
   if (f == nullptr) return -1;
+  const std::size_t n = std::strlen(field);
   char line[256];
   long kib = -1;
   while (std::fgets(line, sizeof(line), f) != nullptr) {
-    if (std::strncmp(line, "VmRSS:", 6) == 0)
-      kib = std::strtol(line + 6, nullptr, 10);
+    if (std::strncmp(line, field, n) == 0)
+      kib = std::strtol(line + n, nullptr, 10);
   }
   std::fclose(f);
   return kib;
 }
+
+// VmRSS in KiB; -1 if /proc/self/status cannot be read.
+inline long ResidentKiB() { return StatusKiB("VmRSS:"); }
 
 }  // namespace samepage
 

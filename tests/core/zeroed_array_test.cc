@@ -7,6 +7,7 @@
 #include <sys/resource.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <vector>
 
 #include "core/resident_memory.h"
@@ -123,6 +124,38 @@ TEST(ZeroedArray, OnlyTheElementsWrittenTakeMemory) {
   EXPECT_EQ(tail[65536].b, 2u);
   EXPECT_EQ(tail[1].a, 0u);
   EXPECT_EQ(v[kCount / 2 - 65536].a, 1u);
+}
+
+// An array larger than the machine's memory (the items of a 16 TiB
+// reservation are 48 GB) is address space only: it is made, written at
+// both ends and cut, and takes memory for what was written; a cut gives
+// the address space of its tail back.
+TEST(ZeroedArray, AnArrayLargerThanMemoryTakesOnlyWhatIsWritten) {
+  std::FILE* f = std::fopen("/proc/sys/vm/overcommit_memory", "r");
+  int mode = 0;
+  if (f != nullptr) {
+    if (std::fscanf(f, "%d", &mode) != 1) mode = 0;
+    std::fclose(f);
+  }
+  if (mode == 2) GTEST_SKIP() << "strict overcommit: no room for 48 GB";
+  constexpr std::size_t kCount = std::size_t{6} << 30;  // 48 GB of Elem
+  const long rss_before = ResidentKiB();
+  ZeroedArray<Elem> v(kCount);
+  const long vm_made = StatusKiB("VmSize:");
+  ASSERT_EQ(v.size(), kCount);
+  v[0] = {1, 2};
+  v[kCount - 1] = {3, 4};
+  v[kCount / 2] = {5, 6};
+  EXPECT_EQ(v[kCount - 1].b, 4u);
+  EXPECT_EQ(v[kCount - 2].a, 0u);
+  v.DropHead(1, [](std::size_t, std::size_t) { return true; });
+  ASSERT_EQ(v.size(), kCount - 1);
+  EXPECT_EQ(v[kCount - 2].a, 3u);
+  v.Truncate(kCount / 2);
+  EXPECT_EQ(v[kCount / 2 - 1].a, 5u);
+  EXPECT_LT(StatusKiB("VmSize:"), vm_made - 20L * 1024 * 1024)
+      << "KiB of address space kept after cutting 24 GB off";
+  EXPECT_LT(ResidentKiB() - rss_before, 8 * 1024);
 }
 
 // What may_hold says holds nothing is not read: the elements of an array

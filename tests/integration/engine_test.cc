@@ -1802,5 +1802,77 @@ TEST(Engine, MemoryMappedAnewMidScanLeavesTheCountsAtItsVisit) {
   }
 }
 
+// A reservation of 16 TiB (MAP_NORESERVE: a sanitizer's shadow, a
+// runtime's heap), advised mergeable: the kernel takes the advice, so does
+// samepage (its 48 GB of items are address space until written; the
+// std::bad_alloc of calloc's refused 48 GB aborted the program under
+// `samepage run` until 2026-12-07), and the pages written in it merge.
+TEST(Engine, ATerabyteScaleReservationIsAdvisedAndItsPagesMerge) {
+  constexpr std::size_t kBytes = std::size_t{16} << 40;
+  void* p = mmap(nullptr, kBytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) GTEST_SKIP() << "no 16 TiB of address space here";
+  auto* b = static_cast<unsigned char*>(p);
+  constexpr std::size_t kStride = std::size_t{1} << 36;  // 64 GiB apart
+  for (std::size_t i = 0; i < kBytes / kStride; ++i)
+    std::memset(b + i * kStride, 7, kPage);
+  auto e = NewEngine();
+  ASSERT_TRUE(e->Madvise(p, kBytes, MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  EXPECT_EQ(Counter(*e, "pages_shared"), 1);
+  EXPECT_EQ(Counter(*e, "pages_sharing"),
+            static_cast<std::int64_t>(kBytes / kStride) - 1);
+  for (std::size_t i = 0; i < kBytes / kStride; ++i) {
+    for (std::size_t k = 0; k < kPage; ++k)
+      ASSERT_EQ(b[i * kStride + k], 7) << i;
+  }
+  b[kStride] = 8;  // copy-on-write
+  EXPECT_EQ(b[kStride], 8);
+  EXPECT_EQ(b[0], 7);
+  e.reset();
+  ASSERT_EQ(munmap(p, kBytes), 0);
+}
+
+// Where the items of an advised range cannot be allocated (here the
+// address space limit leaves no room for them), madvise fails with ENOMEM,
+// as the kernel's may, and the engine goes on: memory advised before still
+// merges.
+TEST(Engine, AdviceWithNoRoomForItsMetadataFailsWithEnomem) {
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto e = NewEngine();
+    Mapping small(16);
+    small.FillAll(3);
+    bool ok = e->Madvise(small.data(), small.bytes(), MADV_MERGEABLE).ok();
+    constexpr std::size_t kBig = std::size_t{1} << 40;  // items: 3 GiB
+    void* big = mmap(nullptr, kBig, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    ok = ok && big != MAP_FAILED;
+    // Room for 512 MiB more address space, not for the items.
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    long vm_kib = -1;
+    while (std::getline(status, line)) {
+      if (line.rfind("VmSize:", 0) == 0) vm_kib = std::stol(line.substr(7));
+    }
+    rlimit lim{};
+    lim.rlim_cur = lim.rlim_max =
+        static_cast<rlim_t>(vm_kib) * 1024 + (std::size_t{512} << 20);
+    ok = ok && vm_kib > 0 && setrlimit(RLIMIT_AS, &lim) == 0;
+    const Status st = e->Madvise(big, kBig, MADV_MERGEABLE);
+    ok = ok && st.code() == ENOMEM;
+    e->RunFullScans(2);
+    ok = ok && Counter(*e, "pages_sharing") == 15;
+    for (std::size_t i = 0; i < small.pages(); ++i)
+      ok = ok && small.Holds(i, 3);
+    std::fprintf(stderr, "madvise: %s\n", st.ToString().c_str());
+    _exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+}
+
 }  // namespace
 }  // namespace samepage::testing
