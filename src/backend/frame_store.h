@@ -86,6 +86,13 @@ class FrameStore {
   // punch per run of consecutive frames costs a quarter of one per frame
   // (docs/performance.md, unmerging).
   void Release(FrameId frame);
+  // Releases the frame without ever freeing it (counted pinned): it may be
+  // mapped where samepage cannot tell.
+  void Keep(FrameId frame) {
+    if (frame >= next_) return;
+    if (in_use_ > 0) --in_use_;
+    ++pinned_;
+  }
   // Punches the holes of the frames released since the last call.
   void Flush();
   static constexpr std::size_t kPendingPunches = 1024;

@@ -1190,6 +1190,7 @@ Status LinuxMemory::ReadView(std::vector<MapEntry>* maps, bool full) {
 }
 
 Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
+  FindStrayFrameMappings(maps);  // before frame_mapped_ is read anew
   touchable_.clear();
   touchable_hit_ = Interval{0, 0};
   auto_excluded_.clear();
@@ -1305,9 +1306,11 @@ void LinuxMemory::BeginFullScan() {
   // A view this recent is kept by the background scanner (see
   // ReuseRecentViews): it is as old as a full scan of a large process's
   // would be by its end.
+  // Frames held since the last read (see held_) wait for the next one.
   if (!advised_unread_.empty()) {
     (void)RefreshMaps(/*full=*/true);
-  } else if (!view_fresh_ && !RecentViewReusable()) {
+  } else if (hold_releases_ || nheld_ > 0 ||
+             (!view_fresh_ && !RecentViewReusable())) {
     (void)RefreshMaps(/*full=*/false);
   }
   view_fresh_ = false;
@@ -1417,6 +1420,10 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
       } else if ((!clean && !IsTouchable(page)) ||
                  (!all_mapped && !RangeMapped(page, kPageSize))) {
         st = PageState::kGone;
+        // Gone for the core, but a mapping of a frame may be there still
+        // (made read-only unseen), or moved elsewhere: see stray_mapped_.
+        if (frames_here && Contains(frame_mapped_, page))
+          AddInterval(&forgotten_frame_mapped_, page, page + kPageSize);
       } else {
         std::uint64_t e = k < valid ? pagemap_buf_[k] : 0;
         if (!(e & kPmPresent)) {
@@ -1686,6 +1693,12 @@ void LinuxMemory::FlushMapped() {
 }
 
 void LinuxMemory::CommitMapped() {
+  // Our own now, where a stray mapping was (the program moved a frame
+  // mapping there).
+  if (!stray_mapped_.empty()) {
+    for (const Interval& x : new_frame_mapped_)
+      RemoveInterval(&stray_mapped_, x.start, x.end);
+  }
   AddIntervals(&frame_mapped_, &new_frame_mapped_);
   AddIntervals(&uffd_registered_, &new_registered_);
   // Per-call scratch: a large batch must not leave its capacity behind
@@ -3138,10 +3151,12 @@ bool LinuxMemory::Unmerge(Addr addr, std::size_t npages) {
   // read too).
   const bool queried = npages <= kQueriedUnmergePages && SmapsReadFresh() &&
                        QueryMappings(addr, end, &maps);
-  if (!queried) {
+  if (queried) {
+    NoteVanishedFrameMappings(addr, end, maps);
+  } else {
     maps.clear();
     if (!ReadView(&maps, /*full=*/false).ok()) return false;
-    (void)ApplyMaps(maps);
+    (void)ApplyMaps(maps);  // finds moved frame mappings (strays)
   }
   // Adjacent mappings of our memfd with the same protection (scattered
   // merges map a frame per page, each its own VMA) are given back together,
@@ -3225,9 +3240,83 @@ void LinuxMemory::DropFrameMappings(Addr start, Addr end) {
   }
 }
 
-void LinuxMemory::ReleaseFrame(FrameId frame) { store_.Release(frame); }
+void LinuxMemory::ReleaseFrame(FrameId frame) {
+  if (hold_releases_ || Contains(stray_frames_, frame)) {
+    if (nheld_ < kMaxHeldFrames) {
+      held_[nheld_++] = frame;
+    } else {
+      store_.Keep(frame);
+    }
+    return;
+  }
+  store_.Release(frame);
+}
 
-void LinuxMemory::FlushReleasedFrames() { store_.Flush(); }
+void LinuxMemory::FindStrayFrameMappings(const std::vector<MapEntry>& maps) {
+  // Our own: what frame_mapped_ held before this read, but the strays of
+  // the read before (their addresses are in it too) and the pages the core
+  // was told are gone since.
+  std::vector<Interval> ours = frame_mapped_;
+  for (const std::vector<Interval>* gone :
+       {&stray_mapped_, &forgotten_frame_mapped_}) {
+    for (const Interval& x : *gone) RemoveInterval(&ours, x.start, x.end);
+  }
+  forgotten_frame_mapped_.clear();
+  stray_mapped_.clear();
+  stray_frames_.clear();
+  for (const MapEntry& e : maps) {
+    if (e.shared || e.inode != store_.inode() ||
+        e.dev_major != major(store_.dev()) ||
+        e.dev_minor != minor(store_.dev())) {
+      continue;
+    }
+    // The parts of e that none of our own mappings explains.
+    Addr a = e.start;
+    while (a < e.end) {
+      if (Contains(ours, a)) {
+        a = std::min(e.end, Find(ours, a)->end);
+        continue;
+      }
+      const Addr b = std::min(e.end, NextIntervalStart(ours, a));
+      AddInterval(&stray_mapped_, a, b);
+      const std::uint64_t first = (e.offset + (a - e.start)) / kPageSize;
+      AddInterval(&stray_frames_, first, first + (b - a) / kPageSize);
+      a = b;
+    }
+  }
+  // Held frames no mapping covers now go back to the store.
+  std::size_t kept = 0;
+  for (std::size_t i = 0; i < nheld_; ++i) {
+    if (Contains(stray_frames_, held_[i])) {
+      held_[kept++] = held_[i];
+    } else {
+      store_.Release(held_[i]);
+    }
+  }
+  nheld_ = kept;
+  hold_releases_ = false;
+}
+
+void LinuxMemory::NoteVanishedFrameMappings(Addr start, Addr end,
+                                            const std::vector<MapEntry>& maps) {
+  std::vector<Interval> expected;
+  for (const Interval& x : frame_mapped_) {
+    if (x.end > start && x.start < end)
+      AddInterval(&expected, std::max(x.start, start), std::min(x.end, end));
+  }
+  for (const MapEntry& e : maps) {
+    if (!e.shared && IsOurMemfd(e)) RemoveInterval(&expected, e.start, e.end);
+  }
+  if (!expected.empty()) hold_releases_ = true;
+}
+
+void LinuxMemory::FlushReleasedFrames() {
+  // Frames held for an unseen departure: the maps now say which no
+  // mapping covers (the program unmapped them: the common case), and
+  // those are freed with the rest.
+  if (hold_releases_ && nheld_ > 0) (void)RefreshMaps(/*full=*/false);
+  store_.Flush();
+}
 
 MemoryStats LinuxMemory::Stats() const {
   MemoryStats s;

@@ -301,6 +301,7 @@ class LinuxMemory final : public Memory {
   // any mapping that cannot be replaced, is left mapped for Unmerge.
   void DropFrameMappings(Addr start, Addr end);
   void ReleaseFrame(FrameId frame) override;
+  void NoteUnseenUnmap() override { hold_releases_ = true; }
   void FlushReleasedFrames() override;
   MemoryStats Stats() const override;
 
@@ -886,6 +887,37 @@ class LinuxMemory final : public Memory {
   std::uint64_t discard_first_pages_ = 0;  // see MemoryStats
   std::uint64_t unmerge_filled_pages_ = 0;  // see MemoryStats
   std::uint64_t dropped_frame_pages_ = 0;   // see MemoryStats
+
+  // Frames a mapping samepage did not make may map: the program moved a
+  // frame mapping (mremap, unseen in library mode or by a raw system call)
+  // or mprotected it out of what merges; its pages are gone for the core,
+  // which releases their frames once their other sharers leave, and a
+  // punched frame reads zeros in that mapping. A released frame is held,
+  // not freed, while hold_releases_ (an unseen departure since the maps
+  // were last read: NoteUnseenUnmap, or an Unmerge that found a frame
+  // mapping gone) or while a stray mapping covers its offset
+  // (stray_frames_, found at each maps read: private mappings of our
+  // memfd where frame_mapped_, which our own merges and unmerges keep,
+  // had none). ApplyMaps gives held frames that no mapping covers back to
+  // the store. held_ is an array of this object's own: frames are
+  // released inside merge windows, which must not write the heap; one
+  // held beyond it is kept for good (counted pinned).
+  static constexpr std::size_t kMaxHeldFrames = 4096;
+  bool hold_releases_ = false;
+  std::vector<Interval> stray_mapped_;  // addresses of stray mappings
+  // Pages Probe called gone in frame_mapped_ since the last maps read.
+  std::vector<Interval> forgotten_frame_mapped_;
+  std::vector<Interval> stray_frames_;  // their frames (FrameId, not bytes)
+  FrameId held_[kMaxHeldFrames] = {};
+  std::size_t nheld_ = 0;
+  // At a maps read: the stray mappings in `maps`, and the held frames no
+  // mapping covers released.
+  void FindStrayFrameMappings(const std::vector<MapEntry>& maps);
+  // Unmerge over [start, end) with `maps` of the kernel's over it: if a
+  // frame mapping frame_mapped_ has there is not among them, it left
+  // unseen (moved or unmapped), and releases are held.
+  void NoteVanishedFrameMappings(Addr start, Addr end,
+                                 const std::vector<MapEntry>& maps);
   std::uint64_t fill_failures_ = 0;        // see MemoryStats
 
   static constexpr std::size_t kProbeChunk = 512;

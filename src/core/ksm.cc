@@ -886,6 +886,7 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     // Unmapped (or no longer mergeable memory): it leaves the advised ranges,
     // so whatever is mapped there later is not merged, as the kernel would
     // not merge a new mapping.
+    if (item.state == ItemState::kStable) memory_->NoteUnseenUnmap();
     ResetItem(addr, item);
     gone_.push_back(addr);
     return;
@@ -910,7 +911,10 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
     const bool reads_its_node = item.state == ItemState::kZero ||
                                 (item.state == ItemState::kStable &&
                                  nodes_[item.node()].frame == kZeroFrame);
-    if (!reads_its_node) ResetItem(addr, item);
+    if (!reads_its_node) {
+      if (item.state == ItemState::kStable) memory_->NoteUnseenUnmap();
+      ResetItem(addr, item);
+    }
     return;
   }
   if (item.state == ItemState::kPending) {

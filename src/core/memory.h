@@ -182,6 +182,12 @@ class Memory {
   // it away or was unmerged). The store frees its memory, unless another
   // process (a forked child) may still map it, in which case it is pinned.
   virtual void ReleaseFrame(FrameId frame) = 0;
+  // The core found a merged page gone, or replaced by memory it did not
+  // map, without having unmerged it: the program unmapped it, or moved it
+  // (mremap) where the core does not look, and a moved mapping still maps
+  // its frame. Frames released from now on are kept (not freed) until the
+  // program's mappings show that none maps them.
+  virtual void NoteUnseenUnmap() {}
   // The memory of frames released may be freed later, in one go (the Linux
   // store punches a hole per run of consecutive frames); the core calls this
   // at the end of every operation that may release frames, so that none

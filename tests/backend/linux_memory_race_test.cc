@@ -136,6 +136,10 @@ class Remapper {
       : thread_([this, r, n, byte] {
           while (!stop_.load()) {
             munmap(r, n * kPageSize);
+            // Counted here: a merge may map a frame into the hole before
+            // the mmap below (the race these tests run), which then ends
+            // the loop at its first round (lost).
+            ++cycles_;
             void* p =
                 mmap(r, n * kPageSize, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
@@ -145,7 +149,6 @@ class Remapper {
               break;
             }
             std::memset(r, byte, n * kPageSize);
-            ++cycles_;
           }
         }) {}
   ~Remapper() { Stop(); }

@@ -1876,3 +1876,60 @@ TEST(Engine, AdviceWithNoRoomForItsMetadataFailsWithEnomem) {
 
 }  // namespace
 }  // namespace samepage::testing
+namespace samepage::testing {
+namespace {
+// Library mode sees no mremap: merged pages moved away (or made read-only,
+// which samepage does not merge) are gone for the scanner, but the moved
+// mapping still maps their frames. Their partners written (or everything
+// unmerged, run=2), the frames must not be freed while it maps them: it
+// kept its bytes only until the partners left (then read zeros) before
+// 2026-12-07. Once the mapping is gone, the frames are freed at the next
+// full scan.
+TEST(Engine, MergedPagesMovedUnseenKeepTheirBytes) {
+  enum Change { kMoved, kMovedThenRun2, kReadOnly };
+  for (Change change : {kMoved, kMovedThenRun2, kReadOnly}) {
+    SCOPED_TRACE(change);
+    auto e = NewEngine();
+    constexpr std::size_t kPages = 64;
+    Mapping m(kPages);
+    for (std::size_t i = 0; i < kPages; ++i) m.FillKey(i, i % 32);
+    ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+    e->RunFullScans(2);
+    ASSERT_EQ(Counter(*e, "pages_sharing"), 32);
+    unsigned char* moved = m.page(32);
+    void* dst = nullptr;
+    if (change == kReadOnly) {
+      ASSERT_EQ(mprotect(moved, 32 * kPage, PROT_READ), 0);
+    } else {
+      dst = mmap(nullptr, 32 * kPage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS,
+                 -1, 0);
+      ASSERT_NE(dst, MAP_FAILED);
+      moved = static_cast<unsigned char*>(
+          mremap(m.page(32), 32 * kPage, 32 * kPage,
+                 MREMAP_MAYMOVE | MREMAP_FIXED, dst));
+      ASSERT_EQ(moved, dst) << std::strerror(errno);
+    }
+    e->RunFullScans(2);
+    if (change == kMovedThenRun2) {
+      Set(*e, "run", "2");
+    } else {
+      for (std::size_t i = 0; i < 32; ++i) m.FillKey(i, 1000 + i);  // copied
+    }
+    e->RunFullScans(2);
+    for (std::size_t i = 0; i < 32; ++i) {
+      std::uint64_t key;
+      std::memcpy(&key, moved + i * kPage, sizeof(key));
+      ASSERT_EQ(key, i) << i;
+      ASSERT_EQ(moved[i * kPage + 100], 0x5a) << i;
+      ASSERT_TRUE(m.HoldsKey(i, change == kMovedThenRun2 ? i : 1000 + i)) << i;
+    }
+    EXPECT_EQ(Counter(*e, "pages_shared") + Counter(*e, "pages_sharing"), 0);
+    // Gone too now: the frames are freed at the next read of the maps.
+    ASSERT_EQ(munmap(moved, 32 * kPage), 0);
+    if (change == kMovedThenRun2) Set(*e, "run", "0");
+    e->RunFullScans(2);
+    EXPECT_EQ(e->Stats().frames_in_use, 0u);
+  }
+}
+}  // namespace
+}  // namespace samepage::testing
