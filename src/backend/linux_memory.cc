@@ -3256,11 +3256,19 @@ void LinuxMemory::FindStrayFrameMappings(const std::vector<MapEntry>& maps) {
   // Our own: what frame_mapped_ held before this read, but the strays of
   // the read before (their addresses are in it too) and the pages the core
   // was told are gone since.
-  std::vector<Interval> ours = frame_mapped_;
-  for (const std::vector<Interval>* gone :
-       {&stray_mapped_, &forgotten_frame_mapped_}) {
-    for (const Interval& x : *gone) RemoveInterval(&ours, x.start, x.end);
+  // (No copy where there are none: with a mapping per merged page, the
+  // set is tens of thousands of intervals.)
+  std::vector<Interval> trimmed;
+  const std::vector<Interval>* ours_ptr = &frame_mapped_;
+  if (!stray_mapped_.empty() || !forgotten_frame_mapped_.empty()) {
+    trimmed = frame_mapped_;
+    for (const std::vector<Interval>* gone :
+         {&stray_mapped_, &forgotten_frame_mapped_}) {
+      for (const Interval& x : *gone) RemoveInterval(&trimmed, x.start, x.end);
+    }
+    ours_ptr = &trimmed;
   }
+  const std::vector<Interval>& ours = *ours_ptr;
   forgotten_frame_mapped_.clear();
   stray_mapped_.clear();
   stray_frames_.clear();
