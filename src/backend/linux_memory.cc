@@ -3272,20 +3272,23 @@ void LinuxMemory::FindStrayFrameMappings(const std::vector<MapEntry>& maps) {
   forgotten_frame_mapped_.clear();
   stray_mapped_.clear();
   stray_frames_.clear();
+  std::size_t oi = 0;  // the first interval of ours that may meet e
   for (const MapEntry& e : maps) {
     if (e.shared || e.inode != store_.inode() ||
         e.dev_major != major(store_.dev()) ||
         e.dev_minor != minor(store_.dev())) {
       continue;
     }
-    // The parts of e that none of our own mappings explains.
+    // The parts of e that none of our own mappings explains (maps and ours
+    // both ascend: one walk).
     Addr a = e.start;
     while (a < e.end) {
-      if (Contains(ours, a)) {
-        a = std::min(e.end, Find(ours, a)->end);
+      while (oi < ours.size() && ours[oi].end <= a) ++oi;
+      if (oi < ours.size() && ours[oi].start <= a) {
+        a = std::min(e.end, ours[oi].end);
         continue;
       }
-      const Addr b = std::min(e.end, NextIntervalStart(ours, a));
+      const Addr b = std::min(e.end, oi < ours.size() ? ours[oi].start : e.end);
       AddInterval(&stray_mapped_, a, b);
       const std::uint64_t first = (e.offset + (a - e.start)) / kPageSize;
       AddInterval(&stray_frames_, first, first + (b - a) / kPageSize);
