@@ -302,6 +302,7 @@ class LinuxMemory final : public Memory {
   void DropFrameMappings(Addr start, Addr end);
   void ReleaseFrame(FrameId frame) override;
   void NoteUnseenUnmap() override { hold_releases_ = true; }
+  void NoteCopiedAway(Addr page) override;
   void FlushReleasedFrames() override;
   MemoryStats Stats() const override;
 

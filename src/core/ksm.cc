@@ -974,6 +974,7 @@ void Ksm::VisitPage(Addr addr, Item& item, PageState state) {
   if (item.state == ItemState::kStable) {
     // The page was copied away (written to): it leaves its stable node, and
     // its next visit takes it as changed.
+    memory_->NoteCopiedAway(addr);
     RemoveSharer(item.node());
     item.set_hash(0);
     item.state = ItemState::kVolatile;

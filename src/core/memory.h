@@ -188,6 +188,11 @@ class Memory {
   // its frame. Frames released from now on are kept (not freed) until the
   // program's mappings show that none maps them.
   virtual void NoteUnseenUnmap() {}
+  // The merged page at `page` has a page of its own now: copied on write
+  // in its frame's mapping, as a rule; but if the mapping there is
+  // anonymous memory, it was replaced unseen (moved away, new memory
+  // mapped and written in its place), and this is a NoteUnseenUnmap.
+  virtual void NoteCopiedAway(Addr page) { (void)page; }
   // The memory of frames released may be freed later, in one go (the Linux
   // store punches a hole per run of consecutive frames); the core calls this
   // at the end of every operation that may release frames, so that none

@@ -1931,5 +1931,47 @@ TEST(Engine, MergedPagesMovedUnseenKeepTheirBytes) {
     EXPECT_EQ(e->Stats().frames_in_use, 0u);
   }
 }
+// The same moved away in the middle of a full scan, after its maps read,
+// with new memory mapped and written where the pages were, and their
+// partners written: in that scan the pages are found with pages of their
+// own (as if copied on write), and their frames released. The moved
+// mapping must keep its bytes: a merged page copied away into anonymous
+// memory holds the releases until the maps show the moved mapping.
+TEST(Engine, MergedPagesMovedAndWrittenOverMidScanKeepTheirBytes) {
+  if (!KernelAtLeast(6, 11)) GTEST_SKIP() << "no PROCMAP_QUERY before 6.11";
+  auto e = NewEngine();
+  constexpr std::size_t kPages = 64;
+  Mapping m(kPages);
+  for (std::size_t i = 0; i < kPages; ++i) m.FillKey(i, i % 32);
+  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e->RunFullScans(2);
+  ASSERT_EQ(Counter(*e, "pages_sharing"), 32);
+  const std::int64_t scans = Counter(*e, "full_scans");
+  e->ScanNow(1);  // a full scan begins: the maps are read
+  void* dst =
+      mmap(nullptr, 32 * kPage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(dst, MAP_FAILED);
+  auto* moved = static_cast<unsigned char*>(mremap(
+      m.page(32), 32 * kPage, 32 * kPage, MREMAP_MAYMOVE | MREMAP_FIXED, dst));
+  ASSERT_EQ(moved, dst) << std::strerror(errno);
+  ASSERT_EQ(mmap(m.page(32), 32 * kPage, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0),
+            m.page(32));
+  for (std::size_t i = 0; i < kPages; ++i) m.FillKey(i, 1000 + i);
+  for (int i = 0; i < 1000 && Counter(*e, "full_scans") == scans; ++i)
+    e->ScanNow(8);
+  ASSERT_EQ(Counter(*e, "full_scans"), scans + 1);
+  for (std::size_t i = 0; i < 32; ++i) {
+    std::uint64_t key;
+    std::memcpy(&key, moved + i * kPage, sizeof(key));
+    ASSERT_EQ(key, i) << i;
+    ASSERT_EQ(moved[i * kPage + 100], 0x5a) << i;
+  }
+  for (std::size_t i = 0; i < kPages; ++i) ASSERT_TRUE(m.HoldsKey(i, 1000 + i));
+  ASSERT_EQ(munmap(moved, 32 * kPage), 0);
+  e->RunFullScans(2);
+  EXPECT_EQ(e->Stats().frames_in_use, 0u);
+}
+
 }  // namespace
 }  // namespace samepage::testing
