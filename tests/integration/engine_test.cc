@@ -1878,6 +1878,36 @@ TEST(Engine, AdviceWithNoRoomForItsMetadataFailsWithEnomem) {
 }  // namespace samepage::testing
 namespace samepage::testing {
 namespace {
+// Pages i and i + half of m hold key i (pairs in runs), merged.
+void MergeHalves(Engine& e, Mapping& m) {
+  const std::size_t half = m.pages() / 2;
+  for (std::size_t i = 0; i < m.pages(); ++i) m.FillKey(i, i % half);
+  ASSERT_TRUE(e.Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+  e.RunFullScans(2);
+  ASSERT_EQ(Counter(e, "pages_sharing"), static_cast<std::int64_t>(half));
+}
+
+// Moves `pages` pages at `from` elsewhere with mremap (the kernel alone:
+// library mode sees nothing); nullptr if it cannot.
+unsigned char* MoveAway(unsigned char* from, std::size_t pages) {
+  void* dst = mmap(nullptr, pages * kPage, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (dst == MAP_FAILED) return nullptr;
+  void* moved = mremap(from, pages * kPage, pages * kPage,
+                       MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+  return moved == dst ? static_cast<unsigned char*>(moved) : nullptr;
+}
+
+// Page i at p holds key i as Mapping::FillKey writes it.
+void ExpectKeys(const unsigned char* p, std::size_t pages) {
+  for (std::size_t i = 0; i < pages; ++i) {
+    std::uint64_t key;
+    std::memcpy(&key, p + i * kPage, sizeof(key));
+    ASSERT_EQ(key, i) << i;
+    ASSERT_EQ(p[i * kPage + 100], 0x5a) << i;
+  }
+}
+
 // Library mode sees no mremap: merged pages moved away (or made read-only,
 // which samepage does not merge) are gone for the scanner, but the moved
 // mapping still maps their frames. Their partners written (or everything
@@ -1890,24 +1920,14 @@ TEST(Engine, MergedPagesMovedUnseenKeepTheirBytes) {
   for (Change change : {kMoved, kMovedThenRun2, kReadOnly}) {
     SCOPED_TRACE(change);
     auto e = NewEngine();
-    constexpr std::size_t kPages = 64;
-    Mapping m(kPages);
-    for (std::size_t i = 0; i < kPages; ++i) m.FillKey(i, i % 32);
-    ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
-    e->RunFullScans(2);
-    ASSERT_EQ(Counter(*e, "pages_sharing"), 32);
+    Mapping m(64);
+    ASSERT_NO_FATAL_FAILURE(MergeHalves(*e, m));
     unsigned char* moved = m.page(32);
-    void* dst = nullptr;
     if (change == kReadOnly) {
       ASSERT_EQ(mprotect(moved, 32 * kPage, PROT_READ), 0);
     } else {
-      dst = mmap(nullptr, 32 * kPage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS,
-                 -1, 0);
-      ASSERT_NE(dst, MAP_FAILED);
-      moved = static_cast<unsigned char*>(
-          mremap(m.page(32), 32 * kPage, 32 * kPage,
-                 MREMAP_MAYMOVE | MREMAP_FIXED, dst));
-      ASSERT_EQ(moved, dst) << std::strerror(errno);
+      moved = MoveAway(m.page(32), 32);
+      ASSERT_NE(moved, nullptr) << std::strerror(errno);
     }
     e->RunFullScans(2);
     if (change == kMovedThenRun2) {
@@ -1916,13 +1936,9 @@ TEST(Engine, MergedPagesMovedUnseenKeepTheirBytes) {
       for (std::size_t i = 0; i < 32; ++i) m.FillKey(i, 1000 + i);  // copied
     }
     e->RunFullScans(2);
-    for (std::size_t i = 0; i < 32; ++i) {
-      std::uint64_t key;
-      std::memcpy(&key, moved + i * kPage, sizeof(key));
-      ASSERT_EQ(key, i) << i;
-      ASSERT_EQ(moved[i * kPage + 100], 0x5a) << i;
+    ASSERT_NO_FATAL_FAILURE(ExpectKeys(moved, 32));
+    for (std::size_t i = 0; i < 32; ++i)
       ASSERT_TRUE(m.HoldsKey(i, change == kMovedThenRun2 ? i : 1000 + i)) << i;
-    }
     EXPECT_EQ(Counter(*e, "pages_shared") + Counter(*e, "pages_sharing"), 0);
     // Gone too now: the frames are freed at the next read of the maps.
     ASSERT_EQ(munmap(moved, 32 * kPage), 0);
@@ -1942,18 +1958,11 @@ TEST(Engine, MergedPagesMovedAndWrittenOverMidScanKeepTheirBytes) {
   auto e = NewEngine();
   constexpr std::size_t kPages = 64;
   Mapping m(kPages);
-  for (std::size_t i = 0; i < kPages; ++i) m.FillKey(i, i % 32);
-  ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
-  e->RunFullScans(2);
-  ASSERT_EQ(Counter(*e, "pages_sharing"), 32);
+  ASSERT_NO_FATAL_FAILURE(MergeHalves(*e, m));
   const std::int64_t scans = Counter(*e, "full_scans");
   e->ScanNow(1);  // a full scan begins: the maps are read
-  void* dst =
-      mmap(nullptr, 32 * kPage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ASSERT_NE(dst, MAP_FAILED);
-  auto* moved = static_cast<unsigned char*>(mremap(
-      m.page(32), 32 * kPage, 32 * kPage, MREMAP_MAYMOVE | MREMAP_FIXED, dst));
-  ASSERT_EQ(moved, dst) << std::strerror(errno);
+  unsigned char* moved = MoveAway(m.page(32), 32);
+  ASSERT_NE(moved, nullptr) << std::strerror(errno);
   ASSERT_EQ(mmap(m.page(32), 32 * kPage, PROT_READ | PROT_WRITE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0),
             m.page(32));
@@ -1961,12 +1970,7 @@ TEST(Engine, MergedPagesMovedAndWrittenOverMidScanKeepTheirBytes) {
   for (int i = 0; i < 1000 && Counter(*e, "full_scans") == scans; ++i)
     e->ScanNow(8);
   ASSERT_EQ(Counter(*e, "full_scans"), scans + 1);
-  for (std::size_t i = 0; i < 32; ++i) {
-    std::uint64_t key;
-    std::memcpy(&key, moved + i * kPage, sizeof(key));
-    ASSERT_EQ(key, i) << i;
-    ASSERT_EQ(moved[i * kPage + 100], 0x5a) << i;
-  }
+  ASSERT_NO_FATAL_FAILURE(ExpectKeys(moved, 32));
   for (std::size_t i = 0; i < kPages; ++i) ASSERT_TRUE(m.HoldsKey(i, 1000 + i));
   ASSERT_EQ(munmap(moved, 32 * kPage), 0);
   e->RunFullScans(2);
