@@ -137,6 +137,12 @@ bool QueryVma(int fd, Addr a, ProcmapQuery* q, std::uint64_t flags = 0,
   return ioctl(fd, kProcmapQuery, q) == 0;
 }
 
+// Whether the VMA a query answered with maps a file (anonymous memory has
+// no inode and no device).
+bool FileBacked(const ProcmapQuery& q) {
+  return q.inode != 0 || q.dev_major != 0 || q.dev_minor != 0;
+}
+
 // The mappings over [start, end) by PROCMAP_QUERY on `fd`; false with
 // errno if a query fails (ENOTTY: before Linux 6.11).
 bool QueryMappingsOf(int fd, Addr start, Addr end,
@@ -747,10 +753,7 @@ bool LinuxMemory::AnonymousVmas(Addr at, std::size_t len, Addr* last_end) {
   for (Addr a = at; a < at + len;) {
     ProcmapQuery q;
     if (!QueryVma(maps_query_fd_, a, &q)) return false;
-    if (q.vma_start > a || q.inode != 0 || q.dev_major != 0 ||
-        q.dev_minor != 0) {
-      return false;
-    }
+    if (q.vma_start > a || FileBacked(q)) return false;
     a = q.vma_end;
     if (last_end != nullptr) *last_end = a;
   }
@@ -833,14 +836,21 @@ bool LinuxMemory::IsTouchable(Addr page) const {
   return true;
 }
 
+namespace {
+bool IsFile(const MapEntry& e, dev_t dev, ino_t ino) {
+  return e.inode == ino && e.dev_major == major(dev) &&
+         e.dev_minor == minor(dev);
+}
+}  // namespace
+
+bool LinuxMemory::IsStoreMemfd(const MapEntry& e) const {
+  return IsFile(e, store_.dev(), store_.inode());
+}
+
 bool LinuxMemory::IsOurMemfd(const MapEntry& e) const {
-  auto is = [&e](dev_t dev, ino_t ino) {
-    return e.inode == ino && e.dev_major == major(dev) &&
-           e.dev_minor == minor(dev);
-  };
-  if (is(store_.dev(), store_.inode())) return true;
+  if (IsStoreMemfd(e)) return true;
   for (auto [dev, ino] : options_.adopted_memfds) {
-    if (is(dev, ino)) return true;
+    if (IsFile(e, dev, ino)) return true;
   }
   return false;
 }
@@ -1482,9 +1492,8 @@ void LinuxMemory::ForgetReplacedFrameMappings(Addr base,
     // pages are probed.
     const Addr from = std::max<Addr>(q.vma_start, base);
     const Addr vma_end = std::min<Addr>(q.vma_end, base + n * kPageSize);
-    const bool anonymous = q.inode == 0 && q.dev_major == 0 &&
-                           q.dev_minor == 0 &&
-                           (q.vma_flags & kProcmapVmaShared) == 0;
+    const bool anonymous =
+        !FileBacked(q) && (q.vma_flags & kProcmapVmaShared) == 0;
     if (anonymous) {
       for (std::size_t j = (from - base) / kPageSize;
            base + j * kPageSize < vma_end; ++j) {
@@ -3258,8 +3267,7 @@ void LinuxMemory::NoteCopiedAway(Addr page) {
   if (hold_releases_ || maps_query_fd_ < 0) return;
   ProcmapQuery q;
   if (!QueryVma(maps_query_fd_, page, &q) || q.vma_start > page) return;
-  if (q.inode == 0 && q.dev_major == 0 && q.dev_minor == 0)
-    hold_releases_ = true;
+  if (!FileBacked(q)) hold_releases_ = true;
 }
 
 void LinuxMemory::FindStrayFrameMappings(const std::vector<MapEntry>& maps) {
@@ -3284,11 +3292,7 @@ void LinuxMemory::FindStrayFrameMappings(const std::vector<MapEntry>& maps) {
   stray_frames_.clear();
   std::size_t oi = 0;  // the first interval of ours that may meet e
   for (const MapEntry& e : maps) {
-    if (e.shared || e.inode != store_.inode() ||
-        e.dev_major != major(store_.dev()) ||
-        e.dev_minor != minor(store_.dev())) {
-      continue;
-    }
+    if (e.shared || !IsStoreMemfd(e)) continue;
     // The parts of e that none of our own mappings explains (maps and ours
     // both ascend: one walk).
     Addr a = e.start;
@@ -3320,10 +3324,14 @@ void LinuxMemory::FindStrayFrameMappings(const std::vector<MapEntry>& maps) {
 
 void LinuxMemory::NoteVanishedFrameMappings(Addr start, Addr end,
                                             const std::vector<MapEntry>& maps) {
+  // Only the intervals that meet the range: a small unmerge runs this at
+  // every call, with tens of thousands of them.
+  auto ends_by = [](const Interval& x, Addr a) { return x.end <= a; };
   std::vector<Interval> expected;
-  for (const Interval& x : frame_mapped_) {
-    if (x.end > start && x.start < end)
-      AddInterval(&expected, std::max(x.start, start), std::min(x.end, end));
+  for (auto it = std::lower_bound(frame_mapped_.begin(), frame_mapped_.end(),
+                                  start, ends_by);
+       it != frame_mapped_.end() && it->start < end; ++it) {
+    AddInterval(&expected, std::max(it->start, start), std::min(it->end, end));
   }
   for (const MapEntry& e : maps) {
     if (!e.shared && IsOurMemfd(e)) RemoveInterval(&expected, e.start, e.end);

@@ -460,6 +460,9 @@ class LinuxMemory final : public Memory {
   bool MayReplace(Addr page) const {
     return IsTouchable(page) && !IsExcluded(page);
   }
+  // A mapping of this store's memfd; IsOurMemfd also takes the memfds of
+  // the stores a forked child adopted.
+  bool IsStoreMemfd(const MapEntry& e) const;
   bool IsOurMemfd(const MapEntry& e) const;
   bool Eligible(const MapEntry& e) const;
   static bool IsThreadStackLike(const std::vector<MapEntry>& maps,
@@ -888,6 +891,7 @@ class LinuxMemory final : public Memory {
   std::uint64_t discard_first_pages_ = 0;  // see MemoryStats
   std::uint64_t unmerge_filled_pages_ = 0;  // see MemoryStats
   std::uint64_t dropped_frame_pages_ = 0;   // see MemoryStats
+  std::uint64_t fill_failures_ = 0;         // see MemoryStats
 
   // Frames a mapping samepage did not make may map: the program moved a
   // frame mapping (mremap, unseen in library mode or by a raw system call)
@@ -895,14 +899,14 @@ class LinuxMemory final : public Memory {
   // which releases their frames once their other sharers leave, and a
   // punched frame reads zeros in that mapping. A released frame is held,
   // not freed, while hold_releases_ (an unseen departure since the maps
-  // were last read: NoteUnseenUnmap, or an Unmerge that found a frame
-  // mapping gone) or while a stray mapping covers its offset
-  // (stray_frames_, found at each maps read: private mappings of our
-  // memfd where frame_mapped_, which our own merges and unmerges keep,
-  // had none). ApplyMaps gives held frames that no mapping covers back to
-  // the store. held_ is an array of this object's own: frames are
-  // released inside merge windows, which must not write the heap; one
-  // held beyond it is kept for good (counted pinned).
+  // were last read: NoteUnseenUnmap, NoteCopiedAway into anonymous
+  // memory, or an Unmerge that found a frame mapping gone) or while a stray
+  // mapping covers its offset (stray_frames_, found at each maps read: private
+  // mappings of our memfd where frame_mapped_, which our own merges and
+  // unmerges keep, had none). ApplyMaps gives held frames that no mapping
+  // covers back to the store. held_ is an array of this object's own: frames
+  // are released inside merge windows, which must not write the heap; one held
+  // beyond it is kept for good (counted pinned).
   static constexpr std::size_t kMaxHeldFrames = 4096;
   bool hold_releases_ = false;
   std::vector<Interval> stray_mapped_;  // addresses of stray mappings
@@ -919,7 +923,6 @@ class LinuxMemory final : public Memory {
   // unseen (moved or unmapped), and releases are held.
   void NoteVanishedFrameMappings(Addr start, Addr end,
                                  const std::vector<MapEntry>& maps);
-  std::uint64_t fill_failures_ = 0;        // see MemoryStats
 
   static constexpr std::size_t kProbeChunk = 512;
   // Probe's states of the pages at `base` that map the shared zero page:
@@ -929,8 +932,9 @@ class LinuxMemory final : public Memory {
   // of the first `valid`) where the view has one of our frame mappings: a page
   // with nothing of its own there, or the zero page, whose mapping is now
   // anonymous memory (unmapped and mapped anew by a call samepage did not
-  // see: library mode, raw system calls) is kGone, as a new mapping is not
-  // mergeable, and the mapping leaves frame_mapped_. Taken for the frame
+  // see: library mode, raw system calls) is kAbsent (the core then takes
+  // it out of its node), and the mapping leaves frame_mapped_. Taken for
+  // the frame
   // (an absent page of a frame mapping reads as its frame), such pages
   // kept their stable nodes, counted as merged, and the frames they no
   // longer mapped, for as long as they were not written. Asks mincore
