@@ -3339,6 +3339,47 @@ void LinuxMemory::NoteVanishedFrameMappings(Addr start, Addr end,
   if (!expected.empty()) hold_releases_ = true;
 }
 
+bool LinuxMemory::UnmergeForgotten(Addr start, Addr end) {
+  RegisterThread();
+  // Nothing left unseen since the maps were read, and they showed no stray
+  // mapping in the range: every frame mapping there is one the core knows
+  // (the common case, and always under the preload, which sees every
+  // move). A caller going range by range reads the maps once.
+  if (!hold_releases_ && forgotten_frame_mapped_.empty() &&
+      !Overlaps(stray_mapped_, start, end)) {
+    return true;
+  }
+  // The flags the copies take again (lock, dontfork) from a read of smaps
+  // now: a moved mapping's address had other memory, or none, at the last.
+  std::vector<MapEntry> maps;
+  if (!ReadView(&maps, /*full=*/true).ok()) return false;
+  (void)ApplyMaps(maps);  // the stray mappings now
+  if (!Overlaps(stray_mapped_, start, end)) return true;
+  const std::vector<Interval> strays = stray_mapped_;
+  bool ok = true;
+  for (const MapEntry& e : maps) {
+    if (e.shared || !IsStoreMemfd(e) || e.end <= start || e.start >= end)
+      continue;
+    // Memory that cannot be read (PROT_NONE) cannot be copied: it keeps
+    // its frames, which stay held while it maps them.
+    if (!e.read) continue;
+    const Addr s = std::max(e.start, start), t = std::min(e.end, end);
+    auto ends_by = [](const Interval& x, Addr a) { return x.end <= a; };
+    for (auto it = std::lower_bound(strays.begin(), strays.end(), s, ends_by);
+         it != strays.end() && it->start < t; ++it) {
+      const Addr a = std::max(it->start, s), b = std::min(it->end, t);
+      for (Addr c = a; c < b; c += kUnmergeChunkPages * kPageSize) {
+        const std::size_t len =
+            std::min<std::size_t>(kUnmergeChunkPages * kPageSize, b - c);
+        ok &= RestoreAnonymous(c, len, ProtOf(e));
+      }
+    }
+  }
+  // The frames only those mappings held go back to the store.
+  (void)RefreshMaps(/*full=*/false);
+  return ok;
+}
+
 void LinuxMemory::FlushReleasedFrames() {
   // Frames held for an unseen departure: the maps now say which no
   // mapping covers (the program unmapped them: the common case), and

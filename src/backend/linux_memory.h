@@ -303,6 +303,7 @@ class LinuxMemory final : public Memory {
   void ReleaseFrame(FrameId frame) override;
   void NoteUnseenUnmap() override { hold_releases_ = true; }
   void NoteCopiedAway(Addr page) override;
+  [[nodiscard]] bool UnmergeForgotten(Addr start, Addr end) override;
   void FlushReleasedFrames() override;
   MemoryStats Stats() const override;
 

@@ -253,7 +253,11 @@ bool Ksm::Unadvise(Addr start, std::size_t npages) {
         restored.emplace_back(from, (to - from) >> kPageShift);
       });
   for (auto [from, n] : restored) ForgetRange(from, n);
-  return ok;
+  // Merged pages moved here unseen are VM_MERGEABLE memory to the kernel,
+  // whose madvise(MADV_UNMERGEABLE) unmerges them too.
+  const bool forgotten =
+      memory_->UnmergeForgotten(start, start + npages * kPageSize);
+  return ok && forgotten;
 }
 
 bool Ksm::Unmerge(Addr start, std::size_t npages) {
@@ -290,6 +294,9 @@ bool Ksm::UnmergeAll() {
         },
         MayHold(written_chunks_, start));
   }
+  // And merged pages moved or made read-only unseen, wherever they are:
+  // the kernel's run=2 unmerges every VM_MERGEABLE mapping.
+  ok &= memory_->UnmergeForgotten(0, ~Addr{0});
   unstable_.clear();
   deferred_.clear();
   deferred_pages_ = 0;

@@ -193,6 +193,17 @@ class Memory {
   // anonymous memory, it was replaced unseen (moved away, new memory
   // mapped and written in its place), and this is a NoteUnseenUnmap.
   virtual void NoteCopiedAway(Addr page) { (void)page; }
+  // Memory in [start, end) that the core no longer tracks but that still
+  // maps frames (merged pages moved or made read-only unseen: see
+  // NoteUnseenUnmap) gets anonymous copies of them, as the kernel's
+  // unmerge reaches a VM_MERGEABLE mapping wherever it went. Frames that
+  // nothing maps afterwards are freed. False if some of it could not be
+  // given back (it stays readable with its contents, mapping its frames).
+  [[nodiscard]] virtual bool UnmergeForgotten(Addr start, Addr end) {
+    (void)start;
+    (void)end;
+    return true;
+  }
   // The memory of frames released may be freed later, in one go (the Linux
   // store punches a hole per run of consecutive frames); the core calls this
   // at the end of every operation that may release frames, so that none

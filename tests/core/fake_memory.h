@@ -56,6 +56,10 @@ class FakeMemory : public Memory {
   // cannot be made: ENOMEM); those pages keep mapping their frames.
   Addr unmerge_fails_from = 0;
   Addr unmerge_fails_to = 0;
+  // The ranges UnmergeForgotten was asked about, in order, and what it
+  // answers (as LinuxMemory does for mappings moved or reprotected unseen).
+  std::vector<std::pair<Addr, Addr>> forgotten_unmerges;
+  bool forgotten_unmerge_ok = true;
 
   // Hash calls per page, since the start.
   std::map<Addr, std::size_t> hashes;
@@ -105,6 +109,10 @@ class FakeMemory : public Memory {
   void DropZeroPages(std::span<const Addr> pages,
                      std::span<MergeResult> results) override;
   bool Unmerge(Addr addr, std::size_t npages) override;
+  bool UnmergeForgotten(Addr start, Addr end) override {
+    forgotten_unmerges.emplace_back(start, end);
+    return forgotten_unmerge_ok;
+  }
   void ReleaseFrame(FrameId frame) override;
   void FlushReleasedFrames() override { unflushed_ = 0; }
   MemoryStats Stats() const override;

@@ -1283,6 +1283,24 @@ TEST_F(KsmTest, UnadviseGivesBackPlainPagesWithTheirContents) {
   EXPECT_TRUE(ksm_.IsAdvised(Page(4)));
 }
 
+// Merged memory the core lost sight of (moved or made read-only unseen)
+// is still VM_MERGEABLE memory to the kernel, wherever it went: run=2
+// reaches all of it, MADV_UNMERGEABLE its own range, and where the memory
+// could not be given back, the call fails (ENOMEM in the kernel).
+TEST_F(KsmTest, UnmergingAsksForMemoryTheCoreLostSightOf) {
+  SetupMergedPairs(8);
+  ASSERT_TRUE(ksm_.Unadvise(Page(0), 2));
+  ASSERT_EQ(mem_.forgotten_unmerges.size(), 1u);
+  EXPECT_EQ(mem_.forgotten_unmerges[0], std::pair(Page(0), Page(2)));
+  ASSERT_TRUE(ksm_.UnmergeAll());
+  ASSERT_EQ(mem_.forgotten_unmerges.size(), 2u);
+  EXPECT_EQ(mem_.forgotten_unmerges[1], std::pair(Addr{0}, ~Addr{0}));
+  mem_.forgotten_unmerge_ok = false;
+  EXPECT_FALSE(ksm_.UnmergeAll());
+  EXPECT_FALSE(ksm_.Unadvise(Page(2), 2));
+  ksm_.CheckInvariants();
+}
+
 // A control call waits for the scanner's current step, and a probe is
 // one: where a chunk's probe is slow (memory cut into a mapping per
 // merged page), the next go in aligned eighths, until one is cheap again.

@@ -1898,6 +1898,21 @@ unsigned char* MoveAway(unsigned char* from, std::size_t pages) {
   return moved == dst ? static_cast<unsigned char*>(moved) : nullptr;
 }
 
+// MergeHalves, then the second half out of the scanner's sight, unseen:
+// made read-only, or moved away (*moved: where it is now).
+void MergeHalvesAndLoseSight(Engine& e, Mapping& m, bool read_only,
+                             unsigned char** moved) {
+  ASSERT_NO_FATAL_FAILURE(MergeHalves(e, m));
+  const std::size_t half = m.pages() / 2;
+  *moved = m.page(half);
+  if (read_only) {
+    ASSERT_EQ(mprotect(*moved, half * kPage, PROT_READ), 0);
+  } else {
+    *moved = MoveAway(m.page(half), half);
+    ASSERT_NE(*moved, nullptr) << std::strerror(errno);
+  }
+}
+
 // Page i at p holds key i as Mapping::FillKey writes it.
 void ExpectKeys(const unsigned char* p, std::size_t pages) {
   for (std::size_t i = 0; i < pages; ++i) {
@@ -1921,14 +1936,9 @@ TEST(Engine, MergedPagesMovedUnseenKeepTheirBytes) {
     SCOPED_TRACE(change);
     auto e = NewEngine();
     Mapping m(64);
-    ASSERT_NO_FATAL_FAILURE(MergeHalves(*e, m));
-    unsigned char* moved = m.page(32);
-    if (change == kReadOnly) {
-      ASSERT_EQ(mprotect(moved, 32 * kPage, PROT_READ), 0);
-    } else {
-      moved = MoveAway(m.page(32), 32);
-      ASSERT_NE(moved, nullptr) << std::strerror(errno);
-    }
+    unsigned char* moved = nullptr;
+    ASSERT_NO_FATAL_FAILURE(
+        MergeHalvesAndLoseSight(*e, m, change == kReadOnly, &moved));
     e->RunFullScans(2);
     if (change == kMovedThenRun2) {
       Set(*e, "run", "2");
@@ -1975,6 +1985,66 @@ TEST(Engine, MergedPagesMovedAndWrittenOverMidScanKeepTheirBytes) {
   ASSERT_EQ(munmap(moved, 32 * kPage), 0);
   e->RunFullScans(2);
   EXPECT_EQ(e->Stats().frames_in_use, 0u);
+}
+
+// The line of /proc/self/maps for the mapping holding `addr` ("" if none).
+std::string MapsLineOf(const void* addr) {
+  std::ifstream in("/proc/self/maps");
+  const auto a = reinterpret_cast<std::uintptr_t>(addr);
+  for (std::string line; std::getline(in, line);) {
+    unsigned long start = 0, end = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &start, &end) == 2 && start <= a &&
+        a < end) {
+      return line;
+    }
+  }
+  return "";
+}
+
+// Merged pages moved (mremap) or made read-only (mprotect) unseen are
+// still merged memory to the kernel: its VM_MERGEABLE goes with the
+// mapping, and run=2 (or madvise(MADV_UNMERGEABLE) where the pages are
+// now) unmerges them. Before 2026-12-07 they kept mapping their frames
+// after run=2, and the frames stayed in use until the mapping went.
+TEST(Engine, UnmergingReachesMergedPagesMovedOrReprotectedUnseen) {
+  enum Change { kMovedSeen, kMovedJustNow, kReadOnly, kUnadvisedWhereMoved };
+  for (Change change :
+       {kMovedSeen, kMovedJustNow, kReadOnly, kUnadvisedWhereMoved}) {
+    SCOPED_TRACE(change);
+    auto e = NewEngine();
+    Mapping m(64);
+    unsigned char* moved = nullptr;
+    ASSERT_NO_FATAL_FAILURE(
+        MergeHalvesAndLoseSight(*e, m, change == kReadOnly, &moved));
+    if (change != kMovedJustNow) e->RunFullScans(2);  // found gone
+    if (change == kUnadvisedWhereMoved) {
+      ASSERT_TRUE(e->Madvise(moved, 32 * kPage, MADV_UNMERGEABLE).ok());
+    } else {
+      Set(*e, "run", "2");
+    }
+    ASSERT_NO_FATAL_FAILURE(ExpectKeys(moved, 32));
+    for (std::size_t i = 0; i < 32; ++i) {
+      ASSERT_FALSE(MapsSharedFrame(moved + i * kPage)) << i;
+      ASSERT_TRUE(m.HoldsKey(i, i)) << i;
+    }
+    const std::string line = MapsLineOf(moved);
+    EXPECT_EQ(line.find("memfd"), std::string::npos) << line;
+    if (change == kReadOnly) {
+      EXPECT_NE(line.find(" r--p "), std::string::npos) << line;
+      ASSERT_EQ(mprotect(moved, 32 * kPage, PROT_READ | PROT_WRITE), 0);
+    }
+    // Memory of its own: a write lands, and the rest keeps its bytes.
+    moved[5 * kPage + 7] = 0x11;
+    EXPECT_EQ(moved[5 * kPage + 7], 0x11);
+    EXPECT_TRUE(m.HoldsKey(5, 5));
+    if (change != kUnadvisedWhereMoved) {
+      EXPECT_EQ(e->Stats().frames_in_use, 0u);
+      Set(*e, "run", "0");
+    }
+    if (change != kReadOnly) {
+      ASSERT_EQ(munmap(moved, 32 * kPage), 0);
+    }
+  }
 }
 
 }  // namespace
