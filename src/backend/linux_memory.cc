@@ -3290,9 +3290,43 @@ void LinuxMemory::FindStrayFrameMappings(const std::vector<MapEntry>& maps) {
   forgotten_frame_mapped_.clear();
   stray_mapped_.clear();
   stray_frames_.clear();
+  AddStrayFrameMappings(maps, ours, /*first_read=*/true);
+  // Held frames no mapping covers now go back to the store. /proc/self/maps
+  // is not one snapshot: a mapping moved while it was read (from above the
+  // reader's place to below it) shows nowhere, and its frames would be
+  // freed under it. Before any is freed, a second read confirms: a mapping
+  // moved once is in one of the two.
+  auto covered = [&](FrameId f) { return Contains(stray_frames_, f); };
+  if (!std::all_of(held_, held_ + nheld_, covered)) {
+    std::vector<MapEntry> again;
+    const std::string& path = options_.plain_maps_path.empty()
+                                  ? options_.maps_path
+                                  : options_.plain_maps_path;
+    if (!ReadMaps(path, &again).ok()) return;  // held until the next read
+    AddStrayFrameMappings(again, ours, /*first_read=*/false);
+  }
+  std::size_t kept = 0;
+  for (std::size_t i = 0; i < nheld_; ++i) {
+    if (covered(held_[i])) {
+      held_[kept++] = held_[i];
+    } else {
+      store_.Release(held_[i]);
+    }
+  }
+  nheld_ = kept;
+  hold_releases_ = false;
+}
+
+void LinuxMemory::AddStrayFrameMappings(const std::vector<MapEntry>& maps,
+                                        const std::vector<Interval>& ours,
+                                        bool first_read) {
   std::size_t oi = 0;  // the first interval of ours that may meet e
   for (const MapEntry& e : maps) {
     if (e.shared || !IsStoreMemfd(e)) continue;
+    if (first_read && options_.stray_walk_misses != nullptr &&
+        options_.stray_walk_misses(e)) {
+      continue;
+    }
     // The parts of e that none of our own mappings explains (maps and ours
     // both ascend: one walk).
     Addr a = e.start;
@@ -3309,17 +3343,6 @@ void LinuxMemory::FindStrayFrameMappings(const std::vector<MapEntry>& maps) {
       a = b;
     }
   }
-  // Held frames no mapping covers now go back to the store.
-  std::size_t kept = 0;
-  for (std::size_t i = 0; i < nheld_; ++i) {
-    if (Contains(stray_frames_, held_[i])) {
-      held_[kept++] = held_[i];
-    } else {
-      store_.Release(held_[i]);
-    }
-  }
-  nheld_ = kept;
-  hold_releases_ = false;
 }
 
 void LinuxMemory::NoteVanishedFrameMappings(Addr start, Addr end,

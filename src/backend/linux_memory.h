@@ -130,6 +130,10 @@ struct LinuxMemoryOptions {
   // copy that replaces it; a non-zero errno fails that replacement (the
   // pages stay mapped to their frames, as after a failed copy or mremap).
   int (*fail_unmerge_copy)(Addr at, std::size_t len) = nullptr;
+  // Tests: a maps read's search for stray frame mappings skips the entries
+  // this returns true for, as a read torn by a concurrent mremap would
+  // miss a moved mapping (the confirming read it then makes does not ask).
+  bool (*stray_walk_misses)(const MapEntry& e) = nullptr;
   // Tests: microseconds each merge sleeps between its last check that its
   // pages are still there (StillProtected) and the mapping of their frames,
   // as a scanner preempted there would. Debug builds set it from
@@ -919,6 +923,11 @@ class LinuxMemory final : public Memory {
   // At a maps read: the stray mappings in `maps`, and the held frames no
   // mapping covers released.
   void FindStrayFrameMappings(const std::vector<MapEntry>& maps);
+  // Adds the private mappings of our memfd in `maps` that `ours` does not
+  // explain to stray_mapped_ and stray_frames_.
+  void AddStrayFrameMappings(const std::vector<MapEntry>& maps,
+                             const std::vector<Interval>& ours,
+                             bool first_read);
   // Unmerge over [start, end) with `maps` of the kernel's over it: if a
   // frame mapping frame_mapped_ has there is not among them, it left
   // unseen (moved or unmapped), and releases are held.

@@ -1594,6 +1594,56 @@ TEST_P(LinuxMemoryTest, RestoringNextToARestoredRangeKeepsItRegistered) {
   for (FrameId fr : frames) m->ReleaseFrame(fr);
 }
 
+// Where a maps read starts, the moved mapping the next test's read misses.
+Addr g_torn_read_misses = 0;
+bool TornReadMisses(const MapEntry& e) { return e.start == g_torn_read_misses; }
+
+// Frames released while a mapping moved unseen may map them are held until
+// a maps read shows which do. /proc/self/maps is not one snapshot: a
+// mapping moved while it is read may show nowhere. Such a read (simulated:
+// its search for stray mappings skips the moved one) must not free the
+// frames under it: a second read confirms before any is freed. Without
+// it the moved pages read zeros.
+TEST_P(LinuxMemoryTest, FramesOfAMovedMappingATornMapsReadMissedAreKept) {
+  LinuxMemoryOptions o;
+  g_config.ApplyTo(&o);
+  o.stray_walk_misses = TornReadMisses;
+  std::unique_ptr<LinuxMemory> m;
+  ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
+  constexpr std::size_t kPages = 8;
+  Region a(kPages), b(kPages);
+  const std::vector<FrameId> frames = MergeAlike(*m, a, b);
+  ASSERT_FALSE(HasFailure());
+  // b moves away unseen (library mode sees no mremap).
+  void* dst = mmap(nullptr, kPages * kPageSize, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(dst, MAP_FAILED);
+  ASSERT_EQ(mremap(b.page(0), kPages * kPageSize, kPages * kPageSize,
+                   MREMAP_MAYMOVE | MREMAP_FIXED, dst),
+            dst);
+  b.Forget();
+  const auto* moved = static_cast<const unsigned char*>(dst);
+  // As the core does: b's pages found gone, a's unmerged, the frames then
+  // released (held).
+  m->NoteUnseenUnmap();
+  ASSERT_TRUE(m->Unmerge(a.addr(0), kPages));
+  for (FrameId f : frames) m->ReleaseFrame(f);
+  g_torn_read_misses = reinterpret_cast<Addr>(dst);
+  m->FlushReleasedFrames();  // a maps read, torn
+  g_torn_read_misses = 0;
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < kPages; ++i) {
+    Fill(expect, static_cast<unsigned>(i));
+    ASSERT_TRUE(Same(moved + i * kPageSize, expect)) << i;
+  }
+  EXPECT_EQ(m->Stats().frames_in_use, kPages);
+  // Once it is gone, the next read frees them.
+  ASSERT_EQ(munmap(dst, kPages * kPageSize), 0);
+  ASSERT_TRUE(m->RefreshMaps().ok());
+  m->FlushReleasedFrames();
+  EXPECT_EQ(m->Stats().frames_in_use, 0u);
+}
+
 TEST_P(LinuxMemoryTest, UnmergeRestoresAnonymousSemantics) {
   auto m = NewMemory();
   Region a(8), b(8);
