@@ -1319,7 +1319,7 @@ void LinuxMemory::BeginFullScan() {
   // Frames held since the last read (see held_) wait for the next one.
   if (!advised_unread_.empty()) {
     (void)RefreshMaps(/*full=*/true);
-  } else if (hold_releases_ || nheld_ > 0 ||
+  } else if (hold_releases_ || !held_.empty() ||
              (!view_fresh_ && !RecentViewReusable())) {
     (void)RefreshMaps(/*full=*/false);
   }
@@ -3251,9 +3251,9 @@ void LinuxMemory::DropFrameMappings(Addr start, Addr end) {
 
 void LinuxMemory::ReleaseFrame(FrameId frame) {
   if (hold_releases_ || Contains(stray_frames_, frame)) {
-    if (nheld_ < kMaxHeldFrames) {
-      held_[nheld_++] = frame;
-    } else {
+    try {
+      held_.push_back(frame);
+    } catch (const std::bad_alloc&) {
       store_.Keep(frame);
     }
     return;
@@ -3297,7 +3297,7 @@ void LinuxMemory::FindStrayFrameMappings(const std::vector<MapEntry>& maps) {
   // freed under it. Before any is freed, a second read confirms: a mapping
   // moved once is in one of the two.
   auto covered = [&](FrameId f) { return Contains(stray_frames_, f); };
-  if (!std::all_of(held_, held_ + nheld_, covered)) {
+  if (!std::all_of(held_.begin(), held_.end(), covered)) {
     std::vector<MapEntry> again;
     const std::string& path = options_.plain_maps_path.empty()
                                   ? options_.maps_path
@@ -3305,15 +3305,11 @@ void LinuxMemory::FindStrayFrameMappings(const std::vector<MapEntry>& maps) {
     if (!ReadMaps(path, &again).ok()) return;  // held until the next read
     AddStrayFrameMappings(again, ours, /*first_read=*/false);
   }
-  std::size_t kept = 0;
-  for (std::size_t i = 0; i < nheld_; ++i) {
-    if (covered(held_[i])) {
-      held_[kept++] = held_[i];
-    } else {
-      store_.Release(held_[i]);
-    }
-  }
-  nheld_ = kept;
+  std::erase_if(held_, [&](FrameId f) {
+    if (covered(f)) return false;
+    store_.Release(f);
+    return true;
+  });
   hold_releases_ = false;
 }
 
@@ -3407,7 +3403,7 @@ void LinuxMemory::FlushReleasedFrames() {
   // Frames held for an unseen departure: the maps now say which no
   // mapping covers (the program unmapped them: the common case), and
   // those are freed with the rest.
-  if (hold_releases_ && nheld_ > 0) (void)RefreshMaps(/*full=*/false);
+  if (hold_releases_ && !held_.empty()) (void)RefreshMaps(/*full=*/false);
   store_.Flush();
 }
 

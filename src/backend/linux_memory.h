@@ -909,17 +909,16 @@ class LinuxMemory final : public Memory {
   // mapping covers its offset (stray_frames_, found at each maps read: private
   // mappings of our memfd where frame_mapped_, which our own merges and
   // unmerges keep, had none). ApplyMaps gives held frames that no mapping
-  // covers back to the store. held_ is an array of this object's own: frames
-  // are released inside merge windows, which must not write the heap; one held
-  // beyond it is kept for good (counted pinned).
-  static constexpr std::size_t kMaxHeldFrames = 4096;
+  // covers back to the store. The core releases frames between our calls,
+  // never inside a merge window (which must not write the heap: Debug
+  // builds abort there), so held_ grows as needed; a frame it has no room
+  // for (out of memory) is kept for good (counted pinned).
   bool hold_releases_ = false;
   std::vector<Interval> stray_mapped_;  // addresses of stray mappings
   // Pages Probe called gone in frame_mapped_ since the last maps read.
   std::vector<Interval> forgotten_frame_mapped_;
   std::vector<Interval> stray_frames_;  // their frames (FrameId, not bytes)
-  FrameId held_[kMaxHeldFrames] = {};
-  std::size_t nheld_ = 0;
+  std::vector<FrameId> held_;
   // At a maps read: the stray mappings in `maps`, and the held frames no
   // mapping covers released.
   void FindStrayFrameMappings(const std::vector<MapEntry>& maps);
