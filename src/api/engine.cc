@@ -56,6 +56,9 @@ constexpr std::int64_t kMergeAnySweepNanos = 100'000'000;
 // How often advice held over memory samepage leaves out is checked against
 // the mappings (RecheckSuspendedLocked), while nothing else is advised.
 constexpr std::int64_t kPruneHeldNanos = 100'000'000;
+// How often, with nothing to scan, frames held for merged pages the
+// program moved unseen are checked against the mappings.
+constexpr std::chrono::seconds kHeldFramesRecheck{1};
 
 // Changes the engines must read the maps again after (VmFlags).
 bool ChangesFlags(Engine::MappingChange kind) {
@@ -777,7 +780,16 @@ class EngineImpl final : public Engine {
       }
       if (k.run != 1 || ksm_->AdvisedPages() == 0) {
         scan_period_start_ = {};  // idle time is no part of a scan
-        cv_.wait(lock);
+        if (!memory_->HoldsFrames()) {
+          cv_.wait(lock);
+          continue;
+        }
+        // Frames held for merged pages the program moved unseen are freed
+        // once their mapping goes, which a full scan would check: with
+        // none to run, the maps are read once a second for them (a kernel
+        // KSM page is freed with its last mapping, whatever `run` says).
+        cv_.wait_for(lock, kHeldFramesRecheck);
+        if (!stop_) memory_->RecheckHeldFrames();
         continue;
       }
       // A batch of pages_to_scan pages, paused for each control call that

@@ -3407,6 +3407,13 @@ void LinuxMemory::FlushReleasedFrames() {
   store_.Flush();
 }
 
+void LinuxMemory::RecheckHeldFrames() {
+  RegisterThread();
+  if (held_.empty()) return;
+  (void)RefreshMaps(/*full=*/false);  // frees those no mapping covers now
+  store_.Flush();
+}
+
 MemoryStats LinuxMemory::Stats() const {
   MemoryStats s;
   s.frames_in_use = store_.frames_in_use();

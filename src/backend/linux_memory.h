@@ -309,6 +309,10 @@ class LinuxMemory final : public Memory {
   void NoteCopiedAway(Addr page) override;
   [[nodiscard]] bool UnmergeForgotten(Addr start, Addr end) override;
   void FlushReleasedFrames() override;
+  // Frames held for a mapping that moved unseen (see held_) are waiting
+  // for it to go; a full scan checks them, and this does where none runs.
+  bool HoldsFrames() const { return !held_.empty(); }
+  void RecheckHeldFrames();
   MemoryStats Stats() const override;
 
   // --- Linux specific ---

@@ -2017,6 +2017,34 @@ TEST(Engine, MergedMemoryUnmappedUnseenGivesEveryFrameBack) {
   EXPECT_EQ(e->Stats().frames_in_use, 0u);
 }
 
+// Frames held for merged pages moved unseen are freed once the moved
+// mapping goes, as a kernel KSM page is with its last mapping: with
+// nothing left to scan, the background scanner checks for it (it used to
+// wait for the next control call or advice).
+TEST(Engine, FramesHeldForMovedPagesAreFreedWithNothingLeftToScan) {
+  auto e = NewEngine();
+  Mapping m(64);
+  unsigned char* moved = nullptr;
+  ASSERT_NO_FATAL_FAILURE(MergeHalvesAndLoseSight(*e, m, false, &moved));
+  e->RunFullScans(2);  // the moved pages found gone; the maps show them
+  for (std::size_t i = 0; i < 32; ++i) m.FillKey(i, 1000 + i);  // copied
+  e->RunFullScans(2);  // the frames released: held for the moved mapping
+  ASSERT_EQ(e->Stats().frames_in_use, 32u);
+  ASSERT_TRUE(e->Madvise(m.data(), 32 * kPage, MADV_UNMERGEABLE).ok());
+  ASSERT_EQ(e->Stats().advised_pages, 0u);
+  Set(*e, "run", "1");
+  ASSERT_NO_FATAL_FAILURE(ExpectKeys(moved, 32));
+  ASSERT_EQ(munmap(moved, 32 * kPage), 0);
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (e->Stats().frames_in_use != 0 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(e->Stats().frames_in_use, 0u);
+  Set(*e, "run", "0");
+}
+
 // The line of /proc/self/maps for the mapping holding `addr` ("" if none).
 std::string MapsLineOf(const void* addr) {
   std::ifstream in("/proc/self/maps");
