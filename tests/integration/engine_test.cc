@@ -84,7 +84,13 @@ TEST(Engine, ScansOnAThreadWithASmallStack) {
   ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
   pthread_attr_t attr;
   ASSERT_EQ(pthread_attr_init(&attr), 0);
-  ASSERT_EQ(pthread_attr_setstacksize(&attr, 32 * 1024), 0);
+#if defined(__SANITIZE_ADDRESS__)
+  // Its redzones around every local array take several times the stack.
+  constexpr std::size_t kStack = 128 * 1024;
+#else
+  constexpr std::size_t kStack = 32 * 1024;
+#endif
+  ASSERT_EQ(pthread_attr_setstacksize(&attr, kStack), 0);
   pthread_t thread;
   auto scan = [](void* engine) -> void* {
     static_cast<Engine*>(engine)->RunFullScans(2);
@@ -207,6 +213,8 @@ TEST(Engine, ARunOfIdenticalPagesWithCopiesElsewhereTakesFewMappings) {
 // of zeros), but take no frame and no mapping: scattered among other pages
 // they would otherwise need a VMA each.
 TEST(Engine, ZeroPagesWithoutUseZeroPagesCountAsKsmPagesButMapNothing) {
+  if (kUnderSanitizer)
+    GTEST_SKIP() << "checks RSS, which the sanitizer's own memory moves";
   auto e = NewEngine();
   constexpr std::size_t kPages = 4096;
   Mapping m(kPages);
@@ -265,6 +273,8 @@ TEST(Engine, ZeroedCopyOfAMergedPageMergesAsZeros) {
 // Over more than one window (runs of up to 512 pages): every page dropped,
 // and the memory given back to the system.
 TEST(Engine, ZeroPagesWithUseZeroPagesNeedNoFrame) {
+  if (kUnderSanitizer)
+    GTEST_SKIP() << "checks RSS, which the sanitizer's own memory moves";
   auto e = NewEngine();
   Set(*e, "use_zero_pages", "1");
   constexpr std::size_t kPages = 1300;
@@ -1161,6 +1171,8 @@ bool AllLocked(const void* start, std::size_t len, bool locked) {
 // Zero pages (use_zero_pages=0) cannot be dropped while locked
 // (MADV_DONTNEED refuses locked memory): they map a frame of zeros.
 void LockedMemoryMergesAndStaysLocked(unsigned char fill) {
+  if (kUnderSanitizer)
+    GTEST_SKIP() << "the sanitizer's runtime makes mlock() a no-op";
   auto e = NewEngine();
   const long base = StatusKib("VmLck");
   Mapping m(16);
@@ -1254,6 +1266,8 @@ class LockLimit {
 // lock it again and leaves it alone: locked, unmerged, counted. Once there
 // is room again it merges.
 TEST(Engine, LockedMemoryIsLeftAloneWithoutRoomToLockItAgain) {
+  if (kUnderSanitizer)
+    GTEST_SKIP() << "the sanitizer's runtime makes mlock() a no-op";
   auto e = NewEngine();
   Mapping m(16), n(16);
   m.FillAll('r');
@@ -1394,6 +1408,9 @@ TEST(Engine, MergesUnderAnAddressSpaceLimit) {
 // the reservation for the frame view). Locked memory then merges again,
 // locked.
 TEST(Engine, AddressSpaceTakenGrowsWithTheFramesUsed) {
+  if (kUnderSanitizer)
+    GTEST_SKIP() << "checks the address space taken, which the sanitizer's own "
+                    "mappings move";
   const int code = RunInChild([] {
     const long before_kib = StatusKib("VmSize");
     std::unique_ptr<Engine> e;

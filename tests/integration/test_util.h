@@ -20,6 +20,17 @@ namespace samepage::testing {
 
 inline constexpr std::size_t kPage = 4096;
 
+// Built with AddressSanitizer or ThreadSanitizer: their runtimes make
+// mlock() a no-op and map memory of their own (shadow, allocator) while a
+// test runs, so checks of locked memory and of the process's memory
+// figures cannot hold there (docs/design.md, "Sanitizer builds").
+inline constexpr bool kUnderSanitizer =
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    true;
+#else
+    false;
+#endif
+
 // An anonymous private mapping, unmapped on destruction.
 class Mapping {
  public:
