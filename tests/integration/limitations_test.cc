@@ -54,6 +54,69 @@ TEST(Limitations, MremapAcrossMergedAndPlainPagesFails) {
   EXPECT_TRUE(m.Holds(0, 'a') && m.Holds(3, 'c'));
 }
 
+// Library mode: an mremap that grows a merged run in place (one mapping
+// of consecutive frames, room after it) extends the memfd mapping, so the
+// grown part maps the memfd's next pages, here frames of other merged
+// pages, where anonymous memory would read zeros. Through
+// Engine::ChangeMapping (as the preload makes every mremap) the run is
+// unmerged first, and the grown part reads zeros.
+TEST(Limitations, GrowingAMergedRunInPlaceMapsTheMemfdsNextPages) {
+  for (bool through_engine : {false, true}) {
+    SCOPED_TRACE(through_engine);
+    auto e = NewEngine();
+    constexpr std::size_t kRun = 8;
+    // a: kRun pages with room for as many after them; then b, c, d.
+    void* r = mmap(nullptr, 8 * kRun * kPage, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(r, MAP_FAILED);
+    auto* a = static_cast<unsigned char*>(r);
+    ASSERT_EQ(munmap(a + kRun * kPage, 3 * kRun * kPage), 0);
+    unsigned char* b = a + 4 * kRun * kPage;
+    auto fill = [](unsigned char* p, unsigned char v, std::size_t i) {
+      std::memset(p, v, kPage);
+      p[0] = static_cast<unsigned char>(i + 1);
+    };
+    for (std::size_t i = 0; i < kRun; ++i) {
+      fill(a + i * kPage, 0x5a, i);  // a and b alike, page for page
+      fill(b + i * kPage, 0x5a, i);
+      fill(b + (kRun + i) * kPage, 0x6b, i);  // and c and d
+      fill(b + (2 * kRun + i) * kPage, 0x6b, i);
+    }
+    ASSERT_TRUE(e->Madvise(a, kRun * kPage, MADV_MERGEABLE).ok());
+    ASSERT_TRUE(e->Madvise(b, 3 * kRun * kPage, MADV_MERGEABLE).ok());
+    e->RunFullScans(2);
+    ASSERT_EQ(Counter(*e, "pages_sharing"), static_cast<long>(2 * kRun));
+    struct Grow {
+      void* at;
+      std::size_t from, to;
+      bool ok = false;
+    } grow{a, kRun * kPage, 2 * kRun * kPage};
+    auto run = [](void* g) {
+      auto* x = static_cast<Grow*>(g);
+      x->ok = mremap(x->at, x->from, x->to, 0) == x->at;
+      return x->ok;
+    };
+    if (through_engine) {
+      Engine::ChangeMapping(a, kRun * kPage, Engine::MappingChange::kMove, run,
+                            &grow);
+    } else {
+      run(&grow);
+    }
+    ASSERT_TRUE(grow.ok) << std::strerror(errno);
+    std::size_t zero_pages = 0;
+    for (std::size_t i = kRun; i < 2 * kRun; ++i) {
+      bool zero = true;
+      for (std::size_t k = 0; k < kPage && zero; ++k)
+        zero = a[i * kPage + k] == 0;
+      zero_pages += zero;
+    }
+    EXPECT_EQ(zero_pages, through_engine ? kRun : 0u);
+    for (std::size_t i = 0; i < kRun; ++i)
+      EXPECT_EQ(a[i * kPage], static_cast<unsigned char>(i + 1));
+    ASSERT_EQ(munmap(a, 8 * kRun * kPage), 0);
+  }
+}
+
 long ThreadMinorFaults() {
   rusage u{};
   getrusage(RUSAGE_THREAD, &u);
