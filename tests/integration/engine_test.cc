@@ -1927,6 +1927,7 @@ void MergeHalvesAndLoseSight(Engine& e, Mapping& m, bool read_only,
   } else {
     *moved = MoveAway(m.page(half), half);
     ASSERT_NE(*moved, nullptr) << std::strerror(errno);
+    m.Shrink(half);  // its hole may hold other memory by the end
   }
 }
 

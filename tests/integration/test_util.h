@@ -5,9 +5,10 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
-#include <unistd.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -50,6 +51,10 @@ class Mapping {
   Mapping& operator=(const Mapping&) = delete;
 
   unsigned char* page(std::size_t i) const { return base_ + i * kPage; }
+  // The pages from `pages` on are no longer this mapping's (the test moved
+  // or unmapped them): the destructor leaves that range alone, since
+  // other memory may have been mapped there since.
+  void Shrink(std::size_t pages) { pages_ = std::min(pages_, pages); }
   void* data() const { return base_; }
   std::size_t bytes() const { return pages_ * kPage; }
   std::size_t pages() const { return pages_; }
