@@ -3374,7 +3374,6 @@ bool LinuxMemory::UnmergeForgotten(Addr start, Addr end) {
   if (!ReadView(&maps, /*full=*/true).ok()) return false;
   (void)ApplyMaps(maps);  // the stray mappings now
   if (!Overlaps(stray_mapped_, start, end)) return true;
-  const std::vector<Interval> strays = stray_mapped_;
   bool ok = true;
   for (const MapEntry& e : maps) {
     if (e.shared || !IsStoreMemfd(e) || e.end <= start || e.start >= end)
@@ -3382,17 +3381,18 @@ bool LinuxMemory::UnmergeForgotten(Addr start, Addr end) {
     // Memory that cannot be read (PROT_NONE) cannot be copied: it keeps
     // its frames, which stay held while it maps them.
     if (!e.read) continue;
-    const Addr s = std::max(e.start, start), t = std::min(e.end, end);
-    auto ends_by = [](const Interval& x, Addr a) { return x.end <= a; };
-    for (auto it = std::lower_bound(strays.begin(), strays.end(), s, ends_by);
-         it != strays.end() && it->start < t; ++it) {
-      const Addr a = std::max(it->start, s), b = std::min(it->end, t);
-      for (Addr c = a; c < b; c += kUnmergeChunkPages * kPageSize) {
-        const std::size_t len =
-            std::min<std::size_t>(kUnmergeChunkPages * kPageSize, b - c);
-        ok &= RestoreAnonymous(c, len, ProtOf(e));
-      }
-    }
+    // (RestoreAnonymous leaves stray_mapped_ as it is.)
+    ok &= ForEachOverlap(
+        stray_mapped_, std::max(e.start, start), std::min(e.end, end),
+        [&](Addr a, Addr b) {
+          bool restored = true;
+          for (Addr c = a; c < b; c += kUnmergeChunkPages * kPageSize) {
+            const std::size_t len =
+                std::min<std::size_t>(kUnmergeChunkPages * kPageSize, b - c);
+            restored &= RestoreAnonymous(c, len, ProtOf(e));
+          }
+          return restored;
+        });
   }
   // The frames only those mappings held go back to the store.
   (void)RefreshMaps(/*full=*/false);
