@@ -1434,6 +1434,10 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
         // (made read-only unseen), or moved elsewhere: see stray_mapped_.
         if (frames_here && Contains(frame_mapped_, page))
           AddInterval(&forgotten_frame_mapped_, page, page + kPageSize);
+        // Left out for its flags by this view: its advice is held
+        // (AdvisableParts), whatever a later view shows.
+        if (!clean && Contains(flag_excluded_, page))
+          AddInterval(&gone_left_out_, page, page + kPageSize);
       } else {
         std::uint64_t e = k < valid ? pagemap_buf_[k] : 0;
         if (!(e & kPmPresent)) {
@@ -3539,15 +3543,26 @@ void LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
     const Addr s = std::max(e.start, start), t = std::min(e.end, end);
     if (s < t && IsPrivateAnonymous(e)) AddInterval(&held, s, t);
   }
-  for (const Interval& i : held) {
-    if (!left_out) {
+  if (!left_out) {
+    for (const Interval& i : held)
       parts->emplace_back(i.start, i.end - i.start);
-      continue;
-    }
-    for (const Interval& x : flag_excluded_) {
-      const Addr s = std::max(i.start, x.start), t = std::min(i.end, x.end);
-      if (s < t) parts->emplace_back(s, t - s);
-    }
+    return;
+  }
+  // Left out by this view, or by the view Probe had when it called the
+  // pages gone (a view read since may show them eligible again).
+  std::vector<Interval> left;
+  auto add = [&left](Addr from, Addr to) {
+    AddInterval(&left, from, to);
+    return true;
+  };
+  ForEachOverlap(flag_excluded_, start, end, add);
+  ForEachOverlap(gone_left_out_, start, end, add);
+  RemoveInterval(&gone_left_out_, start, end);
+  for (const Interval& i : held) {
+    ForEachOverlap(left, i.start, i.end, [parts](Addr from, Addr to) {
+      parts->emplace_back(from, to - from);
+      return true;
+    });
   }
 }
 

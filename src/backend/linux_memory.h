@@ -359,10 +359,13 @@ class LinuxMemory final : public Memory {
 
   // The parts of [start, end) mapped as private anonymous memory, of any
   // protection (not [vdso] and the like): memory the kernel would keep
-  // advised. With left_out, only the read+write parts the last view shows
-  // samepage leaving out for their flags (wipe-on-fork, a protection key,
-  // sealed, the program's own userfaultfd), which the kernel merges.
-  // Empty where the maps cannot be read.
+  // advised. With left_out, only the read+write parts samepage leaves out
+  // for their flags (wipe-on-fork, a protection key, sealed, the program's
+  // own userfaultfd), which the kernel merges: by the last view, or by the
+  // view Probe had when it called them kGone (a view read since, after the
+  // program's userfaultfd left, say, may show them eligible again); that
+  // note of Probe's over [start, end) is then dropped. Empty where the
+  // maps cannot be read.
   void AdvisableParts(Addr start, Addr end, bool left_out,
                       std::vector<Range>* parts);
   // The parts of [start, end) samepage merges by the last view (eligible
@@ -789,6 +792,11 @@ class LinuxMemory final : public Memory {
   // Read+write private anonymous mappings left out for their VmFlags, by
   // the last view (ApplyMaps; AdvisableParts).
   std::vector<Interval> flag_excluded_;
+  // Pages Probe called kGone for being in flag_excluded_, until
+  // AdvisableParts reports them: a view read in between (the program's
+  // userfaultfd unregistered, say) may no longer leave them out, and their
+  // advice must not be lost with it.
+  std::vector<Interval> gone_left_out_;
   std::vector<Interval> excluded_;  // ours, thread stacks/TLS, Exclude()
   // Where our memfd is mapped (merged pages, absent or not, and their
   // private copies): from the maps plus our own merges and unmerges since.
