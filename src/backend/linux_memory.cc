@@ -3362,6 +3362,18 @@ void LinuxMemory::NoteVanishedFrameMappings(Addr start, Addr end,
   if (!expected.empty()) hold_releases_ = true;
 }
 
+bool LinuxMemory::UnknownFrameMappingIn(Addr start, Addr end) const {
+  // No frame in use, no frame mapped anywhere.
+  if (store_.frames_in_use() == 0) return false;
+  std::vector<MapEntry> maps;
+  if (!QueryMappings(start, end, &maps)) return false;  // the maps then
+  return std::any_of(maps.begin(), maps.end(), [&](const MapEntry& e) {
+    if (e.shared || !IsStoreMemfd(e)) return false;
+    const Addr a = std::max(e.start, start), b = std::min(e.end, end);
+    return a < b && !Covers(frame_mapped_, a, b);
+  });
+}
+
 bool LinuxMemory::UnmergeForgotten(Addr start, Addr end) {
   RegisterThread();
   // Nothing left unseen since the maps were read, and they showed no stray
@@ -3369,7 +3381,8 @@ bool LinuxMemory::UnmergeForgotten(Addr start, Addr end) {
   // (the common case, and always under the preload, which sees every
   // move). A caller going range by range reads the maps once.
   if (!hold_releases_ && forgotten_frame_mapped_.empty() &&
-      !Overlaps(stray_mapped_, start, end)) {
+      !Overlaps(stray_mapped_, start, end) &&
+      !UnknownFrameMappingIn(start, end)) {
     return true;
   }
   // The flags the copies take again (lock, dontfork) from a read of smaps

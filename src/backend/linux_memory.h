@@ -939,6 +939,11 @@ class LinuxMemory final : public Memory {
   void AddStrayFrameMappings(const std::vector<MapEntry>& maps,
                              const std::vector<Interval>& ours,
                              bool first_read);
+  // True if the kernel (PROCMAP_QUERY) shows a private mapping of our
+  // memfd in [start, end) that frame_mapped_ does not: merged pages moved
+  // there unseen (library mode) that no scan and no maps read has found
+  // yet. False without frames in use, or without the query.
+  bool UnknownFrameMappingIn(Addr start, Addr end) const;
   // Unmerge over [start, end) with `maps` of the kernel's over it: if a
   // frame mapping frame_mapped_ has there is not among them, it left
   // unseen (moved or unmapped), and releases are held.

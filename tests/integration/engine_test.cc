@@ -2081,19 +2081,31 @@ std::string MapsLineOf(const void* addr) {
 // still merged memory to the kernel: its VM_MERGEABLE goes with the
 // mapping, and run=2 (or madvise(MADV_UNMERGEABLE) where the pages are
 // now) unmerges them. Before 2026-12-07 they kept mapping their frames
-// after run=2, and the frames stayed in use until the mapping went.
+// after run=2, and the frames stayed in use until the mapping went; and
+// MADV_UNMERGEABLE where they were moved, before any scan or maps read had
+// seen the move, left them merged until 2026-12-07 (later that day).
 TEST(Engine, UnmergingReachesMergedPagesMovedOrReprotectedUnseen) {
-  enum Change { kMovedSeen, kMovedJustNow, kReadOnly, kUnadvisedWhereMoved };
-  for (Change change :
-       {kMovedSeen, kMovedJustNow, kReadOnly, kUnadvisedWhereMoved}) {
+  enum Change {
+    kMovedSeen,
+    kMovedJustNow,
+    kReadOnly,
+    kUnadvisedWhereMoved,
+    kUnadvisedWhereMovedJustNow
+  };
+  for (Change change : {kMovedSeen, kMovedJustNow, kReadOnly,
+                        kUnadvisedWhereMoved, kUnadvisedWhereMovedJustNow}) {
     SCOPED_TRACE(change);
     auto e = NewEngine();
     Mapping m(64);
     unsigned char* moved = nullptr;
     ASSERT_NO_FATAL_FAILURE(
         MergeHalvesAndLoseSight(*e, m, change == kReadOnly, &moved));
-    if (change != kMovedJustNow) e->RunFullScans(2);  // found gone
-    if (change == kUnadvisedWhereMoved) {
+    const bool just_now =
+        change == kMovedJustNow || change == kUnadvisedWhereMovedJustNow;
+    const bool unadvised =
+        change == kUnadvisedWhereMoved || change == kUnadvisedWhereMovedJustNow;
+    if (!just_now) e->RunFullScans(2);  // found gone
+    if (unadvised) {
       ASSERT_TRUE(e->Madvise(moved, 32 * kPage, MADV_UNMERGEABLE).ok());
     } else {
       Set(*e, "run", "2");
@@ -2113,7 +2125,7 @@ TEST(Engine, UnmergingReachesMergedPagesMovedOrReprotectedUnseen) {
     moved[5 * kPage + 7] = 0x11;
     EXPECT_EQ(moved[5 * kPage + 7], 0x11);
     EXPECT_TRUE(m.HoldsKey(5, 5));
-    if (change != kUnadvisedWhereMoved) {
+    if (!unadvised) {
       EXPECT_EQ(e->Stats().frames_in_use, 0u);
       Set(*e, "run", "0");
     }
