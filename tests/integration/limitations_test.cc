@@ -7,7 +7,9 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -114,6 +116,72 @@ TEST(Limitations, GrowingAMergedRunInPlaceMapsTheMemfdsNextPages) {
     for (std::size_t i = 0; i < kRun; ++i)
       EXPECT_EQ(a[i * kPage], static_cast<unsigned char>(i + 1));
     ASSERT_EQ(munmap(a, 8 * kRun * kPage), 0);
+  }
+}
+
+// MREMAP_DONTUNMAP moves a range's pages and leaves the source mapped,
+// reading zeros (anonymous memory). Made raw in library mode on a merged
+// run (one private mapping of a memfd), the source keeps mapping the memfd
+// and reads the frames' bytes again, as after MADV_DONTNEED (item 1).
+// Through Engine::ChangeMapping (as the preload makes every mremap) the
+// run is unmerged first, and the source reads zeros. Either way the moved
+// pages hold the bytes.
+TEST(Limitations, MovingAMergedRunWithDontunmapLeavesItsSourceOnTheFrames) {
+#ifndef MREMAP_DONTUNMAP
+  constexpr int MREMAP_DONTUNMAP = 4;
+#endif
+  for (bool through_engine : {false, true}) {
+    SCOPED_TRACE(through_engine);
+    auto e = NewEngine();
+    constexpr std::size_t kRun = 8;
+    Mapping a(kRun), b(kRun);
+    for (std::size_t i = 0; i < kRun; ++i) {
+      a.FillKey(i, 100 + i);  // a and b alike, page for page
+      b.FillKey(i, 100 + i);
+    }
+    ASSERT_TRUE(e->Madvise(a.data(), a.bytes(), MADV_MERGEABLE).ok());
+    ASSERT_TRUE(e->Madvise(b.data(), b.bytes(), MADV_MERGEABLE).ok());
+    e->RunFullScans(2);
+    ASSERT_EQ(Counter(*e, "pages_sharing"), static_cast<long>(kRun));
+    struct Move {
+      void* from;
+      std::size_t len;
+      void* to = MAP_FAILED;
+      int err = 0;
+    } move{a.data(), a.bytes()};
+    auto run = [](void* m) {
+      auto* x = static_cast<Move*>(m);
+      // The new address too (here none): mremap takes it whatever the
+      // flags, and a stray register's value fails the call with EINVAL.
+      x->to = mremap(x->from, x->len, x->len, MREMAP_MAYMOVE | MREMAP_DONTUNMAP,
+                     nullptr);
+      x->err = x->to == MAP_FAILED ? errno : 0;
+      return x->to != MAP_FAILED;
+    };
+    if (through_engine) {
+      Engine::ChangeMapping(a.data(), a.bytes(), Engine::MappingChange::kMove,
+                            run, &move);
+    } else {
+      run(&move);
+    }
+    ASSERT_NE(move.to, MAP_FAILED) << std::strerror(move.err);
+    const auto* moved = static_cast<const unsigned char*>(move.to);
+    std::size_t zero_pages = 0;
+    for (std::size_t i = 0; i < kRun; ++i) {
+      std::uint64_t key;
+      std::memcpy(&key, moved + i * kPage, sizeof(key));
+      EXPECT_EQ(key, 100 + i) << "page " << i;
+      EXPECT_TRUE(std::all_of(moved + i * kPage + sizeof(key),
+                              moved + (i + 1) * kPage,
+                              [](unsigned char c) { return c == 0x5a; }));
+      zero_pages += a.Holds(i, 0);
+    }
+    EXPECT_EQ(zero_pages, through_engine ? kRun : 0u);
+    if (!through_engine) {
+      for (std::size_t i = 0; i < kRun; ++i)
+        EXPECT_TRUE(a.HoldsKey(i, 100 + i)) << "the source's page " << i;
+    }
+    ASSERT_EQ(munmap(move.to, a.bytes()), 0);
   }
 }
 
