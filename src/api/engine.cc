@@ -657,8 +657,11 @@ class EngineImpl final : public Engine {
       // as a full scan), and by the maps as they are now (protection and
       // layout: an mprotect since; their flags are read again before a
       // page of them is touched).
+      // Memory whose flags the view has not read (an unseen mprotect made
+      // it read+write again) too: advised, it is read before it is
+      // touched, and left out again (held) if its flags say so.
       std::vector<std::pair<Addr, std::size_t>> eligible;
-      memory_->EligibleParts(p.start, p.end, &eligible);
+      memory_->EligibleParts(p.start, p.end, &eligible, /*unread_too=*/true);
       for (auto [a, bytes] : eligible) {
         std::vector<std::pair<Addr, std::size_t>> mergeable;
         (void)memory_->MergeableParts(a, bytes, &mergeable);

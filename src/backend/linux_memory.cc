@@ -1204,7 +1204,8 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
   touchable_.clear();
   touchable_hit_ = Interval{0, 0};
   auto_excluded_.clear();
-  flag_excluded_.clear();
+  left_out_.clear();
+  flags_unread_.clear();
   frame_mapped_.clear();
   dontfork_.clear();
   dontdump_.clear();
@@ -1216,6 +1217,9 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
     if (!e.shared && IsOurMemfd(e)) AddInterval(&frame_mapped_, e.start, e.end);
     if (e.flags_deferred) {
       AddInterval(&auto_excluded_, e.start, e.end);
+      if (MergeableKind(e) && IsPrivateAnonymous(e) && e.path != "[stack]" &&
+          !(protection_ == Protection::kMprotect && IsThreadStackLike(maps, i)))
+        AddInterval(&flags_unread_, e.start, e.end);
       continue;
     }
     if (e.path == "[stack]") {
@@ -1228,11 +1232,18 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
       continue;
     }
     if (!Eligible(e)) {
-      // Read+write private anonymous memory the kernel would merge, left
-      // out for flags a replacement would lose (AdvisableParts).
-      if (MergeableKind(e) && IsPrivateAnonymous(e) && e.has_vm_flags &&
-          !e.flags_unknown && !e.HasVmFlag("dp")) {
-        AddInterval(&flag_excluded_, e.start, e.end);
+      // Private anonymous memory whose advice the kernel would keep, left
+      // out (AdvisableParts): read+write, for flags a replacement would
+      // lose; or of another protection, which an mprotect may make
+      // read+write again (its flags are known only after a smaps read, but
+      // only a droppable mapping's would matter, and mprotect keeps
+      // VM_MERGEABLE). Memory whose flags are still to be read (new since
+      // the last smaps read) may resume (EligibleParts).
+      if (IsPrivateAnonymous(e) && !e.flags_unknown && !e.HasVmFlag("dp") &&
+          (e.has_vm_flags || !MergeableKind(e))) {
+        AddInterval(&left_out_, e.start, e.end);
+      } else if (IsPrivateAnonymous(e) && MergeableKind(e) && e.flags_unknown) {
+        AddInterval(&flags_unread_, e.start, e.end);
       }
       continue;
     }
@@ -1436,7 +1447,7 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
           AddInterval(&forgotten_frame_mapped_, page, page + kPageSize);
         // Left out for its flags by this view: its advice is held
         // (AdvisableParts), whatever a later view shows.
-        if (!clean && Contains(flag_excluded_, page))
+        if (!clean && Contains(left_out_, page))
           AddInterval(&gone_left_out_, page, page + kPageSize);
       } else {
         std::uint64_t e = k < valid ? pagemap_buf_[k] : 0;
@@ -3568,7 +3579,7 @@ void LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
     AddInterval(&left, from, to);
     return true;
   };
-  ForEachOverlap(flag_excluded_, start, end, add);
+  ForEachOverlap(left_out_, start, end, add);
   ForEachOverlap(gone_left_out_, start, end, add);
   RemoveInterval(&gone_left_out_, start, end);
   for (const Interval& i : held) {
@@ -3579,8 +3590,8 @@ void LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
   }
 }
 
-void LinuxMemory::EligibleParts(Addr start, Addr end,
-                                std::vector<Range>* parts) const {
+void LinuxMemory::EligibleParts(Addr start, Addr end, std::vector<Range>* parts,
+                                bool unread_too) const {
   parts->clear();
   // The sets are sorted and disjoint: only the intervals that meet
   // [start, end) (one per merged page under scattered merges: tens of
@@ -3605,6 +3616,16 @@ void LinuxMemory::EligibleParts(Addr start, Addr end,
     }
     for (const Interval& m : merged)
       parts->emplace_back(m.start, m.end - m.start);
+  }
+  if (!unread_too) return;
+  const auto [ufirst, ulast] = meeting(flags_unread_);
+  for (auto i = ufirst; i != ulast; ++i) {
+    std::vector<Interval> unread{
+        {std::max(i->start, start), std::min(i->end, end)}};
+    const auto [xf, xl] = meeting(excluded_);
+    for (auto e = xf; e != xl; ++e) RemoveInterval(&unread, e->start, e->end);
+    for (const Interval& m : unread)
+      if (m.start < m.end) parts->emplace_back(m.start, m.end - m.start);
   }
 }
 

@@ -359,18 +359,25 @@ class LinuxMemory final : public Memory {
 
   // The parts of [start, end) mapped as private anonymous memory, of any
   // protection (not [vdso] and the like): memory the kernel would keep
-  // advised. With left_out, only the read+write parts samepage leaves out
-  // for their flags (wipe-on-fork, a protection key, sealed, the program's
-  // own userfaultfd), which the kernel merges: by the last view, or by the
-  // view Probe had when it called them kGone (a view read since, after the
+  // advised. With left_out, only the parts samepage leaves out where the
+  // kernel keeps merging what was advised: read+write memory for its flags
+  // (wipe-on-fork, a protection key, sealed, the program's own
+  // userfaultfd), or memory of another protection (read-only, PROT_NONE,
+  // executable; an unseen mprotect in library mode): by the last view, or by
+  // the view Probe had when it called them kGone (a view read since, after the
   // program's userfaultfd left, say, may show them eligible again); that
   // note of Probe's over [start, end) is then dropped. Empty where the
   // maps cannot be read.
   void AdvisableParts(Addr start, Addr end, bool left_out,
                       std::vector<Range>* parts);
   // The parts of [start, end) samepage merges by the last view (eligible
-  // mappings, not excluded).
-  void EligibleParts(Addr start, Addr end, std::vector<Range>* parts) const;
+  // mappings, not excluded). With unread_too, also the read+write private
+  // anonymous mappings whose flags that view has not read yet (new or
+  // grown since the last smaps read, as memory an unseen mprotect made
+  // read+write again is): advised, they are read before any page of them
+  // is touched.
+  void EligibleParts(Addr start, Addr end, std::vector<Range>* parts,
+                     bool unread_too = false) const;
 
   // Every private anonymous writable mapping (merge-any mode), minus the
   // excluded ranges and the main stack; in mprotect mode also minus thread
@@ -789,10 +796,14 @@ class LinuxMemory final : public Memory {
   std::vector<Interval> touchable_;  // sorted, coalesced
   mutable Interval touchable_hit_ = {0, 0};  // IsTouchable's last answer
   std::vector<Interval> auto_excluded_;
-  // Read+write private anonymous mappings left out for their VmFlags, by
-  // the last view (ApplyMaps; AdvisableParts).
-  std::vector<Interval> flag_excluded_;
-  // Pages Probe called kGone for being in flag_excluded_, until
+  // Private anonymous mappings left out, by the last view, where the
+  // kernel would keep merging advised pages: read+write ones for their
+  // VmFlags, and those of other protections (ApplyMaps; AdvisableParts).
+  std::vector<Interval> left_out_;
+  // Read+write private anonymous mappings whose flags the last view has
+  // not read (EligibleParts with unread_too).
+  std::vector<Interval> flags_unread_;
+  // Pages Probe called kGone for being in left_out_, until
   // AdvisableParts reports them: a view read in between (the program's
   // userfaultfd unregistered, say) may no longer leave them out, and their
   // advice must not be lost with it.

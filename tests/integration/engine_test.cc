@@ -2135,5 +2135,38 @@ TEST(Engine, UnmergingReachesMergedPagesMovedOrReprotectedUnseen) {
   }
 }
 
+// Library mode sees no mprotect: advised memory made read-only (or
+// PROT_NONE) unseen is found gone by a scan, as samepage merges only
+// read+write memory. The kernel keeps VM_MERGEABLE through an mprotect, so
+// once the memory is read+write again it merges. Before 2026-12-07 the
+// advice was dropped with the pages (only memory left out for its VmFlags
+// kept it), and the memory never merged again.
+TEST(Engine, MemoryMadeReadOnlyUnseenMergesOnceWritableAgain) {
+  for (bool before_advice : {true, false}) {
+    for (int prot : {PROT_READ, PROT_NONE}) {
+      SCOPED_TRACE(std::to_string(before_advice) + " " + std::to_string(prot));
+      auto e = NewEngine();
+      Mapping m(32);  // page i and page i + 16 alike
+      for (std::size_t i = 0; i < m.pages(); ++i) m.FillKey(i, i % 16);
+      // The second half made read-only (or unreadable) before its advice,
+      // which waits, or after it, unseen until a scan finds it gone.
+      if (before_advice) {
+        ASSERT_EQ(mprotect(m.page(16), 16 * kPage, prot), 0);
+      }
+      ASSERT_TRUE(e->Madvise(m.data(), m.bytes(), MADV_MERGEABLE).ok());
+      if (!before_advice) {
+        ASSERT_EQ(mprotect(m.page(16), 16 * kPage, prot), 0);
+      }
+      e->RunFullScans(2);
+      EXPECT_EQ(Counter(*e, "pages_sharing"), 0);
+      ASSERT_EQ(mprotect(m.page(16), 16 * kPage, PROT_READ | PROT_WRITE), 0);
+      e->RunFullScans(3);
+      EXPECT_EQ(Counter(*e, "pages_sharing"), 16);
+      for (std::size_t i = 0; i < m.pages(); ++i)
+        ASSERT_TRUE(m.HoldsKey(i, i % 16)) << i;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace samepage::testing
