@@ -581,7 +581,10 @@ class EngineImpl final : public Engine {
   SpaceStat SpaceStatLocked() const {
     SpaceStat s = ksm_->GetSpaceStat();
     s.merge_any = merge_any_;
-    s.mergeable = merge_any_ || ksm_->AdvisedPages() != 0;
+    // Advice held over memory samepage cannot merge now (read-only,
+    // flags) is VM_MERGEABLE memory to the kernel, whose ksm_stat says yes.
+    s.mergeable =
+        merge_any_ || ksm_->AdvisedPages() != 0 || !suspended_.empty();
     return s;
   }
 

@@ -3,10 +3,11 @@
  * read-only), and on memory samepage leaves out but the kernel merges
  * (MADV_WIPEONFORK), and ksmd goes on visiting the process: full_scans
  * counts on, and a program that waits for full scans (as KSM's own tests
- * do) sees them. Until 2026-12-06 samepage's scanner went to sleep when
- * such memory was all that was advised, and such a wait never ended. When
- * the advice ends (munmap, MADV_UNMERGEABLE) the scans stop, as ksmd's do.
- * Same assertions natively. */
+ * do) sees them; /proc/self/ksm_stat says ksm_mergeable: yes (until
+ * 2026-12-07 samepage said no there). Until 2026-12-06 samepage's scanner went
+ * to sleep when such memory was all that was advised, and such a wait never
+ * ended. When the advice ends (munmap, MADV_UNMERGEABLE) the scans stop, as
+ * ksmd's do. Same assertions natively. */
 
 #define _GNU_SOURCE
 #include <sys/mman.h>
@@ -32,6 +33,8 @@ static void check_scans_stop(const char* what) {
   const unsigned long n = scans_in(500);
   printf("%s: %lu full scans in 0.5 s\n", what, n);
   CHECK(n <= 1);
+  /* No VM_MERGEABLE mapping left. */
+  CHECK(ksm_stat_value("ksm_mergeable") == 0);
 }
 
 /* Three more full scans come (wait_full_scans fails after 30 s), and the
@@ -40,6 +43,8 @@ static void check_scans_go_on(const char* what, const unsigned char* p,
                               int cls) {
   wait_full_scans(3);
   if (p != NULL) check_pages_hold(p, 0, kPages, cls);
+  /* The process still has a VM_MERGEABLE mapping. */
+  CHECK(ksm_stat_value("ksm_mergeable") == 1);
   printf("%s: full scans go on\n", what);
 }
 
