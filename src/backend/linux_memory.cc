@@ -1445,8 +1445,8 @@ void LinuxMemory::Probe(Addr addr, std::span<PageState> states) {
         // (made read-only unseen), or moved elsewhere: see stray_mapped_.
         if (frames_here && Contains(frame_mapped_, page))
           AddInterval(&forgotten_frame_mapped_, page, page + kPageSize);
-        // Left out for its flags by this view: its advice is held
-        // (AdvisableParts), whatever a later view shows.
+        // Left out by this view (for its flags, or not read+write): its
+        // advice is held (AdvisableParts), whatever a later view shows.
         if (!clean && Contains(left_out_, page))
           AddInterval(&gone_left_out_, page, page + kPageSize);
       } else {
