@@ -654,6 +654,7 @@ class EngineImpl final : public Engine {
   void ResumeEligibleLocked() {
     // merge-any advises all such memory again at its sweeps.
     if (suspended_.empty() || merge_any_) return;
+    PruneSuspendedLocked();
     const std::vector<Interval> parts = suspended_;
     for (const Interval& p : parts) {
       // Eligible by the view (which knows the VmFlags, but may be as old
@@ -684,8 +685,8 @@ class EngineImpl final : public Engine {
   void HoldLeftOutLocked(Addr start, std::size_t npages) {
     std::vector<std::pair<Addr, std::size_t>> held;
     // Under merge-any too: the call takes what Probe noted of these pages.
-    memory_->AdvisableParts(start, start + npages * kPageSize,
-                            /*left_out=*/true, &held);
+    (void)memory_->AdvisableParts(start, start + npages * kPageSize,
+                                  /*left_out=*/true, &held);
     if (merge_any_) return;
     for (auto [a, bytes] : held) Suspend(&suspended_, a, a + bytes);
   }
@@ -698,17 +699,31 @@ class EngineImpl final : public Engine {
   void RecheckSuspendedLocked() {
     const std::int64_t now = backend::MonotonicNanos();
     if (now - last_prune_ < kPruneHeldNanos) return;
-    last_prune_ = now;
     (void)memory_->RefreshMaps();  // on failure, the view before
+    ResumeEligibleLocked();        // prunes first
+  }
+
+  // At most every kPruneHeldNanos (from ResumeEligibleLocked, at each full
+  // scan's start too, whatever else is advised): suspended advice over
+  // memory no longer mapped as private anonymous memory is dropped, as
+  // the kernel's VM_MERGEABLE goes with the mapping (library mode sees no
+  // munmap: memory mapped there later, never advised, was merged).
+  void PruneSuspendedLocked() {
+    const std::int64_t now = backend::MonotonicNanos();
+    if (now - last_prune_ < kPruneHeldNanos) return;
+    last_prune_ = now;
     std::vector<Interval> kept;
     for (const Interval& i : suspended_) {
       std::vector<std::pair<Addr, std::size_t>> mapped;
-      memory_->AdvisableParts(i.start, i.end, /*left_out=*/false, &mapped);
+      if (!memory_->AdvisableParts(i.start, i.end, /*left_out=*/false,
+                                   &mapped)) {
+        LinuxMemory::AddInterval(&kept, i.start, i.end);  // unknown: kept
+        continue;
+      }
       for (auto [a, bytes] : mapped)
         LinuxMemory::AddInterval(&kept, a, a + bytes);
     }
     suspended_ = std::move(kept);
-    ResumeEligibleLocked();
   }
 
   // With mu_ held: what ReadKnob shows until the next publish (after each
@@ -971,7 +986,7 @@ class EngineImpl final : public Engine {
   // Advised parts reprotected away from R+W (kReprotect): advised again at
   // Reprotected. Guarded by mu_.
   std::vector<Interval> suspended_;
-  std::int64_t last_prune_ = 0;  // RecheckSuspendedLocked
+  std::int64_t last_prune_ = 0;  // PruneSuspendedLocked
   // Ranges kept out for Engine::KernelWrites and KernelPins, sorted,
   // disjoint.
   std::vector<Interval> kept_out_;       // guarded by mu_

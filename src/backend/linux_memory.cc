@@ -3554,13 +3554,13 @@ void LinuxMemory::YieldToUserfaultfd(Addr start, Addr end) {
   RemoveInterval(&uffd_registered_, start, end);
 }
 
-void LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
+bool LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
                                  std::vector<Range>* parts) {
   parts->clear();
   std::vector<MapEntry> maps;
   if (!QueryMappings(start, end, &maps) &&
       !ReadMappingsOver(options_.plain_maps_path, start, end, &maps)) {
-    return;
+    return false;
   }
   std::vector<Interval> held;
   for (const MapEntry& e : maps) {
@@ -3570,7 +3570,7 @@ void LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
   if (!left_out) {
     for (const Interval& i : held)
       parts->emplace_back(i.start, i.end - i.start);
-    return;
+    return true;
   }
   // Left out by this view, or by the view Probe had when it called the
   // pages gone (a view read since may show them eligible again).
@@ -3588,6 +3588,7 @@ void LinuxMemory::AdvisableParts(Addr start, Addr end, bool left_out,
       return true;
     });
   }
+  return true;
 }
 
 void LinuxMemory::EligibleParts(Addr start, Addr end, std::vector<Range>* parts,

@@ -366,9 +366,9 @@ class LinuxMemory final : public Memory {
   // executable; an unseen mprotect in library mode): by the last view, or by
   // the view Probe had when it called them kGone (a view read since, after the
   // program's userfaultfd left, say, may show them eligible again); that
-  // note of Probe's over [start, end) is then dropped. Empty where the
-  // maps cannot be read.
-  void AdvisableParts(Addr start, Addr end, bool left_out,
+  // note of Probe's over [start, end) is then dropped. False (and empty)
+  // where the maps cannot be read.
+  bool AdvisableParts(Addr start, Addr end, bool left_out,
                       std::vector<Range>* parts);
   // The parts of [start, end) samepage merges by the last view (eligible
   // mappings, not excluded). With unread_too, also the read+write private

@@ -2168,5 +2168,50 @@ TEST(Engine, MemoryMadeReadOnlyUnseenMergesOnceWritableAgain) {
   }
 }
 
+// Advice held over memory made read-only unseen ends with the mapping, as
+// VM_MERGEABLE does: memory mapped at the same address later, read+write
+// and never advised, is not merged, though other advised memory keeps the
+// scans going (library mode sees neither the munmap nor the mmap). Before
+// 2026-12-07 the held advice was dropped only while nothing else was
+// advised, and the new memory was merged.
+TEST(Engine, AdviceHeldOverMemoryUnmappedUnseenEndsWithIt) {
+  auto e = NewEngine();
+  Mapping other(16);  // advised, unique: the scans go on over it
+  for (std::size_t i = 0; i < other.pages(); ++i) other.FillKey(i, 1000 + i);
+  ASSERT_TRUE(e->Madvise(other.data(), other.bytes(), MADV_MERGEABLE).ok());
+  constexpr std::size_t kPages = 16;
+  auto map_pairs = [](void* at, int flags) {
+    void* p = mmap(at, kPages * kPage, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0);
+    if (p == MAP_FAILED) return static_cast<unsigned char*>(nullptr);
+    auto* c = static_cast<unsigned char*>(p);
+    for (std::size_t i = 0; i < kPages; ++i) {  // page i and i + 8 alike
+      std::memset(c + i * kPage, 0x5a, kPage);
+      const std::uint64_t key = i % 8;
+      std::memcpy(c + i * kPage, &key, sizeof(key));
+    }
+    return c;
+  };
+  unsigned char* r = map_pairs(nullptr, 0);
+  ASSERT_NE(r, nullptr);
+  ASSERT_TRUE(e->Madvise(r, kPages * kPage, MADV_MERGEABLE).ok());
+  ASSERT_EQ(mprotect(r, kPages * kPage, PROT_READ), 0);
+  e->RunFullScans(2);  // found gone, its advice held
+  ASSERT_EQ(munmap(r, kPages * kPage), 0);
+  // Scans over the other memory while the hole is there.
+  for (int i = 0; i < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(120));
+    e->RunFullScans(1);
+  }
+  unsigned char* fresh = map_pairs(r, MAP_FIXED_NOREPLACE);
+  if (fresh != r) {
+    if (fresh != nullptr) munmap(fresh, kPages * kPage);
+    GTEST_SKIP() << "the address was taken meanwhile";
+  }
+  e->RunFullScans(3);
+  EXPECT_EQ(Counter(*e, "pages_sharing"), 0) << "memory never advised merged";
+  ASSERT_EQ(munmap(fresh, kPages * kPage), 0);
+}
+
 }  // namespace
 }  // namespace samepage::testing
