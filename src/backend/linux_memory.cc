@@ -1215,13 +1215,6 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
   for (std::size_t i = 0; i < maps.size(); ++i) {
     const MapEntry& e = maps[i];
     if (!e.shared && IsOurMemfd(e)) AddInterval(&frame_mapped_, e.start, e.end);
-    if (e.flags_deferred) {
-      AddInterval(&auto_excluded_, e.start, e.end);
-      if (MergeableKind(e) && IsPrivateAnonymous(e) && e.path != "[stack]" &&
-          !(protection_ == Protection::kMprotect && IsThreadStackLike(maps, i)))
-        AddInterval(&flags_unread_, e.start, e.end);
-      continue;
-    }
     if (e.path == "[stack]") {
       AddInterval(&auto_excluded_, e.start, e.end);
       continue;
@@ -1229,6 +1222,12 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
     // A write fault on a thread's own stack cannot deliver SIGSEGV.
     if (protection_ == Protection::kMprotect && IsThreadStackLike(maps, i)) {
       AddInterval(&auto_excluded_, e.start, e.end);
+      continue;
+    }
+    const bool rw_anonymous = MergeableKind(e) && IsPrivateAnonymous(e);
+    if (e.flags_deferred) {
+      AddInterval(&auto_excluded_, e.start, e.end);
+      if (rw_anonymous) AddInterval(&flags_unread_, e.start, e.end);
       continue;
     }
     if (!Eligible(e)) {
@@ -1242,7 +1241,7 @@ Status LinuxMemory::ApplyMaps(const std::vector<MapEntry>& maps) {
       if (IsPrivateAnonymous(e) && !e.flags_unknown && !e.HasVmFlag("dp") &&
           (e.has_vm_flags || !MergeableKind(e))) {
         AddInterval(&left_out_, e.start, e.end);
-      } else if (IsPrivateAnonymous(e) && MergeableKind(e) && e.flags_unknown) {
+      } else if (rw_anonymous && e.flags_unknown) {
         AddInterval(&flags_unread_, e.start, e.end);
       }
       continue;
@@ -3606,28 +3605,27 @@ void LinuxMemory::EligibleParts(Addr start, Addr end, std::vector<Range>* parts,
           return i.start < a;
         })};
   };
-  const auto [first, last] = meeting(touchable_);
-  for (auto i = first; i != last; ++i) {
-    const Addr s = std::max(i->start, start), t = std::min(i->end, end);
-    if (s >= t) continue;
-    std::vector<Interval> merged{{s, t}};
-    for (const auto* x : {&excluded_, &auto_excluded_}) {
-      const auto [xf, xl] = meeting(*x);
-      for (auto e = xf; e != xl; ++e) RemoveInterval(&merged, e->start, e->end);
+  // Each interval of `set` within [start, end), less the sets in `minus`.
+  auto add = [&](const std::vector<Interval>& set,
+                 std::initializer_list<const std::vector<Interval>*> minus) {
+    const auto [first, last] = meeting(set);
+    for (auto i = first; i != last; ++i) {
+      const Addr s = std::max(i->start, start), t = std::min(i->end, end);
+      if (s >= t) continue;
+      std::vector<Interval> merged{{s, t}};
+      for (const auto* x : minus) {
+        const auto [xf, xl] = meeting(*x);
+        for (auto e = xf; e != xl; ++e)
+          RemoveInterval(&merged, e->start, e->end);
+      }
+      for (const Interval& m : merged)
+        parts->emplace_back(m.start, m.end - m.start);
     }
-    for (const Interval& m : merged)
-      parts->emplace_back(m.start, m.end - m.start);
-  }
-  if (!unread_too) return;
-  const auto [ufirst, ulast] = meeting(flags_unread_);
-  for (auto i = ufirst; i != ulast; ++i) {
-    std::vector<Interval> unread{
-        {std::max(i->start, start), std::min(i->end, end)}};
-    const auto [xf, xl] = meeting(excluded_);
-    for (auto e = xf; e != xl; ++e) RemoveInterval(&unread, e->start, e->end);
-    for (const Interval& m : unread)
-      if (m.start < m.end) parts->emplace_back(m.start, m.end - m.start);
-  }
+  };
+  add(touchable_, {&excluded_, &auto_excluded_});
+  // Less excluded_ only: deferred memory is in auto_excluded_ for the very
+  // flags a read is asked for.
+  if (unread_too) add(flags_unread_, {&excluded_});
 }
 
 bool LinuxMemory::QueryMappings(Addr start, Addr end,
