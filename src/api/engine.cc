@@ -683,11 +683,13 @@ class EngineImpl final : public Engine {
   // VM_MERGEABLE there and ksmd goes on visiting the process (its
   // full_scans count on). Not under merge-any, which advises everything.
   void HoldLeftOutLocked(Addr start, std::size_t npages) {
+    const Addr end = start + npages * kPageSize;
+    if (merge_any_) {
+      memory_->ForgetGoneLeftOut(start, end);  // Probe's note, not kept
+      return;
+    }
     std::vector<std::pair<Addr, std::size_t>> held;
-    // Under merge-any too: the call takes what Probe noted of these pages.
-    (void)memory_->AdvisableParts(start, start + npages * kPageSize,
-                                  /*left_out=*/true, &held);
-    if (merge_any_) return;
+    (void)memory_->AdvisableParts(start, end, /*left_out=*/true, &held);
     for (auto [a, bytes] : held) Suspend(&suspended_, a, a + bytes);
   }
 

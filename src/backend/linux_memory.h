@@ -370,6 +370,12 @@ class LinuxMemory final : public Memory {
   // where the maps cannot be read.
   bool AdvisableParts(Addr start, Addr end, bool left_out,
                       std::vector<Range>* parts);
+  // Drops that note of Probe's over [start, end) without asking the
+  // kernel for the mappings: for a caller that holds no advice (merge-any
+  // advises memory anew at its sweeps).
+  void ForgetGoneLeftOut(Addr start, Addr end) {
+    RemoveInterval(&gone_left_out_, start, end);
+  }
   // The parts of [start, end) samepage merges by the last view (eligible
   // mappings, not excluded). With unread_too, also the read+write private
   // anonymous mappings whose flags that view has not read yet (new or
