@@ -7,9 +7,7 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 
-#include <algorithm>
 #include <cstdio>
-#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -168,12 +166,7 @@ TEST(Limitations, MovingAMergedRunWithDontunmapLeavesItsSourceOnTheFrames) {
     const auto* moved = static_cast<const unsigned char*>(move.to);
     std::size_t zero_pages = 0;
     for (std::size_t i = 0; i < kRun; ++i) {
-      std::uint64_t key;
-      std::memcpy(&key, moved + i * kPage, sizeof(key));
-      EXPECT_EQ(key, 100 + i) << "page " << i;
-      EXPECT_TRUE(std::all_of(moved + i * kPage + sizeof(key),
-                              moved + (i + 1) * kPage,
-                              [](unsigned char c) { return c == 0x5a; }));
+      EXPECT_TRUE(HoldsKeyAt(moved + i * kPage, 100 + i)) << "page " << i;
       zero_pages += a.Holds(i, 0);
     }
     EXPECT_EQ(zero_pages, through_engine ? kRun : 0u);

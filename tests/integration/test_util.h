@@ -32,6 +32,23 @@ inline constexpr bool kUnderSanitizer =
     false;
 #endif
 
+// The page at p: `key` in its first 8 bytes, 0x5a after (distinct keys
+// give distinct pages, beyond the 256 of a fill byte).
+inline void FillKeyAt(unsigned char* p, std::uint64_t key) {
+  std::memset(p, 0x5a, kPage);
+  std::memcpy(p, &key, sizeof(key));
+}
+// True if the page at p is as FillKeyAt(p, key) left it.
+inline bool HoldsKeyAt(const unsigned char* p, std::uint64_t key) {
+  std::uint64_t k;
+  std::memcpy(&k, p, sizeof(k));
+  if (k != key) return false;
+  for (std::size_t b = sizeof(k); b < kPage; ++b) {
+    if (p[b] != 0x5a) return false;
+  }
+  return true;
+}
+
 // An anonymous private mapping, unmapped on destruction.
 class Mapping {
  public:
@@ -60,20 +77,10 @@ class Mapping {
   std::size_t pages() const { return pages_; }
   void Fill(std::size_t i, unsigned char v) { std::memset(page(i), v, kPage); }
   void FillAll(unsigned char v) { std::memset(base_, v, bytes()); }
-  // Page i: `key` in its first 8 bytes, 0x5a after: distinct keys give
-  // distinct pages, beyond the 256 of a fill byte.
-  void FillKey(std::size_t i, std::uint64_t key) {
-    std::memset(page(i), 0x5a, kPage);
-    std::memcpy(page(i), &key, sizeof(key));
-  }
+  // Page i: FillKeyAt.
+  void FillKey(std::size_t i, std::uint64_t key) { FillKeyAt(page(i), key); }
   bool HoldsKey(std::size_t i, std::uint64_t key) const {
-    std::uint64_t k;
-    std::memcpy(&k, page(i), sizeof(k));
-    if (k != key) return false;
-    for (std::size_t b = sizeof(k); b < kPage; ++b) {
-      if (page(i)[b] != 0x5a) return false;
-    }
-    return true;
+    return HoldsKeyAt(page(i), key);
   }
   // True if page i is kPage copies of v.
   bool Holds(std::size_t i, unsigned char v) const {
