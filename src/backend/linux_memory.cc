@@ -2065,6 +2065,8 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
   auto& run_first = w.run_first;  // span index of each run
   std::size_t nruns = 0;
   auto& mapped = w.mapped;  // per run
+  auto& charged = w.charged;
+  auto& edge_before = w.edge_before;
   std::fill_n(mapped, span, false);
   constexpr std::uint64_t kWindowCost = 2;  // a fallback mprotect's split
   std::uint64_t added = 0;
@@ -2119,7 +2121,7 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
     };
     // Runs are mapped in this order below: a run that follows the one
     // before it has its left edge from that one (if that one then fails,
-    // its own charge for that edge stays).
+    // the edge is charged to it there).
     Addr admitted_to = 0;
     ForEachMergedRun(local, span, joins, [&](std::size_t k, std::size_t e) {
       const std::uint64_t cost =
@@ -2129,6 +2131,8 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
         return;
       }
       added += cost;
+      charged[nruns] = static_cast<std::uint8_t>(cost);
+      edge_before[nruns] = nruns != 0 && base + k * kPageSize == admitted_to;
       admitted_to = base + e * kPageSize;
       run_first[nruns] = k;
       runs[nruns++] = iovec{Ptr(base + k * kPageSize), (e - k) * kPageSize};
@@ -2138,7 +2142,9 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
     // may have dropped some: those are filled back from the frames, whose
     // bytes they held) and is not mapped.
     auto& discarded = w.discarded;
+    auto& unmapped = w.unmapped;
     std::fill(discarded, discarded + nruns, true);
+    std::fill(unmapped, unmapped + nruns, false);
     // Adjacent runs are discarded as one range: on the PVM machine a
     // discard of a whole page table costs a third of one over parts of it
     // (each range of a process_madvise is discarded on its own).
@@ -2148,6 +2154,8 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
     ForEachMergedRun(local, span, any, [&](std::size_t k, std::size_t e) {
       spans[nspans++] = iovec{Ptr(base + k * kPageSize), (e - k) * kPageSize};
     });
+    if (options_.before_discard_first_discard != nullptr)
+      options_.before_discard_first_discard(base, len);
     const bool at_once =
         nspans == 1
             ? madvise(spans[0].iov_base, spans[0].iov_len, MADV_DONTNEED) == 0
@@ -2157,6 +2165,9 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
         if (madvise(runs[r].iov_base, runs[r].iov_len, MADV_DONTNEED) == 0)
           continue;
         discarded[r] = false;
+        // ENOMEM: part of the run was unmapped under the window (a call
+        // samepage does not see); what the discard reached is filled back.
+        unmapped[r] = errno == ENOMEM;
         FillFromFrames(reinterpret_cast<Addr>(runs[r].iov_base),
                        runs[r].iov_len, frame_of[run_first[r]]);
       }
@@ -2183,11 +2194,19 @@ bool LinuxMemory::MergeSpanDiscardFirst(const Addr* pages,
         mapped[r] = true;
         continue;
       }
-      // Not mapped: the pages get their bytes back, anonymous again.
-      added -= 2;
+      // Not mapped: the pages get their bytes back, anonymous again. Its
+      // charge is taken back; a run right after it that was charged no
+      // left edge for it now has anonymous memory there, and one more.
+      added -= charged[r];
+      if (r + 1 < nruns && edge_before[r + 1]) {
+        ++charged[r + 1];
+        ++added;
+      }
       if (discarded[r]) FillFromFrames(at, bytes, frame_of[k]);
       std::fill(local + k, local + e,
-                err == ENOMEM ? MergeResult::kNoBudget : MergeResult::kFailed);
+                unmapped[r]     ? MergeResult::kGone
+                : err == ENOMEM ? MergeResult::kNoBudget
+                                : MergeResult::kFailed);
     }
     // Write-protect faults only again, for the new mappings too; the
     // waiters retry, against the frames.
@@ -2229,11 +2248,13 @@ bool LinuxMemory::ForgetMissing(Addr start, std::size_t len) {
 void LinuxMemory::FillFromFrames(Addr at, std::size_t len, FrameId first) {
   for (std::size_t k = 0; k < len / kPageSize; ++k) {
     const Addr page = at + k * kPageSize;
-    // EEXIST: the page was not discarded. Anything else leaves a page that
-    // reads zeros: only an allocation failure (ENOMEM) gets here.
+    // EEXIST: the page was not discarded; ENOENT: it is no longer in a VMA
+    // registered with us (unmapped, or mapped anew, under the window), so
+    // not ours to fill. Anything else leaves a page that reads zeros: only
+    // an allocation failure (ENOMEM) gets here.
     const int err = protector_->FillMissing(
         page, store_.FrameAddress(first + static_cast<FrameId>(k)));
-    if (err != 0 && err != EEXIST) ++fill_failures_;
+    if (err != 0 && err != EEXIST && err != ENOENT) ++fill_failures_;
   }
 }
 

@@ -126,6 +126,9 @@ struct LinuxMemoryOptions {
   // (MergeSpanDiscardFirst); a non-zero errno fails that mapping as the
   // kernel would, so the pages must be filled back from their frames.
   int (*fail_discard_first_map)(Addr at, std::size_t len) = nullptr;
+  // Tests: called inside a discard-first window right before its discard
+  // of [at, at + len), as a thread that unmaps part of the span there would.
+  void (*before_discard_first_discard)(Addr at, std::size_t len) = nullptr;
   // Tests: called inside Unmerge's window over [at, at + len), before the
   // copy that replaces it; a non-zero errno fails that replacement (the
   // pages stay mapped to their frames, as after a failed copy or mremap).
@@ -786,8 +789,11 @@ class LinuxMemory final : public Memory {
     iovec runs[kMaxRunWindowPages];
     iovec spans[kMaxRunWindowPages];  // adjacent runs joined
     std::size_t run_first[kMaxRunWindowPages];
+    std::uint8_t charged[kMaxRunWindowPages];  // per run: MappingCost, 0-3
+    bool edge_before[kMaxRunWindowPages];      // left edge: the run before's
     bool mapped[kMaxRunWindowPages];
     bool discarded[kMaxRunWindowPages];
+    bool unmapped[kMaxRunWindowPages];  // its discard found part unmapped
     MergeResult mine[kMaxRunWindowPages];
   };
   SpanWindowState span_window_;

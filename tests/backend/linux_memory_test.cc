@@ -141,6 +141,15 @@ std::unique_ptr<LinuxMemory> NewMemory(std::size_t budget = 0) {
   return NewMemoryWith(budget, g_config.protection);
 }
 
+// This config's memory with the test hooks set in o.
+std::unique_ptr<LinuxMemory> NewHookedMemory(LinuxMemoryOptions o) {
+  g_config.ApplyTo(&o);
+  std::unique_ptr<LinuxMemory> m;
+  Status s = LinuxMemory::Create(o, &m);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return m;
+}
+
 // A full scan over memory mapped since the LinuxMemory was made: as
 // madvise(MADV_MERGEABLE) does before the engine scans it, a fresh smaps
 // read first (new memory stays out of a scan's cheaper view until then).
@@ -1265,6 +1274,25 @@ TEST_P(LinuxMemoryTest, StripedRunOverAWholePageTableMergesDiscardFirst) {
   }
 }
 
+// 64 pages of c, page i a copy of a's page Scatter(i), a merged with b
+// first: c's pages join a's frames, each page a run of its own, in one
+// discard-first window where userfaultfd takes all faults.
+struct ScatteredCopies {
+  explicit ScatteredCopies(LinuxMemory& m) {
+    FillAlike(a, b);
+    for (std::size_t i = 0; i < 64; ++i)
+      std::memcpy(c.page(i), a.page(Scatter(i)), kPageSize);
+    Rescan(m);
+    std::vector<FrameId> frames(64);
+    m.MergePairs(Addrs(a, 0, 64), Addrs(b, 0, 64), frames, res);
+    for (std::size_t i = 0; i < 64; ++i) into[i] = frames[Scatter(i)];
+  }
+  void Merge(LinuxMemory& m) { m.MergeIntoFrames(Addrs(c, 0, 64), into, res); }
+  Region a{64}, b{64}, c{64};
+  std::vector<FrameId> into = std::vector<FrameId>(64);
+  std::vector<MergeResult> res = std::vector<MergeResult>(64);
+};
+
 // A frame mapping that fails after the pages were discarded (the kernel's
 // ENOMEM at the mapping limit, or anything else) gives the pages back their
 // bytes, as anonymous memory, writable, and reports them not merged.
@@ -1276,30 +1304,24 @@ int FailEveryOtherMap(Addr, std::size_t) {
 TEST_P(LinuxMemoryTest,
        DiscardedPagesWhoseFramesCannotBeMappedGetTheirBytesBack) {
   LinuxMemoryOptions o;
-  GetParam().ApplyTo(&o);
   o.fail_discard_first_map = FailEveryOtherMap;
-  std::unique_ptr<LinuxMemory> m;
-  ASSERT_TRUE(LinuxMemory::Create(o, &m).ok());
+  auto m = NewHookedMemory(o);
   if (!m->SyscallWritesWait()) GTEST_SKIP() << "no discard-first windows here";
-  Region a(64), b(64), c(64);
-  FillAlike(a, b);
-  for (std::size_t i = 0; i < 64; ++i)
-    std::memcpy(c.page(i), a.page(Scatter(i)), kPageSize);
-  Rescan(*m);
-  std::vector<FrameId> frames(64), into(64);
-  std::vector<MergeResult> res(64);
-  m->MergePairs(Addrs(a, 0, 64), Addrs(b, 0, 64), frames, res);
-  for (std::size_t i = 0; i < 64; ++i) into[i] = frames[Scatter(i)];
+  ScatteredCopies copies(*m);
+  const Region& c = copies.c;
   g_failed_maps = 0;
-  m->MergeIntoFrames(Addrs(c, 0, 64), into, res);
+  const std::uint64_t charged = m->Stats().vmas_used;
+  copies.Merge(*m);
   EXPECT_EQ(g_failed_maps, 64);  // every page was discarded, none mapped
   EXPECT_EQ(m->Stats().discard_first_pages, 0u);
+  // No mapping is left, nor charged (not wrapped below zero either).
+  EXPECT_EQ(m->Stats().vmas_used, charged);
   EXPECT_EQ(m->Stats().fill_failures, 0u);
   unsigned char expect[kPageSize];
   for (std::size_t i = 0; i < 64; ++i) {
-    EXPECT_TRUE(res[i] == MergeResult::kNoBudget ||
-                res[i] == MergeResult::kFailed)
-        << int(res[i]);
+    EXPECT_TRUE(copies.res[i] == MergeResult::kNoBudget ||
+                copies.res[i] == MergeResult::kFailed)
+        << int(copies.res[i]);
     EXPECT_EQ(ProbeOne(*m, c.addr(i)), PageState::kAnon) << "page " << i;
     EXPECT_TRUE(Present(c.page(i))) << "page " << i;
     Fill(expect, static_cast<unsigned>(Scatter(i)));
@@ -1309,6 +1331,54 @@ TEST_P(LinuxMemoryTest,
   EXPECT_EQ(VmasWithFlag(c.page(0), 64, "um"), "");
   EXPECT_NE(VmasWithFlag(c.page(0), 64, "uw"), "")
       << "registered for write-protection again";
+}
+
+// A thread that unmaps part of a discard-first window's span right before
+// its discard (a call samepage does not see, library mode): those pages
+// are reported gone, not failed, and nothing is mapped where they were;
+// the rest of the span merges as before, bytes intact and writable.
+Addr g_unmap_at = 0;
+void UnmapBeforeDiscard(Addr, std::size_t) {
+  munmap(reinterpret_cast<void*>(g_unmap_at), 8 * kPageSize);
+}
+
+TEST_P(LinuxMemoryTest, PagesUnmappedBeforeTheDiscardFirstDiscardAreGone) {
+  LinuxMemoryOptions o;
+  o.before_discard_first_discard = UnmapBeforeDiscard;
+  auto m = NewHookedMemory(o);
+  if (!m->SyscallWritesWait()) GTEST_SKIP() << "no discard-first windows here";
+  ScatteredCopies copies(*m);
+  const Region& c = copies.c;
+  g_unmap_at = c.addr(16);
+  const std::uint64_t charged = m->Stats().vmas_used;
+  const long maps = Maps();
+  copies.Merge(*m);
+  EXPECT_EQ(m->Stats().discard_first_pages, 56u);
+  // The charge covers the mappings made, and no more than two a page.
+  const std::uint64_t now = m->Stats().vmas_used;
+  EXPECT_GE(now, charged + static_cast<std::uint64_t>(Maps() - maps));
+  EXPECT_LE(now, charged + 2 * 56);
+  EXPECT_EQ(m->Stats().fill_failures, 0u);
+  unsigned char expect[kPageSize];
+  for (std::size_t i = 0; i < 64; ++i) {
+    SCOPED_TRACE(i);
+    if (i >= 16 && i < 24) {
+      EXPECT_EQ(copies.res[i], MergeResult::kGone);
+      continue;
+    }
+    ASSERT_EQ(copies.res[i], MergeResult::kMerged);
+    EXPECT_EQ(ProbeOne(*m, c.addr(i)), PageState::kFrame);
+    Fill(expect, static_cast<unsigned>(Scatter(i)));
+    EXPECT_TRUE(Same(c.page(i), expect));
+    c.page(i)[0] ^= 1;  // writable, and copies
+    EXPECT_FALSE(Same(c.page(i), expect));
+    EXPECT_TRUE(Same(m->frame_store().FrameAddress(copies.into[i]), expect));
+  }
+  // Nothing was mapped into the hole.
+  EXPECT_NE(msync(c.page(16), 8 * kPageSize, MS_ASYNC), 0);
+  EXPECT_EQ(errno, ENOMEM);
+  EXPECT_EQ(VmasWithFlag(c.page(0), 16, "um"), "");
+  EXPECT_EQ(VmasWithFlag(c.page(24), 40, "um"), "");
 }
 
 // Direct I/O registered over a page (the preload's O_DIRECT reads): no
