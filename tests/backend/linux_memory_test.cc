@@ -1278,16 +1278,19 @@ TEST_P(LinuxMemoryTest, StripedRunOverAWholePageTableMergesDiscardFirst) {
 // first: c's pages join a's frames, each page a run of its own, in one
 // discard-first window where userfaultfd takes all faults.
 struct ScatteredCopies {
-  explicit ScatteredCopies(LinuxMemory& m) {
+  explicit ScatteredCopies(LinuxMemory& m,
+                           std::size_t (*source_of)(std::size_t) = Scatter)
+      : source(source_of) {
     FillAlike(a, b);
     for (std::size_t i = 0; i < 64; ++i)
-      std::memcpy(c.page(i), a.page(Scatter(i)), kPageSize);
+      std::memcpy(c.page(i), a.page(source(i)), kPageSize);
     Rescan(m);
     std::vector<FrameId> frames(64);
     m.MergePairs(Addrs(a, 0, 64), Addrs(b, 0, 64), frames, res);
-    for (std::size_t i = 0; i < 64; ++i) into[i] = frames[Scatter(i)];
+    for (std::size_t i = 0; i < 64; ++i) into[i] = frames[source(i)];
   }
   void Merge(LinuxMemory& m) { m.MergeIntoFrames(Addrs(c, 0, 64), into, res); }
+  std::size_t (*source)(std::size_t);  // c's page i copies a's source(i)
   Region a{64}, b{64}, c{64};
   std::vector<FrameId> into = std::vector<FrameId>(64);
   std::vector<MergeResult> res = std::vector<MergeResult>(64);
@@ -1334,51 +1337,78 @@ TEST_P(LinuxMemoryTest,
 }
 
 // A thread that unmaps part of a discard-first window's span right before
-// its discard (a call samepage does not see, library mode): those pages
-// are reported gone, not failed, and nothing is mapped where they were;
-// the rest of the span merges as before, bytes intact and writable.
+// its discard (a call samepage does not see, library mode): the runs it
+// reaches are reported gone, not failed, and nothing is mapped where they
+// were; their pages still mapped keep their bytes, anonymous and
+// writable; the rest of the span merges as before.
 Addr g_unmap_at = 0;
+std::size_t g_unmap_pages = 0;
 void UnmapBeforeDiscard(Addr, std::size_t) {
-  munmap(reinterpret_cast<void*>(g_unmap_at), 8 * kPageSize);
+  munmap(reinterpret_cast<void*>(g_unmap_at), g_unmap_pages * kPageSize);
 }
 
-TEST_P(LinuxMemoryTest, PagesUnmappedBeforeTheDiscardFirstDiscardAreGone) {
+// c's pages in runs of four consecutive frames, the runs' frames apart.
+std::size_t ScatterFours(std::size_t i) {
+  return (i / 4 * 5 + 3) % 16 * 4 + i % 4;
+}
+
+// Pages [hole, hole_end) unmapped before the discard; the runs over them
+// span [gone, gone_end).
+void MergeWithPagesUnmappedBeforeTheDiscard(std::size_t (*source)(std::size_t),
+                                            std::size_t hole,
+                                            std::size_t hole_end,
+                                            std::size_t gone,
+                                            std::size_t gone_end) {
   LinuxMemoryOptions o;
   o.before_discard_first_discard = UnmapBeforeDiscard;
   auto m = NewHookedMemory(o);
   if (!m->SyscallWritesWait()) GTEST_SKIP() << "no discard-first windows here";
-  ScatteredCopies copies(*m);
+  ScatteredCopies copies(*m, source);
   const Region& c = copies.c;
-  g_unmap_at = c.addr(16);
+  g_unmap_at = c.addr(hole);
+  g_unmap_pages = hole_end - hole;
   const std::uint64_t charged = m->Stats().vmas_used;
   const long maps = Maps();
   copies.Merge(*m);
-  EXPECT_EQ(m->Stats().discard_first_pages, 56u);
+  const std::size_t merged = 64 - (gone_end - gone);
+  EXPECT_EQ(m->Stats().discard_first_pages, merged);
   // The charge covers the mappings made, and no more than two a page.
   const std::uint64_t now = m->Stats().vmas_used;
   EXPECT_GE(now, charged + static_cast<std::uint64_t>(Maps() - maps));
-  EXPECT_LE(now, charged + 2 * 56);
+  EXPECT_LE(now, charged + 2 * merged);
   EXPECT_EQ(m->Stats().fill_failures, 0u);
   unsigned char expect[kPageSize];
   for (std::size_t i = 0; i < 64; ++i) {
     SCOPED_TRACE(i);
-    if (i >= 16 && i < 24) {
+    const bool in_gone_run = i >= gone && i < gone_end;
+    if (in_gone_run) {
       EXPECT_EQ(copies.res[i], MergeResult::kGone);
-      continue;
+      if (i >= hole && i < hole_end) continue;
+    } else {
+      ASSERT_EQ(copies.res[i], MergeResult::kMerged);
     }
-    ASSERT_EQ(copies.res[i], MergeResult::kMerged);
-    EXPECT_EQ(ProbeOne(*m, c.addr(i)), PageState::kFrame);
-    Fill(expect, static_cast<unsigned>(Scatter(i)));
+    EXPECT_EQ(ProbeOne(*m, c.addr(i)),
+              in_gone_run ? PageState::kAnon : PageState::kFrame);
+    Fill(expect, static_cast<unsigned>(copies.source(i)));
     EXPECT_TRUE(Same(c.page(i), expect));
     c.page(i)[0] ^= 1;  // writable, and copies
     EXPECT_FALSE(Same(c.page(i), expect));
     EXPECT_TRUE(Same(m->frame_store().FrameAddress(copies.into[i]), expect));
   }
   // Nothing was mapped into the hole.
-  EXPECT_NE(msync(c.page(16), 8 * kPageSize, MS_ASYNC), 0);
+  EXPECT_NE(msync(c.page(hole), (hole_end - hole) * kPageSize, MS_ASYNC), 0);
   EXPECT_EQ(errno, ENOMEM);
-  EXPECT_EQ(VmasWithFlag(c.page(0), 16, "um"), "");
-  EXPECT_EQ(VmasWithFlag(c.page(24), 40, "um"), "");
+  EXPECT_EQ(VmasWithFlag(c.page(0), hole, "um"), "");
+  EXPECT_EQ(VmasWithFlag(c.page(hole_end), 64 - hole_end, "um"), "");
+}
+
+TEST_P(LinuxMemoryTest, PagesUnmappedBeforeTheDiscardFirstDiscardAreGone) {
+  MergeWithPagesUnmappedBeforeTheDiscard(Scatter, 16, 24, 16, 24);
+}
+
+TEST_P(LinuxMemoryTest, RunsPartlyUnmappedBeforeTheDiscardKeepTheirOtherPages) {
+  // The runs [16, 20), [20, 24) and [24, 28) lose [18, 26).
+  MergeWithPagesUnmappedBeforeTheDiscard(ScatterFours, 18, 26, 16, 28);
 }
 
 // Direct I/O registered over a page (the preload's O_DIRECT reads): no
