@@ -430,6 +430,12 @@ void ForkChild() {
   // Nor are its exiting threads: the child has none of them.
   for (ExitingSlot& slot : g_state->exiting) slot.tid.store(0);
   g_state->exiting_count.store(0);
+  // This thread's own hold (ForkPrepare's) is given back first, as the
+  // thread that took it: a runtime that tracks the locks each thread holds
+  // (ThreadSanitizer) would otherwise see it held still, and report a
+  // lock-order cycle or abort at the next lock. The parent's other
+  // threads' holds go with the init.
+  pthread_rwlock_unlock(&g_state->window_lock);
   pthread_rwlock_init(&g_state->window_lock, nullptr);
 }
 

@@ -32,6 +32,15 @@ inline constexpr bool kUnderSanitizer =
     false;
 #endif
 
+// Built with ThreadSanitizer, whose runtime ends a child forked from a
+// process with threads as soon as the child starts a thread of its own.
+inline constexpr bool kUnderThreadSanitizer =
+#if defined(__SANITIZE_THREAD__)
+    true;
+#else
+    false;
+#endif
+
 // The page at p: `key` in its first 8 bytes, 0x5a after (distinct keys
 // give distinct pages, beyond the 256 of a fill byte).
 inline void FillKeyAt(unsigned char* p, std::uint64_t key) {
