@@ -1171,25 +1171,42 @@ std::string VmasWithFlag(const unsigned char* p, std::size_t n,
 // joining frames in scattered order, a mapping each.
 std::size_t Scatter(std::size_t i) { return (i * 37 + 11) % 64; }
 
+// 64 pages of c, page i a copy of a's page Scatter(i), a merged with b
+// first: c's pages join a's frames, each page a run of its own, in one
+// discard-first window where userfaultfd takes all faults.
+struct ScatteredCopies {
+  explicit ScatteredCopies(LinuxMemory& m,
+                           std::size_t (*source_of)(std::size_t) = Scatter)
+      : source(source_of) {
+    FillAlike(a, b);
+    for (std::size_t i = 0; i < 64; ++i)
+      std::memcpy(c.page(i), a.page(source(i)), kPageSize);
+    Rescan(m);
+    std::vector<FrameId> frames(64);
+    m.MergePairs(Addrs(a, 0, 64), Addrs(b, 0, 64), frames, res);
+    for (std::size_t i = 0; i < 64; ++i) into[i] = frames[source(i)];
+  }
+  void Merge(LinuxMemory& m) { m.MergeIntoFrames(Addrs(c, 0, 64), into, res); }
+  std::size_t (*source)(std::size_t);  // c's page i copies a's source(i)
+  Region a{64}, b{64}, c{64};
+  std::vector<FrameId> into = std::vector<FrameId>(64);
+  std::vector<MergeResult> res = std::vector<MergeResult>(64);
+};
+
 // With userfaultfd for all faults such a window discards the equal pages
 // first and maps their frames into the empty page tables; elsewhere it maps
 // over them. Either way the same pages merge, hold the right bytes, copy on
 // write, and no mapping keeps the missing-page registration ("um").
 TEST_P(LinuxMemoryTest, ScatteredFramesJoinAMappingEach) {
   auto m = NewMemory();
-  Region a(64), b(64), c(64);
-  FillAlike(a, b);
-  for (std::size_t i = 0; i < 64; ++i)
-    std::memcpy(c.page(i), a.page(Scatter(i)), kPageSize);
+  ScatteredCopies copies(*m);
+  for (MergeResult r : copies.res) ASSERT_EQ(r, MergeResult::kMerged);
+  const Region &a = copies.a, &c = copies.c;
+  const std::vector<FrameId>& into = copies.into;
+  const std::vector<MergeResult>& res = copies.res;
   c.page(5)[100] ^= 1;  // differs from its frame
-  Rescan(*m);
-  std::vector<FrameId> frames(64), into(64);
-  std::vector<MergeResult> res(64);
-  m->MergePairs(Addrs(a, 0, 64), Addrs(b, 0, 64), frames, res);
-  for (MergeResult r : res) ASSERT_EQ(r, MergeResult::kMerged);
-  for (std::size_t i = 0; i < 64; ++i) into[i] = frames[Scatter(i)];
   const std::uint64_t before = m->Stats().discard_first_pages;
-  m->MergeIntoFrames(Addrs(c, 0, 64), into, res);
+  copies.Merge(*m);
   unsigned char expect[kPageSize];
   for (std::size_t i = 0; i < 64; ++i) {
     Fill(expect, static_cast<unsigned>(Scatter(i)));
@@ -1273,28 +1290,6 @@ TEST_P(LinuxMemoryTest, StripedRunOverAWholePageTableMergesDiscardFirst) {
     EXPECT_TRUE(Same(c.page(i), expect)) << "page " << i;
   }
 }
-
-// 64 pages of c, page i a copy of a's page Scatter(i), a merged with b
-// first: c's pages join a's frames, each page a run of its own, in one
-// discard-first window where userfaultfd takes all faults.
-struct ScatteredCopies {
-  explicit ScatteredCopies(LinuxMemory& m,
-                           std::size_t (*source_of)(std::size_t) = Scatter)
-      : source(source_of) {
-    FillAlike(a, b);
-    for (std::size_t i = 0; i < 64; ++i)
-      std::memcpy(c.page(i), a.page(source(i)), kPageSize);
-    Rescan(m);
-    std::vector<FrameId> frames(64);
-    m.MergePairs(Addrs(a, 0, 64), Addrs(b, 0, 64), frames, res);
-    for (std::size_t i = 0; i < 64; ++i) into[i] = frames[source(i)];
-  }
-  void Merge(LinuxMemory& m) { m.MergeIntoFrames(Addrs(c, 0, 64), into, res); }
-  std::size_t (*source)(std::size_t);  // c's page i copies a's source(i)
-  Region a{64}, b{64}, c{64};
-  std::vector<FrameId> into = std::vector<FrameId>(64);
-  std::vector<MergeResult> res = std::vector<MergeResult>(64);
-};
 
 // A frame mapping that fails after the pages were discarded (the kernel's
 // ENOMEM at the mapping limit, or anything else) gives the pages back their
