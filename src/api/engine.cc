@@ -702,7 +702,10 @@ class EngineImpl final : public Engine {
     const std::int64_t now = backend::MonotonicNanos();
     if (now - last_prune_ < kPruneHeldNanos) return;
     (void)memory_->RefreshMaps();  // on failure, the view before
-    ResumeEligibleLocked();        // prunes first
+    // Here, not only through ResumeEligibleLocked (which returns early
+    // under merge-any): the prune's time spaces these maps reads.
+    PruneSuspendedLocked();
+    ResumeEligibleLocked();
   }
 
   // At most every kPruneHeldNanos (from ResumeEligibleLocked, at each full
