@@ -5,6 +5,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/lsan_interface.h>
 #endif
 #include <sys/resource.h>
@@ -36,6 +37,21 @@ namespace samepage::backend {
 namespace {
 
 constexpr int kReadWrite = PROT_READ | PROT_WRITE;
+
+// pwritev of application pages into the memfd. Under AddressSanitizer the
+// system call is made directly: the runtime's pwritev interceptor checks
+// the shadow of what it reads, and merge-any copies pages the runtime
+// keeps poisoned (its own shadow, freed heap blocks), which the kernel
+// reads as it would for kernel KSM (see Readable() in write_protect.cc).
+ssize_t PwritevPages(int fd, const iovec* iov, int n, off_t offset) {
+#if defined(__SANITIZE_ADDRESS__)
+  // x86-64 and the other 64-bit ABIs: the offset's high half is 0.
+  return syscall(SYS_pwritev, fd, iov, n, static_cast<long>(offset), 0L);
+#else
+  return pwritev(fd, iov, n, offset);
+#endif
+}
+
 // pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
 constexpr std::uint64_t kPmPresent = std::uint64_t{1} << 63;
 constexpr std::uint64_t kPmFile = std::uint64_t{1} << 61;
@@ -440,6 +456,16 @@ Status LinuxMemory::Init(const LinuxMemoryOptions& options) {
   for (auto [start, end] :
        OwnWritableSegments(reinterpret_cast<const void*>(&NoteVmaFlagsChanged)))
     Exclude(start, end - start);
+#if defined(__SANITIZE_ADDRESS__)
+  // AddressSanitizer's shadow, which our own instrumented code writes as it
+  // runs (a function's local arrays are poisoned and unpoisoned there):
+  // write-protected in a window, our own thread would wait on itself.
+  // The shadow of the whole user address space (47 bits).
+  std::size_t shadow_scale = 0;
+  std::size_t shadow_offset = 0;
+  __asan_get_shadow_mapping(&shadow_scale, &shadow_offset);
+  Exclude(shadow_offset, (Addr{1} << 47) >> shadow_scale);
+#endif
   RegisterThread();
 
   if (inherited_view_) {
@@ -2804,7 +2830,7 @@ void LinuxMemory::CopyPagesIntoFrames(SourceOf source_of, std::size_t n,
         k = e;
       }
       const ssize_t done =
-          pwritev(store_.fd(), iov, static_cast<int>(niov), offset(0));
+          PwritevPages(store_.fd(), iov, static_cast<int>(niov), offset(0));
       const std::size_t whole =
           done > 0 ? static_cast<std::size_t>(done) / kPageSize : 0;
       std::fill(written, written + whole, true);
