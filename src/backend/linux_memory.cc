@@ -40,9 +40,9 @@ constexpr int kReadWrite = PROT_READ | PROT_WRITE;
 
 // pwritev of application pages into the memfd. Under AddressSanitizer the
 // system call is made directly: the runtime's pwritev interceptor checks
-// the shadow of what it reads, and merge-any copies pages the runtime
-// keeps poisoned (its own shadow, freed heap blocks), which the kernel
-// reads as it would for kernel KSM (see Readable() in write_protect.cc).
+// the shadow of what it reads, and merge-any copies heap pages the runtime
+// keeps poisoned (freed blocks, redzones), which the kernel reads as it
+// would for kernel KSM (see Readable() in write_protect.cc).
 ssize_t PwritevPages(int fd, const iovec* iov, int n, off_t offset) {
 #if defined(__SANITIZE_ADDRESS__)
   // x86-64 and the other 64-bit ABIs: the offset's high half is 0.

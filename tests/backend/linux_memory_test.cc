@@ -515,8 +515,8 @@ TEST_P(LinuxMemoryTest, PagesGoneForTheirFlagsStayLeftOutUntilAsked) {
 // must lengthen the spacing several times over.
 TEST_P(LinuxMemoryTest, SmapsReadSpacingGrowsWithWhatAReadWalks) {
   if (kSmapsReadsCountTheRuntimes)
-    GTEST_SKIP() << "times smaps reads; the sanitizer's shadow is most of "
-                    "what they walk";
+    GTEST_SKIP() << "times smaps reads; under the sanitizer a small "
+                    "process's read is already slow";
   auto m = NewMemory();
   // The backend's first smaps read (its creation reads the plain maps)
   // sizes its buffer and warms up: not the one measured. The small
